@@ -1,0 +1,80 @@
+"""Datasets: every table and view of one PostgreSQL schema, as found in pg_catalog."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+KINDS = {"r": "table", "p": "table", "v": "view", "m": "materialized view", "f": "foreign table"}
+
+_CATALOG_SQL = text(
+    """
+    SELECT c.relname, c.relkind::text AS relkind, c.reltuples::bigint AS reltuples,
+           a.attname, format_type(a.atttypid, a.atttypmod) AS type,
+           format_type(a.atttypid, NULL) AS base_type,
+           t.typcategory::text AS typcategory, NOT a.attnotnull AS nullable
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    JOIN pg_type t ON t.oid = a.atttypid
+    WHERE n.nspname = :schema AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+    ORDER BY c.relname, a.attnum
+    """
+)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # as format_type() spells it, e.g. "numeric(12,2)", "text[]"
+    # The type without its modifier: filter values are cast to it, so that
+    # `amount=eq.10.005` is not first rounded to the column's scale.
+    base_type: str
+    category: str  # pg_type.typcategory: S string, N numeric, B boolean, A array ...
+    nullable: bool
+
+
+@dataclass
+class Dataset:
+    schema: str
+    name: str
+    kind: str
+    estimated_rows: int | None
+    columns: dict[str, Column] = field(default_factory=dict)
+
+
+class Catalog:
+    """The datasets of one schema; reloaded on demand, so new views need no restart."""
+
+    def __init__(self, engine: AsyncEngine, schema: str) -> None:
+        self._engine = engine
+        self.schema = schema
+        self._datasets: dict[str, Dataset] = {}
+
+    async def reload(self) -> dict[str, Dataset]:
+        datasets: dict[str, Dataset] = {}
+        async with self._engine.connect() as conn:
+            result = await conn.execute(_CATALOG_SQL, {"schema": self.schema})
+            for row in result:
+                ds = datasets.get(row.relname)
+                if ds is None:
+                    # reltuples is -1 until the table was first analysed, and views have none.
+                    estimate = int(row.reltuples) if row.reltuples >= 0 else None
+                    if row.relkind == "v":
+                        estimate = None
+                    ds = Dataset(self.schema, row.relname, KINDS[row.relkind], estimate)
+                    datasets[row.relname] = ds
+                ds.columns[row.attname] = Column(
+                    row.attname, row.type, row.base_type, row.typcategory, row.nullable
+                )
+        self._datasets = datasets
+        return datasets
+
+    async def all(self) -> list[Dataset]:
+        return sorted((await self.reload()).values(), key=lambda d: d.name)
+
+    def get(self, name: str) -> Dataset | None:
+        """A dataset by name as last loaded; call `reload` first to see new ones."""
+        return self._datasets.get(name)

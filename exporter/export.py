@@ -1,0 +1,194 @@
+"""One export: a read-only snapshot, its COPY statements, the stream, and its audit row."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from exporter import sql
+from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
+from exporter.config import Settings
+from exporter.db import driver_connection
+from exporter.errors import ApiError
+from exporter.query import ExportQuery
+from exporter.renderers import Renderer
+from exporter.streaming import CopyStream, FirstChunkTimeout, Output
+
+log = logging.getLogger(__name__)
+
+# Clean-ups run after the client left, when the request's own task is cancelled;
+# they are kept here so the event loop does not drop them half-way.
+_cleanups: set[asyncio.Task[None]] = set()
+
+
+def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
+    return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
+
+
+def _unavailable(error: BaseException) -> ApiError:
+    return ApiError(503, f"the database is unavailable: {type(error).__name__}: {error}",
+                    headers={"Retry-After": "5"})
+
+
+def _root(error: BaseException) -> BaseException:
+    """The asyncpg error under SQLAlchemy's wrappers, if there is one."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, asyncpg.PostgresError | asyncpg.InterfaceError):
+            return seen
+        seen = seen.__cause__ or getattr(seen, "orig", None)  # type: ignore[assignment]
+    return error
+
+
+def _database_error(error: BaseException) -> ApiError:
+    error = _root(error)
+    if isinstance(error, asyncpg.QueryCanceledError):
+        return ApiError(504, f"the export was cancelled by the database: {error}")
+    if isinstance(error, asyncpg.PostgresError) and not isinstance(
+        error, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError
+    ):
+        return ApiError(502, f"the database could not run the export: {error}")
+    return _unavailable(error)
+
+
+_CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                   sa_exc.DBAPIError, sa_exc.TimeoutError, asyncio.TimeoutError)
+
+
+class Export:
+    """Opened before the response starts, so failures up to the first row are clean HTTP errors."""
+
+    def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
+                 query: ExportQuery, renderer: Renderer, download: Download) -> None:
+        self._engine = engine
+        self._audit = audit
+        self._settings = settings
+        self.query = query
+        self.renderer = renderer
+        self.download = download
+        self.snapshot_time = datetime.now(UTC)
+        self._conn: AsyncConnection | None = None
+        self._stream: CopyStream | None = None
+        self._first: bytes | None = None
+
+    @property
+    def filename(self) -> str:
+        return filename(self.query.dataset.name, self.renderer, self.snapshot_time)
+
+    async def open(self) -> None:
+        try:
+            await self._audit.start(self.download)
+        except _CONNECT_ERRORS as error:
+            raise _unavailable(error) from error
+        try:
+            await self._open()
+        except ApiError as error:
+            await self._release(clean=False)
+            await self._audit.finish(self.download, FAILED, http_status=error.status,
+                                     error=error.message)
+            raise
+        except BaseException:
+            await self._release(clean=False)
+            await self._audit.finish(self.download, FAILED, error="cancelled before first byte")
+            raise
+
+    async def _open(self) -> None:
+        try:
+            conn = await self._engine.connect()
+        except _CONNECT_ERRORS as error:
+            raise _unavailable(error) from error
+        self._conn = conn
+        try:
+            conn = await conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            # The first statement opens the transaction; now() is its start, the snapshot's time.
+            self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
+            await sql.check_values(conn, self.query)
+            driver: Any = await driver_connection(conn)
+        except ApiError:
+            raise
+        except _CONNECT_ERRORS as error:
+            raise _database_error(error) from error
+
+        select = sql.select_sql(self.query)
+        header = self.renderer.header(select)
+        body = self.renderer.body(select)
+        log.debug("export %s: %s", self.download.id, body.query)
+
+        async def produce(output: Output) -> int | None:
+            if header is not None:
+                await driver.copy_from_query(header.query, output=output, **header.options)
+            status: str = await driver.copy_from_query(body.query, output=output, **body.options)
+            return int(status.split()[-1]) if status.startswith("COPY") else None
+
+        s = self._settings
+        self._stream = CopyStream(produce, chunk_size=s.export_chunk_size,
+                                  max_chunks=s.export_buffer_chunks,
+                                  flush_interval=s.export_flush_interval)
+        self._stream.start()
+        try:
+            self._first = await self._stream.next_chunk(timeout=s.statement_timeout)
+        except FirstChunkTimeout:
+            raise ApiError(
+                504, f"the export produced no data within {s.statement_timeout:g} s"
+            ) from None
+        except _CONNECT_ERRORS as error:
+            raise _database_error(error) from error
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The response body. Raises on a failure mid-stream, so the response is cut short."""
+        assert self._stream is not None
+        d = self.download
+        status, error = ABORTED, None
+        try:
+            chunk = self._first
+            while chunk is not None:
+                yield chunk
+                d.bytes += len(chunk)
+                chunk = await self._stream.next_chunk()
+            d.rows = self._stream.result
+            status = COMPLETE
+        except Exception as exc:
+            status, error = FAILED, f"{type(exc).__name__}: {exc}"
+            log.error("export %s of %s failed after %d bytes: %s",
+                      d.id, d.target, d.bytes, error)
+            raise
+        finally:
+            self._finish_later(status, error)
+
+    def _finish_later(self, status: str, error: str | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish(status, error))
+        _cleanups.add(task)
+        task.add_done_callback(_cleanups.discard)
+
+    async def _finish(self, status: str, error: str | None) -> None:
+        await self._release(clean=status == COMPLETE)
+        await self._audit.finish(self.download, status, http_status=200, error=error)
+
+    async def _release(self, *, clean: bool) -> None:
+        """End the snapshot and give the connection back; one in doubt is discarded."""
+        if self._stream is not None:
+            await self._stream.cancel()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not clean:
+                raise RuntimeError("export did not finish")
+            await asyncio.wait_for(conn.rollback(), 5)
+            await conn.close()
+        except BaseException:
+            # After a cancelled COPY the protocol state is not worth trusting: close the
+            # socket (the backend notices at its next write, or within
+            # client_connection_check_interval) and free the pool slot.
+            await conn.invalidate()
+            await conn.close()

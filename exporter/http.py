@@ -1,0 +1,46 @@
+"""HTTP details shared by every download: Content-Disposition and content negotiation."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from urllib.parse import quote
+
+# RFC 6266 / RFC 8187: characters that may stand unencoded in `filename*`.
+_ATTR_CHARS = "!#$&+-.^_`|~"
+_TOKEN_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\%;]')
+
+
+def content_disposition(filename: str, disposition: str = "attachment") -> str:
+    """`attachment; filename="..."` plus `filename*=UTF-8''...` when the name is not plain ASCII.
+
+    The ASCII fallback drops accents where it can and replaces what is left, so old
+    clients still get a usable name; new ones use `filename*`.
+    """
+    filename = filename.replace("/", "_").replace("\x00", "")
+    fallback = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
+    fallback = _TOKEN_UNSAFE.sub("_", fallback) or "download"
+    value = f'{disposition}; filename="{fallback}"'
+    if fallback != filename:
+        value += "; filename*=UTF-8''" + quote(filename, safe=_ATTR_CHARS)
+    return value
+
+
+def parse_accept(header: str | None) -> list[str]:
+    """Media types of an Accept header, best first (q=0 dropped), `*/*` when absent."""
+    if not header or not header.strip():
+        return ["*/*"]
+    weighted = []
+    for position, item in enumerate(header.split(",")):
+        media_type, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media_type and q > 0:
+            weighted.append((-q, position, media_type.lower()))
+    return [media_type for _, _, media_type in sorted(weighted)]

@@ -1,0 +1,23 @@
+"""CSV exactly as PostgreSQL's `COPY ... WITH (FORMAT csv, HEADER)` writes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exporter.renderers import Copy, Renderer, register
+
+
+@dataclass(frozen=True)
+class CsvRenderer(Renderer):
+    def header(self, select: str) -> Copy:
+        # The header comes from its own empty COPY, so that the first bytes of the
+        # body are the first row: until then the answer can still be an error.
+        return Copy(f"SELECT * FROM ({select}) AS s LIMIT 0", {"format": "csv", "header": True})
+
+    def body(self, select: str) -> Copy:
+        return Copy(select, {"format": "csv"})
+
+
+CSV = register(
+    CsvRenderer("csv", "csv", "text/csv", "text/csv; charset=utf-8; header=present")
+)

@@ -1,0 +1,31 @@
+"""The app's own tables (not the exported ones), kept in their own schema."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+APP_SCHEMA = "exporter"
+
+metadata = sa.MetaData(schema=APP_SCHEMA)
+
+downloads = sa.Table(
+    "downloads",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),  # export | file
+    sa.Column("target", sa.Text, nullable=False),  # dataset name or file path
+    sa.Column("format", sa.Text),
+    sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("range", sa.Text),
+    sa.Column("client", sa.Text),
+    sa.Column("status", sa.Text, nullable=False),  # running | complete | aborted | failed
+    sa.Column("http_status", sa.Integer),
+    sa.Column("rows", sa.BigInteger),
+    sa.Column("bytes", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
+    sa.Index("downloads_started_at_idx", "started_at"),
+)
