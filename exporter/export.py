@@ -17,7 +17,7 @@ from exporter import sql
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.config import Settings
 from exporter.db import driver_connection
-from exporter.errors import ApiError
+from exporter.errors import ApiError, unavailable
 from exporter.query import ExportQuery
 from exporter.renderers import Renderer
 from exporter.streaming import CopyStream, FirstChunkTimeout, Output
@@ -33,19 +33,15 @@ def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
     return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
 
 
-def _unavailable(error: BaseException) -> ApiError:
-    return ApiError(503, f"the database is unavailable: {type(error).__name__}: {error}",
-                    headers={"Retry-After": "5"})
-
-
 def _root(error: BaseException) -> BaseException:
     """The asyncpg error under SQLAlchemy's wrappers, if there is one."""
-    seen = error
+    seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, asyncpg.PostgresError | asyncpg.InterfaceError):
-            return seen
-        seen = seen.__cause__ or getattr(seen, "orig", None)  # type: ignore[assignment]
-    return error
+            break
+        orig: BaseException | None = getattr(seen, "orig", None)
+        seen = seen.__cause__ or orig
+    return error if seen is None else seen
 
 
 def _database_error(error: BaseException) -> ApiError:
@@ -56,7 +52,7 @@ def _database_error(error: BaseException) -> ApiError:
         error, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError
     ):
         return ApiError(502, f"the database could not run the export: {error}")
-    return _unavailable(error)
+    return unavailable(error)
 
 
 _CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
@@ -87,7 +83,7 @@ class Export:
         try:
             await self._audit.start(self.download)
         except _CONNECT_ERRORS as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
         try:
             await self._open()
         except ApiError as error:
@@ -104,7 +100,7 @@ class Export:
         try:
             conn = await self._engine.connect()
         except _CONNECT_ERRORS as error:
-            raise _unavailable(error) from error
+            raise unavailable(error) from error
         self._conn = conn
         try:
             conn = await conn.execution_options(
@@ -136,7 +132,7 @@ class Export:
                                   flush_interval=s.export_flush_interval)
         self._stream.start()
         try:
-            self._first = await self._stream.next_chunk(timeout=s.statement_timeout)
+            self._first = await self._stream.next_chunk(first_within=s.statement_timeout)
         except FirstChunkTimeout:
             raise ApiError(
                 504, f"the export produced no data within {s.statement_timeout:g} s"

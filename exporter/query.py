@@ -105,7 +105,8 @@ def _parse_order(dataset: Dataset, value: str) -> list[Order]:
                 nulls = modifier[5:].upper()
             else:
                 raise bad_parameter(
-                    "order", f"unknown order modifier '{modifier}' (asc, desc, nullsfirst, nullslast)"
+                    "order",
+                    f"unknown order modifier '{modifier}' (asc, desc, nullsfirst, nullslast)",
                 )
         orders.append(Order(column, descending, nulls))
     return orders

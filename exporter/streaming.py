@@ -10,6 +10,7 @@ about `chunk_size * (max_chunks + 1)`, whatever the size of the result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -69,14 +70,14 @@ class CopyStream:
         except Exception as error:  # handed to the consumer, which decides what it means
             await self._queue.put(_Failure(error))
 
-    async def next_chunk(self, timeout: float | None = None) -> bytes | None:
+    async def next_chunk(self, first_within: float | None = None) -> bytes | None:
         """The next chunk, or None at the end; re-raises the producer's failure.
 
-        A partial chunk that waited `flush_interval` is sent as it is. With a
-        timeout, FirstChunkTimeout is raised when nothing at all came in time.
+        A partial chunk that waited `flush_interval` is sent as it is. With
+        `first_within`, FirstChunkTimeout is raised when nothing came in that many seconds.
         """
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if first_within is None else loop.time() + first_within
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -102,7 +103,6 @@ class CopyStream:
         """Stop the producer (asyncpg then asks PostgreSQL to cancel the query)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            try:
+            # Its outcome no longer matters to anyone.
+            with contextlib.suppress(BaseException):
                 await self._task
-            except BaseException:  # noqa: S110 - its outcome no longer matters to anyone
-                pass

@@ -1,63 +1,14 @@
 """Output formats of exports, as a small registry.
 
 A renderer turns the SELECT of an export into the COPY statements whose output is
-the response body. A new format is one new module that calls `register`.
+the response body. A new format is one new module here that calls `register`, and
+one import below.
 """
 
-from __future__ import annotations
+from exporter.renderers import csv, ndjson
+from exporter.renderers.base import Copy, Renderer, all_renderers, by_extension, by_media_type
 
-from dataclasses import dataclass, field
-from typing import Any
+DEFAULT: Renderer = csv.CSV  # what `Accept: */*` gets
 
-
-@dataclass(frozen=True)
-class Copy:
-    """`COPY (query) TO STDOUT WITH (options)`, as asyncpg's copy_from_query takes it."""
-
-    query: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Renderer:
-    name: str
-    extension: str  # the suffix of `/datasets/{name}.{extension}`
-    media_type: str  # what `Accept` asks for
-    content_type: str  # what the response says
-
-    def header(self, select: str) -> Copy | None:
-        """A COPY whose output goes before the rows (sent even when there are none)."""
-        return None
-
-    def body(self, select: str) -> Copy:
-        raise NotImplementedError
-
-
-_by_extension: dict[str, Renderer] = {}
-_by_media_type: dict[str, Renderer] = {}
-
-
-def register(renderer: Renderer, *aliases: str) -> Renderer:
-    _by_extension[renderer.extension] = renderer
-    for media_type in (renderer.media_type, *aliases):
-        _by_media_type[media_type] = renderer
-    return renderer
-
-
-def by_extension(extension: str) -> Renderer | None:
-    return _by_extension.get(extension)
-
-
-def by_media_type(media_type: str) -> Renderer | None:
-    return _by_media_type.get(media_type)
-
-
-def all_renderers() -> list[Renderer]:
-    return list(_by_extension.values())
-
-
-# The first registered is the default for `Accept: */*`.
-from exporter.renderers import csv, ndjson  # noqa: E402
-
-DEFAULT = csv.CSV
-__all__ = ["DEFAULT", "Copy", "Renderer", "all_renderers", "by_extension", "by_media_type", "ndjson"]
+__all__ = ["DEFAULT", "Copy", "Renderer", "all_renderers", "by_extension", "by_media_type",
+           "ndjson"]

@@ -52,7 +52,7 @@ def negotiate(accept: str | None) -> Renderer:
     for media_type in parse_accept(accept):
         if media_type in ("*/*", "text/*"):
             return renderers.DEFAULT
-        renderer = renderers.by_media_type(media_type)
+        renderer: Renderer | None = renderers.by_media_type(media_type)
         if renderer is not None:
             return renderer
     offered = ", ".join(r.media_type for r in renderers.all_renderers())

