@@ -72,6 +72,7 @@ class Export:
         self.download = download
         self.snapshot_time = datetime.now(UTC)
         self._conn: AsyncConnection | None = None
+        self._driver: Any = None  # the asyncpg connection under _conn
         self._stream: CopyStream | None = None
         self._first: bytes | None = None
 
@@ -91,9 +92,13 @@ class Export:
             await self._audit.finish(self.download, FAILED, http_status=error.status,
                                      error=error.message)
             raise
+        except asyncio.CancelledError:
+            await self._release(clean=False)
+            await self._audit.finish(self.download, ABORTED, error="client left before first byte")
+            raise
         except BaseException:
             await self._release(clean=False)
-            await self._audit.finish(self.download, FAILED, error="cancelled before first byte")
+            await self._audit.finish(self.download, FAILED, error="failed before first byte")
             raise
 
     async def _open(self) -> None:
@@ -110,6 +115,7 @@ class Export:
             self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
             await sql.check_values(conn, self.query)
             driver: Any = await driver_connection(conn)
+            self._driver = driver
         except ApiError:
             raise
         except _CONNECT_ERRORS as error:
@@ -120,9 +126,9 @@ class Export:
         body = self.renderer.body(select)
         log.debug("export %s: %s", self.download.id, body.query)
 
-        async def produce(output: Output) -> int | None:
+        async def produce(prelude: Output, output: Output) -> int | None:
             if header is not None:
-                await driver.copy_from_query(header.query, output=output, **header.options)
+                await driver.copy_from_query(header.query, output=prelude, **header.options)
             status: str = await driver.copy_from_query(body.query, output=output, **body.options)
             return int(status.split()[-1]) if status.startswith("COPY") else None
 
@@ -183,8 +189,11 @@ class Export:
             await asyncio.wait_for(conn.rollback(), 5)
             await conn.close()
         except BaseException:
-            # After a cancelled COPY the protocol state is not worth trusting: close the
-            # socket (the backend notices at its next write, or within
-            # client_connection_check_interval) and free the pool slot.
+            # After a cancelled COPY the protocol state is not worth trusting. A graceful
+            # close would wait for a backend that is blocked writing to us, so the socket
+            # is closed at once: the backend fails its next write, or notices within
+            # client_connection_check_interval while still working before its first row.
+            if self._driver is not None:
+                self._driver.terminate()
             await conn.invalidate()
             await conn.close()

@@ -14,8 +14,41 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from starlette.types import Receive
+
 Output = Callable[[bytes], Awaitable[None]]
-Producer = Callable[[Output], Awaitable[int | None]]
+# Called with (prelude, output): what goes to `prelude` (a CSV header, say) waits and
+# leaves with the first data written to `output`, or at the end if there is none.
+Producer = Callable[[Output, Output], Awaitable[int | None]]
+
+
+async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
+    """Run `work` while watching the client; False (work cancelled) if it goes away first.
+
+    Before the response starts nothing else listens for `http.disconnect`, and an
+    export may wait a long time for its first row.
+    """
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # raises what the work raised
+    return True
 
 
 class FirstChunkTimeout(Exception):
@@ -49,6 +82,9 @@ class CopyStream:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
+    async def _prelude(self, data: bytes) -> None:
+        self._pending += data
+
     async def _output(self, data: bytes) -> None:
         self._pending += data
         # The first piece goes at once: the first byte should not wait for a full chunk.
@@ -63,7 +99,8 @@ class CopyStream:
 
     async def _run(self) -> None:
         try:
-            self.result = await self._producer(self._output)
+            self.result = await self._producer(self._prelude, self._output)
+            self._first_sent = True
             if self._pending:
                 await self._queue.put(self._take())
             await self._queue.put(_END)
@@ -85,8 +122,7 @@ class CopyStream:
                 try:
                     item = await asyncio.wait_for(self._queue.get(), self._flush_interval)
                 except TimeoutError:
-                    if self._pending:
-                        self._first_sent = True
+                    if self._pending and self._first_sent:
                         return self._take()
                     if deadline is not None and loop.time() >= deadline:
                         raise FirstChunkTimeout from None

@@ -18,6 +18,7 @@ from exporter.http import content_disposition, parse_accept
 from exporter.query import parse
 from exporter.renderers import Renderer
 from exporter.state import get_state
+from exporter.streaming import unless_disconnected
 
 router = APIRouter()
 
@@ -105,5 +106,6 @@ async def export(request: Request, name: str) -> Response:
     download = Download("export", dataset.name, request.client.host if request.client else None,
                         format=renderer.name, params=recorded)
     job = Export(st.engine, st.audit, st.settings, query, renderer, download)
-    await job.open()
+    if not await unless_disconnected(job.open(), request.receive):
+        return Response(status_code=499)  # nobody is listening; uvicorn drops it
     return StreamingResponse(job.body(), headers=export_headers(renderer, job.filename))
