@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,10 @@ async def _load_demo(settings: Settings, url: str, rows: int, only_if_empty: boo
         await engine.dispose()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
@@ -78,6 +83,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
             f"  curl -s {base}/datasets\n",
             flush=True,
         )
+        # uvicorn shuts down gracefully on SIGTERM and then raises it again; with the
+        # default action that would kill us before the embedded database is stopped.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(
             "exporter.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, log_level=args.log_level, access_log=args.access_log,
