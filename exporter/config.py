@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     # so a query that trickles rows still shows progress.
     export_flush_interval: float = 0.05
 
+    # Files: served from this folder (relative paths are taken from the working directory).
+    files_root: Path = Path("var/files")
+    # Bytes per aiofiles read, and so per body chunk. Measured on loopback with
+    # bench/file_chunk_size.py (2 cores): 64 KiB ~0.35 GB/s, 256 KiB ~0.9 GB/s,
+    # 1 MiB ~1.5 GB/s for one client, but each connection holds about one chunk
+    # plus uvicorn's write buffer, and with 50 clients 1 MiB chunks cost far more
+    # memory for little more total throughput. 256 KiB is the knee.
+    file_chunk_size: int = Field(default=256 * 1024, ge=4096, le=16 * 1024 * 1024)
+    # More ranges than this in one Range header: the whole file is sent (200), as nginx does.
+    max_ranges: int = Field(default=16, ge=1)
+    # Names starting with a dot (.git, .env) are neither served nor listed unless allowed.
+    serve_hidden: bool = False
+
     @property
     def embedded(self) -> bool:
         return self.database_url is None
