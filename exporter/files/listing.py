@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from exporter.errors import ApiError
 from exporter.files.digests import DigestStore, FileKey, repr_digest
 from exporter.files.paths import FilesRoot, Target
 
@@ -31,17 +31,17 @@ def _entries(root: FilesRoot, folder: Target) -> list[Entry]:
                 name.encode("utf-8")  # a name that is not UTF-8 cannot be put in JSON or a URL
             except UnicodeEncodeError:
                 continue
+            prefix = f"{folder.relative}/" if folder.relative else ""
             try:
-                real = os.path.realpath(item.path)
-                if os.path.commonpath([real, root.root]) != str(root.root):
-                    continue  # a link leading out of the root is not there, as far as we say
-                st = os.stat(real)
-            except (OSError, ValueError):
+                # The very check a request gets: what is listed can be fetched, and
+                # links out of the root, FIFOs, sockets and devices are not there.
+                target = root.resolve(prefix + name)
+            except ApiError:
                 continue
-            if stat.S_ISREG(st.st_mode):
-                found.append(Entry(name, "file", st))
-            elif stat.S_ISDIR(st.st_mode):
-                found.append(Entry(name, "dir", st))
+            if target.is_file:
+                found.append(Entry(name, "file", target.stat))
+            elif target.is_dir:
+                found.append(Entry(name, "dir", target.stat))
     found.sort(key=lambda e: e.name)
     return found
 
