@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from exporter.errors import bad_parameter
 from exporter.files.digests import DigestStore
 from exporter.files.listing import listing
-from exporter.files.paths import FilesRoot
+from exporter.files.paths import FilesRoot, bad_path
 from exporter.files.response import serve_file
 from exporter.state import get_state
 
@@ -35,6 +35,9 @@ def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
 @router.api_route("/files/{path:path}", methods=["GET", "HEAD"])
 async def files(request: Request, path: str) -> Response:
     st = get_state(request)
+    if request.scope["path"] != "/files/" + path:
+        # The route's pattern stops at a newline (`$` matches before one): never a shortcut.
+        raise bad_path("control characters")
     root = FilesRoot(st.settings.files_root, serve_hidden=st.settings.serve_hidden)
     target = root.resolve(path)
     if target.is_dir and not target.wants_folder:
