@@ -17,7 +17,7 @@ from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.db import create_engine
 from exporter.errors import ApiError
-from exporter.routes import datasets, health
+from exporter.routes import datasets, files, health
 from exporter.state import State
 
 log = logging.getLogger(__name__)
@@ -68,4 +68,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(datasets.router)
+    app.include_router(files.router)
     return app

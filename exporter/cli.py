@@ -1,4 +1,4 @@
-"""The `exporter` command: serve, migrate, demo."""
+"""The `exporter` command: serve, migrate, demo, digest."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ log = logging.getLogger("exporter")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEMO_ROWS = 1_000_000
+DEFAULT_DEMO_FILE_SIZE = "1G"
 
 
 @contextmanager
@@ -73,6 +74,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         if settings.embedded:
             log.info("checking the demo data (first start loads %d rows)", DEFAULT_DEMO_ROWS)
             asyncio.run(_load_demo(settings, url, DEFAULT_DEMO_ROWS, only_if_empty=True))
+            _demo_files(settings, DEFAULT_DEMO_FILE_SIZE, only_if_empty=True)
         # Workers are separate processes: they find the database through the environment.
         os.environ["EXPORTER_DATABASE_URL"] = url
         base = f"http://{host}:{port}"
@@ -98,11 +100,31 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> None:
         migrate(url)
 
 
+def _demo_files(settings: Settings, size: str, *, only_if_empty: bool) -> None:
+    from exporter.files import demo
+
+    root = settings.files_root
+    if only_if_empty and not demo.is_empty(root):
+        return
+    log.info("creating the demo files in %s (large file: %s)", root, size)
+    demo.create(root, demo.parse_size(size))
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     with database(settings) as url:
         migrate(url)
         asyncio.run(_load_demo(settings, url, args.rows, only_if_empty=False))
         print(f"loaded {args.rows} rows into {settings.dataset_schema}.orders")
+    _demo_files(settings, args.file_size, only_if_empty=False)
+    print(f"created the demo files in {settings.files_root}")
+
+
+def cmd_digest(args: argparse.Namespace, settings: Settings) -> None:
+    from exporter.files.digest_cli import compute_missing
+
+    with database(settings) as url:
+        migrate(url)
+        sys.exit(asyncio.run(compute_missing(settings, url, args.path)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="(re)create the demo dataset")
     demo.add_argument("--rows", type=int, default=DEFAULT_DEMO_ROWS,
                       help=f"rows in exports.orders (default {DEFAULT_DEMO_ROWS:,})")
+    demo.add_argument("--file-size", default=DEFAULT_DEMO_FILE_SIZE,
+                      help="size of the large demo file, e.g. 256M or 2G "
+                      f"(default {DEFAULT_DEMO_FILE_SIZE})")
     demo.set_defaults(func=cmd_demo)
+
+    digest = sub.add_parser("digest", help="compute the SHA-256 of files whose digest is "
+                            "not known yet (or stale), with a progress bar")
+    digest.add_argument("path", nargs="?", default="",
+                        help="a file or folder under the files root (default: all of it)")
+    digest.set_defaults(func=cmd_digest)
     return parser
 
 

@@ -29,3 +29,16 @@ downloads = sa.Table(
     sa.Column("ended_at", sa.DateTime(timezone=True)),
     sa.Index("downloads_started_at_idx", "started_at"),
 )
+
+# SHA-256 of served files, valid only while the file keeps this size, mtime and inode.
+file_digests = sa.Table(
+    "file_digests",
+    metadata,
+    sa.Column("path", sa.Text, primary_key=True),  # relative to the files root
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("mtime_ns", sa.BigInteger, nullable=False),
+    sa.Column("inode", sa.Numeric(20, 0), nullable=False),  # inodes are unsigned 64-bit
+    sa.Column("sha256", sa.LargeBinary, nullable=False),
+    sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+)

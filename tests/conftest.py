@@ -4,7 +4,10 @@ database in it with the demo data, and one exporter server on a free loopback po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +19,14 @@ from exporter.cli import migrate
 from exporter.config import Settings
 from exporter.db import create_engine
 from exporter.demo import load
+from exporter.files.demo import create as create_demo_files
 from tests.support import Server, run_sql
 
 DEMO_ROWS = 20_000
+# Big enough that a download takes a while (disconnects, resumes, 50 clients), small
+# enough to keep the suite fast.
+LARGE_FILE_SIZE = 256 * 1024 * 1024
+SECRET = b"TOP-SECRET-outside-the-root-4f1c"
 
 
 @pytest.fixture(scope="session")
@@ -67,14 +75,47 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str, logs_dir: Path) -> Iterator[Server]:
+def files_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo files (with a 256 MiB large file) plus what the hostile-path tests need:
+    a secret next to the root, links leading in and out, a FIFO, a socket, a device."""
+    base = tmp_path_factory.mktemp("f")
+    root = base / "root"
+    create_demo_files(root, LARGE_FILE_SIZE)
+    (base / "secret.txt").write_bytes(SECRET)
+    (base / "outside").mkdir()
+    (base / "outside" / "secret.txt").write_bytes(SECRET)
+    (root / ".hidden.txt").write_bytes(SECRET)
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_bytes(SECRET)
+    (root / "nested" / ".secret").write_bytes(SECRET)
+    (root / "outside-link.txt").symlink_to(base / "secret.txt")
+    (root / "outside-dir").symlink_to(base / "outside")
+    (root / "relative-out.txt").symlink_to("../secret.txt")
+    (root / "etc-link").symlink_to("/etc")
+    (root / "dev-null-link").symlink_to("/dev/null")
+    (root / "inside-link.txt").symlink_to("README.txt")
+    (root / "nested" / "up-link.txt").symlink_to("../README.txt")
+    (root / "visible-link-to-hidden").symlink_to(".hidden.txt")
+    (root / "loop").symlink_to("loop")
+    os.mkfifo(root / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock"))
+    sock.close()
+    with contextlib.suppress(OSError):  # needs root; the other cases still run without it
+        os.mknod(root / "null-device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Server]:
     """The exporter, as `exporter serve` runs it, shared by the tests that only read."""
-    with Server(database_url, logs_dir / "server.log") as s:
+    with Server(database_url, logs_dir / "server.log",
+                {"EXPORTER_FILES_ROOT": str(files_root)}) as s:
         yield s
 
 
 @pytest.fixture
-def make_server(database_url: str, logs_dir: Path) -> Iterator[type[Server]]:
+def make_server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[type[Server]]:
     """Start extra servers with their own settings; each is stopped after the test."""
     started: list[Server] = []
 
@@ -82,6 +123,7 @@ def make_server(database_url: str, logs_dir: Path) -> Iterator[type[Server]]:
         def __init__(self, env: dict[str, str] | None = None, *, url: str | None = None,
                      **kwargs: object) -> None:
             name = f"server-{len(started)}-{uuid.uuid4().hex[:6]}.log"
+            env = {"EXPORTER_FILES_ROOT": str(files_root), **(env or {})}
             super().__init__(url or database_url, logs_dir / name, env, **kwargs)  # type: ignore[arg-type]
             started.append(self)
 

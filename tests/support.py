@@ -149,3 +149,30 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class RawResponse:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+def raw_request(url: str, request_line: str, headers: dict[str, str] | None = None,
+                timeout: float = 10) -> RawResponse:
+    """Send a request line exactly as given (no client normalises it) and read the answer."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    lines = [request_line, f"Host: {host}:{port}", "Connection: close",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        data = bytearray()
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return RawResponse(int(status_line.split()[1]), parsed, body)

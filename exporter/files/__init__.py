@@ -1,0 +1,1 @@
+"""Serving files from a folder: paths, conditions, ranges, digests, the streamed body."""

@@ -1,0 +1,102 @@
+"""`exporter digest [PATH]`: compute ahead of time the digests no download has computed yet."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from exporter.config import Settings
+from exporter.db import create_engine
+from exporter.errors import ApiError
+from exporter.files.digests import DigestStore, FileKey, hash_file
+from exporter.files.paths import FilesRoot
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, total: int, files: int) -> None:
+        self.total = max(total, 1)
+        self.files = files
+        self.done = 0
+        self.file_no = 0
+        self.name = ""
+        self._start = time.monotonic()
+        self._drawn = 0.0
+
+    def next_file(self, name: str) -> None:
+        self.file_no += 1
+        self.name = name
+        self.draw(force=True)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.draw()
+
+    def draw(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._drawn < 0.1:
+            return
+        self._drawn = now
+        share = min(self.done / self.total, 1.0)
+        bar = "#" * int(share * 30)
+        rate = self.done / max(now - self._start, 1e-6) / 1e6
+        name = self.name if len(self.name) <= 40 else "..." + self.name[-37:]
+        sys.stderr.write(f"\r[{bar:<30}] {share:6.1%} {self.file_no}/{self.files} files"
+                         f" {rate:7.1f} MB/s  {name:<40}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self.draw(force=True)
+        sys.stderr.write("\n")
+
+
+def _walk(root: FilesRoot, start: Path) -> list[tuple[str, Path]]:
+    """Regular files under `start` (itself, if a file), by path relative to the root."""
+    found: list[tuple[str, Path]] = []
+    if start.is_file():
+        return [(start.relative_to(root.root).as_posix(), start)]
+    for folder, dirs, files in os.walk(start):
+        dirs[:] = sorted(d for d in dirs if root.is_visible(d))
+        for name in sorted(files):
+            if not root.is_visible(name):
+                continue
+            relative = (Path(folder) / name).relative_to(root.root).as_posix()
+            try:
+                target = root.resolve(relative)
+            except ApiError:
+                continue  # what the server would not serve needs no digest
+            if target.is_file:
+                found.append((relative, target.real))
+    return found
+
+
+async def compute_missing(settings: Settings, url: str, path: str) -> int:
+    root = FilesRoot(settings.files_root, serve_hidden=settings.serve_hidden)
+    try:
+        start = root.resolve(path.strip("/") + ("/" if path.endswith("/") else ""))
+    except ApiError as error:
+        print(f"exporter digest: {error.message} under {root.root}", file=sys.stderr)
+        return 2
+    engine = create_engine(settings, url)
+    store = DigestStore(engine)
+    try:
+        files = _walk(root, start.real)
+        keys = {rel: FileKey.of(rel, real.stat()) for rel, real in files}
+        known = await store.get_many(keys.values())
+        todo = [(rel, real) for rel, real in files if rel not in known]
+        print(f"{len(files)} files, {len(known)} digests known, {len(todo)} to compute",
+              file=sys.stderr)
+        progress = Progress(sum(keys[rel].size for rel, _ in todo), len(todo))
+        for rel, real in todo:
+            progress.next_file(rel)
+            sha256 = hash_file(real, settings.file_chunk_size, progress.advance)
+            # Stored only if the file did not change while it was read.
+            if FileKey.of(rel, real.stat()) == keys[rel]:
+                await store.put(keys[rel], sha256)
+        progress.close()
+    finally:
+        await engine.dispose()
+    return 0

@@ -1,0 +1,126 @@
+"""From a checked path and the request's headers to the answer: 200, 206, 304, 412 or 416."""
+
+from __future__ import annotations
+
+import contextlib
+import mimetypes
+import os
+import stat
+from typing import Any
+
+import aiofiles
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from exporter.audit import Download
+from exporter.errors import ApiError, unavailable
+from exporter.files import conditions, ranges
+from exporter.files.digests import DigestStore, FileKey, repr_digest
+from exporter.files.paths import Target, not_found
+from exporter.files.stream import FileBody
+from exporter.http import content_disposition
+from exporter.state import State
+
+DISPOSITIONS = ("attachment", "inline")
+
+
+def content_type(name: str) -> str:
+    guessed, encoding = mimetypes.guess_type(name, strict=False)
+    if guessed is None or encoding is not None:
+        # `x.tar.gz` is a gzip file to the client, not a tar file with Content-Encoding.
+        return "application/gzip" if encoding == "gzip" else "application/octet-stream"
+    if guessed.startswith("text/"):
+        return f"{guessed}; charset=utf-8"
+    return guessed
+
+
+def _open_flags(path: str, flags: int) -> int:
+    # No following a link swapped in since the path was checked, and no blocking on a
+    # FIFO swapped in: either way the fstat below then turns it away.
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
+async def open_file(target: Target) -> tuple[Any, os.stat_result]:
+    """The file opened for reading, and the stat of what was actually opened."""
+    try:
+        f = await aiofiles.open(target.real, "rb", opener=_open_flags)
+    except OSError:
+        raise not_found(target.relative) from None
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        await f.close()
+        raise not_found(target.relative)
+    return f, st
+
+
+async def serve_file(request: Request, st: State, target: Target) -> Response:
+    disposition = request.query_params.get("disposition", "attachment")
+    if disposition not in DISPOSITIONS:
+        raise ApiError(400, "disposition is attachment or inline", parameter="disposition")
+    f, fst = await open_file(target)
+    try:
+        return await _respond(request, st, target, disposition, f, fst)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await f.close()
+        raise
+
+
+async def _respond(request: Request, st: State, target: Target, disposition: str,
+                   f: Any, fst: os.stat_result) -> Response:
+    settings = st.settings
+    v = conditions.Validators.of(fst)
+    key = FileKey.of(target.relative, fst)
+    digests = DigestStore(st.engine)
+    headers = {"ETag": v.etag, "Last-Modified": v.last_modified}
+    sha256 = await digests.lookup(key)
+    if sha256 is not None:
+        headers["Repr-Digest"] = repr_digest(sha256)
+
+    method = request.method
+    outcome = conditions.evaluate(method, dict(request.headers), v)
+    if outcome == conditions.NOT_MODIFIED:
+        await f.close()
+        return Response(status_code=304, headers=headers)
+    if outcome == conditions.PRECONDITION_FAILED:
+        raise ApiError(412, "the file does not meet the request's preconditions",
+                       headers=headers)
+
+    kind = content_type(target.name)
+    layout = ranges.whole(fst.st_size, kind)
+    range_header = request.headers.get("range")
+    # Range applies to GET only (RFC 9110 §14.2); HEAD shows what a plain GET would get.
+    if (range_header is not None and method == "GET"
+            and conditions.if_range_allows(request.headers.get("if-range"), v)):
+        try:
+            wanted = ranges.parse_range(range_header, fst.st_size, settings.max_ranges)
+        except ranges.Unsatisfiable:
+            raise ApiError(416, f"no part of the range lies within the {fst.st_size} bytes",
+                           headers={**headers, "Content-Range": f"bytes */{fst.st_size}",
+                                    "Accept-Ranges": "bytes"}) from None
+        if wanted is not None:
+            layout = ranges.partial(wanted, fst.st_size, kind)
+
+    headers.update({
+        "Content-Type": layout.content_type,
+        "Content-Length": str(layout.length),
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": content_disposition(target.name, disposition),
+        "X-Content-Type-Options": "nosniff",
+    })
+    if layout.content_range is not None:
+        headers["Content-Range"] = layout.content_range
+    if method == "HEAD":
+        await f.close()
+        return Response(status_code=layout.status, headers=headers)
+
+    client = request.client.host if request.client else None
+    download = Download("file", target.relative, client,
+                        range=range_header[:1000] if range_header is not None else None)
+    try:
+        await st.audit.start(download)
+    except Exception as error:
+        raise unavailable(error) from error
+
+    body = FileBody(f, key, layout, settings.file_chunk_size, download, st.audit, digests)
+    return StreamingResponse(body, status_code=layout.status, headers=headers)

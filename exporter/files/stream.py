@@ -1,0 +1,93 @@
+"""A response body read from an open file with aiofiles, one chunk at a time.
+
+Each chunk is read only after the previous one was handed to the server, and
+uvicorn's `send` waits while its write buffer is full, so a slow client slows the
+reading down and memory stays at about one chunk per connection. When the client
+leaves, Starlette (listening for `http.disconnect`) cancels this generator, which
+stops the reading; what is left to do then runs in a detached task, because
+awaits in a cancelled generator's `finally` are cancelled too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
+from exporter.files.digests import DigestStore, FileKey
+from exporter.files.ranges import Layout
+
+log = logging.getLogger(__name__)
+
+_cleanups: set[asyncio.Task[None]] = set()
+
+
+class FileChanged(Exception):
+    """The file became shorter while it was being sent."""
+
+
+class FileBody:
+    def __init__(self, file: Any, key: FileKey, layout: Layout, chunk_size: int,
+                 download: Download, audit: Audit, digests: DigestStore) -> None:
+        self._file = file  # an aiofiles binary file, owned (and closed) by this body
+        self._key = key
+        self._layout = layout
+        self._chunk_size = chunk_size
+        self.download = download
+        self._audit = audit
+        self._digests = digests
+        # The whole file goes through here anyway: hashing it on the way costs no read.
+        self._hash = hashlib.sha256() if layout.whole_file else None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        d = self.download
+        error: str | None = None
+        status: str | None = None
+        try:
+            for part in self._layout.parts:
+                if part.range is None:
+                    yield part.literal
+                    d.bytes += len(part.literal)
+                    continue
+                await self._file.seek(part.range.start)
+                remaining = part.range.length
+                while remaining:
+                    chunk = await self._file.read(min(self._chunk_size, remaining))
+                    if not chunk:
+                        raise FileChanged(f"{remaining} bytes missing at the end")
+                    if self._hash is not None:
+                        self._hash.update(chunk)
+                    yield chunk
+                    d.bytes += len(chunk)
+                    remaining -= len(chunk)
+        except Exception as exc:
+            status, error = FAILED, f"{type(exc).__name__}: {exc}"
+            log.error("file %s failed after %d bytes: %s", d.target, d.bytes, error)
+            raise
+        finally:
+            # By bytes, not by exception: a finished body may still see CancelledError.
+            if status is None:
+                status = COMPLETE if d.bytes == self._layout.length else ABORTED
+            task = asyncio.get_running_loop().create_task(self._finish(status, error))
+            _cleanups.add(task)
+            task.add_done_callback(_cleanups.discard)
+
+    async def _finish(self, status: str, error: str | None) -> None:
+        try:
+            if status == COMPLETE and self._hash is not None and self._unchanged():
+                await self._digests.put(self._key, self._hash.digest())
+        except Exception:
+            log.exception("could not store the digest of %s", self._key.path)
+        finally:
+            await self._file.close()
+            await self._audit.finish(self.download, status, http_status=self._layout.status,
+                                     error=error)
+
+    def _unchanged(self) -> bool:
+        """Whether the open file still is what it was when the response began."""
+        st = os.fstat(self._file.fileno())
+        return FileKey.of(self._key.path, st) == self._key

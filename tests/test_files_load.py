@@ -1,0 +1,79 @@
+"""A slow client, one that leaves mid-file, and 50 at once: reading keeps step with them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from exporter.files.demo import LARGE_NAME
+from tests.conftest import LARGE_FILE_SIZE
+from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, wait_until
+
+CLIENTS = 50
+# Measured: 89 MB at rest, peak 134 MB with 50 clients on 256 KiB chunks
+# (each connection holds about one chunk plus uvicorn's write buffer).
+RSS_BOUND = 200 * 1024 * 1024
+
+
+def read_chars(pid: int) -> int:
+    """Bytes the process has read through read(2) and friends, files included."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar")
+
+
+def test_slow_client_then_disconnect(server: Server, database_url: str) -> None:
+    before = fetch(database_url, "SELECT coalesce(max(id), 0) AS id FROM exporter.downloads")
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    sock.sendall(f"GET /files/{LARGE_NAME} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = 0
+    while received < 2 * 1024 * 1024:
+        received += len(sock.recv(65536))
+    # A client that stops reading: the server may fill the socket buffers, no more.
+    start = read_chars(server.pid)
+    time.sleep(1.0)
+    assert read_chars(server.pid) - start < 32 * 1024 * 1024
+    sock.close()
+
+    def finished() -> list[object]:
+        return fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1 AND "
+                     "target = $2 AND status <> 'running'", before[0]["id"], LARGE_NAME)
+
+    assert wait_until(lambda: len(finished()) == 1, 10)
+    row = fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1",
+                before[0]["id"])[0]
+    assert row["status"] == "aborted" and row["http_status"] == 200
+    assert received <= row["bytes"] < LARGE_FILE_SIZE // 4
+    assert row["ended_at"] is not None
+    # Reading stopped with the client.
+    start = read_chars(server.pid)
+    time.sleep(0.5)
+    assert read_chars(server.pid) - start < 1024 * 1024
+
+
+def test_fifty_clients_memory(make_server: type[Server], tmp_path: Path) -> None:
+    s = make_server().start()
+    at_rest = rss_bytes(s.pid)
+    url = f"{s.url}/files/{LARGE_NAME}"
+    clients = [subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w",
+                                 "%{http_code} %{size_download}", url],
+                                stdout=subprocess.PIPE) for _ in range(CLIENTS)]
+    started = time.monotonic()
+    try:
+        results = [c.communicate(timeout=120)[0].decode() for c in clients]
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    elapsed = time.monotonic() - started
+    assert results == [f"200 {LARGE_FILE_SIZE}"] * CLIENTS
+    peak = peak_rss_bytes(s.pid)
+    print(f"\n{CLIENTS} x {LARGE_FILE_SIZE >> 20} MiB in {elapsed:.1f} s "
+          f"({CLIENTS * LARGE_FILE_SIZE / elapsed / 1e6:.0f} MB/s); server RSS at rest "
+          f"{at_rest / 1e6:.0f} MB, peak {peak / 1e6:.0f} MB")
+    assert peak < RSS_BOUND

@@ -1,0 +1,129 @@
+"""The pure parts of file serving: ranges, validators and conditions, path checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from exporter.errors import ApiError
+from exporter.files import conditions, ranges
+from exporter.files.demo import parse_size
+from exporter.files.paths import FilesRoot
+from exporter.files.ranges import ByteRange
+
+SIZE = 1000
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("bytes=0-99", [(0, 99)]),
+    ("bytes=900-", [(900, 999)]),
+    ("bytes=-100", [(900, 999)]),
+    ("bytes=-5000", [(0, 999)]),
+    ("bytes=990-5000", [(990, 999)]),
+    ("BYTES = 0-0", [(0, 0)]),
+    ("bytes=0-99,200-299", [(0, 99), (200, 299)]),
+    ("bytes=200-299,0-99", [(0, 99), (200, 299)]),
+    ("bytes=0-99,50-149", [(0, 149)]),  # overlapping: merged
+    ("bytes=0-99,100-199", [(0, 199)]),  # touching: merged
+    ("bytes=0-99, ,2000-3000", [(0, 99)]),  # an unsatisfiable one dropped
+    ("bytes=0-1,3-4,6-7,9-10,12-13,15-16,18-19,21-22,24-25,27-28,30-31,33-34,36-37,39-40,"
+     "42-43,45-46", [(i, i + 1) for i in range(0, 46, 3)]),  # 16: at the cap
+])
+def test_ranges(header: str, expected: list[tuple[int, int]]) -> None:
+    assert ranges.parse_range(header, SIZE, 16) == [ByteRange(a, b) for a, b in expected]
+
+
+@pytest.mark.parametrize("header", [
+    "bytes=5-2", "bytes=abc", "bytes=", "bytes=1-2-3", "items=0-5", "bytes 0-5", "bytes=--5",
+    "bytes=0x10-20", "bytes=+1-2", ",".join(["bytes=0-0"] + ["2-2"] * 16), "bytes=1.5-2",
+    "",
+])
+def test_ignored_ranges(header: str) -> None:
+    assert ranges.parse_range(header, SIZE, 16) is None
+
+
+@pytest.mark.parametrize(("header", "size"), [
+    ("bytes=1000-", SIZE), ("bytes=1000-2000,3000-", SIZE), ("bytes=-0", SIZE),
+    ("bytes=0-", 0), ("bytes=-10", 0),
+])
+def test_unsatisfiable(header: str, size: int) -> None:
+    with pytest.raises(ranges.Unsatisfiable):
+        ranges.parse_range(header, size, 16)
+
+
+def test_multipart_layout_length_matches_body() -> None:
+    layout = ranges.partial([ByteRange(0, 9), ByteRange(20, 29)], SIZE, "text/plain")
+    literal = sum(len(p.literal) for p in layout.parts)
+    assert layout.length == literal + 20
+    assert layout.content_type.startswith("multipart/byteranges; boundary=")
+
+
+def validators() -> conditions.Validators:
+    return conditions.Validators('"abc"', "Sun, 06 Nov 1994 08:49:37 GMT", 784111777)
+
+
+OLDER, SAME, NEWER = ("Sat, 05 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49:37 GMT",
+                      "Mon, 07 Nov 1994 08:49:37 GMT")
+
+
+@pytest.mark.parametrize(("headers", "method", "expected"), [
+    ({}, "GET", None),
+    ({"if-none-match": '"abc"'}, "GET", 304),
+    ({"if-none-match": 'W/"abc"'}, "GET", 304),  # weak comparison
+    ({"if-none-match": '"x", "abc"'}, "HEAD", 304),
+    ({"if-none-match": "*"}, "GET", 304),
+    ({"if-none-match": '"x"'}, "GET", None),
+    ({"if-modified-since": SAME}, "GET", 304),
+    ({"if-modified-since": NEWER}, "GET", 304),
+    ({"if-modified-since": OLDER}, "GET", None),
+    ({"if-modified-since": "garbage"}, "GET", None),
+    # If-None-Match wins over If-Modified-Since (§13.2.2 step 3 before 4)
+    ({"if-none-match": '"x"', "if-modified-since": NEWER}, "GET", None),
+    ({"if-match": '"abc"'}, "GET", None),
+    ({"if-match": "*"}, "GET", None),
+    ({"if-match": 'W/"abc"'}, "GET", 412),  # strong comparison
+    ({"if-match": '"x"'}, "GET", 412),
+    ({"if-unmodified-since": OLDER}, "GET", 412),
+    ({"if-unmodified-since": SAME}, "GET", None),
+    # If-Match wins over If-Unmodified-Since, and 412 over 304
+    ({"if-match": '"abc"', "if-unmodified-since": OLDER}, "GET", None),
+    ({"if-match": '"x"', "if-none-match": '"abc"'}, "GET", 412),
+])
+def test_conditions(headers: dict[str, str], method: str, expected: int | None) -> None:
+    assert conditions.evaluate(method, headers, validators()) == expected
+
+
+@pytest.mark.parametrize(("value", "allowed"), [
+    (None, True), ('"abc"', True), ('W/"abc"', False), ('"x"', False),
+    (SAME, True), (NEWER, False), (OLDER, False), ("nonsense", False),
+])
+def test_if_range(value: str | None, allowed: bool) -> None:
+    assert conditions.if_range_allows(value, validators()) is allowed
+
+
+def test_etag_changes_with_content_identity(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"one")
+    first = conditions.Validators.of(f.stat()).etag
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))
+    assert conditions.Validators.of(f.stat()).etag != first
+    assert first.startswith('"') and not first.startswith("W/")
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    ("../x", 404), ("a/../../x", 404), ("/etc/passwd", 404), ("a//b", 404), (".", 404),
+    (".env", 404), ("a\\b", 400), ("a\x00b", 400), ("x" * 256, 400), ("a/" * 2100, 400),
+    ("missing", 404), ("a\nb", 400),
+])
+def test_bad_paths(tmp_path: Path, path: str, status: int) -> None:
+    with pytest.raises(ApiError) as raised:
+        FilesRoot(tmp_path).resolve(path)
+    assert raised.value.status == status
+
+
+def test_sizes() -> None:
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("256MiB") == 256 << 20
+    assert parse_size("123") == 123
