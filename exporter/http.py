@@ -9,21 +9,31 @@ from urllib.parse import quote
 # RFC 6266 / RFC 8187: characters that may stand unencoded in `filename*`.
 _ATTR_CHARS = "!#$&+-.^_`|~"
 _TOKEN_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\%;]')
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def content_disposition(filename: str, disposition: str = "attachment") -> str:
+def content_disposition(
+    filename: str, disposition: str = "attachment", *, user_agent: str | None = None
+) -> str:
     """`attachment; filename="..."` plus `filename*=UTF-8''...` when the name is not plain ASCII.
 
     The ASCII fallback drops accents where it can and replaces what is left, so old
-    clients still get a usable name; new ones use `filename*`.
+    clients still get a usable name; browsers and wget use `filename*`. curl (`-OJ`)
+    reads only `filename=`, so for curl that parameter carries the name itself, as
+    UTF-8 bytes.
     """
     filename = filename.replace("/", "_").replace("\x00", "")
     fallback = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
     fallback = _TOKEN_UNSAFE.sub("_", fallback) or "download"
-    value = f'{disposition}; filename="{fallback}"'
-    if fallback != filename:
-        value += "; filename*=UTF-8''" + quote(filename, safe=_ATTR_CHARS)
-    return value
+    if fallback == filename:
+        return f'{disposition}; filename="{fallback}"'
+    if user_agent is not None and user_agent.startswith("curl/"):
+        escaped = filename.replace("\\", "\\\\").replace('"', '\\"')
+        # Header values travel as latin-1 in ASGI: this spells the UTF-8 bytes.
+        fallback = _CONTROL.sub("_", escaped).encode().decode("latin-1")
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''" + quote(
+        filename, safe=_ATTR_CHARS
+    )
 
 
 def parse_accept(header: str | None) -> list[str]:

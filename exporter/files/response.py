@@ -105,7 +105,9 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         "Content-Type": layout.content_type,
         "Content-Length": str(layout.length),
         "Accept-Ranges": "bytes",
-        "Content-Disposition": content_disposition(target.name, disposition),
+        "Content-Disposition": content_disposition(
+            target.name, disposition, user_agent=request.headers.get("user-agent")
+        ),
         "X-Content-Type-Options": "nosniff",
     })
     if layout.content_range is not None:

@@ -74,10 +74,11 @@ async def resolve(catalog: Catalog, name: str, accept: str | None) -> tuple[Data
     raise ApiError(404, f"no dataset named '{name}' in schema '{catalog.schema}'")
 
 
-def export_headers(renderer: Renderer, download_name: str) -> dict[str, str]:
+def export_headers(request: Request, renderer: Renderer, download_name: str) -> dict[str, str]:
+    user_agent = request.headers.get("user-agent")
     return {
         "Content-Type": renderer.content_type,
-        "Content-Disposition": content_disposition(download_name),
+        "Content-Disposition": content_disposition(download_name, user_agent=user_agent),
         "Cache-Control": "no-store",
         "Accept-Ranges": "none",
         "X-Content-Type-Options": "nosniff",
@@ -95,7 +96,9 @@ async def export(request: Request, name: str) -> Response:
         async with st.engine.connect() as conn:
             await sql.check_values(conn, query)
         response = Response(
-            headers=export_headers(renderer, filename(dataset.name, renderer, datetime.now(UTC)))
+            headers=export_headers(
+                request, renderer, filename(dataset.name, renderer, datetime.now(UTC))
+            )
         )
         del response.headers["content-length"]  # GET streams its body chunked
         return response
@@ -108,4 +111,4 @@ async def export(request: Request, name: str) -> Response:
     job = Export(st.engine, st.audit, st.settings, query, renderer, download)
     if not await unless_disconnected(job.open(), request.receive):
         return Response(status_code=499)  # nobody is listening; uvicorn drops it
-    return StreamingResponse(job.body(), headers=export_headers(renderer, job.filename))
+    return StreamingResponse(job.body(), headers=export_headers(request, renderer, job.filename))
