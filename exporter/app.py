@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,15 +13,39 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exporter import __version__
+from exporter.access.limits import DownloadLimits, Limiter
+from exporter.access.links import LinkKeys
+from exporter.access.tokens import TokenStore
 from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.db import create_engine
 from exporter.errors import ApiError
-from exporter.routes import datasets, files, health
+from exporter.routes import datasets, downloads, files, health, links
 from exporter.state import State
 
 log = logging.getLogger(__name__)
+
+
+class _RedactSignatures(logging.Filter):
+    """uvicorn's access log prints query strings, and a signed link's is a credential."""
+
+    _pattern = re.compile(r"(signature=)[^&\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(
+                self._pattern.sub(r"\1REDACTED", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        record.msg = self._pattern.sub(r"\1REDACTED", str(record.msg))
+        return True
+
+
+def redact_secrets_in_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RedactSignatures) for f in access.filters):
+        access.addFilter(_RedactSignatures())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,15 +63,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as error:
             # Serve anyway: /healthz says what is wrong and exports answer 503.
             log.error("could not read the catalog at start-up: %s", error)
-        app.state.exporter = State(settings, engine, catalog, Audit(engine))
+        app.state.exporter = State(
+            settings, engine, catalog, Audit(engine), TokenStore(engine),
+            LinkKeys(engine, settings.link_secret),
+            Limiter(settings.max_downloads_per_principal),
+        )
         yield
         await engine.dispose()
 
+    redact_secrets_in_access_log()
     app = FastAPI(title="exporter", version=__version__, lifespan=lifespan)
+    app.add_middleware(DownloadLimits, bytes_per_second=lambda: settings.max_bytes_per_second)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return error.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -68,5 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(datasets.router)
+    app.include_router(links.router)
+    app.include_router(downloads.router)
     app.include_router(files.router)
     return app

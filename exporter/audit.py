@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,6 +30,8 @@ class Download:
     id: int | None = None
     bytes: int = 0
     rows: int | None = None
+    principal: str | None = None
+    link_expires: datetime | None = None
 
 
 class Audit:
@@ -40,7 +43,8 @@ class Audit:
             d.id = await conn.scalar(
                 sa.insert(downloads)
                 .values(kind=d.kind, target=d.target, format=d.format, params=d.params,
-                        range=d.range, client=d.client, status="running")
+                        range=d.range, client=d.client, status="running",
+                        principal=d.principal, link_expires=d.link_expires)
                 .returning(downloads.c.id)
             )
 

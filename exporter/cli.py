@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from exporter.access.cli import add_commands as add_access_commands
 from exporter.config import Settings
 
 log = logging.getLogger("exporter")
@@ -64,6 +65,17 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+async def _demo_token(settings: Settings, url: str) -> str:
+    from exporter.access.cli import demo_token
+    from exporter.db import create_engine
+
+    engine = create_engine(settings, url)
+    try:
+        return await demo_token(engine, settings.data_dir / "demo-token")
+    finally:
+        await engine.dispose()
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
@@ -75,16 +87,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
             log.info("checking the demo data (first start loads %d rows)", DEFAULT_DEMO_ROWS)
             asyncio.run(_load_demo(settings, url, DEFAULT_DEMO_ROWS, only_if_empty=True))
             _demo_files(settings, DEFAULT_DEMO_FILE_SIZE, only_if_empty=True)
+            token = asyncio.run(_demo_token(settings, url))
         # Workers are separate processes: they find the database through the environment.
         os.environ["EXPORTER_DATABASE_URL"] = url
         base = f"http://{host}:{port}"
-        print(
-            f"\nexporter serves {base}  (Ctrl-C stops it)\n"
-            f"  curl -fOJ '{base}/datasets/orders.csv?paid=is.true&limit=1000'\n"
-            f"  wget --content-disposition '{base}/datasets/orders.ndjson?limit=1000'\n"
-            f"  curl -s {base}/datasets\n",
-            flush=True,
-        )
+        print(f"\nexporter serves {base}  (Ctrl-C stops it)", flush=True)
+        if settings.embedded:
+            print(
+                f"demo token (all datasets and files, admin), kept in"
+                f" {settings.data_dir / 'demo-token'}:\n  {token}\n"
+                f"  curl -fOJ -u demo:{token}"
+                f" '{base}/datasets/orders.csv?paid=is.true&limit=1000'\n"
+                f"  wget --content-disposition --user=demo --password={token}"
+                f" '{base}/datasets/orders.ndjson?limit=1000'\n"
+                f"  curl -s -H 'Authorization: Bearer {token}' {base}/datasets\n",
+                flush=True,
+            )
+        else:
+            print("make a token with `exporter token create --name NAME --scope datasets:*`\n",
+                  flush=True)
         # uvicorn shuts down gracefully on SIGTERM and then raises it again; with the
         # default action that would kill us before the embedded database is stopped.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -159,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     digest.add_argument("path", nargs="?", default="",
                         help="a file or folder under the files root (default: all of it)")
     digest.set_defaults(func=cmd_digest)
+    add_access_commands(sub)
     return parser
 
 

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     # Names starting with a dot (.git, .env) are neither served nor listed unless allowed.
     serve_hidden: bool = False
 
+    # Access. Anonymous clients get nothing unless these name what is public: dataset
+    # names and folder prefixes (JSON lists; "*" for all).
+    public_datasets: list[str] = []
+    public_files: list[str] = []
+    # The key that signs links; unset, one is generated once and kept in the database.
+    link_secret: str | None = None
+    # Downloads in progress per principal (token, link, anonymous address), per process.
+    max_downloads_per_principal: int = Field(default=4, ge=1)
+    # Bytes per second per download; 0 means no cap.
+    max_bytes_per_second: int = Field(default=0, ge=0)
+
     @property
     def embedded(self) -> bool:
         return self.database_url is None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from fastapi.responses import JSONResponse
 
 
 class ApiError(Exception):
@@ -10,13 +13,21 @@ class ApiError(Exception):
 
     def __init__(
         self, status: int, message: str, *, parameter: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.parameter = parameter
-        self.headers = headers or {}
+        # A list of pairs may repeat a name (two WWW-Authenticate challenges, say).
+        items = headers.items() if isinstance(headers, Mapping) else headers or []
+        self.headers: list[tuple[str, str]] = list(items)
+
+    def response(self) -> JSONResponse:
+        response = JSONResponse(self.body(), status_code=self.status)
+        for name, value in self.headers:
+            response.headers.append(name, value)
+        return response
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"status": self.status, "message": self.message}

@@ -21,8 +21,8 @@ IS_VALUES = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "F
              "unknown": "UNKNOWN"}
 OPERATORS = [*COMPARISONS, *PATTERNS, "in", "is"]
 
-# Parameters that are not filters. Other modules (signed links) add theirs.
-RESERVED = {"select", "order", "limit", "offset"}
+# Parameters that are not filters: the query's own, and a signed link's.
+RESERVED = {"select", "order", "limit", "offset", "expires", "by", "signature"}
 MAX_BIGINT = 2**63 - 1
 
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.access.limits import Limiter
+from exporter.access.links import LinkKeys
+from exporter.access.tokens import TokenStore
 from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
@@ -18,6 +21,9 @@ class State:
     engine: AsyncEngine
     catalog: Catalog
     audit: Audit
+    tokens: TokenStore
+    links: LinkKeys
+    limiter: Limiter
 
 
 def get_state(request: Request) -> State:

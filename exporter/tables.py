@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 APP_SCHEMA = "exporter"
 
@@ -27,6 +27,9 @@ downloads = sa.Table(
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False,
               server_default=sa.func.now()),
     sa.Column("ended_at", sa.DateTime(timezone=True)),
+    # Who: "token NAME", "link by NAME", or "anonymous"; never a secret.
+    sa.Column("principal", sa.Text),
+    sa.Column("link_expires", sa.DateTime(timezone=True)),
     sa.Index("downloads_started_at_idx", "started_at"),
 )
 
@@ -40,5 +43,31 @@ file_digests = sa.Table(
     sa.Column("inode", sa.Numeric(20, 0), nullable=False),  # inodes are unsigned 64-bit
     sa.Column("sha256", sa.LargeBinary, nullable=False),
     sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("secret_hash", sa.LargeBinary, nullable=False, unique=True),  # SHA-256
+    sa.Column("scopes", ARRAY(sa.Text), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+    sa.Column("last_used_at", sa.DateTime(timezone=True)),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Index("tokens_active_name_idx", "name", unique=True,
+             postgresql_where=sa.text("revoked_at IS NULL")),
+)
+
+# Server-side secrets shared by every process, such as the link signing key.
+secrets = sa.Table(
+    "secrets",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
               server_default=sa.func.now()),
 )

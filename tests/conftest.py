@@ -23,6 +23,9 @@ from exporter.files.demo import create as create_demo_files
 from tests.support import Server, run_sql
 
 DEMO_ROWS = 20_000
+# The servers of the tests that are not about access serve everything to anyone;
+# tests/test_access.py starts its own, closed ones.
+PUBLIC = {"EXPORTER_PUBLIC_DATASETS": '["*"]', "EXPORTER_PUBLIC_FILES": '["*"]'}
 # Big enough that a download takes a while (disconnects, resumes, 50 clients), small
 # enough to keep the suite fast.
 LARGE_FILE_SIZE = 256 * 1024 * 1024
@@ -110,7 +113,7 @@ def files_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Server]:
     """The exporter, as `exporter serve` runs it, shared by the tests that only read."""
     with Server(database_url, logs_dir / "server.log",
-                {"EXPORTER_FILES_ROOT": str(files_root)}) as s:
+                {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC}) as s:
         yield s
 
 
@@ -123,7 +126,7 @@ def make_server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator
         def __init__(self, env: dict[str, str] | None = None, *, url: str | None = None,
                      **kwargs: object) -> None:
             name = f"server-{len(started)}-{uuid.uuid4().hex[:6]}.log"
-            env = {"EXPORTER_FILES_ROOT": str(files_root), **(env or {})}
+            env = {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC, **(env or {})}
             super().__init__(url or database_url, logs_dir / name, env, **kwargs)  # type: ignore[arg-type]
             started.append(self)
 

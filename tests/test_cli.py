@@ -67,7 +67,12 @@ def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
         saved = sorted(p.name for p in downloads.iterdir())
         assert any(re.fullmatch(r"orders-\d{8}T\d{6}Z\.csv", n) for n in saved), saved
         assert any(re.fullmatch(r"orders-\d{8}T\d{6}Z\.ndjson", n) for n in saved), saved
-        catalog = httpx.get(f"http://127.0.0.1:{port}/datasets").json()
+        assert httpx.get(f"http://127.0.0.1:{port}/datasets").status_code == 401
+        token = re.search(r"exp_[A-Za-z0-9_-]{40,}", output)
+        assert token is not None
+        assert (tmp_path / "var" / "demo-token").read_text().strip() == token[0]
+        catalog = httpx.get(f"http://127.0.0.1:{port}/datasets",
+                            headers={"Authorization": f"Bearer {token[0]}"}).json()
         orders = next(d for d in catalog["datasets"] if d["name"] == "orders")
         assert abs(orders["estimated_rows"] - 1_000_000) < 50_000  # an estimate
         postmaster = int((tmp_path / "var" / "pgdata" / "postmaster.pid").read_text().split()[0])

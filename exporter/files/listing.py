@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +21,7 @@ class Entry:
     stat: os.stat_result
 
 
-def _entries(root: FilesRoot, folder: Target) -> list[Entry]:
+def _entries(root: FilesRoot, folder: Target, allowed: Callable[[Target], bool]) -> list[Entry]:
     found: list[Entry] = []
     with os.scandir(folder.real) as it:
         for item in it:
@@ -38,6 +39,8 @@ def _entries(root: FilesRoot, folder: Target) -> list[Entry]:
                 target = root.resolve(prefix + name)
             except ApiError:
                 continue
+            if not allowed(target):
+                continue  # listed only what the caller may download
             if target.is_file:
                 found.append(Entry(name, "file", target.stat))
             elif target.is_dir:
@@ -47,8 +50,9 @@ def _entries(root: FilesRoot, folder: Target) -> list[Entry]:
 
 
 async def listing(root: FilesRoot, folder: Target, base_url: str, limit: int, offset: int,
-                  digests: DigestStore) -> dict[str, Any]:
-    every = _entries(root, folder)
+                  digests: DigestStore,
+                  allowed: Callable[[Target], bool] = lambda target: True) -> dict[str, Any]:
+    every = _entries(root, folder, allowed)
     page = every[offset:offset + limit]
     prefix = f"{folder.relative}/" if folder.relative else ""
     keys = [FileKey.of(prefix + e.name, e.stat) for e in page if e.kind == "file"]

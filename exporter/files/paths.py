@@ -99,5 +99,11 @@ class FilesRoot:
             raise not_found(path)
         return target
 
+    def relative_real(self, target: Target) -> str:
+        """Where the target really is, relative to the root (links resolved)."""
+        if target.real == self.root:
+            return ""
+        return target.real.relative_to(self.root).as_posix()
+
     def is_visible(self, name: str) -> bool:
         return self.serve_hidden or not name.startswith(".")

@@ -12,6 +12,7 @@ import aiofiles
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from exporter.access.principal import Principal
 from exporter.audit import Download
 from exporter.errors import ApiError, unavailable
 from exporter.files import conditions, ranges
@@ -53,13 +54,14 @@ async def open_file(target: Target) -> tuple[Any, os.stat_result]:
     return f, st
 
 
-async def serve_file(request: Request, st: State, target: Target) -> Response:
+async def serve_file(request: Request, st: State, target: Target,
+                     principal: Principal) -> Response:
     disposition = request.query_params.get("disposition", "attachment")
     if disposition not in DISPOSITIONS:
         raise ApiError(400, "disposition is attachment or inline", parameter="disposition")
     f, fst = await open_file(target)
     try:
-        return await _respond(request, st, target, disposition, f, fst)
+        return await _respond(request, st, target, disposition, f, fst, principal)
     except BaseException:
         with contextlib.suppress(Exception):
             await f.close()
@@ -67,7 +69,7 @@ async def serve_file(request: Request, st: State, target: Target) -> Response:
 
 
 async def _respond(request: Request, st: State, target: Target, disposition: str,
-                   f: Any, fst: os.stat_result) -> Response:
+                   f: Any, fst: os.stat_result, principal: Principal) -> Response:
     settings = st.settings
     v = conditions.Validators.of(fst)
     key = FileKey.of(target.relative, fst)
@@ -118,7 +120,8 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
 
     client = request.client.host if request.client else None
     download = Download("file", target.relative, client,
-                        range=range_header[:1000] if range_header is not None else None)
+                        range=range_header[:1000] if range_header is not None else None,
+                        principal=principal.label, link_expires=principal.link_expires)
     try:
         await st.audit.start(download)
     except Exception as error:

@@ -10,6 +10,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from exporter import renderers, sql
+from exporter.access.authenticate import authenticate
+from exporter.access.links import SIGNATURE
+from exporter.access.principal import ANONYMOUS, Principal
 from exporter.audit import Download
 from exporter.catalog import Catalog, Dataset
 from exporter.errors import ApiError
@@ -17,7 +20,7 @@ from exporter.export import Export, filename
 from exporter.http import content_disposition, parse_accept
 from exporter.query import parse
 from exporter.renderers import Renderer
-from exporter.state import get_state
+from exporter.state import State, get_state
 from exporter.streaming import unless_disconnected
 
 router = APIRouter()
@@ -33,9 +36,14 @@ def export_urls(request: Request, dataset: Dataset) -> dict[str, str]:
 
 @router.get("/datasets")
 async def list_datasets(request: Request) -> JSONResponse:
-    catalog = get_state(request).catalog
+    st = get_state(request)
+    principal = await authenticate(request, st)
+    catalog = st.catalog
+    visible = [ds for ds in await catalog.all() if principal.may_read_dataset(ds.name)]
+    if not visible and principal.kind == ANONYMOUS:
+        raise principal.denied()
     items: list[dict[str, Any]] = []
-    for ds in await catalog.all():
+    for ds in visible:
         items.append({
             "name": ds.name,
             "kind": ds.kind,
@@ -60,10 +68,20 @@ def negotiate(accept: str | None) -> Renderer:
     raise ApiError(406, f"this dataset is available as {offered}")
 
 
+def _split_suffix(name: str) -> tuple[str, Renderer | None]:
+    base, dot, extension = name.rpartition(".")
+    return (base, renderers.by_extension(extension)) if dot else (name, None)
+
+
+def candidate_names(name: str) -> list[str]:
+    """The datasets a request path may mean (`orders.csv`: `orders.csv` or `orders`)."""
+    base, by_suffix = _split_suffix(name)
+    return [name, base] if by_suffix is not None else [name]
+
+
 async def resolve(catalog: Catalog, name: str, accept: str | None) -> tuple[Dataset, Renderer]:
     """`orders.csv` names dataset and format; `orders` leaves the format to Accept."""
-    base, dot, extension = name.rpartition(".")
-    by_suffix = renderers.by_extension(extension) if dot else None
+    base, by_suffix = _split_suffix(name)
     for attempt in range(2):
         if attempt:
             await catalog.reload()  # a table or view created since the last look
@@ -89,7 +107,19 @@ def export_headers(request: Request, renderer: Renderer, download_name: str) -> 
 @router.api_route("/datasets/{name}", methods=["GET", "HEAD"])
 async def export(request: Request, name: str) -> Response:
     st = get_state(request)
+    principal = await authenticate(request, st)
+    # Before looking the name up, so that a refusal does not tell whether it exists.
+    if not any(principal.may_read_dataset(n) for n in candidate_names(name)):
+        raise principal.denied()
     dataset, renderer = await resolve(st.catalog, name, request.headers.get("accept"))
+    if not principal.may_read_dataset(dataset.name):
+        raise principal.denied()
+    return await export_response(request, st, principal, dataset, renderer)
+
+
+async def export_response(request: Request, st: State, principal: Principal, dataset: Dataset,
+                          renderer: Renderer) -> Response:
+    """The export of `dataset` that the request's query string asks for."""
     params = request.query_params.multi_items()
     query = parse(dataset, params)
     if request.method == "HEAD":
@@ -103,11 +133,14 @@ async def export(request: Request, name: str) -> Response:
         del response.headers["content-length"]  # GET streams its body chunked
         return response
 
+    st.limiter.acquire(request.scope, principal.limit_key)
     recorded: dict[str, list[str]] = {}
     for key, value in params:
-        recorded.setdefault(key, []).append(value)
+        if key != SIGNATURE:  # a credential: never stored
+            recorded.setdefault(key, []).append(value)
     download = Download("export", dataset.name, request.client.host if request.client else None,
-                        format=renderer.name, params=recorded)
+                        format=renderer.name, params=recorded, principal=principal.label,
+                        link_expires=principal.link_expires)
     job = Export(st.engine, st.audit, st.settings, query, renderer, download)
     if not await unless_disconnected(job.open(), request.receive):
         return Response(status_code=499)  # nobody is listening; uvicorn drops it

@@ -1,0 +1,1 @@
+"""Who may download what: tokens with scopes, signed links, public settings, limits."""

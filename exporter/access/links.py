@@ -1,0 +1,106 @@
+"""Signed links: a URL that works without credentials until it expires.
+
+The signature is an HMAC-SHA256 over the method, the path, the rest of the query and
+the expiry and maker, so changing any of them breaks it. Path and query are compared
+in a canonical percent-encoding, so a client that re-encodes a character does not
+break a link, while any change of meaning does.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, quote, unquote, urlencode
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exporter.tables import secrets as secrets_table
+
+SIGNATURE, EXPIRES, BY = "signature", "expires", "by"
+LINK_PARAMETERS = (SIGNATURE, EXPIRES, BY)
+# The maker of links made on the server with `exporter link` (not a token name).
+OPERATOR = "@operator"
+_KEY_NAME = "link_signing_key"
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
+
+
+def canonical_path(path: str) -> str:
+    return quote(unquote(path), safe=_PATH_SAFE)
+
+
+def canonical_query(pairs: Sequence[tuple[str, str]]) -> str:
+    return urlencode(list(pairs), quote_via=quote, safe="")
+
+
+def split_query(query: str) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """The ordinary parameters, and the link's own (signature, expires, by)."""
+    rest: list[tuple[str, str]] = []
+    link: dict[str, list[str]] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key in LINK_PARAMETERS:
+            link.setdefault(key, []).append(value)
+        else:
+            rest.append((key, value))
+    return rest, link
+
+
+def signature(key: bytes, method: str, path: str, rest: Sequence[tuple[str, str]],
+              expires: int, by: str) -> str:
+    # HEAD shows what GET would send, so one link serves both.
+    method = "GET" if method in ("GET", "HEAD") else method
+    message = "\n".join([method, canonical_path(path), canonical_query(rest), str(expires), by])
+    mac = hmac.new(key, message.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def sign(key: bytes, path: str, query: str, expires_at: datetime, by: str) -> str:
+    """`path?query&expires=...&by=...&signature=...` for a GET of path?query."""
+    rest, link = split_query(query)
+    if link:
+        raise ValueError("the URL is already signed")
+    expires = int(expires_at.timestamp())
+    mac = signature(key, "GET", path, rest, expires, by)
+    params = [*rest, (EXPIRES, str(expires)), (BY, by), (SIGNATURE, mac)]
+    return f"{canonical_path(path)}?{canonical_query(params)}"
+
+
+def expiry(expires: int) -> datetime:
+    return datetime.fromtimestamp(expires, UTC)
+
+
+class LinkKeys:
+    """The signing key: from the settings, or generated once and kept in the database
+    so that every server process and every restart agrees."""
+
+    def __init__(self, engine: AsyncEngine, configured: str | None) -> None:
+        self._engine = engine
+        self._configured = configured
+
+    async def key(self) -> bytes:
+        if self._configured:
+            return self._configured.encode()
+        # Read each time: a rotation takes effect in every process at once.
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                insert(secrets_table).values(name=_KEY_NAME, value=secrets.token_bytes(32))
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            value = (await conn.execute(
+                sa.select(secrets_table.c.value).where(secrets_table.c.name == _KEY_NAME)
+            )).scalar_one()
+        return bytes(value)
+
+    async def rotate(self) -> None:
+        """A new key: every link signed before stops working."""
+        async with self._engine.begin() as conn:
+            statement = insert(secrets_table).values(name=_KEY_NAME, value=secrets.token_bytes(32))
+            await conn.execute(statement.on_conflict_do_update(
+                index_elements=["name"],
+                set_={"value": statement.excluded.value, "created_at": sa.func.now()},
+            ))

@@ -1,0 +1,90 @@
+"""A principal (token, link or anonymous client) and what its scopes let it reach.
+
+Scopes: `datasets:*`, `datasets:NAME`, `files:*`, `files:PREFIX/` (a folder and
+everything under it) and `admin` (links, the audit trail, and everything else).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from exporter.errors import ApiError
+
+ADMIN = "admin"
+_SCOPE = re.compile(r"admin|datasets:\*|datasets:[^\s/]+|files:\*|files:(?:[^\s]+/)")
+
+TOKEN, LINK, ANONYMOUS = "token", "link", "anonymous"
+
+CHALLENGES = [
+    ("WWW-Authenticate", 'Bearer realm="exporter"'),
+    ("WWW-Authenticate", 'Basic realm="exporter", charset="UTF-8"'),
+]
+
+
+def check_scope(scope: str) -> str:
+    if not _SCOPE.fullmatch(scope):
+        raise ValueError(
+            f"bad scope {scope!r}: use datasets:*, datasets:NAME, files:*, files:FOLDER/ or admin"
+        )
+    return scope
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str  # token | link | anonymous
+    name: str  # the token's name, the link maker's, or the client address
+    scopes: frozenset[str]
+    link_expires: datetime | None = None
+    limit_key: str = ""  # what the concurrency cap counts by
+
+    @property
+    def label(self) -> str:
+        """For the audit trail and logs: never a secret."""
+        if self.kind == TOKEN:
+            return f"token {self.name}"
+        if self.kind == LINK:
+            return f"link by {self.name}"
+        return "anonymous"
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN in self.scopes
+
+    def may_read_dataset(self, name: str) -> bool:
+        return bool(self.scopes & {ADMIN, "datasets:*", f"datasets:{name}"})
+
+    def may_read_file(self, path: str) -> bool:
+        """`path` relative to the files root, without a leading slash."""
+        if self.scopes & {ADMIN, "files:*"}:
+            return True
+        return any(s.startswith("files:") and path.startswith(s[6:]) for s in self.scopes)
+
+    def may_list_folder(self, path: str) -> bool:
+        """A folder may be listed if something in it or under it may be read."""
+        folder = path.strip("/") + "/" if path.strip("/") else ""
+        if self.may_read_file(folder):
+            return True
+        return any(s.startswith("files:") and s[6:].startswith(folder) for s in self.scopes)
+
+    def denied(self) -> ApiError:
+        """401 for the anonymous (so they may authenticate), 403 for the others.
+
+        Neither says whether the thing exists.
+        """
+        if self.kind == ANONYMOUS:
+            return ApiError(401, "authentication required: a token as Bearer or as the Basic"
+                            " password, or a signed link", headers=CHALLENGES)
+        return ApiError(403, f"{self.label} may not download this")
+
+
+def anonymous(
+    client: str, public_datasets: Iterable[str], public_files: Iterable[str]
+) -> Principal:
+    """What the settings make public ("*" for all), for any client."""
+    scopes = {f"datasets:{name}" for name in public_datasets}
+    scopes |= {"files:*" if prefix == "*" else f"files:{prefix.strip('/')}/"
+               for prefix in public_files}
+    return Principal(ANONYMOUS, client, frozenset(scopes), limit_key=f"anonymous {client}")

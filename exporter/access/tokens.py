@@ -1,0 +1,122 @@
+"""API tokens: shown once, kept only as a SHA-256 hash, checked on every request.
+
+Checked in the database each time (no cache), so a revoked or expired token stops
+working at once in every server process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exporter.access.principal import TOKEN, Principal, check_scope
+from exporter.tables import tokens
+
+PREFIX = "exp_"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def hash_secret(secret: str) -> bytes:
+    # Tokens carry 256 random bits: a fast hash is enough, a slow KDF would add nothing.
+    return hashlib.sha256(secret.encode()).digest()
+
+
+@dataclass
+class TokenInfo:
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= datetime.now(UTC):
+            return "expired"
+        return "active"
+
+
+class TokenStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(self, name: str, scopes: list[str], expires_in: timedelta | None) -> str:
+        if not _NAME.fullmatch(name):
+            raise ValueError("a token name is 1 to 64 letters, digits, '.', '_' or '-'")
+        if not scopes:
+            raise ValueError("a token needs at least one scope")
+        for scope in scopes:
+            check_scope(scope)
+        secret = PREFIX + secrets.token_urlsafe(32)
+        expires_at = datetime.now(UTC) + expires_in if expires_in else None
+        async with self._engine.begin() as conn:
+            exists = await conn.scalar(sa.select(sa.func.count()).where(
+                tokens.c.name == name, tokens.c.revoked_at.is_(None)))
+            if exists:
+                raise ValueError(f"a token named {name!r} exists (revoke it, or pick another name)")
+            await conn.execute(sa.insert(tokens).values(
+                name=name, secret_hash=hash_secret(secret), scopes=scopes, expires_at=expires_at,
+            ))
+        return secret
+
+    async def revoke(self, name: str) -> bool:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                sa.update(tokens).where(tokens.c.name == name, tokens.c.revoked_at.is_(None))
+                .values(revoked_at=sa.func.now())
+            )
+        return bool(result.rowcount)
+
+    async def list(self) -> list[TokenInfo]:
+        columns = [tokens.c.name, tokens.c.scopes, tokens.c.created_at, tokens.c.expires_at,
+                   tokens.c.last_used_at, tokens.c.revoked_at]
+        order = [tokens.c.name, tokens.c.created_at]
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(*columns).order_by(*order))).all()
+        return [TokenInfo(*row) for row in rows]
+
+    async def principal(self, secret: str) -> Principal | None:
+        """The token's principal, or None for an unknown, revoked or expired token."""
+        if not secret.startswith(PREFIX) or len(secret) > 200:
+            return None
+        digest = hash_secret(secret)
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(
+                sa.select(tokens.c.id, tokens.c.name, tokens.c.scopes, tokens.c.secret_hash)
+                .where(tokens.c.secret_hash == digest, tokens.c.revoked_at.is_(None),
+                       sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > sa.func.now()))
+            )).first()
+            if row is None or not hmac.compare_digest(row.secret_hash, digest):
+                return None
+            # Written at most once a minute per token, not on every request.
+            await conn.execute(
+                sa.update(tokens).where(
+                    tokens.c.id == row.id,
+                    sa.or_(tokens.c.last_used_at.is_(None),
+                           tokens.c.last_used_at < sa.func.now() - sa.text("interval '1 minute'")),
+                ).values(last_used_at=sa.func.now())
+            )
+        return Principal(TOKEN, row.name, frozenset(row.scopes), limit_key=f"token {row.name}")
+
+    async def by_name(self, name: str) -> Principal | None:
+        """An active token's principal by name (a signed link acts with its maker's scopes)."""
+        async with self._engine.connect() as conn:
+            row: Any = (await conn.execute(
+                sa.select(tokens.c.name, tokens.c.scopes)
+                .where(tokens.c.name == name, tokens.c.revoked_at.is_(None),
+                       sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > sa.func.now()))
+            )).first()
+        if row is None:
+            return None
+        return Principal(TOKEN, row.name, frozenset(row.scopes), limit_key=f"token {row.name}")

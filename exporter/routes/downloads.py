@@ -1,0 +1,61 @@
+"""GET /downloads: the audit trail, for admins, as JSON, CSV or NDJSON."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from exporter import renderers, sql
+from exporter.access.authenticate import authenticate
+from exporter.access.principal import Principal
+from exporter.catalog import Catalog, Dataset
+from exporter.errors import ApiError, unavailable
+from exporter.query import parse
+from exporter.routes.datasets import export_response
+from exporter.state import State, get_state
+from exporter.tables import APP_SCHEMA, downloads
+
+router = APIRouter()
+
+DEFAULT_JSON_LIMIT = 100
+
+
+async def _audit_dataset(st: State) -> Dataset:
+    dataset = (await Catalog(st.engine, APP_SCHEMA).reload()).get(downloads.name)
+    if dataset is None:
+        raise unavailable(RuntimeError("the audit table is missing: run `exporter migrate`"))
+    return dataset
+
+
+async def _admin(request: Request) -> tuple[State, Principal]:
+    st = get_state(request)
+    principal = await authenticate(request, st)
+    if not principal.is_admin:
+        raise principal.denied()
+    return st, principal
+
+
+@router.get("/downloads")
+async def list_downloads(request: Request) -> Response:
+    """Newest first, 100 at a time unless `limit`/`order` say otherwise; filters as exports."""
+    st, _ = await _admin(request)
+    query = parse(await _audit_dataset(st), request.query_params.multi_items())
+    if not query.order:
+        query = parse(query.dataset, [*request.query_params.multi_items(), ("order", "id.desc")])
+    if query.limit is None:
+        query.limit = DEFAULT_JSON_LIMIT
+    async with st.engine.connect() as conn:
+        await sql.check_values(conn, query)
+        result = await conn.exec_driver_sql(
+            f"SELECT coalesce(json_agg(s), '[]'::json)::text FROM ({sql.select_sql(query)}) AS s"
+        )
+        body = result.scalar_one()
+    return Response(body, media_type="application/json")
+
+
+@router.api_route("/downloads.{extension}", methods=["GET", "HEAD"])
+async def export_downloads(request: Request, extension: str) -> Response:
+    st, principal = await _admin(request)
+    renderer = renderers.by_extension(extension)
+    if renderer is None:
+        raise ApiError(404, f"no format '{extension}'")
+    return await export_response(request, st, principal, await _audit_dataset(st), renderer)

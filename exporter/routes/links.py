@@ -1,0 +1,72 @@
+"""POST /links: a signed, expiring URL for a dataset export or a file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from exporter.access.authenticate import authenticate
+from exporter.access.durations import parse_duration
+from exporter.access.links import sign
+from exporter.access.principal import TOKEN, Principal
+from exporter.errors import ApiError, bad_parameter
+from exporter.routes.datasets import candidate_names
+from exporter.state import get_state
+
+router = APIRouter()
+
+MAX_LIFETIME = parse_duration("30d")
+
+
+def may_link(principal: Principal, path: str) -> bool:
+    """Whether the principal's scopes cover what `path` serves."""
+    if path.startswith("/datasets/"):
+        name = unquote(path[len("/datasets/"):])
+        return bool(name) and any(principal.may_read_dataset(n) for n in candidate_names(name))
+    if path.startswith("/files/"):
+        relative = unquote(path[len("/files/"):])
+        return principal.may_read_file(relative) or principal.may_list_folder(relative)
+    return False
+
+
+@router.post("/links")
+async def create_link(request: Request) -> JSONResponse:
+    st = get_state(request)
+    principal = await authenticate(request, st)
+    if principal.kind != TOKEN:
+        raise principal.denied() if principal.kind == "anonymous" else ApiError(
+            403, "links are made with a token"
+        )
+    try:
+        body: Any = await request.json()
+    except ValueError:
+        raise ApiError(
+            400, 'expected a JSON body: {"url": "/datasets/...", "expires_in": "15m"}'
+        ) from None
+    if not isinstance(body, dict) or not isinstance(body.get("url"), str):
+        raise bad_parameter("url", "'url' must be a path such as /datasets/orders.csv?id=gt.5")
+    try:
+        lifetime = parse_duration(str(body.get("expires_in", "15m")))
+    except ValueError as error:
+        raise bad_parameter("expires_in", str(error)) from None
+    if lifetime > MAX_LIFETIME:
+        raise bad_parameter("expires_in", "a link lives at most 30 days")
+    url = urlsplit(body["url"])
+    if url.scheme or (url.netloc and url.netloc != request.url.netloc):
+        raise bad_parameter("url", "links point at this server: give the path")
+    if not may_link(principal, url.path):
+        raise ApiError(403, f"{principal.label} may not download {url.path}")
+    expires_at = datetime.now(UTC) + lifetime
+    try:
+        signed = sign(await st.links.key(), url.path, url.query, expires_at, principal.name)
+    except ValueError as error:
+        raise bad_parameter("url", str(error)) from None
+    base = str(request.base_url).rstrip("/")
+    return JSONResponse(
+        {"url": base + signed, "expires_at": expires_at.isoformat(timespec="seconds")},
+        status_code=201,
+    )
