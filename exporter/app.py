@@ -21,7 +21,7 @@ from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.db import create_engine
 from exporter.errors import ApiError
-from exporter.routes import datasets, downloads, files, health, links
+from exporter.routes import datasets, downloads, files, health, links, tokens
 from exporter.state import State
 
 log = logging.getLogger(__name__)
@@ -101,5 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(links.router)
     app.include_router(downloads.router)
+    app.include_router(tokens.router)
     app.include_router(files.router)
     return app

@@ -13,7 +13,7 @@ from fastapi import Request
 from exporter.access.links import BY, EXPIRES, OPERATOR, SIGNATURE, expiry, signature, split_query
 from exporter.access.principal import ADMIN, CHALLENGES, LINK, Principal, anonymous
 from exporter.errors import ApiError
-from exporter.state import State
+from exporter.state import State, get_state
 
 
 def _bad_credentials(reason: str) -> ApiError:
@@ -78,3 +78,12 @@ async def _link_principal(request: Request, st: State, rest: list[tuple[str, str
         scopes = maker.scopes
     key = "link " + hashlib.sha256(given.encode()).hexdigest()[:16]
     return Principal(LINK, by, scopes, link_expires=expiry(expires), limit_key=key)
+
+
+async def require_admin(request: Request) -> tuple[State, Principal]:
+    """The state and principal of a request that must come from an admin."""
+    st = get_state(request)
+    principal = await authenticate(request, st)
+    if not principal.is_admin:
+        raise principal.denied()
+    return st, principal

@@ -5,13 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from exporter import renderers, sql
-from exporter.access.authenticate import authenticate
-from exporter.access.principal import Principal
+from exporter.access.authenticate import require_admin
 from exporter.catalog import Catalog, Dataset
 from exporter.errors import ApiError, unavailable
 from exporter.query import parse
 from exporter.routes.datasets import export_response
-from exporter.state import State, get_state
+from exporter.state import State
 from exporter.tables import APP_SCHEMA, downloads
 
 router = APIRouter()
@@ -26,18 +25,13 @@ async def _audit_dataset(st: State) -> Dataset:
     return dataset
 
 
-async def _admin(request: Request) -> tuple[State, Principal]:
-    st = get_state(request)
-    principal = await authenticate(request, st)
-    if not principal.is_admin:
-        raise principal.denied()
-    return st, principal
+
 
 
 @router.get("/downloads")
 async def list_downloads(request: Request) -> Response:
     """Newest first, 100 at a time unless `limit`/`order` say otherwise; filters as exports."""
-    st, _ = await _admin(request)
+    st, _ = await require_admin(request)
     query = parse(await _audit_dataset(st), request.query_params.multi_items())
     if not query.order:
         query = parse(query.dataset, [*request.query_params.multi_items(), ("order", "id.desc")])
@@ -54,7 +48,7 @@ async def list_downloads(request: Request) -> Response:
 
 @router.api_route("/downloads.{extension}", methods=["GET", "HEAD"])
 async def export_downloads(request: Request, extension: str) -> Response:
-    st, principal = await _admin(request)
+    st, principal = await require_admin(request)
     renderer = renderers.by_extension(extension)
     if renderer is None:
         raise ApiError(404, f"no format '{extension}'")

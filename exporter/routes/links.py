@@ -24,6 +24,8 @@ MAX_LIFETIME = parse_duration("30d")
 
 def may_link(principal: Principal, path: str) -> bool:
     """Whether the principal's scopes cover what `path` serves."""
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        raise bad_parameter("url", "a link's path may not hold . or .. segments")
     if path.startswith("/datasets/"):
         name = unquote(path[len("/datasets/"):])
         return bool(name) and any(principal.may_read_dataset(n) for n in candidate_names(name))
