@@ -20,14 +20,9 @@ from exporter.db import driver_connection
 from exporter.errors import ApiError, unavailable
 from exporter.query import ExportQuery
 from exporter.renderers import Renderer
-from exporter.streaming import CopyStream, FirstChunkTimeout, Output
+from exporter.streaming import CopyStream, FirstChunkTimeout, Output, run_detached
 
 log = logging.getLogger(__name__)
-
-# Clean-ups run after the client left, when the request's own task is cancelled;
-# they are kept here so the event loop does not drop them half-way.
-_cleanups: set[asyncio.Task[None]] = set()
-
 
 def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
     return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
@@ -165,12 +160,7 @@ class Export:
                       d.id, d.target, d.bytes, error)
             raise
         finally:
-            self._finish_later(status, error)
-
-    def _finish_later(self, status: str, error: str | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._finish(status, error))
-        _cleanups.add(task)
-        task.add_done_callback(_cleanups.discard)
+            run_detached(self._finish(status, error))
 
     async def _finish(self, status: str, error: str | None) -> None:
         await self._release(clean=status == COMPLETE)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import Receive
 
@@ -49,6 +50,18 @@ async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
         return False
     task.result()  # raises what the work raised
     return True
+
+
+# Clean-ups that run after the client left, when the request's own task is cancelled
+# (and with it every await in a `finally`); kept here so the loop does not drop them.
+_detached: set[asyncio.Task[None]] = set()
+
+
+def run_detached(work: Coroutine[Any, Any, None]) -> None:
+    """Finish `work` outside the current (possibly cancelled) task."""
+    task = asyncio.get_running_loop().create_task(work)
+    _detached.add(task)
+    task.add_done_callback(_detached.discard)
 
 
 class FirstChunkTimeout(Exception):

@@ -10,7 +10,6 @@ awaits in a cancelled generator's `finally` are cancelled too.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -20,10 +19,10 @@ from typing import Any
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.ranges import Layout
+from exporter.streaming import run_detached
 
 log = logging.getLogger(__name__)
 
-_cleanups: set[asyncio.Task[None]] = set()
 
 
 class FileChanged(Exception):
@@ -72,9 +71,7 @@ class FileBody:
             # By bytes, not by exception: a finished body may still see CancelledError.
             if status is None:
                 status = COMPLETE if d.bytes == self._layout.length else ABORTED
-            task = asyncio.get_running_loop().create_task(self._finish(status, error))
-            _cleanups.add(task)
-            task.add_done_callback(_cleanups.discard)
+            run_detached(self._finish(status, error))
 
     async def _finish(self, status: str, error: str | None) -> None:
         try:
