@@ -20,7 +20,7 @@ from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.db import create_engine
-from exporter.errors import ApiError
+from exporter.errors import DRIVER_ERRORS, ApiError, database_error
 from exporter.routes import datasets, downloads, files, health, links, tokens
 from exporter.state import State
 
@@ -90,6 +90,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         parameter = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         body = ApiError(400, str(first.get("msg", "invalid request")), parameter=parameter).body()
         return JSONResponse(body, status_code=400)
+
+    # Wherever a route meets the database failing, the answer says so (never a 500).
+    # Plain OSErrors are left out: a file that cannot be read is not the database's fault.
+    for kind in (*DRIVER_ERRORS, ConnectionError):
+        @app.exception_handler(kind)
+        async def database_failed(request: Request, error: Exception) -> JSONResponse:
+            log.warning("%s %s: database error: %s", request.method, request.url.path, error)
+            return database_error(error).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import asyncpg
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 
 
 class ApiError(Exception):
@@ -43,3 +46,33 @@ def bad_parameter(parameter: str, message: str) -> ApiError:
 def unavailable(error: BaseException) -> ApiError:
     return ApiError(503, f"the database is unavailable: {type(error).__name__}: {error}",
                     headers={"Retry-After": "5"})
+
+
+# What SQLAlchemy and asyncpg raise when the database is down, slow or refuses a query;
+# with OSError and timeouts, what reaching it can raise.
+DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, sa_exc.DBAPIError,
+                 sa_exc.TimeoutError)
+DATABASE_ERRORS = (*DRIVER_ERRORS, OSError, asyncio.TimeoutError)
+
+
+def _driver_error(error: BaseException) -> BaseException:
+    """The asyncpg error under SQLAlchemy's wrappers, if there is one."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, asyncpg.PostgresError | asyncpg.InterfaceError):
+            break
+        orig: BaseException | None = getattr(seen, "orig", None)
+        seen = seen.__cause__ or orig
+    return error if seen is None else seen
+
+
+def database_error(error: BaseException) -> ApiError:
+    """504 for a query the database cancelled, 502 for one it refused, else 503."""
+    error = _driver_error(error)
+    if isinstance(error, asyncpg.QueryCanceledError):
+        return ApiError(504, f"the query was cancelled by the database: {error}")
+    if isinstance(error, asyncpg.PostgresError) and not isinstance(
+        error, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError
+    ):
+        return ApiError(502, f"the database could not run the query: {error}")
+    return unavailable(error)

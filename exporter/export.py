@@ -8,8 +8,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -17,7 +15,7 @@ from exporter import sql
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.config import Settings
 from exporter.db import driver_connection
-from exporter.errors import ApiError, unavailable
+from exporter.errors import DATABASE_ERRORS, ApiError, database_error, unavailable
 from exporter.query import ExportQuery
 from exporter.renderers import Renderer
 from exporter.streaming import CopyStream, FirstChunkTimeout, Output, run_detached
@@ -26,32 +24,6 @@ log = logging.getLogger(__name__)
 
 def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
     return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
-
-
-def _root(error: BaseException) -> BaseException:
-    """The asyncpg error under SQLAlchemy's wrappers, if there is one."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, asyncpg.PostgresError | asyncpg.InterfaceError):
-            break
-        orig: BaseException | None = getattr(seen, "orig", None)
-        seen = seen.__cause__ or orig
-    return error if seen is None else seen
-
-
-def _database_error(error: BaseException) -> ApiError:
-    error = _root(error)
-    if isinstance(error, asyncpg.QueryCanceledError):
-        return ApiError(504, f"the export was cancelled by the database: {error}")
-    if isinstance(error, asyncpg.PostgresError) and not isinstance(
-        error, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError
-    ):
-        return ApiError(502, f"the database could not run the export: {error}")
-    return unavailable(error)
-
-
-_CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                   sa_exc.DBAPIError, sa_exc.TimeoutError, asyncio.TimeoutError)
 
 
 class Export:
@@ -78,7 +50,7 @@ class Export:
     async def open(self) -> None:
         try:
             await self._audit.start(self.download)
-        except _CONNECT_ERRORS as error:
+        except DATABASE_ERRORS as error:
             raise unavailable(error) from error
         try:
             await self._open()
@@ -99,7 +71,7 @@ class Export:
     async def _open(self) -> None:
         try:
             conn = await self._engine.connect()
-        except _CONNECT_ERRORS as error:
+        except DATABASE_ERRORS as error:
             raise unavailable(error) from error
         self._conn = conn
         try:
@@ -113,8 +85,8 @@ class Export:
             self._driver = driver
         except ApiError:
             raise
-        except _CONNECT_ERRORS as error:
-            raise _database_error(error) from error
+        except DATABASE_ERRORS as error:
+            raise database_error(error) from error
 
         select = sql.select_sql(self.query)
         header = self.renderer.header(select)
@@ -138,8 +110,8 @@ class Export:
             raise ApiError(
                 504, f"the export produced no data within {s.statement_timeout:g} s"
             ) from None
-        except _CONNECT_ERRORS as error:
-            raise _database_error(error) from error
+        except DATABASE_ERRORS as error:
+            raise database_error(error) from error
 
     async def body(self) -> AsyncIterator[bytes]:
         """The response body. Raises on a failure mid-stream, so the response is cut short."""

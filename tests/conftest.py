@@ -32,6 +32,16 @@ LARGE_FILE_SIZE = 256 * 1024 * 1024
 SECRET = b"TOP-SECRET-outside-the-root-4f1c"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary files under this checkout's var/: runs from other checkouts then never
+    prune each other's folders (and databases) from the shared /tmp/pytest-of-USER."""
+    if not config.option.basetemp:
+        base = config.rootpath / "var" / "pytest"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        config.option.basetemp = str(base)
+
+
 @pytest.fixture(scope="session")
 def server_url_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A URL of a PostgreSQL server where the tests may create a database."""
