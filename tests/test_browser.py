@@ -128,6 +128,7 @@ def test_filter_builder_writes_the_query(make_server: type[Server], context: Bro
                                          database_url: str) -> None:
     server = make_server(CLOSED).start()
     token = new_token(database_url, unique("builder"), "datasets:orders")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page = context.new_page()
     page.goto(server.url + "/")
     sign_in(page, token)
@@ -151,6 +152,11 @@ def test_filter_builder_writes_the_query(make_server: type[Server], context: Bro
     card.locator(".order-col").select_option("id")
     card.locator(".order-dir").select_option("desc")
     card.locator(".limit").fill("25")
+
+    page.screenshot(path=SCREENSHOTS / "builder-desktop.png", full_page=True)
+    page.set_viewport_size(PHONE)
+    page.screenshot(path=SCREENSHOTS / "builder-phone.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
 
     query = "id=lt.500&paid=is.true&select=id,paid&order=id.desc&limit=25"
     url = f"{server.url}/datasets/orders.csv?{query}"
