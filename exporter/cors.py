@@ -2,7 +2,8 @@
 
 Tokens travel in the Authorization header, never in cookies, so credentials mode stays
 off. The middleware sits outside the routes' exception handlers, so 401, 403 and 429
-answers carry the headers too and a web app can read why it was refused.
+answers carry the headers too and a web app can read why it was refused. (An unexpected
+500 is answered by Starlette's outermost error middleware, without them.)
 """
 
 from __future__ import annotations
