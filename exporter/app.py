@@ -19,9 +19,10 @@ from exporter.access.tokens import TokenStore
 from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
+from exporter.cors import add_cors
 from exporter.db import create_engine
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
-from exporter.routes import datasets, downloads, files, health, links, tokens
+from exporter.routes import datasets, downloads, files, health, links, page, tokens
 from exporter.state import State
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redact_secrets_in_access_log()
     app = FastAPI(title="exporter", version=__version__, lifespan=lifespan)
     app.add_middleware(DownloadLimits, bytes_per_second=lambda: settings.max_bytes_per_second)
+    # Outermost, so that preflights never take a download slot and every answer of the
+    # routes, errors included, gets its CORS headers.
+    add_cors(app, settings.cors_origins)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -106,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(body, status_code=500)
 
     app.include_router(health.router)
+    app.include_router(page.router)
     app.include_router(datasets.router)
     app.include_router(links.router)
     app.include_router(downloads.router)

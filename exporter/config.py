@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # Bytes per second per download; 0 means no cap.
     max_bytes_per_second: int = Field(default=0, ge=0)
 
+    # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
+    # exports and files with a token; other origins get no CORS headers.
+    cors_origins: list[str] = []
+
     @property
     def embedded(self) -> bool:
         return self.database_url is None

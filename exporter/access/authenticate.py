@@ -15,6 +15,11 @@ from exporter.access.principal import ADMIN, CHALLENGES, LINK, Principal, anonym
 from exporter.errors import ApiError
 from exporter.state import State, get_state
 
+COOKIE = "exporter_token"
+# The cookie is the server's own page's credential. It counts for reads only: a form on
+# another site could otherwise make a signed-in browser create links or revoke tokens.
+COOKIE_METHODS = frozenset({"GET", "HEAD"})
+
 
 def _bad_credentials(reason: str) -> ApiError:
     return ApiError(401, reason, headers=CHALLENGES)
@@ -37,7 +42,13 @@ def _credential(header: str) -> str:
     raise _bad_credentials("use Authorization: Bearer TOKEN, or Basic with the token as password")
 
 
-async def authenticate(request: Request, st: State) -> Principal:
+async def authenticate(request: Request, st: State, *, page: bool = False) -> Principal:
+    """Authorization header, else a signed link, else the `exporter_token` cookie (GET and
+    HEAD only), else the anonymous client.
+
+    A bad cookie gets 401 like a bad header, except on the page (`page=True`), which
+    then shows the caller as signed out and offers the sign-in form again.
+    """
     header = request.headers.get("authorization")
     if header is not None:
         principal = await st.tokens.principal(_credential(header))
@@ -49,6 +60,14 @@ async def authenticate(request: Request, st: State) -> Principal:
         rest, link = split_query(query)
         if SIGNATURE in link:
             return await _link_principal(request, st, rest, link)
+    cookie = request.cookies.get(COOKIE) if request.method in COOKIE_METHODS else None
+    if cookie:
+        principal = await st.tokens.principal(cookie)
+        if principal is not None:
+            return principal
+        if not page:
+            raise _bad_credentials("the exporter_token cookie holds an unknown, revoked or"
+                                   " expired token: sign in again")
     client = request.client.host if request.client else "unknown"
     s = st.settings
     return anonymous(client, s.public_datasets, s.public_files)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -14,6 +13,7 @@ from exporter.access.authenticate import authenticate
 from exporter.access.links import SIGNATURE
 from exporter.access.principal import ANONYMOUS, Principal
 from exporter.audit import Download
+from exporter.browse import export_urls, visible_datasets
 from exporter.catalog import Catalog, Dataset
 from exporter.errors import ApiError
 from exporter.export import Export, filename
@@ -26,20 +26,12 @@ from exporter.streaming import unless_disconnected
 router = APIRouter()
 
 
-def export_urls(request: Request, dataset: Dataset) -> dict[str, str]:
-    base = str(request.base_url).rstrip("/")
-    return {
-        r.name: f"{base}/datasets/{quote(dataset.name)}.{r.extension}"
-        for r in renderers.all_renderers()
-    }
-
-
 @router.get("/datasets")
 async def list_datasets(request: Request) -> JSONResponse:
     st = get_state(request)
     principal = await authenticate(request, st)
     catalog = st.catalog
-    visible = [ds for ds in await catalog.all() if principal.may_read_dataset(ds.name)]
+    visible = await visible_datasets(catalog, principal)
     if not visible and principal.kind == ANONYMOUS:
         raise principal.denied()
     items: list[dict[str, Any]] = []
@@ -52,7 +44,7 @@ async def list_datasets(request: Request) -> JSONResponse:
                 {"name": c.name, "type": c.type, "nullable": c.nullable}
                 for c in ds.columns.values()
             ],
-            "exports": export_urls(request, ds),
+            "exports": export_urls(str(request.base_url), ds),
         })
     return JSONResponse({"schema": catalog.schema, "datasets": items})
 

@@ -8,11 +8,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from exporter.access.authenticate import authenticate
-from exporter.access.principal import Principal
+from exporter.browse import folder_listing, open_path
 from exporter.errors import bad_parameter
-from exporter.files.digests import DigestStore
-from exporter.files.listing import listing
-from exporter.files.paths import FilesRoot, Target, bad_path
+from exporter.files.paths import bad_path
 from exporter.files.response import serve_file
 from exporter.state import get_state
 
@@ -41,29 +39,16 @@ async def files(request: Request, path: str) -> Response:
         # The route's pattern stops at a newline (`$` matches before one): never a shortcut.
         raise bad_path("control characters")
     principal = await authenticate(request, st)
-    # The path as asked, before it is looked up, so a refusal does not tell whether it
-    # exists; then the path as resolved, since a link inside the root may lead elsewhere.
-    if not (principal.may_read_file(path) or principal.may_list_folder(path)):
-        raise principal.denied()
-    root = FilesRoot(st.settings.files_root, serve_hidden=st.settings.serve_hidden)
-    target = root.resolve(path)
-    if not _may_see(principal, root, target):
-        raise principal.denied()
+    root, target = open_path(st, principal, path)
     if target.is_dir and not target.wants_folder:
         # As nginx does: relative links in the listing need the trailing slash.
         return RedirectResponse(f"/files/{quote(target.relative)}/", status_code=301)
     if target.is_dir:
         limit = _int(request, "limit", 1000, 1, MAX_LIMIT)
         offset = _int(request, "offset", 0, 0, 2**62)
-        base = str(request.base_url).rstrip("/")
-        body = await listing(root, target, base, limit, offset, DigestStore(st.engine),
-                             lambda t: _may_see(principal, root, t))
+        body = await folder_listing(st, principal, root, target, str(request.base_url),
+                                    limit, offset)
         return JSONResponse(body, headers={"Cache-Control": "no-cache"})
     if request.method == "GET":
         st.limiter.acquire(request.scope, principal.limit_key)
     return await serve_file(request, st, target, principal)
-
-
-def _may_see(principal: Principal, root: FilesRoot, target: Target) -> bool:
-    real = root.relative_real(target)
-    return principal.may_list_folder(real) if target.is_dir else principal.may_read_file(real)

@@ -1,0 +1,130 @@
+"""GET /: the HTML page of what the caller may download; POST /session signs in with a
+token kept in an HttpOnly cookie, POST /session/end signs out."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from exporter import renderers
+from exporter.access.authenticate import COOKIE, authenticate
+from exporter.access.principal import ANONYMOUS, Principal
+from exporter.browse import export_urls, folder_listing, open_path, visible_datasets
+from exporter.catalog import Dataset
+from exporter.errors import ApiError
+from exporter.files.paths import not_found
+from exporter.state import State, get_state
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(env=Environment(
+    loader=PackageLoader("exporter", "templates"), autoescape=select_autoescape(),
+))
+
+# The filter builder offers these; `not.` and the rest of the grammar stay for hand-made URLs.
+OPERATORS = ["eq", "neq", "gt", "gte", "lt", "lte", "like", "ilike", "in", "is"]
+FOLDER_ENTRIES = 1000
+FORM_BYTES = 4096
+
+
+@router.get("/")
+async def page(request: Request, path: str = "") -> Response:
+    st = get_state(request)
+    principal = await authenticate(request, st, page=True)
+    base_url = str(request.base_url)
+    datasets = [_dataset(base_url, ds) for ds in await visible_datasets(st.catalog, principal)]
+    folder, folder_error = await _folder(st, principal, path, base_url)
+    context = {
+        "principal": principal,
+        "signed_in": principal.kind != ANONYMOUS,
+        "cookie_rejected": COOKIE in request.cookies and principal.kind == ANONYMOUS,
+        "sign_in_failed": request.query_params.get("signin") == "failed",
+        "datasets": datasets,
+        "folder": folder,
+        "folder_error": folder_error,
+        "crumbs": _crumbs(folder["path"]) if folder else [],
+        "operators": OPERATORS,
+        "formats": [r.name for r in renderers.all_renderers()],
+    }
+    response = templates.TemplateResponse(request, "page.html", context)
+    # What the page shows depends on the cookie: no shared cache may keep it.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
+
+
+def _dataset(base_url: str, ds: Dataset) -> dict[str, Any]:
+    return {
+        "name": ds.name,
+        "kind": ds.kind,
+        "estimated_rows": ds.estimated_rows,
+        "columns": [{"name": c.name, "type": c.type} for c in ds.columns.values()],
+        "urls": export_urls(base_url, ds),
+    }
+
+
+async def _folder(st: State, principal: Principal, path: str,
+                  base_url: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The listing of `path` (a folder under the files root), or why there is none."""
+    path = path.strip("/") + "/" if path.strip("/") else ""
+    if not principal.may_list_folder(path) and not path:
+        return None, None  # no files for this caller: the page has no files section
+    try:
+        root, target = open_path(st, principal, path)
+        if not target.is_dir:
+            raise not_found(path)
+        return await folder_listing(st, principal, root, target, base_url,
+                                    FOLDER_ENTRIES, 0), None
+    except ApiError as error:
+        return None, error.message
+
+
+def _crumbs(path: str) -> list[tuple[str, str]]:
+    """(name, folder path) from the root down to `path`."""
+    names = [n for n in path.split("/") if n]
+    return [(name, "/".join(names[:i + 1]) + "/") for i, name in enumerate(names)]
+
+
+@router.post("/session")
+async def sign_in(request: Request) -> Response:
+    _same_origin(request)
+    token = (await _form(request)).get("token", "").strip()
+    if not token or await get_state(request).tokens.principal(token) is None:
+        return RedirectResponse("/?signin=failed", status_code=303)
+    response = RedirectResponse("/", status_code=303)
+    # Strict is enough: clicks on the page's own links are same-site navigations.
+    response.set_cookie(COOKIE, token, path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/session/end")
+async def sign_out(request: Request) -> Response:
+    _same_origin(request)
+    response = RedirectResponse("/", status_code=303)
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")
+    return response
+
+
+def _same_origin(request: Request) -> None:
+    """Browsers send Origin with every form POST: one from another site is refused, so
+    it cannot sign a visitor in with a token of its choosing."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != str(request.base_url).rstrip("/"):
+        raise ApiError(403, "sign in and out from this server's own page")
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """A small urlencoded form (Starlette's own parser would need python-multipart)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FORM_BYTES:
+            raise ApiError(413, f"the form is larger than {FORM_BYTES} bytes")
+    return dict(parse_qsl(body.decode("utf-8", "replace")))
