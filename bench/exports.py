@@ -202,7 +202,8 @@ def memory_section(plan: Plan, url: str, log: Log) -> Section:
     peaks: dict[str, list[int]] = {name: [] for name, _ in cases}
     idle: list[int] = []
     sizes: dict[str, int] = {}
-    for rep in range(2):
+    rounds = 1 if plan.quick else 2  # each is two server starts
+    for rep in range(rounds):
         for name, target in cases:
             with exporter_service(plan, url, f"memory-{rep}") as server:
                 server.start("/healthz")
@@ -221,7 +222,7 @@ def memory_section(plan: Plan, url: str, log: Log) -> Section:
         f"The large export reads `exports.{GENERATED_VIEW}`, a view over "
         f"`generate_series` with {plan.generated_rows:,} rows (loading a table that big would "
         "take minutes and gigabytes of disk, and the server cannot tell the difference); the "
-        f"small one is the same view with `?limit={plan.small_rows}`. Two rounds, median. "
+        f"small one is the same view with `?limit={plan.small_rows}`. {rounds} round(s), median. "
         "Target: within 10%.",
         "",
         "| export | body | server peak RSS |",

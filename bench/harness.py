@@ -267,7 +267,7 @@ class Result:
 
 
 def interleaved(contenders: Sequence[Contender], repetitions: int,
-                log: Callable[[str], None] = print) -> list[Result]:
+                log: Callable[[str], None] = print, warmup: bool = True) -> list[Result]:
     """Each contender `repetitions` times, the order rotated each round, so that a slow
     minute on a shared machine is spread over all of them instead of hitting one."""
     results = [Result(c) for c in contenders]
@@ -275,7 +275,7 @@ def interleaved(contenders: Sequence[Contender], repetitions: int,
     # One untimed round first: the first request of a fresh server imports and connects,
     # and the first read of a table may come from disk. Not for the slow ones (max_runs).
     for c in contenders:
-        if c.max_runs is None:
+        if warmup and c.max_runs is None:
             c.run()
     for rep in range(repetitions):
         for i in range(n):
@@ -415,14 +415,14 @@ class Plan:
     range_size: int
 
     @classmethod
-    def make(cls, quick: bool, out: Path | None = None) -> Plan:
+    def make(cls, quick: bool, out: Path | None = None, work: Path | None = None) -> Plan:
         if quick:
-            return cls(quick=True, work=ROOT / "var" / "bench-quick",
+            return cls(quick=True, work=work or ROOT / "var" / "bench-quick",
                        out=out or ROOT / "var" / "bench-quick", repetitions=2,
                        demo_rows=20_000, generated_rows=200_000, small_rows=10_000,
                        concurrent_exports=4, slow_client_seconds=3, file_size=32 * MiB,
                        range_clients=20, range_size=1 * MiB)
-        return cls(quick=False, work=ROOT / "var" / "bench", out=out or ROOT / "docs",
+        return cls(quick=False, work=work or ROOT / "var" / "bench", out=out or ROOT / "docs",
                    repetitions=5, demo_rows=2_000_000, generated_rows=10_000_000,
                    small_rows=10_000, concurrent_exports=20, slow_client_seconds=60,
                    file_size=2 * 1024 * MiB, range_clients=100, range_size=10 * MiB)

@@ -48,10 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small data, 2 rounds, output under var/bench-quick/")
     parser.add_argument("--out", type=Path, help="folder for benchmarks.md and the charts")
+    parser.add_argument("--work", type=Path,
+                        help="folder for the data kept between runs (database, big file); "
+                        "default var/bench/ or var/bench-quick/")
     parser.add_argument("--only", choices=["exports", "files", "startup"], action="append",
                         help="run only these benchmarks (repeatable)")
     args = parser.parse_args(argv)
-    plan = Plan.make(args.quick, args.out)
+    plan = Plan.make(args.quick, args.out, args.work)
     only = set(args.only or ["exports", "files", "startup"])
     command = "./scripts/bench" + (" --quick" if plan.quick else "")
     started = time.monotonic()

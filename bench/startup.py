@@ -75,7 +75,8 @@ def run(plan: Plan, url: str, first_byte: list[str], log: Log) -> list[Section]:
             "exporter serve  # empty EXPORTER_DATA_DIR", lambda: from_nothing(plan),
             max_runs=2))
     log("startup: time to the first answered request")
-    results = interleaved(contenders, plan.repetitions, log)
+    # No warm-up round: every run is a new process anyway, and a start is what we measure.
+    results = interleaved(contenders, plan.repetitions, log, warmup=False)
     section = Section("Start-up and latency")
     section.add(
         f"From spawning `exporter serve` to the first answered `GET {READY_PATH}` (polled "

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,17 @@ EXPECTED_CHARTS = ["exports", "slow-client", "files-single", "files-concurrent",
                     reason="nginx is not installed (scripts/bench installs it)")
 def test_quick_benchmark_writes_tables_and_charts(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
-    )
+    # Its own database and file, away from a manual run's var/bench-quick/; a short path,
+    # because PostgreSQL's unix socket lives in it.
+    work = Path(tempfile.mkdtemp(prefix="bq-"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path),
+             "--work", str(work)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "benchmarks.md").read_text()
     for heading in EXPECTED_SECTIONS:
