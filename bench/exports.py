@@ -29,6 +29,7 @@ from bench.harness import (
     free_port,
     interleaved,
     line_chart,
+    ratio,
     results_table,
     timed,
     tree_rss,
@@ -175,22 +176,40 @@ def throughput_section(plan: Plan, url: str, server: Service, naive: Service,
         "",
     )
     bar_chart(plan.chart("exports"), f"Exports, {plan.demo_rows:,} rows", results)
+    csv, psql = by_name["exporter CSV"], by_name["psql CSV"]
+    nd = by_name["exporter NDJSON"]
+    naive = by_name["naive SQLAlchemy + csv"]
+    filtered = by_name["exporter filtered+ordered"]
+    section.headline += [
+        f"Exports of {plan.demo_rows:,} rows ({sizes['csv'] / MB:,.0f} MB of CSV): CSV at "
+        f"**{ratio(csv, psql):.2f}×** psql `\\copy`'s throughput ({csv.throughput():,.0f} "
+        f"against {psql.throughput():,.0f} MB/s), NDJSON at "
+        f"**{ratio(nd, refs['exporter NDJSON']):.2f}×** psql of `row_to_json`, a filtered "
+        f"and ordered export at {ratio(filtered, refs[filtered.contender.name]):.2f}×. "
+        f"A tutorial-style SQLAlchemy + `csv` endpoint runs at {ratio(naive, psql):.2f}× psql: "
+        f"exporter is **{naive.median_seconds / csv.median_seconds:.0f}× faster** than it.",
+    ]
     return section, results
 
 
-def first_byte_lines(plan: Plan, server: Service, results: list[Result], log: Log) -> list[str]:
-    """Time to the first byte of the whole-table export against a 10-row one: it should
-    be the same few milliseconds, whatever the size of the table."""
-    full = next(r for r in results if r.contender.name == "exporter CSV")
-    small = [curl(server.url + "/datasets/orders.csv?limit=10").first_byte
-             for _ in range(max(plan.repetitions, 3))]
-    log(f"first byte: full table {full.first_byte}, 10 rows {statistics.median(small)}")
-    assert full.first_byte is not None
+def first_byte(plan: Plan, server: Service, results: list[Result], log: Log
+               ) -> tuple[float, float]:
+    """Time to the first byte of the whole-table export (from its timed runs) and of a
+    10-row one: they should be the same few milliseconds, whatever the table's size."""
+    full = next(r for r in results if r.contender.name == "exporter CSV").first_byte
+    assert full is not None
+    small = statistics.median(curl(server.url + "/datasets/orders.csv?limit=10").first_byte
+                              for _ in range(max(plan.repetitions, 3)))
+    log(f"first byte: whole table {full * 1000:.1f} ms, 10 rows {small * 1000:.1f} ms")
+    return full, small
+
+
+def first_byte_lines(plan: Plan, full: float, small: float) -> list[str]:
     return [
         "| export | time to first byte (median, curl's `time_starttransfer`) |",
         "|---|---|",
-        f"| `/datasets/orders.csv` ({plan.demo_rows:,} rows) | {fmt_seconds(full.first_byte)} |",
-        f"| `/datasets/orders.csv?limit=10` | {fmt_seconds(statistics.median(small))} |",
+        f"| `/datasets/orders.csv` ({plan.demo_rows:,} rows) | {fmt_seconds(full)} |",
+        f"| `/datasets/orders.csv?limit=10` | {fmt_seconds(small)} |",
     ]
 
 
@@ -215,7 +234,7 @@ def memory_section(plan: Plan, url: str, log: Log) -> Section:
                 log(f"  memory {name}: {r.bytes / MB:.0f} MB in {r.seconds:.1f} s, "
                     f"peak RSS {peaks[name][-1] / 2**20:.1f} MiB")
     small, large = (statistics.median(peaks[name]) for name, _ in cases)
-    ratio = large / small
+    growth = large / small
     section = Section("Exports: server memory against export size")
     section.add(
         f"A fresh `exporter serve` per export; its peak RSS (VmHWM) after the download. "
@@ -231,8 +250,13 @@ def memory_section(plan: Plan, url: str, log: Log) -> Section:
         *(f"| {name} | {sizes[name] / MB:,.0f} MB | "
           f"{fmt_bytes(int(statistics.median(peaks[name])))} |" for name, _ in cases),
         "",
-        f"Large over small: **{ratio:.3f}** ({'within' if ratio <= 1.10 else 'NOT within'} 10%).",
+        f"Large over small: **{growth:.3f}** ({'within' if growth <= 1.10 else 'NOT within'} "
+        "10%).",
     )
+    section.headline.append(
+        f"Server peak RSS for {plan.generated_rows:,} rows: "
+        f"{fmt_bytes(int(large))}, against {fmt_bytes(int(small))} for {plan.small_rows:,} rows "
+        f"(**{growth:.3f}×**).")
     return section
 
 
@@ -265,6 +289,10 @@ def concurrent_section(plan: Plan, server: Service, expect: int, log: Log) -> Se
         f"{total / seconds / MB:,.0f} MB/s | {fmt_bytes(baseline)} | {fmt_bytes(rss.peak)} | "
         f"{fmt_bytes(bound)} ({'met' if rss.peak <= bound else 'NOT met'}) |",
     )
+    section.headline.append(
+        f"{n} concurrent whole-table exports: {complete}/{n} complete, "
+        f"{total / seconds / MB:,.0f} MB/s in all, server peak RSS {fmt_bytes(rss.peak)} "
+        f"(idle {fmt_bytes(baseline)}; stated bound {fmt_bytes(bound)}).")
     return section
 
 
@@ -356,6 +384,10 @@ def slow_client_section(plan: Plan, url: str, server: Service, log: Log) -> Sect
         "",
         "![slow client](benchmarks/slow-client.png)",
     )
+    section.headline.append(
+        f"A client at 1 MB/s for {seconds:g} s: server RSS {fmt_bytes(min(rss))}–"
+        f"{fmt_bytes(max(rss))}; PostgreSQL at most {fmt_bytes(max(ahead))} ahead of the "
+        f"client, of which {fmt_bytes(max(in_tcp))} in loopback TCP queues.")
     return section
 
 
@@ -366,9 +398,12 @@ def run(plan: Plan, url: str, log: Log) -> tuple[list[Section], list[str]]:
         server.start("/healthz")
         naive.start("/healthz")
         throughput, results = throughput_section(plan, url, server, naive, log)
-        first_byte = first_byte_lines(plan, server, results, log)
+        full, small = first_byte(plan, server, results, log)
+        throughput.headline.append(
+            f"Time to the first byte of the whole-table export: {fmt_seconds(full)} "
+            f"(of a 10-row export: {fmt_seconds(small)}).")
         expect = next(r for r in results if r.contender.name == "exporter CSV").bytes
         concurrent = concurrent_section(plan, server, expect, log)
         slow = slow_client_section(plan, url, server, log)
     memory = memory_section(plan, url, log)
-    return [throughput, memory, concurrent, slow], first_byte
+    return [throughput, memory, concurrent, slow], first_byte_lines(plan, full, small)

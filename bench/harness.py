@@ -312,12 +312,19 @@ class Section:
 
     title: str
     lines: list[str] = field(default_factory=list)
+    # Bullet points this section contributes to the report's Headline (and the README).
+    headline: list[str] = field(default_factory=list)
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
 
     def markdown(self) -> str:
         return "\n".join([f"## {self.title}", "", *self.lines, ""])
+
+
+def ratio(result: Result, reference: Result) -> float:
+    """Throughput relative to the reference, for the same bytes: its time over ours."""
+    return reference.median_seconds / result.median_seconds
 
 
 def results_table(results: Sequence[Result], reference: Result | None = None,

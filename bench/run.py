@@ -16,18 +16,31 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def headline(plan: Plan) -> Section:
+def headline(plan: Plan, sections: list[Section]) -> Section:
+    """The ratios that matter, gathered from every section; the README's Benchmarks
+    section is this text."""
     section = Section("Headline")
     if plan.quick:
         section.add("**Quick run** (`--quick`): small data, two rounds. It checks that the "
                     "harness works; its numbers are not the headline.", "")
+    section.add(*(f"- {line}" for s in sections for line in s.headline), "",
+                f"Measured with `./scripts/bench` side by side in one run ({machine_short()}); "
+                "details, spreads and charts in [docs/benchmarks.md](docs/benchmarks.md).")
     return section
+
+
+def machine_short() -> str:
+    import os
+
+    import psutil
+
+    return f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
 
 
 def write_report(plan: Plan, command: str, sections: list[Section], seconds: float) -> Path:
     plan.out.mkdir(parents=True, exist_ok=True)
     path = plan.out / "benchmarks.md"
-    kind = "quick run (small data, not the headline)" if plan.quick else "full run"
+    kind = "a quick run: small data, not the headline" if plan.quick else "the full run"
     text = "\n".join([
         "# Benchmarks",
         "",
@@ -59,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "./scripts/bench" + (" --quick" if plan.quick else "")
     started = time.monotonic()
     log(f"machine: {machine()}")
-    sections: list[Section] = [headline(plan)]
+    sections: list[Section] = []
     first_byte: list[str] = []
     with database(plan, log) as url:
         if "exports" in only:
@@ -69,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             sections += files.run(plan, url, log)
         if "startup" in only:
             sections += startup.run(plan, url, first_byte, log)
+    sections.insert(0, headline(plan, sections))
     path = write_report(plan, command, sections, time.monotonic() - started)
     log(f"wrote {path}")
 

@@ -88,6 +88,15 @@ def run(plan: Plan, url: str, first_byte: list[str], log: Log) -> list[Section]:
     if plan.quick:
         section.add("The start from nothing is skipped in `--quick`: it loads the 1,000,000 "
                     "demo rows of a first start.", "")
+    by_name = {r.contender.name: r for r in results}
+    url_start = results[0]
+    embedded = by_name["embedded PostgreSQL, already initialised"]
+    section.headline.append(
+        f"Start-up to the first answer: {fmt_seconds(url_start.median_seconds)} with "
+        f"PostgreSQL running, {fmt_seconds(embedded.median_seconds)} with the embedded one "
+        "already initialised" + "".join(
+            f", {fmt_seconds(r.median_seconds)} from nothing (initdb and 1,000,000 demo rows)"
+            for r in results[2:]) + ".")
     if first_byte:
         section.add("Time to the first byte of an export, measured during the export runs "
                     "above: it does not grow with the table.", "", *first_byte, "")
