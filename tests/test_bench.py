@@ -1,0 +1,60 @@
+"""The benchmark harness works: `python -m bench --quick` writes its tables and charts.
+
+It checks the harness, not the numbers (timed assertions would fail on a busy machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+EXPECTED_SECTIONS = [
+    "## Headline",
+    "## Exports: 20,000 rows of `exports.orders`",
+    "## Exports: server memory against export size",
+    "## Exports: 4 concurrent downloads of the whole table",
+    "## Exports: a slow client",
+    "## Files: one 32 MiB download",
+    "## Files: 20 concurrent range clients",
+    "## Files: `wget -c` resume of the last half",
+    "## Start-up and latency",
+]
+EXPECTED_CHARTS = ["exports", "slow-client", "files-single", "files-concurrent", "files-resume"]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                    reason="nginx is not installed (scripts/bench installs it)")
+def test_quick_benchmark_writes_tables_and_charts(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    # Its own database and file, away from a manual run's var/bench-quick/; a short path,
+    # because PostgreSQL's unix socket lives in it.
+    work = Path(tempfile.mkdtemp(prefix="bq-"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path),
+             "--work", str(work)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    for heading in EXPECTED_SECTIONS:
+        assert heading in report, heading
+    assert "quick run" in report
+    assert "cores" in report and "GiB memory" in report
+    for row in ["| psql CSV |", "| exporter CSV |", "| exporter NDJSON |",
+                "| exporter filtered+ordered |", "| naive SQLAlchemy + csv |",
+                "| nginx (sendfile) |", "| Starlette FileResponse |"]:
+        assert row in report, row
+    for chart in EXPECTED_CHARTS:
+        png = tmp_path / "benchmarks" / f"{chart}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
