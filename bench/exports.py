@@ -54,7 +54,8 @@ def exporter_service(plan: Plan, url: str, name: str, env: dict[str, str] | None
     return Service(
         name, [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port),
                "--no-access-log", "--log-level", "warning"],
-        plan.logs / f"{name}.log", env={"EXPORTER_DATABASE_URL": url, **OPEN_ACCESS, **(env or {})}, port=port,
+        plan.logs / f"{name}.log",
+        env={"EXPORTER_DATABASE_URL": url, **OPEN_ACCESS, **(env or {})}, port=port,
     )
 
 
