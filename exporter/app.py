@@ -22,6 +22,7 @@ from exporter.config import Settings
 from exporter.cors import add_cors
 from exporter.db import create_engine
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
+from exporter.files.stream import ReadBudget
 from exporter.routes import datasets, downloads, files, health, links, page, tokens
 from exporter.state import State
 
@@ -68,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, engine, catalog, Audit(engine), TokenStore(engine),
             LinkKeys(engine, settings.link_secret),
             Limiter(settings.max_downloads_per_principal),
+            ReadBudget(settings.file_read_budget, settings.file_chunk_size,
+                       settings.file_chunk_size_max),
         )
         yield
         await engine.dispose()

@@ -13,6 +13,7 @@ from exporter.access.tokens import TokenStore
 from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
+from exporter.files.stream import ReadBudget
 
 
 @dataclass
@@ -24,6 +25,7 @@ class State:
     tokens: TokenStore
     links: LinkKeys
     limiter: Limiter
+    read_budget: ReadBudget
 
 
 def get_state(request: Request) -> State:

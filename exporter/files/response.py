@@ -127,6 +127,6 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
     except Exception as error:
         raise unavailable(error) from error
 
-    body = FileBody(f, key, layout, settings.file_chunk_size, download, st.audit, digests,
+    body = FileBody(f, key, layout, st.read_budget, download, st.audit, digests,
                     digest_known=sha256 is not None)
     return StreamingResponse(body, status_code=layout.status, headers=headers)
