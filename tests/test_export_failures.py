@@ -69,7 +69,6 @@ def test_client_leaving_cancels_the_query_and_frees_the_connection(
                     received += len(chunk)
                     if received > 200_000:
                         break
-            assert wait_until(lambda: active_copies(database_url) == [], 0.5) or True
         else:
             with pytest.raises(httpx.ReadTimeout):
                 httpx.get(server.url + "/datasets/sleepy.csv", timeout=0.3)
@@ -156,7 +155,6 @@ def test_database_unreachable_gives_503(make_server: type[Server], tmp_path: Pat
 
 
 def test_server_starts_without_a_database_and_answers_503(make_server: type[Server]) -> None:
-    port = Server.__init__.__defaults__  # noqa: F841 - keep linters calm about the lambda
     bad_url = "postgresql://postgres@127.0.0.1:9/nothing"
     command = [sys.executable, "-m", "uvicorn", "--factory", "exporter.app:create_app",
                "--host", "127.0.0.1"]

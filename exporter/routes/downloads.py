@@ -8,7 +8,7 @@ from exporter import renderers, sql
 from exporter.access.authenticate import require_admin
 from exporter.catalog import Catalog, Dataset
 from exporter.errors import ApiError, unavailable
-from exporter.query import parse
+from exporter.query import Order, parse
 from exporter.routes.datasets import export_response
 from exporter.state import State
 from exporter.tables import APP_SCHEMA, downloads
@@ -34,7 +34,7 @@ async def list_downloads(request: Request) -> Response:
     st, _ = await require_admin(request)
     query = parse(await _audit_dataset(st), request.query_params.multi_items())
     if not query.order:
-        query = parse(query.dataset, [*request.query_params.multi_items(), ("order", "id.desc")])
+        query.order = [Order(query.dataset.columns["id"], descending=True)]
     if query.limit is None:
         query.limit = DEFAULT_JSON_LIMIT
     async with st.engine.connect() as conn:
