@@ -2,6 +2,11 @@
 
     select=a,b  order=a.desc,b.asc.nullslast  limit=10  offset=20
     column=op.value   with op in eq neq gt gte lt lte like ilike in is, and not.op
+    "column"=op.value the same, for any column name, also `limit` or `~by`
+
+A parameter name in double quotes is always a column (`""` inside for a quote, as in
+SQL), so no column is out of reach: `select`, `order`, `limit`, `offset` and a signed
+link's `~expires`, `~by`, `~signature` keep their meaning unquoted.
 
 Parsing checks names and grammar against the dataset; values are checked against
 the column types by the database (see sql.py), since only it knows every type.
@@ -12,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from exporter.access.links import LINK_PARAMETERS
 from exporter.catalog import Column, Dataset
-from exporter.errors import bad_parameter
+from exporter.errors import ApiError, bad_parameter
 
 COMPARISONS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 PATTERNS = {"like": "LIKE", "ilike": "ILIKE"}
@@ -21,8 +27,10 @@ IS_VALUES = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "F
              "unknown": "UNKNOWN"}
 OPERATORS = [*COMPARISONS, *PATTERNS, "in", "is"]
 
-# Parameters that are not filters: the query's own, and a signed link's.
-RESERVED = {"select", "order", "limit", "offset", "expires", "by", "signature"}
+# Parameters that are not filters unless quoted: the query's own, and a signed link's
+# (which the route takes out of a link's query before parsing; elsewhere they are a 400).
+QUERY_PARAMETERS = ("select", "order", "limit", "offset")
+RESERVED = {*QUERY_PARAMETERS, *LINK_PARAMETERS}
 MAX_BIGINT = 2**63 - 1
 
 
@@ -59,21 +67,50 @@ def parse(dataset: Dataset, params: Iterable[tuple[str, str]]) -> ExportQuery:
     for name, value in params:
         if "\x00" in name or "\x00" in value:
             raise bad_parameter(name.replace("\x00", ""), "NUL bytes are not allowed")
+        if name.startswith('"'):
+            query.filters.append(_parse_filter(dataset, name, _unquote(name), value))
+            continue
+        if name in LINK_PARAMETERS:
+            raise bad_parameter(name, f"'{name}' belongs to signed links, and this request is"
+                                " not one" + _how_to_filter(dataset, name))
         if name in RESERVED:
             if name in seen:
                 raise bad_parameter(name, f"'{name}' given more than once")
             seen.add(name)
-        if name == "select":
-            query.columns = _parse_select(dataset, value)
-        elif name == "order":
-            query.order = _parse_order(dataset, value)
-        elif name in ("limit", "offset"):
-            setattr(query, name, _parse_count(name, value))
-        elif name in RESERVED:
-            continue
+            try:
+                _parse_reserved(query, name, value)
+            except ApiError as error:
+                error.message += _how_to_filter(dataset, name)
+                raise
         else:
-            query.filters.append(_parse_filter(dataset, name, value))
+            query.filters.append(_parse_filter(dataset, name, name, value))
     return query
+
+
+def _parse_reserved(query: ExportQuery, name: str, value: str) -> None:
+    if name == "select":
+        query.columns = _parse_select(query.dataset, value)
+    elif name == "order":
+        query.order = _parse_order(query.dataset, value)
+    else:
+        setattr(query, name, _parse_count(name, value))
+
+
+def _how_to_filter(dataset: Dataset, name: str) -> str:
+    """For a 400 about a reserved name that is also a column: how to reach the column."""
+    if name not in dataset.columns:
+        return ""
+    return (f"; to filter the column '{name}', put its name in double quotes:"
+            f' "{name}"=eq.VALUE')
+
+
+def _unquote(parameter: str) -> str:
+    """`"name"` as a column name: SQL's quoted identifier, `""` standing for `"`."""
+    inner = parameter[1:-1]
+    if len(parameter) < 3 or not parameter.endswith('"') or '"' in inner.replace('""', ""):
+        raise bad_parameter(parameter, 'a quoted column name is "name", with "" for a quote'
+                            " inside it")
+    return inner.replace('""', '"')
 
 
 def _column(dataset: Dataset, parameter: str, name: str) -> Column:
@@ -118,8 +155,9 @@ def _parse_count(name: str, value: str) -> int:
     return int(value)
 
 
-def _parse_filter(dataset: Dataset, name: str, value: str) -> Filter:
-    column = _column(dataset, name, name)
+def _parse_filter(dataset: Dataset, name: str, column_name: str, value: str) -> Filter:
+    """`name` is the parameter as given, `column_name` the column it names."""
+    column = _column(dataset, name, column_name)
     negated = value.startswith("not.")
     if negated:
         value = value[4:]

@@ -245,12 +245,12 @@ def tampered(link: str, change: str) -> str:
         elif change == "dropped":
             params = [(k, v) for k, v in params if k != "id"]
         elif change == "expires":
-            params = [(k, str(int(v) + 3600) if k == "expires" else v) for k, v in params]
+            params = [(k, str(int(v) + 3600) if k == "~expires" else v) for k, v in params]
         elif change == "by":
-            params = [(k, "boss" if k == "by" else v) for k, v in params]
+            params = [(k, "boss" if k == "~by" else v) for k, v in params]
         elif change == "signature":
-            params = [(k, v[:-2] + ("AA" if v[-2:] != "AA" else "BB") if k == "signature" else v)
-                      for k, v in params]
+            params = [(k, v[:-2] + ("AA" if v[-2:] != "AA" else "BB") if k == "~signature"
+                       else v) for k, v in params]
         elif change == "format":
             path = path.replace(".csv", ".ndjson")
     return urlunsplit(parts._replace(path=path, query=urlencode(params)))
@@ -260,7 +260,7 @@ def test_signed_link_works_without_credentials_and_breaks_when_changed(
     closed: Server, tokens: dict[str, str], tmp_path: Path
 ) -> None:
     link = make_link(closed, tokens["orders-only"], "/datasets/orders.csv?id=lte.10&order=id")
-    assert "signature=" in link and "expires=" in link
+    assert "~signature=" in link and "~expires=" in link
     expected = get(closed, "/datasets/orders.csv?id=lte.10&order=id", tokens["orders-only"])
     assert httpx.get(link).content == expected.content
     done = subprocess.run(["wget", "-q", "-O", "link.csv", link], cwd=tmp_path,
@@ -363,7 +363,7 @@ def test_no_secret_in_logs_or_audit(
     link = make_link(closed, tokens["orders-only"], "/datasets/orders.csv?limit=1")
     assert httpx.get(link).status_code == 200
     assert httpx.get(tampered(link, "extra")).status_code == 403
-    signature = dict(parse_qsl(urlsplit(link).query))["signature"]
+    signature = dict(parse_qsl(urlsplit(link).query))["~signature"]
     audit = fetch(database_url, "SELECT string_agg(d::text, '\n') AS t FROM exporter.downloads d")
     log = closed.log()
     assert "GET /datasets/orders.csv?limit=1" in log  # the access log is on

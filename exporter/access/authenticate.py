@@ -7,10 +7,18 @@ import binascii
 import hashlib
 import hmac
 import time
+from dataclasses import replace
 
 from fastapi import Request
 
-from exporter.access.links import BY, EXPIRES, OPERATOR, SIGNATURE, expiry, signature, split_query
+from exporter.access.links import (
+    OPERATOR,
+    expiry,
+    read_link,
+    signature,
+    split_query,
+    token_identity,
+)
 from exporter.access.principal import ADMIN, CHALLENGES, LINK, Principal, anonymous
 from exporter.errors import ApiError
 from exporter.state import State, get_state
@@ -56,9 +64,9 @@ async def authenticate(request: Request, st: State, *, page: bool = False) -> Pr
             raise _bad_credentials("unknown, revoked or expired token")
         return principal
     query = request.scope.get("query_string", b"").decode("latin-1")
-    if SIGNATURE in query:
+    if "~" in query or "%7" in query:  # ~ as itself or percent-encoded
         rest, link = split_query(query)
-        if SIGNATURE in link:
+        if link:  # even one of the link's parameters: never ignored in silence
             return await _link_principal(request, st, rest, link)
     cookie = request.cookies.get(COOKIE) if request.method in COOKIE_METHODS else None
     if cookie:
@@ -75,28 +83,33 @@ async def authenticate(request: Request, st: State, *, page: bool = False) -> Pr
 
 async def _link_principal(request: Request, st: State, rest: list[tuple[str, str]],
                           link: dict[str, list[str]]) -> Principal:
-    if any(len(link.get(k, [])) != 1 for k in (SIGNATURE, EXPIRES, BY)):
-        raise ApiError(403, "a signed link needs exactly one signature, expires and by")
-    (given,), (expires_text,), (by,) = link[SIGNATURE], link[EXPIRES], link[BY]
-    if not expires_text.isdigit() or len(expires_text) > 12:
-        raise ApiError(403, "invalid signed link")
-    expires = int(expires_text)
-    raw_path = request.scope.get("raw_path") or request.url.path.encode()
-    expected = signature(await st.links.key(), request.method,
-                         raw_path.decode("latin-1"), rest, expires, by)
-    if not hmac.compare_digest(expected.encode(), given.encode()):
-        raise ApiError(403, "invalid signed link")
-    if expires <= time.time():
-        raise ApiError(403, "this signed link has expired")
-    if by == OPERATOR:
-        scopes = frozenset({ADMIN})
+    try:
+        params = read_link(link)
+    except ValueError as error:
+        raise ApiError(403, str(error)) from None
+    if params.by == OPERATOR:
+        maker, identity = None, OPERATOR
     else:
-        maker = await st.tokens.by_name(by)
-        if maker is None:  # revoked or expired since: its links die with it
+        maker = await st.tokens.by_name(params.by)
+        if maker is None or maker.token_id is None:  # revoked or expired since
             raise ApiError(403, "the token that signed this link is no longer valid")
-        scopes = maker.scopes
-    key = "link " + hashlib.sha256(given.encode()).hexdigest()[:16]
-    return Principal(LINK, by, scopes, link_expires=expiry(expires), limit_key=key)
+        identity = token_identity(maker.token_id)
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    expected = signature(await st.links.key(), request.method, raw_path.decode("latin-1"),
+                         rest, params.expires, params.by, identity)
+    if not hmac.compare_digest(expected.encode(), params.signature.encode()):
+        # Also what a link of a token revoked and then replaced under its name gets: it
+        # was signed for the old token's row.
+        raise ApiError(403, "invalid signed link")
+    if params.expires <= time.time():
+        raise ApiError(403, "this signed link has expired")
+    if maker is None:
+        # Operator links are handed to different people one by one: each has its own budget.
+        key = "link " + hashlib.sha256(params.signature.encode()).hexdigest()[:16]
+        return Principal(LINK, OPERATOR, frozenset({ADMIN}), link_expires=expiry(params.expires),
+                         limit_key=key)
+    # A token's links draw on the token's own budget: more links are not more slots.
+    return replace(maker, kind=LINK, link_expires=expiry(params.expires))
 
 
 async def require_admin(request: Request) -> tuple[State, Principal]:

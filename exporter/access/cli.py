@@ -7,16 +7,16 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
-from exporter.access.links import OPERATOR, LinkKeys, sign
+from exporter.access.links import OPERATOR, LinkKeys, sign, split_query
 from exporter.access.tokens import TokenStore
 from exporter.config import Settings
 from exporter.tables import downloads
@@ -42,6 +42,19 @@ def _with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[Any
         return asyncio.run(run())
 
 
+def usage_error(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit status 2, as argparse does; no traceback."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _duration(command: str, text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        usage_error(f"{command}: {error}")
+
+
 def _when(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if moment else "-"
 
@@ -56,10 +69,12 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> None:
+    # Checked before the database starts: a typo costs nothing.
+    expires = _duration("exporter token", args.expires) if getattr(args, "expires", None) else None
+
     async def work(engine: AsyncEngine) -> None:
         store = TokenStore(engine)
         if args.action == "create":
-            expires = parse_duration(args.expires) if args.expires else None
             secret = await store.create(args.name, args.scope, expires)
             print(secret)
             print(f"token {args.name!r} created; it is shown this once", file=sys.stderr)
@@ -76,8 +91,8 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> None:
 
     try:
         _with_engine(settings, work)
-    except ValueError as error:
-        raise SystemExit(f"exporter token: {error}") from None
+    except ValueError as error:  # a bad name or scope, or the name is taken
+        usage_error(f"exporter token: {error}")
 
 
 def cmd_link(args: argparse.Namespace, settings: Settings) -> None:
@@ -88,20 +103,22 @@ def cmd_link(args: argparse.Namespace, settings: Settings) -> None:
         print("link signing key rotated: every link made before no longer works",
               file=sys.stderr)
         return
-    url = urlsplit(args.target)
+    try:
+        url = urlsplit(args.target)
+    except ValueError as error:
+        usage_error(f"exporter link: not a URL: {error}")
     if not url.path.startswith(("/datasets/", "/files/")):
-        raise SystemExit("exporter link: give a URL or path under /datasets/ or /files/")
+        usage_error("exporter link: give a URL or path under /datasets/ or /files/")
+    if split_query(url.query)[1]:
+        usage_error("exporter link: the URL is already signed (or names a ~ parameter of"
+                    " signed links)")
     base = f"{url.scheme}://{url.netloc}" if url.netloc else (
         f"http://{settings.host}:{settings.port}")
-    try:
-        lifetime = parse_duration(args.expires)
-    except ValueError as error:
-        raise SystemExit(f"exporter link: {error}") from None
-    expires_at = datetime.now(UTC) + lifetime
+    expires_at = datetime.now(UTC) + _duration("exporter link", args.expires)
 
     async def work(engine: AsyncEngine) -> str:
         key = await LinkKeys(engine, settings.link_secret).key()
-        return sign(key, url.path, url.query, expires_at, OPERATOR)
+        return sign(key, url.path, url.query, expires_at, OPERATOR, OPERATOR)
 
     print(base + _with_engine(settings, work))
     print(f"valid until {_when(expires_at)}", file=sys.stderr)
@@ -115,7 +132,11 @@ def cmd_downloads(args: argparse.Namespace, settings: Settings) -> None:
         try:
             since = datetime.now(UTC) - parse_duration(args.since)
         except ValueError:
-            since = datetime.fromisoformat(args.since)
+            try:
+                since = datetime.fromisoformat(args.since)
+            except ValueError:
+                usage_error(f"exporter downloads: --since {args.since!r} is neither a duration"
+                            " (1h, 7d) nor an ISO date (2026-11-24, 2026-11-24T10:00Z)")
         query = query.where(d.started_at >= since)
     if args.principal:
         query = query.where(d.principal == args.principal)

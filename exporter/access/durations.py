@@ -6,11 +6,21 @@ import re
 from datetime import timedelta
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"(\d{1,9})([smhdw])")
+# ASCII digits only: `\d` also takes other scripts' digits, and str.isdigit() takes '²',
+# which int() then refuses.
+_DURATION = re.compile(r"([0-9]{1,9})([smhdw])")
+# Far beyond any token or link lifetime, and far from datetime's limits, so that "now +
+# duration" and "now - duration" can never overflow.
+MAX_DURATION = timedelta(days=100 * 365)
 
 
 def parse_duration(text: str) -> timedelta:
+    """`15m` as a timedelta; ValueError (never another error) for anything else."""
+    shown = repr(text if len(text) <= 40 else text[:40] + "...")
     match = _DURATION.fullmatch(text.strip())
     if not match or int(match[1]) == 0:
-        raise ValueError(f"bad duration {text!r}: a whole number and s, m, h, d or w, e.g. 15m")
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+        raise ValueError(f"bad duration {shown}: a whole number and s, m, h, d or w, e.g. 15m")
+    seconds = int(match[1]) * _UNITS[match[2]]
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"duration {shown} is too long: at most {MAX_DURATION.days}d")
+    return timedelta(seconds=seconds)

@@ -1,9 +1,14 @@
 """Signed links: a URL that works without credentials until it expires.
 
-The signature is an HMAC-SHA256 over the method, the path, the rest of the query and
-the expiry and maker, so changing any of them breaks it. Path and query are compared
-in a canonical percent-encoding, so a client that re-encodes a character does not
-break a link, while any change of meaning does.
+The signature is an HMAC-SHA256 over the method, the path, the rest of the query, the
+expiry, the maker's name and the maker's identity (the token's row, never its name
+alone), so changing any of them breaks it, and a token revoked or replaced by another
+of the same name takes its links with it. Path and query are compared in a canonical
+percent-encoding, so a client that re-encodes a character does not break a link, while
+any change of meaning does.
+
+The link's own parameters start with `~`, so that they shadow no dataset column: a
+column literally named `~by` is still reached as the quoted parameter `"~by"`.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -22,12 +29,32 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.tables import secrets as secrets_table
 
-SIGNATURE, EXPIRES, BY = "signature", "expires", "by"
-LINK_PARAMETERS = (SIGNATURE, EXPIRES, BY)
+EXPIRES, BY, SIGNATURE = "~expires", "~by", "~signature"
+LINK_PARAMETERS = (EXPIRES, BY, SIGNATURE)
 # The maker of links made on the server with `exporter link` (not a token name).
 OPERATOR = "@operator"
 _KEY_NAME = "link_signing_key"
 _PATH_SAFE = "/!$&'()*+,;=:@-._~"
+# ASCII digits only ('²'.isdigit() is True, int('²') fails), and a Unix time that
+# datetime can represent.
+_EXPIRES = re.compile(r"[0-9]{1,11}")
+_SIGNATURE = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes of HMAC, unpadded base64url
+_MAX_BY = 100
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    """A signed link's own parameters, well formed (not yet verified)."""
+
+    expires: int
+    by: str
+    signature: str
+
+
+def token_identity(token_id: int) -> str:
+    """What a token's links are bound to: its row, which a new token of the same name
+    never has."""
+    return f"token {token_id}"
 
 
 def canonical_path(path: str) -> str:
@@ -39,7 +66,7 @@ def canonical_query(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def split_query(query: str) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-    """The ordinary parameters, and the link's own (signature, expires, by)."""
+    """The ordinary parameters, and the link's own (~expires, ~by, ~signature)."""
     rest: list[tuple[str, str]] = []
     link: dict[str, list[str]] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
@@ -50,22 +77,36 @@ def split_query(query: str) -> tuple[list[tuple[str, str]], dict[str, list[str]]
     return rest, link
 
 
+def read_link(link: dict[str, list[str]]) -> LinkParams:
+    """The link's own parameters checked for shape; ValueError if they are malformed."""
+    if any(len(link.get(k, [])) != 1 for k in LINK_PARAMETERS):
+        raise ValueError(f"a signed link needs exactly one {EXPIRES}, {BY} and {SIGNATURE}")
+    (expires,), (by,), (given,) = link[EXPIRES], link[BY], link[SIGNATURE]
+    if not _EXPIRES.fullmatch(expires) or not _SIGNATURE.fullmatch(given):
+        raise ValueError("invalid signed link")
+    if not by or len(by) > _MAX_BY or "\n" in by:
+        raise ValueError("invalid signed link")
+    return LinkParams(int(expires), by, given)
+
+
 def signature(key: bytes, method: str, path: str, rest: Sequence[tuple[str, str]],
-              expires: int, by: str) -> str:
+              expires: int, by: str, maker: str) -> str:
+    """`maker` is the maker's identity: `token_identity(id)`, or OPERATOR."""
     # HEAD shows what GET would send, so one link serves both.
     method = "GET" if method in ("GET", "HEAD") else method
-    message = "\n".join([method, canonical_path(path), canonical_query(rest), str(expires), by])
+    message = "\n".join([method, canonical_path(path), canonical_query(rest), str(expires), by,
+                         maker])
     mac = hmac.new(key, message.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
-def sign(key: bytes, path: str, query: str, expires_at: datetime, by: str) -> str:
-    """`path?query&expires=...&by=...&signature=...` for a GET of path?query."""
+def sign(key: bytes, path: str, query: str, expires_at: datetime, by: str, maker: str) -> str:
+    """`path?query&~expires=...&~by=...&~signature=...` for a GET of path?query."""
     rest, link = split_query(query)
     if link:
-        raise ValueError("the URL is already signed")
+        raise ValueError("the URL is already signed (or names a ~ parameter of signed links)")
     expires = int(expires_at.timestamp())
-    mac = signature(key, "GET", path, rest, expires, by)
+    mac = signature(key, "GET", path, rest, expires, by, maker)
     params = [*rest, (EXPIRES, str(expires)), (BY, by), (SIGNATURE, mac)]
     return f"{canonical_path(path)}?{canonical_query(params)}"
 

@@ -39,6 +39,8 @@ class Principal:
     scopes: frozenset[str]
     link_expires: datetime | None = None
     limit_key: str = ""  # what the concurrency cap counts by
+    # The token's row (a token, or a link's maker); a new token of the same name has another.
+    token_id: int | None = None
 
     @property
     def label(self) -> str:
@@ -78,6 +80,12 @@ class Principal:
             return ApiError(401, "authentication required: a token as Bearer or as the Basic"
                             " password, or a signed link", headers=CHALLENGES)
         return ApiError(403, f"{self.label} may not download this")
+
+
+def token_limit_key(token_id: int, name: str) -> str:
+    """One budget per token: its requests (header or cookie) and the links it made.
+    By row, so a new token that reuses a name does not share the old one's slots."""
+    return f"token {name} #{token_id}"
 
 
 def anonymous(

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.access.principal import TOKEN, Principal, check_scope
+from exporter.access.principal import TOKEN, Principal, check_scope, token_limit_key
 from exporter.tables import tokens
 
 PREFIX = "exp_"
@@ -107,16 +107,20 @@ class TokenStore:
                            tokens.c.last_used_at < sa.func.now() - sa.text("interval '1 minute'")),
                 ).values(last_used_at=sa.func.now())
             )
-        return Principal(TOKEN, row.name, frozenset(row.scopes), limit_key=f"token {row.name}")
+        return _principal(row)
 
     async def by_name(self, name: str) -> Principal | None:
-        """An active token's principal by name (a signed link acts with its maker's scopes)."""
+        """The active token of that name (a signed link acts with its maker's scopes, and
+        checks that its maker is still this very token by `token_id`)."""
         async with self._engine.connect() as conn:
             row: Any = (await conn.execute(
-                sa.select(tokens.c.name, tokens.c.scopes)
+                sa.select(tokens.c.id, tokens.c.name, tokens.c.scopes)
                 .where(tokens.c.name == name, tokens.c.revoked_at.is_(None),
                        sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > sa.func.now()))
             )).first()
-        if row is None:
-            return None
-        return Principal(TOKEN, row.name, frozenset(row.scopes), limit_key=f"token {row.name}")
+        return None if row is None else _principal(row)
+
+
+def _principal(row: Any) -> Principal:
+    return Principal(TOKEN, row.name, frozenset(row.scopes), token_id=row.id,
+                     limit_key=token_limit_key(row.id, row.name))

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from exporter import renderers, sql
 from exporter.access.authenticate import authenticate
-from exporter.access.links import SIGNATURE
-from exporter.access.principal import ANONYMOUS, Principal
+from exporter.access.links import LINK_PARAMETERS, SIGNATURE
+from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.browse import export_urls, visible_datasets
 from exporter.catalog import Catalog, Dataset
@@ -113,7 +113,10 @@ async def export_response(request: Request, st: State, principal: Principal, dat
                           renderer: Renderer) -> Response:
     """The export of `dataset` that the request's query string asks for."""
     params = request.query_params.multi_items()
-    query = parse(dataset, params)
+    # A link's own parameters were checked by authenticate(); anywhere else parse() refuses them.
+    filters = [p for p in params if p[0] not in LINK_PARAMETERS] if (
+        principal.kind == LINK) else params
+    query = parse(dataset, filters)
     if request.method == "HEAD":
         async with st.engine.connect() as conn:
             await sql.check_values(conn, query)

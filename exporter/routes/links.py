@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from exporter.access.authenticate import authenticate
 from exporter.access.durations import parse_duration
-from exporter.access.links import sign
+from exporter.access.links import sign, token_identity
 from exporter.access.principal import TOKEN, Principal
 from exporter.errors import ApiError, bad_parameter
 from exporter.routes.datasets import candidate_names
@@ -39,7 +39,7 @@ def may_link(principal: Principal, path: str) -> bool:
 async def create_link(request: Request) -> JSONResponse:
     st = get_state(request)
     principal = await authenticate(request, st)
-    if principal.kind != TOKEN:
+    if principal.kind != TOKEN or principal.token_id is None:
         raise principal.denied() if principal.kind == "anonymous" else ApiError(
             403, "links are made with a token"
         )
@@ -57,14 +57,18 @@ async def create_link(request: Request) -> JSONResponse:
         raise bad_parameter("expires_in", str(error)) from None
     if lifetime > MAX_LIFETIME:
         raise bad_parameter("expires_in", "a link lives at most 30 days")
-    url = urlsplit(body["url"])
+    try:
+        url = urlsplit(body["url"])
+    except ValueError as error:  # such as an unclosed [ of an IPv6 address
+        raise bad_parameter("url", f"not a URL: {error}") from None
     if url.scheme or (url.netloc and url.netloc != request.url.netloc):
         raise bad_parameter("url", "links point at this server: give the path")
     if not may_link(principal, url.path):
         raise ApiError(403, f"{principal.label} may not download {url.path}")
     expires_at = datetime.now(UTC) + lifetime
     try:
-        signed = sign(await st.links.key(), url.path, url.query, expires_at, principal.name)
+        signed = sign(await st.links.key(), url.path, url.query, expires_at, principal.name,
+                      token_identity(principal.token_id))
     except ValueError as error:
         raise bad_parameter("url", str(error)) from None
     base = str(request.base_url).rstrip("/")

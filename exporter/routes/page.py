@@ -18,6 +18,7 @@ from exporter.browse import export_urls, folder_listing, open_path, visible_data
 from exporter.catalog import Dataset
 from exporter.errors import ApiError
 from exporter.files.paths import not_found
+from exporter.query import RESERVED
 from exporter.state import State, get_state
 
 router = APIRouter(include_in_schema=False)
@@ -48,6 +49,7 @@ async def page(request: Request, path: str = "") -> Response:
         "folder_error": folder_error,
         "crumbs": _crumbs(folder["path"]) if folder else [],
         "operators": OPERATORS,
+        "reserved": sorted(RESERVED),  # column names the builder must quote
         "formats": [r.name for r in renderers.all_renderers()],
     }
     response = templates.TemplateResponse(request, "page.html", context)

@@ -12,6 +12,12 @@
   const encode = (s) => encodeURIComponent(s).replace(/%2C/g, ",").replace(/%3A/g, ":")
     .replace(/'/g, "%27");
 
+  // A column named like a parameter of the grammar (limit, ~by...) is filtered by its
+  // quoted name, as in SQL: "limit"=eq.5.
+  const reserved = new Set(data.reserved);
+  const filterName = (col) => (reserved.has(col) || col.startsWith('"')
+    ? `"${col.replace(/"/g, '""')}"` : col);
+
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
     Object.entries(attrs || {}).forEach(([k, v]) => node.setAttribute(k, v));
@@ -44,7 +50,7 @@
       let value = row.querySelector(".value").value.trim();
       if (!value) return;
       if (op === "in" && !value.startsWith("(")) value = `(${value})`;
-      params.push([col, `${op}.${value}`]);
+      params.push([filterName(col), `${op}.${value}`]);
     });
     const picked = [...box.querySelectorAll(".pick:checked")].map((c) => c.value);
     if (picked.length) params.push(["select", picked.join(",")]);
