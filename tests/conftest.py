@@ -40,6 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
         base = config.rootpath / "var" / "pytest"
         base.parent.mkdir(parents=True, exist_ok=True)
         config.option.basetemp = str(base)
+    # Hypothesis keeps what it learns in ./.hypothesis unless told otherwise.
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                          str(Path(config.option.basetemp) / "hypothesis"))
 
 
 @pytest.fixture(scope="session")
