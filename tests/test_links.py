@@ -17,9 +17,11 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from playwright.sync_api import BrowserContext
 
 from tests.support import ROOT, Server, fetch, run_sql, wait_until
 from tests.test_access import CLOSED, bearer, cli, make_link, new_token
+from tests.test_browser import browser, context, download, sign_in  # noqa: F401 - fixtures
 
 
 def unique(name: str) -> str:
@@ -205,6 +207,29 @@ def test_reserved_names_that_are_also_columns_say_how_to_reach_them(
     # A link's parameters beside a token are refused, not ignored.
     r = httpx.get(base + "~expires=1", headers=bearer(admin))
     assert r.status_code == 400 and "signed links" in r.json()["error"]["message"]
+
+
+def test_filter_builder_quotes_reserved_column_names_in_chromium(
+    closed: Server, database_url: str, shadowed: str, context: BrowserContext,  # noqa: F811
+) -> None:
+    token = new_token(database_url, unique("builder"), f"datasets:{shadowed}")
+    page = context.new_page()
+    page.goto(closed.url + "/")
+    sign_in(page, token)
+    card = page.locator(f"article[data-dataset={shadowed}]")
+    card.locator("summary:text-is('Choose rows')").click()
+    for column, op, value in [("limit", "gte", "200"), ("by", "eq", "bob"), ("~by", "neq", "t9")]:
+        card.locator("button.add").click()
+        row = card.locator(".filter").last
+        row.locator(".f-col").select_option(column)
+        row.locator(".f-op").select_option(op)
+        row.locator(".value").fill(value)
+    card.locator(".order-col").select_option("id")
+    query = "%22limit%22=gte.200&by=eq.bob&%22~by%22=neq.t9&order=id.asc"
+    url = f"{closed.url}/datasets/{shadowed}.csv?{query}"
+    assert card.locator("a[data-format=csv]").get_attribute("href") == url
+    _, saved = download(page, f"article[data-dataset={shadowed}] a[data-format=csv]")
+    assert ids(saved) == [2, 4]
 
 
 BAD_LINKS = [
