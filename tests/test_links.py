@@ -17,11 +17,11 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext
+from playwright.sync_api import BrowserContext, sync_playwright
 
 from tests.support import ROOT, Server, fetch, run_sql, wait_until
 from tests.test_access import CLOSED, bearer, cli, make_link, new_token
-from tests.test_browser import browser, context, download, sign_in  # noqa: F401 - fixtures
+from tests.test_browser import ARGS, CHROMIUM, download, sign_in
 
 
 def unique(name: str) -> str:
@@ -209,11 +209,25 @@ def test_reserved_names_that_are_also_columns_say_how_to_reach_them(
     assert r.status_code == 400 and "signed links" in r.json()["error"]["message"]
 
 
+@pytest.fixture
+def chromium() -> Iterator[BrowserContext]:
+    """For one test only: Playwright's sync API keeps an event loop running in this thread
+    while it is open, and the helpers' asyncio.run() refuses to run beside it."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=30_000)
+        try:
+            context = browser.new_context(accept_downloads=True)
+            context.set_default_timeout(20_000)
+            yield context
+        finally:
+            browser.close()
+
+
 def test_filter_builder_quotes_reserved_column_names_in_chromium(
-    closed: Server, database_url: str, shadowed: str, context: BrowserContext,  # noqa: F811
+    closed: Server, database_url: str, shadowed: str, chromium: BrowserContext,
 ) -> None:
     token = new_token(database_url, unique("builder"), f"datasets:{shadowed}")
-    page = context.new_page()
+    page = chromium.new_page()
     page.goto(closed.url + "/")
     sign_in(page, token)
     card = page.locator(f"article[data-dataset={shadowed}]")
