@@ -14,10 +14,13 @@ HUGE = "9" * 5000
 # shared, and a slow example is not a wrong one.
 PARSERS = settings(max_examples=300, deadline=None, database=None,
                    suppress_health_check=[HealthCheck.too_slow])
-# Against a real server every example is an HTTP round trip: fewer of them.
-SERVER = settings(max_examples=60, deadline=None, database=None,
+# Against a real server every example is an HTTP round trip: fewer of them, and fewer
+# still per Schemathesis operation (about 40 of them), so tests/test_fuzz_api.py stays
+# well under a minute on two shared cores.
+SERVER = settings(max_examples=100, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow,
                                          HealthCheck.function_scoped_fixture])
+OPERATION = settings(SERVER, max_examples=25)
 
 # Characters that break naive parsers: separators of the grammars, quotes, escapes,
 # controls, non-ASCII digits and spaces, right-to-left marks, astral characters.
