@@ -117,6 +117,14 @@ def test_query_parse_answers_a_query_or_a_4xx(params: list[tuple[str, str]]) -> 
         assert count is None or 0 <= count <= MAX_BIGINT
 
 
+def test_select_of_more_columns_than_postgresql_allows_is_a_400() -> None:
+    """Found by the corpus: PostgreSQL refuses more than 1,664 columns, which was a 502."""
+    parse(ORDERS, [("select", ",".join(["id"] * 1664))])
+    with pytest.raises(ApiError) as refused:
+        parse(ORDERS, [("select", ",".join(["id"] * 1665))])
+    assert refused.value.status == 400 and refused.value.parameter == "select"
+
+
 @PARSERS
 @given(st.lists(hostile_text(), max_size=8))
 def test_in_list_round_trips_through_quoting(items: list[str]) -> None:

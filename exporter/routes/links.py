@@ -46,7 +46,7 @@ async def create_link(request: Request) -> JSONResponse:
         )
     try:
         body: Any = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         raise ApiError(
             400, 'expected a JSON body: {"url": "/datasets/...", "expires_in": "15m"}'
         ) from None
