@@ -32,6 +32,9 @@ OPERATORS = [*COMPARISONS, *PATTERNS, "in", "is"]
 QUERY_PARAMETERS = ("select", "order", "limit", "offset")
 RESERVED = {*QUERY_PARAMETERS, *LINK_PARAMETERS}
 MAX_BIGINT = 2**63 - 1
+# PostgreSQL refuses a SELECT of more columns ("target lists can have at most 1664
+# entries"): a longer `select` is the client's mistake, not the database's failure.
+MAX_SELECT = 1664
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ def _parse_select(dataset: Dataset, value: str) -> list[Column]:
     names = [n.strip() for n in value.split(",")]
     if not value.strip() or any(not n for n in names):
         raise bad_parameter("select", "expected a comma-separated list of columns")
+    if len(names) > MAX_SELECT:
+        raise bad_parameter("select", f"at most {MAX_SELECT} columns may be selected")
     return [_column(dataset, "select", n) for n in names]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 from sqlalchemy.engine import make_url
 
 from exporter.cli import migrate
@@ -40,9 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
         base = config.rootpath / "var" / "pytest"
         base.parent.mkdir(parents=True, exist_ok=True)
         config.option.basetemp = str(base)
-    # Hypothesis keeps what it learns in ./.hypothesis unless told otherwise.
-    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
-                          str(Path(config.option.basetemp) / "hypothesis"))
+    # Hypothesis caches what it learns under .hypothesis/ in the working directory: keep
+    # it in the temporary folder instead, out of the checkout.
+    set_hypothesis_home_dir(Path(config.option.basetemp) / "hypothesis")
 
 
 @pytest.fixture(scope="session")

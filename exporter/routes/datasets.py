@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from exporter import renderers, sql
+from exporter import openapi, renderers, sql
 from exporter.access.authenticate import authenticate
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ANONYMOUS, LINK, Principal
@@ -96,7 +96,7 @@ def export_headers(request: Request, renderer: Renderer, download_name: str) -> 
     }
 
 
-@router.api_route("/datasets/{name}", methods=["GET", "HEAD"])
+@router.api_route("/datasets/{name}", methods=["GET", "HEAD"], openapi_extra=openapi.EXPORT)
 async def export(request: Request, name: str) -> Response:
     st = get_state(request)
     principal = await authenticate(request, st)

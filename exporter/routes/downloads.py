@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from exporter import renderers, sql
+from exporter import openapi, renderers, sql
 from exporter.access.authenticate import require_admin
 from exporter.catalog import Catalog, Dataset
 from exporter.errors import ApiError, unavailable
@@ -28,7 +28,7 @@ async def _audit_dataset(st: State) -> Dataset:
 
 
 
-@router.get("/downloads")
+@router.get("/downloads", openapi_extra=openapi.DOWNLOADS)
 async def list_downloads(request: Request) -> Response:
     """Newest first, 100 at a time unless `limit`/`order` say otherwise; filters as exports."""
     st, _ = await require_admin(request)
@@ -46,7 +46,8 @@ async def list_downloads(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
-@router.api_route("/downloads.{extension}", methods=["GET", "HEAD"])
+@router.api_route("/downloads.{extension}", methods=["GET", "HEAD"],
+                  openapi_extra=openapi.DOWNLOADS)
 async def export_downloads(request: Request, extension: str) -> Response:
     st, principal = await require_admin(request)
     renderer = renderers.by_extension(extension)

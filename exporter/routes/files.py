@@ -7,6 +7,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from exporter import openapi
 from exporter.access.authenticate import authenticate
 from exporter.browse import folder_listing, open_path
 from exporter.errors import bad_parameter
@@ -32,7 +33,7 @@ def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-@router.api_route("/files/{path:path}", methods=["GET", "HEAD"])
+@router.api_route("/files/{path:path}", methods=["GET", "HEAD"], openapi_extra=openapi.FILES)
 async def files(request: Request, path: str) -> Response:
     st = get_state(request)
     if request.scope["path"] != "/files/" + path:

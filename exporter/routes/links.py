@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from exporter import openapi
 from exporter.access.authenticate import authenticate
 from exporter.access.durations import parse_duration
 from exporter.access.links import sign, token_identity
@@ -35,7 +36,7 @@ def may_link(principal: Principal, path: str) -> bool:
     return False
 
 
-@router.post("/links")
+@router.post("/links", openapi_extra=openapi.LINKS)
 async def create_link(request: Request) -> JSONResponse:
     st = get_state(request)
     principal = await authenticate(request, st)
@@ -45,7 +46,7 @@ async def create_link(request: Request) -> JSONResponse:
         )
     try:
         body: Any = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         raise ApiError(
             400, 'expected a JSON body: {"url": "/datasets/...", "expires_in": "15m"}'
         ) from None
