@@ -92,26 +92,35 @@ class _Value:
 
 @dataclass(frozen=True)
 class _Probe:
-    """`column op value` with NULLs: fails as the export would if the operator is missing."""
+    """An always-true expression that fails when PostgreSQL parses it, as the export would,
+    if the column's type lacks what the request asks of it: json has no =, point no <
+    and no ordering. Parsed, never run against rows."""
 
-    filter: Filter
-    operator: str
-
-    @property
-    def sql(self) -> str:
-        c = self.filter.column
-        return f"(CAST(NULL AS {c.type}) {self.operator} CAST(NULL AS {c.base_type})) IS NULL"
+    parameter: str
+    problem: str  # "column 'p' (point) cannot be compared with 'lt'"
+    sql: str
 
 
 def _typed_filters(query: ExportQuery) -> list[Filter]:
     return [f for f in query.filters if f.operator not in ("is", *PATTERNS) and f.values]
 
 
-def _probes(filters: list[Filter]) -> list[_Probe]:
-    probes: dict[tuple[str, str, str], _Probe] = {}
+def _probes(query: ExportQuery, filters: list[Filter]) -> list[_Probe]:
+    probes: dict[str, _Probe] = {}
     for f in filters:
+        c = f.column
         operator = COMPARISONS.get(f.operator, "=")  # `in` compares with =
-        probes.setdefault((f.column.type, operator, f.column.base_type), _Probe(f, operator))
+        expression = f"(CAST(NULL AS {c.type}) {operator} CAST(NULL AS {c.base_type})) IS NULL"
+        probes.setdefault(expression, _Probe(
+            f.parameter, f"column '{c.name}' ({c.type}) cannot be compared with '{f.operator}'",
+            expression,
+        ))
+    for o in query.order:
+        c = o.column
+        expression = f"EXISTS (SELECT 1 FROM (SELECT CAST(NULL AS {c.type}) AS x) AS o ORDER BY x)"
+        probes.setdefault(expression, _Probe(
+            "order", f"column '{c.name}' ({c.type}) cannot be ordered", expression,
+        ))
     return list(probes.values())
 
 
@@ -133,6 +142,8 @@ def _cast_check(values: list[_Value], probes: list[_Probe]) -> tuple[str, tuple[
     by_type: dict[str, list[str]] = {}
     for v in values:
         by_type.setdefault(v.filter.column.base_type, []).append(v.text)
+    if not by_type:
+        return "SELECT " + " AND ".join(["true", *(p.sql for p in probes)]), ()
     branches = [
         f"SELECT count(CAST(v AS {pg_type})) AS n FROM unnest(${i}::text[]) AS v"
         for i, pg_type in enumerate(by_type, start=1)
@@ -176,12 +187,9 @@ async def _locate(conn: AsyncConnection, values: list[_Value],
     for probe in probes:
         reason = await _fails(conn, f"SELECT {probe.sql}", ())
         if reason is not None:
-            f = probe.filter
-            return bad_parameter(
-                f.parameter,
-                f"column '{f.column.name}' ({f.column.type}) cannot be compared with"
-                f" '{f.operator}': {reason}",
-            )
+            return bad_parameter(probe.parameter, f"{probe.problem}: {reason}")
+    if not values:
+        return None
     # Invariant: values[:good] cast cleanly, values[:bad] do not.
     reason = await _fails(conn, *_cast_check(values, []))
     if reason is None:
@@ -199,18 +207,18 @@ async def _locate(conn: AsyncConnection, values: list[_Value],
 
 async def check_values(conn: AsyncConnection, query: ExportQuery) -> None:
     """Ask PostgreSQL whether each filter value is valid input for its column's type, and
-    whether the column's type has the filter's operator.
+    whether the column's type has the filter's operator (and, for `order`, an ordering).
 
     One round trip when all is well; values travel as bound arrays, whatever their number.
     Raises a 400 naming the parameter of the first bad value. On a bad request the
     connection's transaction is rolled back (the export is not going to run).
     """
     filters = _typed_filters(query)
-    if not filters:
+    if not filters and not query.order:
         return
     values = [_Value(f, v) for f in filters for v in f.values]
-    probes = _probes(filters)
-    soft = (conn.dialect.server_version_info or (0,)) >= _SOFT_CHECKS_FROM
+    probes = _probes(query, filters)
+    soft = bool(values) and (conn.dialect.server_version_info or (0,)) >= _SOFT_CHECKS_FROM
     statement, params = (_soft_check if soft else _cast_check)(values, probes)
     try:
         row: Any = (await conn.exec_driver_sql(statement, params)).first()

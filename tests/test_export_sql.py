@@ -26,7 +26,7 @@ from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.db import create_engine, driver_connection
 from exporter.query import parse
-from tests.support import ROOT, Server, fetch, run_sql
+from tests.support import ROOT, Server, fetch, raw_request, run_sql
 
 TIMEOUT = 120
 
@@ -186,7 +186,7 @@ def test_the_check_works_the_same_without_pg_input_error_info(database_url: str)
                                        ("created_at", "lt.2030-01-01")])
                 filters = sql._typed_filters(good)
                 checked = [sql._Value(f, v) for f in filters for v in f.values]
-                probes = sql._probes(filters)
+                probes = sql._probes(good, filters)
                 statement, params = sql._cast_check(checked, probes)
                 assert (await conn.exec_driver_sql(statement, params)).scalar_one() == 3_002
                 assert await sql._locate(conn, checked, probes) is None
@@ -197,7 +197,7 @@ def test_the_check_works_the_same_without_pg_input_error_info(database_url: str)
                                             ("id", in_list(bad))])
                     filters = sql._typed_filters(query)
                     checked = [sql._Value(f, v) for f in filters for v in f.values]
-                    error = await sql._locate(conn, checked, sql._probes(filters))
+                    error = await sql._locate(conn, checked, sql._probes(query, filters))
                     assert error is not None and error.parameter == "id"
                     assert error.message.startswith("'1.5' is not a valid bigint"), error.message
                     assert '"1.5"' in error.message  # PostgreSQL's reason names the value
@@ -427,6 +427,39 @@ def test_a_bad_operator_names_the_column_type(server: Server, typed: None) -> No
     assert "operator does not exist: point < point" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("order=j", 400),
+        ("order=id,p.desc", 400),
+        ("order=j&j=is.null", 400),
+        ("order=j&id=eq.1", 400),
+        ("order=ca,ia.desc,da,m,mo,iv,ip", 200),
+        ("order=tx.nullsfirst&tx=like.*'*", 200),
+    ],
+)
+def test_ordering_by_a_type_without_an_order_is_a_400(
+    server: Server, database_url: str, typed: None, query: str, status: int
+) -> None:
+    params = [(k, v) for k, _, v in (p.partition("=") for p in query.split("&"))]
+    for method in ("GET", "HEAD"):
+        r = httpx.request(method, server.url + "/datasets/typed.csv", params=params,
+                          timeout=TIMEOUT)
+        assert r.status_code == status, (method, r.text)
+    if status == 400:
+        error = r.json()["error"] if r.content else get(server, "/datasets/typed.csv",
+                                                        params).json()["error"]
+        assert error["parameter"] == "order"
+        assert "cannot be ordered: could not identify an ordering operator" in error["message"]
+    else:
+        order = params[0][1].replace(".desc", " DESC").replace(".nullsfirst", " NULLS FIRST")
+        where = " WHERE tx LIKE '%''%'" if len(params) > 1 else ""
+        expected = [r["id"] for r in fetch(
+            database_url, f"SELECT id FROM exports.typed{where} ORDER BY {order}")]
+        r = get(server, "/datasets/typed.ndjson", [("select", "id"), *params])
+        assert ndjson_ids(r) == expected
+
+
 # --- odd input -----------------------------------------------------------------------
 
 
@@ -606,3 +639,28 @@ def test_links_to_odd_dataset_names(
         answer = httpx.get(link, timeout=TIMEOUT)
         assert answer.status_code == 200, (name, link, answer.text)
         assert answer.content == f"n,of\n1,{count}\n".encode(), name
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        ("/datasets/orders.csv?note=eq.%FF%FE&limit=1", 200),
+        ("/datasets/orders.csv?%FF=eq.1", 400),
+        ("/datasets/orders.csv?id=eq.1%00", 400),
+        ("/datasets/%FF.csv", 404),
+        ("/datasets/orders.csv?note=like.abc%5C", 400),
+        ("/datasets/orders.csv?note=ilike.*%5C", 400),
+        ("/datasets/orders.csv?note=like.%5C%5C&limit=1", 200),
+        ("/datasets/orders.csv?note=like.a%5C*b&limit=1", 200),
+        ("/datasets/orders.csv?id=eq.1&id", 400),
+        ("/datasets/orders.csv?&&=&id=lt.2", 400),
+        ("/datasets/orders.csv?select=id&select=note", 400),
+        ("/datasets/orders.csv?order=id.desc.asc&limit=1", 200),
+        ("/datasets/orders.csv?order=,id", 400),
+    ],
+)
+def test_raw_odd_requests(server: Server, target: str, status: int) -> None:
+    r = raw_request(server.url, f"GET {target} HTTP/1.1")
+    assert r.status == status, (target, r.body[:300])
+    if status >= 400:
+        assert json.loads(r.body)["error"]["status"] == status
