@@ -25,8 +25,10 @@ async def visible_datasets(catalog: Catalog, principal: Principal) -> list[Datas
 def export_urls(base_url: str, dataset: Dataset) -> dict[str, str]:
     """The dataset's full export in each format, by format name."""
     base = base_url.rstrip("/")
+    # Every reserved character encoded, the slash too: names may hold any of them.
+    name = quote(dataset.name, safe="")
     return {
-        r.name: f"{base}/datasets/{quote(dataset.name)}.{r.extension}"
+        r.name: f"{base}/datasets/{name}.{r.extension}"
         for r in renderers.all_renderers()
     }
 

@@ -11,11 +11,25 @@ from exporter.errors import unavailable
 
 KINDS = {"r": "table", "p": "table", "v": "view", "m": "materialized view", "f": "foreign table"}
 
+# `base_type` is the type SQL itself gives a quoted literal compared with the column
+# (`WHERE col = '...'`): a domain's base type (domains over domains followed to the
+# end), with no modifier. format_type(oid, -1), unlike format_type(oid, NULL), spells
+# that so it parses back unmodified: `bpchar` and `"bit"`, where `character` and `bit`
+# would mean character(1) and bit(1).
 _CATALOG_SQL = text(
     """
+    WITH RECURSIVE domains(oid, base) AS (
+        SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd'
+        UNION ALL
+        SELECT d.oid, t.typbasetype
+        FROM domains d JOIN pg_type t ON t.oid = d.base AND t.typtype = 'd'
+    )
     SELECT c.relname, c.relkind::text AS relkind, c.reltuples::bigint AS reltuples,
            a.attname, format_type(a.atttypid, a.atttypmod) AS type,
-           format_type(a.atttypid, NULL) AS base_type,
+           format_type(coalesce(
+               (SELECT d.base FROM domains d JOIN pg_type bt ON bt.oid = d.base
+                WHERE d.oid = a.atttypid AND bt.typtype <> 'd'),
+               a.atttypid), -1) AS base_type,
            t.typcategory::text AS typcategory, NOT a.attnotnull AS nullable
     FROM pg_class c
     JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -31,8 +45,13 @@ _CATALOG_SQL = text(
 class Column:
     name: str
     type: str  # as format_type() spells it, e.g. "numeric(12,2)", "text[]"
-    # The type without its modifier: filter values are cast to it, so that
-    # `amount=eq.10.005` is not first rounded to the column's scale.
+    # What filter values are checked against and cast to: the type without its modifier
+    # (and a domain's base type), as SQL reads `col = '10.005'`. A modifier would change
+    # the value first: numeric(12,2) rounds 10.005 to 10.01, timestamp(0) rounds seconds,
+    # `interval day` drops hours, and a cast to char(3) or varchar(3) cuts 'abcd' to 'abc',
+    # each making the filter match rows it should not. Nothing is lost by dropping it: a
+    # value too long for char(3) matches no row, as in SQL, and arrays of a domain keep
+    # the domain, whose checks SQL applies to the elements of such a literal too.
     base_type: str
     category: str  # pg_type.typcategory: S string, N numeric, B boolean, A array ...
     nullable: bool

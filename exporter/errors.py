@@ -66,6 +66,17 @@ def _driver_error(error: BaseException) -> BaseException:
     return error if seen is None else seen
 
 
+def sqlstate(error: BaseException) -> str | None:
+    """PostgreSQL's SQLSTATE of a failed statement (e.g. 22P02), if the server sent one."""
+    code = getattr(_driver_error(error), "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def postgres_message(error: BaseException) -> str:
+    """The server's own message, without the wrappers' prefixes."""
+    return str(_driver_error(error))
+
+
 def database_error(error: BaseException) -> ApiError:
     """504 for a query the database cancelled, 502 for one it refused, else 503."""
     error = _driver_error(error)

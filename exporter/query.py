@@ -182,6 +182,10 @@ def _parse_filter(dataset: Dataset, name: str, column_name: str, value: str) -> 
     if operator in PATTERNS:
         # PostgREST spells the % wildcard as *, which needs no URL encoding.
         operand = operand.replace("*", "%")
+        # PostgreSQL fails on such a pattern only once a row matches up to its end,
+        # perhaps mid-download: refuse it before.
+        if (len(operand) - len(operand.rstrip("\\"))) % 2:
+            raise bad_parameter(name, f"a {operator} pattern may not end with a lone \\")
     return Filter(name, column, operator, (operand,), negated)
 
 

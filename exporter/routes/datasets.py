@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from exporter import openapi, renderers, sql
 from exporter.access.authenticate import authenticate
@@ -96,8 +96,12 @@ def export_headers(request: Request, renderer: Renderer, download_name: str) -> 
     }
 
 
-@router.api_route("/datasets/{name}", methods=["GET", "HEAD"], openapi_extra=openapi.EXPORT)
+# `:path`: a dataset's name may hold a slash, listed as %2F, which the server decodes
+# before routing (so `a%2Fb.csv` arrives as `a/b.csv`); a plain slash means the same.
+@router.api_route("/datasets/{name:path}", methods=["GET", "HEAD"], openapi_extra=openapi.EXPORT)
 async def export(request: Request, name: str) -> Response:
+    if not name:  # what Starlette did before the route took slashes: the listing
+        return RedirectResponse(request.url.replace(path="/datasets"), status_code=307)
     st = get_state(request)
     principal = await authenticate(request, st)
     # Before looking the name up, so that a refusal does not tell whether it exists.
