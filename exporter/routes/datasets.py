@@ -98,7 +98,8 @@ def export_headers(request: Request, renderer: Renderer, download_name: str) -> 
 
 # `:path`: a dataset's name may hold a slash, listed as %2F, which the server decodes
 # before routing (so `a%2Fb.csv` arrives as `a/b.csv`); a plain slash means the same.
-@router.api_route("/datasets/{name:path}", methods=["GET", "HEAD"], openapi_extra=openapi.EXPORT)
+@router.api_route("/datasets/{name:path}", methods=["GET", "HEAD"],
+                  openapi_extra=openapi.EXPORT)
 async def export(request: Request, name: str) -> Response:
     if not name:  # what Starlette did before the route took slashes: the listing
         return RedirectResponse(request.url.replace(path="/datasets"), status_code=307)
