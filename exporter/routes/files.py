@@ -53,7 +53,8 @@ async def files(request: Request, path: str) -> Response:
     try:
         response = await _files(request, path)
     except ApiError as error:
-        error.headers.extend(SAFE_HEADERS.items())
+        present = {name.lower() for name, _ in error.headers}
+        error.headers.extend((k, v) for k, v in SAFE_HEADERS.items() if k.lower() not in present)
         raise
     response.headers.update(SAFE_HEADERS)
     return response
