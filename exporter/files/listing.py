@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from exporter.files.digests import DigestStore, FileKey, repr_digest
@@ -43,8 +43,9 @@ SETTLE_SECONDS = 1.0
 Allowed = Callable[[str, bool], bool]
 
 
-@dataclass(frozen=True)
-class Indexed:
+class Indexed(NamedTuple):
+    # A tuple: a 100,000-name index is built ~2x faster than with a frozen dataclass,
+    # and the build shares the interpreter lock with the event loop.
     name: str
     is_dir: bool
     link: str | None  # for a link: where it leads, relative to the root
@@ -108,7 +109,7 @@ def _build(root: FilesRoot, fd: int, real_relative: str) -> Index:
                     continue
     finally:
         os.close(fd)
-    entries.sort(key=lambda e: e.name)
+    entries.sort()  # by name: names in one folder are unique
     return Index(entries, any(e.link is not None for e in entries))
 
 
