@@ -6,6 +6,7 @@ the same things under the same checks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from urllib.parse import quote
 
@@ -13,7 +14,7 @@ from exporter import renderers
 from exporter.access.principal import Principal
 from exporter.catalog import Catalog, Dataset
 from exporter.files.digests import DigestStore
-from exporter.files.listing import listing
+from exporter.files.listing import in_thread_owned, listing
 from exporter.files.paths import FilesRoot, Target
 from exporter.state import State
 
@@ -33,26 +34,38 @@ def export_urls(base_url: str, dataset: Dataset) -> dict[str, str]:
     }
 
 
-def may_see(principal: Principal, root: FilesRoot, target: Target) -> bool:
-    real = root.relative_real(target)
-    return principal.may_list_folder(real) if target.is_dir else principal.may_read_file(real)
+def may_see(principal: Principal, real_relative: str, is_dir: bool) -> bool:
+    """By where a path really leads (links resolved), relative to the root."""
+    if is_dir:
+        return principal.may_list_folder(real_relative)
+    return principal.may_read_file(real_relative)
 
 
-def open_path(st: State, principal: Principal, path: str) -> tuple[FilesRoot, Target]:
-    """The file or folder at `path`, if the principal may see it; else the refusal."""
+async def open_path(st: State, principal: Principal, path: str) -> tuple[FilesRoot, Target]:
+    """The file or folder at `path`, open, if the principal may see it; else the refusal.
+
+    The caller owns the target's descriptor (`target.close()`).
+    """
     # The path as asked, before it is looked up, so a refusal does not tell whether it
     # exists; then the path as resolved, since a link inside the root may lead elsewhere.
     if not (principal.may_read_file(path) or principal.may_list_folder(path)):
         raise principal.denied()
-    root = FilesRoot(st.settings.files_root, serve_hidden=st.settings.serve_hidden)
-    target = root.resolve(path)
-    if not may_see(principal, root, target):
+    root, target = await in_thread_owned(functools.partial(_open, st, path),
+                                         lambda opened: opened[1].close())
+    if not may_see(principal, target.real_relative, target.is_dir):
+        target.close()
         raise principal.denied()
     return root, target
+
+
+def _open(st: State, path: str) -> tuple[FilesRoot, Target]:
+    root = FilesRoot(st.settings.files_root, serve_hidden=st.settings.serve_hidden)
+    return root, root.open(path)
 
 
 async def folder_listing(st: State, principal: Principal, root: FilesRoot, folder: Target,
                          base_url: str, limit: int, offset: int) -> dict[str, Any]:
     """The folder's entries that the principal may download, with their digests."""
     return await listing(root, folder, base_url.rstrip("/"), limit, offset,
-                         DigestStore(st.engine), lambda t: may_see(principal, root, t))
+                         DigestStore(st.engine), lambda real, is_dir: may_see(principal, real,
+                                                                              is_dir))

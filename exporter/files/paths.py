@@ -1,16 +1,25 @@
 """Safe resolution of a request path to a file or folder under the files root.
 
-The path arrives percent-decoded once (by the server), so `%2e%2e%2f` is already
-`../` here, and a double-encoded `%252e` is the literal name `%2e`, which is harmless.
-Everything is checked on segments, then once more on the real path the kernel
-resolves, so a symlink may point anywhere inside the root but nowhere outside.
+The path arrives percent-decoded once, from the raw request bytes (see
+`routes/files.py`), so `%2e%2e%2f` is already `../` here and a double-encoded `%252e`
+is the literal name `%2e`, which is harmless. Names are `str` as `os.fsdecode` gives
+them: bytes that are not UTF-8 are kept as surrogate escapes, so any file can be named.
+
+The names are checked as segments, then walked one at a time from a descriptor of the
+root, each opened relative to the folder before it with `O_NOFOLLOW`: there is no
+separate "check, then open" for another process to race. A symbolic link met on the
+way is read and its text walked by the same rule, so a link may point anywhere inside
+the root but nowhere outside, whatever is renamed or swapped while the walk runs. The
+descriptor the walk ends with is the one a file is served from or a folder listed
+through. All of this blocks: callers run it in a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.errors import ApiError
@@ -18,25 +27,56 @@ from exporter.errors import ApiError
 # Linux limits (NAME_MAX, PATH_MAX); longer names cannot exist, so they are bad requests.
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
+# As the kernel's own limit on links followed in one lookup (MAXSYMLINKS).
+MAX_LINKS = 40
+
+_PATH = getattr(os, "O_PATH", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Every step of the walk: never follow a link, never block (a FIFO), never acquire a
+# controlling terminal (a device).
+_STEP = _PATH | os.O_NOFOLLOW | _CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+
+
+def printable(name: str) -> str:
+    """A name for JSON, logs and headers: bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def storable(path: str) -> str:
+    """A path for the database (audit rows, digest keys): bytes that are not UTF-8 are
+    written as `\\xFF`, so two such names stay apart where U+FFFD would merge them."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def not_found(path: str) -> ApiError:
     # The same answer for "absent", "outside" and "not a regular file": a probe learns nothing.
-    return ApiError(404, f"no file at '{path[:200]}'")
+    return ApiError(404, f"no file at '{printable(path[:200])}'")
 
 
 def bad_path(reason: str) -> ApiError:
     return ApiError(400, f"not a valid path: {reason}", parameter="path")
 
 
-@dataclass(frozen=True)
+class Outside(Exception):
+    """The walk would leave the root, meet a hidden name, or cannot go on: a 404."""
+
+
+@dataclass
 class Target:
-    """A checked path: `relative` as the client named it, `real` as the kernel resolves it."""
+    """A checked path: `relative` as the client named it, `real_relative` where the walk
+    ended (links resolved), and, while open, a descriptor of what is there.
+
+    `fd` is O_RDONLY on the file or folder itself, owned by whoever holds the Target:
+    `close()` it, or `detach()` it to hand it on.
+    """
 
     relative: str
-    real: Path
+    real_relative: str
     stat: os.stat_result
     wants_folder: bool  # the request ended with a slash
+    real: Path
+    fd: int = field(default=-1, repr=False)
 
     @property
     def is_dir(self) -> bool:
@@ -50,9 +90,34 @@ class Target:
     def name(self) -> str:
         return self.relative.rsplit("/", 1)[-1]
 
+    def detach(self) -> int:
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def close(self) -> None:
+        fd = self.detach()
+        if fd >= 0:
+            os.close(fd)
+
+
+@dataclass
+class _Walk:
+    """Descriptors (O_PATH) of the folders from the root down to where the walk is."""
+
+    fds: list[int]
+    names: list[str]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds, self.names = [], []
+
 
 class FilesRoot:
     def __init__(self, root: Path, *, serve_hidden: bool = False) -> None:
+        # The configured root may itself be a link (the operator's choice); below it, none
+        # is followed blindly.
         self.root = Path(os.path.realpath(root))
         self.serve_hidden = serve_hidden
 
@@ -62,14 +127,14 @@ class FilesRoot:
             raise bad_path("control characters or NUL")
         if "\\" in path:
             raise bad_path("backslash")
-        if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        if len(os.fsencode(path)) > MAX_PATH_BYTES:
             raise bad_path("too long")
         wants_folder = path == "" or path.endswith("/")
         names = path[:-1].split("/") if path.endswith("/") else path.split("/")
         if path == "":
             return [], True
         for name in names:
-            if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            if len(os.fsencode(name)) > MAX_NAME_BYTES:
                 raise bad_path("a name is longer than 255 bytes")
             # An empty name is an absolute path or `//`; `.` and `..` walk the tree.
             if name in ("", ".", "..") or (name.startswith(".") and not self.serve_hidden):
@@ -77,33 +142,109 @@ class FilesRoot:
         return names, wants_folder
 
     def resolve(self, path: str) -> Target:
+        """The target at `path`, checked and closed (for callers that only need to know)."""
+        target = self.open(path)
+        target.close()
+        return target
+
+    def open(self, path: str) -> Target:
+        """The target at `path`, with `fd` open for reading it (file) or listing it (folder)."""
         names, wants_folder = self.segments(path)
         relative = "/".join(names)
-        real = Path(os.path.realpath(self.root.joinpath(*names)))
-        if real != self.root:
-            try:
-                inside = real.relative_to(self.root)
-            except ValueError:
-                raise not_found(path) from None
-            # A visible link must not lead to a hidden name either.
-            if not self.serve_hidden and any(p.startswith(".") for p in inside.parts):
-                raise not_found(path)
         try:
-            st = os.stat(real)
-        except (OSError, ValueError):
+            real_names, st, fd = self.walk(names)
+        except Outside:
             raise not_found(path) from None
-        target = Target(relative, real, st, wants_folder)
-        if not (target.is_file or target.is_dir):
-            raise not_found(path)  # FIFOs, sockets, devices
+        target = Target(relative, "/".join(real_names), st, wants_folder,
+                        self.root.joinpath(*real_names), fd)
         if wants_folder and not target.is_dir:
+            target.close()
             raise not_found(path)
         return target
 
-    def relative_real(self, target: Target) -> str:
-        """Where the target really is, relative to the root (links resolved)."""
-        if target.real == self.root:
-            return ""
-        return target.real.relative_to(self.root).as_posix()
+    def walk(self, names: list[str], *, open_for_reading: bool = True
+             ) -> tuple[list[str], os.stat_result, int]:
+        """Walk `names` from the root: (the real names, the stat, an O_RDONLY descriptor,
+        or -1 if not `open_for_reading`) of a regular file or folder; else Outside."""
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        w = _Walk([root_fd], [])
+        try:
+            return self._walk(w, list(names), open_for_reading)
+        except OSError as error:
+            raise Outside(str(error)) from None
+        finally:
+            w.close()
+
+    def _walk(self, w: _Walk, pending: list[str], open_for_reading: bool
+              ) -> tuple[list[str], os.stat_result, int]:
+        pending.reverse()  # a stack: the next name is at the end
+        links = 0
+        while True:
+            if not pending:
+                # Only the root itself (no names) ends here.
+                return self._finish(w, ".", w.fds[-1], open_for_reading, names=[])
+            name = pending.pop()
+            if name in ("", "."):
+                continue  # only link texts have these: `a//b`, `./b`
+            if name == "..":
+                if len(w.fds) == 1:
+                    raise Outside("above the root")
+                os.close(w.fds.pop())
+                w.names.pop()
+                continue
+            if not self.is_visible(name) or len(os.fsencode(name)) > MAX_NAME_BYTES:
+                raise Outside("a hidden name")
+            fd = os.open(name, _STEP, dir_fd=w.fds[-1])
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                os.close(fd)
+                links += 1
+                if links > MAX_LINKS:
+                    raise Outside("too many links")
+                text = os.readlink(name, dir_fd=w.fds[-1])
+                if text.startswith("/"):
+                    # An absolute link is followed only if its text names the root.
+                    root = str(self.root)
+                    if not (text == root or text.startswith(root + "/")):
+                        raise Outside("an absolute link out of the root")
+                    while len(w.fds) > 1:
+                        os.close(w.fds.pop())
+                        w.names.pop()
+                    text = text[len(root):]
+                pending.extend(reversed(text.split("/")))
+                continue
+            if stat.S_ISDIR(st.st_mode) and pending:
+                w.fds.append(fd)
+                w.names.append(name)
+                continue
+            if not pending:
+                try:
+                    return self._finish(w, name, fd, open_for_reading, names=[*w.names, name],
+                                        st=st)
+                finally:
+                    os.close(fd)
+            os.close(fd)
+            raise Outside("not a folder")  # a file, FIFO or device in the middle of a path
+
+    def _finish(self, w: _Walk, name: str, path_fd: int, open_for_reading: bool,
+                names: list[str], st: os.stat_result | None = None
+                ) -> tuple[list[str], os.stat_result, int]:
+        st = st or os.fstat(path_fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise Outside("not a regular file or folder")  # FIFOs, sockets, devices
+        if not open_for_reading:
+            return names, st, -1
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC, dir_fd=path_fd)
+        else:
+            # Opened by name in the folder already held; if something else was swapped in
+            # since the O_PATH step, it is a different inode and is turned away.
+            fd = os.open(name, _READ, dir_fd=w.fds[-1])
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise Outside("changed during the walk")
+        return names, opened, fd
 
     def is_visible(self, name: str) -> bool:
         return self.serve_hidden or not name.startswith(".")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import os
-import stat
 from typing import Any
 
 import aiofiles
@@ -17,12 +16,37 @@ from exporter.audit import Download
 from exporter.errors import ApiError, unavailable
 from exporter.files import conditions, ranges
 from exporter.files.digests import DigestStore, FileKey, repr_digest
-from exporter.files.paths import Target, not_found
+from exporter.files.paths import Target, not_found, printable, storable
 from exporter.files.stream import FileBody
 from exporter.http import content_disposition
 from exporter.state import State
 
 DISPOSITIONS = ("attachment", "inline")
+# The only types shown inline: none of them can run script in a browser (browsers show
+# JSON as text). Everything else (HTML, SVG, XML, XHTML, JavaScript, ...) is an
+# attachment whatever the query asks.
+INLINE_TYPES = frozenset({
+    "text/plain", "application/json", "application/pdf",
+    "image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/bmp",
+    "image/x-icon", "image/vnd.microsoft.icon", "image/tiff",
+    "audio/mpeg", "audio/ogg", "audio/wav", "audio/x-wav", "audio/webm", "audio/flac",
+    "audio/aac", "audio/mp4", "audio/x-m4a", "audio/opus",
+    "video/mp4", "video/webm", "video/ogg", "video/quicktime", "video/x-matroska",
+    "video/mpeg",
+})
+# On every answer under /files/: a document served from here runs with an opaque origin
+# and no script (so it cannot read the server's other endpoints with a visitor's cookie),
+# and no browser second-guesses the declared type.
+SAFE_HEADERS = {
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def effective_disposition(asked: str, kind: str) -> str:
+    """`inline` only for the allow-listed types; an attachment otherwise."""
+    media_type = kind.split(";", 1)[0].strip().lower()
+    return "inline" if asked == "inline" and media_type in INLINE_TYPES else "attachment"
 
 
 def content_type(name: str) -> str:
@@ -35,23 +59,21 @@ def content_type(name: str) -> str:
     return guessed
 
 
-def _open_flags(path: str, flags: int) -> int:
-    # No following a link swapped in since the path was checked, and no blocking on a
-    # FIFO swapped in: either way the fstat below then turns it away.
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
-
-
 async def open_file(target: Target) -> tuple[Any, os.stat_result]:
-    """The file opened for reading, and the stat of what was actually opened."""
-    try:
-        f = await aiofiles.open(target.real, "rb", opener=_open_flags)
-    except OSError:
-        raise not_found(target.relative) from None
-    st = os.fstat(f.fileno())
-    if not stat.S_ISREG(st.st_mode):
-        await f.close()
+    """The target's descriptor as an aiofiles file (which now owns it), and its stat.
+
+    The descriptor is the one the walk in paths.py opened: what is served is exactly
+    what was checked, whatever was renamed since.
+    """
+    if not target.is_file or target.fd < 0:
         raise not_found(target.relative)
-    return f, st
+    fd = target.detach()
+    try:
+        f = await aiofiles.open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return f, target.stat  # the fstat of this very descriptor, taken by the walk
 
 
 async def serve_file(request: Request, st: State, target: Target,
@@ -72,9 +94,9 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
                    f: Any, fst: os.stat_result, principal: Principal) -> Response:
     settings = st.settings
     v = conditions.Validators.of(fst)
-    key = FileKey.of(target.relative, fst)
+    key = FileKey.of(storable(target.relative), fst)
     digests = DigestStore(st.engine)
-    headers = {"ETag": v.etag, "Last-Modified": v.last_modified}
+    headers = {"ETag": v.etag, "Last-Modified": v.last_modified, **SAFE_HEADERS}
     sha256 = await digests.lookup(key)
     if sha256 is not None:
         headers["Repr-Digest"] = repr_digest(sha256)
@@ -108,9 +130,9 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         "Content-Length": str(layout.length),
         "Accept-Ranges": "bytes",
         "Content-Disposition": content_disposition(
-            target.name, disposition, user_agent=request.headers.get("user-agent")
+            printable(target.name), effective_disposition(disposition, kind),
+            user_agent=request.headers.get("user-agent"),
         ),
-        "X-Content-Type-Options": "nosniff",
     })
     if layout.content_range is not None:
         headers["Content-Range"] = layout.content_range
@@ -119,7 +141,7 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         return Response(status_code=layout.status, headers=headers)
 
     client = request.client.host if request.client else None
-    download = Download("file", target.relative, client,
+    download = Download("file", storable(target.relative), client,
                         range=range_header[:1000] if range_header is not None else None,
                         principal=principal.label, link_expires=principal.link_expires)
     try:

@@ -17,7 +17,8 @@ from exporter.access.principal import ANONYMOUS, Principal
 from exporter.browse import export_urls, folder_listing, open_path, visible_datasets
 from exporter.catalog import Dataset
 from exporter.errors import ApiError
-from exporter.files.paths import not_found
+from exporter.files.listing import url_path
+from exporter.files.paths import not_found, printable
 from exporter.query import RESERVED
 from exporter.state import State, get_state
 
@@ -33,8 +34,9 @@ FORM_BYTES = 4096
 
 
 @router.get("/")
-async def page(request: Request, path: str = "") -> Response:
+async def page(request: Request) -> Response:
     st = get_state(request)
+    path = _query_path(request)
     principal = await authenticate(request, st, page=True)
     base_url = str(request.base_url)
     datasets = [_dataset(base_url, ds) for ds in await visible_datasets(st.catalog, principal)]
@@ -47,7 +49,7 @@ async def page(request: Request, path: str = "") -> Response:
         "datasets": datasets,
         "folder": folder,
         "folder_error": folder_error,
-        "crumbs": _crumbs(folder["path"]) if folder else [],
+        "crumbs": _crumbs(_folder_path(path)) if folder else [],
         "operators": OPERATORS,
         "reserved": sorted(RESERVED),  # column names the builder must quote
         "formats": [r.name for r in renderers.all_renderers()],
@@ -70,26 +72,48 @@ def _dataset(base_url: str, ds: Dataset) -> dict[str, Any]:
     }
 
 
+def _query_path(request: Request) -> str:
+    """`?path=`, with bytes that are not UTF-8 kept (as `os.fsdecode` names files): the
+    framework's own parsing would turn them into U+FFFD, naming no file."""
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    values = [v for k, v in parse_qsl(query, errors="surrogateescape") if k == "path"]
+    return values[-1] if values else ""
+
+
+def _folder_path(path: str) -> str:
+    return path.strip("/") + "/" if path.strip("/") else ""
+
+
 async def _folder(st: State, principal: Principal, path: str,
                   base_url: str) -> tuple[dict[str, Any] | None, str | None]:
     """The listing of `path` (a folder under the files root), or why there is none."""
-    path = path.strip("/") + "/" if path.strip("/") else ""
+    path = _folder_path(path)
     if not principal.may_list_folder(path) and not path:
         return None, None  # no files for this caller: the page has no files section
     try:
-        root, target = open_path(st, principal, path)
-        if not target.is_dir:
-            raise not_found(path)
-        return await folder_listing(st, principal, root, target, base_url,
-                                    FOLDER_ENTRIES, 0), None
+        root, target = await open_path(st, principal, path)
+        try:
+            if not target.is_dir:
+                raise not_found(path)
+            listing = await folder_listing(st, principal, root, target, base_url,
+                                           FOLDER_ENTRIES, 0)
+        finally:
+            target.close()
     except ApiError as error:
         return None, error.message
+    for e in listing["entries"]:
+        if e["kind"] == "dir":
+            # The folder's own page: its path as the listing's URL spells it (exact bytes).
+            e["page_path"] = e["url"].split("/files/", 1)[1]
+    listing["url_path"] = url_path(path)
+    return listing, None
 
 
 def _crumbs(path: str) -> list[tuple[str, str]]:
-    """(name, folder path) from the root down to `path`."""
+    """(name to show, percent-encoded folder path) from the root down to `path`."""
     names = [n for n in path.split("/") if n]
-    return [(name, "/".join(names[:i + 1]) + "/") for i, name in enumerate(names)]
+    return [(printable(name), url_path("/".join(names[:i + 1]) + "/"))
+            for i, name in enumerate(names)]
 
 
 @router.post("/session")
