@@ -292,7 +292,16 @@ def test_digest_learned_from_a_full_download(server: Server, files_root: Path,
 
 
 def test_digest_command(server: Server, files_root: Path, database_url: str) -> None:
-    (files_root / "nested" / "precomputed.txt").write_bytes(b"known ahead of time\n")
+    # In the session-wide root: removed afterwards, since other tests list `nested/`.
+    extra = files_root / "nested" / "precomputed.txt"
+    extra.write_bytes(b"known ahead of time\n")
+    try:
+        _check_digest_command(server, files_root, database_url)
+    finally:
+        extra.unlink()
+
+
+def _check_digest_command(server: Server, files_root: Path, database_url: str) -> None:
     env = {**os.environ, "EXPORTER_DATABASE_URL": database_url,
            "EXPORTER_FILES_ROOT": str(files_root)}
     done = subprocess.run([sys.executable, "-m", "exporter.cli", "digest", "nested"],
