@@ -7,6 +7,7 @@ time in proportion to its length, not its square.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC
 from email.utils import format_datetime, formatdate
@@ -217,10 +218,8 @@ def test_a_1_6_mb_if_none_match_is_parsed_in_linear_time() -> None:
 ])
 def test_a_1_6_mb_range_is_parsed_in_linear_time(value: str) -> None:
     def parse() -> None:
-        try:
+        with contextlib.suppress(ranges.Unsatisfiable):
             ranges.parse_range(value, 1000, 16)
-        except ranges.Unsatisfiable:
-            pass
 
     assert _timed(parse) < BOUND
 
