@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -60,6 +62,19 @@ def test_a_1_mb_header_gets_431_quickly_and_the_connection_closed(server: Server
     assert b"EXPORTER_MAX_HEADER_BYTES" in answer
     assert elapsed < 5
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_a_1_mb_header_gets_431_curl(server: Server, tmp_path: Path) -> None:
+    headers = tmp_path / "headers.txt"
+    # curl refuses one header line of 1 MB: ten of 100 KiB.
+    headers.write_text("".join(f"X-Big-{i}: " + "a" * (100 * 1024) + "\n" for i in range(10)))
+    done = subprocess.run(
+        ["curl", "-sS", "-o", str(tmp_path / "body"), "-w", "%{http_code}",
+         "-H", f"@{headers}", server.url + "/files/README.txt"],
+        capture_output=True, timeout=30, check=False,
+    )
+    assert done.stdout == b"431", done.stderr
+    assert b"EXPORTER_MAX_HEADER_BYTES" in (tmp_path / "body").read_bytes()
 
 
 def test_a_head_just_under_the_bound_is_served(server: Server) -> None:
@@ -242,7 +257,7 @@ def test_listing_numbers_still_work(server: Server) -> None:
     (f"bytes=5-{HUGE}, {HUGE}-", 206, "bytes 5-30/31"),
     (f"bytes=99999999999999999999-{HUGE}", 416, "bytes */31"),
 ])
-def test_ranges_with_numbers_of_thousands_of_digits_curl(
+def test_ranges_with_numbers_of_thousands_of_digits(
         server: Server, range_header: str, status: int, content_range: str) -> None:
     # README.txt: "Demo files served by exporter.\n", 31 bytes.
     r = httpx.get(f"{server.url}/files/README.txt", headers={"Range": range_header})
