@@ -141,6 +141,30 @@ def test_a_head_trickled_one_byte_a_second_is_cut_after_the_header_timeout(
         assert httpx.get(s.url + "/healthz").status_code == 200
 
 
+def test_a_second_head_trickled_on_a_kept_alive_connection_is_cut_too(
+        make_server: type[Server]) -> None:
+    env = {"EXPORTER_HEADER_TIMEOUT": "2", "EXPORTER_KEEP_ALIVE_TIMEOUT": "30"}
+    with make_server(env) as s, connect(s) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(sock.recv(65536)) == 200
+        time.sleep(2.5)  # idle, within the keep-alive timeout: the head timer is not running
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        sock.settimeout(1)
+        answer = b""
+        for _ in range(20):
+            with contextlib.suppress(TimeoutError):
+                answer += sock.recv(65536)
+            if answer:
+                break
+            with contextlib.suppress(OSError):
+                sock.sendall(b"X")
+        sock.settimeout(10)
+        answer += read_until_closed(sock)
+        assert status_of(answer) == 408, answer
+        assert 1.5 < time.monotonic() - started < 8
+
+
 def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
         make_server: type[Server]) -> None:
     with make_server({"EXPORTER_HEADER_TIMEOUT": "2"}) as s, connect(s) as sock:
