@@ -40,6 +40,12 @@ def pytest_configure(config: pytest.Config) -> None:
         base = config.rootpath / "var" / "pytest"
         base.parent.mkdir(parents=True, exist_ok=True)
         config.option.basetemp = str(base)
+    # Hypothesis's caches next to it, not in the checkout's `.hypothesis/` (it writes
+    # some while collecting, before the temporary folder is made afresh).
+    with contextlib.suppress(ImportError):
+        from hypothesis import configuration
+
+        configuration.set_hypothesis_home_dir(config.rootpath / "var" / "hypothesis")
 
 
 @pytest.fixture(scope="session")

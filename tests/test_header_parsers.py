@@ -21,7 +21,8 @@ from exporter.files import conditions, ranges
 from exporter.http import content_disposition, parse_accept
 
 # The machine is shared: no per-example deadline, and a moderate number of examples.
-PROPERTY = settings(max_examples=300, deadline=None,
+# No example database: it would be written into the checkout (.hypothesis/).
+PROPERTY = settings(max_examples=300, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 # Header values reach the app as latin-1 text; the parsers must also survive any str.
