@@ -77,6 +77,17 @@ def test_a_1_mb_header_gets_431_curl(server: Server, tmp_path: Path) -> None:
     assert b"EXPORTER_MAX_HEADER_BYTES" in (tmp_path / "body").read_bytes()
 
 
+def test_the_bound_holds_with_several_workers(make_server: type[Server]) -> None:
+    """Workers are spawned processes: the protocol and its settings must reach them."""
+    s = make_server({"EXPORTER_MAX_HEADER_BYTES": "8192"})
+    s.command += ["--workers", "2"]
+    with s:
+        assert raw_request(s.url, "GET /healthz HTTP/1.1", {"X-Pad": "a" * 7000}).status == 200
+        for _ in range(4):  # whichever worker takes the connection
+            r = raw_request(s.url, "GET /healthz HTTP/1.1", {"X-Pad": "a" * 9000})
+            assert r.status == 431
+
+
 def test_a_head_just_under_the_bound_is_served(server: Server) -> None:
     r = raw_request(server.url, "GET /healthz HTTP/1.1", {"X-Pad": "a" * (60 * 1024)})
     assert r.status == 200
