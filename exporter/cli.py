@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from exporter.access.cli import add_commands as add_access_commands
 from exporter.config import Settings
@@ -112,8 +113,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         uvicorn.run(
             "exporter.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, log_level=args.log_level, access_log=args.access_log,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=5, **server_limits(settings),
         )
+
+
+def server_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the bounds on clients (see exporter/guard.py)."""
+    from exporter.guard import GuardedHttpToolsProtocol
+
+    trusted = settings.forwarded_allow_ips.strip()
+    return {
+        "http": GuardedHttpToolsProtocol,
+        # uvicorn answers 503 once `limit_concurrency` connections exist, the one asking
+        # included: one more, so that the setting is the number served.
+        "limit_concurrency": settings.max_connections + 1,
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        # uvicorn believes 127.0.0.1 by default: a local process could pose as any client.
+        "proxy_headers": bool(trusted),
+        "forwarded_allow_ips": trusted or "",
+    }
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> None:

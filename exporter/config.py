@@ -66,6 +66,22 @@ class Settings(BaseSettings):
     # exports and files with a token; other origins get no CORS headers.
     cors_origins: list[str] = []
 
+    # The HTTP server (per worker process). A reverse proxy in front is still advised.
+    # Bytes of a request head (request line and headers) beyond which the answer is 431,
+    # as nginx's large_client_header_buffers (4 x 8k) but with room for long cookies.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Seconds a request head may take to arrive (from the connection, or from its first
+    # byte on a kept-alive one), as nginx's client_header_timeout; past it, 408 and close.
+    header_timeout: float = Field(default=60.0, gt=0)
+    # Connections served at once; a request on any connection beyond them gets 503.
+    max_connections: int = Field(default=512, ge=1)
+    # Seconds an idle kept-alive connection stays open (uvicorn's default).
+    keep_alive_timeout: float = Field(default=5.0, gt=0)
+    # Addresses of the proxies whose X-Forwarded-For / X-Forwarded-Proto are believed,
+    # comma-separated, as uvicorn's --forwarded-allow-ips ("127.0.0.1", "10.0.0.0/8",
+    # "*"). Empty: nobody's, so the audit and the limits see the connection's address.
+    forwarded_allow_ips: str = ""
+
     @property
     def embedded(self) -> bool:
         return self.database_url is None

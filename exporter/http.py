@@ -10,6 +10,9 @@ from urllib.parse import quote
 _ATTR_CHARS = "!#$&+-.^_`|~"
 _TOKEN_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\%;]')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A file name that is not valid UTF-8 on disk reaches Python with lone surrogates, which
+# no encoder accepts.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def content_disposition(
@@ -22,7 +25,7 @@ def content_disposition(
     reads only `filename=`, so for curl that parameter carries the name itself, as
     UTF-8 bytes.
     """
-    filename = filename.replace("/", "_").replace("\x00", "")
+    filename = _SURROGATE.sub("\ufffd", filename.replace("/", "_").replace("\x00", ""))
     fallback = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
     fallback = _TOKEN_UNSAFE.sub("_", fallback) or "download"
     if fallback == filename:

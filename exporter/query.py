@@ -155,7 +155,9 @@ def _parse_order(dataset: Dataset, value: str) -> list[Order]:
 
 
 def _parse_count(name: str, value: str) -> int:
-    if not value.isascii() or not value.isdigit() or int(value) > MAX_BIGINT:
+    # The length first: int() refuses more than 4300 digits with a ValueError.
+    if (not value.isascii() or not value.isdigit() or len(value.lstrip("0")) > 19
+            or int(value) > MAX_BIGINT):
         raise bad_parameter(name, f"'{name}' must be a whole number from 0 to {MAX_BIGINT}")
     return int(value)
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis.configuration import set_hypothesis_home_dir
 from sqlalchemy.engine import make_url
 
 from exporter.cli import migrate
@@ -41,9 +40,12 @@ def pytest_configure(config: pytest.Config) -> None:
         base = config.rootpath / "var" / "pytest"
         base.parent.mkdir(parents=True, exist_ok=True)
         config.option.basetemp = str(base)
-    # Hypothesis caches what it learns under .hypothesis/ in the working directory: keep
-    # it in the temporary folder instead, out of the checkout.
-    set_hypothesis_home_dir(Path(config.option.basetemp) / "hypothesis")
+    # Hypothesis's caches next to it, not in the checkout's `.hypothesis/` (it writes
+    # some while collecting, before the temporary folder is made afresh).
+    with contextlib.suppress(ImportError):
+        from hypothesis import configuration
+
+        configuration.set_hypothesis_home_dir(config.rootpath / "var" / "hypothesis")
 
 
 @pytest.fixture(scope="session")

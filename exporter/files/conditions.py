@@ -11,6 +11,9 @@ from email.utils import formatdate, parsedate_to_datetime
 NOT_MODIFIED, PRECONDITION_FAILED = 304, 412
 
 _ETAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+# The longest HTTP date form (RFC 850's, with a long weekday) is 33 characters; the room
+# above that is for stray spaces. Longer values are not dates, and are not parsed.
+MAX_DATE_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,12 @@ class Validators:
 
 def parse_date(value: str | None) -> int | None:
     """Seconds since the epoch of an HTTP date, or None if it is not one (then it is ignored)."""
-    if not value:
+    if not value or len(value) > MAX_DATE_LENGTH:
         return None
     try:
         parsed = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
+        # OverflowError: a year, day or hour too large for the C integers under datetime.
         return None
     if parsed.tzinfo is None:  # `-0000`: UTC with no claim about local time
         return calendar.timegm(parsed.timetuple())
@@ -48,11 +52,11 @@ def parse_etags(value: str) -> list[tuple[bool, str]] | None:
     tags: list[tuple[bool, str]] = []
     position = 0
     while position < len(value):
-        if value[position:].strip() in ("", ","):
-            break
         match = _ETAG.match(value, position)
         if match is None:
-            return None
+            # Reached once, at the end: a copy of the rest at every tag would make a
+            # long list cost the square of its length.
+            return tags if value[position:].strip() in ("", ",") else None
         tags.append((match.group(1) is not None, match.group(2)))
         position = match.end()
     return tags
