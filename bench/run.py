@@ -37,9 +37,24 @@ def machine_short() -> str:
     return f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
 
 
+# Sections measured by their own commands (bench.listing, bench.http_guard, ...) and the
+# notes on missed targets live below this line; a run rewrites only what is above it.
+KEEP_MARKER = "<!-- kept: ./scripts/bench rewrites the sections above and keeps everything" \
+    " below this line -->"
+
+
+def kept_sections(path: Path) -> str:
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(KEEP_MARKER)
+    return "" if at < 0 else text[at:]
+
+
 def write_report(plan: Plan, command: str, sections: list[Section], seconds: float) -> Path:
     plan.out.mkdir(parents=True, exist_ok=True)
     path = plan.out / "benchmarks.md"
+    kept = kept_sections(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
     kind = "a quick run: small data, not the headline" if plan.quick else "the full run"
     text = "\n".join([
         "# Benchmarks",
@@ -51,6 +66,7 @@ def write_report(plan: Plan, command: str, sections: list[Section], seconds: flo
         "median and the spread (min–max).",
         "",
         *(s.markdown() for s in sections),
+        kept,
     ])
     path.write_text(text)
     return path
