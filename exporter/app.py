@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from exporter.config import Settings
 from exporter.cors import add_cors
 from exporter.db import create_engine
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
+from exporter.export import end_running_exports
 from exporter.files.stream import ReadBudget
 from exporter.health import Health
 from exporter.routes import datasets, downloads, files, health, links, page, tokens
@@ -82,7 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         # Exports cut by the shutdown end in detached tasks that still need the pool
-        # (connections to let go, audit rows to close).
+        # (connections to let go, audit rows to close). uvicorn starts this before the
+        # requests it cancelled have run their clean-up: those are ended here.
+        await asyncio.sleep(0)
+        if ended := end_running_exports():
+            log.warning("%d exports still running at shutdown: aborted", ended)
         if left := await wait_detached(DETACHED_GRACE):
             log.warning("%d clean-ups still running at shutdown", left)
         await app.state.exporter.health.close()

@@ -28,6 +28,19 @@ def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
     return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
 
 
+# Exports between their start and their recorded end, so a shutdown can end them all.
+_running: set[Export] = set()
+
+
+def end_running_exports() -> int:
+    """At shutdown: release and record as aborted every export not ended yet (uvicorn may
+    have cancelled their requests too late for them to do it); how many there were."""
+    running = list(_running)
+    for job in running:
+        job._end_detached(ABORTED, "the server shut down", http_status=200)
+    return len(running)
+
+
 class Export:
     """Opened before the response starts, so failures up to the first row are clean HTTP errors."""
 
@@ -60,6 +73,7 @@ class Export:
         limit = self._settings.export_max_duration
         if limit > 0:
             self._deadline = asyncio.get_running_loop().time() + limit
+        _running.add(self)
         try:
             try:
                 await self._audit.start(self.download)
@@ -163,7 +177,9 @@ class Export:
         snapshot and the connection are let go now, not whenever the body is closed."""
         log.warning("export %s of %s cut after %d bytes: %s",
                     self.download.id, self.download.target, self.download.bytes, reason)
-        self._end_detached(ABORTED, f"cut: {reason}", http_status=200)
+        # A stalled client ended it; the duration limit is the server's own doing.
+        status = FAILED if reason == MAX_DURATION else ABORTED
+        self._end_detached(status, f"cut: {reason}", http_status=200)
 
     def request_ended(self) -> None:
         """The request is over. If the body never ran to its end (its client left before
@@ -177,6 +193,7 @@ class Export:
         be cancelled (client gone) and with it every await in its clean-up."""
         if self._ending is None:
             self._ending = run_detached(self._finish(status, error, http_status))
+            self._ending.add_done_callback(lambda _: _running.discard(self))
         return self._ending
 
     async def _end(self, status: str, error: str | None, *,
