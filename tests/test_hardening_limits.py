@@ -191,6 +191,32 @@ def test_curl_parallel_six_transfers_finish_without_retries(
     assert took > 1.8 * size / rate, f"took {took:.1f} s: the transfers did not overlap"
 
 
+def test_aria2c_eight_connections_finish_without_retries(
+    make_server: type[Server], tmp_path: Path
+) -> None:
+    """`aria2c -x 8` opens 8 connections at once against a cap of 4: the other four wait
+    for a slot instead of meeting a 429 and retrying."""
+    root = tmp_path / "root"
+    root.mkdir()
+    data = os.urandom(16 * 2**20)
+    (root / "big.bin").write_bytes(data)
+    rate = 8 * 2**20  # the server's pace per connection: each 2 MiB piece takes 0.25 s
+    with make_server({"EXPORTER_FILES_ROOT": str(root),
+                      "EXPORTER_MAX_BYTES_PER_SECOND": str(rate)}) as s:
+        done = subprocess.run(
+            ["aria2c", "-x", "8", "-s", "8", "-k", "1M", "--max-tries=1", "--retry-wait=0",
+             "--allow-overwrite=true", "--auto-file-renaming=false", "--console-log-level=notice",
+             "--summary-interval=0", "--log=aria2.log", "--log-level=info",
+             "-d", str(tmp_path), "-o", "out.bin", s.url + "/files/big.bin"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "aria2.log").read_text(errors="replace")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out.bin").read_bytes() == data
+    # It did open more connections at once than the cap of 4.
+    assert log.count("Connecting to") >= 8, log
+    assert "429" not in log, "a connection met 429"
+
+
 def test_waiting_for_a_slot_gives_up_when_the_client_leaves(
     make_server: type[Server], database_url: str, people: dict[str, tuple[str, str]]
 ) -> None:
