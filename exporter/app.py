@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -22,11 +23,18 @@ from exporter.config import Settings
 from exporter.cors import add_cors
 from exporter.db import create_engine
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
+from exporter.export import end_running_exports
 from exporter.files.stream import ReadBudget
+from exporter.health import Health
 from exporter.routes import datasets, downloads, files, health, links, page, tokens
 from exporter.state import State
+from exporter.streaming import wait_detached
 
 log = logging.getLogger(__name__)
+
+# Seconds the shutdown waits for the clean-ups of the last downloads (audit.finish
+# retries for up to about 4 s), after uvicorn's own 5 s of grace for open responses.
+DETACHED_GRACE = 8.0
 
 
 class _RedactSignatures(logging.Filter):
@@ -68,11 +76,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.exporter = State(
             settings, engine, catalog, Audit(engine), TokenStore(engine),
             LinkKeys(engine, settings.link_secret),
-            Limiter(settings.max_downloads_per_principal),
+            Limiter(settings.max_downloads_per_principal, settings.limit_wait,
+                    settings.export_cap, settings.max_exports_wait),
             ReadBudget(settings.file_read_budget, settings.file_chunk_size,
                        settings.file_chunk_size_max),
+            Health(database_url),
         )
         yield
+        # Exports cut by the shutdown end in detached tasks that still need the pool
+        # (connections to let go, audit rows to close). uvicorn starts this before the
+        # requests it cancelled have run their clean-up: those are ended here.
+        await asyncio.sleep(0)
+        if ended := end_running_exports():
+            log.warning("%d exports still running at shutdown: aborted", ended)
+        if left := await wait_detached(DETACHED_GRACE):
+            log.warning("%d clean-ups still running at shutdown", left)
+        await app.state.exporter.health.close()
         await engine.dispose()
 
     redact_secrets_in_access_log()

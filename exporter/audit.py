@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +16,8 @@ from exporter.tables import downloads
 log = logging.getLogger(__name__)
 
 COMPLETE, ABORTED, FAILED = "complete", "aborted", "failed"
+# Seconds between the tries to record a download's end.
+FINISH_RETRIES = (0.5, 1.0, 2.0)
 
 
 @dataclass
@@ -54,14 +57,22 @@ class Audit:
     ) -> None:
         if d.id is None:
             return
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    sa.update(downloads)
-                    .where(downloads.c.id == d.id)
-                    .values(status=status, http_status=http_status, rows=d.rows,
-                            bytes=d.bytes, error=error, ended_at=sa.func.now())
-                )
-        except Exception:
-            # The download itself is over; losing its audit row must not break serving.
-            log.exception("could not record the end of download %s", d.id)
+        # Usually at once; when the pool or the database is briefly short, a few more
+        # tries (this runs apart from any request), so that no row stays `running`.
+        for wait in (*FINISH_RETRIES, None):
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.execute(
+                        sa.update(downloads)
+                        .where(downloads.c.id == d.id)
+                        .values(status=status, http_status=http_status, rows=d.rows,
+                                bytes=d.bytes, error=error, ended_at=sa.func.now())
+                    )
+                return
+            except Exception:
+                if wait is None:
+                    # The download itself is over; losing its audit row must not break serving.
+                    log.exception("could not record the end of download %s", d.id)
+                    return
+                log.warning("could not record the end of download %s yet; retrying", d.id)
+                await asyncio.sleep(wait)

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     port: int = 8000
     pool_size: int = 10
     pool_max_overflow: int = 20
+    # Seconds a request waits for a pool connection before its 503. Exports are capped
+    # below the pool's size (`max_exports`), so the app's own small queries (tokens,
+    # audit, catalog) find one at once and a long wait only means trouble.
+    pool_timeout: float = Field(default=5.0, gt=0)
 
     # Seconds an export may take before its first row; past it the answer is 504.
     # Only the wait for the first row is bounded: a 100 GB export may stream for hours.
@@ -61,6 +65,24 @@ class Settings(BaseSettings):
     max_downloads_per_principal: int = Field(default=4, ge=1)
     # Bytes per second per download; 0 means no cap.
     max_bytes_per_second: int = Field(default=0, ge=0)
+    # Seconds a request over its principal's cap waits for one of its downloads to end
+    # before its 429: `curl --parallel` and `aria2c -x 8` open more connections at once.
+    # 0 answers 429 at once. A client that leaves stops waiting.
+    limit_wait: float = Field(default=10.0, ge=0)
+    # Exports at once in this process, whoever asks: each holds a pool connection (and a
+    # snapshot) for as long as its client reads, so this stays below pool_size +
+    # pool_max_overflow and leaves connections for the app's own queries (it is lowered
+    # to that total minus 2 if set higher). Over it, a request waits up to
+    # `max_exports_wait` seconds, then gets 503 with Retry-After.
+    max_exports: int = Field(default=20, ge=1)
+    max_exports_wait: float = Field(default=2.0, ge=0)
+    # An export whose client has read nothing for this many seconds while data waits for
+    # it is cut (the client sees a broken download, the audit says why) and its snapshot
+    # and connection are released; 0 turns this off.
+    export_idle_timeout: float = Field(default=60.0, ge=0)
+    # Seconds an export may stream in all before it is cut the same way; 0 (the default)
+    # means no limit: a 100 GB export may take hours.
+    export_max_duration: float = Field(default=0.0, ge=0)
 
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.
@@ -85,6 +107,11 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.database_url is None
+
+    @property
+    def export_cap(self) -> int:
+        """`max_exports`, kept two connections below the pool's total."""
+        return max(1, min(self.max_exports, self.pool_size + self.pool_max_overflow - 2))
 
     @property
     def pgdata(self) -> Path:

@@ -43,6 +43,7 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
         sqlalchemy_url(url),
         pool_size=settings.pool_size,
         max_overflow=settings.pool_max_overflow,
+        pool_timeout=settings.pool_timeout,
         pool_pre_ping=True,
         connect_args={"server_settings": SESSION_SETTINGS},
     )

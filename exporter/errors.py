@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -44,7 +47,9 @@ def bad_parameter(parameter: str, message: str) -> ApiError:
 
 
 def unavailable(error: BaseException) -> ApiError:
-    return ApiError(503, f"the database is unavailable: {type(error).__name__}: {error}",
+    # The driver's own text may name the database user, host or query: it goes to the log.
+    log.warning("database unavailable: %s: %s", type(error).__name__, error)
+    return ApiError(503, f"the database is unavailable: {describe(error)}",
                     headers={"Retry-After": "5"})
 
 
@@ -77,13 +82,44 @@ def postgres_message(error: BaseException) -> str:
     return str(_driver_error(error))
 
 
+# Errors of reaching the database rather than of running a query: the server's
+# credentials refused, no such database, no connection slot left, shutting down.
+_NOT_CONNECTED = (asyncpg.PostgresConnectionError, asyncpg.InvalidAuthorizationSpecificationError,
+                  asyncpg.InvalidCatalogNameError, asyncpg.InsufficientResourcesError,
+                  asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+                  asyncpg.CannotConnectNowError)
+
+
+def describe(error: BaseException) -> str:
+    """What is wrong with the database, in words that name no user, host or SQL."""
+    error = _driver_error(error)
+    if isinstance(error, sa_exc.TimeoutError):
+        return "the server is busy: no database connection came free in time"
+    if isinstance(error, asyncpg.InvalidAuthorizationSpecificationError):
+        return "it refused the server's credentials"
+    if isinstance(error, asyncpg.InvalidCatalogNameError):
+        return "the configured database does not exist"
+    if isinstance(error, asyncpg.TooManyConnectionsError):
+        return "it accepts no more connections"
+    if isinstance(error, asyncpg.InsufficientResourcesError):
+        return "it is short of resources"
+    if isinstance(error, asyncpg.AdminShutdownError | asyncpg.CrashShutdownError
+                  | asyncpg.CannotConnectNowError):
+        return "it is shutting down or starting up"
+    if isinstance(error, TimeoutError):
+        return "it did not answer in time"
+    if isinstance(error, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
+                  | sa_exc.DBAPIError):
+        return "it cannot be reached"
+    # The app's own explanations (a missing table, say) are meant to be read.
+    return str(error) if type(error) is RuntimeError else "it failed"
+
+
 def database_error(error: BaseException) -> ApiError:
     """504 for a query the database cancelled, 502 for one it refused, else 503."""
     error = _driver_error(error)
     if isinstance(error, asyncpg.QueryCanceledError):
         return ApiError(504, f"the query was cancelled by the database: {error}")
-    if isinstance(error, asyncpg.PostgresError) and not isinstance(
-        error, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError
-    ):
+    if isinstance(error, asyncpg.PostgresError) and not isinstance(error, _NOT_CONNECTED):
         return ApiError(502, f"the database could not run the query: {error}")
     return unavailable(error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter import sql
+from exporter.access.limits import MAX_DURATION, ResponseCut
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.config import Settings
 from exporter.db import driver_connection
@@ -24,6 +26,19 @@ log = logging.getLogger(__name__)
 
 def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
     return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
+
+
+# Exports between their start and their recorded end, so a shutdown can end them all.
+_running: set[Export] = set()
+
+
+def end_running_exports() -> int:
+    """At shutdown: release and record as aborted every export not ended yet (uvicorn may
+    have cancelled their requests too late for them to do it); how many there were."""
+    running = list(_running)
+    for job in running:
+        job._end_detached(ABORTED, "the server shut down", http_status=200)
+    return len(running)
 
 
 class Export:
@@ -42,30 +57,40 @@ class Export:
         self._driver: Any = None  # the asyncpg connection under _conn
         self._stream: CopyStream | None = None
         self._first: bytes | None = None
+        self._deadline: float | None = None
+        self._ending: asyncio.Task[None] | None = None
 
     @property
     def filename(self) -> str:
         return filename(self.query.dataset.name, self.renderer, self.snapshot_time)
 
+    @property
+    def deadline(self) -> float | None:
+        """Loop time past which the export is cut (EXPORTER_EXPORT_MAX_DURATION), if any."""
+        return self._deadline
+
     async def open(self) -> None:
+        limit = self._settings.export_max_duration
+        if limit > 0:
+            self._deadline = asyncio.get_running_loop().time() + limit
+        _running.add(self)
         try:
-            await self._audit.start(self.download)
-        except DATABASE_ERRORS as error:
-            raise unavailable(error) from error
-        try:
+            try:
+                await self._audit.start(self.download)
+            except DATABASE_ERRORS as error:
+                raise unavailable(error) from error
             await self._open()
+        # Each ending also covers a row written by a start that was cut short (the
+        # INSERT done, its answer cancelled): no audit row stays `running`.
         except ApiError as error:
-            await self._release(clean=False)
-            await self._audit.finish(self.download, FAILED, http_status=error.status,
-                                     error=error.message)
+            await self._end(FAILED, error.message, http_status=error.status)
             raise
         except asyncio.CancelledError:
-            await self._release(clean=False)
-            await self._audit.finish(self.download, ABORTED, error="client left before first byte")
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._end(ABORTED, "client left before first byte")
             raise
         except BaseException:
-            await self._release(clean=False)
-            await self._audit.finish(self.download, FAILED, error="failed before first byte")
+            await self._end(FAILED, "failed before first byte")
             raise
 
     async def _open(self) -> None:
@@ -123,20 +148,62 @@ class Export:
             while chunk is not None:
                 yield chunk
                 d.bytes += len(chunk)
-                chunk = await self._stream.next_chunk()
+                chunk = await self._next_chunk()
             d.rows = self._stream.result
             status = COMPLETE
+        except ResponseCut as cut:
+            status, error = FAILED, f"cut: {cut}"
+            raise
         except Exception as exc:
             status, error = FAILED, f"{type(exc).__name__}: {exc}"
             log.error("export %s of %s failed after %d bytes: %s",
                       d.id, d.target, d.bytes, error)
             raise
         finally:
-            run_detached(self._finish(status, error))
+            self._end_detached(status, error, http_status=200)
 
-    async def _finish(self, status: str, error: str | None) -> None:
+    async def _next_chunk(self) -> bytes | None:
+        assert self._stream is not None
+        if self._deadline is None:
+            return await self._stream.next_chunk()
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await self._stream.next_chunk()
+        except TimeoutError:
+            raise ResponseCut(MAX_DURATION) from None
+
+    def cut(self, reason: str) -> None:
+        """Called when the response is cut while the body waits on its client: the
+        snapshot and the connection are let go now, not whenever the body is closed."""
+        log.warning("export %s of %s cut after %d bytes: %s",
+                    self.download.id, self.download.target, self.download.bytes, reason)
+        # A stalled client ended it; the duration limit is the server's own doing.
+        status = FAILED if reason == MAX_DURATION else ABORTED
+        self._end_detached(status, f"cut: {reason}", http_status=200)
+
+    def request_ended(self) -> None:
+        """The request is over. If the body never ran to its end (its client left before
+        it started, or while it waited to send), the export was not complete."""
+        if self._stream is not None:
+            self._end_detached(ABORTED, "client left", http_status=200)
+
+    def _end_detached(self, status: str, error: str | None, *,
+                      http_status: int | None = None) -> asyncio.Task[None]:
+        """Release and record the end once, in a task of its own: the request's task may
+        be cancelled (client gone) and with it every await in its clean-up."""
+        if self._ending is None:
+            self._ending = run_detached(self._finish(status, error, http_status))
+            self._ending.add_done_callback(lambda _: _running.discard(self))
+        return self._ending
+
+    async def _end(self, status: str, error: str | None, *,
+                   http_status: int | None = None) -> None:
+        # Shielded: if this request is cancelled, it stops waiting, the clean-up does not.
+        await asyncio.shield(self._end_detached(status, error, http_status=http_status))
+
+    async def _finish(self, status: str, error: str | None, http_status: int | None) -> None:
         await self._release(clean=status == COMPLETE)
-        await self._audit.finish(self.download, status, http_status=200, error=error)
+        await self._audit.finish(self.download, status, http_status=http_status, error=error)
 
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""

@@ -14,6 +14,7 @@ from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.files.stream import ReadBudget
+from exporter.health import Health
 
 
 @dataclass
@@ -26,6 +27,7 @@ class State:
     links: LinkKeys
     limiter: Limiter
     read_budget: ReadBudget
+    health: Health
 
 
 def get_state(request: Request) -> State:

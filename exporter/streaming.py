@@ -57,11 +57,21 @@ async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
 _detached: set[asyncio.Task[None]] = set()
 
 
-def run_detached(work: Coroutine[Any, Any, None]) -> None:
+def run_detached(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """Finish `work` outside the current (possibly cancelled) task."""
     task = asyncio.get_running_loop().create_task(work)
     _detached.add(task)
     task.add_done_callback(_detached.discard)
+    return task
+
+
+async def wait_detached(within: float) -> int:
+    """Wait for the pending clean-ups (at shutdown, before the pool goes); how many were
+    still running after `within` seconds."""
+    if not _detached:
+        return 0
+    _, pending = await asyncio.wait(set(_detached), timeout=within)
+    return len(pending)
 
 
 class FirstChunkTimeout(Exception):

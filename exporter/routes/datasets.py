@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from exporter import openapi, renderers, sql
 from exporter.access.authenticate import authenticate
+from exporter.access.limits import ClientLeft, ExportWatch, on_request_end, watch_export
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
@@ -133,7 +134,10 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         del response.headers["content-length"]  # GET streams its body chunked
         return response
 
-    st.limiter.acquire(request.scope, principal.limit_key)
+    try:
+        await st.limiter.acquire(request, principal.limit_key, export=True)
+    except ClientLeft:
+        return Response(status_code=499)  # nobody is listening; uvicorn drops it
     recorded: dict[str, list[str]] = {}
     for key, value in params:
         if key != SIGNATURE:  # a credential: never stored
@@ -143,5 +147,8 @@ async def export_response(request: Request, st: State, principal: Principal, dat
                         link_expires=principal.link_expires)
     job = Export(st.engine, st.audit, st.settings, query, renderer, download)
     if not await unless_disconnected(job.open(), request.receive):
-        return Response(status_code=499)  # nobody is listening; uvicorn drops it
+        return Response(status_code=499)
+    on_request_end(request.scope, job.request_ended)
+    watch_export(request.scope, ExportWatch(st.settings.export_idle_timeout, job.deadline,
+                                            job.cut))
     return StreamingResponse(job.body(), headers=export_headers(request, renderer, job.filename))

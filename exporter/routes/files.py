@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from exporter import openapi
 from exporter.access.authenticate import authenticate
+from exporter.access.limits import ClientLeft
 from exporter.browse import folder_listing, open_path
 from exporter.errors import ApiError, bad_parameter
 from exporter.files.listing import url_path
@@ -81,7 +82,10 @@ async def _files(request: Request, path: str) -> Response:
                                         limit, offset)
             return JSONResponse(body, headers={"Cache-Control": "no-cache"})
         if request.method == "GET":
-            st.limiter.acquire(request.scope, principal.limit_key)
+            try:
+                await st.limiter.acquire(request, principal.limit_key)
+            except ClientLeft:
+                return Response(status_code=499)  # nobody is listening; uvicorn drops it
         return await serve_file(request, st, target, principal)
     finally:
         target.close()  # unless serve_file took the descriptor

@@ -1,0 +1,71 @@
+"""Is the database reachable: asked on a connection of its own, outside the pool.
+
+When every pool connection is taken (slow clients, a burst of exports), a probe that
+waited for one would hang and then call a healthy database down. So the probe keeps
+one dedicated connection, gives up after `timeout`, and its answer is shared by the
+requests that come while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+
+from exporter.db import libpq_url
+from exporter.errors import describe
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    def __init__(self, url: str, *, timeout: float = 0.8) -> None:
+        self._dsn = libpq_url(url)
+        self.timeout = timeout
+        self._conn: Any = None  # asyncpg.Connection
+        self._running: asyncio.Task[str | None] | None = None
+
+    async def problem(self) -> str | None:
+        """None if the database answered, else what is wrong (no user, host or SQL).
+
+        Callers that come while a probe runs share its answer: many health checks at
+        once cost one query.
+        """
+        if self._running is None or self._running.done():
+            self._running = asyncio.get_running_loop().create_task(self._check())
+        return await asyncio.shield(self._running)
+
+    async def _check(self) -> str | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._probe()
+            return None
+        except Exception as error:  # TimeoutError included
+            self._drop()
+            log.warning("health probe failed: %s: %s", type(error).__name__, error)
+            return describe(error)
+
+    async def _probe(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.fetchval("SELECT 1")
+                return
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                self._drop()  # the server restarted since, say: one more try on a new one
+        self._conn = await asyncpg.connect(
+            self._dsn, server_settings={"application_name": "exporter health"})
+        await self._conn.fetchval("SELECT 1")
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
