@@ -138,3 +138,26 @@ def test_uvicorn_running_the_app_refuses_a_server_too_old_in_one_line(
                                 f" needs PostgreSQL {newer // 10000} or newer")
     assert "Application startup failed" in output
     assert "Uvicorn running" not in output
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_postgres_skips_with_the_reason_but_fails_in_ci(
+    tmp_path: Path, ci: str
+) -> None:
+    """A version whose Debian package is not installed (99): outside CI its tests are
+    skipped, saying why; in CI they fail, so a run never passes without them."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_postgres_versions.py", "-q", "-rs",
+         "-p", "no:cacheprovider", "--postgres", "99", f"--basetemp={tmp_path / 'run'}",
+         "-k", "the_server_is_the_version_asked_for"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "CI": ci},
+    )
+    assert "postgresql-99 is not installed" in done.stdout, done.stdout
+    if ci:
+        assert done.returncode == 1, done.stdout
+        assert "in CI the tests on PostgreSQL 99 must run" in done.stdout
+        assert "1 error" in done.stdout
+    else:
+        assert done.returncode == 0, done.stdout
+        assert "1 skipped" in done.stdout
