@@ -140,7 +140,7 @@ def test_uvicorn_running_the_app_refuses_a_server_too_old_in_one_line(
     assert "Uvicorn running" not in output
 
 
-@pytest.mark.parametrize("ci", ["true", ""])
+@pytest.mark.parametrize("ci", ["true", ""], ids=["in-ci", "outside-ci"])
 def test_a_missing_postgres_skips_with_the_reason_but_fails_in_ci(
     tmp_path: Path, ci: str
 ) -> None:
