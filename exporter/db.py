@@ -26,6 +26,11 @@ SESSION_SETTINGS = {
 }
 
 
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or refused us: one line, no traceback.
+    (Here, not in exporter.cli, which also runs as __main__ under `python -m`.)"""
+
+
 # libpq's URL parameters that asyncpg.connect() does not take under these names;
 # SQLAlchemy would hand them over as they are, and asyncpg would fail with a TypeError.
 LIBPQ_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_name",
