@@ -136,7 +136,14 @@ def schema_revisions(url: str) -> tuple[set[str], set[str]]:
         finally:
             await engine.dispose()
 
-    return asyncio.run(read()), heads
+    # A read-only look: Alembic's "Context impl PostgresqlImpl" lines would only be noise.
+    chatty = logging.getLogger("alembic.runtime.migration")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        return asyncio.run(read()), heads
+    finally:
+        chatty.setLevel(level)
 
 
 def require_schema_at_head(url: str, command: str) -> None:
