@@ -31,10 +31,10 @@ DEFAULT_DEMO_ROWS = 1_000_000
 DEFAULT_DEMO_FILE_SIZE = "1G"
 
 
-# SQLSTATE classes of a refused connection: 08 connection exception, 28 bad
-# authorisation, 3D no such database, 53 out of resources (too many clients),
-# 57 operator intervention (the server is starting or shutting down).
-REFUSED = ("08", "28", "3D", "53", "57")
+# SQLSTATEs of a refused connection: classes 08 (connection exception), 28 (bad
+# authorisation) and 3D (no such database), too many clients, and the server starting
+# or shutting down (57P01-57P03; not 57014, a cancelled query).
+REFUSED = ("08", "28", "3D", "53300", "57P")
 
 
 def connection_failure(error: BaseException) -> str | None:
@@ -42,7 +42,7 @@ def connection_failure(error: BaseException) -> str | None:
     seen: BaseException | None = error
     while seen is not None:
         sqlstate = getattr(seen, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate[:2] in REFUSED:
+        if isinstance(sqlstate, str) and sqlstate.startswith(REFUSED):
             return str(seen).splitlines()[0] if str(seen) else type(seen).__name__
         # Socket errors and time-outs count only when the driver raised them: an
         # OSError of the files root is not the database's.
