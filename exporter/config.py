@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from exporter.tables import APP_SCHEMA
 
 
 class Settings(BaseSettings):
@@ -19,9 +21,9 @@ class Settings(BaseSettings):
     dataset_schema: str = Field(default="exports", validation_alias="EXPORTER_SCHEMA")
 
     host: str = "127.0.0.1"
-    port: int = 8000
-    pool_size: int = 10
-    pool_max_overflow: int = 20
+    port: int = Field(default=8000, ge=1, le=65535)
+    pool_size: int = Field(default=10, ge=1)
+    pool_max_overflow: int = Field(default=20, ge=0)
     # Seconds a request waits for a pool connection before its 503. Exports are capped
     # below the pool's size (`max_exports`), so the app's own small queries (tokens,
     # audit, catalog) find one at once and a long wait only means trouble.
@@ -29,15 +31,15 @@ class Settings(BaseSettings):
 
     # Seconds an export may take before its first row; past it the answer is 504.
     # Only the wait for the first row is bounded: a 100 GB export may stream for hours.
-    statement_timeout: float = 60.0
+    statement_timeout: float = Field(default=60.0, gt=0)
     # Exports: PostgreSQL hands COPY output over in small pieces; they are coalesced
     # into chunks of this size, and at most `export_buffer_chunks` of them wait for
     # a slow client before the database is made to wait too.
-    export_chunk_size: int = 64 * 1024
-    export_buffer_chunks: int = 8
+    export_chunk_size: int = Field(default=64 * 1024, ge=1)
+    export_buffer_chunks: int = Field(default=8, ge=1)
     # A chunk smaller than `export_chunk_size` is sent after this many seconds anyway,
     # so a query that trickles rows still shows progress.
-    export_flush_interval: float = 0.05
+    export_flush_interval: float = Field(default=0.05, gt=0)
 
     # Files: served from this folder (relative paths are taken from the working directory).
     files_root: Path = Path("var/files")
@@ -103,6 +105,35 @@ class Settings(BaseSettings):
     # comma-separated, as uvicorn's --forwarded-allow-ips ("127.0.0.1", "10.0.0.0/8",
     # "*"). Empty: nobody's, so the audit and the limits see the connection's address.
     forwarded_allow_ips: str = ""
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            from exporter.db import connect_arguments
+
+            connect_arguments(url)  # a ValueError names what is wrong, never the password
+        return url
+
+    @field_validator("dataset_schema")
+    @classmethod
+    def _not_our_schema(cls, schema: str) -> str:
+        # The app's schema holds the tokens and the link signing key: published as a
+        # dataset schema, they would be downloadable. The system schemas are no data.
+        if schema == APP_SCHEMA:
+            raise ValueError(f"{APP_SCHEMA!r} is the app's own schema (tokens, signing key);"
+                             " datasets need another one")
+        if not schema or schema.startswith("pg_") or schema == "information_schema":
+            raise ValueError(f"{schema!r} is not a schema of datasets")
+        return schema
+
+    @model_validator(mode="after")
+    def _chunk_sizes_in_order(self) -> Settings:
+        if self.file_chunk_size > self.file_chunk_size_max:
+            raise ValueError(
+                f"EXPORTER_FILE_CHUNK_SIZE ({self.file_chunk_size}) is larger than"
+                f" EXPORTER_FILE_CHUNK_SIZE_MAX ({self.file_chunk_size_max})")
+        return self
 
     @property
     def embedded(self) -> bool:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
+import ssl
 import sys
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -63,7 +65,7 @@ def require_supported_server(url: str) -> None:
     """For the commands: a server too old is one line on stderr and exit status 2."""
 
     async def check() -> None:
-        engine = create_async_engine(sqlalchemy_url(url), poolclass=NullPool)
+        engine = create_single_engine(url)
         try:
             async with engine.connect() as conn:
                 await check_server_version(conn)
@@ -77,14 +79,115 @@ def require_supported_server(url: str) -> None:
         raise SystemExit(2) from None
 
 
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or refused us: one line, no traceback.
+    (Here, not in exporter.cli, which also runs as __main__ under `python -m`.)"""
+
+
+# libpq's URL parameters that asyncpg.connect() does not take under these names;
+# SQLAlchemy would hand them over as they are, and asyncpg would fail with a TypeError.
+LIBPQ_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_name",
+                    "connect_timeout", "options")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except Exception as error:  # SQLAlchemy's ArgumentError, or a ValueError of a bad port
+        raise ValueError("not a URL such as postgresql://user:password@host:5432/db") from error
+    if parsed.drivername not in ("postgresql", "postgres", "postgresql+asyncpg"):
+        raise ValueError(f"not a PostgreSQL URL: {parsed.drivername}")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ValueError(f"port {parsed.port} is not between 1 and 65535")
+    return parsed.set(drivername="postgresql+asyncpg")
+
+
 def sqlalchemy_url(url: str) -> str:
     """Accept a plain libpq URI (`postgresql://...`) and pick the asyncpg driver."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    else:
-        raise ValueError(f"not a PostgreSQL URL: {parsed.drivername}")
-    return parsed.render_as_string(hide_password=False)
+    return _parse(url).render_as_string(hide_password=False)
+
+
+def safe_url(url: str) -> str:
+    """The URL for messages and logs: the password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(not a URL)"
+
+
+def _query_value(parsed: URL, name: str) -> str | None:
+    value = parsed.query.get(name)
+    if isinstance(value, tuple):  # repeated: libpq keeps the last one
+        value = value[-1]
+    return value
+
+
+def _options(text: str) -> dict[str, str]:
+    """libpq's `options` (`-c name=value --other=value`) as server settings."""
+    settings: dict[str, str] = {}
+    words = iter(shlex.split(text))
+    for word in words:
+        if word == "-c":
+            word = next(words, "")
+        elif word.startswith("-c") or word.startswith("--"):
+            word = word[2:]
+        else:
+            raise ValueError(f"options: only -c name=value is supported, not {word!r}")
+        name, equals, value = word.partition("=")
+        if not equals or not name:
+            raise ValueError(f"options: expected -c name=value, not {word!r}")
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
+def _ssl(mode: str | None, rootcert: str | None, cert: str | None,
+         key: str | None) -> ssl.SSLContext | str | None:
+    if mode is not None and mode not in SSL_MODES:
+        raise ValueError(f"sslmode: one of {', '.join(SSL_MODES)}, not {mode!r}")
+    if rootcert is None and cert is None:
+        return mode
+    if mode in ("disable", "allow", "prefer"):
+        return mode
+    # libpq verifies the server against sslrootcert once it is given, even with `require`;
+    # it checks the host name only with verify-full.
+    context = ssl.create_default_context(cafile=rootcert)
+    context.check_hostname = mode == "verify-full"
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def connect_arguments(url: str) -> tuple[str, dict[str, Any]]:
+    """The SQLAlchemy URL without libpq's own parameters, and those parameters as
+    asyncpg.connect() takes them: `sslmode`/`sslrootcert`/`sslcert`/`sslkey` as `ssl`,
+    `connect_timeout` as `timeout`, `application_name` and `options` as server settings.
+    A bad value is a ValueError that names the parameter."""
+    parsed = _parse(url)
+    server_settings = dict(SESSION_SETTINGS)
+    arguments: dict[str, Any] = {}
+    ssl_context = _ssl(*(_query_value(parsed, n) for n in
+                         ("sslmode", "sslrootcert", "sslcert", "sslkey")))
+    if ssl_context is not None:
+        arguments["ssl"] = ssl_context
+    timeout = _query_value(parsed, "connect_timeout")
+    if timeout is not None:
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            raise ValueError(f"connect_timeout: a number of seconds, not {timeout!r}") from None
+        # libpq treats 0 (and less) as no timeout; asyncpg wants a positive number.
+        if seconds > 0:
+            arguments["timeout"] = max(seconds, 2.0)  # libpq's own minimum
+    options = _query_value(parsed, "options")
+    if options is not None:
+        server_settings.update(_options(options))
+    name = _query_value(parsed, "application_name")
+    if name is not None:
+        server_settings["application_name"] = name
+    arguments["server_settings"] = server_settings
+    rest = parsed.difference_update_query(LIBPQ_PARAMETERS)
+    return rest.render_as_string(hide_password=False), arguments
 
 
 def libpq_url(url: str) -> str:
@@ -94,13 +197,14 @@ def libpq_url(url: str) -> str:
 
 
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
+    target, arguments = connect_arguments(url)
     engine = create_async_engine(
-        sqlalchemy_url(url),
+        target,
         pool_size=settings.pool_size,
         max_overflow=settings.pool_max_overflow,
         pool_timeout=settings.pool_timeout,
         pool_pre_ping=True,
-        connect_args={"server_settings": SESSION_SETTINGS},
+        connect_args=arguments,
     )
     event.listen(engine.sync_engine, "connect", _set_version_dependent_settings)
     return engine
@@ -110,6 +214,12 @@ def _set_version_dependent_settings(dbapi_connection: Any, record: object) -> No
     if dbapi_connection.driver_connection.get_server_version().major >= CHECK_INTERVAL_SINCE:
         # Outside any transaction: a later rollback on the connection keeps it.
         dbapi_connection.run_async(lambda conn: conn.execute(CHECK_INTERVAL))
+
+
+def create_single_engine(url: str) -> AsyncEngine:
+    """An engine for one short job (migrations, the schema check): no pool kept."""
+    target, arguments = connect_arguments(url)
+    return create_async_engine(target, poolclass=NullPool, connect_args=arguments)
 
 
 async def driver_connection(conn: AsyncConnection) -> object:

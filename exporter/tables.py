@@ -31,6 +31,9 @@ downloads = sa.Table(
     sa.Column("principal", sa.Text),
     sa.Column("link_expires", sa.DateTime(timezone=True)),
     sa.Index("downloads_started_at_idx", "started_at"),
+    # `exporter downloads --principal` (migration 0003 made it; `alembic check` found it
+    # missing here).
+    sa.Index("downloads_principal_idx", "principal"),
 )
 
 # SHA-256 of served files, valid only while the file keeps this size, mtime and inode.

@@ -176,3 +176,22 @@ def raw_request(url: str, request_line: str, headers: dict[str, str] | None = No
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
     return RawResponse(int(status_line.split()[1]), parsed, body)
+
+
+class FreshDatabase:
+    """An empty database of its own (no migrations, no data), dropped afterwards."""
+
+    def __init__(self, server_url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.server_url = server_url
+        self.name = f"exporter_fresh_{os.urandom(4).hex()}"
+        self.url = make_url(server_url).set(database=self.name).render_as_string(
+            hide_password=False)
+
+    def __enter__(self) -> str:
+        run_sql(self.server_url, f'CREATE DATABASE "{self.name}"')
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        run_sql(self.server_url, f'DROP DATABASE "{self.name}" WITH (FORCE)')

@@ -25,12 +25,15 @@ DEMO_TOKEN_NAME = "demo"
 DEMO_SCOPES = ["datasets:*", "files:*", "admin"]
 
 
-def _with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
-    from exporter.cli import database, migrate
+def _with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[Any]],
+                 command: str) -> Any:
+    from exporter.cli import database, require_schema_at_head
     from exporter.db import create_engine
 
     with database(settings) as url:
-        migrate(url)
+        # Never migrates: an operator's command must not change the schema behind a
+        # running server's back (`exporter migrate` and `serve` do, under a lock).
+        require_schema_at_head(url, command)
 
         async def run() -> Any:
             engine = create_engine(settings, url)
@@ -90,7 +93,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> None:
                          "state"], rows)
 
     try:
-        _with_engine(settings, work)
+        _with_engine(settings, work, "token")
     except ValueError as error:  # a bad name or scope, or the name is taken
         usage_error(f"exporter token: {error}")
 
@@ -99,7 +102,7 @@ def cmd_link(args: argparse.Namespace, settings: Settings) -> None:
     if args.target == "rotate-key":
         if settings.link_secret:
             raise SystemExit("EXPORTER_LINK_SECRET is set: change it to rotate the key")
-        _with_engine(settings, lambda engine: LinkKeys(engine, None).rotate())
+        _with_engine(settings, lambda engine: LinkKeys(engine, None).rotate(), "link")
         print("link signing key rotated: every link made before no longer works",
               file=sys.stderr)
         return
@@ -120,7 +123,7 @@ def cmd_link(args: argparse.Namespace, settings: Settings) -> None:
         key = await LinkKeys(engine, settings.link_secret).key()
         return sign(key, url.path, url.query, expires_at, OPERATOR, OPERATOR)
 
-    print(base + _with_engine(settings, work))
+    print(base + _with_engine(settings, work, "link"))
     print(f"valid until {_when(expires_at)}", file=sys.stderr)
 
 
@@ -148,7 +151,7 @@ def cmd_downloads(args: argparse.Namespace, settings: Settings) -> None:
         async with engine.connect() as conn:
             return list((await conn.execute(query)).all())
 
-    rows = _with_engine(settings, work)
+    rows = _with_engine(settings, work, "downloads")
     print_table(
         ["id", "started", "principal", "kind", "target", "format", "range", "status", "http",
          "rows", "bytes", "client"],
