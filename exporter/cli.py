@@ -100,10 +100,6 @@ def _explained(url: str) -> Iterator[None]:
 def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
-    from exporter.db import require_supported_server
-
-    require_supported_server(url)
-
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["database_url"] = url
@@ -114,6 +110,9 @@ def migrate(url: str) -> None:
     """Upgrade to head; instances that start together take turns (see migrations/env.py)."""
     from alembic import command
 
+    from exporter.db import require_supported_server
+
+    require_supported_server(url)
     command.upgrade(alembic_config(url), "head")
 
 
@@ -155,6 +154,9 @@ def require_schema_at_head(url: str, command: str) -> None:
     with status 2, when the schema is not the one this version of exporter expects."""
     from alembic.script import ScriptDirectory
 
+    from exporter.db import require_supported_server
+
+    require_supported_server(url)
     revisions, heads = schema_revisions(url)
     if revisions == heads:
         return
