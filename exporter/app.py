@@ -27,6 +27,7 @@ from exporter.errors import DRIVER_ERRORS, ApiError, database_error
 from exporter.export import end_running_exports
 from exporter.files.stream import ReadBudget
 from exporter.health import Health
+from exporter.prefix import RootPath
 from exporter.routes import datasets, downloads, files, health, links, page, tokens
 from exporter.state import State
 from exporter.streaming import wait_detached
@@ -142,6 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost, so that preflights never take a download slot and every answer of the
     # routes, errors included, gets its CORS headers.
     add_cors(app, settings.cors_origins)
+    # Outermost of all: every layer inside sees the prefix in place.
+    app.add_middleware(RootPath, root_path=settings.root_path)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

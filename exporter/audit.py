@@ -16,6 +16,9 @@ from exporter.tables import downloads
 log = logging.getLogger(__name__)
 
 COMPLETE, ABORTED, FAILED = "complete", "aborted", "failed"
+# A file handed to the reverse proxy (X-Accel-Redirect): it sends the bytes, so the row
+# ends when the app's part does, with no byte count.
+PROXIED = "proxied"
 # Seconds between the tries to record a download's end.
 FINISH_RETRIES = (0.5, 1.0, 2.0)
 

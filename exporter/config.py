@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -9,6 +10,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from exporter.tables import APP_SCHEMA
+
+# The first path segments the app's routes use (see exporter/prefix.py).
+ROUTE_NAMES = frozenset({"datasets", "files", "links", "downloads", "tokens", "session",
+                         "healthz", "docs", "redoc", "openapi.json"})
 
 
 class Settings(BaseSettings):
@@ -105,6 +110,42 @@ class Settings(BaseSettings):
     # comma-separated, as uvicorn's --forwarded-allow-ips ("127.0.0.1", "10.0.0.0/8",
     # "*"). Empty: nobody's, so the audit and the limits see the connection's address.
     forwarded_allow_ips: str = ""
+    # The path prefix under which a reverse proxy publishes the server ("/exporter"):
+    # every URL the server makes (listings, links, redirects, the page, the cookie) carries
+    # it, and requests are served whether the proxy strips it or not. Empty: the root.
+    root_path: str = ""
+    # Set ("/internal/"), a file's GET and HEAD are answered, after the checks and the
+    # audit row, with `X-Accel-Redirect: <this><real path>` and no body: nginx sends the
+    # bytes from an `internal` location (with sendfile, Range and conditions of its own).
+    files_accel_redirect: str = ""
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("", "/"):
+            return ""
+        # Unreserved characters only: the prefix then reads the same percent-encoded or
+        # not, so it can be compared with the raw request path byte for byte.
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/?", value) or "/../" in value + "/" \
+                or "/./" in value + "/":
+            raise ValueError("EXPORTER_ROOT_PATH is a path such as /exporter (letters, digits,"
+                             " . _ ~ - between slashes)")
+        value = value.rstrip("/")
+        # A proxy that strips the prefix sends the routes' own paths: a prefix that starts
+        # like one of them could not be told apart.
+        if value.split("/")[1] in ROUTE_NAMES:
+            raise ValueError(f"EXPORTER_ROOT_PATH may not start with a route's name ({value})")
+        return value
+
+    @field_validator("files_accel_redirect")
+    @classmethod
+    def _accel(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", value):
+            raise ValueError("EXPORTER_FILES_ACCEL_REDIRECT is nginx's internal location, such"
+                             " as /internal/ (starting and ending with /)")
+        return value
 
     @field_validator("database_url")
     @classmethod

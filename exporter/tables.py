@@ -19,7 +19,7 @@ downloads = sa.Table(
     sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column("range", sa.Text),
     sa.Column("client", sa.Text),
-    sa.Column("status", sa.Text, nullable=False),  # running | complete | aborted | failed
+    sa.Column("status", sa.Text, nullable=False),  # running | complete | aborted | failed | proxied
     sa.Column("http_status", sa.Integer),
     sa.Column("rows", sa.BigInteger),
     sa.Column("bytes", sa.BigInteger, nullable=False, server_default="0"),

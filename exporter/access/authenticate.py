@@ -21,6 +21,7 @@ from exporter.access.links import (
 )
 from exporter.access.principal import ADMIN, CHALLENGES, LINK, Principal, anonymous
 from exporter.errors import ApiError
+from exporter.prefix import app_path, app_raw_path
 from exporter.state import State, get_state
 
 COOKIE = "exporter_token"
@@ -94,7 +95,8 @@ async def _link_principal(request: Request, st: State, rest: list[tuple[str, str
         if maker is None or maker.token_id is None:  # revoked or expired since
             raise ApiError(403, "the token that signed this link is no longer valid")
         identity = token_identity(maker.token_id)
-    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    # Signed without EXPORTER_ROOT_PATH: valid whether the proxy strips it or not.
+    raw_path = app_raw_path(request.scope) or app_path(request.scope).encode()
     expected = signature(await st.links.key(), request.method, raw_path.decode("latin-1"),
                          rest, params.expires, params.by, identity)
     if not hmac.compare_digest(expected.encode(), params.signature.encode()):

@@ -19,6 +19,7 @@ from exporter.access.durations import parse_duration
 from exporter.access.links import OPERATOR, LinkKeys, sign, split_query
 from exporter.access.tokens import TokenStore
 from exporter.config import Settings
+from exporter.prefix import strip_root
 from exporter.tables import downloads
 
 DEMO_TOKEN_NAME = "demo"
@@ -110,7 +111,9 @@ def cmd_link(args: argparse.Namespace, settings: Settings) -> None:
         url = urlsplit(args.target)
     except ValueError as error:
         usage_error(f"exporter link: not a URL: {error}")
-    if not url.path.startswith(("/datasets/", "/files/")):
+    # A URL as users see it, behind a proxy, carries EXPORTER_ROOT_PATH: signed without it.
+    path = strip_root(url.path, settings.root_path)
+    if not path.startswith(("/datasets/", "/files/")):
         usage_error("exporter link: give a URL or path under /datasets/ or /files/")
     if split_query(url.query)[1]:
         usage_error("exporter link: the URL is already signed (or names a ~ parameter of"
@@ -121,9 +124,10 @@ def cmd_link(args: argparse.Namespace, settings: Settings) -> None:
 
     async def work(engine: AsyncEngine) -> str:
         key = await LinkKeys(engine, settings.link_secret).key()
-        return sign(key, url.path, url.query, expires_at, OPERATOR, OPERATOR)
+        return sign(key, path, url.query, expires_at, OPERATOR, OPERATOR)
 
-    print(base + _with_engine(settings, work, "link"))
+    root = url.path[:len(url.path) - len(path)]  # the prefix, kept where it was given
+    print(base + root + _with_engine(settings, work, "link"))
     print(f"valid until {_when(expires_at)}", file=sys.stderr)
 
 
@@ -184,7 +188,7 @@ def add_commands(sub: Any) -> None:
     recent = sub.add_parser("downloads", help="the recent downloads, from the audit trail")
     recent.add_argument("--since", help="a duration (1h, 7d) or an ISO date")
     recent.add_argument("--principal", help='e.g. "token alice", "link by alice", "anonymous"')
-    recent.add_argument("--status", choices=["running", "complete", "aborted", "failed"])
+    recent.add_argument("--status", choices=["running", "complete", "aborted", "failed", "proxied"])
     recent.add_argument("--limit", type=int, default=50)
     recent.set_defaults(func=cmd_downloads)
 

@@ -103,7 +103,8 @@ def export_headers(request: Request, renderer: Renderer, download_name: str) -> 
                   openapi_extra=openapi.EXPORT)
 async def export(request: Request, name: str) -> Response:
     if not name:  # what Starlette did before the route took slashes: the listing
-        return RedirectResponse(request.url.replace(path="/datasets"), status_code=307)
+        root = request.scope.get("root_path", "")
+        return RedirectResponse(request.url.replace(path=f"{root}/datasets"), status_code=307)
     st = get_state(request)
     principal = await authenticate(request, st)
     # Before looking the name up, so that a refusal does not tell whether it exists.

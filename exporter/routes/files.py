@@ -16,6 +16,7 @@ from exporter.errors import ApiError, bad_parameter
 from exporter.files.listing import url_path
 from exporter.files.paths import bad_path
 from exporter.files.response import SAFE_HEADERS, serve_file
+from exporter.prefix import app_path, app_raw_path
 from exporter.state import get_state
 
 router = APIRouter()
@@ -45,8 +46,8 @@ def _fs_path(request: Request, path: str) -> str:
     U+FFFD and a file whose name is not UTF-8 could never be asked for; the raw path
     keeps the bytes. It is decoded once, like the path the router matched.
     """
-    raw = request.scope.get("raw_path")
-    if not isinstance(raw, bytes) or not raw.startswith(PREFIX.encode()):
+    raw = app_raw_path(request.scope)
+    if raw is None or not raw.startswith(PREFIX.encode()):
         return path
     return os.fsdecode(unquote_to_bytes(raw[len(PREFIX):]))
 
@@ -65,7 +66,7 @@ async def files(request: Request, path: str) -> Response:
 
 async def _files(request: Request, path: str) -> Response:
     st = get_state(request)
-    if request.scope["path"] != PREFIX + path:
+    if app_path(request.scope) != PREFIX + path:
         # The route's pattern stops at a newline (`$` matches before one): never a shortcut.
         raise bad_path("control characters")
     path = _fs_path(request, path)
@@ -74,7 +75,9 @@ async def _files(request: Request, path: str) -> Response:
     try:
         if target.is_dir and not target.wants_folder:
             # As nginx does: relative links in the listing need the trailing slash.
-            return RedirectResponse(f"{PREFIX}{url_path(target.relative)}/", status_code=301)
+            root = request.scope.get("root_path", "")
+            return RedirectResponse(f"{root}{PREFIX}{url_path(target.relative)}/",
+                                    status_code=301)
         if target.is_dir:
             limit = _int(request, "limit", 1000, 1, MAX_LIMIT)
             offset = _int(request, "offset", 0, 0, 2**62)

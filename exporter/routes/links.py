@@ -15,6 +15,7 @@ from exporter.access.durations import parse_duration
 from exporter.access.links import sign, token_identity
 from exporter.access.principal import TOKEN, Principal
 from exporter.errors import ApiError, bad_parameter
+from exporter.prefix import strip_root
 from exporter.routes.datasets import candidate_names
 from exporter.state import get_state
 
@@ -64,11 +65,13 @@ async def create_link(request: Request) -> JSONResponse:
         raise bad_parameter("url", f"not a URL: {error}") from None
     if url.scheme or (url.netloc and url.netloc != request.url.netloc):
         raise bad_parameter("url", "links point at this server: give the path")
-    if not may_link(principal, url.path):
-        raise ApiError(403, f"{principal.label} may not download {url.path}")
+    # A path as the listings give it carries EXPORTER_ROOT_PATH; links sign the rest.
+    path = strip_root(url.path, st.settings.root_path)
+    if not may_link(principal, path):
+        raise ApiError(403, f"{principal.label} may not download {path}")
     expires_at = datetime.now(UTC) + lifetime
     try:
-        signed = sign(await st.links.key(), url.path, url.query, expires_at, principal.name,
+        signed = sign(await st.links.key(), path, url.query, expires_at, principal.name,
                       token_identity(principal.token_id))
     except ValueError as error:
         raise bad_parameter("url", str(error)) from None

@@ -53,6 +53,7 @@ async def page(request: Request) -> Response:
         "operators": OPERATORS,
         "reserved": sorted(RESERVED),  # column names the builder must quote
         "formats": [r.name for r in renderers.all_renderers()],
+        "root": _root(request),  # every link and form of the page starts with it
     }
     response = templates.TemplateResponse(request, "page.html", context)
     # What the page shows depends on the cookie: no shared cache may keep it.
@@ -101,10 +102,11 @@ async def _folder(st: State, principal: Principal, path: str,
             target.close()
     except ApiError as error:
         return None, error.message
+    files_url = base_url.rstrip("/") + "/files/"
     for e in listing["entries"]:
         if e["kind"] == "dir":
             # The folder's own page: its path as the listing's URL spells it (exact bytes).
-            e["page_path"] = e["url"].split("/files/", 1)[1]
+            e["page_path"] = e["url"][len(files_url):]
     listing["url_path"] = url_path(path)
     return listing, None
 
@@ -120,11 +122,13 @@ def _crumbs(path: str) -> list[tuple[str, str]]:
 async def sign_in(request: Request) -> Response:
     _same_origin(request)
     token = (await _form(request)).get("token", "").strip()
+    root = _root(request)
     if not token or await get_state(request).tokens.principal(token) is None:
-        return RedirectResponse("/?signin=failed", status_code=303)
-    response = RedirectResponse("/", status_code=303)
-    # Strict is enough: clicks on the page's own links are same-site navigations.
-    response.set_cookie(COOKIE, token, path="/", httponly=True, samesite="strict",
+        return RedirectResponse(f"{root}/?signin=failed", status_code=303)
+    response = RedirectResponse(f"{root}/", status_code=303)
+    # Strict is enough: clicks on the page's own links are same-site navigations. The
+    # scheme is the client's (X-Forwarded-Proto from a trusted proxy): Secure behind TLS.
+    response.set_cookie(COOKIE, token, path=f"{root}/", httponly=True, samesite="strict",
                         secure=request.url.scheme == "https")
     return response
 
@@ -132,8 +136,9 @@ async def sign_in(request: Request) -> Response:
 @router.post("/session/end")
 async def sign_out(request: Request) -> Response:
     _same_origin(request)
-    response = RedirectResponse("/", status_code=303)
-    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
+    root = _root(request)
+    response = RedirectResponse(f"{root}/", status_code=303)
+    response.delete_cookie(COOKIE, path=f"{root}/", httponly=True, samesite="strict",
                            secure=request.url.scheme == "https")
     return response
 
@@ -142,8 +147,15 @@ def _same_origin(request: Request) -> None:
     """Browsers send Origin with every form POST: one from another site is refused, so
     it cannot sign a visitor in with a token of its choosing."""
     origin = request.headers.get("origin")
-    if origin is not None and origin != str(request.base_url).rstrip("/"):
+    # An origin is scheme://host[:port], without the path (or EXPORTER_ROOT_PATH) of the
+    # base URL; the scheme is the client's when a trusted proxy says so.
+    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
         raise ApiError(403, "sign in and out from this server's own page")
+
+
+def _root(request: Request) -> str:
+    """EXPORTER_ROOT_PATH as the request carries it ("" at the root)."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
 
 
 async def _form(request: Request) -> dict[str, str]:
