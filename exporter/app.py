@@ -21,7 +21,7 @@ from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.cors import add_cors
-from exporter.db import create_engine
+from exporter.db import create_engine, create_replica_engine
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
 from exporter.export import end_running_exports
 from exporter.files.stream import ReadBudget
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings, database_url)
+        replica = create_replica_engine(settings)
         catalog = Catalog(engine, settings.dataset_schema)
         try:
             await catalog.reload()
@@ -81,7 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ReadBudget(settings.file_read_budget, settings.file_chunk_size,
                        settings.file_chunk_size_max),
             Health(database_url),
+            replica=replica,
+            replica_health=Health(settings.replica_url) if settings.replica_url else None,
         )
+        if replica is not None:
+            log.info("exports read from the read replica (EXPORTER_REPLICA_URL)")
         yield
         # Exports cut by the shutdown end in detached tasks that still need the pool
         # (connections to let go, audit rows to close). uvicorn starts this before the
@@ -92,7 +97,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if left := await wait_detached(DETACHED_GRACE):
             log.warning("%d clean-ups still running at shutdown", left)
         await app.state.exporter.health.close()
+        if app.state.exporter.replica_health is not None:
+            await app.state.exporter.replica_health.close()
         await engine.dispose()
+        if replica is not None:
+            await replica.dispose()
 
     redact_secrets_in_access_log()
     app = FastAPI(title="exporter", version=__version__, lifespan=lifespan)

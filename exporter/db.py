@@ -1,4 +1,5 @@
-"""The database: one SQLAlchemy async engine, its pool, and the asyncpg connection below it."""
+"""The database: SQLAlchemy async engines (the primary, and a read replica for exports if
+configured), their pools, and the asyncpg connection below them."""
 
 from __future__ import annotations
 
@@ -47,6 +48,17 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
         pool_pre_ping=True,
         connect_args={"server_settings": SESSION_SETTINGS},
     )
+
+
+def create_replica_engine(settings: Settings) -> AsyncEngine | None:
+    """The engine of the hot standby that exports read from, if one is configured.
+
+    Only read-only transactions ever run on it (a standby refuses anything else), so
+    an export's load, and its snapshot held for hours, stay off the primary.
+    """
+    if settings.replica_url is None:
+        return None
+    return create_engine(settings, settings.replica_url)
 
 
 async def driver_connection(conn: AsyncConnection) -> object:

@@ -45,8 +45,12 @@ class Export:
     """Opened before the response starts, so failures up to the first row are clean HTTP errors."""
 
     def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
-                 query: ExportQuery, renderer: Renderer, download: Download) -> None:
+                 query: ExportQuery, renderer: Renderer, download: Download, *,
+                 source: str = "the database") -> None:
+        # `engine` is where the export reads (a read replica, say: `source` names it in
+        # errors); the audit row is written through `audit`'s engine, the primary's.
         self._engine = engine
+        self._source = source
         self._audit = audit
         self._settings = settings
         self.query = query
@@ -97,7 +101,7 @@ class Export:
         try:
             conn = await self._engine.connect()
         except DATABASE_ERRORS as error:
-            raise unavailable(error) from error
+            raise unavailable(error, self._source) from error
         self._conn = conn
         try:
             conn = await conn.execution_options(
@@ -111,7 +115,7 @@ class Export:
         except ApiError:
             raise
         except DATABASE_ERRORS as error:
-            raise database_error(error) from error
+            raise database_error(error, self._source) from error
 
         select = sql.select_sql(self.query)
         header = self.renderer.header(select)
@@ -136,7 +140,7 @@ class Export:
                 504, f"the export produced no data within {s.statement_timeout:g} s"
             ) from None
         except DATABASE_ERRORS as error:
-            raise database_error(error) from error
+            raise database_error(error, self._source) from error
 
     async def body(self) -> AsyncIterator[bytes]:
         """The response body. Raises on a failure mid-stream, so the response is cut short."""
