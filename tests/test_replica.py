@@ -203,7 +203,8 @@ def test_export_reads_on_the_standby_and_audits_on_the_primary_with_curl(
     assert len(audit_rows(pair.standby.url(), "orders")) == 2
 
 
-def test_a_value_check_runs_on_the_standby(pair: Pair, make_server: type[Server]) -> None:
+def test_value_checks_and_head_work_on_a_read_only_standby(
+        pair: Pair, make_server: type[Server]) -> None:
     s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
     r = httpx.get(s.url + "/datasets/orders.csv?id=eq.not-a-number")
     assert r.status_code == 400
@@ -236,6 +237,32 @@ def test_replica_down_exports_answer_503_not_500(
                       10)
     row = audit_rows(pair.primary.url(), "daily_revenue")[-1]
     assert row["status"] == "failed" and row["http_status"] == 503
+
+
+def test_a_lagging_standby_answers_503_until_it_has_caught_up(
+        pair: Pair, make_server: type[Server]) -> None:
+    """The catalog is read on the primary: a table created there is known before the
+    standby has replayed it."""
+    s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
+    run_sql(pair.standby.url(), "SELECT pg_wal_replay_pause()")
+    try:
+        run_sql(pair.primary.url(), "CREATE TABLE exports.fresh AS SELECT 1 AS one")
+        r = httpx.get(s.url + "/datasets/fresh.csv")
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "5"
+        assert r.json()["error"]["message"] == (
+            "the read replica has not caught up with the primary yet; try again")
+    finally:
+        run_sql(pair.standby.url(), "SELECT pg_wal_replay_resume()")
+    try:
+        wait_replayed(pair)
+        r = httpx.get(s.url + "/datasets/fresh.csv")
+        assert r.status_code == 200
+        assert r.content == b"one\n1\n"
+        assert wait_until(lambda: [(a["status"], a["http_status"]) for a in audit_rows(
+            pair.primary.url(), "fresh")] == [("failed", 503), ("complete", 200)], 10)
+    finally:
+        run_sql(pair.primary.url(), "DROP TABLE exports.fresh")
 
 
 def test_standby_stopped_then_back(pair: Pair, make_server: type[Server]) -> None:

@@ -162,7 +162,7 @@ async def export_response(request: Request, st: State, principal: Principal, dat
                         format=renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
     job = Export(engine, st.audit, st.settings, query, renderer, download,
-                 source=export_source(st, engine))
+                 replica=engine is st.replica)
     if not await unless_disconnected(job.open(), request.receive):
         return Response(status_code=499)
     on_request_end(request.scope, job.request_ended)
