@@ -265,6 +265,43 @@ def test_a_lagging_standby_answers_503_until_it_has_caught_up(
         run_sql(pair.primary.url(), "DROP TABLE exports.fresh")
 
 
+def test_a_replay_conflict_cuts_the_download_visibly_with_curl(
+        pair: Pair, make_server: type[Server], tmp_path: Path) -> None:
+    """A standby cancels an export that holds back replay (here at once: no delay
+    allowed); the client must see a broken download and the audit row say why."""
+    run_sql(pair.primary.url(), BIG_VIEW.replace("exports.big", "exports.doomed"))
+    wait_replayed(pair)
+    run_sql(pair.standby.url(), "ALTER SYSTEM SET max_standby_streaming_delay = 0",
+            "SELECT pg_reload_conf()")
+    try:
+        s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()},
+                        url=pair.primary.url()).start()
+        out = tmp_path / "doomed.csv"
+        # A client that keeps reading: the cut reaches it only after what is buffered
+        # on the way (queue, sockets) has been read.
+        curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "4M", "-o", str(out),
+                                 s.url + "/datasets/doomed.csv"], stderr=subprocess.PIPE)
+        try:
+            # Mid-stream: the answer (200) has begun.
+            assert wait_until(lambda: out.exists() and out.stat().st_size > 0, 10)
+            assert any("doomed" in q for q in copies(pair.standby.url()))
+            run_sql(pair.primary.url(), "DROP VIEW exports.doomed")
+            code = curl.wait(60)
+        finally:
+            if curl.poll() is None:
+                curl.kill()
+                curl.wait()
+        assert code == 18, curl.stderr.read() if curl.stderr else code  # partial file
+        assert out.stat().st_size > 0
+        assert wait_until(lambda: [a["status"] for a in audit_rows(
+            pair.primary.url(), "doomed")] == ["failed"], 10)
+        assert "conflict with recovery" in str(audit_rows(pair.primary.url(), "doomed")[0]["error"])
+    finally:
+        run_sql(pair.standby.url(), "ALTER SYSTEM RESET max_standby_streaming_delay",
+                "SELECT pg_reload_conf()")
+        run_sql(pair.primary.url(), "DROP VIEW IF EXISTS exports.doomed")
+
+
 def test_standby_stopped_then_back(pair: Pair, make_server: type[Server]) -> None:
     s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
     assert httpx.get(s.url + "/datasets/daily_revenue.csv").status_code == 200
