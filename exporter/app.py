@@ -22,7 +22,12 @@ from exporter.audit import Audit
 from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.cors import add_cors
-from exporter.db import UnsupportedServer, check_server_version, create_engine
+from exporter.db import (
+    UnsupportedServer,
+    check_server_version,
+    create_engine,
+    create_replica_engine,
+)
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
 from exporter.export import end_running_exports
 from exporter.files.stream import ReadBudget
@@ -104,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings, database_url)
+        replica = create_replica_engine(settings)
         catalog = Catalog(engine, settings.dataset_schema)
         try:
             async with engine.connect() as conn:
@@ -111,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await catalog.reload()
         except UnsupportedServer:
             await engine.dispose()
+            if replica is not None:
+                await replica.dispose()
             raise
         except Exception as error:
             # Serve anyway: /healthz says what is wrong and exports answer 503.
@@ -123,7 +131,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ReadBudget(settings.file_read_budget, settings.file_chunk_size,
                        settings.file_chunk_size_max),
             Health(database_url),
+            replica=replica,
+            replica_health=Health(settings.replica_url) if settings.replica_url else None,
         )
+        if replica is not None:
+            log.info("exports read from the read replica (EXPORTER_REPLICA_URL)")
         yield
         # Exports cut by the shutdown end in detached tasks that still need the pool
         # (connections to let go, audit rows to close). uvicorn starts this before the
@@ -134,7 +146,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if left := await wait_detached(DETACHED_GRACE):
             log.warning("%d clean-ups still running at shutdown", left)
         await app.state.exporter.health.close()
+        if app.state.exporter.replica_health is not None:
+            await app.state.exporter.replica_health.close()
         await engine.dispose()
+        if replica is not None:
+            await replica.dispose()
 
     redact_secrets_in_access_log()
     app = FastAPI(title="exporter", version=__version__, lifespan=lifespan)

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     # `schema` would shadow a pydantic attribute, hence the alias.
     dataset_schema: str = Field(default="exports", validation_alias="EXPORTER_SCHEMA")
+    # A hot standby of that database: exports (their snapshot, value checks and COPY) read
+    # there, everything that writes (audit, tokens, link keys) and the catalog stay on the
+    # primary. Unset: exports read from the primary. Its pool has the primary's sizes.
+    replica_url: str | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -1,4 +1,5 @@
-"""The database: one SQLAlchemy async engine, its pool, and the asyncpg connection below it."""
+"""The database: SQLAlchemy async engines (the primary, and a read replica for exports if
+configured), their pools, and the asyncpg connection below them."""
 
 from __future__ import annotations
 
@@ -220,6 +221,17 @@ def create_single_engine(url: str) -> AsyncEngine:
     """An engine for one short job (migrations, the schema check): no pool kept."""
     target, arguments = connect_arguments(url)
     return create_async_engine(target, poolclass=NullPool, connect_args=arguments)
+
+
+def create_replica_engine(settings: Settings) -> AsyncEngine | None:
+    """The engine of the hot standby that exports read from, if one is configured.
+
+    Only read-only transactions ever run on it (a standby refuses anything else), so
+    an export's load, and its snapshot held for hours, stay off the primary.
+    """
+    if settings.replica_url is None:
+        return None
+    return create_engine(settings, settings.replica_url)
 
 
 async def driver_connection(conn: AsyncConnection) -> object:

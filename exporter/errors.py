@@ -46,10 +46,11 @@ def bad_parameter(parameter: str, message: str) -> ApiError:
     return ApiError(400, message, parameter=parameter)
 
 
-def unavailable(error: BaseException) -> ApiError:
+def unavailable(error: BaseException, what: str = "the database") -> ApiError:
+    """503; `what` names the server that failed ("the read replica")."""
     # The driver's own text may name the database user, host or query: it goes to the log.
-    log.warning("database unavailable: %s: %s", type(error).__name__, error)
-    return ApiError(503, f"the database is unavailable: {describe(error)}",
+    log.warning("%s unavailable: %s: %s", what, type(error).__name__, error)
+    return ApiError(503, f"{what} is unavailable: {describe(error)}",
                     headers={"Retry-After": "5"})
 
 
@@ -115,11 +116,11 @@ def describe(error: BaseException) -> str:
     return str(error) if type(error) is RuntimeError else "it failed"
 
 
-def database_error(error: BaseException) -> ApiError:
+def database_error(error: BaseException, what: str = "the database") -> ApiError:
     """504 for a query the database cancelled, 502 for one it refused, else 503."""
     error = _driver_error(error)
     if isinstance(error, asyncpg.QueryCanceledError):
         return ApiError(504, f"the query was cancelled by the database: {error}")
     if isinstance(error, asyncpg.PostgresError) and not isinstance(error, _NOT_CONNECTED):
         return ApiError(502, f"the database could not run the query: {error}")
-    return unavailable(error)
+    return unavailable(error, what)

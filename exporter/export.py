@@ -17,12 +17,30 @@ from exporter.access.limits import MAX_DURATION, ResponseCut
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.config import Settings
 from exporter.db import driver_connection
-from exporter.errors import DATABASE_ERRORS, ApiError, database_error, unavailable
+from exporter.errors import (
+    DATABASE_ERRORS,
+    ApiError,
+    database_error,
+    postgres_message,
+    sqlstate,
+    unavailable,
+)
 from exporter.query import ExportQuery
 from exporter.renderers import Renderer
 from exporter.streaming import CopyStream, FirstChunkTimeout, Output, run_detached
 
 log = logging.getLogger(__name__)
+
+# What a hot standby answers while it lags behind the primary (the catalog, read on the
+# primary, names a table or column it has not replayed yet), or when it cancelled the
+# query to replay changes it conflicted with (max_standby_streaming_delay).
+REPLICA_RETRY = {
+    "42P01": "has not caught up with the primary yet",
+    "42703": "has not caught up with the primary yet",
+    "40001": "cancelled the query to replay changes from the primary",
+    "40P01": "cancelled the query to replay changes from the primary",
+}
+
 
 def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
     return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
@@ -45,8 +63,13 @@ class Export:
     """Opened before the response starts, so failures up to the first row are clean HTTP errors."""
 
     def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
-                 query: ExportQuery, renderer: Renderer, download: Download) -> None:
+                 query: ExportQuery, renderer: Renderer, download: Download, *,
+                 replica: bool = False) -> None:
+        # `engine` is where the export reads (the read replica's if `replica`); the audit
+        # row is written through `audit`'s engine, the primary's.
         self._engine = engine
+        self._replica = replica
+        self._source = "the read replica" if replica else "the database"
         self._audit = audit
         self._settings = settings
         self.query = query
@@ -97,7 +120,7 @@ class Export:
         try:
             conn = await self._engine.connect()
         except DATABASE_ERRORS as error:
-            raise unavailable(error) from error
+            raise unavailable(error, self._source) from error
         self._conn = conn
         try:
             conn = await conn.execution_options(
@@ -111,7 +134,7 @@ class Export:
         except ApiError:
             raise
         except DATABASE_ERRORS as error:
-            raise database_error(error) from error
+            raise self._database_error(error) from error
 
         select = sql.select_sql(self.query)
         header = self.renderer.header(select)
@@ -136,7 +159,18 @@ class Export:
                 504, f"the export produced no data within {s.statement_timeout:g} s"
             ) from None
         except DATABASE_ERRORS as error:
-            raise database_error(error) from error
+            raise self._database_error(error) from error
+
+    def _database_error(self, error: BaseException) -> ApiError:
+        code = sqlstate(error)
+        if self._replica and code in REPLICA_RETRY:
+            # Gone on a retry: the standby catches up, or the replay that needed our
+            # snapshot gone is done.
+            log.warning("export %s on the read replica: %s", self.download.id,
+                        postgres_message(error))
+            return ApiError(503, f"the read replica {REPLICA_RETRY[code]}; try again",
+                            headers={"Retry-After": "5"})
+        return database_error(error, self._source)
 
     async def body(self) -> AsyncIterator[bytes]:
         """The response body. Raises on a failure mid-stream, so the response is cut short."""

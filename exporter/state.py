@@ -28,6 +28,14 @@ class State:
     limiter: Limiter
     read_budget: ReadBudget
     health: Health
+    # EXPORTER_REPLICA_URL's engine and probe; None without a replica.
+    replica: AsyncEngine | None = None
+    replica_health: Health | None = None
+
+    @property
+    def export_engine(self) -> AsyncEngine:
+        """Where exports read: the replica if there is one. Nothing written goes there."""
+        return self.replica or self.engine
 
 
 def get_state(request: Request) -> State:

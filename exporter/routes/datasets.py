@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter import openapi, renderers, sql
 from exporter.access.authenticate import authenticate
@@ -16,7 +17,7 @@ from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.browse import export_urls, visible_datasets
 from exporter.catalog import Catalog, Dataset
-from exporter.errors import ApiError
+from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.export import Export, filename
 from exporter.http import content_disposition, parse_accept
 from exporter.query import parse
@@ -116,17 +117,32 @@ async def export(request: Request, name: str) -> Response:
     return await export_response(request, st, principal, dataset, renderer)
 
 
+def export_source(st: State, engine: AsyncEngine) -> str:
+    """How errors name the server an export reads from."""
+    return "the read replica" if engine is st.replica else "the database"
+
+
 async def export_response(request: Request, st: State, principal: Principal, dataset: Dataset,
-                          renderer: Renderer) -> Response:
-    """The export of `dataset` that the request's query string asks for."""
+                          renderer: Renderer, *, from_primary: bool = False) -> Response:
+    """The export of `dataset` that the request's query string asks for, read from the
+    replica if there is one, unless `from_primary` (the audit trail, which must show
+    the latest downloads)."""
+    engine = st.engine if from_primary else st.export_engine
     params = request.query_params.multi_items()
     # A link's own parameters were checked by authenticate(); anywhere else parse() refuses them.
     filters = [p for p in params if p[0] not in LINK_PARAMETERS] if (
         principal.kind == LINK) else params
     query = parse(dataset, filters)
     if request.method == "HEAD":
-        async with st.engine.connect() as conn:
+        # The same server as the GET would read, so both answer alike when it is down.
+        try:
+            conn = await engine.connect()
+        except DATABASE_ERRORS as error:
+            raise unavailable(error, export_source(st, engine)) from error
+        try:
             await sql.check_values(conn, query)
+        finally:
+            await conn.close()
         response = Response(
             headers=export_headers(
                 request, renderer, filename(dataset.name, renderer, datetime.now(UTC))
@@ -146,7 +162,8 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     download = Download("export", dataset.name, request.client.host if request.client else None,
                         format=renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
-    job = Export(st.engine, st.audit, st.settings, query, renderer, download)
+    job = Export(engine, st.audit, st.settings, query, renderer, download,
+                 replica=engine is st.replica)
     if not await unless_disconnected(job.open(), request.receive):
         return Response(status_code=499)
     on_request_end(request.scope, job.request_ended)

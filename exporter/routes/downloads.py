@@ -53,4 +53,5 @@ async def export_downloads(request: Request, extension: str) -> Response:
     renderer = renderers.by_extension(extension)
     if renderer is None:
         raise ApiError(404, f"no format '{extension}'")
-    return await export_response(request, st, principal, await _audit_dataset(st), renderer)
+    return await export_response(request, st, principal, await _audit_dataset(st), renderer,
+                                 from_primary=True)

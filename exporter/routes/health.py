@@ -1,4 +1,5 @@
-"""GET /healthz: is the database reachable, and is the server busy.
+"""GET /healthz: is the database (and the read replica, if any) reachable, and is the
+server busy.
 
 It never waits for a pool connection (see exporter/health.py), so it answers within
 about a second also when every connection is taken: "busy" (200) then, not "down".
@@ -6,6 +7,7 @@ about a second also when every connection is taken: "busy" (200) then, not "down
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -32,10 +34,20 @@ async def healthz(request: Request) -> JSONResponse:
     body["exports"] = {"active": exports.active, "max": exports.limit,
                        "waiting": exports.waiting}
     busy = busy or exports.active >= exports.limit
-    problem = await st.health.problem()
+    problem, replica_problem = await asyncio.gather(
+        st.health.problem(),
+        st.replica_health.problem() if st.replica_health else asyncio.sleep(0, None))
+    if st.replica_health is not None:
+        body["replica"] = {"status": "ok"} if replica_problem is None else {
+            "status": "unavailable",
+            "error": f"the read replica is unavailable: {replica_problem}"}
     if problem is not None:
         body.update(status="unavailable", error=f"the database is unavailable: {problem}")
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-    if busy:
+    # Still 200: files and everything but exports work, and a balancer that took every
+    # host sharing the replica out of service would stop those too. Exports answer 503.
+    if replica_problem is not None:
+        body["status"] = "degraded"
+    elif busy:
         body["status"] = "busy"
     return JSONResponse(body)

