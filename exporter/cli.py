@@ -79,6 +79,8 @@ async def _demo_token(settings: Settings, url: str) -> str:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
+    from exporter.protocol import HTTPProtocol
+
     host = args.host or settings.host
     port = args.port or settings.port
     with database(settings) as url:
@@ -113,6 +115,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
             "exporter.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, log_level=args.log_level, access_log=args.access_log,
             timeout_graceful_shutdown=5,
+            # A slow client's connection holds one body chunk, not 64 KiB of them.
+            http=HTTPProtocol,
         )
 
 
