@@ -18,6 +18,7 @@ because awaits in a cancelled generator's `finally` are cancelled too.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
 import os
@@ -36,6 +37,19 @@ log = logging.getLogger(__name__)
 _DRAIN = b""
 
 
+def _malloc_trim() -> None:
+    """Hand the C heap's free pages back to the system (glibc only; elsewhere nothing).
+
+    Chunks are allocated by the reading threads, in glibc arenas of their own, and freed
+    by the event loop after a socket took them: the pages stay with the process.
+    1,000 slow downloads left the server at 155 MB after they all ended (88 MB idle).
+    """
+    # The symbols already loaded in this process, libc's among them.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 class ReadBudget:
     """Read sizes for file bodies, from one memory budget shared by the downloads in progress.
 
@@ -48,10 +62,27 @@ class ReadBudget:
     `budget` plus `floor` each.
     """
 
+    # Seconds after the last download ended before the freed memory is handed back: a
+    # next download often comes at once.
+    trim_delay = 1.0
+
     def __init__(self, budget: int, floor: int, ceiling: int) -> None:
         self.budget, self.floor, self.ceiling = budget, floor, max(floor, ceiling)
         self.active = 0
         self.held = 0
+        self._trim_pending = False
+
+    def ended(self) -> None:
+        """A download ended; when none is left, memory is handed back a little later."""
+        self.active -= 1
+        if self.active == 0 and not self._trim_pending:
+            self._trim_pending = True
+            asyncio.get_running_loop().call_later(self.trim_delay, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_pending = False
+        if self.active == 0:
+            run_detached(asyncio.to_thread(_malloc_trim))
 
     def chunk_size(self) -> int:
         share = min(self.budget // max(1, self.active), self.budget - self.held)
@@ -118,7 +149,7 @@ class FileBody:
             raise
         finally:
             sizes.held -= held
-            sizes.active -= 1
+            sizes.ended()
             # By bytes, not by exception: a finished body may still see CancelledError.
             if status is None:
                 status = COMPLETE if d.bytes == self._layout.length else ABORTED
