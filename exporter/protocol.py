@@ -13,8 +13,8 @@ The kernel, for its part, lets a socket's send buffer grow to `tcp_wmem`'s maxim
 (4 MiB here) whatever the client's window: 1,000 clients that read nothing made the
 server read and queue up to 4 MiB each (kernel memory, and reads that slowed every
 other request: the 1,000th answer came after 58 s). TCP_NOTSENT_LOWAT bounds what
-waits there unsent (`socket_notsent_lowat`); what is in flight is still bounded by the
-client's window, so fast clients are not held back.
+waits there unsent (`socket_notsent_lowat`, off by default: see exporter/config.py);
+what is in flight is still bounded by the client's window.
 """
 
 from __future__ import annotations
