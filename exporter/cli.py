@@ -206,6 +206,7 @@ async def _demo_token(settings: Settings, url: str) -> str:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
+
     host = args.host or settings.host
     port = args.port or settings.port
     with database(settings) as url:

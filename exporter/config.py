@@ -52,15 +52,23 @@ class Settings(BaseSettings):
 
     # Files: served from this folder (relative paths are taken from the working directory).
     files_root: Path = Path("var/files")
-    # Bytes per aiofiles read, and so per body chunk: reads grow from `file_chunk_size`
-    # up to `file_chunk_size_max` while the downloads in progress (per process) share
-    # `file_read_budget`. Measured here (2 cores, loopback, curl, one download):
-    #   256 KiB reads 1.2 GB/s, 1 MiB reads 2.1 GB/s (nginx with sendfile: 2.6 GB/s);
-    #   50 clients at once, peak RSS 136 MB with 256 KiB reads, 224 MB with 1 MiB.
-    # So one to 24 downloads read 1 MiB at a time, 50 about 490 KiB, 96 or more 256 KiB.
-    file_chunk_size: int = Field(default=256 * 1024, ge=4096, le=16 * 1024 * 1024)
+    # Bytes per file read, and so per body chunk. The downloads in progress (per process)
+    # share `file_read_budget`, counted in bytes read and not yet taken by their sockets:
+    # a read gets a fair share of it, at most `file_chunk_size_max` and no more than
+    # what is left, but never less than `file_chunk_size`. Measured here (2 cores,
+    # loopback, curl, one download): 256 KiB reads 1.2 GB/s, 1 MiB reads 2.1 GB/s (nginx
+    # with sendfile: 2.6 GB/s). So one to 24 fast downloads read 1 MiB at a time, and
+    # 1,000 slow ones hold about the budget plus 16 KiB each (server peak RSS, see
+    # docs/benchmarks.md, "server memory against slow clients").
+    file_chunk_size: int = Field(default=16 * 1024, ge=4096, le=16 * 1024 * 1024)
     file_chunk_size_max: int = Field(default=1024 * 1024, ge=4096, le=16 * 1024 * 1024)
     file_read_budget: int = Field(default=24 * 1024 * 1024, ge=4096)
+    # Bytes a client's socket may hold not yet sent (Linux TCP_NOTSENT_LOWAT); 0 leaves the
+    # kernel's default, which lets the send buffer grow to 4 MiB even for a client that
+    # reads nothing. 131072 made 1,000 stalled clients cost the server far less work (their
+    # answers all started after 23 s instead of 58 s) but looked 10-17% slower for one
+    # fast download in every noisy comparison here, so it is off unless set.
+    socket_notsent_lowat: int = Field(default=0, ge=0)
     # More ranges than this in one Range header: the whole file is sent (200), as nginx does.
     max_ranges: int = Field(default=16, ge=1)
     # Names starting with a dot (.git, .env) are neither served nor listed unless allowed.

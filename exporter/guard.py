@@ -20,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from exporter.config import get_settings
+from exporter.protocol import tune_transport
 
 # After a refusal the client may still be sending (a 100 MB header, say): closing at once
 # with unread data makes the kernel send a reset, and the client may never read the
@@ -43,6 +44,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        tune_transport(transport)
         # A connection that never sends a byte is bounded too.
         self._arm_head_timer()
 
