@@ -199,6 +199,7 @@ def run_counts(plan: Plan, url: str, root: Path, counts: Sequence[int], seconds:
             "EXPORTER_FILES_ROOT": str(root),
             # All of them come from one address, the anonymous loopback principal.
             "EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": str(count + 10),
+            "EXPORTER_MAX_CONNECTIONS": str(count + 100),
             **(env or {}),
         }) as server:
             server.start("/healthz")

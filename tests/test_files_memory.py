@@ -51,6 +51,8 @@ def test_thousand_slow_clients_memory(make_server: type[Server], tmp_path: Path,
     raise_open_files(2 * SLOW_CLIENTS + 512)  # the server inherits it
     s = make_server({"EXPORTER_FILES_ROOT": str(root),
                      "EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": str(SLOW_CLIENTS + 10),
+                     # The default connection cap (512) is below the 1,000 clients.
+                     "EXPORTER_MAX_CONNECTIONS": str(SLOW_CLIENTS + 100),
                      # Only for speed: without it the kernel queues up to 4 MiB per
                      # client, read 16 KiB at a time, and the 1,000 answers take about
                      # twice as long to start. The server's RSS is the same either way.
