@@ -74,7 +74,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Serve anyway: /healthz says what is wrong and exports answer 503.
             log.error("could not read the catalog at start-up: %s", error)
         app.state.exporter = State(
-            settings, engine, catalog, Audit(engine), TokenStore(engine),
+            settings, engine, catalog,
+            Audit(engine, flush_interval=settings.audit_flush_interval,
+                  max_pending=settings.audit_max_pending),
+            TokenStore(engine),
             LinkKeys(engine, settings.link_secret),
             Limiter(settings.max_downloads_per_principal, settings.limit_wait,
                     settings.export_cap, settings.max_exports_wait),
@@ -91,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%d exports still running at shutdown: aborted", ended)
         if left := await wait_detached(DETACHED_GRACE):
             log.warning("%d clean-ups still running at shutdown", left)
+        # After the clean-ups (they queue the last rows), before the pool goes.
+        await app.state.exporter.audit.close()
         await app.state.exporter.health.close()
         await engine.dispose()
 
