@@ -8,7 +8,9 @@ docs/benchmarks.md). Run: `.venv/bin/python -m bench.throughput [--rounds N]`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import secrets
 import subprocess
 import sys
 import time
@@ -16,7 +18,15 @@ from contextlib import ExitStack
 
 from bench.database import database, fetch
 from bench.exports import exporter_service
-from bench.files import FILE_NAME, concurrent, exporter_has_files, make_file, nginx, warm
+from bench.files import (
+    FILE_NAME,
+    concurrent,
+    exporter_has_files,
+    make_file,
+    nginx,
+    ranges,
+    warm,
+)
 from bench.harness import (
     MB,
     ROOT,
@@ -29,6 +39,9 @@ from bench.harness import (
     machine,
     results_table,
 )
+from exporter.access.tokens import TokenStore
+from exporter.config import Settings
+from exporter.db import create_engine
 
 
 def log(message: str) -> None:
@@ -55,6 +68,40 @@ def exports_at_once(name: str, server: Service, n: int, expect: int) -> Contende
                      server_pid=lambda: server.pid)
 
 
+def ranges_at_once(name: str, server: Service, plan: Plan, token: str) -> Contender:
+    """As bench.files.concurrent, each request with `Authorization: Bearer` (a token
+    looked up in the database on every request)."""
+    url = f"{server.url}/files/{FILE_NAME}"
+
+    def run() -> Run:
+        start = time.monotonic()
+        procs = [subprocess.Popen(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
+             "-H", f"Authorization: Bearer {token}", "-r", f"{a}-{b}", url],
+            stdout=subprocess.PIPE, text=True) for a, b in ranges(plan)]
+        outputs = [p.communicate()[0].split() for p in procs]
+        seconds = time.monotonic() - start
+        bad = [o for o in outputs if o != [str(plan.range_size), "206"]]
+        if bad:
+            raise RuntimeError(f"{name}: {len(bad)} range downloads went wrong: {bad[:3]}")
+        return Run(seconds, plan.range_size * plan.range_clients)
+
+    return Contender(name, f"{plan.range_clients} × curl -H 'Authorization: Bearer ...' "
+                     f"-r a-b '/files/{FILE_NAME}'", run, server_pid=lambda: server.pid)
+
+
+def new_token(url: str) -> str:
+    async def go() -> str:
+        engine = create_engine(Settings(database_url=url), url)
+        try:
+            return await TokenStore(engine).create(f"bench-{secrets.token_hex(4)}",
+                                                   ["files:*"], None)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.throughput", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -79,10 +126,16 @@ def main(argv: list[str] | None = None) -> None:
         two.start("/healthz")
         for s in (one, two):
             assert exporter_has_files(s, plan.file_size)
+            # As in ./scripts/bench, whose single-download section runs first: a whole
+            # download stores the file's digest, which the range answers then carry.
+            subprocess.run(["curl", "-sS", "-o", "/dev/null", f"{s.url}/files/{FILE_NAME}"],
+                           check=True)
         if "files" in only:
             log(f"{plan.range_clients} concurrent range clients")
+            token = new_token(url)
             results = interleaved([concurrent("nginx (sendfile)", ref, plan, reference=True),
                                    concurrent("exporter", one, plan),
+                                   ranges_at_once("exporter, with a token", one, plan, token),
                                    concurrent("exporter --workers 2", two, plan)],
                                   plan.repetitions, log)
             print("\n".join(results_table(results, results[0])))

@@ -1,14 +1,20 @@
-"""The audit trail written in batches: every download gets its closed row, in far fewer
-transactions than two per download, and a clean shutdown writes what is still queued."""
+"""What each download costs the database: audit rows written in batches (every download
+still gets its closed row, and a clean shutdown writes what is queued), and file digests
+known in memory."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import os
+import uuid
+from pathlib import Path
 
 import httpx
 
 from exporter.files.demo import LARGE_NAME
-from tests.support import Server, fetch, wait_until
+from tests.support import Server, fetch, run_sql, wait_until
 
 RANGE = 64 * 1024
 
@@ -82,3 +88,25 @@ def test_clean_shutdown_writes_the_queued_audit_rows(
     assert [r["bytes"] for r in rows if r["kind"] == "file"] == [10] * 5
     assert [r["rows"] for r in rows if r["kind"] == "export"] == [2] * 5
     assert "lost" not in s.log()
+
+
+def test_a_known_digest_is_served_from_memory_and_never_for_a_changed_file(
+    make_server: type[Server], database_url: str, tmp_path: Path
+) -> None:
+    name = f"digest-{uuid.uuid4().hex[:8]}.bin"
+    body = os.urandom(300_000)
+    (tmp_path / name).write_bytes(body)
+    s = make_server({"EXPORTER_FILES_ROOT": str(tmp_path)}).start()
+    expected = "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
+    assert httpx.get(f"{s.url}/files/{name}").content == body  # hashed on the way
+    assert wait_until(lambda: httpx.get(f"{s.url}/files/{name}").headers.get("repr-digest")
+                      == expected, 5)
+    # The process knows the digest of this very file (size, mtime, inode): no query.
+    run_sql(database_url, f"DELETE FROM exporter.file_digests WHERE path = '{name}'")
+    r = httpx.get(f"{s.url}/files/{name}")
+    assert r.content == body and r.headers.get("repr-digest") == expected
+    # Changed in place (same inode, new size and mtime): never the old digest.
+    with (tmp_path / name).open("ab") as f:
+        f.write(b"more")
+    r = httpx.get(f"{s.url}/files/{name}", headers={"Range": "bytes=0-9"})
+    assert r.status_code == 206 and "repr-digest" not in r.headers
