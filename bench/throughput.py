@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import secrets
+import statistics
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
 
 from bench.database import database, fetch
 from bench.exports import exporter_service
@@ -46,6 +51,57 @@ from exporter.db import create_engine
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a process and its children (the workers)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+CPU: dict[str, list[float]] = {}
+
+
+def with_cpu(c: Contender) -> Contender:
+    """The same contender, noting the server's CPU seconds per run: on a machine shared
+    with other work, wall time moves with the load, CPU time much less."""
+    assert c.server_pid is not None
+    pid, inner = c.server_pid, c.run
+
+    def run() -> Run:
+        before = tree_cpu(pid())
+        result = inner()
+        CPU.setdefault(c.name, []).append(tree_cpu(pid()) - before)
+        return result
+
+    return dataclasses.replace(c, run=run)
+
+
+def cpu_table() -> list[str]:
+    rows = ["| contender | server CPU per run: median | min–max |", "|---|---|---|"]
+    for name, values in CPU.items():
+        rows.append(f"| {name} | {statistics.median(values):.2f} s | "
+                    f"{min(values):.2f} s – {max(values):.2f} s |")
+    CPU.clear()
+    return rows
+
+
+def baseline_service(plan: Plan, url: str, checkout: Path, env: dict[str, str],
+                     workers: int) -> Service:
+    """`exporter serve` from another checkout (the code before a change), measured in the
+    same interleaved rounds as this one."""
+    s = exporter_service(plan, url, f"baseline-{workers}", env)
+    boot = (f"import sys; sys.path.insert(0, {str(checkout)!r}); "
+            "from exporter.cli import main; main()")
+    s.command = [sys.executable, "-c", boot, *s.command[3:]]
+    if workers > 1:
+        s.command += ["--workers", str(workers)]
+    return s
 
 
 def exports_at_once(name: str, server: Service, n: int, expect: int) -> Contender:
@@ -107,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", type=int, default=200_000, help="rows of exports.orders")
     parser.add_argument("--only", choices=["files", "exports"], action="append")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of the code before a change: its server runs too")
+    parser.add_argument("--no-token", action="store_true")
     args = parser.parse_args(argv)
     only = set(args.only or ["files", "exports"])
     base = Plan.make(False, work=ROOT / "var" / "bench-throughput",
@@ -124,7 +183,13 @@ def main(argv: list[str] | None = None) -> None:
         two = stack.enter_context(exporter_service(plan, url, "exporter-2", env))
         two.command = [*two.command, "--workers", "2"]
         two.start("/healthz")
-        for s in (one, two):
+        servers = [one, two]
+        old: Service | None = None
+        if args.baseline is not None:
+            old = stack.enter_context(baseline_service(plan, url, args.baseline, env, 1))
+            old.start("/healthz")
+            servers.append(old)
+        for s in servers:
             assert exporter_has_files(s, plan.file_size)
             # As in ./scripts/bench, whose single-download section runs first: a whole
             # download stores the file's digest, which the range answers then carry.
@@ -132,23 +197,30 @@ def main(argv: list[str] | None = None) -> None:
                            check=True)
         if "files" in only:
             log(f"{plan.range_clients} concurrent range clients")
-            token = new_token(url)
-            results = interleaved([concurrent("nginx (sendfile)", ref, plan, reference=True),
-                                   concurrent("exporter", one, plan),
-                                   ranges_at_once("exporter, with a token", one, plan, token),
-                                   concurrent("exporter --workers 2", two, plan)],
-                                  plan.repetitions, log)
+            contenders = [concurrent("nginx (sendfile)", ref, plan, reference=True),
+                          concurrent("exporter", one, plan),
+                          concurrent("exporter --workers 2", two, plan)]
+            if not args.no_token:
+                contenders.append(ranges_at_once("exporter, with a token", one, plan,
+                                                 new_token(url)))
+            if old is not None:
+                contenders.append(concurrent("exporter before the change", old, plan))
+            results = interleaved([with_cpu(c) for c in contenders], plan.repetitions, log)
             print("\n".join(results_table(results, results[0])))
+            print("\n".join(cpu_table()))
         if "exports" in only:
             expect = len(subprocess.run(["curl", "-sS", one.url + "/datasets/orders.csv"],
                                         capture_output=True, check=True).stdout)
             rows = fetch(url, "SELECT count(*) AS n FROM exports.orders")[0]["n"]
             log(f"20 concurrent exports of {rows:,} rows ({expect / MB:,.0f} MB each)")
-            results = interleaved([exports_at_once("exporter", one, 20, expect),
-                                   exports_at_once("exporter --workers 2", two, 20, expect)],
-                                  plan.repetitions, log)
+            contenders = [exports_at_once("exporter", one, 20, expect),
+                          exports_at_once("exporter --workers 2", two, 20, expect)]
+            if old is not None:
+                contenders.append(exports_at_once("exporter before the change", old, 20,
+                                                  expect))
+            results = interleaved([with_cpu(c) for c in contenders], plan.repetitions, log)
             print("\n".join(results_table(results, results[0])))
-
+            print("\n".join(cpu_table()))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -32,8 +32,9 @@ from exporter.streaming import wait_detached
 
 log = logging.getLogger(__name__)
 
-# Seconds the shutdown waits for the clean-ups of the last downloads (audit.finish
-# retries for up to about 4 s), after uvicorn's own 5 s of grace for open responses.
+# Seconds the shutdown waits for the clean-ups of the last downloads (connections to
+# release; their audit rows are then written by Audit.close), after uvicorn's own 5 s
+# of grace for open responses.
 DETACHED_GRACE = 8.0
 
 
