@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                                                  new_token(url)))
             if old is not None:
                 contenders.append(concurrent("exporter before the change", old, plan))
+                if not args.no_token:
+                    contenders.append(ranges_at_once("exporter before the change, with a token",
+                                                     old, plan, new_token(url)))
             results = interleaved([with_cpu(c) for c in contenders], plan.repetitions, log)
             print("\n".join(results_table(results, results[0])))
             print("\n".join(cpu_table()))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from exporter.embedded import EmbeddedPostgres
 from exporter.files.demo import LARGE_NAME
 from tests.support import Server, fetch, run_sql, wait_until
 
@@ -110,3 +111,36 @@ def test_a_known_digest_is_served_from_memory_and_never_for_a_changed_file(
         f.write(b"more")
     r = httpx.get(f"{s.url}/files/{name}", headers={"Range": "bytes=0-9"})
     assert r.status_code == 206 and "repr-digest" not in r.headers
+
+
+def test_audit_rows_of_an_outage_are_written_when_the_database_is_back(
+    make_server: type[Server], tmp_path: Path
+) -> None:
+    root = tmp_path / "files"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"hello\n")
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    try:
+        with make_server({"EXPORTER_FILES_ROOT": str(root)}, url=url) as s:
+            assert httpx.get(s.url + "/files/a.txt").content == b"hello\n"
+            rows = "SELECT status, bytes FROM exporter.downloads ORDER BY id"
+            assert wait_until(lambda: len(fetch(url, rows)) == 1, 5)
+            pg.stop()
+            # Served from the disk; its row waits in memory.
+            assert httpx.get(s.url + "/files/a.txt", timeout=30).content == b"hello\n"
+            # Once a write failed, downloads are refused rather than left unrecorded.
+
+            def refused() -> bool:
+                r = httpx.get(s.url + "/files/a.txt", timeout=30)
+                return r.status_code == 503 and r.json()["error"]["message"].startswith(
+                    "the database is unavailable")
+
+            assert wait_until(refused, 10, interval=0.2)
+            assert pg.start() == url
+            assert wait_until(lambda: len(fetch(url, rows)) == 2, 15, interval=0.2)
+            assert [tuple(r) for r in fetch(url, rows)] == [("complete", 6)] * 2
+            assert wait_until(
+                lambda: httpx.get(s.url + "/files/a.txt", timeout=30).status_code == 200, 10)
+    finally:
+        pg.stop()
