@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     export_max_duration: float = Field(default=0.0, ge=0)
     # The audit rows of downloads are written in batches, by one task per process, every
     # this many seconds: a row shows up (and is closed) this much later than its event.
-    audit_flush_interval: float = Field(default=0.05, gt=0, le=10)
+    audit_flush_interval: float = Field(default=0.05, gt=0, le=60)
     # Audit rows waiting to be written (the database down or slow) beyond which new
     # downloads get 503 rather than go unrecorded.
     audit_max_pending: int = Field(default=10_000, ge=1)

@@ -72,7 +72,7 @@ def test_clean_shutdown_writes_the_queued_audit_rows(
     make_server: type[Server], database_url: str
 ) -> None:
     # A flush interval far longer than the test: only the shutdown's flush writes them.
-    s = make_server({"EXPORTER_AUDIT_FLUSH_INTERVAL": "10"}).start()
+    s = make_server({"EXPORTER_AUDIT_FLUSH_INTERVAL": "60"}).start()
     before = _max_id(database_url)
     for i in range(5):
         r = httpx.get(s.url + f"/files/{LARGE_NAME}", headers={"Range": f"bytes={i}-{i + 9}"})
