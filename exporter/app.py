@@ -39,8 +39,9 @@ from exporter.streaming import wait_detached
 
 log = logging.getLogger(__name__)
 
-# Seconds the shutdown waits for the clean-ups of the last downloads (audit.finish
-# retries for up to about 4 s), after uvicorn's own 5 s of grace for open responses.
+# Seconds the shutdown waits for the clean-ups of the last downloads (connections to
+# release; their audit rows are then written by Audit.close), after uvicorn's own 5 s
+# of grace for open responses.
 DETACHED_GRACE = 8.0
 
 
@@ -124,7 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Serve anyway: /healthz says what is wrong and exports answer 503.
             log.error("could not read the catalog at start-up: %s", error)
         app.state.exporter = State(
-            settings, engine, catalog, Audit(engine), TokenStore(engine),
+            settings, engine, catalog,
+            Audit(engine, flush_interval=settings.audit_flush_interval,
+                  max_pending=settings.audit_max_pending),
+            TokenStore(engine),
             LinkKeys(engine, settings.link_secret),
             Limiter(settings.max_downloads_per_principal, settings.limit_wait,
                     settings.export_cap, settings.max_exports_wait),
@@ -145,6 +149,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%d exports still running at shutdown: aborted", ended)
         if left := await wait_detached(DETACHED_GRACE):
             log.warning("%d clean-ups still running at shutdown", left)
+        # After the clean-ups (they queue the last rows), before the pool goes.
+        await app.state.exporter.audit.close()
         await app.state.exporter.health.close()
         if app.state.exporter.replica_health is not None:
             await app.state.exporter.replica_health.close()

@@ -1,17 +1,34 @@
-"""The audit trail: one row per download, written when it starts and when it ends."""
+"""The audit trail: one row per download, written when it starts and when it ends.
+
+Writes are batched: `start` and `finish` only queue, and one flusher task per process
+writes what was queued every `flush_interval` seconds in one transaction (starts as one
+multi-row INSERT, ends of rows already written as one executemany UPDATE; a download
+that started and ended between two flushes is one INSERT). Each download used to cost
+two transactions of its own, with a pool check-out each, on the event loop's time.
+
+Ids come from the table's identity sequence at flush time, so they still grow with time
+across processes (a download's row has a larger id than any row written before it
+started). `Download.id` is None until its row is written.
+
+If the database cannot be written, the rows stay queued and are retried; meanwhile
+`start` refuses new downloads (the caller answers 503, as before batching), and so it
+does when `max_pending` rows wait. At shutdown `close` writes what is left.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.tables import downloads
+from exporter.tables import APP_SCHEMA, downloads
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +36,16 @@ COMPLETE, ABORTED, FAILED = "complete", "aborted", "failed"
 # A file handed to the reverse proxy (X-Accel-Redirect): it sends the bytes, so the row
 # ends when the app's part does, with no byte count.
 PROXIED = "proxied"
-# Seconds between the tries to record a download's end.
+# Seconds between the tries of a flush that failed (the last one repeats); at shutdown,
+# after the last of them, what is still queued is given up (and logged).
 FINISH_RETRIES = (0.5, 1.0, 2.0)
+FLUSH_INTERVAL = 0.05
+MAX_PENDING = 10_000
+
+_NEXT_IDS = sa.text(
+    f"SELECT nextval(pg_get_serial_sequence('{APP_SCHEMA}.downloads', 'id')) AS id"
+    " FROM generate_series(1, :n)"
+)
 
 
 @dataclass
@@ -33,49 +58,199 @@ class Download:
     format: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     range: str | None = None
-    id: int | None = None
+    id: int | None = None  # the row's, once written
     bytes: int = 0
     rows: int | None = None
     principal: str | None = None
     link_expires: datetime | None = None
+    started_at: datetime | None = None  # set by Audit.start: queued for the audit
+
+
+@dataclass(frozen=True)
+class _End:
+    status: str
+    http_status: int | None
+    error: str | None
+    rows: int | None
+    bytes: int
+    ended_at: datetime
+
+
+class AuditUnavailable(ConnectionError):
+    """The audit trail cannot be written now: the download is refused (503)."""
+
+
+def _start_values(d: Download) -> dict[str, Any]:
+    return {"kind": d.kind, "target": d.target, "format": d.format, "params": d.params,
+            "range": d.range, "client": d.client, "status": "running",
+            "principal": d.principal, "link_expires": d.link_expires,
+            "started_at": d.started_at, "http_status": None, "rows": None, "bytes": 0,
+            "error": None, "ended_at": None}
+
+
+def _end_values(e: _End) -> dict[str, Any]:
+    return {"status": e.status, "http_status": e.http_status, "rows": e.rows,
+            "bytes": e.bytes, "error": e.error, "ended_at": e.ended_at}
 
 
 class Audit:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, flush_interval: float = FLUSH_INTERVAL,
+                 max_pending: int = MAX_PENDING) -> None:
         self._engine = engine
+        self._interval = flush_interval
+        self._max_pending = max_pending
+        self._starts: list[Download] = []  # rows not written yet, in start order
+        self._ends: dict[int, tuple[Download, _End]] = {}  # by id() of the Download
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None  # of the last flush, if it failed
+
+    @property
+    def pending(self) -> int:
+        return len(self._starts) + len(self._ends)
 
     async def start(self, d: Download) -> None:
-        async with self._engine.begin() as conn:
-            d.id = await conn.scalar(
-                sa.insert(downloads)
-                .values(kind=d.kind, target=d.target, format=d.format, params=d.params,
-                        range=d.range, client=d.client, status="running",
-                        principal=d.principal, link_expires=d.link_expires)
-                .returning(downloads.c.id)
-            )
+        """Queue the download's row; raises AuditUnavailable while rows cannot be written."""
+        if self._failure is not None:
+            raise AuditUnavailable("the audit trail cannot be written") from self._failure
+        if self.pending >= self._max_pending or self._closing.is_set():
+            raise AuditUnavailable(f"{self.pending} audit rows wait to be written")
+        d.started_at = datetime.now(UTC)
+        self._starts.append(d)
+        self._kick()
 
     async def finish(
         self, d: Download, status: str, *, http_status: int | None = None,
         error: str | None = None,
     ) -> None:
-        if d.id is None:
+        if d.started_at is None:  # never queued (refused, or no start at all)
             return
-        # Usually at once; when the pool or the database is briefly short, a few more
-        # tries (this runs apart from any request), so that no row stays `running`.
-        for wait in (*FINISH_RETRIES, None):
+        self._ends[id(d)] = (d, _End(status, http_status, error, d.rows, d.bytes,
+                                     datetime.now(UTC)))
+        self._kick()
+
+    async def close(self, within: float = 8.0) -> None:
+        """Write what is queued (at shutdown, after the downloads' clean-ups and before the
+        engine is disposed); rows still unwritten after `within` seconds are logged lost."""
+        self._closing.set()
+        self._kick()
+        flusher = self._flusher
+        if flusher is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(flusher), within)
+        except TimeoutError:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        if self.pending:
+            log.error("%d audit rows could not be written before shutdown: lost", self.pending)
+
+    def _kick(self) -> None:
+        self._wake.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        retries = 0
+        while True:
+            await self._wake.wait()
+            # Let a batch gather; at shutdown, write at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._interval)
+            self._wake.clear()
             try:
-                async with self._engine.begin() as conn:
-                    await conn.execute(
-                        sa.update(downloads)
-                        .where(downloads.c.id == d.id)
-                        .values(status=status, http_status=http_status, rows=d.rows,
-                                bytes=d.bytes, error=error, ended_at=sa.func.now())
-                    )
-                return
-            except Exception:
-                if wait is None:
-                    # The download itself is over; losing its audit row must not break serving.
-                    log.exception("could not record the end of download %s", d.id)
+                await self._flush()
+            except Exception as error:
+                if self._failure is None:
+                    log.warning("could not write %d audit rows; retrying: %s",
+                                self.pending, error)
+                self._failure = error
+                wait = FINISH_RETRIES[min(retries, len(FINISH_RETRIES) - 1)]
+                retries += 1
+                if self._closing.is_set() and retries > len(FINISH_RETRIES):
+                    log.error("could not write %d audit rows at shutdown: %s",
+                              self.pending, error)
                     return
-                log.warning("could not record the end of download %s yet; retrying", d.id)
                 await asyncio.sleep(wait)
+                self._wake.set()
+                continue
+            if self._failure is not None:
+                log.warning("audit rows written again")
+            self._failure, retries = None, 0
+            if self._closing.is_set() and not self.pending:
+                return
+
+    async def _flush(self) -> None:
+        starts, self._starts = self._starts, []
+        ends, self._ends = self._ends, {}
+        if not starts and not ends:
+            return
+        try:
+            await self._write(starts, ends)
+        except BaseException:
+            # Back in the queue, ahead of what came meanwhile (a newer end wins).
+            self._starts[:0] = starts
+            self._ends = {**ends, **self._ends}
+            raise
+
+    async def _write(self, starts: list[Download], ends: dict[int, tuple[Download, _End]]
+                     ) -> None:
+        try:
+            await self._write_batch(starts, ends)
+        except (sa_exc.DataError, sa_exc.IntegrityError) as error:
+            # One download's start and end (or end alone) at a time, to find the row the
+            # database refuses (a NUL byte in a text, say): that one is dropped, not
+            # retried for ever, which would hold back every other row.
+            units = [([d], {id(d): ends[id(d)]} if id(d) in ends else {}) for d in starts]
+            started = {id(d) for d in starts}
+            units += [([], {key: end}) for key, end in ends.items() if key not in started]
+            if len(units) == 1:
+                log.error("audit row refused by the database, dropped: %s", error)
+                return
+            for unit_starts, unit_ends in units:
+                try:
+                    await self._write(unit_starts, unit_ends)
+                except Exception as unit_error:
+                    # Not raised: the units before it are written and must not be again.
+                    log.warning("could not write an audit row yet; retrying: %s", unit_error)
+                    self._starts.extend(unit_starts)
+                    self._ends = {**unit_ends, **self._ends}
+
+    async def _write_batch(self, starts: list[Download],
+                           ends: dict[int, tuple[Download, _End]]) -> None:
+        rows: list[dict[str, Any]] = []
+        for d in starts:
+            values = _start_values(d)
+            merged = ends.get(id(d))
+            if merged is not None:
+                values.update(_end_values(merged[1]))
+            rows.append(values)
+        started = {id(d) for d in starts}
+        updates: list[dict[str, Any]] = []
+        for key, (d, end) in ends.items():
+            if key in started:
+                continue
+            if d.id is None:  # its start was refused by the database and dropped
+                log.error("end of a download whose audit row was dropped: %s %s",
+                          d.kind, d.target)
+                continue
+            updates.append({"b_" + k: v for k, v in _end_values(end).items()} | {"b_id": d.id})
+        async with self._engine.begin() as conn:
+            ids: list[int] = []
+            if rows:
+                ids = sorted((await conn.execute(_NEXT_IDS, {"n": len(rows)})).scalars())
+                for values, new_id in zip(rows, ids, strict=True):
+                    values["id"] = new_id
+                await conn.execute(sa.insert(downloads), rows)
+            if updates:
+                c = downloads.c
+                await conn.execute(
+                    sa.update(downloads).where(c.id == sa.bindparam("b_id")).values(
+                        {k: sa.bindparam("b_" + k) for k in
+                         ("status", "http_status", "rows", "bytes", "error", "ended_at")}),
+                    updates,
+                )
+        for d, new_id in zip(starts, ids, strict=True):
+            d.id = new_id

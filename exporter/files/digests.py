@@ -10,6 +10,7 @@ import base64
 import hashlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,25 @@ def hash_file(path: Path, chunk_size: int, progress: Callable[[int], None]) -> b
     return h.digest()
 
 
+# Digests known in this process, by database and file key: a hit saves a pool check-out
+# and a query on every request for a file already hashed. As safe as the table itself,
+# whose rows are valid only for this very key; misses are not kept, so a digest computed
+# by another process (or `exporter digest`) is seen at once.
+_KNOWN: OrderedDict[tuple[str, FileKey], bytes] = OrderedDict()
+KNOWN_MAX = 4096
+
+
+def _remember(where: str, key: FileKey, sha256: bytes) -> None:
+    _KNOWN[where, key] = sha256
+    _KNOWN.move_to_end((where, key))
+    while len(_KNOWN) > KNOWN_MAX:
+        _KNOWN.popitem(last=False)
+
+
 class DigestStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._where = engine.url.render_as_string(hide_password=True)
 
     async def get_many(self, keys: Iterable[FileKey]) -> dict[str, bytes]:
         """Digests still valid for these files, by path."""
@@ -71,7 +88,13 @@ class DigestStore:
         return found
 
     async def get(self, key: FileKey) -> bytes | None:
-        return (await self.get_many([key])).get(key.path)
+        known = _KNOWN.get((self._where, key))
+        if known is not None:
+            return known
+        found = (await self.get_many([key])).get(key.path)
+        if found is not None:
+            _remember(self._where, key, found)
+        return found
 
     async def lookup(self, key: FileKey) -> bytes | None:
         """Like get, but a database failure only means "not known" (the file is still served)."""
@@ -91,3 +114,4 @@ class DigestStore:
         )
         async with self._engine.begin() as conn:
             await conn.execute(statement)
+        _remember(self._where, key, sha256)

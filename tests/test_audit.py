@@ -1,0 +1,146 @@
+"""What each download costs the database: audit rows written in batches (every download
+still gets its closed row, and a clean shutdown writes what is queued), and file digests
+known in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import httpx
+
+from exporter.embedded import EmbeddedPostgres
+from exporter.files.demo import LARGE_NAME
+from tests.support import Server, fetch, run_sql, wait_until
+
+RANGE = 64 * 1024
+
+
+def _max_id(database_url: str) -> int:
+    return int(fetch(database_url, "SELECT coalesce(max(id), 0) AS n FROM exporter.downloads")
+               [0]["n"])
+
+
+async def _burst(url: str, files: int, exports: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=files + exports)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        ranges = [client.get(f"/files/{LARGE_NAME}",
+                             headers={"Range": f"bytes={i * RANGE}-{(i + 1) * RANGE - 1}"})
+                  for i in range(files)]
+        dumps = [client.get(f"/datasets/orders.csv?limit={i + 1}") for i in range(exports)]
+        return list(await asyncio.gather(*ranges, *dumps))
+
+
+def test_burst_of_200_downloads_leaves_200_closed_rows_written_in_batches(
+    make_server: type[Server], database_url: str
+) -> None:
+    s = make_server({"EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": "300",
+                     "EXPORTER_AUDIT_FLUSH_INTERVAL": "0.2"}).start()
+    before = _max_id(database_url)
+    answers = asyncio.run(_burst(s.url, 190, 10))
+    assert [r.status_code for r in answers] == [206] * 190 + [200] * 10
+    assert all(len(r.content) == RANGE for r in answers[:190])
+
+    def closed() -> list[dict[str, object]]:
+        rows = fetch(database_url, "SELECT *, xmin::text AS tx FROM exporter.downloads"
+                     " WHERE id > $1 AND status <> 'running'", before)
+        return [dict(r) for r in rows]
+
+    assert wait_until(lambda: len(closed()) == 200, 15)
+    rows = closed()
+    assert {r["status"] for r in rows} == {"complete"}
+    files = [r for r in rows if r["kind"] == "file"]
+    exports = [r for r in rows if r["kind"] == "export"]
+    assert len(files) == 190 and len(exports) == 10
+    assert {r["bytes"] for r in files} == {RANGE}
+    assert {r["http_status"] for r in files} == {206}
+    assert sorted(r["range"] for r in files) == sorted(
+        f"bytes={i * RANGE}-{(i + 1) * RANGE - 1}" for i in range(190))
+    assert sorted(r["rows"] for r in exports) == list(range(1, 11))
+    assert all(r["started_at"] <= r["ended_at"] for r in rows)
+    # One transaction per download start and one per end before batching: 200 distinct
+    # writers of the final row versions. Batched every 0.2 s, a burst takes a few.
+    assert len({r["tx"] for r in rows}) <= 50, len({r["tx"] for r in rows})
+    assert "audit rows" not in s.log()
+
+
+def test_clean_shutdown_writes_the_queued_audit_rows(
+    make_server: type[Server], database_url: str
+) -> None:
+    # A flush interval far longer than the test: only the shutdown's flush writes them.
+    s = make_server({"EXPORTER_AUDIT_FLUSH_INTERVAL": "60"}).start()
+    before = _max_id(database_url)
+    for i in range(5):
+        r = httpx.get(s.url + f"/files/{LARGE_NAME}", headers={"Range": f"bytes={i}-{i + 9}"})
+        assert r.status_code == 206 and len(r.content) == 10
+        assert httpx.get(s.url + "/datasets/orders.csv?limit=2").status_code == 200
+    # Queued, not written yet (before batching each was written before its answer).
+    assert _max_id(database_url) == before
+    s.stop()  # SIGTERM, as a service manager or `docker stop` sends it
+    rows = fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1 ORDER BY id",
+                 before)
+    assert len(rows) == 10
+    assert {r["status"] for r in rows} == {"complete"}
+    assert [r["kind"] for r in rows] == ["file", "export"] * 5
+    assert [r["bytes"] for r in rows if r["kind"] == "file"] == [10] * 5
+    assert [r["rows"] for r in rows if r["kind"] == "export"] == [2] * 5
+    assert "lost" not in s.log()
+
+
+def test_a_known_digest_is_served_from_memory_and_never_for_a_changed_file(
+    make_server: type[Server], database_url: str, tmp_path: Path
+) -> None:
+    name = f"digest-{uuid.uuid4().hex[:8]}.bin"
+    body = os.urandom(300_000)
+    (tmp_path / name).write_bytes(body)
+    s = make_server({"EXPORTER_FILES_ROOT": str(tmp_path)}).start()
+    expected = "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
+    assert httpx.get(f"{s.url}/files/{name}").content == body  # hashed on the way
+    assert wait_until(lambda: httpx.get(f"{s.url}/files/{name}").headers.get("repr-digest")
+                      == expected, 5)
+    # The process knows the digest of this very file (size, mtime, inode): no query.
+    run_sql(database_url, f"DELETE FROM exporter.file_digests WHERE path = '{name}'")
+    r = httpx.get(f"{s.url}/files/{name}")
+    assert r.content == body and r.headers.get("repr-digest") == expected
+    # Changed in place (same inode, new size and mtime): never the old digest.
+    with (tmp_path / name).open("ab") as f:
+        f.write(b"more")
+    r = httpx.get(f"{s.url}/files/{name}", headers={"Range": "bytes=0-9"})
+    assert r.status_code == 206 and "repr-digest" not in r.headers
+
+
+def test_audit_rows_of_an_outage_are_written_when_the_database_is_back(
+    make_server: type[Server], tmp_path: Path
+) -> None:
+    root = tmp_path / "files"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"hello\n")
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    try:
+        with make_server({"EXPORTER_FILES_ROOT": str(root)}, url=url) as s:
+            assert httpx.get(s.url + "/files/a.txt").content == b"hello\n"
+            rows = "SELECT status, bytes FROM exporter.downloads ORDER BY id"
+            assert wait_until(lambda: len(fetch(url, rows)) == 1, 5)
+            pg.stop()
+            # Served from the disk; its row waits in memory.
+            assert httpx.get(s.url + "/files/a.txt", timeout=30).content == b"hello\n"
+            # Once a write failed, downloads are refused rather than left unrecorded.
+
+            def refused() -> bool:
+                r = httpx.get(s.url + "/files/a.txt", timeout=30)
+                return r.status_code == 503 and r.json()["error"]["message"].startswith(
+                    "the database is unavailable")
+
+            assert wait_until(refused, 10, interval=0.2)
+            assert pg.start() == url
+            assert wait_until(lambda: len(fetch(url, rows)) == 2, 15, interval=0.2)
+            assert [tuple(r) for r in fetch(url, rows)] == [("complete", 6)] * 2
+            assert wait_until(
+                lambda: httpx.get(s.url + "/files/a.txt", timeout=30).status_code == 200, 10)
+    finally:
+        pg.stop()
