@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,6 +36,7 @@ class Download:
     rows: int | None = None
     principal: str | None = None
     link_expires: datetime | None = None
+    started: float = field(default_factory=time.monotonic)
 
 
 class Audit:
@@ -57,6 +59,7 @@ class Audit:
     ) -> None:
         if d.id is None:
             return
+        log_finished(d, status, http_status)
         # Usually at once; when the pool or the database is briefly short, a few more
         # tries (this runs apart from any request), so that no row stays `running`.
         for wait in (*FINISH_RETRIES, None):
@@ -76,3 +79,28 @@ class Audit:
                     return
                 log.warning("could not record the end of download %s yet; retrying", d.id)
                 await asyncio.sleep(wait)
+
+
+def log_finished(d: Download, status: str, http_status: int | None) -> None:
+    """One log line per finished download; its fields also as `download` for JSON logs."""
+    fields = {"id": d.id, "principal": d.principal or "anonymous", "kind": d.kind,
+              "target": d.target, "bytes": d.bytes, "status": status,
+              "http_status": http_status,
+              "duration": round(time.monotonic() - d.started, 3)}
+    log.info("download %(id)s %(status)s: %(principal)s %(kind)s %(target)s,"
+             " %(bytes)d bytes in %(duration).3f s", fields, extra={"download": fields})
+
+
+async def close_abandoned(engine: AsyncEngine) -> int:
+    """At start: the rows left `running` by server processes whose lease ran out (killed,
+    host lost) are closed as aborted; how many. Rows of live processes, and rows written
+    before processes had ids, stay as they are."""
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.text(
+            "UPDATE exporter.downloads d SET status = :aborted, ended_at = now(),"
+            " error = 'the server process ended during the download'"
+            " WHERE d.status = 'running' AND d.instance IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM exporter.instances i"
+            "                 WHERE i.id = d.instance AND i.expires_at > now())"),
+            {"aborted": ABORTED})
+    return int(result.rowcount)

