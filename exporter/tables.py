@@ -104,4 +104,5 @@ slots = sa.Table(
               server_default=sa.func.now()),
     sa.Index("slots_key_idx", "key"),
     sa.Index("slots_instance_idx", "instance"),
+    prefixes=["UNLOGGED"],  # see migrations/versions/0004_deployment.py
 )
