@@ -11,14 +11,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter import __version__
-from exporter.access.limits import DownloadLimits, Limiter
+from exporter.access.limits import DownloadLimits, Instance, Limiter, new_instance_id
 from exporter.access.links import LinkKeys
 from exporter.access.tokens import TokenStore
-from exporter.audit import Audit
+from exporter.audit import Audit, close_abandoned
 from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.cors import add_cors
@@ -40,8 +41,8 @@ from exporter.streaming import wait_detached
 log = logging.getLogger(__name__)
 
 # Seconds the shutdown waits for the clean-ups of the last downloads (connections to
-# release; their audit rows are then written by Audit.close), after uvicorn's own 5 s
-# of grace for open responses.
+# release; their audit rows are then written by Audit.close), after uvicorn's grace
+# for open responses (EXPORTER_SHUTDOWN_GRACE).
 DETACHED_GRACE = 8.0
 
 
@@ -101,6 +102,18 @@ class OneLineStartupRefusal:
             await send(message)
 
 
+async def _close_abandoned(engine: AsyncEngine, instance: Instance) -> None:
+    """Close the audit rows of processes that died mid-download (their lease ran out),
+    then forget those processes and their slots. Live processes' rows stay as they are."""
+    try:
+        if closed := await close_abandoned(engine):
+            log.warning("%d downloads left running by server processes that ended:"
+                        " marked aborted", closed)
+        await instance.prune()
+    except Exception as error:
+        log.error("could not close the downloads of ended server processes: %s", error)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if settings.database_url is None:
@@ -109,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings, database_url)
+        instance_id = new_instance_id()
+        engine = create_engine(settings, database_url, instance=instance_id)
         replica = create_replica_engine(settings)
         catalog = Catalog(engine, settings.dataset_schema)
         try:
@@ -124,14 +138,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as error:
             # Serve anyway: /healthz says what is wrong and exports answer 503.
             log.error("could not read the catalog at start-up: %s", error)
+        instance = Instance(engine, instance_id, settings.slot_lease)
+        await instance.start()
+        await _close_abandoned(engine, instance)
         app.state.exporter = State(
             settings, engine, catalog,
             Audit(engine, flush_interval=settings.audit_flush_interval,
                   max_pending=settings.audit_max_pending),
             TokenStore(engine),
             LinkKeys(engine, settings.link_secret),
-            Limiter(settings.max_downloads_per_principal, settings.limit_wait,
-                    settings.export_cap, settings.max_exports_wait),
+            Limiter(engine, instance_id, settings.max_downloads_per_principal,
+                    settings.limit_wait, settings.export_cap, settings.max_exports_wait),
             ReadBudget(settings.file_read_budget, settings.file_chunk_size,
                        settings.file_chunk_size_max),
             Health(database_url),
@@ -151,6 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%d clean-ups still running at shutdown", left)
         # After the clean-ups (they queue the last rows), before the pool goes.
         await app.state.exporter.audit.close()
+        await instance.stop()
         await app.state.exporter.health.close()
         if app.state.exporter.replica_health is not None:
             await app.state.exporter.replica_health.close()

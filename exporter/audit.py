@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -63,6 +64,7 @@ class Download:
     rows: int | None = None
     principal: str | None = None
     link_expires: datetime | None = None
+    started: float = field(default_factory=time.monotonic)  # for the log line
     started_at: datetime | None = None  # set by Audit.start: queued for the audit
 
 
@@ -126,6 +128,7 @@ class Audit:
     ) -> None:
         if d.started_at is None:  # never queued (refused, or no start at all)
             return
+        log_finished(d, status, http_status)
         self._ends[id(d)] = (d, _End(status, http_status, error, d.rows, d.bytes,
                                      datetime.now(UTC)))
         self._kick()
@@ -254,3 +257,28 @@ class Audit:
                 )
         for d, new_id in zip(starts, ids, strict=True):
             d.id = new_id
+
+
+def log_finished(d: Download, status: str, http_status: int | None) -> None:
+    """One log line per finished download; its fields also as `download` for JSON logs."""
+    fields = {"id": d.id, "principal": d.principal or "anonymous", "kind": d.kind,
+              "target": d.target, "bytes": d.bytes, "status": status,
+              "http_status": http_status,
+              "duration": round(time.monotonic() - d.started, 3)}
+    log.info("download %(id)s %(status)s: %(principal)s %(kind)s %(target)s,"
+             " %(bytes)d bytes in %(duration).3f s", fields, extra={"download": fields})
+
+
+async def close_abandoned(engine: AsyncEngine) -> int:
+    """At start: the rows left `running` by server processes whose lease ran out (killed,
+    host lost) are closed as aborted; how many. Rows of live processes, and rows written
+    before processes had ids, stay as they are."""
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.text(
+            "UPDATE exporter.downloads d SET status = :aborted, ended_at = now(),"
+            " error = 'the server process ended during the download'"
+            " WHERE d.status = 'running' AND d.instance IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM exporter.instances i"
+            "                 WHERE i.id = d.instance AND i.expires_at > now())"),
+            {"aborted": ABORTED})
+    return int(result.rowcount)

