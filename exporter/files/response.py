@@ -143,6 +143,16 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         await f.close()
         return Response(status_code=layout.status, headers=headers)
 
+    download = await _start_audit(request, st, target, principal)
+    body = FileBody(f, key, layout, st.read_budget, download, st.audit, digests,
+                    digest_known=sha256 is not None)
+    return StreamingResponse(body, status_code=layout.status, headers=headers)
+
+
+async def _start_audit(request: Request, st: State, target: Target,
+                       principal: Principal) -> Download:
+    """The audit row of a file download that is about to send its body (or hand it on)."""
+    range_header = request.headers.get("range")
     client = request.client.host if request.client else None
     download = Download("file", storable(target.relative), client,
                         range=range_header[:1000] if range_header is not None else None,
@@ -151,10 +161,7 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         await st.audit.start(download)
     except Exception as error:
         raise unavailable(error) from error
-
-    body = FileBody(f, key, layout, st.read_budget, download, st.audit, digests,
-                    digest_known=sha256 is not None)
-    return StreamingResponse(body, status_code=layout.status, headers=headers)
+    return download
 
 
 async def _hand_to_proxy(request: Request, st: State, target: Target, disposition: str,
@@ -188,15 +195,7 @@ async def _hand_to_proxy(request: Request, st: State, target: Target, dispositio
     if st.settings.max_bytes_per_second:
         headers["X-Accel-Limit-Rate"] = str(st.settings.max_bytes_per_second)
     if request.method == "GET":
-        range_header = request.headers.get("range")
-        client = request.client.host if request.client else None
-        download = Download("file", storable(target.relative), client,
-                            range=range_header[:1000] if range_header is not None else None,
-                            principal=principal.label, link_expires=principal.link_expires)
-        try:
-            await st.audit.start(download)
-        except Exception as error:
-            raise unavailable(error) from error
+        download = await _start_audit(request, st, target, principal)
         # What nginx then sends (bytes, status, a client that leaves) is in its access log.
         await st.audit.finish(download, PROXIED)
     return Response(status_code=200, headers=headers)
