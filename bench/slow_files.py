@@ -200,6 +200,7 @@ def run_counts(plan: Plan, url: str, root: Path, counts: Sequence[int], seconds:
             # All of them come from one address, the anonymous loopback principal.
             "EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": str(count + 10),
             "EXPORTER_MAX_CONNECTIONS": str(count + 100),
+            "EXPORTER_POOL_TIMEOUT": "60",
             **(env or {}),
         }) as server:
             server.start("/healthz")

@@ -122,14 +122,17 @@ def test_audit_rows_of_an_outage_are_written_when_the_database_is_back(
     pg = EmbeddedPostgres(tmp_path / "pg")
     url = pg.start()
     try:
-        with make_server({"EXPORTER_FILES_ROOT": str(root)}, url=url) as s:
+        # Rows wait 3 s in memory: long enough to stop the database under one of them.
+        with make_server({"EXPORTER_FILES_ROOT": str(root),
+                          "EXPORTER_AUDIT_FLUSH_INTERVAL": "3"}, url=url) as s:
             assert httpx.get(s.url + "/files/a.txt").content == b"hello\n"
             rows = "SELECT status, bytes FROM exporter.downloads ORDER BY id"
-            assert wait_until(lambda: len(fetch(url, rows)) == 1, 5)
-            pg.stop()
-            # Served from the disk; its row waits in memory.
+            assert wait_until(lambda: len(fetch(url, rows)) == 1, 10)
+            # Served while the database is up (a download takes its slot there); its row
+            # waits in memory for the next write, which the outage makes fail.
             assert httpx.get(s.url + "/files/a.txt", timeout=30).content == b"hello\n"
-            # Once a write failed, downloads are refused rather than left unrecorded.
+            pg.stop()
+            # Downloads are refused rather than left unrecorded (or uncounted).
 
             def refused() -> bool:
                 r = httpx.get(s.url + "/files/a.txt", timeout=30)

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.errors import ApiError
+from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.streaming import run_detached
 
 log = logging.getLogger(__name__)
@@ -228,12 +228,18 @@ class Limiter:
             raise
 
     async def _insert(self, key: str, cap: int) -> int | None:
-        async with self._engine.begin() as conn:
-            # Takers of one key one after the other (the count then the insert).
-            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
-                               {"space": _LOCK_SPACE, "key": key})
-            slot = await conn.scalar(_TAKE, {"key": key, "instance": self.instance_id,
-                                             "cap": cap})
+        try:
+            async with self._engine.begin() as conn:
+                # Takers of one key one after the other (the count then the insert).
+                await conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
+                    {"space": _LOCK_SPACE, "key": key})
+                slot = await conn.scalar(_TAKE, {"key": key, "instance": self.instance_id,
+                                                 "cap": cap})
+        except DATABASE_ERRORS as error:
+            # A vanished unix socket is a plain OSError, which the app's handlers leave
+            # alone (a file that cannot be read is no database failure): say it here.
+            raise unavailable(error) from error
         return None if slot is None else int(slot)
 
     async def _wait_for(self, key: str, cap: int, wait: float) -> int | None:
