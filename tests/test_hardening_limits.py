@@ -139,9 +139,12 @@ def test_slow_clients_of_one_token_starve_no_one_and_are_cut_curl(
             assert wait_until(lambda: health(s)[1].json()["exports"]["active"] == 0, 15)
             assert wait_until(lambda: fetch(database_url, STUCK) == [], 5), \
                 fetch(database_url, STUCK)
-            rows = fetch(database_url,
-                         "SELECT principal, status, error FROM exporter.downloads"
-                         " WHERE id > $1 AND target = 'endless' ORDER BY id", first_id)
+            ended = ("SELECT principal, status, error FROM exporter.downloads"
+                     " WHERE id > $1 AND target = 'endless' ORDER BY id")
+            # Audit rows are written in batches: the cut ones close within a flush or two.
+            wait_until(lambda: all(r["status"] != "running"
+                                   for r in fetch(database_url, ended, first_id)), 10)
+            rows = fetch(database_url, ended, first_id)
             hogs = [r for r in rows if r["principal"] in (f"token {a_name}", f"token {b_name}")]
             assert len(hogs) == 4, rows
             for row in rows:
