@@ -47,6 +47,7 @@ error_log {tmp}/error.log warn;
 {user}
 events {{ worker_connections 1024; }}
 http {{
+    {http}
     access_log off;
     sendfile on;
     tcp_nopush on;
@@ -58,7 +59,7 @@ http {{
     scgi_temp_path {tmp}/scgi;
     server {{
         listen 127.0.0.1:{port};
-        location /files/ {{ alias {root}/; }}
+        {files}
         location = /healthz {{ return 200 "ok"; }}
     }}
 }}
@@ -86,18 +87,23 @@ def warm(path: Path) -> None:
 
 
 @contextmanager
-def nginx(plan: Plan, root: Path) -> Iterator[Service]:
+def nginx(plan: Plan, root: Path, files: str | None = None, http: str = "",
+          name: str = "nginx") -> Iterator[Service]:
     """nginx in the foreground on a free loopback port, with a generated config and its
-    own pid and log files in a temporary folder; stopped (and the folder removed) after."""
+    own pid and log files in a temporary folder; stopped (and the folder removed) after.
+    `files` replaces the `/files/` location (by default an alias of `root`), `http` is
+    added to the `http` block."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     with tempfile.TemporaryDirectory(prefix="nginx-", dir=plan.work) as tmp:
         port = free_port()
         # As root, workers would switch to `nobody`, who may not read our folder.
         user = "user root;" if os.geteuid() == 0 else ""
         conf = Path(tmp) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root, user=user))
-        service = Service("nginx", [binary, "-p", tmp, "-c", str(conf), "-e",
-                                    f"{tmp}/error.log"], plan.logs / "nginx.log", port=port)
+        files = files if files is not None else f"location /files/ {{ alias {root}/; }}"
+        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, user=user, files=files,
+                                          http=http))
+        service = Service(name, [binary, "-p", tmp, "-c", str(conf), "-e",
+                                 f"{tmp}/error.log"], plan.logs / f"{name}.log", port=port)
         try:
             yield service.start("/healthz")
         finally:

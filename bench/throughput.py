@@ -1,5 +1,7 @@
 """Many requests at once: 100 concurrent file ranges and 20 concurrent exports, with
-one worker process and with `exporter serve --workers 2`, against nginx.
+one worker process and with `exporter serve --workers 2`, against nginx; for files also
+nginx in front of an exporter with EXPORTER_FILES_ACCEL_REDIRECT (docs/deploy.md's
+locations, plain http): the app checks and audits, nginx sends the bytes.
 
 Not part of `./scripts/bench` (its results go below the kept marker of
 docs/benchmarks.md). Run: `.venv/bin/python -m bench.throughput [--rounds N]`.
@@ -67,16 +69,20 @@ def tree_cpu(pid: int) -> float:
 CPU: dict[str, list[float]] = {}
 
 
-def with_cpu(c: Contender) -> Contender:
-    """The same contender, noting the server's CPU seconds per run: on a machine shared
-    with other work, wall time moves with the load, CPU time much less."""
+def with_cpu(c: Contender, *also: Service) -> Contender:
+    """The same contender, noting the server's CPU seconds per run (with those of `also`,
+    another server it uses): on a machine shared with other work, wall time moves with
+    the load, CPU time much less."""
     assert c.server_pid is not None
-    pid, inner = c.server_pid, c.run
+    pids, inner = [c.server_pid, *(lambda s=s: s.pid for s in also)], c.run
+
+    def cpu() -> float:
+        return sum(tree_cpu(pid()) for pid in pids)
 
     def run() -> Run:
-        before = tree_cpu(pid())
+        before = cpu()
         result = inner()
-        CPU.setdefault(c.name, []).append(tree_cpu(pid()) - before)
+        CPU.setdefault(c.name, []).append(cpu() - before)
         return result
 
     return dataclasses.replace(c, run=run)
@@ -89,6 +95,36 @@ def cpu_table() -> list[str]:
                     f"{min(values):.2f} s – {max(values):.2f} s |")
     CPU.clear()
     return rows
+
+
+# docs/deploy.md's locations, on plain http and without its prefix: the app checks,
+# audits and answers with X-Accel-Redirect; nginx sends the file.
+ACCEL_UPSTREAM = "upstream exporter {{ server 127.0.0.1:{port}; keepalive 16; }}"
+ACCEL_FILES = """location /files/ {{
+            proxy_pass http://exporter;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+        }}
+        location /internal/ {{
+            internal;
+            alias {root}/;
+            disable_symlinks on from=$document_root;
+            sendfile on;
+            tcp_nopush on;
+            max_ranges 16;
+            add_header Content-Security-Policy $upstream_http_content_security_policy always;
+            add_header X-Content-Type-Options $upstream_http_x_content_type_options always;
+            add_header Repr-Digest $upstream_http_repr_digest always;
+        }}"""
+
+
+def accel_proxy(plan: Plan, root: Path, upstream: Service) -> contextlib.AbstractContextManager[
+        Service]:
+    """nginx in front of `upstream` (started with EXPORTER_FILES_ACCEL_REDIRECT)."""
+    return nginx(plan, root, files=ACCEL_FILES.format(root=root),
+                 http=ACCEL_UPSTREAM.format(port=upstream.port), name="nginx-accel")
 
 
 def baseline_service(plan: Plan, url: str, checkout: Path, env: dict[str, str],
@@ -183,7 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         two = stack.enter_context(exporter_service(plan, url, "exporter-2", env))
         two.command = [*two.command, "--workers", "2"]
         two.start("/healthz")
-        servers = [one, two]
+        accel = stack.enter_context(exporter_service(
+            plan, url, "exporter-accel", {**env, "EXPORTER_FILES_ACCEL_REDIRECT": "/internal/"}))
+        accel.start("/healthz")
+        proxied = stack.enter_context(accel_proxy(plan, root, accel))
+        servers = [one, two, proxied]
         old: Service | None = None
         if args.baseline is not None:
             old = stack.enter_context(baseline_service(plan, url, args.baseline, env, 1))
@@ -197,9 +237,11 @@ def main(argv: list[str] | None = None) -> None:
                            check=True)
         if "files" in only:
             log(f"{plan.range_clients} concurrent range clients")
+            through = concurrent("nginx -> exporter (X-Accel-Redirect)", proxied, plan)
             contenders = [concurrent("nginx (sendfile)", ref, plan, reference=True),
                           concurrent("exporter", one, plan),
-                          concurrent("exporter --workers 2", two, plan)]
+                          concurrent("exporter --workers 2", two, plan),
+                          through]
             if not args.no_token:
                 contenders.append(ranges_at_once("exporter, with a token", one, plan,
                                                  new_token(url)))
@@ -208,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.no_token:
                     contenders.append(ranges_at_once("exporter before the change, with a token",
                                                      old, plan, new_token(url)))
-            results = interleaved([with_cpu(c) for c in contenders], plan.repetitions, log)
+            # Through nginx, the CPU is nginx's and its exporter's (the RSS, nginx's).
+            timed = [with_cpu(c, accel) if c is through else with_cpu(c) for c in contenders]
+            results = interleaved(timed, plan.repetitions, log)
             print("\n".join(results_table(results, results[0])))
             print("\n".join(cpu_table()))
         if "exports" in only:
