@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
@@ -198,3 +199,12 @@ class FreshDatabase:
 
     def __exit__(self, *exc: object) -> None:
         run_sql(self.server_url, f'DROP DATABASE "{self.name}" WITH (FORCE)')
+
+
+def sha256(path: Path) -> str:
+    """A file's SHA-256 in hex, read a MiB at a time (files of the tests can be large)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -15,15 +15,7 @@ import httpx
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
 from tests.conftest import LARGE_FILE_SIZE
-from tests.support import ROOT, Server, fetch, wait_until
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+from tests.support import ROOT, Server, fetch, sha256, wait_until
 
 
 def url(server: Server, name: str) -> str:

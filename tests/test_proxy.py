@@ -6,7 +6,6 @@ and wget)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import re
@@ -25,20 +24,12 @@ import httpx
 import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
-from tests.support import ROOT, Server, fetch, free_port, wait_until
+from tests.support import ROOT, Server, fetch, free_port, sha256, wait_until
 from tests.test_access import CLOSED, bearer, new_token
 
 PREFIX = "/exporter"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
