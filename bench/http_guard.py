@@ -1,4 +1,4 @@
-"""What the bounds on request heads and connections cost (exporter/guard.py).
+"""What the bounds on request heads and connections cost (exporter/server/guard.py).
 
 The same app under uvicorn's own httptools protocol with its defaults ("before") and
 under `exporter serve`'s options ("after": the guarded protocol, the connection cap,

@@ -15,14 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter import __version__
+from exporter import __version__, health
+from exporter.access import routes as access_routes
 from exporter.access.limits import DownloadLimits, Instance, Limiter, new_instance_id
 from exporter.access.links import LinkKeys
 from exporter.access.tokens import TokenStore
 from exporter.audit import Audit, close_abandoned
-from exporter.catalog import Catalog
 from exporter.config import Settings
-from exporter.cors import add_cors
 from exporter.db import (
     UnsupportedServer,
     check_server_version,
@@ -30,13 +29,18 @@ from exporter.db import (
     create_replica_engine,
 )
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
-from exporter.export import end_running_exports
+from exporter.exports import downloads
+from exporter.exports import routes as export_routes
+from exporter.exports.catalog import Catalog
+from exporter.exports.export import end_running_exports
+from exporter.files import routes as file_routes
 from exporter.files.stream import ReadBudget
 from exporter.health import Health
-from exporter.prefix import RootPath
-from exporter.routes import datasets, downloads, files, health, links, page, tokens
+from exporter.server.prefix import RootPath
 from exporter.state import State
 from exporter.streaming import wait_detached
+from exporter.web import page
+from exporter.web.cors import add_cors
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +222,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(page.router)
-    app.include_router(datasets.router)
-    app.include_router(links.router)
+    app.include_router(export_routes.router)
+    app.include_router(access_routes.router)
     app.include_router(downloads.router)
-    app.include_router(tokens.router)
-    app.include_router(files.router)
+    app.include_router(file_routes.router)
     return app

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from exporter import __version__
 from exporter.access.cli import add_commands as add_access_commands
 from exporter.config import Settings
-from exporter.logs import log_config
+from exporter.server.logs import log_config
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -177,8 +177,8 @@ def fail(message: str) -> NoReturn:
 
 
 async def _load_demo(settings: Settings, url: str, rows: int, only_if_empty: bool) -> bool:
-    from exporter import demo
     from exporter.db import create_engine
+    from exporter.exports import demo
 
     engine = create_engine(settings, url)
     try:
@@ -249,8 +249,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def server_limits(settings: Settings) -> dict[str, Any]:
-    """uvicorn's options for the bounds on clients (see exporter/guard.py)."""
-    from exporter.guard import GuardedHttpToolsProtocol
+    """uvicorn's options for the bounds on clients (see exporter/server/guard.py)."""
+    from exporter.server.guard import GuardedHttpToolsProtocol
 
     trusted = settings.forwarded_allow_ips.strip()
     return {

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from exporter.tables import APP_SCHEMA
 
-# The first path segments the app's routes use (see exporter/prefix.py).
+# The first path segments the app's routes use (see exporter/server/prefix.py).
 ROUTE_NAMES = frozenset({"datasets", "files", "links", "downloads", "tokens", "session",
                          "healthz", "docs", "redoc", "openapi.json"})
 

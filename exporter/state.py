@@ -1,20 +1,28 @@
-"""What the app holds for its lifetime, reachable from every request."""
+"""What the app holds for its lifetime, reachable from every request.
+
+The core owns this record; the features own what goes in it. Their types are imported
+for the type checker only, so that the core imports no feature at run time (the import
+direction is core <- features <- app; tests/test_layout.py holds it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.access.limits import Limiter
-from exporter.access.links import LinkKeys
-from exporter.access.tokens import TokenStore
 from exporter.audit import Audit
-from exporter.catalog import Catalog
 from exporter.config import Settings
-from exporter.files.stream import ReadBudget
-from exporter.health import Health
+
+if TYPE_CHECKING:
+    from exporter.access.limits import Limiter
+    from exporter.access.links import LinkKeys
+    from exporter.access.tokens import TokenStore
+    from exporter.exports.catalog import Catalog
+    from exporter.files.stream import ReadBudget
+    from exporter.health import Health
 
 
 @dataclass

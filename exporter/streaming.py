@@ -1,26 +1,14 @@
-"""COPY output to HTTP body: coalesced chunks through a bounded queue.
-
-PostgreSQL's COPY hands asyncpg many small pieces. They are gathered into chunks
-of `chunk_size` bytes and put on a queue of at most `max_chunks`; when the client
-is slow the queue fills, the COPY callback waits on it, asyncpg stops reading the
-socket, and the backend waits in ClientWrite. Memory per export is thus bounded by
-about `chunk_size * (max_chunks + 1)`, whatever the size of the result.
-"""
+"""What every streamed body needs: watching for a client that leaves before the answer
+starts, and clean-ups that must finish after it left."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from starlette.types import Receive
-
-Output = Callable[[bytes], Awaitable[None]]
-# Called with (prelude, output): what goes to `prelude` (a CSV header, say) waits and
-# leaves with the first data written to `output`, or at the end if there is none.
-Producer = Callable[[Output, Output], Awaitable[int | None]]
 
 
 async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
@@ -72,96 +60,3 @@ async def wait_detached(within: float) -> int:
         return 0
     _, pending = await asyncio.wait(set(_detached), timeout=within)
     return len(pending)
-
-
-class FirstChunkTimeout(Exception):
-    """Nothing came before the deadline."""
-
-
-@dataclass
-class _Failure:
-    error: BaseException
-
-
-_END = object()
-
-
-class CopyStream:
-    """Runs `producer` (which writes through the output callback) in its own task."""
-
-    def __init__(
-        self, producer: Producer, *, chunk_size: int, max_chunks: int, flush_interval: float
-    ) -> None:
-        self._producer = producer
-        self._chunk_size = chunk_size
-        self._flush_interval = flush_interval
-        self._queue: asyncio.Queue[object] = asyncio.Queue(max_chunks)
-        self._pending = bytearray()
-        self._first_sent = False
-        self._task: asyncio.Task[None] | None = None
-        self.result: int | None = None  # what the producer returned (rows)
-        self.finished = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def _prelude(self, data: bytes) -> None:
-        self._pending += data
-
-    async def _output(self, data: bytes) -> None:
-        self._pending += data
-        # The first piece goes at once: the first byte should not wait for a full chunk.
-        if len(self._pending) >= self._chunk_size or not self._first_sent:
-            self._first_sent = True
-            await self._queue.put(self._take())
-
-    def _take(self) -> bytes:
-        chunk = bytes(self._pending)
-        self._pending.clear()
-        return chunk
-
-    async def _run(self) -> None:
-        try:
-            self.result = await self._producer(self._prelude, self._output)
-            self._first_sent = True
-            if self._pending:
-                await self._queue.put(self._take())
-            await self._queue.put(_END)
-        except Exception as error:  # handed to the consumer, which decides what it means
-            await self._queue.put(_Failure(error))
-
-    async def next_chunk(self, first_within: float | None = None) -> bytes | None:
-        """The next chunk, or None at the end; re-raises the producer's failure.
-
-        A partial chunk that waited `flush_interval` is sent as it is. With
-        `first_within`, FirstChunkTimeout is raised when nothing came in that many seconds.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = None if first_within is None else loop.time() + first_within
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), self._flush_interval)
-                except TimeoutError:
-                    if self._pending and self._first_sent:
-                        return self._take()
-                    if deadline is not None and loop.time() >= deadline:
-                        raise FirstChunkTimeout from None
-                    continue
-            if item is _END:
-                self.finished = True
-                return None
-            if isinstance(item, _Failure):
-                raise item.error
-            assert isinstance(item, bytes)
-            return item
-
-    async def cancel(self) -> None:
-        """Stop the producer (asyncpg then asks PostgreSQL to cancel the query)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            # Its outcome no longer matters to anyone.
-            with contextlib.suppress(BaseException):
-                await self._task

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from exporter.cli import migrate
 from exporter.config import Settings
 from exporter.db import create_engine
-from exporter.demo import load
+from exporter.exports.demo import load
 from exporter.files.demo import create as create_demo_files
 from tests.debian_postgres import DebianPostgres, missing
 from tests.support import Server, run_sql

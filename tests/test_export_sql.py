@@ -21,11 +21,11 @@ import asyncpg
 import httpx
 import pytest
 
-from exporter import sql
-from exporter.catalog import Catalog
 from exporter.config import Settings
 from exporter.db import create_engine, driver_connection
-from exporter.query import parse
+from exporter.exports import sql
+from exporter.exports.catalog import Catalog
+from exporter.exports.query import parse
 from tests.support import ROOT, Server, fetch, raw_request, run_sql
 
 TIMEOUT = 120

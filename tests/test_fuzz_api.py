@@ -17,12 +17,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from exporter.query import OPERATORS
+from exporter.exports.query import OPERATORS
 from tests.fuzzing import HUGE, OPERATION, SERVER, hostile_text, huge_numbers
 from tests.support import Server
 from tests.test_access import CLOSED, new_token
 
-# The demo table's columns (exporter/demo.py).
+# The demo table's columns (exporter/exports/demo.py).
 ORDERS_COLUMNS = ["id", "customer", "amount", "created_at", "updated_at", "ship_date", "paid",
                   "order_uuid", "details", "tags", "note"]
 # Real targets mixed with random ones, so the fuzzer gets past the 404s into the code behind.

@@ -20,8 +20,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from exporter.access.durations import parse_duration
-from exporter.catalog import Column, Dataset
 from exporter.errors import ApiError
+from exporter.exports.catalog import Column, Dataset
+from exporter.exports.query import MAX_BIGINT, OPERATORS, RESERVED, ExportQuery, parse
 from exporter.files.conditions import (
     NOT_MODIFIED,
     PRECONDITION_FAILED,
@@ -34,10 +35,9 @@ from exporter.files.conditions import (
 from exporter.files.paths import FilesRoot
 from exporter.files.ranges import ByteRange, Unsatisfiable, parse_range
 from exporter.http import content_disposition, parse_accept
-from exporter.query import MAX_BIGINT, OPERATORS, RESERVED, ExportQuery, parse
 from tests.fuzzing import HUGE, PARSERS, hostile_text, huge_numbers
 
-# The demo table's columns (exporter/demo.py), as the catalog describes them.
+# The demo table's columns (exporter/exports/demo.py), as the catalog describes them.
 ORDERS = Dataset("exports", "orders", "table", 20_000, {
     c.name: c for c in [
         Column("id", "bigint", "bigint", "N", False),
@@ -61,7 +61,7 @@ def assert_client_error(error: ApiError) -> None:
     assert error.message
 
 
-# -- the query grammar (exporter/query.py) ------------------------------------------------
+# -- the query grammar (exporter/exports/query.py) ------------------------------------------------
 
 def filter_values() -> st.SearchStrategy[str]:
     value = hostile_text()

@@ -22,7 +22,7 @@ from exporter.access.links import (
     token_identity,
 )
 from exporter.errors import ApiError
-from exporter.query import _unquote
+from exporter.exports.query import _unquote
 
 # Each example is quick; a loaded machine must not turn the deadline into a failure. No
 # example database: tests write nothing into the checkout (Hypothesis's is ./.hypothesis).

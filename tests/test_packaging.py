@@ -98,7 +98,7 @@ def test_the_wheel_carries_its_migrations_and_one_version(installed: Installed) 
         assert f"exporter/migrations/versions/{name}" in names
     assert "exporter/migrations/env.py" in names
     assert "exporter/migrations/script.py.mako" in names
-    assert "exporter/templates/page.html" in names
+    assert "exporter/web/templates/page.html" in names
 
 
 def test_the_installed_wheel_migrates_serves_and_exports_with_curl(

@@ -21,7 +21,7 @@ from exporter.access.links import (
 )
 from exporter.access.principal import ADMIN, CHALLENGES, LINK, Principal, anonymous
 from exporter.errors import ApiError
-from exporter.prefix import app_path, app_raw_path
+from exporter.server.prefix import app_path, app_raw_path
 from exporter.state import State, get_state
 
 COOKIE = "exporter_token"

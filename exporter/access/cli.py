@@ -19,7 +19,7 @@ from exporter.access.durations import parse_duration
 from exporter.access.links import OPERATOR, LinkKeys, sign, split_query
 from exporter.access.tokens import TokenStore
 from exporter.config import Settings
-from exporter.prefix import strip_root
+from exporter.server.prefix import strip_root
 from exporter.tables import downloads
 
 DEMO_TOKEN_NAME = "demo"

@@ -4,7 +4,7 @@ would), one chunk at a time.
 A chunk is read only when the previous one has gone into the socket: after each
 chunk the body yields an empty one, and uvicorn's `send` first waits while its
 transport's writing is paused, until the buffer is back under the low-water mark
-(`exporter.protocol` puts both marks at zero, so: until it is empty). Without that
+(`exporter.server.protocol` puts both marks at zero, so: until it is empty). Without that
 wait, `send` returned as soon as the chunk was queued and the next chunk was read at
 once, so a client that reads slowly held two chunks in the server, the second waiting
 for the first: 1,000 slow clients held 764 MB. The size of each read comes from one

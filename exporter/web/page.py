@@ -11,20 +11,21 @@ from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from exporter import renderers
 from exporter.access.authenticate import COOKIE, authenticate
 from exporter.access.principal import ANONYMOUS, Principal
-from exporter.browse import export_urls, folder_listing, open_path, visible_datasets
-from exporter.catalog import Dataset
 from exporter.errors import ApiError
+from exporter.exports import renderers
+from exporter.exports.catalog import Dataset
+from exporter.exports.query import RESERVED
+from exporter.exports.visible import export_urls, visible_datasets
 from exporter.files.listing import url_path
 from exporter.files.paths import not_found, printable
-from exporter.query import RESERVED
+from exporter.files.visible import folder_listing, open_path
 from exporter.state import State, get_state
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(env=Environment(
-    loader=PackageLoader("exporter", "templates"), autoescape=select_autoescape(),
+    loader=PackageLoader("exporter.web", "templates"), autoescape=select_autoescape(),
 ))
 
 # The filter builder offers these; `not.` and the rest of the grammar stay for hand-made URLs.

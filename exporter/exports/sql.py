@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from exporter.errors import DRIVER_ERRORS, ApiError, bad_parameter, postgres_message, sqlstate
-from exporter.query import COMPARISONS, PATTERNS, ExportQuery, Filter
+from exporter.exports.query import COMPARISONS, PATTERNS, ExportQuery, Filter
 
 
 def quote_ident(name: str) -> str:

@@ -42,7 +42,7 @@ class JsonFormatter(logging.Formatter):
 def log_config(log_format: str = "plain", level: str = "info") -> dict[str, Any]:
     """A `logging.config.dictConfig` dict, for this process and for uvicorn's workers."""
     formatter: dict[str, Any] = (
-        {"()": "exporter.logs.JsonFormatter"} if log_format == "json"
+        {"()": "exporter.server.logs.JsonFormatter"} if log_format == "json"
         else {"format": PLAIN})
     return {
         "version": 1,

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from exporter.access.links import LINK_PARAMETERS
-from exporter.catalog import Column, Dataset
 from exporter.errors import ApiError, bad_parameter
+from exporter.exports.catalog import Column, Dataset
 
 COMPARISONS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 PATTERNS = {"like": "LIKE", "ilike": "ILIKE"}

@@ -8,15 +8,15 @@ from urllib.parse import unquote_to_bytes
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from exporter import openapi
 from exporter.access.authenticate import authenticate
 from exporter.access.limits import ClientLeft
-from exporter.browse import folder_listing, open_path
 from exporter.errors import ApiError, bad_parameter
+from exporter.files import openapi
 from exporter.files.listing import url_path
 from exporter.files.paths import bad_path
 from exporter.files.response import SAFE_HEADERS, serve_file
-from exporter.prefix import app_path, app_raw_path
+from exporter.files.visible import folder_listing, open_path
+from exporter.server.prefix import app_path, app_raw_path
 from exporter.state import get_state
 
 router = APIRouter()

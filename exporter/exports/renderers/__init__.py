@@ -5,8 +5,14 @@ the response body. A new format is one new module here that calls `register`, an
 one import below.
 """
 
-from exporter.renderers import csv, ndjson
-from exporter.renderers.base import Copy, Renderer, all_renderers, by_extension, by_media_type
+from exporter.exports.renderers import csv, ndjson
+from exporter.exports.renderers.base import (
+           Copy,
+           Renderer,
+           all_renderers,
+           by_extension,
+           by_media_type,
+)
 
 DEFAULT: Renderer = csv.CSV  # what `Accept: */*` gets
 

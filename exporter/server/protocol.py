@@ -30,7 +30,7 @@ LOW_WATER = 0
 
 
 def tune_transport(transport: asyncio.Transport) -> None:
-    """Called by the server's protocol (exporter/guard.py) for each new connection."""
+    """Called by the server's protocol (exporter/server/guard.py) for each new connection."""
     # uvloop's transports have the method without being asyncio.WriteTransport.
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
     lowat = get_settings().socket_notsent_lowat

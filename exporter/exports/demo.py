@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.sql import quote_ident, quote_literal
+from exporter.exports.sql import quote_ident, quote_literal
 
 # Values that break naive CSV and JSON writers; NULL and '' are different things.
 NOTES = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.renderers.base import Copy, Renderer, register
+from exporter.exports.renderers.base import Copy, Renderer, register
 
 
 @dataclass(frozen=True)

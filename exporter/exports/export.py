@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter import sql
 from exporter.access.limits import MAX_DURATION, ResponseCut
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.config import Settings
@@ -25,9 +24,11 @@ from exporter.errors import (
     sqlstate,
     unavailable,
 )
-from exporter.query import ExportQuery
-from exporter.renderers import Renderer
-from exporter.streaming import CopyStream, FirstChunkTimeout, Output, run_detached
+from exporter.exports import sql
+from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
+from exporter.exports.query import ExportQuery
+from exporter.exports.renderers import Renderer
+from exporter.streaming import run_detached
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from exporter import openapi, renderers, sql
 from exporter.access.authenticate import require_admin
-from exporter.catalog import Catalog, Dataset
 from exporter.errors import ApiError, unavailable
-from exporter.query import Order, parse
-from exporter.routes.datasets import export_response
+from exporter.exports import openapi, renderers, sql
+from exporter.exports.catalog import Catalog, Dataset
+from exporter.exports.query import Order, parse
+from exporter.exports.routes import export_response
 from exporter.state import State
 from exporter.tables import APP_SCHEMA, downloads
 

@@ -1,4 +1,5 @@
-"""POST /links: a signed, expiring URL for a dataset export or a file."""
+"""Access's endpoints: POST /links (a signed, expiring URL for an export or a file) and,
+for admins, GET /tokens and DELETE /tokens/{name} (revoke)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,28 @@ from urllib.parse import unquote, urlsplit
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from exporter import openapi
-from exporter.access.authenticate import authenticate
+from exporter.access import openapi
+from exporter.access.authenticate import authenticate, require_admin
 from exporter.access.durations import parse_duration
 from exporter.access.links import sign, token_identity
 from exporter.access.principal import TOKEN, Principal
 from exporter.errors import ApiError, bad_parameter
-from exporter.prefix import strip_root
-from exporter.routes.datasets import candidate_names
+from exporter.server.prefix import strip_root
 from exporter.state import get_state
 
 router = APIRouter()
 
 MAX_LIFETIME = parse_duration("30d")
+
+
+def dataset_names(name: str) -> list[str]:
+    """The datasets an export path may name: `orders.csv` is `orders.csv` or `orders`.
+
+    Any suffix is tried, known format or not: this is an early answer only, and the
+    export route checks the link's principal again when the link is used.
+    """
+    base, dot, _ = name.rpartition(".")
+    return [name, base] if dot and base else [name]
 
 
 def may_link(principal: Principal, path: str) -> bool:
@@ -30,7 +40,7 @@ def may_link(principal: Principal, path: str) -> bool:
         raise bad_parameter("url", "a link's path may not hold . or .. segments")
     if path.startswith("/datasets/"):
         name = unquote(path[len("/datasets/"):])
-        return bool(name) and any(principal.may_read_dataset(n) for n in candidate_names(name))
+        return bool(name) and any(principal.may_read_dataset(n) for n in dataset_names(name))
     if path.startswith("/files/"):
         relative = unquote(path[len("/files/"):])
         return principal.may_read_file(relative) or principal.may_list_folder(relative)
@@ -80,3 +90,24 @@ async def create_link(request: Request) -> JSONResponse:
         {"url": base + signed, "expires_at": expires_at.isoformat(timespec="seconds")},
         status_code=201,
     )
+
+
+@router.get("/tokens")
+async def list_tokens(request: Request) -> JSONResponse:
+    st, _ = await require_admin(request)
+    return JSONResponse([
+        {"name": t.name, "scopes": t.scopes, "state": t.state,
+         "created_at": t.created_at.isoformat(),
+         "expires_at": t.expires_at.isoformat() if t.expires_at else None,
+         "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+         "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None}
+        for t in await st.tokens.list()
+    ])
+
+
+@router.delete("/tokens/{name}")
+async def revoke_token(request: Request, name: str) -> JSONResponse:
+    st, _ = await require_admin(request)
+    if not await st.tokens.revoke(name):
+        raise ApiError(404, f"no active token named {name!r}")
+    return JSONResponse({"name": name, "state": "revoked"})

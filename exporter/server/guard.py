@@ -20,7 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from exporter.config import get_settings
-from exporter.protocol import tune_transport
+from exporter.server.protocol import tune_transport
 
 # After a refusal the client may still be sending (a 100 MB header, say): closing at once
 # with unread data makes the kernel send a reset, and the client may never read the

@@ -9,19 +9,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter import openapi, renderers, sql
 from exporter.access.authenticate import authenticate
 from exporter.access.limits import ClientLeft, ExportWatch, on_request_end, watch_export
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
-from exporter.browse import export_urls, visible_datasets
-from exporter.catalog import Catalog, Dataset
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
-from exporter.export import Export, filename
+from exporter.exports import openapi, renderers, sql
+from exporter.exports.catalog import Catalog, Dataset
+from exporter.exports.export import Export, filename
+from exporter.exports.query import parse
+from exporter.exports.renderers import Renderer
+from exporter.exports.visible import export_urls, visible_datasets
 from exporter.http import content_disposition, parse_accept
-from exporter.query import parse
-from exporter.renderers import Renderer
 from exporter.state import State, get_state
 from exporter.streaming import unless_disconnected
 

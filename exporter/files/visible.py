@@ -1,37 +1,19 @@
-"""What a principal may see: its datasets, and folders with only what it may download.
+"""What a principal may see of the files: folders with only what it may download.
 
-Shared by the JSON API (`/datasets`, `/files/.../`) and the HTML page, so both show
-the same things under the same checks.
+Shared by the JSON API (`/files/.../`) and the HTML page, so both show the same things
+under the same checks.
 """
 
 from __future__ import annotations
 
 import functools
 from typing import Any
-from urllib.parse import quote
 
-from exporter import renderers
 from exporter.access.principal import Principal
-from exporter.catalog import Catalog, Dataset
 from exporter.files.digests import DigestStore
 from exporter.files.listing import in_thread_owned, listing
 from exporter.files.paths import FilesRoot, Target
 from exporter.state import State
-
-
-async def visible_datasets(catalog: Catalog, principal: Principal) -> list[Dataset]:
-    return [ds for ds in await catalog.all() if principal.may_read_dataset(ds.name)]
-
-
-def export_urls(base_url: str, dataset: Dataset) -> dict[str, str]:
-    """The dataset's full export in each format, by format name."""
-    base = base_url.rstrip("/")
-    # Every reserved character encoded, the slash too: names may hold any of them.
-    name = quote(dataset.name, safe="")
-    return {
-        r.name: f"{base}/datasets/{name}.{r.extension}"
-        for r in renderers.all_renderers()
-    }
 
 
 def may_see(principal: Principal, real_relative: str, is_dir: bool) -> bool:

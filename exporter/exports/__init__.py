@@ -1,0 +1,9 @@
+"""Exports: PostgreSQL datasets streamed as CSV or NDJSON.
+
+Owns the catalog (what can be exported), the query grammar and the SQL built from it,
+the COPY stream, one export's life (snapshot, stream, audit), the renderers (a format
+is one module in `renderers/`), and the routes `/datasets...` and `/downloads...`.
+
+May import the core (`exporter.config`, `db`, `audit`, `errors`, `http`, `streaming`,
+`state`, `openapi`, `server`) and `exporter.access`; never `files` or `web`.
+"""

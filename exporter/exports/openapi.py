@@ -1,0 +1,30 @@
+"""The export's inputs that FastAPI cannot see, declared for the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exporter.access.openapi import SIGNED_LINK
+from exporter.openapi import header, query
+
+_COUNT = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+
+_EXPORT_QUERY = [
+    query("select", "columns, comma-separated: select=id,amount"),
+    query("order", "order=column[.asc|.desc][.nullsfirst|.nullslast],..."),
+    query("limit", "at most this many rows", _COUNT),
+    query("offset", "skip this many rows", _COUNT),
+    {
+        "name": "filters", "in": "query", "required": False, "style": "form", "explode": True,
+        "description": "column=operator.value, operator one of eq neq gt gte lt lte like "
+                       "ilike in is, optionally preceded by not.",
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+]
+
+EXPORT: dict[str, Any] = {"parameters": [
+    *_EXPORT_QUERY, *SIGNED_LINK,
+    header("Accept", "text/csv or application/x-ndjson when the name has no extension"),
+]}
+
+DOWNLOADS: dict[str, Any] = {"parameters": _EXPORT_QUERY}

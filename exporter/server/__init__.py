@@ -1,0 +1,5 @@
+"""The server process around the app: uvicorn's HTTP protocol with bounds on the request
+head and on buffered writes, the root-path prefix, and the logging configuration.
+
+Part of the core: imports only `exporter.config` and the standard library.
+"""
