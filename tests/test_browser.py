@@ -21,6 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
+from exporter.exports.operators import TABLE
 from exporter.files.demo import UNICODE_NAME
 from tests.support import ROOT, Server, wait_until
 from tests.test_access import CLOSED, bearer, new_token
@@ -177,6 +178,19 @@ def test_filter_builder_writes_the_query(make_server: type[Server], context: Bro
     assert all(line.split(",")[1] == "t" for line in lines[1:])
     ids = [int(line.split(",")[0]) for line in lines[1:]]
     assert ids == sorted(ids, reverse=True) and max(ids) < 500
+
+    # The operators are the server's table (exporter/exports/operators.py), labels in
+    # words; a list operator's values get their parentheses, its hint shows.
+    assert first.locator(".f-op option").all_inner_texts() == [o.label for o in TABLE]
+    card.locator("button.add").click()
+    third = card.locator(".filter").last
+    third.locator(".f-col").select_option("id")
+    third.locator(".f-op").select_option("in")
+    assert third.locator(".value").get_attribute("placeholder") == "a,b,c"
+    third.locator(".value").fill("7,8")
+    listed = query.replace("&select", "&id=in.(7,8)&select")
+    assert card.locator("a[data-format=csv]").get_attribute("href") == (
+        f"{server.url}/datasets/orders.csv?{listed}")
 
 
 def test_rejected_cookie_shows_sign_in_again(make_server: type[Server],

@@ -17,7 +17,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from exporter.exports.query import OPERATORS
+from exporter.exports.operators import NAMES as OPERATORS
 from tests.fuzzing import HUGE, OPERATION, SERVER, hostile_text, huge_numbers
 from tests.support import Server
 from tests.test_access import CLOSED, new_token

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from exporter.access.durations import parse_duration
 from exporter.errors import ApiError
 from exporter.exports.catalog import Column, Dataset
-from exporter.exports.query import MAX_BIGINT, OPERATORS, RESERVED, ExportQuery, parse
+from exporter.exports.operators import NAMES as OPERATORS
+from exporter.exports.query import MAX_BIGINT, RESERVED, ExportQuery, parse
 from exporter.files.conditions import (
     NOT_MODIFIED,
     PRECONDITION_FAILED,

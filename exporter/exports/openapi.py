@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.access.openapi import SIGNED_LINK
+from exporter.exports.operators import NAMES
 from exporter.openapi import header, query
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
@@ -16,8 +17,8 @@ _EXPORT_QUERY = [
     query("offset", "skip this many rows", _COUNT),
     {
         "name": "filters", "in": "query", "required": False, "style": "form", "explode": True,
-        "description": "column=operator.value, operator one of eq neq gt gte lt lte like "
-                       "ilike in is, optionally preceded by not.",
+        "description": f"column=operator.value, operator one of {' '.join(NAMES)}, "
+                       "optionally preceded by not.",
         "schema": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 ]

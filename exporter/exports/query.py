@@ -1,7 +1,7 @@
 """The query string of an export, in PostgREST's grammar, parsed into an ExportQuery.
 
     select=a,b  order=a.desc,b.asc.nullslast  limit=10  offset=20
-    column=op.value   with op in eq neq gt gte lt lte like ilike in is, and not.op
+    column=op.value   with op one of operators.py's table, and not.op
     "column"=op.value the same, for any column name, also `limit` or `~by`
 
 A parameter name in double quotes is always a column (`""` inside for a quote, as in
@@ -20,12 +20,7 @@ from dataclasses import dataclass, field
 from exporter.access.links import LINK_PARAMETERS
 from exporter.errors import ApiError, bad_parameter
 from exporter.exports.catalog import Column, Dataset
-
-COMPARISONS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-PATTERNS = {"like": "LIKE", "ilike": "ILIKE"}
-IS_VALUES = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE",
-             "unknown": "UNKNOWN"}
-OPERATORS = [*COMPARISONS, *PATTERNS, "in", "is"]
+from exporter.exports.operators import BOOLEAN_KEYWORDS, BY_NAME, NAMES, Operand
 
 # Parameters that are not filters unless quoted: the query's own, and a signed link's
 # (which the route takes out of a link's query before parsing; elsewhere they are a 400).
@@ -42,9 +37,9 @@ class Filter:
     parameter: str
     column: Column
     operator: str
-    values: tuple[str, ...]  # one value, or the list of `in`; empty for `is`
+    values: tuple[str, ...]  # one value, or a LIST operand's; empty for a KEYWORD
     negated: bool = False
-    is_value: str | None = None
+    is_value: str | None = None  # a KEYWORD operand, as SQL
 
 
 @dataclass(frozen=True)
@@ -168,27 +163,29 @@ def _parse_filter(dataset: Dataset, name: str, column_name: str, value: str) -> 
     negated = value.startswith("not.")
     if negated:
         value = value[4:]
-    operator, dot, operand = value.partition(".")
-    if not dot or operator not in OPERATORS:
+    op_name, dot, operand = value.partition(".")
+    operator = BY_NAME.get(op_name)
+    if not dot or operator is None:
         raise bad_parameter(
-            name, f"expected operator.value with operator one of {', '.join(OPERATORS)}"
+            name, f"expected operator.value with operator one of {', '.join(NAMES)}"
         )
-    if operator == "is":
-        if operand not in IS_VALUES:
-            raise bad_parameter(name, f"'is' takes one of {', '.join(IS_VALUES)}")
-        if operand in ("true", "false", "unknown") and column.category != "B":
-            raise bad_parameter(name, f"'is.{operand}' needs a boolean column")
-        return Filter(name, column, operator, (), negated, IS_VALUES[operand])
-    if operator == "in":
-        return Filter(name, column, operator, tuple(_parse_list(name, operand)), negated)
-    if operator in PATTERNS:
+    if operator.operand is Operand.KEYWORD:
+        keywords = dict(operator.keywords)
+        if operand not in keywords:
+            raise bad_parameter(name, f"'{operator.name}' takes one of {', '.join(keywords)}")
+        if operand in BOOLEAN_KEYWORDS and column.category != "B":
+            raise bad_parameter(name, f"'{operator.name}.{operand}' needs a boolean column")
+        return Filter(name, column, operator.name, (), negated, keywords[operand])
+    if operator.operand is Operand.LIST:
+        return Filter(name, column, operator.name, tuple(_parse_list(name, operand)), negated)
+    if operator.operand is Operand.PATTERN:
         # PostgREST spells the % wildcard as *, which needs no URL encoding.
         operand = operand.replace("*", "%")
         # PostgreSQL fails on such a pattern only once a row matches up to its end,
         # perhaps mid-download: refuse it before.
         if (len(operand) - len(operand.rstrip("\\"))) % 2:
-            raise bad_parameter(name, f"a {operator} pattern may not end with a lone \\")
-    return Filter(name, column, operator, (operand,), negated)
+            raise bad_parameter(name, f"a {operator.name} pattern may not end with a lone \\")
+    return Filter(name, column, operator.name, (operand,), negated)
 
 
 def _parse_list(parameter: str, text: str) -> list[str]:

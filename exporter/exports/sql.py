@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from exporter.errors import DRIVER_ERRORS, ApiError, bad_parameter, postgres_message, sqlstate
-from exporter.exports.query import COMPARISONS, PATTERNS, ExportQuery, Filter
+from exporter.exports.operators import BY_NAME, Operand
+from exporter.exports.query import ExportQuery, Filter
 
 
 def quote_ident(name: str) -> str:
@@ -35,21 +36,24 @@ def _typed(value: str, pg_type: str) -> str:
 
 
 def _condition(f: Filter) -> str:
-    col = quote_ident(f.column.name)
-    if f.operator == "is":
-        condition = f"{col} IS {f.is_value}"
-    elif f.operator == "in":
-        if not f.values:
-            condition = "false"
-        else:
-            items = ", ".join(_typed(v, f.column.base_type) for v in f.values)
-            condition = f"{col} IN ({items})"
-    elif f.operator in PATTERNS:
-        target = col if f.column.category == "S" else f"{col}::text"
-        condition = f"{target} {PATTERNS[f.operator]} {quote_literal(f.values[0])}"
+    operator = BY_NAME[f.operator]
+    column = quote_ident(f.column.name)
+    if operator.operand is Operand.LIST and not f.values:
+        condition = "false"  # `IN ()` is not SQL; an empty list matches no row
     else:
-        condition = f"{col} {COMPARISONS[f.operator]} {_typed(f.values[0], f.column.base_type)}"
+        if operator.operand is Operand.PATTERN and f.column.category != "S":
+            column += "::text"
+        condition = operator.sql.format(column=column, value=_operand(f, operator.operand))
     return f"NOT ({condition})" if f.negated else condition
+
+
+def _operand(f: Filter, kind: Operand) -> str:
+    if kind is Operand.KEYWORD:
+        assert f.is_value is not None  # the parser's own SQL words, not the request's text
+        return f.is_value
+    if kind is Operand.PATTERN:
+        return quote_literal(f.values[0])
+    return ", ".join(_typed(v, f.column.base_type) for v in f.values)
 
 
 def select_sql(query: ExportQuery) -> str:
@@ -102,14 +106,14 @@ class _Probe:
 
 
 def _typed_filters(query: ExportQuery) -> list[Filter]:
-    return [f for f in query.filters if f.operator not in ("is", *PATTERNS) and f.values]
+    return [f for f in query.filters if BY_NAME[f.operator].cast and f.values]
 
 
 def _probes(query: ExportQuery, filters: list[Filter]) -> list[_Probe]:
     probes: dict[str, _Probe] = {}
     for f in filters:
         c = f.column
-        operator = COMPARISONS.get(f.operator, "=")  # `in` compares with =
+        operator = BY_NAME[f.operator].compares
         expression = f"(CAST(NULL AS {c.type}) {operator} CAST(NULL AS {c.base_type})) IS NULL"
         probes.setdefault(expression, _Probe(
             f.parameter, f"column '{c.name}' ({c.type}) cannot be compared with '{f.operator}'",

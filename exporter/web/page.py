@@ -16,6 +16,7 @@ from exporter.access.principal import ANONYMOUS, Principal
 from exporter.errors import ApiError
 from exporter.exports import renderers
 from exporter.exports.catalog import Dataset
+from exporter.exports.operators import TABLE, Operand
 from exporter.exports.query import RESERVED
 from exporter.exports.visible import export_urls, visible_datasets
 from exporter.files.listing import url_path
@@ -28,8 +29,6 @@ templates = Jinja2Templates(env=Environment(
     loader=PackageLoader("exporter.web", "templates"), autoescape=select_autoescape(),
 ))
 
-# The filter builder offers these; `not.` and the rest of the grammar stay for hand-made URLs.
-OPERATORS = ["eq", "neq", "gt", "gte", "lt", "lte", "like", "ilike", "in", "is"]
 FOLDER_ENTRIES = 1000
 FORM_BYTES = 4096
 
@@ -51,7 +50,7 @@ async def page(request: Request) -> Response:
         "folder": folder,
         "folder_error": folder_error,
         "crumbs": _crumbs(_folder_path(path)) if folder else [],
-        "operators": OPERATORS,
+        "operators": builder_operators(),
         "reserved": sorted(RESERVED),  # column names the builder must quote
         "formats": [r.name for r in renderers.all_renderers()],
         "root": _root(request),  # every link and form of the page starts with it
@@ -62,6 +61,13 @@ async def page(request: Request) -> Response:
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["Referrer-Policy"] = "same-origin"
     return response
+
+
+def builder_operators() -> list[dict[str, Any]]:
+    """The filter builder's operators, from the exports' table (page.js has no list of its
+    own); `not.` and the rest of the grammar stay for hand-made URLs."""
+    return [{"name": o.name, "label": o.label, "hint": o.hint, "list": o.operand is Operand.LIST}
+            for o in TABLE]
 
 
 def _dataset(base_url: str, ds: Dataset) -> dict[str, Any]:

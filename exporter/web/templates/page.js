@@ -4,8 +4,8 @@
   "use strict";
   const data = JSON.parse(document.getElementById("page-data").textContent);
   const datasets = new Map(data.datasets.map((d) => [d.name, d]));
-  const hints = { in: "a,b,c", is: "null, not_null, true, false", like: "use * as wildcard",
-                  ilike: "use * as wildcard" };
+  // The operators come from the server's table: name, label, hint, whether a list.
+  const operators = new Map(data.operators.map((o) => [o.name, o]));
 
   // Commas, colons and parentheses stay readable; a quote is encoded so that the URL can
   // stand between single quotes in a shell command.
@@ -33,11 +33,13 @@
 
   function filterRow(columns, update) {
     const column = select("f-col", columns);
-    const op = select("f-op", data.operators);
+    const op = select("f-op", data.operators.map((o) => o.name),
+      data.operators.map((o) => o.label));
     const value = el("input", { class: "value", type: "text", "aria-label": "value" });
     const remove = el("button", { type: "button", class: "small", "aria-label": "remove" }, "✕");
     const row = el("div", { class: "row filter" }, column, op, value, remove);
-    op.addEventListener("change", () => { value.placeholder = hints[op.value] || ""; });
+    const hint = () => { value.placeholder = operators.get(op.value).hint; };
+    op.addEventListener("change", hint);
     remove.addEventListener("click", () => { row.remove(); update(); });
     return row;
   }
@@ -49,7 +51,7 @@
       const op = row.querySelector(".f-op").value;
       let value = row.querySelector(".value").value.trim();
       if (!value) return;
-      if (op === "in" && !value.startsWith("(")) value = `(${value})`;
+      if (operators.get(op).list && !value.startsWith("(")) value = `(${value})`;
       params.push([filterName(col), `${op}.${value}`]);
     });
     const picked = [...box.querySelectorAll(".pick:checked")].map((c) => c.value);

@@ -1,0 +1,75 @@
+"""The filter operators of an export, one row each: `column=op.value` in a query string.
+
+Every place that knows an operator reads this table: the parser (query.py) checks names
+and operands against it, the SQL (sql.py) is rendered from its templates, the value
+checks (sql.py's `check_values`) cast exactly the operands it says are typed, the page's
+filter builder (web/page.py) offers its rows with their labels, and the OpenAPI
+description lists its names. A new operator is a new row, if its operand is one of the
+kinds below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Operand(Enum):
+    """What follows `op.`, and so how it is parsed, checked and written into SQL."""
+
+    # One value, checked by PostgreSQL as input of the column's type (check_values) and
+    # written as a literal cast to that type, so that it compares as the type does.
+    TYPED = "typed"
+    # `(a,b,"c,d")`: TYPED values, in PostgREST's list syntax.
+    LIST = "list"
+    # A LIKE pattern, `*` standing for `%`; compared as text, so never cast.
+    PATTERN = "pattern"
+    # One of the operator's keywords (`is.null`); SQL words, never a literal.
+    KEYWORD = "keyword"
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str  # in the URL: `id=gte.5`
+    label: str  # on the page's builder, in words
+    # `{column}` is the quoted column (cast to text for a pattern on a non-text column),
+    # `{value}` the rendered operand: a typed literal, a list of them, or a keyword.
+    sql: str
+    operand: Operand
+    # The SQL operator the column's type must have, which check_values asks PostgreSQL
+    # about before the export runs (json has no =, point no <); `in` compares with =.
+    compares: str | None = None
+    # For KEYWORD: the accepted words and the SQL each stands for.
+    keywords: tuple[tuple[str, str], ...] = ()
+    hint: str = ""  # the placeholder of the page's value field
+
+    @property
+    def cast(self) -> bool:
+        """Whether the operand's values are cast to the column's type (and checked so)."""
+        return self.operand in (Operand.TYPED, Operand.LIST)
+
+
+# `is.true` and its like make sense on a boolean column only.
+BOOLEAN_KEYWORDS = ("true", "false", "unknown")
+
+TABLE: tuple[Operator, ...] = (
+    Operator("eq", "equals", "{column} = {value}", Operand.TYPED, "="),
+    Operator("neq", "does not equal", "{column} <> {value}", Operand.TYPED, "<>"),
+    Operator("gt", "is greater than", "{column} > {value}", Operand.TYPED, ">"),
+    Operator("gte", "is at least", "{column} >= {value}", Operand.TYPED, ">="),
+    Operator("lt", "is less than", "{column} < {value}", Operand.TYPED, "<"),
+    Operator("lte", "is at most", "{column} <= {value}", Operand.TYPED, "<="),
+    Operator("like", "matches", "{column} LIKE {value}", Operand.PATTERN,
+             hint="use * as wildcard"),
+    Operator("ilike", "matches, any case", "{column} ILIKE {value}", Operand.PATTERN,
+             hint="use * as wildcard"),
+    Operator("in", "is one of", "{column} IN ({value})", Operand.LIST, "=", hint="a,b,c"),
+    Operator("is", "is", "{column} IS {value}", Operand.KEYWORD,
+             keywords=(("null", "NULL"), ("not_null", "NOT NULL"), ("true", "TRUE"),
+                       ("false", "FALSE"), ("unknown", "UNKNOWN")),
+             hint="null, not_null, true, false"),
+)
+
+BY_NAME = {o.name: o for o in TABLE}
+# In the table's order, which the 400 for an unknown operator lists.
+NAMES = tuple(BY_NAME)
