@@ -24,6 +24,7 @@ from bench.harness import (
     Service,
     bar_chart,
     curl,
+    curls_at_once,
     fmt_bytes,
     fmt_seconds,
     free_port,
@@ -273,13 +274,7 @@ def concurrent_section(plan: Plan, server: Service, expect: int, log: Log) -> Se
     bound = baseline + n * 4 * 2**20
     log(f"exports: {n} concurrent full-table downloads")
     with RssSampler(server.pid) as rss:
-        start = time.monotonic()
-        procs = [subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
-             server.url + "/datasets/orders.csv"], stdout=subprocess.PIPE, text=True)
-            for _ in range(n)]
-        outputs = [p.communicate()[0].split() for p in procs]
-        seconds = time.monotonic() - start
+        seconds, outputs = curls_at_once([[server.url + "/datasets/orders.csv"]] * n)
     complete = sum(1 for o in outputs if o == [str(expect), "200"])
     total = sum(int(o[0]) for o in outputs if o)
     section = Section(f"Exports: {n} concurrent downloads of the whole table")

@@ -30,6 +30,7 @@ from bench.harness import (
     Service,
     bar_chart,
     curl,
+    curls_at_once,
     fmt_bytes,
     free_port,
     interleaved,
@@ -156,13 +157,7 @@ def concurrent(name: str, server: Service, plan: Plan, reference: bool = False) 
     url = f"{server.url}/files/{FILE_NAME}"
 
     def run() -> Run:
-        start = time.monotonic()
-        procs = [subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
-             "-r", f"{a}-{b}", url], stdout=subprocess.PIPE, text=True)
-            for a, b in ranges(plan)]
-        outputs = [p.communicate()[0].split() for p in procs]
-        seconds = time.monotonic() - start
+        seconds, outputs = curls_at_once([["-r", f"{a}-{b}", url] for a, b in ranges(plan)])
         bad = [o for o in outputs if o != [str(plan.range_size), "206"]]
         if bad:
             raise RuntimeError(f"{name}: {len(bad)} range downloads went wrong: {bad[:3]}")

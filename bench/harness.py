@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import threading
@@ -21,8 +19,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import psutil
+
+# The process helpers the tests use too; free_port is re-exported for the benchmarks.
+from tests.support import free_port, spawn, stop_group, wait_answering
+
+__all__ = ["free_port"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
@@ -53,12 +55,6 @@ def now_utc() -> str:
 # --- processes -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Service:
     """A server process of ours (exporter, uvicorn app, nginx) in its own process group.
 
@@ -79,26 +75,16 @@ class Service:
 
     def spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.started_at = time.monotonic()
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.started_at = time.monotonic()
+        self.process = spawn(self.command, self.env, self.log_path)
 
     def wait_ready(self, path: str, timeout: float) -> float:
         """Seconds from spawn to the first answered request (any HTTP status)."""
-        deadline = self.started_at + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
-            try:
-                httpx.get(self.url + path, timeout=2)
-                return time.monotonic() - self.started_at
-            except httpx.TransportError:
-                time.sleep(0.02)
-        raise RuntimeError(f"{self.name} did not answer within {timeout} s:\n{self.log_tail()}")
+        assert self.process is not None
+        # Polled often: bench.startup measures this time.
+        wait_answering(self.url + path, self.process, self.started_at + timeout, self.name,
+                       self.log_tail, interval=0.02)
+        return time.monotonic() - self.started_at
 
     def start(self, path: str = "/", timeout: float = 60) -> Service:
         self.spawn()
@@ -121,15 +107,7 @@ class Service:
             return ""
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # The whole group: uvicorn workers, nginx workers.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        stop_group(self.process, 20)
 
     def __enter__(self) -> Service:
         return self
@@ -208,6 +186,18 @@ def curl(url: str, *options: str, output: str = "/dev/null") -> CurlResult:
         raise RuntimeError(f"curl failed ({done.returncode}): {done.stderr.strip()} {url}")
     size, status, first = done.stdout.split()
     return CurlResult(seconds, int(size), int(status), float(first))
+
+
+def curls_at_once(requests: Sequence[Sequence[str]]) -> tuple[float, list[list[str]]]:
+    """One `curl` process per request (its options and URL), all at once, bodies to
+    /dev/null: the wall time to the last exit, and each one's size and status as text
+    (an empty list for a curl that wrote nothing)."""
+    start = time.monotonic()
+    procs = [subprocess.Popen(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{http_code}", *request],
+        stdout=subprocess.PIPE, text=True) for request in requests]
+    outputs = [p.communicate()[0].split() for p in procs]
+    return time.monotonic() - start, outputs
 
 
 def timed(command: Sequence[str], env: dict[str, str] | None = None) -> float:

@@ -148,6 +148,19 @@ def held_heads(port: int, pid: int, n: int = 512, size: int = 60 * 1024) -> floa
             s.close()
 
 
+def print_table(names: list[str], figures: dict[tuple[str, str], list[float]]) -> None:
+    """A Markdown table: a row per case, the median (min–max) of each server, and the
+    ratio of the second's median to the first's."""
+    print("| request | " + " | ".join(names) + " | after / before |")
+    print("|---|---|---|---|")
+    for case in CASES:
+        values = [figures[(n, case)] for n in names]
+        medians = [statistics.median(v) for v in values]
+        cells = [f"{m:,.0f} ({min(v):,.0f}–{max(v):,.0f})" for m, v in zip(medians, values,
+                                                                         strict=True)]
+        print(f"| {case} | " + " | ".join(cells) + f" | {medians[1] / medians[0]:.2f} |")
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench.http_guard", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -198,21 +211,9 @@ def main(argv: list[str]) -> None:
           f"Requests per second over {CONNECTIONS} kept-alive connections (one Python "
           f"client process on the same machine), median of {args.rounds} interleaved rounds "
           f"of {args.seconds:g} s (min–max):\n")
-    print("| request | " + " | ".join(names) + " | after / before |")
-    print("|---|---|---|---|")
-    for case in CASES:
-        medians = [statistics.median(rates[(n, case)]) for n in names]
-        cells = [f"{statistics.median(rates[(n, case)]):,.0f} "
-                 f"({min(rates[(n, case)]):,.0f}–{max(rates[(n, case)]):,.0f})" for n in names]
-        print(f"| {case} | " + " | ".join(cells) + f" | {medians[1] / medians[0]:.2f} |")
+    print_table(names, rates)
     print("\nServer CPU time per request (user + system, µs), median (min–max):\n")
-    print("| request | " + " | ".join(names) + " | after / before |")
-    print("|---|---|---|---|")
-    for case in CASES:
-        medians = [statistics.median(cpus[(n, case)]) for n in names]
-        cells = [f"{statistics.median(cpus[(n, case)]):,.0f} "
-                 f"({min(cpus[(n, case)]):,.0f}–{max(cpus[(n, case)]):,.0f})" for n in names]
-        print(f"| {case} | " + " | ".join(cells) + f" | {medians[1] / medians[0]:.2f} |")
+    print_table(names, cpus)
     if not memory:
         return
     print("\nServer memory (RSS growth of the server process):\n")

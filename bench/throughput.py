@@ -17,7 +17,6 @@ import secrets
 import statistics
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from bench.harness import (
     Plan,
     Run,
     Service,
+    curls_at_once,
     interleaved,
     machine,
     results_table,
@@ -144,13 +144,7 @@ def exports_at_once(name: str, server: Service, n: int, expect: int) -> Contende
     """`n` curl processes at once, each the whole `orders.csv`; wall time to the last."""
 
     def run() -> Run:
-        start = time.monotonic()
-        procs = [subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
-             server.url + "/datasets/orders.csv"], stdout=subprocess.PIPE, text=True)
-            for _ in range(n)]
-        outputs = [p.communicate()[0].split() for p in procs]
-        seconds = time.monotonic() - start
+        seconds, outputs = curls_at_once([[server.url + "/datasets/orders.csv"]] * n)
         bad = [o for o in outputs if o != [str(expect), "200"]]
         if bad:
             raise RuntimeError(f"{name}: {len(bad)} exports went wrong: {bad[:3]}")
@@ -166,13 +160,9 @@ def ranges_at_once(name: str, server: Service, plan: Plan, token: str) -> Conten
     url = f"{server.url}/files/{FILE_NAME}"
 
     def run() -> Run:
-        start = time.monotonic()
-        procs = [subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
-             "-H", f"Authorization: Bearer {token}", "-r", f"{a}-{b}", url],
-            stdout=subprocess.PIPE, text=True) for a, b in ranges(plan)]
-        outputs = [p.communicate()[0].split() for p in procs]
-        seconds = time.monotonic() - start
+        seconds, outputs = curls_at_once(
+            [["-H", f"Authorization: Bearer {token}", "-r", f"{a}-{b}", url]
+             for a, b in ranges(plan)])
         bad = [o for o in outputs if o != [str(plan.range_size), "206"]]
         if bad:
             raise RuntimeError(f"{name}: {len(bad)} range downloads went wrong: {bad[:3]}")

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,43 @@ def psql(url: str, *args: str) -> bytes:
     ).stdout
 
 
+def spawn(command: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A server process in this checkout, in a process group of its own (so that
+    stop_group reaches its workers), its output appended to `log_path`."""
+    with log_path.open("ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_answering(url: str, process: subprocess.Popen[bytes], deadline: float, name: str,
+                   log: Callable[[], str], interval: float = 0.1) -> None:
+    """Until `url` gets any HTTP answer; RuntimeError with the log if the process exits
+    first or the deadline (time.monotonic()) passes. The tests' servers and the
+    benchmark's (bench/harness.py) wait the same way."""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited early:\n{log()}")
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.TransportError:
+            time.sleep(interval)
+    raise RuntimeError(f"{name} did not answer in time:\n{log()}")
+
+
+def stop_group(process: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """SIGTERM to the process's whole group (uvicorn's workers, nginx's), SIGKILL after
+    `grace` seconds; nothing if it never started or has ended."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+
+
 class Server:
     """`exporter serve` (or uvicorn directly) on a free loopback port, with its log in a file."""
 
@@ -89,22 +126,14 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_for: str = "/healthz", timeout: float = 30) -> Server:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log()}")
-            try:
-                httpx.get(self.url + wait_for, timeout=1)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not answer within {timeout} s: {self.log()}")
+        self.process = spawn(self.command, self.env, self.log_path)
+        try:
+            wait_answering(self.url + wait_for, self.process, time.monotonic() + timeout,
+                           "server", self.log)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     @property
     def pid(self) -> int:
@@ -115,14 +144,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        stop_group(self.process, 15)
 
     def __enter__(self) -> Server:
         return self.start()

@@ -8,7 +8,6 @@ import re
 import subprocess
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -188,27 +187,6 @@ def test_non_ascii_dataset_name(server: Server, database_url: str) -> None:
     ), cd
 
 
-@pytest.mark.parametrize(
-    ("accept", "status", "content_type"),
-    [
-        ("text/csv", 200, CSV_TYPE),
-        ("application/x-ndjson", 200, "application/x-ndjson"),
-        ("application/x-ndjson;q=0.9, text/csv;q=0.5", 200, "application/x-ndjson"),
-        ("*/*", 200, CSV_TYPE),
-        (None, 200, CSV_TYPE),
-        ("application/json", 406, "application/json"),
-        ("text/html, image/png", 406, "application/json"),
-    ],
-)
-def test_format_from_accept(
-    server: Server, accept: str | None, status: int, content_type: str
-) -> None:
-    headers = {"Accept": accept} if accept else {}
-    r = get(server, "/datasets/orders?limit=2", headers=headers)
-    assert r.status_code == status
-    assert r.headers["content-type"] == content_type
-
-
 def test_head_gives_the_headers_without_running_the_query(
     server: Server, database_url: str
 ) -> None:
@@ -226,103 +204,14 @@ def test_head_gives_the_headers_without_running_the_query(
     assert httpx.head(server.url + "/datasets/orders.csv?id=gt.x").status_code == 400
 
 
-@pytest.mark.parametrize(
-    ("query", "parameter"),
-    [
-        ("nosuchcolumn=eq.1", "nosuchcolumn"),
-        ("id=between.1", "id"),
-        ("id=gt", "id"),
-        ("id=gt.abc", "id"),
-        ("id=gt.99999999999999999999999", "id"),
-        ("created_at=gte.yesterday-ish", "created_at"),
-        ("order_uuid=eq.not-a-uuid", "order_uuid"),
-        ("paid=is.maybe", "paid"),
-        ("note=is.true", "note"),
-        ("id=in.1,2", "id"),
-        ("id=in.(1,x)", "id"),
-        ("select=id,nope", "select"),
-        ("select=", "select"),
-        ("order=nope", "order"),
-        ("order=id.sideways", "order"),
-        ("limit=-1", "limit"),
-        ("limit=ten", "limit"),
-        ("offset=1.5", "offset"),
-        ("limit=1&limit=2", "limit"),
-        ("details=eq.{bad json", "details"),
-        ("note=eq.nul%00byte", "note"),
-    ],
-)
-def test_bad_parameters_get_400_naming_the_parameter(
-    server: Server, query: str, parameter: str
-) -> None:
-    r = get(server, "/datasets/orders.csv?" + query)
-    assert r.status_code == 400, (query, r.text)
-    error = r.json()["error"]
-    assert error["parameter"] == parameter
-    assert error["status"] == 400 and error["message"]
-
-
-def test_unknown_dataset_is_404(server: Server) -> None:
-    for path in ["/datasets/nope.csv", "/datasets/nope", "/datasets/orders.xlsx",
-                 "/datasets/..%2F..%2Fetc%2Fpasswd.csv", "/datasets/pg_class.csv"]:
-        r = get(server, path)
-        assert r.status_code == 404, path
-        assert r.json()["error"]["status"] == 404
+# The matrices of formats (Accept), bad parameters (400), unknown datasets (404) and
+# filters against SQL run in process: tests/test_inprocess_exports.py.
 
 
 def ids(server: Server, query: str) -> list[int]:
     r = get(server, "/datasets/orders.ndjson?select=id&order=id&" + query)
     assert r.status_code == 200, r.text
     return [json.loads(line)["id"] for line in r.text.splitlines()]
-
-
-def sql_ids(database_url: str, where: str) -> list[int]:
-    return [r["id"] for r in fetch(
-        database_url, f"SELECT id FROM exports.orders WHERE {where} ORDER BY id"
-    )]
-
-
-@pytest.mark.parametrize(
-    ("query", "where"),
-    [
-        ("id=eq.42", "id = 42"),
-        ("id=neq.42&id=lte.50", "id <> 42 AND id <= 50"),
-        ("id=gt.19990", "id > 19990"),
-        ("id=gte.19990", "id >= 19990"),
-        ("id=lt.5", "id < 5"),
-        ("id=in.(3,1,2)", "id IN (1, 2, 3)"),
-        ("id=not.in.(3,1,2)&id=lt.10", "id NOT IN (1, 2, 3) AND id < 10"),
-        ("id=in.()", "false"),
-        ("customer=like.*Brien*&id=lt.100", "customer LIKE '%Brien%' AND id < 100"),
-        ("customer=ilike.zoë*&id=lt.100", "customer ILIKE 'zoë%' AND id < 100"),
-        ('customer=in.("Smith, John",Bob)&id=lt.100',
-         "customer IN ('Smith, John', 'Bob') AND id < 100"),
-        ("note=is.null&id=lt.100", "note IS NULL AND id < 100"),
-        ("note=eq.&id=lt.100", "note = '' AND id < 100"),
-        ("paid=is.true&id=lt.30", "paid IS TRUE AND id < 30"),
-        ("paid=is.false&id=lt.30", "paid IS FALSE AND id < 30"),
-        ("paid=not.is.null&id=lt.30", "paid IS NOT NULL AND id < 30"),
-        ("amount=gte.9990.5", "amount >= 9990.5"),
-        ("created_at=gte.2026-01-01T10:00:00Z&created_at=lt.2026-01-01T10:01:00Z",
-         "created_at >= '2026-01-01T10:00:00Z' AND created_at < '2026-01-01T10:01:00Z'"),
-        ("ship_date=eq.2026-01-04", "ship_date = '2026-01-04'"),
-        ("order_uuid=eq.a1d0c6e8-3f02-7327-d846-1063f4ac58a6",
-         "order_uuid = 'a1d0c6e8-3f02-7327-d846-1063f4ac58a6'"),
-        ('details=eq.{"gift": true, "meta": {"path": "a\\\\b\\"c", "ratio": 1.5714285714285714}, '
-         '"items": 1, "source": "web"}',
-         "details = '{\"gift\": true, \"meta\": {\"path\": \"a\\\\b\\\"c\", "
-         "\"ratio\": 1.5714285714285714}, \"items\": 1, \"source\": \"web\"}'"),
-        ("tags=eq.{}", "tags = '{}'"),
-        ("note=eq.x' OR '1'='1", "note = 'x'' OR ''1''=''1'"),
-        ("note=like.*'; DROP TABLE exports.orders; --*", "false"),
-    ],
-)
-def test_filters_select_the_same_rows_as_sql(
-    server: Server, database_url: str, query: str, where: str
-) -> None:
-    pairs = (p.partition("=") for p in query.split("&"))
-    encoded = "&".join(f"{k}={quote(v, safe='(),.*:')}" for k, _, v in pairs)
-    assert ids(server, encoded) == sql_ids(database_url, where)
 
 
 def test_incremental_pull_recipe(server: Server) -> None:
