@@ -101,6 +101,7 @@ def test_the_wheel_carries_its_migrations_and_one_version(installed: Installed) 
     assert "exporter/web/templates/page.html" in names
 
 
+@pytest.mark.needs("curl")
 def test_the_installed_wheel_migrates_serves_and_exports_with_curl(
         installed: Installed, fresh_database: str, tmp_path: Path) -> None:
     """From a working folder that is not the checkout: `exporter migrate`, a token, the
