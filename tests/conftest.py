@@ -23,6 +23,7 @@ from exporter.config import Settings
 from exporter.db import create_engine
 from exporter.exports.demo import load
 from exporter.files.demo import create as create_demo_files
+from tests import tools
 from tests.debian_postgres import DebianPostgres, missing
 from tests.support import Server, run_sql
 
@@ -122,6 +123,19 @@ def pytest_configure(config: pytest.Config) -> None:
         configuration.set_hypothesis_home_dir(config.rootpath / "var" / "hypothesis")
 
 
+# --- Programs the tests run besides Python (tests/tools.py) -----------------------------
+# `@pytest.mark.needs("curl")`: skipped where curl is missing, with the reason in the -ra
+# summary; in CI (CI=true) a failure instead, before any fixture starts.
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tools.mark_missing(items)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    tools.fail_missing(item)
+# --- end of the programs' block --------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def server_url_root(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -149,7 +163,7 @@ def server_url_root(
 def _debian_postgres(major: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     reason = missing(major)
     if reason is not None:
-        if os.environ.get("CI", "").lower() == "true":
+        if tools.required():
             pytest.fail(f"{reason}; in CI the tests on PostgreSQL {major} must run",
                         pytrace=False)
         pytest.skip(f"{reason}: scripts/test installs it when run as root")

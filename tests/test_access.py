@@ -159,6 +159,7 @@ def test_catalog_and_listings_show_only_what_may_be_downloaded(
     assert {"README.txt", "nested", "large.bin"} <= entries("all-files")
 
 
+@pytest.mark.needs("curl", "wget")
 def test_basic_and_bearer_with_curl_and_wget(
     closed: Server, tokens: dict[str, str], tmp_path: Path
 ) -> None:
@@ -256,6 +257,7 @@ def tampered(link: str, change: str) -> str:
     return urlunsplit(parts._replace(path=path, query=urlencode(params)))
 
 
+@pytest.mark.needs("wget")
 def test_signed_link_works_without_credentials_and_breaks_when_changed(
     closed: Server, tokens: dict[str, str], tmp_path: Path
 ) -> None:
@@ -300,6 +302,7 @@ def test_expired_link_is_refused(closed: Server, tokens: dict[str, str]) -> None
     assert "expired" in httpx.get(link).json()["error"]["message"]
 
 
+@pytest.mark.needs("wget")
 def test_signed_file_link_resumes_with_wget(
     closed: Server, tokens: dict[str, str], files_root: Path, tmp_path: Path
 ) -> None:
@@ -389,6 +392,7 @@ def test_public_settings_open_what_they_name(
         assert get(s, "/datasets/orders.csv?limit=1", tokens["orders-only"]).status_code == 200
 
 
+@pytest.mark.needs("curl")
 def test_fifth_concurrent_download_gets_429(
     closed: Server, tokens: dict[str, str], tmp_path: Path, database_url: str
 ) -> None:

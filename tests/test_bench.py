@@ -30,8 +30,8 @@ EXPECTED_SECTIONS = [
 EXPECTED_CHARTS = ["exports", "slow-client", "files-single", "files-concurrent", "files-resume"]
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
-                    reason="nginx is not installed (scripts/bench installs it)")
+# nginx is the files' reference; curl, wget and ss are the harness's clients and probe.
+@pytest.mark.needs("nginx", "curl", "wget", "ss")
 def test_quick_benchmark_writes_tables_and_charts(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
     # Its own database and file, away from a manual run's var/bench-quick/; a short path,

@@ -34,6 +34,8 @@ SCREENSHOTS = ROOT / "var" / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
+pytestmark = pytest.mark.needs("chromium")
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.support import ROOT, free_port
 
@@ -32,6 +33,7 @@ def test_help_lists_the_commands() -> None:
         assert option in serve
 
 
+@pytest.mark.needs("curl", "wget")
 def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
     """No database URL: init the embedded server, migrate, load the demo, serve; the
     printed curl and wget commands work as printed; SIGINT stops the database too."""

@@ -202,6 +202,7 @@ def test_two_workers_log_with_time_and_level_and_a_line_per_download(
     assert any("GET /files/README.txt" in str(rec["message"]) for rec in records)
 
 
+@pytest.mark.needs("curl")
 def test_sigterm_lets_downloads_finish_within_the_grace_and_cuts_the_rest_curl(
     make_server: type[Server], database_url: str, endless: None, tmp_path: Path
 ) -> None:

@@ -83,6 +83,7 @@ def test_in_lists_of_thousands_of_values(server: Server, count: int) -> None:
     assert ndjson_ids(r) == list(range(1, count))
 
 
+@pytest.mark.needs("curl")
 def test_as_many_values_as_the_url_holds_with_curl(server: Server) -> None:
     values = [str(i) for i in range(12_000, 0, -1)]
     url = export_url(server, "/datasets/orders.csv", [
@@ -95,6 +96,7 @@ def test_as_many_values_as_the_url_holds_with_curl(server: Server) -> None:
                                           if i != 7), b""]
 
 
+@pytest.mark.needs("curl")
 def test_a_url_beyond_the_cap_is_refused_with_curl(server: Server) -> None:
     values = [str(i) for i in range(13_000)]
     url = export_url(server, "/datasets/orders.csv", [("id", in_list(values))])
@@ -106,6 +108,7 @@ def test_a_url_beyond_the_cap_is_refused_with_curl(server: Server) -> None:
 
 
 @pytest.mark.parametrize("position", [0, 1_234, 11_999])
+@pytest.mark.needs("curl")
 def test_a_bad_value_among_12_000_is_named_with_curl(server: Server, position: int) -> None:
     values = [str(i) for i in range(12_000)]
     values[position] = "12x"
@@ -591,6 +594,7 @@ def test_listed_urls_of_odd_dataset_names_work(
         assert f'href="{urls["csv"]}"' in page, name
 
 
+@pytest.mark.needs("curl")
 def test_odd_dataset_names_download_with_curl(
     server: Server, odd_tables: dict[str, int]
 ) -> None:

@@ -226,6 +226,7 @@ def test_incremental_pull_recipe(server: Server) -> None:
     assert ids(server, f"id=gt.{last}") == []
 
 
+@pytest.mark.needs("curl", "wget")
 def test_curl_and_wget_download_exports(server: Server, tmp_path: Path) -> None:
     expected = get(server, "/datasets/orders.csv?order=id").content
     curl = subprocess.run(

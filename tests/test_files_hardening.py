@@ -364,6 +364,7 @@ new Image().src = '{report}/ran';
 """
 
 
+@pytest.mark.needs("chromium")
 def test_chromium_stored_script_reads_nothing(database_url: str, logs_dir: Path,
                                               tmp_path: Path) -> None:
     from playwright.sync_api import Error, sync_playwright

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
 from tests.conftest import LARGE_FILE_SIZE
@@ -165,6 +166,7 @@ def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     return parts
 
 
+@pytest.mark.needs("curl")
 def test_curl_multipart_ranges(server: Server, files_root: Path, tmp_path: Path) -> None:
     data = (files_root / LARGE_NAME).open("rb").read(1000)
     out, headers = tmp_path / "body", tmp_path / "headers"
@@ -190,6 +192,7 @@ def truncated_copy(source: Path, dest: Path, size: int) -> None:
         dest.write_bytes(f.read(size))
 
 
+@pytest.mark.needs("wget")
 def test_wget_resumes(server: Server, files_root: Path, tmp_path: Path) -> None:
     truncated_copy(files_root / LARGE_NAME, tmp_path / LARGE_NAME, 100 * 1024 * 1024 + 7)
     subprocess.run(["wget", "-q", "-c", url(server, LARGE_NAME)], cwd=tmp_path, check=True,
@@ -201,6 +204,7 @@ def test_wget_resumes(server: Server, files_root: Path, tmp_path: Path) -> None:
     assert (tmp_path / LARGE_NAME).stat().st_size == LARGE_FILE_SIZE
 
 
+@pytest.mark.needs("curl")
 def test_curl_resumes(server: Server, files_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy.bin"
     truncated_copy(files_root / LARGE_NAME, out, 50 * 1024 * 1024 - 3)
@@ -209,6 +213,7 @@ def test_curl_resumes(server: Server, files_root: Path, tmp_path: Path) -> None:
     assert sha256(out) == sha256(files_root / LARGE_NAME)
 
 
+@pytest.mark.needs("wget")
 def test_wget_saves_the_non_ascii_name(server: Server, files_root: Path,
                                        tmp_path: Path) -> None:
     subprocess.run(["wget", "-q", "--content-disposition", url(server, UNICODE_NAME)],
@@ -217,6 +222,7 @@ def test_wget_saves_the_non_ascii_name(server: Server, files_root: Path,
     assert (tmp_path / UNICODE_NAME).read_bytes() == (files_root / UNICODE_NAME).read_bytes()
 
 
+@pytest.mark.needs("curl")
 def test_curl_oj_saves_the_name_it_understands(server: Server, files_root: Path,
                                                tmp_path: Path) -> None:
     # curl (7.88 here, and 8.x) reads only `filename=`, never `filename*`: it saves the

@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from exporter.files.demo import LARGE_NAME
 from tests.conftest import LARGE_FILE_SIZE
 from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, wait_until
@@ -55,6 +57,7 @@ def test_slow_client_then_disconnect(server: Server, database_url: str) -> None:
     assert read_chars(server.pid) - start < 1024 * 1024
 
 
+@pytest.mark.needs("curl")
 def test_fifty_clients_memory(make_server: type[Server], tmp_path: Path) -> None:
     # 50 clients from one address: lift the per-principal cap (4 by default) for this test.
     s = make_server({"EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": str(CLIENTS)}).start()

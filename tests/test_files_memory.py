@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.slow_files import check, client_ranges, raise_open_files, slow_clients, trickle
 from exporter.files.demo import write_large
 from exporter.files.stream import ReadBudget
@@ -119,6 +121,7 @@ def _audit_row(database_url: str, name: str) -> dict[str, object]:
                       "ORDER BY id DESC LIMIT 1", name)[0])
 
 
+@pytest.mark.needs("curl")
 def test_file_rewritten_in_place_fails_the_curl_download(
         make_server: type[Server], tmp_path: Path, database_url: str) -> None:
     result, original, out, s = _rewrite_during_curl(make_server, tmp_path, "rewrite")
@@ -134,6 +137,7 @@ def test_file_rewritten_in_place_fails_the_curl_download(
     assert "FileChanged" in s.log()
 
 
+@pytest.mark.needs("curl")
 def test_file_truncated_fails_the_curl_download(
         make_server: type[Server], tmp_path: Path, database_url: str) -> None:
     result, original, out, _ = _rewrite_during_curl(make_server, tmp_path, "truncate")
@@ -143,6 +147,7 @@ def test_file_truncated_fails_the_curl_download(
     assert _audit_row(database_url, "truncate.bin")["status"] == "failed"
 
 
+@pytest.mark.needs("curl")
 def test_file_replaced_by_rename_completes_the_curl_download_with_the_old_bytes(
         make_server: type[Server], tmp_path: Path, database_url: str) -> None:
     # The open file is untouched by a rename over its name: its bytes are all consistent.

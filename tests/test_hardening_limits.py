@@ -78,6 +78,7 @@ def max_download_id(database_url: str) -> int:
                [0]["n"])
 
 
+@pytest.mark.needs("curl")
 def test_slow_clients_of_one_token_starve_no_one_and_are_cut_curl(
     make_server: type[Server], database_url: str, endless: None,
     people: dict[str, tuple[str, str]], tmp_path: Path,
@@ -171,6 +172,7 @@ def test_slow_clients_of_one_token_starve_no_one_and_are_cut_curl(
                 p.wait()
 
 
+@pytest.mark.needs("curl")
 def test_curl_parallel_six_transfers_finish_without_retries(
     make_server: type[Server], files_root: Path, tmp_path: Path
 ) -> None:
@@ -195,6 +197,7 @@ def test_curl_parallel_six_transfers_finish_without_retries(
     assert took > 1.8 * size / rate, f"took {took:.1f} s: the transfers did not overlap"
 
 
+@pytest.mark.needs("aria2c")
 def test_aria2c_eight_connections_finish_without_retries(
     make_server: type[Server], tmp_path: Path
 ) -> None:
@@ -251,6 +254,7 @@ def test_waiting_for_a_slot_gives_up_when_the_client_leaves(
         assert ghosts == [], "the request of a client that left ran anyway"
 
 
+@pytest.mark.needs("curl")
 def test_export_max_duration_cuts_the_download_curl(
     make_server: type[Server], database_url: str, endless: None, tmp_path: Path
 ) -> None:
@@ -269,6 +273,7 @@ def test_export_max_duration_cuts_the_download_curl(
         assert "EXPORTER_EXPORT_MAX_DURATION" in row["error"]
 
 
+@pytest.mark.needs("curl")
 def test_shutdown_closes_the_audit_rows_of_running_exports_curl(
     make_server: type[Server], database_url: str, endless: None, tmp_path: Path
 ) -> None:

@@ -64,6 +64,7 @@ def test_a_1_mb_header_gets_431_quickly_and_the_connection_closed(server: Server
     assert httpx.get(server.url + "/healthz").status_code == 200
 
 
+@pytest.mark.needs("curl")
 def test_a_1_mb_header_gets_431_curl(server: Server, tmp_path: Path) -> None:
     headers = tmp_path / "headers.txt"
     # curl refuses one header line of 1 MB: ten of 100 KiB.

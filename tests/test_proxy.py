@@ -296,6 +296,7 @@ def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=120)
 
 
+@pytest.mark.needs("nginx", "curl", "wget")
 def test_nginx_from_deploy_md_with_curl_and_wget(proxy: Proxy, token: str, files_root: Path,
                                                  tmp_path: Path, database_url: str) -> None:
     ca = ["--cacert", str(proxy.cafile)]

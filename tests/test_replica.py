@@ -157,6 +157,7 @@ def make_token(pair: Pair) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.needs("curl")
 def test_export_reads_on_the_standby_and_audits_on_the_primary_with_curl(
         pair: Pair, make_server: type[Server], tmp_path: Path) -> None:
     s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
@@ -265,6 +266,7 @@ def test_a_lagging_standby_answers_503_until_it_has_caught_up(
         run_sql(pair.primary.url(), "DROP TABLE exports.fresh")
 
 
+@pytest.mark.needs("curl")
 def test_a_replay_conflict_cuts_the_download_visibly_with_curl(
         pair: Pair, make_server: type[Server], tmp_path: Path) -> None:
     """A standby cancels an export that holds back replay (here at once: no delay
