@@ -113,7 +113,7 @@ async def compute_missing(settings: Settings, url: str, path: str) -> int:
 
 def digest(
     path: Annotated[str, typer.Argument(
-        help="a file or folder under the files root (default: all of it)")] = "",
+        metavar="PATH", help="a file or folder under the files root (default: all of it)")] = "",
 ) -> None:
     settings = start()
     with database(settings, "digest") as url:
