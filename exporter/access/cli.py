@@ -65,7 +65,9 @@ def token_list() -> None:
 
 
 @tokens.command("revoke", help="stop a token at once, everywhere")
-def token_revoke(name: Annotated[str, typer.Argument(metavar="NAME", help="the token's name")]) -> None:
+def token_revoke(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the token's name")],
+) -> None:
     settings = start()
     if not with_engine(settings, "token", lambda engine: TokenStore(engine).revoke(name)):
         fail(f"no active token named {name!r}", 1)
