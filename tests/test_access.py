@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 import pytest
 
-from tests.support import ROOT, Server, fetch, wait_until
+from tests.support import Server, exporter_cli, fetch, wait_until
 
 CLOSED = {"EXPORTER_PUBLIC_DATASETS": "[]", "EXPORTER_PUBLIC_FILES": "[]"}
 SCOPES = {
@@ -29,9 +29,9 @@ SCOPES = {
 
 
 def cli(database_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=check, timeout=60)
+    """`exporter ARGS` on that database, in this process (tests/test_cli.py spawns the
+    installed command)."""
+    return exporter_cli(*args, env={"EXPORTER_DATABASE_URL": database_url}, check=check)
 
 
 def new_token(database_url: str, name: str, *scopes: str, expires: str | None = None) -> str:

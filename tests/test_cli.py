@@ -1,4 +1,6 @@
-"""The newcomer's path: `exporter serve` from nothing, and the commands it prints."""
+"""The `exporter` command: its help and options (in process, with Typer's runner), the
+installed entry point (a real process: help, a token, serve), and the newcomer's path:
+`exporter serve` from nothing, and the commands it prints."""
 
 from __future__ import annotations
 
@@ -15,15 +17,18 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import ROOT, free_port
+import exporter
+from tests.support import ROOT, exporter_cli, free_port
+
+# The installed entry point (`exporter = "exporter.cli:main"`), beside this Python.
+INSTALLED = Path(sys.executable).with_name("exporter")
 
 
 def test_help_lists_the_commands() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "--help"], capture_output=True, text=True,
-        check=True,
+        [INSTALLED, "--help"], capture_output=True, text=True, check=True,
     ).stdout
-    for command in ("serve", "migrate", "demo"):
+    for command in ("serve", "migrate", "demo", "digest", "token", "link", "downloads"):
         assert command in out
     serve = subprocess.run(
         [sys.executable, "-m", "exporter.cli", "serve", "--help"], capture_output=True,
@@ -31,6 +36,75 @@ def test_help_lists_the_commands() -> None:
     ).stdout
     for option in ("--host", "--port", "--workers"):
         assert option in serve
+
+
+# Every command and the options that README.md and the tests rely on.
+OPTIONS = {
+    ("serve",): ["--host", "--port", "--workers", "--log-level", "--no-access-log"],
+    ("migrate",): [],
+    ("demo",): ["--rows", "--file-size", "--files"],
+    ("digest",): ["PATH"],
+    ("token",): ["create", "list", "revoke"],
+    ("token", "create"): ["--name", "--scope", "--expires"],
+    ("token", "list"): [],
+    ("token", "revoke"): ["NAME"],
+    ("link",): ["URL|rotate-key", "--expires"],
+    ("downloads",): ["--since", "--principal", "--status", "--limit"],
+}
+
+
+@pytest.mark.parametrize("command", list(OPTIONS), ids=" ".join)
+def test_every_command_has_help(command: tuple[str, ...]) -> None:
+    # No settings are read for --help: a broken one does not hide it.
+    done = exporter_cli(*command, "--help", env={"EXPORTER_SCHEMA": "exporter"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Usage: exporter {' '.join(command)} "), done.stdout
+    for option in OPTIONS[command]:
+        assert option in done.stdout, (command, option)
+
+
+def test_version() -> None:
+    done = exporter_cli("--version")
+    assert (done.returncode, done.stdout) == (0, f"exporter {exporter.__version__}\n")
+
+
+@pytest.mark.parametrize("args", [
+    [], ["no-such-command"], ["token", "create", "--scope", "admin"],
+    ["token", "create", "--name", "x"], ["downloads", "--status", "nonsense"],
+    ["downloads", "--limit", "many"], ["serve", "--port", "eighty"],
+    ["demo", "--rows", "1e3"], ["link"], ["token", "revoke"],
+])
+def test_a_usage_mistake_is_status_2_before_anything_starts(args: list[str],
+                                                            tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    done = exporter_cli(*args, env={"EXPORTER_DATA_DIR": str(data),
+                                    "EXPORTER_DATABASE_URL": None})
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not data.exists()  # no embedded database was started
+
+
+def test_features_do_not_import_the_root_command() -> None:
+    """The import direction is core <- features <- exporter.cli: a feature importing the
+    root would be a cycle (and, under `python -m exporter.cli`, a second copy of it)."""
+    code = ("import sys, exporter.access.cli, exporter.files.cli, exporter.exports.cli;"
+            " print(sorted(m for m in sys.modules if m == 'exporter.cli'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_installed_command_creates_a_token(database_url: str) -> None:
+    """One real process through the entry point; the other tests run commands in-process."""
+    name = f"installed-{os.urandom(3).hex()}"
+    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url}
+    done = subprocess.run([INSTALLED, "token", "create", "--name", name, "--scope", "files:*"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"exp_[A-Za-z0-9_-]{43}\n", done.stdout), done.stdout
+    assert done.stderr == f"token {name!r} created; it is shown this once\n"
+    listing = exporter_cli("token", "list", env={"EXPORTER_DATABASE_URL": database_url})
+    assert re.search(rf"^{name}\s+files:\*\s.*active\s*$", listing.stdout, re.M), listing
 
 
 @pytest.mark.needs("curl", "wget")

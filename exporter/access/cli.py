@@ -1,196 +1,120 @@
-"""`exporter token`, `exporter link` and `exporter downloads`."""
+"""`exporter token ...` and `exporter link ...`, and the local demo's token."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated
 from urllib.parse import urlsplit
 
-import sqlalchemy as sa
+import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
 from exporter.access.links import OPERATOR, LinkKeys, sign, split_query
 from exporter.access.tokens import TokenStore
-from exporter.config import Settings
+from exporter.clikit import fail, print_table, start, when, with_engine
 from exporter.server.prefix import strip_root
-from exporter.tables import downloads
 
 DEMO_TOKEN_NAME = "demo"
 DEMO_SCOPES = ["datasets:*", "files:*", "admin"]
 
-
-def _with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[Any]],
-                 command: str) -> Any:
-    from exporter.cli import database, require_schema_at_head
-    from exporter.db import create_engine
-
-    with database(settings) as url:
-        # Never migrates: an operator's command must not change the schema behind a
-        # running server's back (`exporter migrate` and `serve` do, under a lock).
-        require_schema_at_head(url, command)
-
-        async def run() -> Any:
-            engine = create_engine(settings, url)
-            try:
-                return await work(engine)
-            finally:
-                await engine.dispose()
-
-        return asyncio.run(run())
-
-
-def usage_error(message: str) -> NoReturn:
-    """Bad input: one line on stderr and exit status 2, as argparse does; no traceback."""
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
+tokens = typer.Typer(name="token", help="create, list and revoke API tokens",
+                     no_args_is_help=True)
 
 
 def _duration(command: str, text: str) -> timedelta:
     try:
         return parse_duration(text)
     except ValueError as error:
-        usage_error(f"{command}: {error}")
+        fail(f"{command}: {error}")
 
 
-def _when(moment: datetime | None) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if moment else "-"
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def cmd_token(args: argparse.Namespace, settings: Settings) -> None:
+@tokens.command("create", help="print a new token (shown once)")
+def token_create(
+    name: Annotated[str, typer.Option(
+        "--name", metavar="NAME", help="the token's name, unique among active tokens")],
+    scope: Annotated[list[str], typer.Option(
+        "--scope", metavar="SCOPE",
+        help="datasets:*, datasets:NAME, files:*, files:FOLDER/ or admin; repeat for several")],
+    expires: Annotated[str | None, typer.Option(
+        "--expires", metavar="DURATION",
+        help="lifetime such as 30d or 12h (default: none)")] = None,
+) -> None:
+    settings = start()
     # Checked before the database starts: a typo costs nothing.
-    expires = _duration("exporter token", args.expires) if getattr(args, "expires", None) else None
-
-    async def work(engine: AsyncEngine) -> None:
-        store = TokenStore(engine)
-        if args.action == "create":
-            secret = await store.create(args.name, args.scope, expires)
-            print(secret)
-            print(f"token {args.name!r} created; it is shown this once", file=sys.stderr)
-        elif args.action == "revoke":
-            if not await store.revoke(args.name):
-                raise SystemExit(f"no active token named {args.name!r}")
-            print(f"token {args.name!r} revoked", file=sys.stderr)
-        else:
-            rows = [(t.name, " ".join(t.scopes), _when(t.created_at), _when(t.expires_at),
-                     _when(t.last_used_at), _when(t.revoked_at), t.state)
-                    for t in await store.list()]
-            print_table(["name", "scopes", "created", "expires", "last used", "revoked",
-                         "state"], rows)
-
+    lifetime = _duration("exporter token", expires) if expires else None
     try:
-        _with_engine(settings, work, "token")
+        secret = with_engine(settings, "token",
+                             lambda engine: TokenStore(engine).create(name, scope, lifetime))
     except ValueError as error:  # a bad name or scope, or the name is taken
-        usage_error(f"exporter token: {error}")
+        fail(f"exporter token: {error}")
+    print(secret)
+    print(f"token {name!r} created; it is shown this once", file=sys.stderr)
 
 
-def cmd_link(args: argparse.Namespace, settings: Settings) -> None:
-    if args.target == "rotate-key":
+@tokens.command("list", help="name, scopes, created, expires, last used, revoked")
+def token_list() -> None:
+    settings = start()
+    found = with_engine(settings, "token", lambda engine: TokenStore(engine).list())
+    print_table(["name", "scopes", "created", "expires", "last used", "revoked", "state"],
+                [(t.name, " ".join(t.scopes), when(t.created_at), when(t.expires_at),
+                  when(t.last_used_at), when(t.revoked_at), t.state) for t in found])
+
+
+@tokens.command("revoke", help="stop a token at once, everywhere")
+def token_revoke(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the token's name")],
+) -> None:
+    settings = start()
+    if not with_engine(settings, "token", lambda engine: TokenStore(engine).revoke(name)):
+        fail(f"no active token named {name!r}", 1)
+    print(f"token {name!r} revoked", file=sys.stderr)
+
+
+def link(
+    target: Annotated[str, typer.Argument(
+        metavar="URL|rotate-key",
+        help="a URL or path under /datasets/ or /files/, with its query")],
+    expires: Annotated[str, typer.Option("--expires", metavar="DURATION", help="lifetime")] = "15m",
+) -> None:
+    settings = start()
+    if target == "rotate-key":
         if settings.link_secret:
-            raise SystemExit("EXPORTER_LINK_SECRET is set: change it to rotate the key")
-        _with_engine(settings, lambda engine: LinkKeys(engine, None).rotate(), "link")
+            fail("EXPORTER_LINK_SECRET is set: change it to rotate the key", 1)
+        with_engine(settings, "link", lambda engine: LinkKeys(engine, None).rotate())
         print("link signing key rotated: every link made before no longer works",
               file=sys.stderr)
         return
     try:
-        url = urlsplit(args.target)
+        url = urlsplit(target)
     except ValueError as error:
-        usage_error(f"exporter link: not a URL: {error}")
+        fail(f"exporter link: not a URL: {error}")
     # A URL as users see it, behind a proxy, carries EXPORTER_ROOT_PATH: signed without it.
     path = strip_root(url.path, settings.root_path)
     if not path.startswith(("/datasets/", "/files/")):
-        usage_error("exporter link: give a URL or path under /datasets/ or /files/")
+        fail("exporter link: give a URL or path under /datasets/ or /files/")
     if split_query(url.query)[1]:
-        usage_error("exporter link: the URL is already signed (or names a ~ parameter of"
-                    " signed links)")
+        fail("exporter link: the URL is already signed (or names a ~ parameter of"
+             " signed links)")
     base = f"{url.scheme}://{url.netloc}" if url.netloc else (
         f"http://{settings.host}:{settings.port}")
-    expires_at = datetime.now(UTC) + _duration("exporter link", args.expires)
+    expires_at = datetime.now(UTC) + _duration("exporter link", expires)
 
-    async def work(engine: AsyncEngine) -> str:
+    async def signed(engine: AsyncEngine) -> str:
         key = await LinkKeys(engine, settings.link_secret).key()
         return sign(key, path, url.query, expires_at, OPERATOR, OPERATOR)
 
     root = url.path[:len(url.path) - len(path)]  # the prefix, kept where it was given
-    print(base + root + _with_engine(settings, work, "link"))
-    print(f"valid until {_when(expires_at)}", file=sys.stderr)
+    print(base + root + with_engine(settings, "link", signed))
+    print(f"valid until {when(expires_at)}", file=sys.stderr)
 
 
-def cmd_downloads(args: argparse.Namespace, settings: Settings) -> None:
-    d = downloads.c
-    query = sa.select(d.id, d.started_at, d.principal, d.kind, d.target, d.format, d.range,
-                      d.status, d.http_status, d.rows, d.bytes, d.client)
-    if args.since:
-        try:
-            since = datetime.now(UTC) - parse_duration(args.since)
-        except ValueError:
-            try:
-                since = datetime.fromisoformat(args.since)
-            except ValueError:
-                usage_error(f"exporter downloads: --since {args.since!r} is neither a duration"
-                            " (1h, 7d) nor an ISO date (2026-11-24, 2026-11-24T10:00Z)")
-        query = query.where(d.started_at >= since)
-    if args.principal:
-        query = query.where(d.principal == args.principal)
-    if args.status:
-        query = query.where(d.status == args.status)
-    query = query.order_by(d.id.desc()).limit(args.limit)
-
-    async def work(engine: AsyncEngine) -> list[Any]:
-        async with engine.connect() as conn:
-            return list((await conn.execute(query)).all())
-
-    rows = _with_engine(settings, work, "downloads")
-    print_table(
-        ["id", "started", "principal", "kind", "target", "format", "range", "status", "http",
-         "rows", "bytes", "client"],
-        [[r.id, _when(r.started_at), r.principal or "-", r.kind, r.target, r.format or "-",
-          r.range or "-", r.status, r.http_status or "-", "-" if r.rows is None else r.rows,
-          r.bytes, r.client or "-"] for r in rows],
-    )
-
-
-def add_commands(sub: Any) -> None:
-    token = sub.add_parser("token", help="create, list and revoke API tokens")
-    actions = token.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="print a new token (shown once)")
-    create.add_argument("--name", required=True)
-    create.add_argument("--scope", action="append", required=True,
-                        help="datasets:*, datasets:NAME, files:*, files:FOLDER/ or admin; "
-                             "repeat for several")
-    create.add_argument("--expires", help="lifetime such as 30d or 12h (default: none)")
-    actions.add_parser("list", help="name, scopes, created, expires, last used, revoked")
-    revoke = actions.add_parser("revoke", help="stop a token at once, everywhere")
-    revoke.add_argument("name")
-    token.set_defaults(func=cmd_token)
-
-    link = sub.add_parser("link", help="print a signed, expiring URL; or `link rotate-key`")
-    link.add_argument("target", metavar="URL|rotate-key",
-                      help="a URL or path under /datasets/ or /files/, with its query")
-    link.add_argument("--expires", default="15m", help="lifetime (default 15m)")
-    link.set_defaults(func=cmd_link)
-
-    recent = sub.add_parser("downloads", help="the recent downloads, from the audit trail")
-    recent.add_argument("--since", help="a duration (1h, 7d) or an ISO date")
-    recent.add_argument("--principal", help='e.g. "token alice", "link by alice", "anonymous"')
-    recent.add_argument("--status", choices=["running", "complete", "aborted", "failed", "proxied"])
-    recent.add_argument("--limit", type=int, default=50)
-    recent.set_defaults(func=cmd_downloads)
+def register(app: typer.Typer) -> None:
+    app.add_typer(tokens)
+    app.command("link", help="print a signed, expiring URL; or `link rotate-key`")(link)
 
 
 async def demo_token(engine: AsyncEngine, path: Path) -> str:

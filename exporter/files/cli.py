@@ -1,17 +1,26 @@
-"""`exporter digest [PATH]`: compute ahead of time the digests no download has computed yet."""
+"""`exporter digest [PATH]`: compute ahead of time the digests no download has computed
+yet; and the demo files that `exporter demo` and `serve` create."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from exporter.clikit import database, require_schema_at_head, start
 from exporter.config import Settings
 from exporter.db import create_engine
 from exporter.errors import ApiError
 from exporter.files.digests import DigestStore, FileKey, hash_file
 from exporter.files.paths import FilesRoot
+
+log = logging.getLogger("exporter")
 
 
 class Progress:
@@ -100,3 +109,36 @@ async def compute_missing(settings: Settings, url: str, path: str) -> int:
     finally:
         await engine.dispose()
     return 0
+
+
+def digest(
+    path: Annotated[str, typer.Argument(
+        metavar="PATH", help="a file or folder under the files root (default: all of it)")] = "",
+) -> None:
+    settings = start()
+    with database(settings, "digest") as url:
+        require_schema_at_head(url, "digest")
+        status = asyncio.run(compute_missing(settings, url, path))
+    raise SystemExit(status)
+
+
+def default_root(settings: Settings) -> bool:
+    """The demo writes (a 1 GiB file, among others) only into its own folder: a files
+    root that someone chose holds their files."""
+    default: Path = Settings.model_fields["files_root"].default
+    return settings.files_root == default
+
+
+def demo_files(settings: Settings, size: str, *, only_if_empty: bool) -> None:
+    from exporter.files import demo
+
+    root = settings.files_root
+    if only_if_empty and not demo.is_empty(root):
+        return
+    log.info("creating the demo files in %s (large file: %s)", root, size)
+    demo.create(root, demo.parse_size(size))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("digest", help="compute the SHA-256 of files whose digest is not known yet"
+                " (or stale), with a progress bar")(digest)
