@@ -122,7 +122,9 @@ def serve(
             "exporter.app:create_app", factory=True, host=host, port=port,
             workers=workers, log_level=log_level, access_log=not no_access_log,
             log_config=log_config(settings.log_format, log_level),
-            timeout_graceful_shutdown=settings.shutdown_grace, **server_limits(settings),
+            timeout_graceful_shutdown=settings.shutdown_grace,
+            timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
+            **server_limits(settings),
         )
 
 

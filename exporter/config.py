@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     # run this many seconds more; those still running then are cut (the client sees a
     # broken download, the audit says aborted).
     shutdown_grace: int = Field(default=30, ge=0)
+    # With --workers N, seconds a worker may take to answer the supervisor's health check
+    # before it is killed and started again. uvicorn's 5 s was seen too short for a worker
+    # still importing the app on a loaded 2-core host (only one worker came up).
+    worker_healthcheck_timeout: int = Field(default=30, ge=1)
     # Logs on stderr, every line with its time and level: "plain" text or "json" (one
     # object a line). A line per finished download: principal, target, bytes, status, time.
     log_format: Literal["plain", "json"] = "plain"
