@@ -6,16 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.types import Receive
 
+T = TypeVar("T")
 
-async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
-    """Run `work` while watching the client; False (work cancelled) if it goes away first.
 
-    Before the response starts nothing else listens for `http.disconnect`, and an
-    export may wait a long time for its first row.
+class ClientLeft(Exception):
+    """The client went away while its request waited (for a slot, for the first row)."""
+
+
+async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+    """The outcome of `work`, run while watching the client; ClientLeft (and `work`
+    cancelled) if the client goes away first.
+
+    Before the response starts nothing else listens for `http.disconnect`, and a
+    request may wait a long time for a download slot or for an export's first row.
     """
 
     async def disconnected() -> None:
@@ -26,18 +33,15 @@ async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
     watch = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
     finally:
         watch.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return False
-    task.result()  # raises what the work raised
-    return True
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # its own clean-up: a slot handed over meanwhile is given back
+    if task.cancelled():
+        raise ClientLeft
+    return task.result()  # raises what the work raised
 
 
 # Clean-ups that run after the client left, when the request's own task is cancelled
