@@ -29,7 +29,6 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,10 +36,9 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
-from exporter.streaming import run_detached, unless_disconnected
+from exporter.streaming import ResponseCut, run_detached, unless_disconnected
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _RELEASES = "exporter.download_slots"
 _WATCH = "exporter.export_watch"
@@ -302,10 +300,6 @@ class ExportWatch:
 
 def watch_export(scope: Scope, watch: ExportWatch) -> None:
     scope.setdefault("state", {})[_WATCH] = watch
-
-
-class ResponseCut(Exception):
-    """An export's response was cut on purpose; its body is left unfinished."""
 
 
 class DownloadLimits:
