@@ -17,13 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
 from exporter.access.links import OPERATOR, LinkKeys, sign, split_query
+from exporter.access.principal import ADMIN, ALL_DATASETS, ALL_FILES, SCOPE_FORMS
 from exporter.access.tokens import TokenStore
 from exporter.config import Settings
 from exporter.server.prefix import strip_root
 from exporter.tables import downloads
 
 DEMO_TOKEN_NAME = "demo"
-DEMO_SCOPES = ["datasets:*", "files:*", "admin"]
+DEMO_SCOPES = [ALL_DATASETS, ALL_FILES, ADMIN]
 
 
 def _with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[Any]],
@@ -171,8 +172,7 @@ def add_commands(sub: Any) -> None:
     create = actions.add_parser("create", help="print a new token (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--scope", action="append", required=True,
-                        help="datasets:*, datasets:NAME, files:*, files:FOLDER/ or admin; "
-                             "repeat for several")
+                        help=f"{SCOPE_FORMS}; repeat for several")
     create.add_argument("--expires", help="lifetime such as 30d or 12h (default: none)")
     actions.add_parser("list", help="name, scopes, created, expires, last used, revoked")
     revoke = actions.add_parser("revoke", help="stop a token at once, everywhere")
