@@ -1,8 +1,7 @@
 """Files against nginx (sendfile, the physical limit) and Starlette's FileResponse.
 
-The exporter's `/files/{path}` route is measured when the server has it: started with
-EXPORTER_FILES_ROOT at the benchmark's folder, it must answer a Range request for the
-big file with 206; on 404 its contenders are skipped with a line saying so.
+The exporter's `/files/{path}` route is measured, started with EXPORTER_FILES_ROOT at the
+benchmark's folder; it must first answer a Range request for the big file with 206.
 """
 
 from __future__ import annotations
@@ -119,13 +118,11 @@ def python_app(plan: Plan, root: Path) -> Service:
     ], plan.logs / "fileresponse.log", env={"BENCH_FILES_ROOT": str(root)}, port=port)
 
 
-def exporter_has_files(server: Service, size: int) -> bool:
+def check_exporter_files(server: Service, size: int) -> None:
+    """The exporter serves the benchmark's file, ranges included, before it is measured."""
     r = httpx.get(f"{server.url}/files/{FILE_NAME}", headers={"Range": "bytes=0-0"}, timeout=10)
-    if r.status_code == 404:
-        return False
     if r.status_code != 206 or r.headers.get("content-range") != f"bytes 0-0/{size}":
         raise RuntimeError(f"/files answered {r.status_code} {r.headers} to a Range request")
-    return True
 
 
 # --- contenders ----------------------------------------------------------------------
@@ -219,45 +216,38 @@ def run(plan: Plan, url: str, log: Log) -> list[Section]:
         ex = stack.enter_context(
             exporter_service(plan, url, "exporter-files", {"EXPORTER_FILES_ROOT": str(root)}))
         ex.start("/healthz")
-        available = exporter_has_files(ex, plan.file_size)
-        missing = [] if available else [
-            "**exporter: not available: the server has no /files route** (it answered 404 to "
-            f"`/files/{FILE_NAME}`), so only the references were measured.", ""]
-        if not available:
-            log("files: exporter not available: the server has no /files route")
+        check_exporter_files(ex, plan.file_size)
         return [
-            _single_section(plan, ref, py, ex if available else None, missing, log),
-            _concurrent_section(plan, ref, py, ex if available else None, missing, log),
-            _resume_section(plan, ref, py, ex if available else None, missing, log),
+            _single_section(plan, ref, py, ex, log),
+            _concurrent_section(plan, ref, py, ex, log),
+            _resume_section(plan, ref, py, ex, log),
         ]
 
 
-def _section(plan: Plan, title: str, chart: str, intro: str, missing: list[str],
+def _section(plan: Plan, title: str, chart: str, intro: str,
              results: list[Result]) -> Section:
     section = Section(title)
-    section.add(intro, "", *missing, *results_table(results, results[0]), "",
+    section.add(intro, "", *results_table(results, results[0]), "",
                 f"![{chart}](benchmarks/{chart}.png)")
     bar_chart(plan.chart(chart), title, results)
     reference = results[0]
     parts = [f"{r.contender.name} {ratio(r, reference):.2f}×" for r in results[1:]]
     section.headline.append(
-        f"{title}: nginx {reference.throughput():,.0f} MB/s; " + ", ".join(parts)
-        + (" (exporter not measured: no /files route in this build)" if missing else "") + ".")
+        f"{title}: nginx {reference.throughput():,.0f} MB/s; " + ", ".join(parts) + ".")
     return section
 
 
-def _single_section(plan: Plan, ref: Service, py: Service, ex: Service | None,
-                    missing: list[str], log: Log) -> Section:
+def _single_section(plan: Plan, ref: Service, py: Service, ex: Service,
+                    log: Log) -> Section:
     size = plan.file_size
     path = f"/files/{FILE_NAME}"
     contenders = [
         single("nginx (sendfile)", ref, path, size, reference=True),
+        single("exporter", ex, path, size),
         single("Starlette FileResponse", py, path, size),
         single("aiofiles, 64 KiB chunks", py, f"/aiofiles/64/{FILE_NAME}", size),
         single("aiofiles, 1 MiB chunks", py, f"/aiofiles/1024/{FILE_NAME}", size),
     ]
-    if ex is not None:
-        contenders.insert(1, single("exporter", ex, path, size))
     log("files: single stream")
     results = interleaved(contenders, plan.repetitions, log)
     return _section(
@@ -268,15 +258,14 @@ def _single_section(plan: Plan, ref: Service, py: Service, ex: Service | None,
         "under uvicorn (which supports neither `http.response.pathsend` nor "
         "`zerocopysend`, so `os.sendfile` cannot be reached from an ASGI app on it). "
         "Target: exporter at least 0.8× nginx, far ahead of FileResponse.",
-        missing, results)
+        results)
 
 
-def _concurrent_section(plan: Plan, ref: Service, py: Service, ex: Service | None,
-                        missing: list[str], log: Log) -> Section:
+def _concurrent_section(plan: Plan, ref: Service, py: Service, ex: Service,
+                        log: Log) -> Section:
     contenders = [concurrent("nginx (sendfile)", ref, plan, reference=True),
+                  concurrent("exporter", ex, plan),
                   concurrent("Starlette FileResponse", py, plan)]
-    if ex is not None:
-        contenders.insert(1, concurrent("exporter", ex, plan))
     log(f"files: {plan.range_clients} concurrent range clients")
     results = interleaved(contenders, plan.repetitions, log)
     return _section(
@@ -286,20 +275,19 @@ def _concurrent_section(plan: Plan, ref: Service, py: Service, ex: Service | Non
         "from the first start to the last exit. Target: exporter at least 0.8× nginx, with "
         "server RSS under 256 MiB (stated bound: the idle server plus about 1.5 MiB per "
         "client at 1 MiB chunks).",
-        missing, results)
+        results)
 
 
-def _resume_section(plan: Plan, ref: Service, py: Service, ex: Service | None,
-                    missing: list[str], log: Log) -> Section:
+def _resume_section(plan: Plan, ref: Service, py: Service, ex: Service,
+                    log: Log) -> Section:
     scratch = scratch_dir(plan)
     contenders = [resume("nginx (sendfile)", ref, plan, scratch, reference=True),
+                  resume("exporter", ex, plan, scratch),
                   resume("Starlette FileResponse", py, plan, scratch)]
-    if ex is not None:
-        contenders.insert(1, resume("exporter", ex, plan, scratch))
     log("files: wget -c resume of the last half")
     results = interleaved(contenders, plan.repetitions, log)
     return _section(
         plan, "Files: `wget -c` resume of the last half", "files-resume",
         f"The first half already on disk (wget writes to `{scratch}`); wget sends "
         "`Range: bytes=N-` and appends. Each result checked to be the full length.",
-        missing, results)
+        results)

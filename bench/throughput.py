@@ -26,8 +26,8 @@ from bench.database import database, fetch
 from bench.exports import exporter_service
 from bench.files import (
     FILE_NAME,
+    check_exporter_files,
     concurrent,
-    exporter_has_files,
     make_file,
     nginx,
     ranges,
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             old.start("/healthz")
             servers.append(old)
         for s in servers:
-            assert exporter_has_files(s, plan.file_size)
+            check_exporter_files(s, plan.file_size)
             # As in ./scripts/bench, whose single-download section runs first: a whole
             # download stores the file's digest, which the range answers then carry.
             subprocess.run(["curl", "-sS", "-o", "/dev/null", f"{s.url}/files/{FILE_NAME}"],

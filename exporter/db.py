@@ -7,14 +7,16 @@ import asyncio
 import shlex
 import ssl
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from exporter.config import Settings
+if TYPE_CHECKING:
+    # Annotations only: config.py checks URLs with this module's parser at run time.
+    from exporter.config import Settings
 
 # The oldest PostgreSQL supported, as `server_version_num`: the oldest major version the
 # PostgreSQL project still maintained when this was written. Older ones are refused at

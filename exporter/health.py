@@ -23,7 +23,7 @@ from sqlalchemy.pool import QueuePool
 
 from exporter.db import libpq_url
 from exporter.errors import describe
-from exporter.state import get_state
+from exporter.state import State, get_state
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,13 @@ class Health:
                 await asyncio.wait_for(conn.close(), 2)
 
 
-
 @router.get("/healthz")
 async def healthz(request: Request) -> JSONResponse:
-    st = get_state(request)
+    return await report(get_state(request))
+
+
+async def report(st: State) -> JSONResponse:
+    """The answer of /healthz: 200 (ok, busy or degraded) or 503 with Retry-After."""
     pool = st.engine.pool
     body: dict[str, Any] = {"status": "ok"}
     busy = False

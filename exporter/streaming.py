@@ -1,21 +1,39 @@
 """What every streamed body needs: watching for a client that leaves before the answer
-starts, and clean-ups that must finish after it left."""
+starts, counting and auditing what was sent, and clean-ups that must finish after the
+client left."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Coroutine
-from typing import Any
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from starlette.types import Receive
 
+from exporter.audit import ABORTED, COMPLETE, FAILED, Download
 
-async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
-    """Run `work` while watching the client; False (work cancelled) if it goes away first.
+log = logging.getLogger(__name__)
 
-    Before the response starts nothing else listens for `http.disconnect`, and an
-    export may wait a long time for its first row.
+T = TypeVar("T")
+
+
+class ResponseCut(Exception):
+    """A response was cut on purpose (a stalled client, a time limit); its body is left
+    unfinished, and its download recorded as failed."""
+
+
+class ClientLeft(Exception):
+    """The client went away while its request waited (for a slot, for the first row)."""
+
+
+async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+    """The outcome of `work`, run while watching the client; ClientLeft (and `work`
+    cancelled) if the client goes away first.
+
+    Before the response starts nothing else listens for `http.disconnect`, and a
+    request may wait a long time for a download slot or for an export's first row.
     """
 
     async def disconnected() -> None:
@@ -26,18 +44,15 @@ async def unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
     watch = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
     finally:
         watch.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return False
-    task.result()  # raises what the work raised
-    return True
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # its own clean-up: a slot handed over meanwhile is given back
+    if task.cancelled():
+        raise ClientLeft
+    return task.result()  # raises what the work raised
 
 
 # Clean-ups that run after the client left, when the request's own task is cancelled
@@ -60,3 +75,50 @@ async def wait_detached(within: float) -> int:
         return 0
     _, pending = await asyncio.wait(set(_detached), timeout=within)
     return len(pending)
+
+
+async def audited(chunks: AsyncGenerator[bytes, None], download: Download,
+                  end: Callable[[str, str | None], object], *,
+                  complete: Callable[[], bool] | None = None,
+                  drain: bool = False) -> AsyncIterator[bytes]:
+    """`chunks` as a response body that counts the bytes sent into `download.bytes` and
+    calls `end(status, error)` exactly once, however the body ends.
+
+    A failure (an exception from `chunks`, a cut) is `failed` and re-raised, so that
+    the response is cut short and looks broken to the client. Otherwise the body is
+    `complete` if `complete()` says so, or, without it, if `chunks` ran to its end;
+    else `aborted` (the client left: Starlette cancels the body, or closes it).
+
+    `drain`: after each chunk an empty one, which makes uvicorn's `send` wait until the
+    socket took the chunk (exporter.server.protocol); a chunk is counted only then, and
+    `chunks` is asked for the next one only then, so that a slow client holds one chunk.
+    """
+    status: str | None = None
+    error: str | None = None
+    ran_out = False
+    try:
+        async for chunk in chunks:
+            size = len(chunk)
+            yield chunk
+            if drain and size:
+                yield b""
+            download.bytes += size
+            del chunk  # not held while `chunks` reads the next one
+        ran_out = True
+    except ResponseCut as cut:
+        status, error = FAILED, f"cut: {cut}"
+        raise
+    except Exception as exc:
+        status, error = FAILED, f"{type(exc).__name__}: {exc}"
+        log.error("%s %s of %s failed after %d bytes: %s", download.kind, download.id,
+                  download.target, download.bytes, error)
+        raise
+    finally:
+        # Its own clean-up first (it never awaits, so this runs in a cancelled task too).
+        await chunks.aclose()
+        if status is None:
+            # A body sent in full may still see CancelledError (with Content-Length set):
+            # a `complete` rule by bytes says what happened, not the exception.
+            done = complete() if complete is not None else ran_out
+            status = COMPLETE if done else ABORTED
+        end(status, error)

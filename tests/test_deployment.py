@@ -218,9 +218,15 @@ def test_sigterm_lets_downloads_finish_within_the_grace_and_cuts_the_rest_curl(
     endless_curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", "out.csv",
                                      s.url + "/datasets/endless.csv"], cwd=tmp_path,
                                     stderr=subprocess.PIPE)
+    # A file download too slow to end within the grace: cut, and its audit row closed
+    # (a body waiting to send when cut is not run to its end by anyone else).
+    slow_file = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", "slow.bin",
+                                  s.url + "/files/large.bin"], cwd=tmp_path,
+                                 stderr=subprocess.PIPE)
     try:
         assert wait_until(lambda: (tmp_path / "out.csv").exists()
-                          and (tmp_path / "large.bin").exists(), 10)
+                          and (tmp_path / "large.bin").exists()
+                          and (tmp_path / "slow.bin").exists(), 10)
         os.killpg(s.pid, signal.SIGTERM)
         stopped = time.monotonic()
         time.sleep(0.5)
@@ -232,13 +238,17 @@ def test_sigterm_lets_downloads_finish_within_the_grace_and_cuts_the_rest_curl(
         assert (tmp_path / "large.bin").stat().st_size == LARGE_FILE_SIZE
         assert time.monotonic() - stopped > 5.5
         assert endless_curl.wait(20) == 18, endless_curl.stderr  # broken, not short
+        assert slow_file.wait(20) == 18, slow_file.stderr
+        assert (tmp_path / "slow.bin").stat().st_size < LARGE_FILE_SIZE
         assert grace - 0.5 <= time.monotonic() - stopped < grace + 6
         assert s.process is not None and s.process.wait(20) is not None
     finally:
-        for p in (finishing, endless_curl):
+        for p in (finishing, endless_curl, slow_file):
             p.kill()
             p.wait()
+    # Every row closed: the lifespan waits for the downloads' clean-ups before it writes
+    # the last audit rows and disposes of the engine.
     rows = fetch(database_url, "SELECT target, status FROM exporter.downloads WHERE id > $1"
-                 " ORDER BY target", first)
+                 " ORDER BY target, status", first)
     assert [(r["target"], r["status"]) for r in rows] == [
-        ("endless", "aborted"), ("large.bin", "complete")]
+        ("endless", "aborted"), ("large.bin", "aborted"), ("large.bin", "complete")]

@@ -22,7 +22,7 @@ from exporter.access.links import (
 from exporter.access.principal import ADMIN, CHALLENGES, LINK, Principal, anonymous
 from exporter.errors import ApiError
 from exporter.server.prefix import app_path, app_raw_path
-from exporter.state import State, get_state
+from exporter.state import State
 
 COOKIE = "exporter_token"
 # The cookie is the server's own page's credential. It counts for reads only: a form on
@@ -112,12 +112,3 @@ async def _link_principal(request: Request, st: State, rest: list[tuple[str, str
                          limit_key=key)
     # A token's links draw on the token's own budget: more links are not more slots.
     return replace(maker, kind=LINK, link_expires=expiry(params.expires))
-
-
-async def require_admin(request: Request) -> tuple[State, Principal]:
-    """The state and principal of a request that must come from an admin."""
-    st = get_state(request)
-    principal = await authenticate(request, st)
-    if not principal.is_admin:
-        raise principal.denied()
-    return st, principal

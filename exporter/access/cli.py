@@ -14,12 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
 from exporter.access.links import OPERATOR, LinkKeys, sign, split_query
+from exporter.access.principal import ADMIN, ALL_DATASETS, ALL_FILES, SCOPE_FORMS
 from exporter.access.tokens import TokenStore
 from exporter.clikit import fail, print_table, start, when, with_engine
 from exporter.server.prefix import strip_root
 
 DEMO_TOKEN_NAME = "demo"
-DEMO_SCOPES = ["datasets:*", "files:*", "admin"]
+DEMO_SCOPES = [ALL_DATASETS, ALL_FILES, ADMIN]
 
 tokens = typer.Typer(name="token", help="create, list and revoke API tokens",
                      no_args_is_help=True)
@@ -38,7 +39,7 @@ def token_create(
         "--name", metavar="NAME", help="the token's name, unique among active tokens")],
     scope: Annotated[list[str], typer.Option(
         "--scope", metavar="SCOPE",
-        help="datasets:*, datasets:NAME, files:*, files:FOLDER/ or admin; repeat for several")],
+        help=f"{SCOPE_FORMS}; repeat for several")],
     expires: Annotated[str | None, typer.Option(
         "--expires", metavar="DURATION",
         help="lifetime such as 30d or 12h (default: none)")] = None,

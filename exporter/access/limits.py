@@ -27,9 +27,8 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,10 +36,9 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
-from exporter.streaming import run_detached
+from exporter.streaming import ResponseCut, run_detached, unless_disconnected
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _RELEASES = "exporter.download_slots"
 _WATCH = "exporter.export_watch"
@@ -58,10 +56,6 @@ class LocalSlots:
         self.limit = limit
         self.active = 0
         self.waiting = 0
-
-
-class ClientLeft(Exception):
-    """The client went away while its request waited for a slot."""
 
 
 def new_instance_id() -> str:
@@ -200,7 +194,7 @@ class Limiter:
                 return False
             self._waiting[key] = waiting + 1
             try:
-                slot = await _unless_disconnected(self._wait_for(key, cap, wait),
+                slot = await unless_disconnected(self._wait_for(key, cap, wait),
                                                   request.receive)
             finally:
                 self._waiting[key] -= 1
@@ -272,28 +266,6 @@ class Limiter:
                 freed.set()
 
 
-async def _unless_disconnected(take: Coroutine[Any, Any, T], receive: Receive) -> T:
-    """The outcome of `take`, or ClientLeft if the client disconnects first."""
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(take)
-    watch = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # gives back a slot handed over meanwhile
-    if task.cancelled():
-        raise ClientLeft
-    return task.result()
-
-
 def on_request_end(scope: Scope, release: Callable[[], None]) -> None:
     """Call `release` once when the request is over, however it ended (see the middleware)."""
     done = False
@@ -328,10 +300,6 @@ class ExportWatch:
 
 def watch_export(scope: Scope, watch: ExportWatch) -> None:
     scope.setdefault("state", {})[_WATCH] = watch
-
-
-class ResponseCut(Exception):
-    """An export's response was cut on purpose; its body is left unfinished."""
 
 
 class DownloadLimits:

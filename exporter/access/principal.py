@@ -13,8 +13,13 @@ from datetime import datetime
 
 from exporter.errors import ApiError
 
+# The scopes, here only: the checks below, token creation and the CLI's help use these.
 ADMIN = "admin"
-_SCOPE = re.compile(r"admin|datasets:\*|datasets:[^\s/]+|files:\*|files:(?:[^\s]+/)")
+DATASETS, FILES = "datasets:", "files:"  # prefixes of a dataset's name, of a folder
+ALL_DATASETS, ALL_FILES = DATASETS + "*", FILES + "*"
+SCOPE_FORMS = f"{ALL_DATASETS}, {DATASETS}NAME, {ALL_FILES}, {FILES}FOLDER/ or {ADMIN}"
+_SCOPE = re.compile(
+    rf"{ADMIN}|{re.escape(ALL_DATASETS)}|{DATASETS}[^\s/]+|{re.escape(ALL_FILES)}|{FILES}(?:[^\s]+/)")
 
 TOKEN, LINK, ANONYMOUS = "token", "link", "anonymous"
 
@@ -26,9 +31,7 @@ CHALLENGES = [
 
 def check_scope(scope: str) -> str:
     if not _SCOPE.fullmatch(scope):
-        raise ValueError(
-            f"bad scope {scope!r}: use datasets:*, datasets:NAME, files:*, files:FOLDER/ or admin"
-        )
+        raise ValueError(f"bad scope {scope!r}: use {SCOPE_FORMS}")
     return scope
 
 
@@ -56,20 +59,24 @@ class Principal:
         return ADMIN in self.scopes
 
     def may_read_dataset(self, name: str) -> bool:
-        return bool(self.scopes & {ADMIN, "datasets:*", f"datasets:{name}"})
+        return bool(self.scopes & {ADMIN, ALL_DATASETS, DATASETS + name})
 
     def may_read_file(self, path: str) -> bool:
         """`path` relative to the files root, without a leading slash."""
-        if self.scopes & {ADMIN, "files:*"}:
+        if self.scopes & {ADMIN, ALL_FILES}:
             return True
-        return any(s.startswith("files:") and path.startswith(s[6:]) for s in self.scopes)
+        return any(path.startswith(folder) for folder in self._folders())
 
     def may_list_folder(self, path: str) -> bool:
         """A folder may be listed if something in it or under it may be read."""
         folder = path.strip("/") + "/" if path.strip("/") else ""
         if self.may_read_file(folder):
             return True
-        return any(s.startswith("files:") and s[6:].startswith(folder) for s in self.scopes)
+        return any(f.startswith(folder) for f in self._folders())
+
+    def _folders(self) -> list[str]:
+        """The folders of the `files:FOLDER/` scopes."""
+        return [s.removeprefix(FILES) for s in self.scopes if s.startswith(FILES)]
 
     def denied(self) -> ApiError:
         """401 for the anonymous (so they may authenticate), 403 for the others.
@@ -92,7 +99,7 @@ def anonymous(
     client: str, public_datasets: Iterable[str], public_files: Iterable[str]
 ) -> Principal:
     """What the settings make public ("*" for all), for any client."""
-    scopes = {f"datasets:{name}" for name in public_datasets}
-    scopes |= {"files:*" if prefix == "*" else f"files:{prefix.strip('/')}/"
+    scopes = {DATASETS + name for name in public_datasets}
+    scopes |= {ALL_FILES if prefix == "*" else f"{FILES}{prefix.strip('/')}/"
                for prefix in public_files}
     return Principal(ANONYMOUS, client, frozenset(scopes), limit_key=f"anonymous {client}")

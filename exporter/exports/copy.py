@@ -46,7 +46,6 @@ class CopyStream:
         self._first_sent = False
         self._task: asyncio.Task[None] | None = None
         self.result: int | None = None  # what the producer returned (rows)
-        self.finished = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -97,7 +96,6 @@ class CopyStream:
                         raise FirstChunkTimeout from None
                     continue
             if item is _END:
-                self.finished = True
                 return None
             if isinstance(item, _Failure):
                 raise item.error

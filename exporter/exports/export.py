@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.access.limits import MAX_DURATION, ResponseCut
+from exporter.access.limits import MAX_DURATION
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.config import Settings
 from exporter.db import driver_connection
@@ -28,7 +28,7 @@ from exporter.exports import sql
 from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
-from exporter.streaming import run_detached
+from exporter.streaming import ResponseCut, audited, run_detached
 
 log = logging.getLogger(__name__)
 
@@ -173,29 +173,18 @@ class Export:
                             headers={"Retry-After": "5"})
         return database_error(error, self._source)
 
-    async def body(self) -> AsyncIterator[bytes]:
+    def body(self) -> AsyncIterator[bytes]:
         """The response body. Raises on a failure mid-stream, so the response is cut short."""
+        return audited(self._chunks(), self.download,
+                       lambda status, error: self._end_detached(status, error, http_status=200))
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
         assert self._stream is not None
-        d = self.download
-        status, error = ABORTED, None
-        try:
-            chunk = self._first
-            while chunk is not None:
-                yield chunk
-                d.bytes += len(chunk)
-                chunk = await self._next_chunk()
-            d.rows = self._stream.result
-            status = COMPLETE
-        except ResponseCut as cut:
-            status, error = FAILED, f"cut: {cut}"
-            raise
-        except Exception as exc:
-            status, error = FAILED, f"{type(exc).__name__}: {exc}"
-            log.error("export %s of %s failed after %d bytes: %s",
-                      d.id, d.target, d.bytes, error)
-            raise
-        finally:
-            self._end_detached(status, error, http_status=200)
+        chunk, self._first = self._first, None
+        while chunk is not None:
+            yield chunk
+            chunk = await self._next_chunk()
+        self.download.rows = self._stream.result
 
     async def _next_chunk(self) -> bytes | None:
         assert self._stream is not None

@@ -1,172 +1,32 @@
-"""GET /datasets and the export routes; the work is done in export.py."""
+"""GET /datasets and the export routes; the work is done in service.py and export.py."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from sqlalchemy.ext.asyncio import AsyncEngine
+from fastapi.responses import JSONResponse
 
-from exporter.access.authenticate import authenticate
-from exporter.access.limits import ClientLeft, ExportWatch, on_request_end, watch_export
-from exporter.access.links import LINK_PARAMETERS, SIGNATURE
-from exporter.access.principal import ANONYMOUS, LINK, Principal
-from exporter.audit import Download
-from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
-from exporter.exports import openapi, renderers, sql
-from exporter.exports.catalog import Catalog, Dataset
-from exporter.exports.export import Export, filename
-from exporter.exports.query import parse
-from exporter.exports.renderers import Renderer
-from exporter.exports.visible import export_urls, visible_datasets
-from exporter.http import content_disposition, parse_accept
-from exporter.state import State, get_state
-from exporter.streaming import unless_disconnected
+from exporter.access.deps import PrincipalDep, StateDep
+from exporter.exports import openapi, service
 
 router = APIRouter()
 
 
 @router.get("/datasets")
-async def list_datasets(request: Request) -> JSONResponse:
-    st = get_state(request)
-    principal = await authenticate(request, st)
-    catalog = st.catalog
-    visible = await visible_datasets(catalog, principal)
-    if not visible and principal.kind == ANONYMOUS:
-        raise principal.denied()
-    items: list[dict[str, Any]] = []
-    for ds in visible:
-        items.append({
-            "name": ds.name,
-            "kind": ds.kind,
-            "estimated_rows": ds.estimated_rows,
-            "columns": [
-                {"name": c.name, "type": c.type, "nullable": c.nullable}
-                for c in ds.columns.values()
-            ],
-            "exports": export_urls(str(request.base_url), ds),
-        })
-    return JSONResponse({"schema": catalog.schema, "datasets": items})
+async def list_datasets(request: Request, st: StateDep, principal: PrincipalDep) -> JSONResponse:
+    return JSONResponse(await service.list_datasets(request, st, principal))
 
 
-def negotiate(accept: str | None) -> Renderer:
-    for media_type in parse_accept(accept):
-        if media_type in ("*/*", "text/*"):
-            return renderers.DEFAULT
-        renderer: Renderer | None = renderers.by_media_type(media_type)
-        if renderer is not None:
-            return renderer
-    offered = ", ".join(r.media_type for r in renderers.all_renderers())
-    raise ApiError(406, f"this dataset is available as {offered}")
-
-
-def _split_suffix(name: str) -> tuple[str, Renderer | None]:
-    base, dot, extension = name.rpartition(".")
-    return (base, renderers.by_extension(extension)) if dot else (name, None)
-
-
-def candidate_names(name: str) -> list[str]:
-    """The datasets a request path may mean (`orders.csv`: `orders.csv` or `orders`)."""
-    base, by_suffix = _split_suffix(name)
-    return [name, base] if by_suffix is not None else [name]
-
-
-async def resolve(catalog: Catalog, name: str, accept: str | None) -> tuple[Dataset, Renderer]:
-    """`orders.csv` names dataset and format; `orders` leaves the format to Accept."""
-    base, by_suffix = _split_suffix(name)
-    for attempt in range(2):
-        if attempt:
-            await catalog.reload()  # a table or view created since the last look
-        if by_suffix is not None and (ds := catalog.get(base)):
-            return ds, by_suffix
-        if ds := catalog.get(name):
-            return ds, negotiate(accept)
-    raise ApiError(404, f"no dataset named '{name}' in schema '{catalog.schema}'")
-
-
-def export_headers(request: Request, renderer: Renderer, download_name: str) -> dict[str, str]:
-    user_agent = request.headers.get("user-agent")
-    return {
-        "Content-Type": renderer.content_type,
-        "Content-Disposition": content_disposition(download_name, user_agent=user_agent),
-        "Cache-Control": "no-store",
-        "Accept-Ranges": "none",
-        "X-Content-Type-Options": "nosniff",
-        "Vary": "Accept",
-    }
+@router.api_route("/datasets/", methods=["GET", "HEAD"], include_in_schema=False)
+async def datasets_slash(request: Request) -> Response:
+    # What Starlette did before the route below took slashes: to the listing (a redirect
+    # whatever the credentials, as then).
+    return service.to_listing(request)
 
 
 # `:path`: a dataset's name may hold a slash, listed as %2F, which the server decodes
 # before routing (so `a%2Fb.csv` arrives as `a/b.csv`); a plain slash means the same.
 @router.api_route("/datasets/{name:path}", methods=["GET", "HEAD"],
                   openapi_extra=openapi.EXPORT)
-async def export(request: Request, name: str) -> Response:
-    if not name:  # what Starlette did before the route took slashes: the listing
-        root = request.scope.get("root_path", "")
-        return RedirectResponse(request.url.replace(path=f"{root}/datasets"), status_code=307)
-    st = get_state(request)
-    principal = await authenticate(request, st)
-    # Before looking the name up, so that a refusal does not tell whether it exists.
-    if not any(principal.may_read_dataset(n) for n in candidate_names(name)):
-        raise principal.denied()
-    dataset, renderer = await resolve(st.catalog, name, request.headers.get("accept"))
-    if not principal.may_read_dataset(dataset.name):
-        raise principal.denied()
-    return await export_response(request, st, principal, dataset, renderer)
-
-
-def export_source(st: State, engine: AsyncEngine) -> str:
-    """How errors name the server an export reads from."""
-    return "the read replica" if engine is st.replica else "the database"
-
-
-async def export_response(request: Request, st: State, principal: Principal, dataset: Dataset,
-                          renderer: Renderer, *, from_primary: bool = False) -> Response:
-    """The export of `dataset` that the request's query string asks for, read from the
-    replica if there is one, unless `from_primary` (the audit trail, which must show
-    the latest downloads)."""
-    engine = st.engine if from_primary else st.export_engine
-    params = request.query_params.multi_items()
-    # A link's own parameters were checked by authenticate(); anywhere else parse() refuses them.
-    filters = [p for p in params if p[0] not in LINK_PARAMETERS] if (
-        principal.kind == LINK) else params
-    query = parse(dataset, filters)
-    if request.method == "HEAD":
-        # The same server as the GET would read, so both answer alike when it is down.
-        try:
-            conn = await engine.connect()
-        except DATABASE_ERRORS as error:
-            raise unavailable(error, export_source(st, engine)) from error
-        try:
-            await sql.check_values(conn, query)
-        finally:
-            await conn.close()
-        response = Response(
-            headers=export_headers(
-                request, renderer, filename(dataset.name, renderer, datetime.now(UTC))
-            )
-        )
-        del response.headers["content-length"]  # GET streams its body chunked
-        return response
-
-    try:
-        await st.limiter.acquire(request, principal.limit_key, export=True)
-    except ClientLeft:
-        return Response(status_code=499)  # nobody is listening; uvicorn drops it
-    recorded: dict[str, list[str]] = {}
-    for key, value in params:
-        if key != SIGNATURE:  # a credential: never stored
-            recorded.setdefault(key, []).append(value)
-    download = Download("export", dataset.name, request.client.host if request.client else None,
-                        format=renderer.name, params=recorded, principal=principal.label,
-                        link_expires=principal.link_expires)
-    job = Export(engine, st.audit, st.settings, query, renderer, download,
-                 replica=engine is st.replica)
-    if not await unless_disconnected(job.open(), request.receive):
-        return Response(status_code=499)
-    on_request_end(request.scope, job.request_ended)
-    watch_export(request.scope, ExportWatch(st.settings.export_idle_timeout, job.deadline,
-                                            job.cut))
-    return StreamingResponse(job.body(), headers=export_headers(request, renderer, job.filename))
+async def export(request: Request, name: str, st: StateDep,
+                 principal: PrincipalDep) -> Response:
+    return await service.export_by_name(request, st, principal, name)

@@ -2,8 +2,9 @@
 would), one chunk at a time.
 
 A chunk is read only when the previous one has gone into the socket: after each
-chunk the body yields an empty one, and uvicorn's `send` first waits while its
-transport's writing is paused, until the buffer is back under the low-water mark
+chunk the body (`exporter.streaming.audited`, with `drain`) yields an empty one, and
+uvicorn's `send` first waits while its transport's writing is paused, until the buffer
+is back under the low-water mark
 (`exporter.server.protocol` puts both marks at zero, so: until it is empty). Without that
 wait, `send` returned as soon as the chunk was queued and the next chunk was read at
 once, so a client that reads slowly held two chunks in the server, the second waiting
@@ -22,20 +23,15 @@ import ctypes
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
+from exporter.audit import COMPLETE, Audit, Download
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.ranges import Layout
-from exporter.streaming import run_detached
+from exporter.streaming import audited, run_detached
 
 log = logging.getLogger(__name__)
-
-# Yielded after each chunk: an empty body message makes uvicorn's `send` wait for the
-# transport to drain (it writes nothing for it).
-_DRAIN = b""
-
 
 def _malloc_trim() -> None:
     """Hand the C heap's free pages back to the system (glibc only; elsewhere nothing).
@@ -111,10 +107,16 @@ class FileBody:
         self._fd: int = file.fileno()
         self._links: tuple[int, int] | None = None  # (st_nlink, st_ctime_ns) at the first read
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        d = self.download
-        error: str | None = None
-        status: str | None = None
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # Complete by bytes: every byte of the layout went into the socket.
+        return audited(self._chunks(), self.download,
+                       lambda status, error: run_detached(self._finish(status, error)),
+                       complete=lambda: self.download.bytes == self._layout.length,
+                       drain=True)
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        """The layout's parts; a read only once the chunk before went into the socket
+        (`audited` with `drain` asks for the next chunk only then)."""
         sizes = self._sizes
         sizes.active += 1
         held = 0  # this body's part of `sizes.held`
@@ -122,7 +124,6 @@ class FileBody:
             for part in self._layout.parts:
                 if part.range is None:
                     yield part.literal
-                    d.bytes += len(part.literal)
                     continue
                 offset, remaining = part.range.start, part.range.length
                 while remaining:
@@ -135,25 +136,14 @@ class FileBody:
                     if self._hash is not None:
                         self._hash.update(chunk)
                     yield chunk
-                    yield _DRAIN
-                    # Counted once it has left the server's buffers for the socket.
-                    d.bytes += len(chunk)
                     offset += len(chunk)
                     remaining -= len(chunk)
                     del chunk
                     sizes.held -= held
                     held = 0
-        except Exception as exc:
-            status, error = FAILED, f"{type(exc).__name__}: {exc}"
-            log.error("file %s failed after %d bytes: %s", d.target, d.bytes, error)
-            raise
         finally:
             sizes.held -= held
             sizes.ended()
-            # By bytes, not by exception: a finished body may still see CancelledError.
-            if status is None:
-                status = COMPLETE if d.bytes == self._layout.length else ABORTED
-            run_detached(self._finish(status, error))
 
     def _read(self, offset: int, size: int) -> bytes:
         """In a worker thread: `size` bytes at `offset`, if the file is still the one the

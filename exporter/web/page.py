@@ -12,6 +12,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from exporter.access.authenticate import COOKIE, authenticate
+from exporter.access.deps import StateDep
 from exporter.access.principal import ANONYMOUS, Principal
 from exporter.errors import ApiError
 from exporter.exports import renderers
@@ -22,7 +23,7 @@ from exporter.exports.visible import export_urls, visible_datasets
 from exporter.files.listing import url_path
 from exporter.files.paths import not_found, printable
 from exporter.files.visible import folder_listing, open_path
-from exporter.state import State, get_state
+from exporter.state import State
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(env=Environment(
@@ -34,8 +35,7 @@ FORM_BYTES = 4096
 
 
 @router.get("/")
-async def page(request: Request) -> Response:
-    st = get_state(request)
+async def page(request: Request, st: StateDep) -> Response:
     path = _query_path(request)
     principal = await authenticate(request, st, page=True)
     base_url = str(request.base_url)
@@ -126,11 +126,11 @@ def _crumbs(path: str) -> list[tuple[str, str]]:
 
 
 @router.post("/session")
-async def sign_in(request: Request) -> Response:
+async def sign_in(request: Request, st: StateDep) -> Response:
     _same_origin(request)
     token = (await _form(request)).get("token", "").strip()
     root = _root(request)
-    if not token or await get_state(request).tokens.principal(token) is None:
+    if not token or await st.tokens.principal(token) is None:
         return RedirectResponse(f"{root}/?signin=failed", status_code=303)
     response = RedirectResponse(f"{root}/", status_code=303)
     # Strict is enough: clicks on the page's own links are same-site navigations. The

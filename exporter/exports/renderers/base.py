@@ -1,8 +1,5 @@
-"""The renderer type and the registry of formats.
-
-A renderer turns the SELECT of an export into the COPY statements whose output is
-the response body. A new format is one new module that calls `register`.
-"""
+"""The renderer type and the registry of formats (what a renderer is: the package's
+docstring)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,102 @@
+"""What the /links and /tokens routes do, out of the route module: make a signed link
+for a token's holder, and describe the tokens for admins."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from exporter.access.durations import parse_duration
+from exporter.access.links import sign, token_identity
+from exporter.access.principal import ANONYMOUS, TOKEN, Principal
+from exporter.access.tokens import TokenInfo
+from exporter.errors import ApiError, bad_parameter
+from exporter.server.prefix import strip_root
+from exporter.state import State
+
+MAX_LIFETIME = parse_duration("30d")
+
+
+def dataset_names(name: str) -> list[str]:
+    """The datasets an export path may name: `orders.csv` is `orders.csv` or `orders`.
+
+    Any suffix is tried, known format or not: this is an early answer only, and the
+    export route checks the link's principal again when the link is used.
+    """
+    base, dot, _ = name.rpartition(".")
+    return [name, base] if dot and base else [name]
+
+
+def may_link(principal: Principal, path: str) -> bool:
+    """Whether the principal's scopes cover what `path` serves."""
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        raise bad_parameter("url", "a link's path may not hold . or .. segments")
+    if path.startswith("/datasets/"):
+        name = unquote(path[len("/datasets/"):])
+        return bool(name) and any(principal.may_read_dataset(n) for n in dataset_names(name))
+    if path.startswith("/files/"):
+        relative = unquote(path[len("/files/"):])
+        return principal.may_read_file(relative) or principal.may_list_folder(relative)
+    return False
+
+
+async def create_link(st: State, principal: Principal, raw_body: bytes, netloc: str,
+                      base_url: str) -> dict[str, str]:
+    """POST /links: `{"url": path, "expires_in": duration}` signed for `principal`, as
+    `{"url": full URL, "expires_at": ISO time}`."""
+    if principal.kind != TOKEN or principal.token_id is None:
+        raise principal.denied() if principal.kind == ANONYMOUS else ApiError(
+            403, "links are made with a token"
+        )
+    try:
+        body: Any = json.loads(raw_body)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        raise ApiError(
+            400, 'expected a JSON body: {"url": "/datasets/...", "expires_in": "15m"}'
+        ) from None
+    if not isinstance(body, dict) or not isinstance(body.get("url"), str):
+        raise bad_parameter("url", "'url' must be a path such as /datasets/orders.csv?id=gt.5")
+    try:
+        lifetime = parse_duration(str(body.get("expires_in", "15m")))
+    except ValueError as error:
+        raise bad_parameter("expires_in", str(error)) from None
+    if lifetime > MAX_LIFETIME:
+        raise bad_parameter("expires_in", "a link lives at most 30 days")
+    try:
+        url = urlsplit(body["url"])
+    except ValueError as error:  # such as an unclosed [ of an IPv6 address
+        raise bad_parameter("url", f"not a URL: {error}") from None
+    if url.scheme or (url.netloc and url.netloc != netloc):
+        raise bad_parameter("url", "links point at this server: give the path")
+    # A path as the listings give it carries EXPORTER_ROOT_PATH; links sign the rest.
+    path = strip_root(url.path, st.settings.root_path)
+    if not may_link(principal, path):
+        raise ApiError(403, f"{principal.label} may not download {path}")
+    expires_at = datetime.now(UTC) + lifetime
+    try:
+        signed = sign(await st.links.key(), path, url.query, expires_at, principal.name,
+                      token_identity(principal.token_id))
+    except ValueError as error:
+        raise bad_parameter("url", str(error)) from None
+    return {"url": base_url.rstrip("/") + signed,
+            "expires_at": expires_at.isoformat(timespec="seconds")}
+
+
+def describe_token(t: TokenInfo) -> dict[str, Any]:
+    return {"name": t.name, "scopes": t.scopes, "state": t.state,
+            "created_at": t.created_at.isoformat(),
+            "expires_at": t.expires_at.isoformat() if t.expires_at else None,
+            "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+            "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None}
+
+
+async def list_tokens(st: State) -> list[dict[str, Any]]:
+    return [describe_token(t) for t in await st.tokens.list()]
+
+
+async def revoke_token(st: State, name: str) -> dict[str, str]:
+    if not await st.tokens.revoke(name):
+        raise ApiError(404, f"no active token named {name!r}")
+    return {"name": name, "state": "revoked"}

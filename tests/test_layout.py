@@ -1,0 +1,180 @@
+"""The package's layering, read from the source with `ast` (nothing is imported).
+
+core <- access <- {exports, files} <- web <- app, cli: the core (every module outside a
+feature package but app.py and cli.py) imports no feature; access imports only the core;
+exports and files import the core and access, never each other; web anything but app and
+cli. And no import cycle at all, counting the imports made inside functions (which run
+too), not those under `if TYPE_CHECKING:` (which never run).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
+FEATURES = ("access", "exports", "files", "web")
+TOP = ("exporter.app", "exporter.cli")
+
+# Imports that break the rules, each with why and who removes it. None today: keep it so.
+KNOWN: set[tuple[str, str]] = set()
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_imports(node: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement that can run: functions' included, TYPE_CHECKING's not."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child.test):
+            # An `else:` of TYPE_CHECKING does run.
+            found += _runtime_imports(ast.Module(body=child.orelse, type_ignores=[]))
+            continue
+        if isinstance(child, ast.Import | ast.ImportFrom):
+            found.append(child)
+        else:
+            found += _runtime_imports(child)
+    return found
+
+
+def _package_of(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def imports(name: str) -> set[str]:
+    """The modules of `exporter` that module `name` imports at run time."""
+    path = MODULES[name]
+    targets: set[str] = set()
+    for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets.update(a.name for a in node.names if a.name in MODULES)
+            continue
+        base = node.module or ""
+        if node.level:  # relative: from the package of this module, up level - 1
+            package = _package_of(name, path).split(".")
+            base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+        if not base.startswith("exporter"):
+            continue
+        for alias in node.names:
+            submodule = f"{base}.{alias.name}"
+            targets.add(submodule if submodule in MODULES else base)
+    targets.discard(name)
+    return {t for t in targets if t in MODULES}
+
+
+GRAPH: dict[str, set[str]] = {name: imports(name) for name in MODULES}
+
+
+def layer(name: str) -> str:
+    """`core`, a feature's name, or `top` (app and cli)."""
+    if name in TOP:
+        return "top"
+    parts = name.split(".")
+    if len(parts) > 1 and parts[1] in FEATURES:
+        return parts[1]
+    return "core"
+
+
+ALLOWED = {
+    "core": {"core"},
+    "access": {"core", "access"},
+    "exports": {"core", "access", "exports"},
+    "files": {"core", "access", "files"},
+    "web": {"core", "access", "exports", "files", "web"},
+    "top": {"core", "access", "exports", "files", "web", "top"},
+}
+
+
+def test_the_graph_is_read() -> None:
+    # A parser that found nothing would pass every rule below.
+    assert "exporter.exports.renderers" in GRAPH["exporter.exports.export"]
+    assert "exporter.state" in GRAPH["exporter.app"]
+    assert "exporter.db" in GRAPH["exporter.clikit"], "function-level imports count"
+    assert "exporter.access.limits" not in GRAPH["exporter.state"], "TYPE_CHECKING does not"
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH))
+def test_imports_point_down(name: str) -> None:
+    allowed = ALLOWED[layer(name)]
+    wrong = sorted(t for t in GRAPH[name]
+                   if layer(t) not in allowed and (name, t) not in KNOWN)
+    assert not wrong, f"{name} ({layer(name)}) may not import {wrong}"
+
+
+def test_route_modules_do_not_import_each_other() -> None:
+    routes = {n for n in MODULES if n.rpartition(".")[2] in ("routes", "downloads", "page")
+              or n == "exporter.health"}
+    # health.py holds a route too, beside its probe; app.py puts the routers together.
+    for name in routes:
+        assert not GRAPH[name] & routes, f"{name} imports {sorted(GRAPH[name] & routes)}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    graph = {n: {t for t in targets if (n, t) not in KNOWN} for n, targets in GRAPH.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_known_exceptions_still_exist() -> None:
+    # Once an edge is gone, its exception goes too, so that it cannot come back unseen.
+    for source, target in KNOWN:
+        assert target in GRAPH[source], f"{source} no longer imports {target}: drop it"
+
+
+@pytest.mark.parametrize("feature", [*FEATURES, "server"])
+def test_each_package_says_what_it_owns(feature: str) -> None:
+    init = PACKAGE / feature / "__init__.py"
+    docstring = ast.get_docstring(ast.parse(init.read_text()))
+    assert docstring and len(docstring) > 40, f"{init} needs a docstring: what it owns, imports"
