@@ -214,10 +214,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     with database(settings) as url:
         migrate(url)
         if settings.embedded:
-            log.info("checking the demo data (first start loads %d rows)", DEFAULT_DEMO_ROWS)
-            asyncio.run(_load_demo(settings, url, DEFAULT_DEMO_ROWS, only_if_empty=True))
+            log.info("checking the demo data (first start loads %d rows)", settings.demo_rows)
+            asyncio.run(_load_demo(settings, url, settings.demo_rows, only_if_empty=True))
             if _default_files_root(settings):
-                _demo_files(settings, DEFAULT_DEMO_FILE_SIZE, only_if_empty=True)
+                _demo_files(settings, settings.demo_file_size, only_if_empty=True)
             token = asyncio.run(_demo_token(settings, url))
         # Workers are separate processes: they find the database through the environment.
         os.environ["EXPORTER_DATABASE_URL"] = url

@@ -22,14 +22,15 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from exporter.files.demo import UNICODE_NAME
-from tests.support import ROOT, Server, wait_until
+from tests.support import TEST_TMP, Server, wait_until
 from tests.test_access import CLOSED, bearer, new_token
 
 CHROMIUM = "/usr/bin/chromium"
 # --no-sandbox: the tests run as root, where Chromium's sandbox refuses to start.
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = ROOT / "var" / "screenshots"
+# For a person to look at after a run; outside the checkout, as everything tests write.
+SCREENSHOTS = TEST_TMP / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 

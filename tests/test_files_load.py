@@ -7,11 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from exporter.files.demo import LARGE_NAME
+from exporter.files.demo import LARGE_NAME, write_large
 from tests.conftest import LARGE_FILE_SIZE
 from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, wait_until
 
 CLIENTS = 50
+FIFTY_FILE_SIZE = 32 * 1024 * 1024
 # Measured: 89 MB at rest, peak 134 MB with 50 clients on 256 KiB chunks
 # (each connection holds about one chunk plus uvicorn's write buffer).
 RSS_BOUND = 200 * 1024 * 1024
@@ -56,8 +57,14 @@ def test_slow_client_then_disconnect(server: Server, database_url: str) -> None:
 
 
 def test_fifty_clients_memory(make_server: type[Server], tmp_path: Path) -> None:
+    # What each connection holds is a chunk or two, whatever the file's size: 32 MiB
+    # keeps all 50 downloads running at once for a while without moving gigabytes.
+    root = tmp_path / "root"
+    root.mkdir()
+    write_large(root / LARGE_NAME, FIFTY_FILE_SIZE)
     # 50 clients from one address: lift the per-principal cap (4 by default) for this test.
-    s = make_server({"EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": str(CLIENTS)}).start()
+    s = make_server({"EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": str(CLIENTS),
+                     "EXPORTER_FILES_ROOT": str(root)}).start()
     at_rest = rss_bytes(s.pid)
     url = f"{s.url}/files/{LARGE_NAME}"
     clients = [subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w",
@@ -72,9 +79,9 @@ def test_fifty_clients_memory(make_server: type[Server], tmp_path: Path) -> None
                 c.kill()
                 c.wait()
     elapsed = time.monotonic() - started
-    assert results == [f"200 {LARGE_FILE_SIZE}"] * CLIENTS
+    assert results == [f"200 {FIFTY_FILE_SIZE}"] * CLIENTS
     peak = peak_rss_bytes(s.pid)
-    print(f"\n{CLIENTS} x {LARGE_FILE_SIZE >> 20} MiB in {elapsed:.1f} s "
-          f"({CLIENTS * LARGE_FILE_SIZE / elapsed / 1e6:.0f} MB/s); server RSS at rest "
+    print(f"\n{CLIENTS} x {FIFTY_FILE_SIZE >> 20} MiB in {elapsed:.1f} s "
+          f"({CLIENTS * FIFTY_FILE_SIZE / elapsed / 1e6:.0f} MB/s); server RSS at rest "
           f"{at_rest / 1e6:.0f} MB, peak {peak / 1e6:.0f} MB")
     assert peak < RSS_BOUND
