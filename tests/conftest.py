@@ -299,6 +299,19 @@ def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Serv
 @pytest.fixture
 def make_server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[type[Server]]:
     """Start extra servers with their own settings; each is stopped after the test."""
+    yield from _server_factory(database_url, logs_dir, files_root)
+
+
+@pytest.fixture(scope="module")
+def make_module_server(database_url: str, logs_dir: Path, files_root: Path
+                       ) -> Iterator[type[Server]]:
+    """Like make_server, for a module-scoped fixture: a server with the settings its tests
+    share, started once for the module (they must leave it as they found it)."""
+    yield from _server_factory(database_url, logs_dir, files_root)
+
+
+def _server_factory(database_url: str, logs_dir: Path, files_root: Path
+                    ) -> Iterator[type[Server]]:
     started: list[Server] = []
 
     class Started(Server):

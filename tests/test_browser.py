@@ -46,6 +46,12 @@ def browser() -> Iterator[Browser]:
             b.close()
 
 
+@pytest.fixture(scope="module")
+def closed(make_module_server: type[Server]) -> Server:
+    """One closed server for the module: its tests change tokens and cookies, not it."""
+    return make_module_server(CLOSED).start()
+
+
 @pytest.fixture
 def context(browser: Browser) -> Iterator[BrowserContext]:
     ctx = browser.new_context(accept_downloads=True, viewport=DESKTOP)
@@ -74,9 +80,9 @@ def download(page: Page, selector: str) -> tuple[str, bytes]:
     return d.suggested_filename, Path(d.path()).read_bytes()
 
 
-def test_page_signs_in_and_downloads(make_server: type[Server], context: BrowserContext,
+def test_page_signs_in_and_downloads(closed: Server, context: BrowserContext,
                                      database_url: str, files_root: Path) -> None:
-    server = make_server(CLOSED).start()
+    server = closed
     token = new_token(database_url, unique("browser"), "datasets:*", "files:*")
     page = context.new_page()
 
@@ -125,9 +131,9 @@ def test_page_signs_in_and_downloads(make_server: type[Server], context: Browser
     assert page.locator("#datasets").count() == 0
 
 
-def test_filter_builder_writes_the_query(make_server: type[Server], context: BrowserContext,
+def test_filter_builder_writes_the_query(closed: Server, context: BrowserContext,
                                          database_url: str) -> None:
-    server = make_server(CLOSED).start()
+    server = closed
     token = new_token(database_url, unique("builder"), "datasets:orders")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page = context.new_page()
@@ -180,9 +186,9 @@ def test_filter_builder_writes_the_query(make_server: type[Server], context: Bro
     assert ids == sorted(ids, reverse=True) and max(ids) < 500
 
 
-def test_rejected_cookie_shows_sign_in_again(make_server: type[Server],
+def test_rejected_cookie_shows_sign_in_again(closed: Server,
                                              context: BrowserContext) -> None:
-    server = make_server(CLOSED).start()
+    server = closed
     context.add_cookies([{"name": "exporter_token", "value": "exp_" + "x" * 43,
                           "url": server.url}])
     page = context.new_page()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exporter.files.demo import LARGE_NAME, write_large
 from tests.conftest import LARGE_FILE_SIZE
-from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, wait_until
+from tests.support import Server, audited, last_audit_id, peak_rss_bytes, rss_bytes
 
 CLIENTS = 50
 FIFTY_FILE_SIZE = 32 * 1024 * 1024
@@ -27,7 +27,7 @@ def read_chars(pid: int) -> int:
 
 
 def test_slow_client_then_disconnect(server: Server, database_url: str) -> None:
-    before = fetch(database_url, "SELECT coalesce(max(id), 0) AS id FROM exporter.downloads")
+    before = last_audit_id(database_url)
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     sock.sendall(f"GET /files/{LARGE_NAME} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -40,13 +40,7 @@ def test_slow_client_then_disconnect(server: Server, database_url: str) -> None:
     assert read_chars(server.pid) - start < 32 * 1024 * 1024
     sock.close()
 
-    def finished() -> list[object]:
-        return fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1 AND "
-                     "target = $2 AND status <> 'running'", before[0]["id"], LARGE_NAME)
-
-    assert wait_until(lambda: len(finished()) == 1, 10)
-    row = fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1",
-                before[0]["id"])[0]
+    row = audited(database_url, "id > $1 AND target = $2", before, LARGE_NAME)[0]
     assert row["status"] == "aborted" and row["http_status"] == 200
     assert received <= row["bytes"] < LARGE_FILE_SIZE // 4
     assert row["ended_at"] is not None

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
-from tests.support import ROOT, Server, fetch, free_port, sha256, wait_until
+from tests.support import ROOT, Server, audited, fetch, free_port, sha256, wait_until
 from tests.test_access import CLOSED, bearer, new_token
 
 PREFIX = "/exporter"
@@ -180,11 +180,9 @@ def test_accel_redirect_answers_checked_files_with_the_real_path_and_no_body(
     unicode = httpx.get(server.url + "/files/" + quote(UNICODE_NAME), headers=auth)
     assert unicode.headers["x-accel-redirect"] == "/internal/" + quote(UNICODE_NAME.encode())
 
-    audited = ("SELECT status, range, bytes, principal FROM exporter.downloads"
-               " WHERE target = 'nested/up-link.txt' ORDER BY id DESC LIMIT 1")
     # Audit rows are written in batches (every 50 ms).
-    wait_until(lambda: bool(fetch(database_url, audited)), 5)
-    rows = fetch(database_url, audited)
+    rows = audited(database_url, "id = (SELECT max(id) FROM exporter.downloads"
+                   " WHERE target = 'nested/up-link.txt')")
     assert rows and rows[0]["status"] == "proxied" and rows[0]["range"] == "bytes=0-3"
     assert rows[0]["principal"].startswith("token proxy-")
 
