@@ -131,8 +131,9 @@ def test_statement_timeout_gives_504_and_cancels(
         r = httpx.get(s.url + "/datasets/sleepy.csv", timeout=30)
         assert r.status_code == 504
         assert "1 s" in r.json()["error"]["message"]
-        assert time.monotonic() - started < 5
-        assert wait_until(lambda: active_copies(database_url) == [], 1.5)
+        # Cut by the timeout, not by the view's 60 s sleep; generous for a busy machine.
+        assert time.monotonic() - started < 30
+        assert wait_until(lambda: active_copies(database_url) == [], 15)
         assert last_audit(database_url, "sleepy")["http_status"] == 504
 
 

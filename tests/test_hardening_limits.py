@@ -256,7 +256,8 @@ def test_export_max_duration_cuts_the_download_curl(
                                s.url + "/datasets/endless.csv?id=gt.7"],
                               cwd=tmp_path, capture_output=True, timeout=30)
         assert done.returncode == 18, done.stderr  # a broken download, not a short file
-        assert time.monotonic() - started < 5
+        # Cut by the 1 s limit (the view never ends); generous for a busy machine.
+        assert time.monotonic() - started < 20
         assert (tmp_path / "out.csv").stat().st_size > 0
         assert wait_until(lambda: fetch(database_url, STUCK) == [], 5)
         row = audited(database_url, "id = (SELECT max(id) FROM exporter.downloads"
