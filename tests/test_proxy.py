@@ -37,10 +37,11 @@ def token(database_url: str) -> str:
     return new_token(database_url, f"proxy-{uuid.uuid4().hex[:6]}", "datasets:*", "files:*")
 
 
-@pytest.fixture
-def prefixed(make_server: type[Server]) -> Server:
-    """One exporter with the prefix, believing X-Forwarded-* from loopback (as from nginx)."""
-    return make_server({**CLOSED, "EXPORTER_ROOT_PATH": PREFIX + "/",
+@pytest.fixture(scope="module")
+def prefixed(make_module_server: type[Server]) -> Server:
+    """One exporter with the prefix, believing X-Forwarded-* from loopback (as from nginx),
+    shared by the module's tests: they only ask it things."""
+    return make_module_server({**CLOSED, "EXPORTER_ROOT_PATH": PREFIX + "/",
                         "EXPORTER_FORWARDED_ALLOW_IPS": "127.0.0.1"}).start()
 
 
