@@ -66,7 +66,10 @@ def _load_demo(url: str, rows: int, log_path: Path) -> None:
     with log_path.open("ab") as log:
         subprocess.run(
             [sys.executable, "-m", "exporter.cli", "demo", "--rows", str(rows)],
-            cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": url},
+            # The rows only: given a files root (not the default ./var/files), `demo`
+            # leaves it alone instead of writing its 1 GiB of demo files into the checkout.
+            cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": url,
+                           "EXPORTER_FILES_ROOT": str(log_path.parent / "demo-files-unused")},
             stdout=log, stderr=subprocess.STDOUT, check=True,
         )
 

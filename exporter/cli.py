@@ -26,8 +26,6 @@ from exporter.server.logs import log_config
 
 log = logging.getLogger("exporter")
 
-DEFAULT_DEMO_ROWS = exports_cli.DEFAULT_DEMO_ROWS
-DEFAULT_DEMO_FILE_SIZE = "1G"
 
 app = typer.Typer(
     name="exporter",
@@ -91,11 +89,11 @@ def serve(
     with database(settings, "serve") as url:
         migrate(url)
         if settings.embedded:
-            log.info("checking the demo data (first start loads %d rows)", DEFAULT_DEMO_ROWS)
-            asyncio.run(exports_cli.load_demo(settings, url, DEFAULT_DEMO_ROWS,
+            log.info("checking the demo data (first start loads %d rows)", settings.demo_rows)
+            asyncio.run(exports_cli.load_demo(settings, url, settings.demo_rows,
                                               only_if_empty=True))
             if files_cli.default_root(settings):
-                files_cli.demo_files(settings, DEFAULT_DEMO_FILE_SIZE, only_if_empty=True)
+                files_cli.demo_files(settings, settings.demo_file_size, only_if_empty=True)
             token = asyncio.run(_demo_token(settings, url))
         # Workers are separate processes: they find the database through the environment.
         os.environ["EXPORTER_DATABASE_URL"] = url
@@ -154,17 +152,19 @@ def migrate_command() -> None:
 
 @app.command(help="(re)create the demo dataset")
 def demo(
-    rows: Annotated[int, typer.Option(
-        metavar="N", help=f"rows in exports.orders (default {DEFAULT_DEMO_ROWS:,})",
-        show_default=False)] = DEFAULT_DEMO_ROWS,
-    file_size: Annotated[str, typer.Option(
-        "--file-size", metavar="SIZE", help="size of the large demo file, e.g. 256M or 2G")
-    ] = DEFAULT_DEMO_FILE_SIZE,
+    rows: Annotated[int | None, typer.Option(
+        metavar="N", help="rows in exports.orders (default EXPORTER_DEMO_ROWS, 1,000,000)",
+        show_default=False)] = None,
+    file_size: Annotated[str | None, typer.Option(
+        "--file-size", metavar="SIZE", help="size of the large demo file, e.g. 256M or 2G"
+        " (default EXPORTER_DEMO_FILE_SIZE, 1G)", show_default=False)] = None,
     files: Annotated[bool, typer.Option(
         "--files", help="create the demo files even in a files root that is not the"
         " default var/files (EXPORTER_FILES_ROOT)")] = False,
 ) -> None:
     settings = start()
+    rows = settings.demo_rows if rows is None else rows
+    file_size = settings.demo_file_size if file_size is None else file_size
     # The demo is the local setup command, like migrate: it may bring the schema to head.
     with database(settings, "demo") as url:
         migrate(url)

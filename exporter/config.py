@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     # No URL means: start the embedded PostgreSQL with its data under `data_dir`.
     database_url: str | None = None
     data_dir: Path = Path("var")
+    # What `exporter serve` loads into an empty embedded database on its first start, and
+    # the size of the large demo file it writes into the default files root (the local
+    # demo's sizes; tests and the quick benchmark start from nothing with small ones).
+    demo_rows: int = Field(default=1_000_000, ge=0)
+    demo_file_size: str = Field(default="1G", pattern=r"(?i)^\d+(\.\d+)?([KMGT]i?)?B?$")
     # `schema` would shadow a pydantic attribute, hence the alias.
     dataset_schema: str = Field(default="exports", validation_alias="EXPORTER_SCHEMA")
     # A hot standby of that database: exports (their snapshot, value checks and COPY) read

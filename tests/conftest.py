@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 import stat
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from exporter.exports.demo import load
 from exporter.files.demo import create as create_demo_files
 from tests import tools
 from tests.debian_postgres import DebianPostgres, missing
-from tests.support import Server, run_sql
+from tests.support import ROOT, TEST_TMP, Server, run_sql
 
 DEMO_ROWS = 20_000
 # The servers of the tests that are not about access serve everything to anyone;
@@ -69,6 +70,29 @@ EMBEDDED_ONLY_TESTS = {
 }
 
 
+# --- Parallel runs (pytest-xdist) -----------------------------------------------------
+# scripts/test runs the suite on several workers with `--dist loadgroup`. Each worker has
+# its own session fixtures: an embedded PostgreSQL (and a Debian one) in its own
+# temporary folder, its own database and files root, servers on ports of its own
+# (tests/support.py, free_port). These tests measure the machine (server memory under
+# load, many clients at once, the benchmark) and would also load it for everyone else:
+# they run one after another on one worker, never two of them at once.
+RUN_ONE_AT_A_TIME = {
+    "test_files_memory.py::test_thousand_slow_clients_memory",
+    "test_files_load.py::test_fifty_clients_memory",
+    "test_export_failures.py::test_memory_stays_flat_for_two_million_rows",
+    "test_bench.py::test_quick_benchmark_writes_tables_and_charts",
+}
+
+
+def _group_the_heavy_ones(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if name in RUN_ONE_AT_A_TIME:
+            item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
+# --- end: parallel runs ---------------------------------------------------------------
+
+
 def on_every_version(module: str, test: str) -> bool:
     name = f"{module}::{test}"
     if name in EMBEDDED_ONLY_TESTS:
@@ -107,26 +131,73 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                          ids=lambda v: v if v == EMBEDDED else f"pg{v}")
 
 
+# --- Nothing written into the checkout ------------------------------------------------
+# Temporary folders, Hypothesis's examples, pytest's cache, screenshots: all under
+# TEST_TMP (the system's temporary folder, one folder per checkout). pytest's cache_dir
+# (pyproject.toml) names it through this variable, set before pytest reads that option.
+os.environ["PYTEST_EXPORTER_TMP"] = str(TEST_TMP)
+# What the run may leave in the checkout: the virtualenv (scripts/install makes it) and
+# the interpreter's bytecode caches.
+CHECKOUT_MAY_CHANGE = (".venv/", "__pycache__/")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """Temporary files under this checkout's var/: runs from other checkouts then never
-    prune each other's folders (and databases) from the shared /tmp/pytest-of-USER."""
     if not config.option.basetemp:
-        base = config.rootpath / "var" / "pytest"
-        base.parent.mkdir(parents=True, exist_ok=True)
-        config.option.basetemp = str(base)
-    # Hypothesis's caches next to it, not in the checkout's `.hypothesis/` (it writes
-    # some while collecting, before the temporary folder is made afresh).
+        # pytest empties basetemp at the start of a run; xdist's workers each get a
+        # folder of their own in it (popen-gwN).
+        TEST_TMP.mkdir(parents=True, exist_ok=True)
+        config.option.basetemp = str(TEST_TMP / "pytest")
+    # Hypothesis writes some while collecting, before the temporary folder is made afresh.
     with contextlib.suppress(ImportError):
         from hypothesis import configuration
 
-        configuration.set_hypothesis_home_dir(config.rootpath / "var" / "hypothesis")
+        configuration.set_hypothesis_home_dir(TEST_TMP / "hypothesis")
+    if not hasattr(config, "workerinput"):  # xdist's controller, or a run without xdist
+        config.stash[CHECKOUT_BEFORE] = checkout_state()
+
+
+CHECKOUT_BEFORE = pytest.StashKey[set[str] | None]()
+
+
+def checkout_state() -> set[str] | None:
+    """What `git status` shows in the checkout, ignored files listed one by one (None
+    outside a git checkout, e.g. in an unpacked sdist)."""
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "--", ".",
+         ":(exclude).venv"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        return None
+    return {line for line in done.stdout.splitlines()
+            if not any(part in line for part in CHECKOUT_MAY_CHANGE)}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test wrote into the checkout."""
+    before = session.config.stash.get(CHECKOUT_BEFORE, None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    new = sorted((checkout_state() or set()) - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = ("the tests wrote into the checkout (write under tests.support.TEST_TMP"
+                   " or tmp_path instead):\n  " + "\n  ".join(new))
+        if reporter is not None:
+            reporter.write_sep("=", "checkout changed", red=True)
+            reporter.write_line(message)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+# --- end: nothing written into the checkout ------------------------------------------
 
 
 # --- Programs the tests run besides Python (tests/tools.py) -----------------------------
 # `@pytest.mark.needs("curl")`: skipped where curl is missing, with the reason in the -ra
 # summary; in CI (CI=true) a failure instead, before any fixture starts.
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # pytest keeps one hook of a name per conftest: both concerns are called from here.
+    _group_the_heavy_ones(items)
     tools.mark_missing(items)
 
 
@@ -244,6 +315,19 @@ def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Serv
 @pytest.fixture
 def make_server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[type[Server]]:
     """Start extra servers with their own settings; each is stopped after the test."""
+    yield from _server_factory(database_url, logs_dir, files_root)
+
+
+@pytest.fixture(scope="module")
+def make_module_server(database_url: str, logs_dir: Path, files_root: Path
+                       ) -> Iterator[type[Server]]:
+    """Like make_server, for a module-scoped fixture: a server with the settings its tests
+    share, started once for the module (they must leave it as they found it)."""
+    yield from _server_factory(database_url, logs_dir, files_root)
+
+
+def _server_factory(database_url: str, logs_dir: Path, files_root: Path
+                    ) -> Iterator[type[Server]]:
     started: list[Server] = []
 
     class Started(Server):

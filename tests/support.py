@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,10 +23,33 @@ from exporter.db import libpq_url
 from exporter.embedded import psql_path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Everything the tests write lives here, never in the checkout: one folder per checkout
+# (so that two clones never prune each other's), in the system's temporary folder.
+TEST_TMP = Path(tempfile.gettempdir()) / (
+    "exporter-tests-" + hashlib.sha256(str(ROOT).encode()).hexdigest()[:10])
+
+
+# Ports for the servers the tests start: a block of its own for each xdist worker (and
+# checkout), below the kernel's ephemeral range (32768-60999 on Linux). A port the kernel
+# picked (bind to 0) is given back before the server binds it, and in between another
+# worker's server or any client connection may take it; in these blocks nobody else picks.
+_PORT_BLOCK = 200
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORT_BASE = 10_000 + (int(hashlib.sha256(str(ROOT).encode()).hexdigest(), 16) % 16 * 7
+                       + _WORKER) % 110 * _PORT_BLOCK
+_port_turn = itertools.count()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    for _ in range(_PORT_BLOCK):
+        port = _PORT_BASE + next(_port_turn) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the block is full: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -122,6 +147,15 @@ def exporter_cli(*args: str, env: Mapping[str, str | None] | None = None,
     return done
 
 
+class PortTaken(RuntimeError):
+    pass
+
+
+def _serve_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port),
+            "--no-access-log"]
+
+
 class Server:
     """`exporter serve` (or uvicorn directly) on a free loopback port, with its log in a file."""
 
@@ -139,21 +173,43 @@ class Server:
             "EXPORTER_SHUTDOWN_GRACE": "5",
             **(env or {}),
         }
-        self.command = list(command or [
-            sys.executable, "-m", "exporter.cli", "serve", "--port", str(self.port),
-            "--no-access-log",
-        ])
+        self._default_command: Callable[[int], list[str]] | None = (
+            None if command else _serve_command)
+        self.command = list(command or _serve_command(self.port))
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_for: str = "/healthz", timeout: float = 30) -> Server:
+        # free_port() gives the port back before the server binds it: another process
+        # (another xdist worker's server, or any client's ephemeral port) may take it in
+        # between. The default command is ours to change: take another port then.
+        for _ in range(3):
+            try:
+                return self._start(wait_for, timeout)
+            except PortTaken:
+                if self._default_command is None:
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.command = self._default_command(self.port)
+        return self._start(wait_for, timeout)
+
+    def _start(self, wait_for: str, timeout: float) -> Server:
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.process = spawn(self.command, self.env, self.log_path)
         try:
             wait_answering(self.url + wait_for, self.process, time.monotonic() + timeout,
                            "server", self.log)
+        except RuntimeError:
+            exited = self.process.poll() is not None
+            self.stop()
+            if exited and b"address already in use" in self.log_path.read_bytes()[logged:].lower():
+                raise PortTaken(self.port) from None
+            raise
         except BaseException:
             self.stop()
             raise
         return self
+
 
     @property
     def pid(self) -> int:
@@ -195,6 +251,33 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def audited(database_url: str, where: str = "true", *args: Any, count: int = 1,
+            timeout: float = 20) -> list[dict[str, Any]]:
+    """The rows of `exporter.downloads` that match `where` (SQL, with $1... for `args`),
+    by id, once there are at least `count` and none is still `running`.
+
+    The server writes audit rows in batches (EXPORTER_AUDIT_FLUSH_INTERVAL, 50 ms): a
+    download that just ended is not in the table yet, or still `running` there. The
+    deadline is generous because a busy machine only makes the wait longer, never wrong.
+    """
+    query = f"SELECT * FROM exporter.downloads WHERE ({where}) ORDER BY id"
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [dict(r) for r in fetch(database_url, query, *args)]
+        if len(rows) >= count and all(r["status"] != "running" for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout} s, expected {count} closed audit rows"
+                                 f" where {where} {args}: {rows}")
+        time.sleep(0.05)
+
+
+def last_audit_id(database_url: str) -> int:
+    """The newest audit row's id: `audited("id > $1", before)` then finds the new ones."""
+    return int(fetch(database_url, "SELECT coalesce(max(id), 0) AS n FROM exporter.downloads")
+               [0]["n"])
 
 
 class RawResponse:

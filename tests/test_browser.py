@@ -23,14 +23,15 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from exporter.exports.operators import TABLE
 from exporter.files.demo import UNICODE_NAME
-from tests.support import ROOT, Server, wait_until
+from tests.support import TEST_TMP, Server, wait_until
 from tests.test_access import CLOSED, bearer, new_token
 
 CHROMIUM = "/usr/bin/chromium"
 # --no-sandbox: the tests run as root, where Chromium's sandbox refuses to start.
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = ROOT / "var" / "screenshots"
+# For a person to look at after a run; outside the checkout, as everything tests write.
+SCREENSHOTS = TEST_TMP / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -46,6 +47,12 @@ def browser() -> Iterator[Browser]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture(scope="module")
+def closed(make_module_server: type[Server]) -> Server:
+    """One closed server for the module: its tests change tokens and cookies, not it."""
+    return make_module_server(CLOSED).start()
 
 
 @pytest.fixture
@@ -76,9 +83,9 @@ def download(page: Page, selector: str) -> tuple[str, bytes]:
     return d.suggested_filename, Path(d.path()).read_bytes()
 
 
-def test_page_signs_in_and_downloads(make_server: type[Server], context: BrowserContext,
+def test_page_signs_in_and_downloads(closed: Server, context: BrowserContext,
                                      database_url: str, files_root: Path) -> None:
-    server = make_server(CLOSED).start()
+    server = closed
     token = new_token(database_url, unique("browser"), "datasets:*", "files:*")
     page = context.new_page()
 
@@ -127,9 +134,9 @@ def test_page_signs_in_and_downloads(make_server: type[Server], context: Browser
     assert page.locator("#datasets").count() == 0
 
 
-def test_filter_builder_writes_the_query(make_server: type[Server], context: BrowserContext,
+def test_filter_builder_writes_the_query(closed: Server, context: BrowserContext,
                                          database_url: str) -> None:
-    server = make_server(CLOSED).start()
+    server = closed
     token = new_token(database_url, unique("builder"), "datasets:orders")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page = context.new_page()
@@ -195,9 +202,9 @@ def test_filter_builder_writes_the_query(make_server: type[Server], context: Bro
         f"{server.url}/datasets/orders.csv?{listed}")
 
 
-def test_rejected_cookie_shows_sign_in_again(make_server: type[Server],
+def test_rejected_cookie_shows_sign_in_again(closed: Server,
                                              context: BrowserContext) -> None:
-    server = make_server(CLOSED).start()
+    server = closed
     context.add_cookies([{"name": "exporter_token", "value": "exp_" + "x" * 43,
                           "url": server.url}])
     page = context.new_page()

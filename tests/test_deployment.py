@@ -240,7 +240,9 @@ def test_sigterm_lets_downloads_finish_within_the_grace_and_cuts_the_rest_curl(
         assert endless_curl.wait(20) == 18, endless_curl.stderr  # broken, not short
         assert slow_file.wait(20) == 18, slow_file.stderr
         assert (tmp_path / "slow.bin").stat().st_size < LARGE_FILE_SIZE
-        assert grace - 0.5 <= time.monotonic() - stopped < grace + 6
+        # Cut at the grace, not before; the upper bound is only generous (a busy machine
+        # is late, never early): without the cut, the endless one would never end.
+        assert grace - 0.5 <= time.monotonic() - stopped < grace + 20
         assert s.process is not None and s.process.wait(20) is not None
     finally:
         for p in (finishing, endless_curl, slow_file):

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import PUBLIC, SECRET
-from tests.support import Server, fetch, raw_request
+from tests.support import Server, audited, raw_request
 
 CSP = "sandbox; default-src 'none'"
 INSIDE = b"inside the root\n"
@@ -323,9 +323,8 @@ def test_names_that_are_not_utf8_are_listed_and_served(database_url: str, logs_d
         top = httpx.get(f"{s.url}/")
         assert 'href="/?path=dir%FF/#files"' in top.text
 
-        rows = fetch(database_url, "SELECT target FROM exporter.downloads"
-                     " WHERE kind = 'file' AND target IN ($1, $2)",
-                     "caf\\xe9.txt", "dir\\xff/\\xfe\\xfd.bin")
+        rows = audited(database_url, "kind = 'file' AND target IN ($1, $2)",
+                       "caf\\xe9.txt", "dir\\xff/\\xfe\\xfd.bin", count=2)
         assert {r["target"] for r in rows} == {"caf\\xe9.txt", "dir\\xff/\\xfe\\xfd.bin"}
     finally:
         s.stop()

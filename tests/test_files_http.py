@@ -16,7 +16,7 @@ import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
 from tests.conftest import LARGE_FILE_SIZE
-from tests.support import ROOT, Server, fetch, sha256, wait_until
+from tests.support import ROOT, Server, audited, fetch, last_audit_id, sha256, wait_until
 
 
 def url(server: Server, name: str) -> str:
@@ -314,17 +314,10 @@ def _check_digest_command(server: Server, files_root: Path, database_url: str) -
 
 
 def test_downloads_are_audited(server: Server, database_url: str) -> None:
-    before = fetch(database_url, "SELECT coalesce(max(id), 0) AS id FROM exporter.downloads")
+    before = last_audit_id(database_url)
     r = httpx.get(url(server, "README.txt"), headers={"Range": "bytes=0-4"})
     assert r.status_code == 206
-
-    def row() -> list[object]:
-        return fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1 AND "
-                     "kind = 'file' AND status <> 'running'", before[0]["id"])
-
-    assert wait_until(lambda: len(row()) == 1, 5)
-    audit = fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1",
-                  before[0]["id"])[0]
+    audit = audited(database_url, "id > $1", before)[0]
     assert (audit["target"], audit["range"], audit["bytes"], audit["status"],
             audit["http_status"], audit["client"]) == (
         "README.txt", "bytes=0-4", 5, "complete", 206, "127.0.0.1")

@@ -48,7 +48,9 @@ def operations() -> list[tuple[str, GenerationMode]]:
         paths = app.openapi()["paths"]
     cases = []
     for path, methods in paths.items():
-        for method, operation in methods.items():
+        # Sorted: a route's methods are a set, whose order changes from one process to
+        # the next, and pytest-xdist's workers must all collect the same tests in order.
+        for method, operation in sorted(methods.items()):
             label = f"{method.upper()} {path}"
             cases.append((label, GenerationMode.POSITIVE))
             # A path segment is any string: only other inputs can be invalid.

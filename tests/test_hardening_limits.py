@@ -19,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.support import Server, fetch, run_sql, wait_until
+from tests.support import Server, audited, fetch, run_sql, wait_until
 from tests.test_access import CLOSED, bearer, make_link, new_token
 
 # Connections of the exporter's pool that hold a snapshot or wait on a client.
@@ -140,12 +140,8 @@ def test_slow_clients_of_one_token_starve_no_one_and_are_cut_curl(
             assert wait_until(lambda: health(s)[1].json()["exports"]["active"] == 0, 15)
             assert wait_until(lambda: fetch(database_url, STUCK) == [], 5), \
                 fetch(database_url, STUCK)
-            ended = ("SELECT principal, status, error FROM exporter.downloads"
-                     " WHERE id > $1 AND target = 'endless' ORDER BY id")
             # Audit rows are written in batches: the cut ones close within a flush or two.
-            wait_until(lambda: all(r["status"] != "running"
-                                   for r in fetch(database_url, ended, first_id)), 10)
-            rows = fetch(database_url, ended, first_id)
+            rows = audited(database_url, "id > $1 AND target = 'endless'", first_id)
             hogs = [r for r in rows if r["principal"] in (f"token {a_name}", f"token {b_name}")]
             assert len(hogs) == 4, rows
             for row in rows:
@@ -264,11 +260,12 @@ def test_export_max_duration_cuts_the_download_curl(
                                s.url + "/datasets/endless.csv?id=gt.7"],
                               cwd=tmp_path, capture_output=True, timeout=30)
         assert done.returncode == 18, done.stderr  # a broken download, not a short file
-        assert time.monotonic() - started < 5
+        # Cut by the 1 s limit (the view never ends); generous for a busy machine.
+        assert time.monotonic() - started < 20
         assert (tmp_path / "out.csv").stat().st_size > 0
         assert wait_until(lambda: fetch(database_url, STUCK) == [], 5)
-        row = fetch(database_url, "SELECT status, error FROM exporter.downloads"
-                    " WHERE target = 'endless' ORDER BY id DESC LIMIT 1")[0]
+        row = audited(database_url, "id = (SELECT max(id) FROM exporter.downloads"
+                      " WHERE target = 'endless')")[0]
         assert row["status"] == "failed"
         assert "EXPORTER_EXPORT_MAX_DURATION" in row["error"]
 

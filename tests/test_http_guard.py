@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Server, fetch, peak_rss_bytes, raw_request, wait_until
+from tests.support import Server, audited, peak_rss_bytes, raw_request, wait_until
 
 MiB = 1024 * 1024
 HUGE = "9" * 5000  # int() refuses more than 4300 digits
@@ -334,13 +334,9 @@ def _audited_client(server: Server, database_url: str, marker: str) -> str:
                   headers={"X-Forwarded-For": "203.0.113.9", "Range": marker})
     assert r.status_code == 206
 
-    def rows() -> list[object]:
-        return fetch(database_url, "SELECT client FROM exporter.downloads WHERE range = $1"
-                     " AND status <> 'running'", marker)
-
-    assert wait_until(lambda: len(rows()) == 1, 5)
-    return str(fetch(database_url, "SELECT client FROM exporter.downloads WHERE range = $1",
-                     marker)[0]["client"])
+    rows = audited(database_url, "range = $1", marker)
+    assert len(rows) == 1
+    return str(rows[0]["client"])
 
 
 def test_x_forwarded_for_from_loopback_is_not_believed_by_default(

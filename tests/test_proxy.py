@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
-from tests.support import ROOT, Server, fetch, free_port, sha256, wait_until
+from tests.support import ROOT, Server, audited, fetch, free_port, sha256, wait_until
 from tests.test_access import CLOSED, bearer, new_token
 
 PREFIX = "/exporter"
@@ -37,10 +37,11 @@ def token(database_url: str) -> str:
     return new_token(database_url, f"proxy-{uuid.uuid4().hex[:6]}", "datasets:*", "files:*")
 
 
-@pytest.fixture
-def prefixed(make_server: type[Server]) -> Server:
-    """One exporter with the prefix, believing X-Forwarded-* from loopback (as from nginx)."""
-    return make_server({**CLOSED, "EXPORTER_ROOT_PATH": PREFIX + "/",
+@pytest.fixture(scope="module")
+def prefixed(make_module_server: type[Server]) -> Server:
+    """One exporter with the prefix, believing X-Forwarded-* from loopback (as from nginx),
+    shared by the module's tests: they only ask it things."""
+    return make_module_server({**CLOSED, "EXPORTER_ROOT_PATH": PREFIX + "/",
                         "EXPORTER_FORWARDED_ALLOW_IPS": "127.0.0.1"}).start()
 
 
@@ -180,11 +181,9 @@ def test_accel_redirect_answers_checked_files_with_the_real_path_and_no_body(
     unicode = httpx.get(server.url + "/files/" + quote(UNICODE_NAME), headers=auth)
     assert unicode.headers["x-accel-redirect"] == "/internal/" + quote(UNICODE_NAME.encode())
 
-    audited = ("SELECT status, range, bytes, principal FROM exporter.downloads"
-               " WHERE target = 'nested/up-link.txt' ORDER BY id DESC LIMIT 1")
     # Audit rows are written in batches (every 50 ms).
-    wait_until(lambda: bool(fetch(database_url, audited)), 5)
-    rows = fetch(database_url, audited)
+    rows = audited(database_url, "id = (SELECT max(id) FROM exporter.downloads"
+                   " WHERE target = 'nested/up-link.txt')")
     assert rows and rows[0]["status"] == "proxied" and rows[0]["range"] == "bytes=0-3"
     assert rows[0]["principal"].startswith("token proxy-")
 

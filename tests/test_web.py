@@ -23,9 +23,15 @@ def token(database_url: str) -> str:
     return new_token(database_url, f"web-{os.urandom(3).hex()}", "datasets:orders", "files:*")
 
 
-@pytest.fixture
-def cors_server(make_server: type[Server]) -> Iterator[Server]:
-    yield make_server({**CLOSED, "EXPORTER_CORS_ORIGINS": json.dumps([APP]),
+@pytest.fixture(scope="module")
+def closed(make_module_server: type[Server]) -> Server:
+    """One closed server for the module: its tests change tokens and cookies, not it."""
+    return make_module_server(CLOSED).start()
+
+
+@pytest.fixture(scope="module")
+def cors_server(make_module_server: type[Server]) -> Iterator[Server]:
+    yield make_module_server({**CLOSED, "EXPORTER_CORS_ORIGINS": json.dumps([APP]),
                        "EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": "1",
                        # the 429 below comes at once instead of after the usual wait
                        "EXPORTER_LIMIT_WAIT": "0"}).start()
@@ -82,15 +88,15 @@ def test_answers_and_errors_carry_cors_headers(cors_server: Server, token: str) 
     assert "Origin" in other.headers["vary"]
 
 
-def test_no_cors_headers_without_the_setting(make_server: type[Server], token: str) -> None:
-    server = make_server(CLOSED).start()
+def test_no_cors_headers_without_the_setting(closed: Server, token: str) -> None:
+    server = closed
     r = httpx.get(server.url + "/datasets/orders.csv?limit=1",
                   headers={**bearer(token), "Origin": APP})
     assert r.status_code == 200 and cors_headers(r) == {}
 
 
-def test_cookie_is_a_credential_for_reads_only(make_server: type[Server], token: str) -> None:
-    server = make_server(CLOSED).start()
+def test_cookie_is_a_credential_for_reads_only(closed: Server, token: str) -> None:
+    server = closed
     cookie = {"Cookie": f"exporter_token={token}"}
     assert httpx.get(server.url + "/datasets/orders.csv?limit=1", headers=cookie
                      ).status_code == 200
@@ -112,9 +118,9 @@ def test_cookie_is_a_credential_for_reads_only(make_server: type[Server], token:
     assert r.status_code == 200
 
 
-def test_sign_in_sets_and_sign_out_clears_the_cookie(make_server: type[Server],
+def test_sign_in_sets_and_sign_out_clears_the_cookie(closed: Server,
                                                      token: str) -> None:
-    server = make_server(CLOSED).start()
+    server = closed
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     r = httpx.post(server.url + "/session", content=f"token={token}",
                    headers={**form, "Origin": server.url})

@@ -15,8 +15,6 @@ from exporter.clikit import fail, print_table, start, when, with_engine
 from exporter.config import Settings
 from exporter.tables import downloads as downloads_table
 
-DEFAULT_DEMO_ROWS = 1_000_000
-
 
 class Status(enum.StrEnum):
     running = "running"
