@@ -13,15 +13,9 @@ import pytest
 
 from exporter.config import Settings
 from tests.inprocess import InProcess
+from tests.test_access import SCOPES  # the same tokens as through a real server
 
 APP_ORIGIN = "https://ui.example.com"
-SCOPES = {
-    "all-data": ["datasets:*"],
-    "orders-only": ["datasets:orders"],
-    "all-files": ["files:*"],
-    "nested-only": ["files:nested/"],
-    "boss": ["admin"],
-}
 
 
 @pytest.fixture(scope="module")
