@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import os
@@ -137,7 +138,18 @@ def exporter_cli(*args: str, env: Mapping[str, str | None] | None = None,
 
     from exporter.cli import app
 
-    result = CliRunner().invoke(app, list(args), env=env, prog_name="exporter")
+    def invoke() -> Any:
+        return CliRunner().invoke(app, list(args), env=env, prog_name="exporter")
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        result = invoke()
+    else:
+        # Called under a running loop (Playwright's sync API keeps one): the commands'
+        # asyncio.run() needs a thread without one.
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            result = thread.submit(invoke).result()
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a bug in the command: its traceback, not a status
     done = subprocess.CompletedProcess(["exporter", *args], result.exit_code,

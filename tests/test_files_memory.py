@@ -84,7 +84,10 @@ def _rewrite_during_curl(make_server: type[Server], tmp_path: Path, change: str
     root.mkdir()
     name = f"{change}.bin"
     path = root / name
-    write_large(path, 8 * MiB, seed=8)
+    # Loopback's socket buffers grow to tens of MiB for a slow reader (tcp_rmem's maximum
+    # is 32 MiB here): a file that fits in them may be read whole before the change lands.
+    # The replaced file is only read to the end (its old bytes are expected), so small.
+    write_large(path, (8 if change == "replace" else 96) * MiB, seed=8)
     original = path.read_bytes()
     s = make_server({"EXPORTER_FILES_ROOT": str(root)}).start()
     out = tmp_path / "out.bin"
