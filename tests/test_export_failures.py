@@ -111,7 +111,10 @@ def test_database_failing_mid_export_cuts_the_response(
         pids = active_copies(database_url)
         assert len(pids) == 1
         run_sql(database_url, f"SELECT pg_terminate_backend({pids[0]})")
-        assert process.wait(10) == exit_code
+        # The cut reaches the client after what is buffered on the way, at 2 MB/s: the
+        # loopback socket buffers of a slow reader grow to tens of MiB. The endless view
+        # never ends on its own, so a missing cut still fails here.
+        assert process.wait(60) == exit_code
     finally:
         process.kill()
         process.wait()
@@ -122,7 +125,7 @@ def test_database_failing_mid_export_cuts_the_response(
     assert "connection was closed" in str(audit["error"]) or "terminat" in str(audit["error"])
     # and the server keeps serving
     assert httpx.get(server.url + "/datasets/orders.csv?limit=3").status_code == 200
-    assert wait_until(lambda: pool_checked_out(server) == 0, 2)
+    assert wait_until(lambda: pool_checked_out(server) == 0, 10)
 
 
 def test_statement_timeout_gives_504_and_cancels(
