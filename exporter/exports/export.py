@@ -43,6 +43,11 @@ REPLICA_RETRY = {
 }
 
 
+def source_name(replica: bool) -> str:
+    """How errors name the server an export reads from."""
+    return "the read replica" if replica else "the database"
+
+
 def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
     return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
 
@@ -70,7 +75,7 @@ class Export:
         # row is written through `audit`'s engine, the primary's.
         self._engine = engine
         self._replica = replica
-        self._source = "the read replica" if replica else "the database"
+        self._source = source_name(replica)
         self._audit = audit
         self._settings = settings
         self.query = query

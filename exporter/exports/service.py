@@ -8,7 +8,6 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.limits import ExportWatch, on_request_end, watch_export
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
@@ -17,7 +16,7 @@ from exporter.audit import Download
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.exports import renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
-from exporter.exports.export import Export, filename
+from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import Order, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.visible import export_urls, visible_datasets
@@ -114,11 +113,6 @@ def export_headers(request: Request, renderer: Renderer, download_name: str) -> 
     }
 
 
-def export_source(st: State, engine: AsyncEngine) -> str:
-    """How errors name the server an export reads from."""
-    return "the read replica" if engine is st.replica else "the database"
-
-
 async def export_response(request: Request, st: State, principal: Principal, dataset: Dataset,
                           renderer: Renderer, *, from_primary: bool = False) -> Response:
     """The export of `dataset` that the request's query string asks for, read from the
@@ -135,7 +129,7 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         try:
             conn = await engine.connect()
         except DATABASE_ERRORS as error:
-            raise unavailable(error, export_source(st, engine)) from error
+            raise unavailable(error, source_name(engine is st.replica)) from error
         try:
             await sql.check_values(conn, query)
         finally:
