@@ -287,7 +287,9 @@ def audited(database_url: str, where: str = "true", *args: Any, count: int = 1,
 
 
 def last_audit_id(database_url: str) -> int:
-    """The newest audit row's id: `audited("id > $1", before)` then finds the new ones."""
+    """The newest audit row's id: `audited("id > $1 AND target = ...", before)` then finds
+    the new ones. Filter on the target too: an earlier test's download that just ended is
+    written in the server's next batch, with an id above this one."""
     return int(fetch(database_url, "SELECT coalesce(max(id), 0) AS n FROM exporter.downloads")
                [0]["n"])
 
