@@ -169,7 +169,7 @@ def test_two_workers_log_with_time_and_level_and_a_line_per_download(
     def downloads() -> list[str]:
         return [line for line in lines() if "README.txt" in line and "complete" in line]
 
-    def started() -> set[str]:
+    def workers() -> set[str]:
         return {m[1] for line in lines()
                 if (m := re.search(r"\[(\d+)\].*Application startup complete"
                                    if log_format == "plain" else
@@ -179,7 +179,7 @@ def test_two_workers_log_with_time_and_level_and_a_line_per_download(
                                                    for line in lines()), 10), s.log()
     # The server answers once one worker is up; on a busy machine the other one can still
     # be starting, and stopping it then would leave it silent.
-    assert wait_until(lambda: len(started()) == 2, 60), s.log()
+    assert wait_until(lambda: len(workers()) == 2, 60), s.log()
     s.stop()
     records: list[dict[str, object]] = []
     for line in lines():

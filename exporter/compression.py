@@ -1,0 +1,145 @@
+"""Content codings (gzip, zstd): which one a request accepts, and a body compressed
+chunk by chunk in worker threads.
+
+zlib and zstd release the GIL while they compress, so the work runs on another core
+while the event loop reads the next chunk (one chunk in flight per body: a compressor
+is stateful, and its calls must follow each other). Memory stays bounded by a chunk or
+two per body, whatever the size of the whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import zstandard
+
+# A body that produced no compressed byte for this long gets a flush: a query that
+# trickles rows still shows progress through a compressed answer.
+FLUSH_AFTER = 1.0
+
+# As many threads as cores: the work is CPU-bound, more threads only queue in the kernel.
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                           thread_name_prefix="exporter-compress")
+
+
+class Compressor(Protocol):
+    def compress(self, data: bytes, flush: bool) -> bytes:
+        """Compressed bytes for `data` so far; with `flush`, all that `data` needs."""
+
+    def finish(self) -> bytes:
+        """The rest of the stream, its trailer included."""
+
+
+class _Gzip:
+    def __init__(self, level: int) -> None:
+        # wbits 31: the gzip wrapper (header and CRC trailer), not raw zlib.
+        self._z = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def compress(self, data: bytes, flush: bool) -> bytes:
+        out = self._z.compress(data)
+        return out + self._z.flush(zlib.Z_SYNC_FLUSH) if flush else out
+
+    def finish(self) -> bytes:
+        return self._z.flush(zlib.Z_FINISH)
+
+
+class _Zstd:
+    def __init__(self, level: int) -> None:
+        self._z = zstandard.ZstdCompressor(level=level).compressobj()
+
+    def compress(self, data: bytes, flush: bool) -> bytes:
+        out = self._z.compress(data)
+        return out + self._z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) if flush else out
+
+    def finish(self) -> bytes:
+        return self._z.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+
+
+@dataclass(frozen=True)
+class Coding:
+    name: str  # the content-coding token of Accept-Encoding and Content-Encoding
+    extension: str  # of a file in this coding: orders.csv.gz
+    media_type: str  # of a file in this coding, served as itself
+    _new: Callable[[int], Compressor]
+    default_level: int
+
+    def compressor(self, level: int | None = None) -> Compressor:
+        return self._new(self.default_level if level is None else level)
+
+
+# Fastest first: among codings a client accepts equally, the first one here wins.
+ZSTD = Coding("zstd", "zst", "application/zstd", _Zstd, 3)
+GZIP = Coding("gzip", "gz", "application/gzip", _Gzip, 1)
+CODINGS: tuple[Coding, ...] = (ZSTD, GZIP)
+IDENTITY = "identity"
+
+
+def by_name(name: str) -> Coding | None:
+    return next((c for c in CODINGS if c.name == name.lower()), None)
+
+
+def by_extension(extension: str) -> Coding | None:
+    return next((c for c in CODINGS if c.extension == extension.lower()), None)
+
+
+def _qvalue(params: list[str]) -> float:
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0.0 <= q <= 1.0 else 0.0
+    return 1.0
+
+
+def negotiate(accept_encoding: str | None, offered: tuple[Coding, ...] = CODINGS,
+              ) -> Coding | None:
+    """The coding to send for this Accept-Encoding (RFC 9110 §12.5.3), None for identity.
+
+    Identity is always an answer here, even when the header refuses it: the body is
+    the same data, and a 406 for a download helps nobody.
+    """
+    if not accept_encoding:
+        return None
+    weights: dict[str, float] = {}
+    for item in accept_encoding[:4096].split(",")[:64]:
+        token, *params = item.split(";")
+        token = token.strip().lower()
+        if token:
+            weights[token] = _qvalue(params)
+    star = weights.get("*", 0.0)
+    best: Coding | None = None
+    best_q = 0.0
+    for coding in offered:
+        q = weights.get(coding.name, star)
+        if q > best_q:
+            best, best_q = coding, q
+    return best
+
+
+async def compressed(chunks: AsyncIterator[bytes], coding: Coding,
+                     level: int | None = None) -> AsyncGenerator[bytes, None]:
+    """`chunks` compressed with `coding`: the compressing runs in a worker thread while
+    the next chunk is read. Empty outputs are not yielded."""
+    loop = asyncio.get_running_loop()
+    compressor = coding.compressor(level)
+    pending: asyncio.Future[bytes] | None = None
+    last_out = time.monotonic()
+    async for chunk in chunks:
+        if pending is not None and (out := await pending):
+            last_out = time.monotonic()
+            yield out
+        flush = time.monotonic() - last_out > FLUSH_AFTER
+        pending = loop.run_in_executor(_POOL, compressor.compress, chunk, flush)
+    if pending is not None and (out := await pending):
+        yield out
+    yield await loop.run_in_executor(_POOL, compressor.finish)
