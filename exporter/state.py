@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from exporter.access.links import LinkKeys
     from exporter.access.tokens import TokenStore
     from exporter.exports.catalog import Catalog
+    from exporter.exports.copies import Copies
     from exporter.files.stream import ReadBudget
     from exporter.health import Health
 
@@ -39,6 +40,8 @@ class State:
     # EXPORTER_REPLICA_URL's engine and probe; None without a replica.
     replica: AsyncEngine | None = None
     replica_health: Health | None = None
+    # Stored copies of streamed exports, for resuming them (exporter.stored); None: off.
+    copies: Copies | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:

@@ -279,6 +279,21 @@ def on_request_end(scope: Scope, release: Callable[[], None]) -> None:
     scope.setdefault("state", {}).setdefault(_RELEASES, []).append(once)
 
 
+def keep_releases(scope: Scope) -> Callable[[], None]:
+    """Take over what `on_request_end` would call at the request's end (its slots, say):
+    for work that outlives its request and must hold them until it is done. The caller
+    calls the returned function once that work ends."""
+    releases = scope.setdefault("state", {}).setdefault(_RELEASES, [])
+    taken = list(releases)
+    releases.clear()
+
+    def release_all() -> None:
+        while taken:
+            taken.pop()()
+
+    return release_all
+
+
 @dataclass
 class ExportWatch:
     """What the middleware needs to cut an export whose client stalls."""
@@ -352,5 +367,8 @@ class DownloadLimits:
             # client sees a broken download (curl exit 18, wget 4), not a short file.
             log.warning("%s %s: cut: %s", scope["method"], scope["path"], cut)
         finally:
-            for release in state.get(_RELEASES, []):
-                release()
+            # Last taken, first given back; a release may take over the ones left
+            # (keep_releases), so the list is read as it goes.
+            releases = state.get(_RELEASES, [])
+            while releases:
+                releases.pop()()

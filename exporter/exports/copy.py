@@ -24,6 +24,10 @@ class FirstChunkTimeout(Exception):
     """Nothing came before the deadline."""
 
 
+class Stopped(Exception):
+    """The stream was stopped (`stop`) while its consumer read it."""
+
+
 @dataclass
 class _Failure:
     error: BaseException
@@ -45,6 +49,7 @@ class CopyStream:
         self._pending = bytearray()
         self._first_sent = False
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self.result: int | None = None  # what the producer returned (rows)
 
     def start(self) -> None:
@@ -84,6 +89,8 @@ class CopyStream:
         loop = asyncio.get_running_loop()
         deadline = None if first_within is None else loop.time() + first_within
         while True:
+            if self._stopped:
+                raise Stopped
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -101,6 +108,13 @@ class CopyStream:
                 raise item.error
             assert isinstance(item, bytes)
             return item
+
+    def stop(self) -> None:
+        """Cancel the producer without waiting; its consumer gets Stopped (within a
+        flush interval)."""
+        self._stopped = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def cancel(self) -> None:
         """Stop the producer (asyncpg then asks PostgreSQL to cancel the query)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from exporter.errors import (
     unavailable,
 )
 from exporter.exports import sql
+from exporter.exports.copies import Copy, CopyFull
 from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
@@ -54,14 +55,16 @@ def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
 
 # Exports between their start and their recorded end, so a shutdown can end them all.
 _running: set[Export] = set()
+SHUTDOWN = "the server shut down"
 
 
 def end_running_exports() -> int:
     """At shutdown: release and record as aborted every export not ended yet (uvicorn may
-    have cancelled their requests too late for them to do it); how many there were."""
+    have cancelled their requests too late for them to do it), and stop the copies still
+    being completed; how many there were."""
     running = list(_running)
     for job in running:
-        job._end_detached(ABORTED, "the server shut down", http_status=200)
+        job.shut_down()
     return len(running)
 
 
@@ -88,6 +91,14 @@ class Export:
         self._first: bytes | None = None
         self._deadline: float | None = None
         self._ending: asyncio.Task[None] | None = None
+        # The stored copy this export writes as it goes (exports/copies.py), if any; a
+        # write under way (shielded: a client that leaves must not cut a chunk in two);
+        # and, for a copy completed after its client left, what takes over the request's
+        # slots meanwhile.
+        self._copy: Copy | None = None
+        self._writing: asyncio.Future[None] | None = None
+        self._keep_slots: Callable[[], Callable[[], None]] | None = None
+        self._shutting_down = False
 
     @property
     def filename(self) -> str:
@@ -178,6 +189,12 @@ class Export:
                             headers={"Retry-After": "5"})
         return database_error(error, self._source)
 
+    def attach(self, copy: Copy, keep_slots: Callable[[], Callable[[], None]]) -> None:
+        """Write every chunk into `copy` before it is sent; if the client leaves, go on
+        into the copy to the end, holding the request's slots (`keep_slots` takes them)."""
+        self._copy = copy
+        self._keep_slots = keep_slots
+
     def body(self) -> AsyncIterator[bytes]:
         """The response body. Raises on a failure mid-stream, so the response is cut short."""
         return audited(self._chunks(), self.download,
@@ -187,9 +204,22 @@ class Export:
         assert self._stream is not None
         chunk, self._first = self._first, None
         while chunk is not None:
+            if self._copy is not None:
+                await self._write_copy(chunk)
             yield chunk
             chunk = await self._next_chunk()
         self.download.rows = self._stream.result
+
+    async def _write_copy(self, chunk: bytes) -> None:
+        assert self._copy is not None
+        self._writing = asyncio.ensure_future(self._copy.write(chunk))
+        try:
+            await asyncio.shield(self._writing)
+        except CopyFull:
+            # The export goes on; only its resumption is lost.
+            copy, self._copy = self._copy, None
+            run_detached(copy.fail("the copy would exceed the storage quota",
+                                   self.download.bytes))
 
     async def _next_chunk(self) -> bytes | None:
         assert self._stream is not None
@@ -221,18 +251,93 @@ class Export:
         """Release and record the end once, in a task of its own: the request's task may
         be cancelled (client gone) and with it every await in its clean-up."""
         if self._ending is None:
-            self._ending = run_detached(self._finish(status, error, http_status))
+            slots = None
+            if (self._copy is not None and status == ABORTED and error != SHUTDOWN
+                    and self._keep_slots is not None):
+                # Taken now, before the request's end gives them back: the copy's
+                # completion is this client's work, and counts against its limits.
+                slots = self._keep_slots()
+            self._ending = run_detached(self._finish(status, error, http_status, slots))
             self._ending.add_done_callback(lambda _: _running.discard(self))
         return self._ending
+
+    def shut_down(self) -> None:
+        self._shutting_down = True
+        if self._ending is None:
+            self._end_detached(ABORTED, SHUTDOWN, http_status=200)
+        elif self._stream is not None:
+            self._stream.stop()  # a copy being completed: it fails, and says why
 
     async def _end(self, status: str, error: str | None, *,
                    http_status: int | None = None) -> None:
         # Shielded: if this request is cancelled, it stops waiting, the clean-up does not.
         await asyncio.shield(self._end_detached(status, error, http_status=http_status))
 
-    async def _finish(self, status: str, error: str | None, http_status: int | None) -> None:
-        await self._release(clean=status == COMPLETE)
+    async def _finish(self, status: str, error: str | None, http_status: int | None,
+                      slots: Callable[[], None] | None = None) -> None:
+        copy, self._copy = self._copy, None
+        if copy is None:
+            await self._release(clean=status == COMPLETE)
+        elif status == COMPLETE:
+            await self._settle(copy)
+            await copy.finish(self.download.rows, self.download.bytes)
+            await self._release(clean=True)
+        elif slots is not None:
+            # The client's download ends here; its copy goes on to the end.
+            await self._audit.finish(self.download, status, http_status=http_status,
+                                     error=error)
+            try:
+                await self._release(clean=await self._complete(copy))
+            finally:
+                slots()
+            return
+        else:
+            await self._settle(copy)
+            await copy.fail(error or status, self.download.bytes)
+            await self._release(clean=False)
         await self._audit.finish(self.download, status, http_status=http_status, error=error)
+
+    async def _settle(self, copy: Copy) -> None:
+        """Wait for a write the client's leaving interrupted (never cut a chunk in two)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            with contextlib.suppress(Exception):
+                await writing
+
+    async def _complete(self, copy: Copy) -> bool:
+        """The rest of the COPY into the copy, at COPY speed; whether it ran out."""
+        delivered = self.download.bytes
+        try:
+            writing, self._writing = self._writing, None
+            if writing is not None:
+                await writing
+            first, self._first = self._first, None
+            if first is not None:  # the client left before the first chunk went
+                await copy.write(first)
+            while (chunk := await self._next_chunk()) is not None:
+                await copy.write(chunk)
+        except CopyFull:
+            await copy.fail("the copy would exceed the storage quota", delivered)
+            return False
+        except (Exception, asyncio.CancelledError) as error:
+            reason = SHUTDOWN if self._shutting_down else (
+                MAX_DURATION if isinstance(error, ResponseCut) else self._failure(error))
+            log.warning("export %s: its copy %s is incomplete: %s", self.download.id,
+                        copy.id, reason)
+            await copy.fail(reason, delivered)
+            return False
+        assert self._stream is not None
+        await copy.finish(self._stream.result, delivered)
+        log.info("export %s: its client left after %d bytes; its copy %s is complete",
+                 self.download.id, delivered, copy.id)
+        return True
+
+    def _failure(self, error: BaseException) -> str:
+        if isinstance(error, ApiError):
+            return error.message
+        if isinstance(error, DATABASE_ERRORS):
+            return self._database_error(error).message
+        return f"{type(error).__name__}: {error}"
 
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""

@@ -9,13 +9,14 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from exporter.access.limits import ExportWatch, on_request_end, watch_export
+from exporter.access.limits import ExportWatch, keep_releases, on_request_end, watch_export
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.exports import renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
+from exporter.exports.copies import Copies
 from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import Order, parse
 from exporter.exports.renderers import Renderer
@@ -142,6 +143,13 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         del response.headers["content-length"]  # GET streams its body chunked
         return response
 
+    if request.headers.get("range") is not None and st.copies is not None:
+        # From the copy of the export this request continues, when that is provable;
+        # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
+        resumed = await st.copies.resume(request, principal)
+        if resumed is not None:
+            return resumed
+
     try:
         await st.limiter.acquire(request, principal.limit_key, export=True)
     except ClientLeft:
@@ -162,7 +170,27 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     on_request_end(request.scope, job.request_ended)
     watch_export(request.scope, ExportWatch(st.settings.export_idle_timeout, job.deadline,
                                             job.cut))
-    return StreamingResponse(job.body(), headers=export_headers(request, renderer, job.filename))
+    headers = export_headers(request, renderer, job.filename)
+    if st.copies is not None:
+        headers.update(await _copy_headers(request, st.copies, principal, job))
+    return StreamingResponse(job.body(), headers=headers)
+
+
+async def _copy_headers(request: Request, copies: Copies, principal: Principal,
+                        job: Export) -> dict[str, str]:
+    """Start the export's stored copy; the headers that name it. The export goes on
+    without one if it cannot be had (the reason is logged by the store)."""
+    copy = await copies.begin(
+        request, principal, dataset=job.query.dataset.name, format=job.renderer.name,
+        content_type=job.renderer.content_type, filename=job.filename,
+        snapshot_time=job.snapshot_time)
+    if copy is None:
+        return {}
+    job.attach(copy, lambda: keep_releases(request.scope))
+    # A strong validator of exactly these bytes (the copy's), so that If-Range can ask
+    # for the rest of them; where they can be fetched whole, later and by range.
+    return {"ETag": f'"{copy.id}"', "Content-Location": copies.location(request, copy),
+            "Accept-Ranges": "bytes"}
 
 
 async def _audit_dataset(st: State) -> Dataset:

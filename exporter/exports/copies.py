@@ -1,0 +1,52 @@
+"""Stored copies of streamed exports, as this feature sees them: what lets a broken
+download resume without splicing two snapshots.
+
+A streamed export (identity bytes only) writes every chunk it sends into a copy first;
+if its client leaves, the COPY goes on into the copy to the end (at COPY speed, within
+the storage quota and the export's time limit). A later `Range` request for the same
+URL is answered from that copy when it provably continues it (exporter.stored decides
+and serves; this feature only asks). The store sits above this feature and is reached
+through `State.copies`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from fastapi import Request, Response
+
+    from exporter.access.principal import Principal
+
+
+class CopyFull(Exception):
+    """The copy would exceed the storage quota: the export goes on without it."""
+
+
+class Copy(Protocol):
+    id: str  # also the strong ETag of the export it copies, and its stored file's
+
+    async def write(self, chunk: bytes) -> None:
+        """Append `chunk`; CopyFull past the quota (the copy is then dropped)."""
+
+    async def finish(self, rows: int | None, delivered: int) -> None:
+        """The COPY ran out: the copy is whole. `delivered`: bytes the response sent."""
+
+    async def fail(self, reason: str, delivered: int) -> None:
+        """No whole copy will come (a failure, a shutdown): drop it, say why."""
+
+
+class Copies(Protocol):
+    async def begin(self, request: Request, principal: Principal, *, dataset: str,
+                    format: str, content_type: str, filename: str,
+                    snapshot_time: datetime) -> Copy | None:
+        """A copy for the export this request streams; None when there is to be none
+        (the setting is off, the quota is full)."""
+
+    async def resume(self, request: Request, principal: Principal) -> Response | None:
+        """The answer to this `Range` request from a copy it provably continues, or None
+        (then the export is streamed whole, from a new snapshot, as a 200)."""
+
+    def location(self, request: Request, copy: Copy) -> str:
+        """The copy's own URL (Content-Location)."""

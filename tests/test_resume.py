@@ -1,0 +1,229 @@
+"""Resuming a broken streamed export with the tools people use, never splicing two
+snapshots: each resumed file equals a whole download of the snapshot it began with,
+also when rows changed in between; a resume that cannot be proved gets a whole 200."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.dropper import DroppingProxy
+from tests.support import Server, audited, fetch, run_sql, wait_until
+from tests.test_access import new_token
+
+ROWS = 2_000_000
+RATE = "20M"  # slow enough to cut a download at half, fast enough for the suite
+
+pytestmark = pytest.mark.needs("curl", "wget")
+
+
+@pytest.fixture
+def table(database_url: str) -> Iterator[str]:
+    """A 2,000,000-row table of its own (the tests change its rows)."""
+    name = f"resume_{uuid.uuid4().hex[:8]}"
+    run_sql(database_url,
+            f"CREATE TABLE exports.{name} (id bigint PRIMARY KEY, note text NOT NULL)",
+            f"INSERT INTO exports.{name} SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g")
+    yield name
+    run_sql(database_url, f"DROP TABLE exports.{name}")
+
+
+@pytest.fixture(scope="module")
+def token(database_url: str) -> str:
+    return new_token(database_url, f"resume-{uuid.uuid4().hex[:8]}", "datasets:*")
+
+
+def _change_rows(database_url: str, table: str) -> None:
+    # Rows in the first half and in the second: whatever part a resume sends, it differs.
+    run_sql(database_url, f"UPDATE exports.{table} SET note = 'changed' WHERE id % 1000 = 7")
+
+
+def _whole(url: str) -> bytes:
+    r = httpx.get(url, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def _cut_at_half(command: list[str], out: Path, size: int, cwd: Path) -> None:
+    """Run a download and kill it (SIGKILL: no goodbye) once it has half the bytes."""
+    p = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: out.exists() and out.stat().st_size >= size // 2, 60), \
+            p.stderr.read() if p.poll() is not None and p.stderr else "too slow"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert 0 < out.stat().st_size < size
+
+
+def _copy_status(server: Server, location: str) -> dict[str, object]:
+    status_url = server.url + location.rsplit("/", 1)[0]
+    r = httpx.get(status_url, timeout=30)
+    assert r.status_code in (200, 202), r.text
+    body: dict[str, object] = r.json()
+    return body
+
+
+def test_curl_killed_at_half_resumes_with_the_same_snapshot(
+    server: Server, database_url: str, table: str, tmp_path: Path
+) -> None:
+    url = f"{server.url}/datasets/{table}.csv?order=id"
+    before = _whole(url)
+    head = httpx.get(url, headers={"Range": "bytes=0-0"}, timeout=60)  # the newest copy
+    out = tmp_path / "out.csv"
+    _cut_at_half(["curl", "-sS", "--limit-rate", RATE, "-o", str(out), url], out,
+                 len(before), tmp_path)
+    _change_rows(database_url, table)
+    done = subprocess.run(["curl", "-sS", "-C", "-", "-o", str(out), url], cwd=tmp_path,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == before  # the first snapshot's bytes, whole
+    assert _whole(url) != before  # the change is real: a new export shows it
+    assert head.status_code in (200, 206)
+
+
+def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_left(
+    server: Server, database_url: str, table: str, tmp_path: Path
+) -> None:
+    url = f"{server.url}/datasets/{table}.csv?order=id"
+    with httpx.stream("GET", url, timeout=60) as r:
+        assert r.status_code == 200
+        etag, location = r.headers["etag"], r.headers["content-location"]
+        assert r.headers["accept-ranges"] == "bytes"
+        assert etag.startswith('"') and not etag.startswith('W/')
+        got = 0
+        for chunk in r.iter_raw():
+            got += len(chunk)
+            if got > 1_000_000:
+                break  # leave early
+    assert wait_until(lambda: _copy_status(server, location)["status"] == "complete", 60)
+    whole = httpx.get(server.url + location, timeout=60)
+    assert whole.status_code == 200
+    assert whole.content == _whole(url)  # nothing changed: the same bytes
+    assert whole.content.count(b"\n") == ROWS + 1
+    # The client's own download was not complete, whatever its copy became.
+    rows = audited(database_url, "target = $1", table)
+    assert rows[0]["status"] == "aborted"
+    # If-Range with the copy's ETag: the rest of exactly those bytes.
+    rest = httpx.get(url, headers={"Range": f"bytes={got}-", "If-Range": etag}, timeout=60)
+    assert rest.status_code == 206, rest.text
+    assert rest.headers["etag"] == etag
+    assert rest.content == whole.content[got:]
+
+
+@pytest.mark.needs("wget")
+def test_wget_c_after_a_kill_resumes_with_the_same_snapshot(
+    server: Server, database_url: str, table: str, tmp_path: Path
+) -> None:
+    url = f"{server.url}/datasets/{table}.csv?order=id"
+    before = _whole(url)
+    out = tmp_path / "out.csv"
+    _cut_at_half(["wget", "-q", f"--limit-rate={RATE}", "-O", str(out), url], out,
+                 len(before), tmp_path)
+    _change_rows(database_url, table)
+    done = subprocess.run(["wget", "-q", "-c", "-O", str(out), url], cwd=tmp_path,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == before
+
+
+def test_plain_wget_retries_by_itself_through_a_proxy_that_drops_it(
+    server: Server, database_url: str, table: str, tmp_path: Path
+) -> None:
+    url_path = f"/datasets/{table}.csv?order=id"
+    before = _whole(server.url + url_path)
+    with DroppingProxy(server.port, cut_after=len(before) // 2) as proxy:
+        out = tmp_path / "out.csv"
+        p = subprocess.Popen(["wget", "-O", str(out), "--tries=5", "--waitretry=1",
+                              "--retry-connrefused", proxy.url + url_path],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The rows change between the drop and wget's retry.
+        assert wait_until(lambda: proxy.cut == 1, 60)
+        _change_rows(database_url, table)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert proxy.connections == 2, err  # one retry, which continued
+    assert b"206 Partial Content" in err
+    assert out.read_bytes() == before
+
+
+def test_curl_through_a_proxy_that_drops_it_resumes_with_c(
+    server: Server, database_url: str, table: str, tmp_path: Path
+) -> None:
+    url_path = f"/datasets/{table}.csv?order=id"
+    before = _whole(server.url + url_path)
+    out = tmp_path / "out.csv"
+    with DroppingProxy(server.port, cut_after=len(before) // 2) as proxy:
+        first = subprocess.run(["curl", "-sS", "-o", str(out), proxy.url + url_path],
+                               cwd=tmp_path, capture_output=True, timeout=120)
+        assert first.returncode == 18, first.stderr  # broken, and it looks broken
+        _change_rows(database_url, table)
+        done = subprocess.run(["curl", "-sS", "-C", "-", "-o", str(out), proxy.url + url_path],
+                              cwd=tmp_path, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == before
+
+
+def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
+    server: Server, database_url: str, table: str, tmp_path: Path
+) -> None:
+    url = f"{server.url}/datasets/{table}.csv?order=id"
+    first = _whole(url)
+    # Beyond anything a response of this URL sent: not a continuation of it.
+    r = httpx.get(url, headers={"Range": f"bytes={len(first) + 10}-"}, timeout=60)
+    assert r.status_code == 200 and r.content == first
+    # An If-Range that names no copy of this URL.
+    r = httpx.get(url, headers={"Range": "bytes=10-", "If-Range": '"not-a-copy"'}, timeout=60)
+    assert r.status_code == 200 and r.content == first
+    # Another URL's copy does not continue this one.
+    other = httpx.get(f"{server.url}/datasets/{table}.csv?order=id&limit=5", timeout=60)
+    r = httpx.get(url, headers={"Range": "bytes=10-", "If-Range": other.headers["etag"]},
+                  timeout=60)
+    assert r.status_code == 200 and r.content == first
+    # Two earlier downloads of this URL that differ before the offset: which one the
+    # client holds cannot be told, so neither is spliced on.
+    run_sql(database_url, f"UPDATE exports.{table} SET note = 'first row changed' WHERE id = 1")
+    second = _whole(url)
+    assert second != first
+    out = tmp_path / "out.csv"
+    out.write_bytes(first[:1000])
+    done = subprocess.run(["curl", "-sS", "-C", "-", "-o", str(out), url], cwd=tmp_path,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 33, done.stderr  # curl refuses a 200: nothing spliced
+    assert out.read_bytes() == first[:1000]
+    # A Range with a unit or a form that is not `bytes=N-`: a whole 200, never a 416/500.
+    for value in ("items=0-9", "bytes=0-4,10-20", "bytes=-500", "bytes=" + "9" * 5000 + "-"):
+        r = httpx.get(url + "&limit=3", headers={"Range": value}, timeout=60)
+        assert r.status_code == 200, (value, r.status_code)
+
+
+def test_another_principal_cannot_resume_from_a_copy(
+    server: Server, database_url: str, table: str, token: str
+) -> None:
+    url = f"{server.url}/datasets/{table}.csv?order=id"
+    first = _whole(url)
+    r = httpx.get(url, headers={"Range": "bytes=10-", "Authorization": f"Bearer {token}"},
+                  timeout=60)
+    assert r.status_code == 200 and r.content == first
+
+
+def test_rows_are_not_held_open_by_a_resume(server: Server, database_url: str) -> None:
+    """A resume is served from the copy's file: no snapshot, no COPY on the database."""
+    url = f"{server.url}/datasets/orders.csv?order=id&limit=200001"
+    with httpx.stream("GET", url, timeout=60) as r:
+        etag = r.headers["etag"]
+        r.read()
+    with httpx.stream("GET", url, headers={"Range": "bytes=100-", "If-Range": etag},
+                      timeout=60) as r:
+        assert r.status_code == 206
+        busy = fetch(database_url, "SELECT count(*) AS n FROM pg_stat_activity"
+                     " WHERE query LIKE 'COPY%LIMIT 200001%' AND state = 'active'"
+                     " AND pid <> pg_backend_pid()")
+        r.read()
+    assert busy[0]["n"] == 0
