@@ -38,6 +38,8 @@ from exporter.files.stream import ReadBudget
 from exporter.health import Health
 from exporter.server.prefix import RootPath
 from exporter.state import State
+from exporter.stored.storage import LocalStorage
+from exporter.stored.store import StoredExports
 from exporter.streaming import wait_detached
 from exporter.web import page
 from exporter.web.cors import add_cors
@@ -145,6 +147,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         instance = Instance(engine, instance_id, settings.slot_lease)
         await instance.start()
         await _close_abandoned(engine, instance)
+        stored = StoredExports(engine, settings, LocalStorage(settings.exports_folder),
+                               instance_id)
         app.state.exporter = State(
             settings, engine, catalog,
             Audit(engine, flush_interval=settings.audit_flush_interval,
@@ -158,7 +162,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Health(database_url),
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
+            stored=stored,
         )
+        await stored.start_cleanup()
         if replica is not None:
             log.info("exports read from the read replica (EXPORTER_REPLICA_URL)")
         yield
@@ -166,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # (connections to let go, audit rows to close). uvicorn starts this before the
         # requests it cancelled have run their clean-up: those are ended here.
         await asyncio.sleep(0)
+        await stored.stop_cleanup()
         if ended := end_running_exports():
             log.warning("%d exports still running at shutdown: aborted", ended)
         if left := await wait_detached(DETACHED_GRACE):

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from exporter.exports.copies import Copies
     from exporter.files.stream import ReadBudget
     from exporter.health import Health
+    from exporter.stored.store import StoredExports
 
 
 @dataclass
@@ -40,7 +41,11 @@ class State:
     # EXPORTER_REPLICA_URL's engine and probe; None without a replica.
     replica: AsyncEngine | None = None
     replica_health: Health | None = None
-    # Stored copies of streamed exports, for resuming them (exporter.stored); None: off.
+    # Stored exports (exporter/stored/): how the exports feature, which may not import
+    # it, starts one (`Prefer: respond-async`).
+    stored: StoredExports | None = None
+    # The stored copies of streamed exports, for resuming them (exporter/stored/, seen
+    # through the exports feature's own interface); None: EXPORTER_EXPORTS_RESUME is off.
     copies: Copies | None = None
 
     @property
