@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from exporter.tables import APP_SCHEMA
@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     # Seconds between two progress updates of a running stored export (rows, bytes, its
     # heartbeat); one whose heartbeat is older than 5 of these is taken for dead.
     exports_progress_interval: float = Field(default=1.0, gt=0, le=60)
+    # Streamed exports (identity bytes) keep a stored copy, so that a broken download can
+    # be resumed with the same URL (`curl -C -`, `wget -c`); if the client leaves, the
+    # copy is completed at COPY speed. Within the quota; kept this long.
+    exports_resume: bool = True
+    exports_resume_retention: str = "1h"
 
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.
@@ -203,15 +208,15 @@ class Settings(BaseSettings):
                              " as /internal/ (starting and ending with /)")
         return value
 
-    @field_validator("exports_retention")
+    @field_validator("exports_retention", "exports_resume_retention")
     @classmethod
-    def _retention(cls, value: str) -> str:
+    def _retention(cls, value: str, info: ValidationInfo) -> str:
         # The form of exporter/access/durations.py (which the core may not import); that
         # module reads it.
         value = value.strip()
         if not re.fullmatch(r"[0-9]{1,6}[smhdw]", value) or int(value[:-1]) == 0:
-            raise ValueError("EXPORTER_EXPORTS_RETENTION is a duration such as 90s, 15m,"
-                             " 24h, 7d or 2w")
+            raise ValueError(f"EXPORTER_{str(info.field_name).upper()} is a duration such as"
+                             " 90s, 15m, 24h, 7d or 2w")
         return value
 
     @field_validator("database_url")

@@ -144,9 +144,14 @@ stored_exports = sa.Table(
     sa.Column("expires", sa.DateTime(timezone=True)),
     sa.Column("heartbeat", sa.DateTime(timezone=True), nullable=False,
               server_default=sa.func.now()),
+    # A streamed export's copy: the most bytes a response from it sent (None while the
+    # first one runs). A resume asks for no more than that (exporter/stored/copies.py).
+    sa.Column("delivered", sa.BigInteger),
     sa.Index("stored_exports_owner_idx", "owner", "created"),
     sa.Index("stored_exports_created_idx", "created"),
     sa.Index("stored_exports_expires_idx", "expires"),
     sa.Index("stored_exports_running_idx", "heartbeat",
              postgresql_where=sa.text("status = 'running'")),
+    sa.Index("stored_exports_copies_idx", "owner", "url", "created",
+             postgresql_where=sa.text("kind = 'streamed'")),
 )

@@ -20,20 +20,24 @@ if TYPE_CHECKING:
     from exporter.access.principal import Principal
 
 
-class CopyFull(Exception):
-    """The copy would exceed the storage quota: the export goes on without it."""
+class CopyStopped(Exception):
+    """The copy cannot go on (over the storage quota, deleted): the export goes on
+    without it."""
 
 
 class Copy(Protocol):
     id: str  # also the strong ETag of the export it copies, and its stored file's
 
     async def write(self, chunk: bytes) -> None:
-        """Append `chunk`; CopyFull past the quota (the copy is then dropped)."""
+        """Append `chunk`; CopyStopped if the copy cannot go on (it is then dropped)."""
 
-    async def finish(self, rows: int | None, delivered: int) -> None:
-        """The COPY ran out: the copy is whole. `delivered`: bytes the response sent."""
+    async def left(self, delivered: int) -> None:
+        """The response ended (whole or cut) after sending `delivered` bytes."""
 
-    async def fail(self, reason: str, delivered: int) -> None:
+    async def finish(self, rows: int | None) -> None:
+        """The COPY ran out: the copy is whole."""
+
+    async def fail(self, reason: str) -> None:
         """No whole copy will come (a failure, a shutdown): drop it, say why."""
 
 

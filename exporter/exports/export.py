@@ -25,7 +25,7 @@ from exporter.errors import (
     unavailable,
 )
 from exporter.exports import sql
-from exporter.exports.copies import Copy, CopyFull
+from exporter.exports.copies import Copy, CopyStopped
 from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
@@ -215,11 +215,12 @@ class Export:
         self._writing = asyncio.ensure_future(self._copy.write(chunk))
         try:
             await asyncio.shield(self._writing)
-        except CopyFull:
+        except CopyStopped as stop:
             # The export goes on; only its resumption is lost.
             copy, self._copy = self._copy, None
-            run_detached(copy.fail("the copy would exceed the storage quota",
-                                   self.download.bytes))
+            log.info("export %s goes on without its copy %s: %s", self.download.id, copy.id,
+                     stop)
+            run_detached(copy.fail(str(stop)))
 
     async def _next_chunk(self) -> bytes | None:
         assert self._stream is not None
@@ -275,61 +276,68 @@ class Export:
 
     async def _finish(self, status: str, error: str | None, http_status: int | None,
                       slots: Callable[[], None] | None = None) -> None:
-        copy, self._copy = self._copy, None
-        if copy is None:
-            await self._release(clean=status == COMPLETE)
-        elif status == COMPLETE:
-            await self._settle(copy)
-            await copy.finish(self.download.rows, self.download.bytes)
-            await self._release(clean=True)
-        elif slots is not None:
-            # The client's download ends here; its copy goes on to the end.
+        try:
+            copy = await self._settled_copy()
+            if copy is None:
+                await self._release(clean=status == COMPLETE)
+            elif status == COMPLETE:
+                await copy.finish(self.download.rows)
+                await self._release(clean=True)
+            elif slots is not None:
+                # The client's download ends here; its copy goes on to the end.
+                await self._audit.finish(self.download, status, http_status=http_status,
+                                         error=error)
+                await self._release(clean=await self._complete(copy))
+                return
+            else:
+                await copy.fail(error or status)
+                await self._release(clean=False)
             await self._audit.finish(self.download, status, http_status=http_status,
                                      error=error)
-            try:
-                await self._release(clean=await self._complete(copy))
-            finally:
+        finally:
+            if slots is not None:
                 slots()
-            return
-        else:
-            await self._settle(copy)
-            await copy.fail(error or status, self.download.bytes)
-            await self._release(clean=False)
-        await self._audit.finish(self.download, status, http_status=http_status, error=error)
 
-    async def _settle(self, copy: Copy) -> None:
-        """Wait for a write the client's leaving interrupted (never cut a chunk in two)."""
+    async def _settled_copy(self) -> Copy | None:
+        """The copy, once a write the client's leaving interrupted is done (a chunk is
+        never cut in two) and told how far the response got; None if there is none."""
+        copy, self._copy = self._copy, None
         writing, self._writing = self._writing, None
-        if writing is not None:
-            with contextlib.suppress(Exception):
+        if copy is None:
+            return None
+        try:
+            if writing is not None:
                 await writing
+        except Exception as error:
+            log.info("export %s goes on without its copy %s: %s", self.download.id, copy.id,
+                     error)
+            await copy.fail(str(error))
+            return None
+        await copy.left(self.download.bytes)
+        return copy
 
     async def _complete(self, copy: Copy) -> bool:
         """The rest of the COPY into the copy, at COPY speed; whether it ran out."""
-        delivered = self.download.bytes
         try:
-            writing, self._writing = self._writing, None
-            if writing is not None:
-                await writing
             first, self._first = self._first, None
             if first is not None:  # the client left before the first chunk went
                 await copy.write(first)
             while (chunk := await self._next_chunk()) is not None:
                 await copy.write(chunk)
-        except CopyFull:
-            await copy.fail("the copy would exceed the storage quota", delivered)
+        except CopyStopped as stop:
+            await copy.fail(str(stop))
             return False
         except (Exception, asyncio.CancelledError) as error:
             reason = SHUTDOWN if self._shutting_down else (
                 MAX_DURATION if isinstance(error, ResponseCut) else self._failure(error))
             log.warning("export %s: its copy %s is incomplete: %s", self.download.id,
                         copy.id, reason)
-            await copy.fail(reason, delivered)
+            await copy.fail(reason)
             return False
         assert self._stream is not None
-        await copy.finish(self._stream.result, delivered)
+        await copy.finish(self._stream.result)
         log.info("export %s: its client left after %d bytes; its copy %s is complete",
-                 self.download.id, delivered, copy.id)
+                 self.download.id, self.download.bytes, copy.id)
         return True
 
     def _failure(self, error: BaseException) -> str:

@@ -1,0 +1,272 @@
+"""The stored copies of streamed exports (exports/copies.py's interface), and the rule
+that decides when a `Range` request on an export URL continues one.
+
+Every streamed export sent as identity bytes writes them into a stored export of kind
+`streamed` as it goes; its first answer carries `ETag: "ID"` (strong: these very bytes)
+and `Content-Location: /exports/ID/file`. If the client leaves, the COPY goes on into
+the copy at COPY speed. A later request for the same URL with `Range` is answered from
+a copy only when that provably continues the bytes the client holds:
+
+- `If-Range: "ID"` (browsers, careful clients): that copy, if it is this principal's
+  copy of this very URL;
+- no If-Range (`curl -C -`, `wget -c`, wget retrying by itself): `bytes=N-` only, and
+  among this principal's copies of this URL those whose responses sent at least N bytes
+  (`delivered`): one of them, or several whose first N bytes are the same (then it does
+  not matter which the client's came from);
+
+otherwise the export is streamed whole from a new snapshot as a 200, which `curl -C -`
+(exit 33) and `wget -c` refuse without touching the partial file. A copy still being
+completed is waited for (a little): a Content-Range needs the whole length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+from fastapi import Request, Response
+
+from exporter.access.durations import parse_duration
+from exporter.access.links import split_query
+from exporter.access.principal import Principal
+from exporter.errors import ApiError
+from exporter.exports.copies import CopyStopped
+from exporter.server.prefix import app_path
+from exporter.state import get_state
+from exporter.stored.service import StoredService
+from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Stopped, Writer, owner_of
+from exporter.streaming import ClientLeft, run_detached, unless_disconnected
+from exporter.tables import stored_exports as t
+
+log = logging.getLogger(__name__)
+
+OPEN_RANGE = re.compile(r"bytes=(\d{1,19})-")
+STRONG_ETAG = re.compile(r'"([A-Za-z0-9_-]{1,64})"')
+# How long a resume waits for the copy it continues: for the cut response to record how
+# far it got, then for the copy's completion (at COPY speed, usually seconds).
+LEFT_WAIT = 10.0
+COMPLETE_WAIT = 120.0
+CANDIDATES = 10
+COMPARE_CHUNK = 1024 * 1024
+
+
+def export_url(request: Request) -> str:
+    """The export's URL as copies record it: the app's path and the query, minus a
+    signed link's own parameters (a new link to the same export resumes it too)."""
+    rest, _ = split_query(request.scope.get("query_string", b"").decode("latin-1"))
+    query = urlencode(rest)
+    return app_path(request.scope) + (f"?{query}" if query else "")
+
+
+def _cut_after(row: Any, offset: int) -> bool:
+    """Whether the copy's response was cut (or not yet known to be whole) after sending
+    at least `offset` bytes."""
+    if row.delivered is None or row.delivered < offset:
+        return False
+    return not (row.status == COMPLETE and row.delivered >= row.bytes)
+
+
+class StoredCopy:
+    def __init__(self, copies: StreamedCopies, writer: Writer, snapshot_time: datetime) -> None:
+        self.id = writer.id
+        self._copies = copies
+        self._writer = writer
+        self._snapshot_time = snapshot_time
+
+    async def write(self, chunk: bytes) -> None:
+        try:
+            await self._writer.write(chunk)
+        except Stopped as stop:
+            raise CopyStopped(str(stop)) from None
+
+    async def left(self, delivered: int) -> None:
+        await self._copies.record_delivered(self.id, delivered)
+
+    async def finish(self, rows: int | None) -> None:
+        try:
+            await self._writer.finish(rows, self._snapshot_time)
+        except Stopped as stop:
+            log.info("copy %s: %s", self.id, stop)
+            return
+        await self._copies.keep_for_resuming(self.id)
+
+    async def fail(self, reason: str) -> None:
+        await self._writer.fail(reason)
+
+
+class StreamedCopies:
+    """State.copies: what the exports feature asks of the stored exports for resuming."""
+
+    def __init__(self, service: StoredService) -> None:
+        self._service = service
+        self._retention = parse_duration(service.settings.exports_resume_retention)
+
+    async def begin(self, request: Request, principal: Principal, *, dataset: str,
+                    format: str, content_type: str, filename: str,
+                    snapshot_time: datetime) -> StoredCopy | None:
+        try:
+            writer = await self._service.begin(
+                principal, url=export_url(request), dataset=dataset, format=format,
+                coding=None, content_type=content_type, filename=filename, kind=STREAMED)
+        except ApiError as error:  # the quota is full, the storage refuses
+            log.info("a streamed export of %s goes without a copy: %s", dataset, error.message)
+            return None
+        return StoredCopy(self, writer, snapshot_time)
+
+    def location(self, request: Request, copy: Any) -> str:
+        return f"{request.scope.get('root_path', '')}/exports/{copy.id}/file"
+
+    async def record_delivered(self, copy_id: str, delivered: int) -> None:
+        try:
+            async with self._service.engine.begin() as conn:
+                await conn.execute(
+                    sa.update(t).where(t.c.id == copy_id)
+                    .values(delivered=sa.func.greatest(sa.func.coalesce(t.c.delivered, 0),
+                                                       delivered)))
+        except Exception as error:
+            # Without it the copy is not offered for a resume: a 200, never a splice.
+            log.warning("copy %s: could not record how far its response got: %s",
+                        copy_id, error)
+
+    async def keep_for_resuming(self, copy_id: str) -> None:
+        with contextlib.suppress(Exception):
+            async with self._service.engine.begin() as conn:
+                await conn.execute(sa.update(t).where(t.c.id == copy_id)
+                                   .values(expires=t.c.finished + self._retention))
+
+    # --- resuming --------------------------------------------------------------------------
+
+    async def resume(self, request: Request, principal: Principal) -> Response | None:
+        try:
+            chosen = await unless_disconnected(self._choose(request, principal),
+                                               request.receive)
+        except ClientLeft:
+            return Response(status_code=499)
+        if chosen is None:
+            return None
+        copy_id, offset = chosen
+        st = get_state(request)
+        try:
+            await st.limiter.acquire(request, principal.limit_key)
+        except ClientLeft:
+            return Response(status_code=499)
+        response = await self._service.file(request, st, principal, copy_id)
+        if response.status_code == 206 and offset is not None:
+            body: Any = getattr(response, "body_iterator", None)
+            if body is not None:
+                setattr(response, "body_iterator",  # noqa: B010
+                        self._counting(body, copy_id, offset))
+        return response
+
+    async def _choose(self, request: Request, principal: Principal
+                      ) -> tuple[str, int | None] | None:
+        """The copy to answer from, and the offset asked (None: an If-Range answer)."""
+        url = export_url(request)
+        owner = owner_of(principal)
+        if_range = request.headers.get("if-range")
+        if if_range is not None:
+            match = STRONG_ETAG.fullmatch(if_range.strip())
+            if match is None:
+                return None
+            rows = await self._rows(t.c.id == match[1], t.c.owner == owner, t.c.url == url)
+            if not rows or rows[0].status not in (RUNNING, COMPLETE) or (
+                    not await self._completed(rows[0].id)):
+                return None
+            return rows[0].id, None
+        match = OPEN_RANGE.fullmatch(request.headers.get("range", "").strip())
+        if match is None:
+            return None
+        offset = int(match[1])
+        rows = await self._rows(t.c.owner == owner, t.c.url == url)
+        if any(r.delivered is None for r in rows):
+            # A response of this URL still running, or just cut and not yet recorded
+            # (wget retries within a second): a moment for it to say how far it got.
+            rows = await self._settled_rows(owner, url)
+        # The copies whose response was cut after at least `offset` bytes: the client's
+        # partial file can only be one of theirs.
+        candidates = [r.id for r in rows if _cut_after(r, offset)]
+        if not candidates or not all([await self._completed(c) for c in candidates]):
+            return None  # one failed, or is not done: nothing to prove against
+        rows = [r for r in await self._rows(t.c.id.in_(candidates)) if _cut_after(r, offset)]
+        if len(rows) != len(candidates):
+            return None
+        if len(rows) > 1 and not await self._same_prefix([r.storage_key for r in rows],
+                                                         offset):
+            log.info("a resume of %s at %d: %d copies differ before it: whole export",
+                     url, offset, len(rows))
+            return None
+        return rows[0].id, offset
+
+    async def _rows(self, *where: Any) -> list[Any]:
+        """This URL's copies, newest first, whatever their status."""
+        async with self._service.engine.connect() as conn:
+            result = await conn.execute(
+                sa.select(t.c.id, t.c.status, t.c.delivered, t.c.bytes, t.c.storage_key)
+                .where(t.c.kind == STREAMED, *where)
+                .order_by(t.c.created.desc()).limit(CANDIDATES))
+            return list(result)
+
+    async def _settled_rows(self, owner: str, url: str) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEFT_WAIT
+        while True:
+            rows = await self._rows(t.c.owner == owner, t.c.url == url)
+            if all(r.delivered is not None for r in rows) or loop.time() > deadline:
+                return rows
+            await asyncio.sleep(0.1)
+
+    async def _completed(self, copy_id: str) -> bool:
+        """Whether the copy is (or, within COMPLETE_WAIT, becomes) complete."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMPLETE_WAIT
+        pause = 0.05
+        while True:
+            async with self._service.engine.connect() as conn:
+                status = await conn.scalar(sa.select(t.c.status).where(t.c.id == copy_id))
+            if status != RUNNING or loop.time() > deadline:
+                return bool(status == COMPLETE)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    async def _same_prefix(self, keys: list[str], length: int) -> bool:
+        """Whether the stored files under `keys` all begin with the same `length` bytes
+        (read a chunk at a time, in worker threads)."""
+        storage = self._service.storage
+        files = []
+        try:
+            for key in keys:
+                f, _ = await storage.open(key)
+                files.append(f)
+            left = length
+            while left > 0:
+                size = min(COMPARE_CHUNK, left)
+                parts = [await f.read(size) for f in files]
+                if any(p != parts[0] for p in parts) or len(parts[0]) < size:
+                    return False
+                left -= size
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            for f in files:
+                with contextlib.suppress(Exception):
+                    await f.close()
+
+    async def _counting(self, body: AsyncIterator[bytes], copy_id: str,
+                        offset: int) -> AsyncGenerator[bytes, None]:
+        """The resumed body, recording how far the copy's responses got when it ends (a
+        resume of this resume may then ask for no more than that)."""
+        sent = 0
+        try:
+            async for chunk in body:
+                yield chunk
+                sent += len(chunk)
+        finally:
+            run_detached(self.record_delivered(copy_id, offset + sent))
