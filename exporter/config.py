@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # copy is completed at COPY speed. Within the quota; kept this long.
     exports_resume: bool = True
     exports_resume_retention: str = "1h"
+    # Seconds the rest of a copy may take once its client left; past it the copy is
+    # dropped (a download given up early on a huge export is not worth finishing).
+    exports_resume_finish: float = Field(default=300.0, ge=0)
 
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.

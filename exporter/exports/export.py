@@ -318,12 +318,19 @@ class Export:
 
     async def _complete(self, copy: Copy) -> bool:
         """The rest of the COPY into the copy, at COPY speed; whether it ran out."""
+        limit = self._settings.exports_resume_finish
         try:
-            first, self._first = self._first, None
-            if first is not None:  # the client left before the first chunk went
-                await copy.write(first)
-            while (chunk := await self._next_chunk()) is not None:
-                await copy.write(chunk)
+            async with asyncio.timeout(limit):
+                first, self._first = self._first, None
+                if first is not None:  # the client left before the first chunk went
+                    await copy.write(first)
+                while (chunk := await self._next_chunk()) is not None:
+                    await copy.write(chunk)
+        except TimeoutError:
+            # A download given up early on a huge export: not worth the disk and the
+            # database's time (EXPORTER_EXPORTS_RESUME_FINISH).
+            await copy.fail(f"its client left, and the rest took more than {limit:g} s")
+            return False
         except CopyStopped as stop:
             await copy.fail(str(stop))
             return False
