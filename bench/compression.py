@@ -42,7 +42,8 @@ from bench.harness import (
 )
 
 PATH = "/datasets/orders.csv"
-RATE = "12500000"  # curl --limit-rate, bytes a second: 12.5 MB/s, 100 Mbit/s (this curl refuses "12.5M")
+# curl --limit-rate, bytes a second: 12.5 MB/s, about 100 Mbit/s (this curl refuses "12.5M").
+RATE = "12500000"
 
 
 def contender(name: str, server: Service, options: list[str], expect: int | None,

@@ -127,9 +127,14 @@ def negotiate(accept_encoding: str | None, offered: tuple[Coding, ...] = CODINGS
 
 
 async def compressed(chunks: AsyncIterator[bytes], coding: Coding,
-                     level: int | None = None) -> AsyncGenerator[bytes, None]:
+                     level: int | None = None, flush_below: int = 0,
+                     ) -> AsyncGenerator[bytes, None]:
     """`chunks` compressed with `coding`: the compressing runs in a worker thread while
     the next chunk is read. Empty outputs are not yielded.
+
+    A chunk shorter than `flush_below` means its source is trickling (an export sends a
+    partial chunk only after a pause): it is flushed and sent at once, not held until
+    the next chunk comes, which may be minutes later.
 
     A failure of `chunks` propagates (the response is cut, no trailer is written, so
     the client's decoder sees a truncated stream); closing this closes `chunks` too.
@@ -143,8 +148,14 @@ async def compressed(chunks: AsyncIterator[bytes], coding: Coding,
             if pending is not None and (out := await pending):
                 last_out = time.monotonic()
                 yield out
-            flush = time.monotonic() - last_out > FLUSH_AFTER
+            trickle = len(chunk) < flush_below
+            flush = trickle or time.monotonic() - last_out > FLUSH_AFTER
             pending = loop.run_in_executor(_POOL, compressor.compress, bytes(chunk), flush)
+            if trickle:
+                out, pending = await pending, None
+                if out:
+                    last_out = time.monotonic()
+                    yield out
         if pending is not None and (out := await pending):
             yield out
         yield await loop.run_in_executor(_POOL, compressor.finish)

@@ -84,11 +84,12 @@ class Settings(BaseSettings):
     # Accept-Encoding; false sends identity always (the explicit .gz/.zst export URLs
     # still work: they are files in that format, not a coding).
     compression: bool = True
-    # Levels. gzip 1 and zstd 3 are the fast ends that still shrink CSV 4-7x: measured on
-    # the demo table (docs/benchmarks.md, "compression"), zstd 3 keeps up with COPY on one
-    # core while gzip 6 and zstd 9 become the bottleneck for little gain.
+    # Levels. Measured on the demo table's CSV (docs/benchmarks.md, "Compression"), one
+    # core: zstd 1 432 MB/s at 5.8x, zstd 3 247 MB/s at 5.7x (slower and no smaller),
+    # zstd 9 32 MB/s at 6.0x; gzip 1 107 MB/s at 4.6x, gzip 6 47 MB/s at 5.5x. Above the
+    # fast ends compression, not the link or COPY, sets the pace.
     gzip_level: int = Field(default=1, ge=1, le=9)
-    zstd_level: int = Field(default=3, ge=1, le=19)
+    zstd_level: int = Field(default=1, ge=1, le=19)
     # Files whose type matches one of these (a `type/*` or a full media type) are
     # compressed on the fly when the client accepts it and asks no Range; archives,
     # images and video are not (already compressed). JSON list.

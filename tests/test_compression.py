@@ -162,6 +162,28 @@ def test_compressed_flushes_a_trickling_body(coding: Coding,
     assert so_far.startswith(b"".join(rows[:-1])) and len(so_far) >= len(b"".join(rows[:4]))
 
 
+@pytest.mark.parametrize("coding", [GZIP, ZSTD], ids=lambda c: c.name)
+def test_compressed_sends_a_short_chunk_at_once(coding: Coding) -> None:
+    """A short chunk (a trickling export) is sent before the next one is asked for."""
+    rows = b"1,first rows\n2,before a long pause\n"
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield rows
+        await asyncio.sleep(3600)  # the query works on; never reached below
+        yield b"late"
+
+    async def first() -> bytes:
+        gen = compressed(stalls(), coding, flush_below=65536)
+        try:
+            return await asyncio.wait_for(gen.__anext__(), 5)
+        finally:
+            await gen.aclose()
+
+    d: zlib._Decompress | zstandard.ZstdDecompressionObj
+    d = zlib.decompressobj(31) if coding is GZIP else zstandard.ZstdDecompressor().decompressobj()
+    assert d.decompress(asyncio.run(first())) == rows
+
+
 def test_compressed_closes_its_source_and_propagates_failures() -> None:
     closed: list[bool] = []
 

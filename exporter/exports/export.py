@@ -186,7 +186,8 @@ class Export:
         cut short (a compressed one then lacks its trailer too)."""
         chunks = self._chunks()
         if coding is not None:
-            chunks = compressed(chunks, coding, level)
+            chunks = compressed(chunks, coding, level,
+                                flush_below=self._settings.export_chunk_size)
         return audited(chunks, self.download,
                        lambda status, error: self._end_detached(status, error, http_status=200))
 
