@@ -127,19 +127,71 @@ def negotiate(accept_encoding: str | None, offered: tuple[Coding, ...] = CODINGS
 
 
 async def compressed(chunks: AsyncIterator[bytes], coding: Coding,
-                     level: int | None = None) -> AsyncGenerator[bytes, None]:
+                     level: int | None = None, flush_below: int = 0,
+                     ) -> AsyncGenerator[bytes, None]:
     """`chunks` compressed with `coding`: the compressing runs in a worker thread while
-    the next chunk is read. Empty outputs are not yielded."""
+    the next chunk is read. Empty outputs are not yielded.
+
+    A chunk shorter than `flush_below` means its source is trickling (an export sends a
+    partial chunk only after a pause): it is flushed and sent at once, not held until
+    the next chunk comes, which may be minutes later.
+
+    A failure of `chunks` propagates (the response is cut, no trailer is written, so
+    the client's decoder sees a truncated stream); closing this closes `chunks` too.
+    """
     loop = asyncio.get_running_loop()
     compressor = coding.compressor(level)
     pending: asyncio.Future[bytes] | None = None
     last_out = time.monotonic()
-    async for chunk in chunks:
+    try:
+        async for chunk in chunks:
+            if pending is not None and (out := await pending):
+                last_out = time.monotonic()
+                yield out
+            trickle = len(chunk) < flush_below
+            flush = trickle or time.monotonic() - last_out > FLUSH_AFTER
+            pending = loop.run_in_executor(_POOL, compressor.compress, bytes(chunk), flush)
+            if trickle:
+                out, pending = await pending, None
+                if out:
+                    last_out = time.monotonic()
+                    yield out
         if pending is not None and (out := await pending):
-            last_out = time.monotonic()
             yield out
-        flush = time.monotonic() - last_out > FLUSH_AFTER
-        pending = loop.run_in_executor(_POOL, compressor.compress, chunk, flush)
-    if pending is not None and (out := await pending):
-        yield out
-    yield await loop.run_in_executor(_POOL, compressor.finish)
+        yield await loop.run_in_executor(_POOL, compressor.finish)
+    finally:
+        # Its source's own clean-up (a file body's budget, an export's row count) must
+        # not wait for the garbage collector.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def accepted(enabled: bool, accept_encoding: str | None) -> Coding | None:
+    """The coding for a response: None when compression is off or the client takes none."""
+    return negotiate(accept_encoding) if enabled else None
+
+
+def level_of(coding: Coding, gzip_level: int, zstd_level: int) -> int:
+    return gzip_level if coding is GZIP else zstd_level if coding is ZSTD else \
+        coding.default_level
+
+
+def coded_etag(etag: str, coding: Coding | None) -> str:
+    """The ETag of `coding`'s representation of what `etag` tags (`"abc"` ->
+    `"abc-gzip"`, as Apache's mod_deflate): caches never take one for the other."""
+    if coding is None or not etag.endswith('"'):
+        return etag
+    return f'{etag[:-1]}-{coding.name}"'
+
+
+def compressible(media_type: str, patterns: list[str]) -> bool:
+    """Whether `media_type` (parameters ignored) matches one of `patterns` (`text/*`,
+    `application/json`)."""
+    kind = media_type.split(";", 1)[0].strip().lower()
+    major = kind.split("/", 1)[0]
+    for pattern in patterns:
+        pattern = pattern.strip().lower()
+        if pattern == kind or (pattern.endswith("/*") and pattern[:-2] == major):
+            return True
+    return False

@@ -41,6 +41,8 @@ TOOLS = {t.name: t for t in (
     Tool("wget", "wget"),
     # aria2c -x 8 opens 8 connections at once (tests/test_hardening_limits.py).
     Tool("aria2c", "aria2"),
+    # The explicit .zst export URLs are decoded with it (tests/test_compression.py).
+    Tool("zstd", "zstd"),
     # The benchmark harness measures TCP queues with it; its quick mode is a test.
     Tool("ss", "iproute2", ("/usr/sbin/ss", "/sbin/ss")),
     # The file-serving reference of the benchmarks, and docs/deploy.md's proxy.

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.access.limits import MAX_DURATION
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
+from exporter.compression import Coding, compressed
 from exporter.config import Settings
 from exporter.db import driver_connection
 from exporter.errors import (
@@ -191,13 +192,21 @@ class Export:
 
     def attach(self, copy: Copy, keep_slots: Callable[[], Callable[[], None]]) -> None:
         """Write every chunk into `copy` before it is sent; if the client leaves, go on
-        into the copy to the end, holding the request's slots (`keep_slots` takes them)."""
+        into the copy to the end, holding the request's slots (`keep_slots` takes them).
+        Only for identity bodies: the copy holds the bytes the client holds."""
         self._copy = copy
         self._keep_slots = keep_slots
 
-    def body(self) -> AsyncIterator[bytes]:
-        """The response body. Raises on a failure mid-stream, so the response is cut short."""
-        return audited(self._chunks(), self.download,
+    def body(self, coding: Coding | None = None, level: int | None = None,
+             ) -> AsyncIterator[bytes]:
+        """The response body, compressed with `coding` if given (inside the audit, so
+        it counts the bytes sent). Raises on a failure mid-stream, so the response is
+        cut short (a compressed one then lacks its trailer too)."""
+        chunks = self._chunks()
+        if coding is not None:
+            chunks = compressed(chunks, coding, level,
+                                flush_below=self._settings.export_chunk_size)
+        return audited(chunks, self.download,
                        lambda status, error: self._end_detached(status, error, http_status=200))
 
     async def _chunks(self) -> AsyncGenerator[bytes, None]:

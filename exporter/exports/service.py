@@ -13,6 +13,7 @@ from exporter.access.limits import ExportWatch, keep_releases, on_request_end, w
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
+from exporter.compression import Coding, accepted, by_extension, level_of
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.exports import renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
@@ -20,7 +21,7 @@ from exporter.exports.copies import Copies
 from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import Order, parse
 from exporter.exports.renderers import Renderer
-from exporter.exports.visible import export_urls, visible_datasets
+from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
 from exporter.http import content_disposition, parse_accept
 from exporter.state import State
 from exporter.streaming import ClientLeft, unless_disconnected
@@ -46,6 +47,7 @@ async def list_datasets(request: Request, st: State, principal: Principal) -> di
                 for c in ds.columns.values()
             ],
             "exports": export_urls(str(request.base_url), ds),
+            "compressed_exports": compressed_export_urls(str(request.base_url), ds),
         })
     return {"schema": catalog.schema, "datasets": items}
 
@@ -61,10 +63,11 @@ async def export_by_name(request: Request, st: State, principal: Principal,
     # Before looking the name up, so that a refusal does not tell whether it exists.
     if not any(principal.may_read_dataset(n) for n in candidate_names(name)):
         raise principal.denied()
-    dataset, renderer = await resolve(st.catalog, name, request.headers.get("accept"))
+    dataset, renderer, explicit = await resolve_export(st.catalog, name,
+                                                       request.headers.get("accept"))
     if not principal.may_read_dataset(dataset.name):
         raise principal.denied()
-    return await export_response(request, st, principal, dataset, renderer)
+    return await export_response(request, st, principal, dataset, renderer, explicit=explicit)
 
 
 def negotiate(accept: str | None) -> Renderer:
@@ -78,47 +81,95 @@ def negotiate(accept: str | None) -> Renderer:
     raise ApiError(406, f"this dataset is available as {offered}")
 
 
-def _split_suffix(name: str) -> tuple[str, Renderer | None]:
+def _split_suffix(name: str) -> tuple[str, Renderer | None, Coding | None]:
+    """`orders.csv` -> (`orders`, csv, None); `orders.csv.gz` -> (`orders`, csv, gzip).
+
+    A coding suffix counts only after a format's (`orders.gz` names no format, so it is
+    only ever a dataset's own name), and only one of each, the last ones: a dataset named
+    `x.csv` is `x.csv.csv.gz`.
+    """
     base, dot, extension = name.rpartition(".")
-    return (base, renderers.by_extension(extension)) if dot else (name, None)
+    if not dot:
+        return name, None, None
+    coding = by_extension(extension)
+    if coding is not None:
+        inner, dot, extension = base.rpartition(".")
+        renderer = renderers.by_extension(extension) if dot else None
+        return (inner, renderer, coding) if renderer is not None else (name, None, None)
+    return base, renderers.by_extension(extension), None
 
 
 def candidate_names(name: str) -> list[str]:
     """The datasets a request path may mean (`orders.csv`: `orders.csv` or `orders`)."""
-    base, by_suffix = _split_suffix(name)
+    base, by_suffix, _ = _split_suffix(name)
     return [name, base] if by_suffix is not None else [name]
 
 
-async def resolve(catalog: Catalog, name: str, accept: str | None) -> tuple[Dataset, Renderer]:
-    """`orders.csv` names dataset and format; `orders` leaves the format to Accept."""
-    base, by_suffix = _split_suffix(name)
+async def resolve_export(catalog: Catalog, name: str, accept: str | None,
+                         ) -> tuple[Dataset, Renderer, Coding | None]:
+    """`orders.csv` names dataset and format; `orders` leaves the format to Accept;
+    `orders.csv.gz` is the CSV as a gzip file (the coding, else None). A dataset whose
+    own name matches comes second: `x.csv` is dataset `x` if there is one."""
+    base, by_suffix, coding = _split_suffix(name)
     for attempt in range(2):
         if attempt:
             await catalog.reload()  # a table or view created since the last look
         if by_suffix is not None and (ds := catalog.get(base)):
-            return ds, by_suffix
+            return ds, by_suffix, coding
         if ds := catalog.get(name):
-            return ds, negotiate(accept)
-    raise ApiError(404, f"no dataset named '{name}' in schema '{catalog.schema}'")
+            return ds, negotiate(accept), None
+    hint = ""
+    if by_extension(name.rpartition(".")[2]) is not None and by_suffix is None:
+        hint = f" (a compressed export names its format first: {name.rpartition('.')[0]}" \
+               f".csv.{name.rpartition('.')[2]})"
+    raise ApiError(404, f"no dataset named '{name}' in schema '{catalog.schema}'{hint}")
 
 
-def export_headers(request: Request, renderer: Renderer, download_name: str) -> dict[str, str]:
+async def resolve(catalog: Catalog, name: str, accept: str | None) -> tuple[Dataset, Renderer]:
+    """resolve_export without the coding (callers that serve only plain formats)."""
+    dataset, renderer, _ = await resolve_export(catalog, name, accept)
+    return dataset, renderer
+
+
+def export_headers(request: Request, renderer: Renderer, download_name: str, *,
+                   explicit: Coding | None = None,
+                   coding: Coding | None = None) -> dict[str, str]:
+    """`explicit`: a file in that coding (`orders.csv.gz`, served as application/gzip);
+    `coding`: a content coding the client negotiated (Content-Encoding)."""
     user_agent = request.headers.get("user-agent")
-    return {
-        "Content-Type": renderer.content_type,
+    if explicit is not None:
+        download_name = f"{download_name}.{explicit.extension}"
+    headers = {
+        "Content-Type": explicit.media_type if explicit is not None else renderer.content_type,
         "Content-Disposition": content_disposition(download_name, user_agent=user_agent),
         "Cache-Control": "no-store",
         "Accept-Ranges": "none",
         "X-Content-Type-Options": "nosniff",
-        "Vary": "Accept",
+        # On every answer, identity too: what a cache stored for one Accept-Encoding is
+        # not the answer for another.
+        "Vary": "Accept, Accept-Encoding",
     }
+    if coding is not None:
+        headers["Content-Encoding"] = coding.name
+    return headers
+
+
+def export_coding(request: Request, st: State, explicit: Coding | None) -> Coding | None:
+    """The content coding of an export's answer: none for an explicit `.gz`/`.zst` URL
+    (already a file in that coding) and none for a Range request (the bytes of a range
+    are identity bytes, never a slice of an on-the-fly stream)."""
+    if explicit is not None or "range" in request.headers:
+        return None
+    return accepted(st.settings.compression, request.headers.get("accept-encoding"))
 
 
 async def export_response(request: Request, st: State, principal: Principal, dataset: Dataset,
-                          renderer: Renderer, *, from_primary: bool = False) -> Response:
+                          renderer: Renderer, *, from_primary: bool = False,
+                          explicit: Coding | None = None) -> Response:
     """The export of `dataset` that the request's query string asks for, read from the
     replica if there is one, unless `from_primary` (the audit trail, which must show
-    the latest downloads)."""
+    the latest downloads); `explicit`, a file in that coding (`orders.csv.gz`)."""
+    coding = export_coding(request, st, explicit)
     engine = st.engine if from_primary else st.export_engine
     params = request.query_params.multi_items()
     # A link's own parameters were checked by authenticate(); anywhere else parse() refuses them.
@@ -137,10 +188,13 @@ async def export_response(request: Request, st: State, principal: Principal, dat
             await conn.close()
         response = Response(
             headers=export_headers(
-                request, renderer, filename(dataset.name, renderer, datetime.now(UTC))
+                request, renderer, filename(dataset.name, renderer, datetime.now(UTC)),
+                explicit=explicit, coding=coding,
             )
         )
         del response.headers["content-length"]  # GET streams its body chunked
+        if st.copies is not None and explicit is None and coding is None:
+            response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
         return response
 
     if request.headers.get("range") is not None and st.copies is not None:
@@ -170,16 +224,20 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     on_request_end(request.scope, job.request_ended)
     watch_export(request.scope, ExportWatch(st.settings.export_idle_timeout, job.deadline,
                                             job.cut))
-    headers = export_headers(request, renderer, job.filename)
-    if st.copies is not None:
+    body_coding = explicit or coding
+    s = st.settings
+    level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
+    headers = export_headers(request, renderer, job.filename, explicit=explicit, coding=coding)
+    if st.copies is not None and body_coding is None:
         headers.update(await _copy_headers(request, st.copies, principal, job))
-    return StreamingResponse(job.body(), headers=headers)
+    return StreamingResponse(job.body(body_coding, level), headers=headers)
 
 
 async def _copy_headers(request: Request, copies: Copies, principal: Principal,
                         job: Export) -> dict[str, str]:
     """Start the export's stored copy; the headers that name it. The export goes on
-    without one if it cannot be had (the reason is logged by the store)."""
+    without one if it cannot be had (the reason is logged by the store). Identity
+    bodies only: a compressed one's bytes are not the copy's."""
     copy = await copies.begin(
         request, principal, dataset=job.query.dataset.name, format=job.renderer.name,
         content_type=job.renderer.content_type, filename=job.filename,
@@ -219,9 +277,12 @@ async def list_downloads(request: Request, st: State) -> Response:
 
 async def export_downloads(request: Request, st: State, principal: Principal,
                            extension: str) -> Response:
-    """The audit trail exported as any format, read from the primary (the latest rows)."""
-    renderer = renderers.by_extension(extension)
+    """The audit trail exported as any format (`csv`, or `csv.gz` as a gzip file), read
+    from the primary (the latest rows)."""
+    base, _, last = extension.rpartition(".")
+    explicit = by_extension(last) if base else None
+    renderer = renderers.by_extension(base if explicit is not None else extension)
     if renderer is None:
         raise ApiError(404, f"no format '{extension}'")
     return await export_response(request, st, principal, await _audit_dataset(st), renderer,
-                                 from_primary=True)
+                                 from_primary=True, explicit=explicit)

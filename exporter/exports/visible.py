@@ -6,6 +6,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from exporter.access.principal import Principal
+from exporter.compression import CODINGS
 from exporter.exports import renderers
 from exporter.exports.catalog import Catalog, Dataset
 
@@ -22,4 +23,15 @@ def export_urls(base_url: str, dataset: Dataset) -> dict[str, str]:
     return {
         r.name: f"{base}/datasets/{name}.{r.extension}"
         for r in renderers.all_renderers()
+    }
+
+
+def compressed_export_urls(base_url: str, dataset: Dataset) -> dict[str, str]:
+    """The same as files in each coding, for tools that do not negotiate one (`wget`):
+    by `format.extension` (`csv.gz`, `ndjson.zst`)."""
+    urls = export_urls(base_url, dataset)
+    return {
+        f"{r.name}.{c.extension}": f"{urls[r.name]}.{c.extension}"
+        for r in renderers.all_renderers()
+        for c in CODINGS
     }

@@ -62,20 +62,27 @@ def parse_etags(value: str) -> list[tuple[bool, str]] | None:
     return tags
 
 
-def _matches(value: str, etag: str, *, strong: bool) -> bool:
+def _matches(value: str, etags: tuple[str, ...], *, strong: bool) -> bool:
     tags = parse_etags(value)
     if tags is None:
         return False
     if tags == []:
         return True  # `*`: the file exists
-    return any(tag == etag and not (strong and weak) for weak, tag in tags)
+    return any(tag in etags and not (strong and weak) for weak, tag in tags)
 
 
-def evaluate(method: str, headers: dict[str, str], v: Validators) -> int | None:
-    """304, 412 or None (go on), in the order of RFC 9110 §13.2.2."""
+def evaluate(method: str, headers: dict[str, str], v: Validators,
+             variants: tuple[str, ...] = ()) -> int | None:
+    """304, 412 or None (go on), in the order of RFC 9110 §13.2.2.
+
+    `variants`: the ETags of the file's other representations (its gzip and zstd
+    codings), which If-Match and If-None-Match take as the file's own: the same file
+    version, whichever coding a client stored (as Apache does). If-Range does not.
+    """
+    etags = (v.etag, *variants)
     if_match = headers.get("if-match")
     if if_match is not None:
-        if not _matches(if_match, v.etag, strong=True):
+        if not _matches(if_match, etags, strong=True):
             return PRECONDITION_FAILED
     else:
         since = parse_date(headers.get("if-unmodified-since"))
@@ -83,7 +90,7 @@ def evaluate(method: str, headers: dict[str, str], v: Validators) -> int | None:
             return PRECONDITION_FAILED
     if_none_match = headers.get("if-none-match")
     if if_none_match is not None:
-        if _matches(if_none_match, v.etag, strong=False):
+        if _matches(if_none_match, etags, strong=False):
             return NOT_MODIFIED if method in ("GET", "HEAD") else PRECONDITION_FAILED
     elif method in ("GET", "HEAD"):
         since = parse_date(headers.get("if-modified-since"))

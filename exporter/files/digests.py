@@ -40,6 +40,11 @@ def repr_digest(sha256: bytes) -> str:
     return f"sha-256=:{base64.b64encode(sha256).decode()}:"
 
 
+def legacy_digest(sha256: bytes) -> str:
+    """The same as RFC 3230's `Digest` value, the one aria2 verifies a download with."""
+    return f"SHA-256={base64.b64encode(sha256).decode()}"
+
+
 def hash_file(path: Path, chunk_size: int, progress: Callable[[int], None]) -> bytes:
     """SHA-256 of a file, reporting each chunk's size (for `exporter digest`)."""
     h = hashlib.sha256()

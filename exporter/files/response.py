@@ -14,9 +14,11 @@ from fastapi.responses import StreamingResponse
 
 from exporter.access.principal import Principal
 from exporter.audit import PROXIED, Download
+from exporter.compression import CODINGS, Coding, coded_etag, compressible, level_of, negotiate
+from exporter.config import Settings
 from exporter.errors import ApiError, unavailable
 from exporter.files import conditions, ranges
-from exporter.files.digests import DigestStore, FileKey, repr_digest
+from exporter.files.digests import DigestStore, FileKey, legacy_digest, repr_digest
 from exporter.files.paths import Target, not_found, printable, storable
 from exporter.files.stream import FileBody
 from exporter.http import content_disposition
@@ -93,19 +95,43 @@ async def serve_file(request: Request, st: State, target: Target,
         raise
 
 
+def _varies(settings: Settings, kind: str, size: int) -> bool:
+    """Whether this file's answer depends on Accept-Encoding (then its identity answer
+    says so too, with Vary)."""
+    return (settings.compression and size >= settings.compress_min_size
+            and compressible(kind, settings.compress_types))
+
+
+def _coding(request: Request, varies: bool) -> Coding | None:
+    """The coding of this answer: none for a Range request (ranges are of the identity
+    bytes, never of an on-the-fly stream), whatever If-Range says."""
+    if not varies or "range" in request.headers:
+        return None
+    return negotiate(request.headers.get("accept-encoding"))
+
+
 async def _respond(request: Request, st: State, target: Target, disposition: str,
                    f: Any, fst: os.stat_result, principal: Principal) -> Response:
     settings = st.settings
     v = conditions.Validators.of(fst)
     key = FileKey.of(storable(target.relative), fst)
     digests = DigestStore(st.engine)
-    headers = {"ETag": v.etag, "Last-Modified": v.last_modified, **SAFE_HEADERS}
+    kind = content_type(target.name)
+    varies = _varies(settings, kind, fst.st_size)
+    coding = _coding(request, varies)
+    headers = {"ETag": coded_etag(v.etag, coding), "Last-Modified": v.last_modified,
+               **SAFE_HEADERS}
+    if varies:
+        headers["Vary"] = "Accept-Encoding"
     sha256 = await digests.lookup(key)
-    if sha256 is not None:
+    # Both digests are of the bytes sent (RFC 9530, RFC 3230): not of a compressed answer.
+    if sha256 is not None and coding is None:
         headers["Repr-Digest"] = repr_digest(sha256)
+        headers["Digest"] = legacy_digest(sha256)
 
     method = request.method
-    outcome = conditions.evaluate(method, dict(request.headers), v)
+    variants = tuple(coded_etag(v.etag, c) for c in CODINGS) if varies else ()
+    outcome = conditions.evaluate(method, dict(request.headers), v, variants)
     if outcome == conditions.NOT_MODIFIED:
         await f.close()
         return Response(status_code=304, headers=headers)
@@ -113,7 +139,6 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         raise ApiError(412, "the file does not meet the request's preconditions",
                        headers=headers)
 
-    kind = content_type(target.name)
     layout = ranges.whole(fst.st_size, kind)
     range_header = request.headers.get("range")
     # Range applies to GET only (RFC 9110 §14.2); HEAD shows what a plain GET would get.
@@ -130,8 +155,7 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
 
     headers.update({
         "Content-Type": layout.content_type,
-        "Content-Length": str(layout.length),
-        "Accept-Ranges": "bytes",
+        "Accept-Ranges": "bytes",  # of the identity bytes, which a Range request gets
         "Content-Disposition": content_disposition(
             printable(target.name), effective_disposition(disposition, kind),
             user_agent=request.headers.get("user-agent"),
@@ -139,13 +163,21 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
     })
     if layout.content_range is not None:
         headers["Content-Range"] = layout.content_range
+    if coding is None:
+        headers["Content-Length"] = str(layout.length)
+    else:
+        headers["Content-Encoding"] = coding.name  # length unknown: sent chunked
     if method == "HEAD":
         await f.close()
-        return Response(status_code=layout.status, headers=headers)
+        response = Response(status_code=layout.status, headers=headers)
+        if coding is not None:
+            del response.headers["content-length"]  # Response's own 0: the GET streams
+        return response
 
     download = await _start_audit(request, st, target, principal)
+    level = level_of(coding, settings.gzip_level, settings.zstd_level) if coding else None
     body = FileBody(f, key, layout, st.read_budget, download, st.audit, digests,
-                    digest_known=sha256 is not None)
+                    digest_known=sha256 is not None, coding=coding, level=level)
     return StreamingResponse(body, status_code=layout.status, headers=headers)
 
 
@@ -192,6 +224,7 @@ async def _hand_to_proxy(request: Request, st: State, target: Target, dispositio
         FileKey.of(storable(target.relative), target.stat))
     if sha256 is not None:
         headers["Repr-Digest"] = repr_digest(sha256)
+        headers["Digest"] = legacy_digest(sha256)
     if st.settings.max_bytes_per_second:
         headers["X-Accel-Limit-Rate"] = str(st.settings.max_bytes_per_second)
     if request.method == "GET":

@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from exporter.audit import COMPLETE, Audit, Download
+from exporter.compression import Coding, compressed
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.ranges import Layout
 from exporter.streaming import audited, run_detached
@@ -92,7 +93,10 @@ class FileChanged(Exception):
 class FileBody:
     def __init__(self, file: Any, key: FileKey, layout: Layout, sizes: ReadBudget,
                  download: Download, audit: Audit, digests: DigestStore,
-                 digest_known: bool = False) -> None:
+                 digest_known: bool = False, coding: Coding | None = None,
+                 level: int | None = None) -> None:
+        self._coding = coding  # compressed on the fly (a whole file only)
+        self._level = level
         self._file = file  # an aiofiles binary file, owned (and closed) by this body
         self._key = key
         self._layout = layout
@@ -108,6 +112,13 @@ class FileBody:
         self._links: tuple[int, int] | None = None  # (st_nlink, st_ctime_ns) at the first read
 
     def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._coding is not None:
+            # Complete when the compressed stream ran to its end (its trailer taken by
+            # the socket: `drain`); its length is known only then.
+            return audited(compressed(self._chunks(), self._coding, self._level),
+                           self.download,
+                           lambda status, error: run_detached(self._finish(status, error)),
+                           drain=True)
         # Complete by bytes: every byte of the layout went into the socket.
         return audited(self._chunks(), self.download,
                        lambda status, error: run_detached(self._finish(status, error)),

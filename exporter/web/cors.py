@@ -18,7 +18,7 @@ REQUEST_HEADERS = ["Authorization", "Range", "If-Range", "If-None-Match", "If-Mo
                    "Content-Type"]
 # What a script may read: the file name, the part it got, and what identifies the bytes.
 EXPOSED_HEADERS = ["Content-Disposition", "Content-Range", "Content-Length", "ETag",
-                   "Repr-Digest", "Accept-Ranges", "Last-Modified"]
+                   "Repr-Digest", "Digest", "Accept-Ranges", "Last-Modified"]
 
 
 class ListedOriginsOnly(CORSMiddleware):
