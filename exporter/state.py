@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from exporter.exports.catalog import Catalog
     from exporter.files.stream import ReadBudget
     from exporter.health import Health
-    from exporter.stored.store import StoredExports
+    from exporter.stored.service import StoredService
 
 
 @dataclass
@@ -42,7 +42,7 @@ class State:
     replica_health: Health | None = None
     # Stored exports (exporter/stored/): how the exports feature, which may not import
     # it, starts one (`Prefer: respond-async`) and how streamed exports keep a copy.
-    stored: StoredExports | None = None
+    stored: StoredService | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:

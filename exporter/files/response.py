@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -95,12 +96,30 @@ async def serve_file(request: Request, st: State, target: Target,
 
 async def _respond(request: Request, st: State, target: Target, disposition: str,
                    f: Any, fst: os.stat_result, principal: Principal) -> Response:
-    settings = st.settings
-    v = conditions.Validators.of(fst)
     key = FileKey.of(storable(target.relative), fst)
     digests = DigestStore(st.engine)
-    headers = {"ETag": v.etag, "Last-Modified": v.last_modified, **SAFE_HEADERS}
     sha256 = await digests.lookup(key)
+    return await respond_with_file(
+        request, st, f, fst, name=printable(target.name), kind=content_type(target.name),
+        key=key, sha256=sha256, disposition=disposition, digests=digests,
+        start_download=lambda: _start_audit(request, st, target, principal),
+        headers=SAFE_HEADERS)
+
+
+async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_result, *,
+                            name: str, kind: str, key: FileKey, sha256: bytes | None,
+                            disposition: str, digests: DigestStore,
+                            start_download: Callable[[], Awaitable[Download]],
+                            headers: Mapping[str, str]) -> Response:
+    """The answer for an open file (an aiofiles binary file, taken over) and its stat:
+    validators, conditions, ranges, the body. For files under the root and for any other
+    file served the same way (stored exports). `name` is the download's name, `kind` its
+    Content-Type; `sha256`, if known, is sent as Repr-Digest and not computed again (else
+    it is computed on a whole-file answer and stored through `digests`);
+    `start_download` opens the audit row just before the body."""
+    settings = st.settings
+    v = conditions.Validators.of(fst)
+    headers = {"ETag": v.etag, "Last-Modified": v.last_modified, **headers}
     if sha256 is not None:
         headers["Repr-Digest"] = repr_digest(sha256)
 
@@ -113,7 +132,6 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         raise ApiError(412, "the file does not meet the request's preconditions",
                        headers=headers)
 
-    kind = content_type(target.name)
     layout = ranges.whole(fst.st_size, kind)
     range_header = request.headers.get("range")
     # Range applies to GET only (RFC 9110 §14.2); HEAD shows what a plain GET would get.
@@ -133,7 +151,7 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         "Content-Length": str(layout.length),
         "Accept-Ranges": "bytes",
         "Content-Disposition": content_disposition(
-            printable(target.name), effective_disposition(disposition, kind),
+            name, effective_disposition(disposition, kind),
             user_agent=request.headers.get("user-agent"),
         ),
     })
@@ -143,7 +161,7 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         await f.close()
         return Response(status_code=layout.status, headers=headers)
 
-    download = await _start_audit(request, st, target, principal)
+    download = await start_download()
     body = FileBody(f, key, layout, st.read_budget, download, st.audit, digests,
                     digest_known=sha256 is not None)
     return StreamingResponse(body, status_code=layout.status, headers=headers)
