@@ -38,6 +38,9 @@ from exporter.files.stream import ReadBudget
 from exporter.health import Health
 from exporter.server.prefix import RootPath
 from exporter.state import State
+from exporter.stored import routes as stored_routes
+from exporter.stored.service import StoredService
+from exporter.stored.storage import LocalStorage
 from exporter.streaming import wait_detached
 from exporter.web import page
 from exporter.web.cors import add_cors
@@ -145,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         instance = Instance(engine, instance_id, settings.slot_lease)
         await instance.start()
         await _close_abandoned(engine, instance)
+        stored = StoredService(engine, settings, LocalStorage(settings.exports_folder),
+                               instance_id)
         app.state.exporter = State(
             settings, engine, catalog,
             Audit(engine, flush_interval=settings.audit_flush_interval,
@@ -158,7 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Health(database_url),
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
+            stored=stored,
         )
+        await stored.start_cleanup()
         if replica is not None:
             log.info("exports read from the read replica (EXPORTER_REPLICA_URL)")
         yield
@@ -166,6 +173,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # (connections to let go, audit rows to close). uvicorn starts this before the
         # requests it cancelled have run their clean-up: those are ended here.
         await asyncio.sleep(0)
+        # Stored exports running here end as failed (they are not resumed: see
+        # exporter/stored/store.py), before their connections and audit rows go.
+        await stored.stop()
         if ended := end_running_exports():
             log.warning("%d exports still running at shutdown: aborted", ended)
         if left := await wait_detached(DETACHED_GRACE):
@@ -226,4 +236,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(access_routes.router)
     app.include_router(downloads.router)
     app.include_router(file_routes.router)
+    app.include_router(stored_routes.router)
     return app

@@ -14,7 +14,7 @@ from exporter.tables import APP_SCHEMA
 
 # The first path segments the app's routes use (see exporter/server/prefix.py).
 ROUTE_NAMES = frozenset({"datasets", "files", "links", "downloads", "tokens", "session",
-                         "healthz", "docs", "redoc", "openapi.json"})
+                         "healthz", "docs", "redoc", "openapi.json", "exports"})
 
 
 class Settings(BaseSettings):
@@ -143,6 +143,22 @@ class Settings(BaseSettings):
     # still count; a live process renews its lease every third of it.
     slot_lease: float = Field(default=15.0, ge=1)
 
+    # Stored exports (POST /exports, `Prefer: respond-async`): their files go into this
+    # folder (unset: `data_dir`/exports). Several hosts may share it (NFS): any host then
+    # answers for any stored export (docs/deploy.md).
+    exports_dir: Path | None = None
+    # Bytes all stored exports may take together, running ones included: a kick-off that
+    # finds it full gets 507, a running export that crosses it fails. 0: no quota.
+    exports_max_bytes: int = Field(default=10 * 1024**3, ge=0)
+    # How long a finished stored export (and its file) is kept: 90s, 15m, 24h, 7d.
+    exports_retention: str = "24h"
+    # Seconds between two runs of the clean-up (expired exports, partial files, orphans,
+    # exports whose runner stopped beating).
+    exports_cleanup_interval: float = Field(default=60.0, gt=0)
+    # Seconds between two progress updates of a running stored export (rows, bytes, its
+    # heartbeat); one whose heartbeat is older than 5 of these is taken for dead.
+    exports_progress_interval: float = Field(default=1.0, gt=0, le=60)
+
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.
     cors_origins: list[str] = []
@@ -210,6 +226,17 @@ class Settings(BaseSettings):
                              " as /internal/ (starting and ending with /)")
         return value
 
+    @field_validator("exports_retention")
+    @classmethod
+    def _retention(cls, value: str) -> str:
+        # The form of exporter/access/durations.py (which the core may not import); that
+        # module reads it.
+        value = value.strip()
+        if not re.fullmatch(r"[0-9]{1,6}[smhdw]", value) or int(value[:-1]) == 0:
+            raise ValueError("EXPORTER_EXPORTS_RETENTION is a duration such as 90s, 15m,"
+                             " 24h, 7d or 2w")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgresql_url(cls, url: str | None) -> str | None:
@@ -247,6 +274,10 @@ class Settings(BaseSettings):
     def export_cap(self) -> int:
         """`max_exports`, kept two connections below the pool's total."""
         return max(1, min(self.max_exports, self.pool_size + self.pool_max_overflow - 2))
+
+    @property
+    def exports_folder(self) -> Path:
+        return self.exports_dir if self.exports_dir is not None else self.data_dir / "exports"
 
     @property
     def pgdata(self) -> Path:

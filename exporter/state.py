@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from exporter.exports.catalog import Catalog
     from exporter.files.stream import ReadBudget
     from exporter.health import Health
+    from exporter.stored.service import StoredService
 
 
 @dataclass
@@ -39,6 +40,9 @@ class State:
     # EXPORTER_REPLICA_URL's engine and probe; None without a replica.
     replica: AsyncEngine | None = None
     replica_health: Health | None = None
+    # Stored exports (exporter/stored/): how the exports feature, which may not import
+    # it, starts one (`Prefer: respond-async`) and how streamed exports keep a copy.
+    stored: StoredService | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:

@@ -109,3 +109,44 @@ slots = sa.Table(
     sa.Index("slots_instance_idx", "instance"),
     prefixes=["UNLOGGED"],  # see migrations/versions/0005_deployment.py
 )
+
+# Exports run to completion into a file (POST /exports, `Prefer: respond-async`: kind
+# `async`), and the stored copies of streamed exports (kind `streamed`). The file is in
+# the storage (exporter/stored/storage.py) under `storage_key`; this row says what it is.
+stored_exports = sa.Table(
+    "stored_exports",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # secrets.token_urlsafe(16)
+    # Who may read it (see exporter/stored/owners.py): "token ID" for a token and the
+    # links it made, else the principal's limit key ("anonymous ADDRESS", an operator
+    # link's own key).
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("principal", sa.Text, nullable=False),  # its label, as in the audit trail
+    sa.Column("kind", sa.Text, nullable=False),  # async | streamed
+    sa.Column("url", sa.Text, nullable=False),  # path and query, no link parameters
+    sa.Column("dataset", sa.Text, nullable=False),
+    sa.Column("format", sa.Text, nullable=False),
+    sa.Column("coding", sa.Text),  # None (identity), gzip or zstd
+    sa.Column("content_type", sa.Text, nullable=False),
+    sa.Column("filename", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),  # running | complete | failed | cancelled
+    sa.Column("rows", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("bytes", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("estimated_rows", sa.BigInteger),
+    sa.Column("sha256", sa.LargeBinary),
+    sa.Column("error", sa.Text),
+    sa.Column("storage_key", sa.Text, nullable=False),
+    sa.Column("instance", sa.Text),  # the server process that runs (or ran) it
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("snapshot_time", sa.DateTime(timezone=True)),
+    sa.Column("finished", sa.DateTime(timezone=True)),
+    sa.Column("expires", sa.DateTime(timezone=True)),
+    sa.Column("heartbeat", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Index("stored_exports_owner_idx", "owner", "created"),
+    sa.Index("stored_exports_created_idx", "created"),
+    sa.Index("stored_exports_expires_idx", "expires"),
+    sa.Index("stored_exports_running_idx", "heartbeat",
+             postgresql_where=sa.text("status = 'running'")),
+)

@@ -308,7 +308,8 @@ def files_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Server]:
     """The exporter, as `exporter serve` runs it, shared by the tests that only read."""
     with Server(database_url, logs_dir / "server.log",
-                {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC}) as s:
+                {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC,
+                 "EXPORTER_EXPORTS_DIR": str(files_root.parent / "exports")}) as s:
         yield s
 
 
@@ -334,7 +335,9 @@ def _server_factory(database_url: str, logs_dir: Path, files_root: Path
         def __init__(self, env: dict[str, str] | None = None, *, url: str | None = None,
                      **kwargs: object) -> None:
             name = f"server-{len(started)}-{uuid.uuid4().hex[:6]}.log"
-            env = {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC, **(env or {})}
+            # Stored exports go to a folder of the test run's (never var/ in the checkout).
+            env = {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC,
+                   "EXPORTER_EXPORTS_DIR": str(files_root.parent / "exports"), **(env or {})}
             super().__init__(url or database_url, logs_dir / name, env, **kwargs)  # type: ignore[arg-type]
             started.append(self)
 
