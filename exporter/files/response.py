@@ -128,7 +128,8 @@ async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_re
                             name: str, kind: str, key: FileKey, sha256: bytes | None,
                             disposition: str, digests: DigestStore,
                             start_download: Callable[[], Awaitable[Download]],
-                            headers: Mapping[str, str], etag: str | None = None) -> Response:
+                            headers: Mapping[str, str], etag: str | None = None,
+                            compress: bool = True) -> Response:
     """The answer for an open file (an aiofiles binary file, taken over) and its stat:
     validators, conditions, ranges, the body. For files under the root and for any other
     file served the same way (stored exports). `name` is the download's name, `kind` its
@@ -136,12 +137,13 @@ async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_re
     it is computed on a whole-file answer and stored through `digests`);
     `start_download` opens the audit row just before the body. `etag`: the strong ETag
     of a file that never changes under its name (a stored export's id), instead of one
-    made of its size, mtime and inode."""
+    made of its size, mtime and inode. `compress`: False for a file whose length and
+    digest are its promise (a stored export: its manifest names both)."""
     settings = st.settings
     v = conditions.Validators.of(fst)
     if etag is not None:
         v = replace(v, etag=etag)
-    varies = _varies(settings, kind, fst.st_size)
+    varies = compress and _varies(settings, kind, fst.st_size)
     coding = _coding(request, varies)
     headers = {"ETag": coded_etag(v.etag, coding), "Last-Modified": v.last_modified,
                **headers}

@@ -269,12 +269,14 @@ class StoredService(StoredExports):
             headers = {**SAFE_HEADERS, "Cache-Control": "private"}
             # Its id is a strong ETag: the file never changes under it. The same one the
             # streamed export it copies (if any) carried, so If-Range works across both.
+            # Never compressed on the fly: its Content-Length and digest are what the
+            # manifest promises (a compressed one is asked for as .csv.gz, say).
             return await respond_with_file(
                 request, st, f, fst, name=row.filename, kind=row.content_type,
                 key=FileKey.of(f"{PREFIX}/{row.id}", fst), sha256=sha256,
                 disposition=disposition, digests=DigestStore(st.engine),
                 start_download=lambda: _start_audit(request, st, row, principal),
-                headers=headers, etag=f'"{row.id}"')
+                headers=headers, etag=f'"{row.id}"', compress=False)
         except BaseException:
             await f.close()
             raise
