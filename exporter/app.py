@@ -38,8 +38,10 @@ from exporter.files.stream import ReadBudget
 from exporter.health import Health
 from exporter.server.prefix import RootPath
 from exporter.state import State
+from exporter.stored import routes as stored_routes
+from exporter.stored.copies import StreamedCopies
+from exporter.stored.service import StoredService
 from exporter.stored.storage import LocalStorage
-from exporter.stored.store import StoredExports
 from exporter.streaming import wait_detached
 from exporter.web import page
 from exporter.web.cors import add_cors
@@ -147,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         instance = Instance(engine, instance_id, settings.slot_lease)
         await instance.start()
         await _close_abandoned(engine, instance)
-        stored = StoredExports(engine, settings, LocalStorage(settings.exports_folder),
+        stored = StoredService(engine, settings, LocalStorage(settings.exports_folder),
                                instance_id)
         app.state.exporter = State(
             settings, engine, catalog,
@@ -163,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
             stored=stored,
+            copies=StreamedCopies(stored) if settings.exports_resume else None,
         )
         await stored.start_cleanup()
         if replica is not None:
@@ -172,7 +175,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # (connections to let go, audit rows to close). uvicorn starts this before the
         # requests it cancelled have run their clean-up: those are ended here.
         await asyncio.sleep(0)
-        await stored.stop_cleanup()
+        # Stored exports running here end as failed (they are not resumed: see
+        # exporter/stored/store.py), before their connections and audit rows go.
+        await stored.stop()
         if ended := end_running_exports():
             log.warning("%d exports still running at shutdown: aborted", ended)
         if left := await wait_detached(DETACHED_GRACE):
@@ -233,4 +238,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(access_routes.router)
     app.include_router(downloads.router)
     app.include_router(file_routes.router)
+    app.include_router(stored_routes.router)
     return app

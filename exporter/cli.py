@@ -23,6 +23,7 @@ from exporter.config import Settings
 from exporter.exports import cli as exports_cli
 from exporter.files import cli as files_cli
 from exporter.server.logs import log_config
+from exporter.stored import cli as stored_cli
 
 log = logging.getLogger("exporter")
 
@@ -181,6 +182,7 @@ def demo(
 files_cli.register(app)
 access_cli.register(app)
 exports_cli.register(app)
+stored_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from exporter.exports.copies import Copies
     from exporter.files.stream import ReadBudget
     from exporter.health import Health
-    from exporter.stored.store import StoredExports
+    from exporter.stored.service import StoredService
 
 
 @dataclass
@@ -43,7 +43,7 @@ class State:
     replica_health: Health | None = None
     # Stored exports (exporter/stored/): how the exports feature, which may not import
     # it, starts one (`Prefer: respond-async`).
-    stored: StoredExports | None = None
+    stored: StoredService | None = None
     # The stored copies of streamed exports, for resuming them (exporter/stored/, seen
     # through the exports feature's own interface); None: EXPORTER_EXPORTS_RESUME is off.
     copies: Copies | None = None

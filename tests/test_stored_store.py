@@ -120,7 +120,7 @@ def test_the_quota(app: InProcess, database_url: str) -> None:
         assert second.reason == QUOTA_EXCEEDED
         await second.fail(second.reason or "")
         third = await begin(st)
-        await third.write(b"x" * 500_000)
+        await third.write(b"x" * 400_000)  # exactly up to the quota
         await third.finish(1, None)
         with pytest.raises(ApiError) as refused:
             await begin(st)

@@ -294,6 +294,13 @@ def keep_releases(scope: Scope) -> Callable[[], None]:
     return release_all
 
 
+def release_now(scope: Scope) -> None:
+    """Give back what `scope` holds now. For slots taken on a scope of its own by work
+    that outlives its request (a stored export holds its slots until it ends)."""
+    for release in scope.get("state", {}).pop(_RELEASES, []):
+        release()
+
+
 @dataclass
 class ExportWatch:
     """What the middleware needs to cut an export whose client stalls."""

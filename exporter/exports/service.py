@@ -10,7 +10,7 @@ from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from exporter.access.limits import ExportWatch, keep_releases, on_request_end, watch_export
-from exporter.access.links import LINK_PARAMETERS, SIGNATURE
+from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, accepted, by_extension, level_of
@@ -22,7 +22,7 @@ from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import Order, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
-from exporter.http import content_disposition, parse_accept
+from exporter.http import content_disposition, parse_accept, prefers_async
 from exporter.state import State
 from exporter.streaming import ClientLeft, unless_disconnected
 from exporter.tables import APP_SCHEMA, downloads
@@ -176,6 +176,14 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     filters = [p for p in params if p[0] not in LINK_PARAMETERS] if (
         principal.kind == LINK) else params
     query = parse(dataset, filters)
+    if (request.method == "GET" and st.stored is not None and not from_primary
+            and prefers_async(request.headers.getlist("prefer"))):
+        # A stored export (exporter/stored/), reached through the state: 202 and a status URL.
+        url = request.url.path.removeprefix(request.scope.get("root_path", ""))
+        if filters:
+            url += "?" + canonical_query(filters)
+        return await st.stored.kick_off(request, st, principal, dataset, renderer, query,
+                                        explicit, url)
     if request.method == "HEAD":
         # The same server as the GET would read, so both answer alike when it is down.
         try:

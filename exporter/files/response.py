@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -112,18 +114,41 @@ def _coding(request: Request, varies: bool) -> Coding | None:
 
 async def _respond(request: Request, st: State, target: Target, disposition: str,
                    f: Any, fst: os.stat_result, principal: Principal) -> Response:
-    settings = st.settings
-    v = conditions.Validators.of(fst)
     key = FileKey.of(storable(target.relative), fst)
     digests = DigestStore(st.engine)
-    kind = content_type(target.name)
-    varies = _varies(settings, kind, fst.st_size)
+    sha256 = await digests.lookup(key)
+    return await respond_with_file(
+        request, st, f, fst, name=printable(target.name), kind=content_type(target.name),
+        key=key, sha256=sha256, disposition=disposition, digests=digests,
+        start_download=lambda: _start_audit(request, st, target, principal),
+        headers=SAFE_HEADERS)
+
+
+async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_result, *,
+                            name: str, kind: str, key: FileKey, sha256: bytes | None,
+                            disposition: str, digests: DigestStore,
+                            start_download: Callable[[], Awaitable[Download]],
+                            headers: Mapping[str, str], etag: str | None = None,
+                            compress: bool = True) -> Response:
+    """The answer for an open file (an aiofiles binary file, taken over) and its stat:
+    validators, conditions, ranges, the body. For files under the root and for any other
+    file served the same way (stored exports). `name` is the download's name, `kind` its
+    Content-Type; `sha256`, if known, is sent as Repr-Digest and not computed again (else
+    it is computed on a whole-file answer and stored through `digests`);
+    `start_download` opens the audit row just before the body. `etag`: the strong ETag
+    of a file that never changes under its name (a stored export's id), instead of one
+    made of its size, mtime and inode. `compress`: False for a file whose length and
+    digest are its promise (a stored export: its manifest names both)."""
+    settings = st.settings
+    v = conditions.Validators.of(fst)
+    if etag is not None:
+        v = replace(v, etag=etag)
+    varies = compress and _varies(settings, kind, fst.st_size)
     coding = _coding(request, varies)
     headers = {"ETag": coded_etag(v.etag, coding), "Last-Modified": v.last_modified,
-               **SAFE_HEADERS}
+               **headers}
     if varies:
         headers["Vary"] = "Accept-Encoding"
-    sha256 = await digests.lookup(key)
     # Both digests are of the bytes sent (RFC 9530, RFC 3230): not of a compressed answer.
     if sha256 is not None and coding is None:
         headers["Repr-Digest"] = repr_digest(sha256)
@@ -157,7 +182,7 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
         "Content-Type": layout.content_type,
         "Accept-Ranges": "bytes",  # of the identity bytes, which a Range request gets
         "Content-Disposition": content_disposition(
-            printable(target.name), effective_disposition(disposition, kind),
+            name, effective_disposition(disposition, kind),
             user_agent=request.headers.get("user-agent"),
         ),
     })
@@ -174,7 +199,7 @@ async def _respond(request: Request, st: State, target: Target, disposition: str
             del response.headers["content-length"]  # Response's own 0: the GET streams
         return response
 
-    download = await _start_audit(request, st, target, principal)
+    download = await start_download()
     level = level_of(coding, settings.gzip_level, settings.zstd_level) if coding else None
     body = FileBody(f, key, layout, st.read_budget, download, st.audit, digests,
                     digest_known=sha256 is not None, coding=coding, level=level)

@@ -72,7 +72,11 @@ _HOLDING = (RUNNING, COMPLETE)
 
 
 def new_id() -> str:
-    return secrets.token_urlsafe(16)  # 22 characters of [A-Za-z0-9_-]
+    """22 characters of [A-Za-z0-9_-], never a leading `-` (which a command line would
+    take for an option: `exporter exports delete ID`)."""
+    while (export_id := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return export_id
 
 
 def owner_of(principal: Principal) -> str:
@@ -106,11 +110,11 @@ class StoredExports:
 
     # --- writing -----------------------------------------------------------------------
 
-    async def check_quota(self) -> None:
-        """507 if the stored exports already fill the quota."""
+    async def check_quota(self) -> int:
+        """507 if the stored exports already fill the quota; the bytes they hold."""
         cap = self.settings.exports_max_bytes
         if not cap:
-            return
+            return 0
         try:
             async with self.engine.connect() as conn:
                 used = int(await conn.scalar(sa.select(_used())) or 0)
@@ -120,13 +124,14 @@ class StoredExports:
             raise ApiError(507, f"the stored exports fill their quota ({used} of {cap} bytes,"
                            " EXPORTER_EXPORTS_MAX_BYTES): delete some, or wait for older"
                            " ones to expire")
+        return used
 
     async def begin(self, principal: Principal, *, url: str, dataset: str, format: str,
                     coding: str | None, content_type: str, filename: str, kind: str,
                     estimated_rows: int | None = None,
                     on_stop: Callable[[str], None] | None = None) -> Writer:
         """A new running export and its writer; 507 when the quota is full."""
-        await self.check_quota()
+        used = await self.check_quota()
         export_id = new_id()
         try:
             async with self.engine.begin() as conn:
@@ -148,6 +153,7 @@ class StoredExports:
                                headers={"Retry-After": "5"}) from error
             raise
         writer = Writer(self, export_id, out, on_stop)
+        writer.room = self.settings.exports_max_bytes - used
         writer.start()
         return writer
 
@@ -253,7 +259,8 @@ class Writer:
         self._hash = hashlib.sha256()
         cap = store.settings.exports_max_bytes
         self._cap = cap
-        self._room: int | None = None  # bytes it may reach before the next beat says more
+        # Bytes it may reach, as of its start or its last beat (the others' grow too).
+        self.room: int | None = None
         self._beating: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -271,7 +278,7 @@ class Writer:
     async def write(self, chunk: bytes) -> None:
         if self.stopped.is_set():
             raise Stopped(self.reason)
-        if self._cap and self._room is not None and self.bytes + len(chunk) > self._room:
+        if self._cap and self.room is not None and self.bytes + len(chunk) > self.room:
             self._stop(QUOTA_EXCEEDED)
             raise Stopped(self.reason)
         # Both release the GIL on large buffers: the second core does the work.
@@ -305,8 +312,8 @@ class Writer:
                                else f"marked {beat.status} meanwhile")
                     return
                 if self._cap:
-                    self._room = self._cap - beat.others
-                    if self.bytes > self._room:
+                    self.room = self._cap - beat.others
+                    if self.bytes > self.room:
                         self._stop(QUOTA_EXCEEDED)
                         return
             await asyncio.sleep(self._store.interval)

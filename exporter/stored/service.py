@@ -1,0 +1,472 @@
+"""What the /exports routes do: start a stored export (POST /exports, or `Prefer:
+respond-async` on an export URL), run it in the background, answer for its status,
+list, cancel or remove it, and serve its file.
+
+An export runs the exports' own COPY (exporter/exports/export.py, the same snapshot,
+checks and audit row as a streamed one), optionally compressed, into the storage; its
+snapshot and pool connection are let go when the COPY ends, whoever downloads the file
+later. While it runs it holds its principal's download slot and an export slot, as a
+streamed export does while its client reads.
+
+Status codes of GET /exports/{id}: 202 while it runs (with progress), 200 with the
+manifest once complete, 410 once failed or cancelled (the body says which and why: it
+will never have a file). Someone else's id, or one that does not exist: 404 alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import sqlalchemy as sa
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import Scope
+
+from exporter.access.limits import release_now
+from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query
+from exporter.access.principal import ANONYMOUS, Principal
+from exporter.audit import Download
+from exporter.compression import Coding, by_extension, by_name, compressed, level_of
+from exporter.config import Settings
+from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
+from exporter.exports import sql
+from exporter.exports.catalog import Dataset
+from exporter.exports.export import Export, filename, source_name
+from exporter.exports.query import ExportQuery, parse
+from exporter.exports.renderers import Renderer
+from exporter.exports.service import candidate_names, resolve
+from exporter.files.digests import DigestStore, FileKey
+from exporter.files.response import SAFE_HEADERS, respond_with_file
+from exporter.state import State
+from exporter.stored.storage import Storage
+from exporter.stored.store import (
+    ASYNC,
+    CANCELLED,
+    COMPLETE,
+    RUNNING,
+    Stopped,
+    StoredExports,
+    Writer,
+    owner_of,
+)
+from exporter.streaming import ClientLeft
+from exporter.tables import stored_exports as t
+
+log = logging.getLogger(__name__)
+
+ID = re.compile(r"[A-Za-z0-9_-]{22}")
+PREFIX = "/exports"
+SHUTDOWN = "the server shut down while it ran"
+# A stored export waits for its first row as long as it must: nobody holds a request
+# open for it (a streamed export gives up after EXPORTER_STATEMENT_TIMEOUT).
+FIRST_ROW_WAIT = 7 * 86400.0
+DEFAULT_LIST = 100
+MAX_LIST = 1000
+MAX_BODY = 64 * 1024
+
+
+class StoredService(StoredExports):
+    """The stored exports of the app (State.stored): the writer API of StoredExports, the
+    runs of this process, and what the routes ask of them."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings, storage: Storage,
+                 instance_id: str) -> None:
+        super().__init__(engine, settings, storage, instance_id)
+        self._runs: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+
+    # --- starting ------------------------------------------------------------------------
+
+    async def kick_off(self, request: Request, st: State, principal: Principal,
+                       dataset: Dataset, renderer: Renderer, query: ExportQuery,
+                       coding: Coding | None, url: str) -> Response:
+        """Checks (400 for bad values, 507 when the quota is full, 429/503 over the
+        caps), then 202 with the status URL; the export runs in the background."""
+        await self.check_quota()
+        engine = st.export_engine
+        estimated = await _check_and_estimate(engine, query, engine is st.replica)
+        # Slots taken on a scope of the run's own, held until the run ends.
+        holder: Scope = {"type": "http", "state": {}, "headers": [], "method": "POST",
+                         "path": request.url.path}
+        try:
+            await st.limiter.acquire(Request(holder, request.receive), principal.limit_key,
+                                     export=True)
+        except ClientLeft:
+            release_now(holder)
+            return Response(status_code=499)
+        except BaseException:
+            release_now(holder)
+            raise
+        try:
+            at = datetime.now(UTC)
+            extension = f".{coding.extension}" if coding else ""
+            name = filename(dataset.name, renderer, at) + extension
+            content_type = coding.media_type if coding else renderer.content_type
+            run: list[asyncio.Task[None]] = []
+            writer = await self.begin(
+                principal, url=url, dataset=dataset.name, format=renderer.name,
+                coding=coding.name if coding else None, content_type=content_type,
+                filename=name, kind=ASYNC, estimated_rows=estimated,
+                on_stop=lambda reason: _cancel(run))
+        except BaseException:
+            release_now(holder)
+            raise
+        client = request.client.host if request.client else None
+        download = Download("export", dataset.name, client, format=renderer.name,
+                            params=_recorded(request, url), principal=principal.label,
+                            link_expires=principal.link_expires)
+        job = Export(engine, st.audit, self.settings.model_copy(
+            update={"statement_timeout": FIRST_ROW_WAIT}), query, renderer, download,
+            replica=engine is st.replica)
+        task = asyncio.get_running_loop().create_task(self._run(writer, job, coding, holder))
+        run.append(task)
+        self._runs[writer.id] = task
+        task.add_done_callback(lambda _: self._runs.pop(writer.id, None))
+        location = f"{request.scope.get('root_path', '')}{PREFIX}/{writer.id}"
+        return JSONResponse(
+            {"id": writer.id, "status": RUNNING, "url": url, "status_url": location},
+            status_code=202,
+            headers={"Location": location, "Preference-Applied": "respond-async",
+                     "Retry-After": self._retry_after(), "Cache-Control": "no-store"})
+
+    def _retry_after(self) -> str:
+        return str(max(1, round(self.interval * 2)))
+
+    async def _run(self, writer: Writer, job: Export, coding: Coding | None,
+                   holder: Scope) -> None:
+        body: AsyncIterator[bytes] | None = None
+        try:
+            try:
+                await job.open()
+                body = job.body()
+                chunks: AsyncIterator[bytes] = _counting(body, job, writer)
+                if coding is not None:
+                    s = self.settings
+                    chunks = compressed(chunks, coding, level_of(coding, s.gzip_level,
+                                                                 s.zstd_level))
+                async for chunk in chunks:
+                    await writer.write(chunk)
+                await writer.finish(job.download.rows, job.snapshot_time)
+            finally:
+                if body is not None and hasattr(body, "aclose"):
+                    # The COPY stopped and its snapshot let go now, if it still ran.
+                    await body.aclose()
+        except asyncio.CancelledError:
+            await writer.fail(SHUTDOWN if self._stopping else (writer.reason or "cancelled"))
+        except Stopped as stop:
+            await writer.fail(str(stop) or "stopped")
+        except ApiError as error:
+            await writer.fail(error.message)
+        except Exception as error:
+            log.warning("stored export %s failed: %s: %s", writer.id, type(error).__name__,
+                        error)
+            await writer.fail(f"{type(error).__name__}: {error}")
+        finally:
+            release_now(holder)
+
+    async def stop(self) -> None:
+        """At shutdown: this process's runs end as failed (SHUTDOWN); they are not
+        resumed by another process (a new run would be another snapshot)."""
+        self._stopping = True
+        runs = list(self._runs.values())
+        for task in runs:
+            task.cancel()
+        if runs:
+            log.warning("%d stored exports still running at shutdown: failed", len(runs))
+            await asyncio.wait(runs, timeout=10)
+        await self.stop_cleanup()
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def _row(self, principal: Principal, export_id: str) -> sa.Row[Any]:
+        """The export if the principal may see it; 404 alike for absent and others'."""
+        if not ID.fullmatch(export_id):
+            raise ApiError(404, "no such export")
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(sa.select(t).where(t.c.id == export_id))).first()
+        except DATABASE_ERRORS as error:
+            raise unavailable(error) from error
+        if row is None or not (principal.is_admin or row.owner == owner_of(principal)):
+            raise ApiError(404, "no such export")
+        return row
+
+    async def status(self, request: Request, principal: Principal, export_id: str) -> Response:
+        row = await self._row(principal, export_id)
+        body = describe(request, row)
+        headers = {"Cache-Control": "no-store"}
+        if row.status == RUNNING:
+            progress = body["progress"]
+            headers["Retry-After"] = self._retry_after()
+            headers["X-Progress"] = (f"{progress['percent']}%" if progress["percent"] is not None
+                                     else f"{row.rows} rows")
+            return JSONResponse(body, status_code=202, headers=headers)
+        if row.status == COMPLETE:
+            return JSONResponse(body, headers=headers)
+        return JSONResponse(body, status_code=410, headers=headers)
+
+    async def listing(self, request: Request, principal: Principal) -> Response:
+        raw = request.query_params.get("limit", str(DEFAULT_LIST))
+        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw[:6]) <= MAX_LIST \
+                or len(raw) > 6:
+            raise bad_parameter("limit", f"limit must be between 1 and {MAX_LIST}")
+        select = sa.select(t).order_by(t.c.created.desc(), t.c.id).limit(int(raw))
+        if not principal.is_admin:
+            select = select.where(t.c.owner == owner_of(principal))
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(select)).all()
+        except DATABASE_ERRORS as error:
+            raise unavailable(error) from error
+        return JSONResponse({"exports": [describe(request, r) for r in rows]},
+                            headers={"Cache-Control": "no-store"})
+
+    async def delete(self, principal: Principal, export_id: str) -> Response:
+        """Cancel a running export (its runner, on whatever host, hears it at its next
+        beat) or remove a finished one with its file."""
+        row = await self._row(principal, export_id)
+        async with self.engine.begin() as conn:
+            if row.status == RUNNING:
+                cancelled = await conn.scalar(
+                    sa.update(t).where(t.c.id == export_id, t.c.status == RUNNING)
+                    .values(status=CANCELLED, error=f"cancelled by {principal.label}",
+                            finished=sa.func.now(), expires=sa.func.now() + self.retention)
+                    .returning(t.c.id))
+                if cancelled is not None:
+                    if (task := self._runs.get(export_id)) is not None:
+                        task.cancel()  # here at once; elsewhere at the runner's next beat
+                    return Response(status_code=204)
+            await conn.execute(sa.delete(t).where(t.c.id == export_id))
+        await self.storage.delete(row.storage_key)
+        return Response(status_code=204)
+
+    async def file(self, request: Request, st: State, principal: Principal,
+                   export_id: str) -> Response:
+        row = await self._row(principal, export_id)
+        if row.status == RUNNING:
+            raise ApiError(409, "the export is still running: see its status",
+                           headers={"Retry-After": self._retry_after()})
+        if row.status != COMPLETE:
+            raise ApiError(410, f"the export {row.status}: {row.error}")
+        disposition = request.query_params.get("disposition", "attachment")
+        if disposition not in ("attachment", "inline"):
+            raise ApiError(400, "disposition is attachment or inline", parameter="disposition")
+        try:
+            f, fst = await self.storage.open(row.storage_key)
+        except FileNotFoundError:
+            raise ApiError(410, "the export's file is gone (expired or removed)") from None
+        try:
+            sha256 = bytes(row.sha256)
+            headers = {**SAFE_HEADERS, "Cache-Control": "private"}
+            # Its id is a strong ETag: the file never changes under it. The same one the
+            # streamed export it copies (if any) carried, so If-Range works across both.
+            # Never compressed on the fly: its Content-Length and digest are what the
+            # manifest promises (a compressed one is asked for as .csv.gz, say).
+            return await respond_with_file(
+                request, st, f, fst, name=row.filename, kind=row.content_type,
+                key=FileKey.of(f"{PREFIX}/{row.id}", fst), sha256=sha256,
+                disposition=disposition, digests=DigestStore(st.engine),
+                start_download=lambda: _start_audit(request, st, row, principal),
+                headers=headers, etag=f'"{row.id}"', compress=False)
+        except BaseException:
+            await f.close()
+            raise
+
+
+def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+
+
+async def _start_audit(request: Request, st: State, row: sa.Row[Any],
+                       principal: Principal) -> Download:
+    range_header = request.headers.get("range")
+    download = Download("stored", f"{row.id} {row.url}"[:1000],
+                        request.client.host if request.client else None, format=row.format,
+                        range=range_header[:1000] if range_header is not None else None,
+                        principal=principal.label, link_expires=principal.link_expires)
+    try:
+        await st.audit.start(download)
+    except Exception as error:
+        raise unavailable(error) from error
+    return download
+
+
+async def _counting(body: AsyncIterator[bytes], job: Export,
+                    writer: Writer) -> AsyncGenerator[bytes, None]:
+    """The body, its rows counted on the way by newlines (a CSV value may hold one, so
+    this is a running estimate; the COPY's own count is the final one)."""
+    lines = 0
+    header = 1 if job.renderer.header("") is not None else 0
+    async for chunk in body:
+        lines += chunk.count(b"\n")
+        await writer.progress(max(0, lines - header))
+        yield chunk
+
+
+async def _check_and_estimate(engine: AsyncEngine, query: ExportQuery,
+                              replica: bool) -> int | None:
+    """400 for bad filter values (as a streamed export would answer), and the planner's
+    estimate of the rows: EXPLAIN's "Plan Rows" of the export's own SELECT, which counts
+    the filters and the limit and works for views, unlike pg_class.reltuples (a table's
+    total only). Planning only: nothing runs."""
+    try:
+        conn = await engine.connect()
+    except DATABASE_ERRORS as error:
+        raise unavailable(error, source_name(replica)) from error
+    try:
+        await sql.check_values(conn, query)
+        try:
+            plan = await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql.select_sql(query))
+            value = plan.scalar_one()
+            doc = json.loads(value) if isinstance(value, str) else value
+            return int(doc[0]["Plan"]["Plan Rows"])
+        except Exception as error:  # an estimate is a nicety: never a reason to refuse
+            log.info("no row estimate: %s", error)
+            await conn.rollback()
+            return None
+    finally:
+        await conn.close()
+
+
+def _recorded(request: Request, url: str) -> dict[str, list[str]]:
+    recorded: dict[str, list[str]] = {"stored": ["async"]}
+    for key, value in request.query_params.multi_items():
+        if key != SIGNATURE:
+            recorded.setdefault(key, []).append(value)
+    recorded["url"] = [url]
+    return recorded
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def describe(request: Request, row: sa.Row[Any]) -> dict[str, Any]:
+    """The status JSON: what the page shows and scripts read (the manifest once done)."""
+    base = str(request.base_url).rstrip("/")
+    status_url = f"{base}{PREFIX}/{row.id}"
+    body: dict[str, Any] = {
+        "id": row.id, "status": row.status, "kind": row.kind, "url": row.url,
+        "dataset": row.dataset, "format": row.format, "coding": row.coding,
+        "content_type": row.content_type, "filename": row.filename,
+        "principal": row.principal, "status_url": status_url,
+        "created": _iso(row.created), "rows": row.rows, "bytes": row.bytes,
+    }
+    if row.status == RUNNING:
+        estimated = row.estimated_rows
+        percent = (min(99, int(100 * row.rows / estimated)) if estimated else None)
+        now = datetime.now(UTC)
+        body["progress"] = {
+            "rows": row.rows, "bytes": row.bytes, "estimated_rows": estimated,
+            "percent": percent, "started": _iso(row.created),
+            "elapsed": round((now - row.created).total_seconds(), 3),
+        }
+        return body
+    body.update({"finished": _iso(row.finished), "expires": _iso(row.expires)})
+    if row.status == COMPLETE:
+        sha256 = bytes(row.sha256)
+        body.update({
+            "snapshot_time": _iso(row.snapshot_time),
+            "sha256": sha256.hex(), "sha256_base64": base64.b64encode(sha256).decode(),
+            "file_url": f"{status_url}/file",
+        })
+    else:
+        body["error"] = row.error
+    return body
+
+
+# --- POST /exports -----------------------------------------------------------------------
+
+async def start(request: Request, st: State, principal: Principal) -> Response:
+    """POST /exports with `{"url": "/datasets/orders.csv.gz?amount=gt.5"}` (and an optional
+    `"coding": "gzip"|"zstd"`): the same checks and errors as the streamed export."""
+    stored = _service(st, principal)
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"the body is larger than {MAX_BODY} bytes")
+    try:
+        body: Any = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, 'expected a JSON body: {"url": "/datasets/orders.csv?..."}') from None
+    if not isinstance(body, dict) or not isinstance(body.get("url"), str):
+        raise bad_parameter("url", "'url' must be an export's path, such as"
+                            " /datasets/orders.csv?amount=gt.5")
+    try:
+        url = urlsplit(body["url"])
+    except ValueError as error:
+        raise bad_parameter("url", f"not a URL: {error}") from None
+    root = request.scope.get("root_path", "")
+    path = url.path
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    if not path.startswith("/datasets/") or len(path) <= len("/datasets/"):
+        raise bad_parameter("url", "'url' must be an export's path, such as"
+                            " /datasets/orders.csv")
+    name = unquote(path[len("/datasets/"):])
+    coding: Coding | None = None
+    base, dot, extension = name.rpartition(".")
+    if dot and (by_ext := by_extension(extension)) is not None:
+        name, coding = base, by_ext
+    asked = body.get("coding")
+    if asked is not None:
+        if not isinstance(asked, str) or (named := by_name(asked)) is None:
+            raise bad_parameter("coding", "coding is gzip or zstd")
+        if coding is not None and coding is not named:
+            raise bad_parameter("coding", f"the URL asks for {coding.name} already")
+        coding = named
+    if not any(principal.may_read_dataset(n) for n in candidate_names(name)):
+        raise principal.denied()
+    dataset, renderer = await resolve(st.catalog, name, None)
+    if not principal.may_read_dataset(dataset.name):
+        raise principal.denied()
+    params = [(k, v) for k, v in _query_pairs(url.query) if k not in LINK_PARAMETERS]
+    query = parse(dataset, params)
+    suffix = f".{coding.extension}" if coding else ""
+    clean = f"/datasets/{quote(dataset.name, safe='')}.{renderer.extension}{suffix}"
+    if params:
+        clean += "?" + canonical_query(params)
+    return await stored.kick_off(request, st, principal, dataset, renderer, query, coding,
+                                 clean)
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(query, keep_blank_values=True, max_num_fields=10_000)
+    except ValueError as error:
+        raise bad_parameter("url", f"the URL's query: {error}") from None
+
+
+def _service(st: State, principal: Principal | None = None) -> StoredService:
+    if principal is not None and principal.kind == ANONYMOUS and not principal.scopes:
+        # Nothing public: ask for credentials, whatever the id (so it tells nothing).
+        raise principal.denied()
+    stored = st.stored
+    if not isinstance(stored, StoredService):
+        raise ApiError(503, "stored exports are not available")
+    return stored
+
+
+async def status(request: Request, st: State, principal: Principal, export_id: str) -> Response:
+    return await _service(st, principal).status(request, principal, export_id)
+
+
+async def listing(request: Request, st: State, principal: Principal) -> Response:
+    return await _service(st, principal).listing(request, principal)
+
+
+async def delete(st: State, principal: Principal, export_id: str) -> Response:
+    return await _service(st, principal).delete(principal, export_id)
+
+
+async def file(request: Request, st: State, principal: Principal, export_id: str) -> Response:
+    return await _service(st, principal).file(request, st, principal, export_id)

@@ -1,0 +1,382 @@
+"""Stored exports over a real server: start (POST /exports, `Prefer: respond-async`),
+watch (202 with progress), fetch (the file with Range, ETag, digests) with curl, wget,
+aria2c and polars; cancel, quota, restart, signed links, others' ids."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import Server, fetch, run_sql, wait_until
+from tests.test_access import bearer, make_link, new_token
+
+CLOSED = {"EXPORTER_PUBLIC_DATASETS": "[]", "EXPORTER_PUBLIC_FILES": "[]"}
+FAST = {"EXPORTER_EXPORTS_PROGRESS_INTERVAL": "0.2", "EXPORTER_EXPORTS_CLEANUP_INTERVAL": "1"}
+ORDERS = "/datasets/orders.csv?order=id&amount=gt.5"
+COPIES = ("SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COPY%' AND state = 'active'"
+          " AND pid <> pg_backend_pid()")
+
+
+@pytest.fixture(scope="module")
+def views(database_url: str) -> None:
+    run_sql(
+        database_url,
+        "CREATE OR REPLACE VIEW exports.endless AS"
+        " SELECT generate_series(1, 1000000000) AS id, repeat('x', 200) AS pad",
+        # Rows that come slowly: progress can be watched growing.
+        "CREATE OR REPLACE VIEW exports.trickle AS"
+        " SELECT g AS id, pg_sleep(0.01) IS NULL AS slept FROM generate_series(1, 2000) AS g",
+    )
+
+
+@pytest.fixture(scope="module")
+def server(make_module_server: type[Server], tmp_path_factory: pytest.TempPathFactory,
+           views: None) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("stored")
+    with make_module_server({**CLOSED, **FAST, "EXPORTER_EXPORTS_DIR": str(folder)}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def alice(database_url: str) -> str:
+    return new_token(database_url, f"alice-{os.urandom(3).hex()}", "datasets:*")
+
+
+@pytest.fixture(scope="module")
+def bob(database_url: str) -> str:
+    return new_token(database_url, f"bob-{os.urandom(3).hex()}", "datasets:*")
+
+
+@pytest.fixture(scope="module")
+def boss(database_url: str) -> str:
+    return new_token(database_url, f"boss-{os.urandom(3).hex()}", "admin")
+
+
+def start(server: Server, token: str, url: str, **extra: Any) -> httpx.Response:
+    return httpx.post(server.url + "/exports", headers=bearer(token),
+                      json={"url": url, **extra}, timeout=30)
+
+
+def wait_done(server: Server, token: str, location: str, timeout: float = 60) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(server.url + location, headers=bearer(token), timeout=30)
+        if r.status_code != 202 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.1)
+
+
+def finished(server: Server, token: str, url: str, **extra: Any) -> dict[str, Any]:
+    r = start(server, token, url, **extra)
+    assert r.status_code == 202, r.text
+    done = wait_done(server, token, r.headers["location"])
+    assert done.status_code == 200, done.text
+    manifest: dict[str, Any] = done.json()
+    return manifest
+
+
+def test_post_runs_to_a_file_equal_to_the_streamed_export(server: Server, alice: str) -> None:
+    r = start(server, alice, ORDERS)
+    assert r.status_code == 202, r.text
+    assert r.headers["preference-applied"] == "respond-async"
+    assert r.headers["location"] == f"/exports/{r.json()['id']}"
+    assert int(r.headers["retry-after"]) >= 1
+    done = wait_done(server, alice, r.headers["location"])
+    assert done.status_code == 200, done.text
+    m = done.json()
+    assert m["status"] == "complete" and m["dataset"] == "orders" and m["format"] == "csv"
+    assert m["url"] == "/datasets/orders.csv?order=id&amount=gt.5"
+    assert m["snapshot_time"] and m["expires"] and m["finished"]
+    body = httpx.get(m["file_url"], headers=bearer(alice), timeout=30)
+    assert body.status_code == 200
+    streamed = httpx.get(server.url + ORDERS, headers=bearer(alice), timeout=30).content
+    assert body.content == streamed  # the demo data does not change meanwhile
+    assert m["bytes"] == len(body.content) == int(body.headers["content-length"])
+    # The COPY's own count (values hold newlines: counting lines would be wrong).
+    assert m["rows"] == len(list(csv.reader(io.StringIO(body.text, newline="")))) - 1
+    digest = hashlib.sha256(body.content).digest()
+    assert m["sha256"] == digest.hex()
+    assert m["sha256_base64"] == base64.b64encode(digest).decode()
+    assert body.headers["repr-digest"] == f"sha-256=:{m['sha256_base64']}:"
+    assert body.headers["digest"] == f"SHA-256={m['sha256_base64']}"
+    assert body.headers["etag"].startswith('"') and body.headers["last-modified"]
+    assert m["filename"] in body.headers["content-disposition"]
+
+
+def test_prefer_respond_async_and_gzip(server: Server, alice: str) -> None:
+    r = httpx.get(server.url + "/datasets/orders.csv?limit=500&order=id",
+                  headers={**bearer(alice), "Prefer": "wait=5, respond-async"}, timeout=30)
+    assert r.status_code == 202, r.text
+    assert r.headers["preference-applied"] == "respond-async"
+    m = wait_done(server, alice, r.headers["location"]).json()
+    plain = httpx.get(m["file_url"], headers=bearer(alice)).content
+    assert len(list(csv.reader(io.StringIO(plain.decode(), newline="")))) == 501
+    assert m["rows"] == 500
+
+    z = finished(server, alice, "/datasets/orders.csv.gz?limit=500&order=id")
+    assert z["coding"] == "gzip" and z["filename"].endswith(".csv.gz")
+    got = httpx.get(z["file_url"], headers=bearer(alice))
+    assert got.headers["content-type"] == "application/gzip"
+    assert "content-encoding" not in got.headers  # a gzip file, not a coding of CSV
+    assert gzip.decompress(got.content) == plain
+    zst = finished(server, alice, "/datasets/orders.csv?limit=500&order=id", coding="zstd")
+    import zstandard
+
+    data = httpx.get(zst["file_url"], headers=bearer(alice)).content
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(data) == plain
+
+
+def test_progress_is_seen_growing(server: Server, alice: str) -> None:
+    r = start(server, alice, "/datasets/trickle.ndjson")
+    location = r.headers["location"]
+    seen: list[int] = []
+    while True:
+        s = httpx.get(server.url + location, headers=bearer(alice))
+        if s.status_code != 202:
+            break
+        p = s.json()["progress"]
+        assert s.headers["retry-after"] and s.headers["x-progress"]
+        assert p["estimated_rows"] == 2000  # EXPLAIN of the view
+        assert set(p) >= {"rows", "bytes", "percent", "started", "elapsed"}
+        seen.append(p["rows"])
+        time.sleep(0.2)
+    assert s.status_code == 200 and s.json()["rows"] == 2000
+    growing = [n for n in seen if 0 < n < 2000]
+    assert len(set(growing)) >= 2, seen  # watched while it ran, rows going up
+    assert seen == sorted(seen)
+
+
+def test_errors_are_those_of_the_streamed_export(server: Server, alice: str,
+                                                 database_url: str) -> None:
+    before = fetch(database_url, "SELECT count(*) AS n FROM exporter.stored_exports")[0]["n"]
+    assert start(server, alice, "/datasets/orders.csv?amount=gt.abc").status_code == 400
+    assert start(server, alice, "/datasets/orders.csv?nosuchcolumn=eq.1").status_code == 400
+    assert start(server, alice, "/datasets/no_such_thing.csv").status_code == 404
+    assert start(server, alice, "/files/README.txt").status_code == 400
+    assert start(server, alice, "/datasets/orders.csv", coding="br").status_code == 400
+    for body in (b"", b"[]", b'{"url": 5}', b"{" * 100_000, b'"x"'):
+        r = httpx.post(server.url + "/exports", headers=bearer(alice), content=body)
+        assert r.status_code in (400, 413), (body[:20], r.status_code)
+    r = httpx.post(server.url + "/exports", json={"url": "/datasets/orders.csv"})
+    assert r.status_code == 401  # a closed server: anonymous gets nothing
+    only = new_token(database_url, f"only-{os.urandom(3).hex()}", "datasets:daily_revenue")
+    assert start(server, only, "/datasets/orders.csv").status_code == 403
+    after = fetch(database_url, "SELECT count(*) AS n FROM exporter.stored_exports")[0]["n"]
+    assert after == before  # nothing was started
+
+
+def test_others_ids_are_404_and_admins_see_all(server: Server, alice: str, bob: str,
+                                               boss: str) -> None:
+    m = finished(server, alice, "/datasets/orders.csv?limit=3")
+    mine = f"/exports/{m['id']}"
+    for path in (mine, mine + "/file"):
+        assert httpx.get(server.url + path, headers=bearer(bob)).status_code == 404
+        assert httpx.get(server.url + path, headers=bearer(boss)).status_code == 200
+    assert httpx.delete(server.url + mine, headers=bearer(bob)).status_code == 404
+    assert httpx.get(server.url + mine).status_code == 401
+    ids = [e["id"] for e in httpx.get(server.url + "/exports", headers=bearer(alice))
+           .json()["exports"]]
+    assert m["id"] in ids
+    assert m["id"] not in [e["id"] for e in httpx.get(
+        server.url + "/exports", headers=bearer(bob)).json()["exports"]]
+    assert m["id"] in [e["id"] for e in httpx.get(
+        server.url + "/exports", headers=bearer(boss)).json()["exports"]]
+    # Newest first.
+    created = [e["created"] for e in httpx.get(server.url + "/exports",
+                                               headers=bearer(alice)).json()["exports"]]
+    assert created == sorted(created, reverse=True)
+    # Not someone's id either: never a 500.
+    for bad in ("x" * 22, "..%2F" * 8, "%00" * 8, "a%2F..%2Fb", "a" * 10_000,
+                m["id"] + "x", m["id"][:-1] + "%00"):
+        for suffix in ("", "/file"):
+            r = httpx.get(server.url + f"/exports/{bad}{suffix}", headers=bearer(alice))
+            assert r.status_code in (400, 404), (bad[:30], r.status_code)
+    r = httpx.get(server.url + "/exports/" + "a" * 60_000, headers=bearer(alice))
+    assert r.status_code in (404, 414, 431)
+    assert httpx.get(server.url + "/exports?limit=0", headers=bearer(alice)).status_code == 400
+    assert httpx.get(server.url + "/exports?limit=" + "9" * 5000,
+                     headers=bearer(alice)).status_code == 400
+    # Removed: gone for everyone, file included.
+    assert httpx.delete(server.url + mine, headers=bearer(alice)).status_code == 204
+    assert httpx.get(server.url + mine, headers=bearer(alice)).status_code == 404
+
+
+def test_delete_while_running_cancels_the_query(server: Server, alice: str,
+                                                database_url: str) -> None:
+    r = start(server, alice, "/datasets/endless.csv")
+    location = r.headers["location"]
+    assert wait_until(lambda: httpx.get(server.url + location, headers=bearer(alice))
+                      .json().get("rows", 0) > 1000, 30)
+    assert fetch(database_url, COPIES)
+    assert httpx.delete(server.url + location, headers=bearer(alice)).status_code == 204
+    assert wait_until(lambda: not fetch(database_url, COPIES), 15), "the COPY still runs"
+    s = httpx.get(server.url + location, headers=bearer(alice))
+    assert s.status_code == 410 and s.json()["status"] == "cancelled"
+    assert "cancelled" in s.json()["error"]
+    assert httpx.get(server.url + location + "/file", headers=bearer(alice)).status_code == 410
+    export_id = location.rsplit("/", 1)[1]
+    folder = Path(server.env["EXPORTER_EXPORTS_DIR"])
+    assert wait_until(lambda: not any(p.name.startswith(export_id)
+                                      for p in folder.iterdir()), 10)
+
+
+def test_the_snapshot_goes_when_the_copy_ends(server: Server, alice: str,
+                                              database_url: str, tmp_path: Path) -> None:
+    m = finished(server, alice, "/datasets/orders.csv")
+    slow = subprocess.Popen(["curl", "-sS", "--limit-rate", "20k", "-o", str(tmp_path / "o"),
+                             "-H", f"Authorization: Bearer {alice}", m["file_url"]])
+    try:
+        time.sleep(1.0)
+        assert slow.poll() is None  # still downloading
+        open_snapshots = fetch(database_url, "SELECT pid FROM pg_stat_activity"
+                               " WHERE backend_xmin IS NOT NULL AND state LIKE 'idle in%'"
+                               " AND pid <> pg_backend_pid()")
+        assert open_snapshots == []
+        assert fetch(database_url, COPIES) == []
+    finally:
+        slow.kill()
+        slow.wait()
+
+
+@pytest.mark.needs("curl", "wget", "aria2c")
+def test_resumed_by_curl_wget_and_aria2c(server: Server, alice: str, tmp_path: Path) -> None:
+    m = finished(server, alice, "/datasets/orders.csv?order=id")
+    whole = httpx.get(m["file_url"], headers=bearer(alice)).content
+    auth = f"Authorization: Bearer {alice}"
+    half = whole[: len(whole) // 2]
+    for tool in ("curl", "wget"):
+        out = tmp_path / f"{tool}.csv"
+        out.write_bytes(half)
+        command = (["curl", "-sS", "-f", "-C", "-", "-o", str(out), "-H", auth, m["file_url"]]
+                   if tool == "curl" else
+                   ["wget", "-q", "-c", "-O", str(out), "--header", auth, m["file_url"]])
+        subprocess.run(command, check=True, timeout=60)
+        assert out.read_bytes() == whole, tool
+    # aria2c: 8 connections, and its own check of the Digest header.
+    (tmp_path / "aria").mkdir()
+    done = subprocess.run(["aria2c", "-q", "-x", "8", "-s", "8", "-k", "1M", "-c",
+                           "--header", auth, "-d", str(tmp_path / "aria"), "-o", "a.csv",
+                           m["file_url"]], timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "aria" / "a.csv").read_bytes() == whole
+    # A multi-range request, and conditions.
+    r = httpx.get(m["file_url"], headers={**bearer(alice), "Range": "bytes=0-9,20-29"})
+    assert r.status_code == 206 and r.headers["content-type"].startswith("multipart/byteranges")
+    etag = r.headers["etag"]
+    assert httpx.get(m["file_url"], headers={**bearer(alice), "If-None-Match": etag}
+                     ).status_code == 304
+    r = httpx.get(m["file_url"], headers={**bearer(alice), "Range": "bytes=5-",
+                                          "If-Range": '"other"'})
+    assert r.status_code == 200 and r.content == whole
+    head = httpx.head(m["file_url"], headers=bearer(alice))
+    assert head.status_code == 200 and int(head.headers["content-length"]) == len(whole)
+
+
+def test_a_signed_link_to_the_file_and_polars(server: Server, alice: str, bob: str,
+                                              tmp_path: Path) -> None:
+    import polars as pl
+
+    m = finished(server, alice, "/datasets/orders.csv?order=id&limit=1000")
+    path = f"/exports/{m['id']}/file"
+    link = make_link(server, alice, path)
+    whole = httpx.get(link).content
+    assert hashlib.sha256(whole).hexdigest() == m["sha256"]
+    frame = pl.read_csv(link)
+    assert frame.height == 1000 and frame["id"].to_list()[:3] == sorted(frame["id"])[:3]
+    # Bob's link to Alice's export leads nowhere.
+    assert httpx.get(make_link(server, bob, path)).status_code == 404
+
+
+def test_quota(make_server: type[Server], alice: str, database_url: str,
+               tmp_path: Path) -> None:
+    # The quota counts the whole deployment's (this database's) stored exports.
+    used = fetch(database_url, "SELECT coalesce(sum(bytes), 0)::bigint AS n FROM"
+                 " exporter.stored_exports WHERE status IN ('running', 'complete')")[0]["n"]
+    env = {**CLOSED, **FAST, "EXPORTER_EXPORTS_DIR": str(tmp_path / "q")}
+    with make_server({**env, "EXPORTER_EXPORTS_MAX_BYTES": str(used + 300_000)}) as s:
+        big = start(s, alice, "/datasets/orders.csv")  # about 4 MB: crosses it
+        failed = wait_done(s, alice, big.headers["location"])
+        assert failed.status_code == 410
+        assert "exceeds the storage quota" in failed.json()["error"]
+        assert list((tmp_path / "q").iterdir()) == []  # its partial file is gone
+        small = finished(s, alice, "/datasets/orders.csv?limit=1000")
+        assert 150_000 < small["bytes"] < 300_000
+    # The quota lowered below what is stored: a kick-off is refused before it starts.
+    with make_server({**env, "EXPORTER_EXPORTS_MAX_BYTES": str(used + 100_000)}) as s:
+        r = start(s, alice, "/datasets/orders.csv?limit=1")
+        assert r.status_code == 507 and "quota" in r.json()["error"]["message"]
+        assert httpx.delete(s.url + f"/exports/{small['id']}", headers=bearer(alice)
+                            ).status_code == 204
+        assert start(s, alice, "/datasets/orders.csv?limit=1").status_code == 202
+
+
+def test_retention_and_restart(make_server: type[Server], alice: str, database_url: str,
+                               tmp_path: Path) -> None:
+    folder = tmp_path / "r"
+    env = {**CLOSED, **FAST, "EXPORTER_EXPORTS_DIR": str(folder),
+           "EXPORTER_EXPORTS_RETENTION": "3s"}
+    with make_server(env) as s:
+        m = finished(s, alice, "/datasets/orders.csv?limit=10")
+        assert (folder / m["id"]).exists()
+        assert wait_until(lambda: httpx.get(s.url + f"/exports/{m['id']}", headers=bearer(alice)
+                                            ).status_code == 404, 20)
+        assert wait_until(lambda: not (folder / m["id"]).exists(), 10)
+        running = start(s, alice, "/datasets/endless.csv").headers["location"]
+        assert wait_until(lambda: httpx.get(s.url + running, headers=bearer(alice))
+                          .json().get("rows", 0) > 0, 30)
+        os.killpg(s.pid, signal.SIGKILL)  # no shutdown at all
+        s.process.wait()  # type: ignore[union-attr]
+    with make_server(env) as s:
+        r = httpx.get(s.url + running, headers=bearer(alice))
+        assert wait_until(lambda: httpx.get(s.url + running, headers=bearer(alice))
+                          .status_code == 410, 20)
+        r = httpx.get(s.url + running, headers=bearer(alice))
+        assert r.json()["status"] == "failed"
+        assert r.json()["error"] == "the server stopped while it ran"
+        export_id = running.rsplit("/", 1)[1]
+        assert wait_until(lambda: not (folder / f"{export_id}.part").exists(), 10)
+
+
+def test_limits_count_running_stored_exports(make_server: type[Server], alice: str,
+                                             database_url: str, tmp_path: Path) -> None:
+    with make_server({**CLOSED, **FAST, "EXPORTER_EXPORTS_DIR": str(tmp_path / "l"),
+                      "EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": "1",
+                      "EXPORTER_LIMIT_WAIT": "0"}) as s:
+        # A token of its own: the slots are the deployment's, and a server killed by
+        # another test holds its own until its lease runs out.
+        carol = new_token(database_url, f"carol-{os.urandom(3).hex()}", "datasets:*")
+        running = start(s, carol, "/datasets/endless.csv")
+        assert running.status_code == 202
+        busy = httpx.get(s.url + "/datasets/orders.csv?limit=1", headers=bearer(carol))
+        assert busy.status_code == 429
+        assert start(s, carol, "/datasets/orders.csv?limit=1").status_code == 429
+        assert httpx.delete(s.url + running.headers["location"], headers=bearer(carol)
+                            ).status_code == 204
+        assert wait_until(lambda: httpx.get(s.url + "/datasets/orders.csv?limit=1",
+                                            headers=bearer(carol)).status_code == 200, 15)
+
+
+def test_cli_lists_and_deletes(server: Server, alice: str, database_url: str) -> None:
+    from tests.support import exporter_cli
+
+    m = finished(server, alice, "/datasets/orders.csv?limit=5")
+    env = {"EXPORTER_DATABASE_URL": database_url,
+           "EXPORTER_EXPORTS_DIR": server.env["EXPORTER_EXPORTS_DIR"]}
+    out = exporter_cli("exports", env=env).stdout
+    assert m["id"] in out and "complete" in out
+    assert "deleted" in exporter_cli("exports", "delete", m["id"], env=env).stdout
+    assert httpx.get(server.url + f"/exports/{m['id']}", headers=bearer(alice)
+                     ).status_code == 404
