@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from types import TracebackType
 
@@ -12,9 +13,12 @@ from types import TracebackType
 class DroppingProxy:
     """Forwards 127.0.0.1:`port` to 127.0.0.1:`upstream`. The first `cuts` connections are
     closed (both ways, at once) after `cut_after` bytes of the server's answer passed;
-    later ones are left alone."""
+    later ones are left alone. `reset`: the client gets a TCP reset (a connection torn
+    down), else a clean close (FIN, as a proxy's idle timeout often ends one)."""
 
-    def __init__(self, upstream: int, cut_after: int, cuts: int = 1) -> None:
+    def __init__(self, upstream: int, cut_after: int, cuts: int = 1, *,
+                 reset: bool = False) -> None:
+        self.reset = reset
         self.upstream = upstream
         self.cut_after = cut_after
         self.cuts_left = cuts
@@ -26,6 +30,7 @@ class DroppingProxy:
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._resetting: set[socket.socket] = set()
 
     @property
     def url(self) -> str:
@@ -72,6 +77,17 @@ class DroppingProxy:
             self._start(self._pipe, client, upstream, None)
             self._start(self._pipe, upstream, client, limit)
 
+    def _drop(self, client: socket.socket) -> None:
+        if self.reset:
+            # Linger on, for zero seconds: the last close() sends RST instead of FIN (and
+            # nothing may shut it down before: that would send a FIN first).
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with self._lock:
+                self._resetting.add(client)
+            # Wakes the other direction's recv (no packet is sent for SHUT_RD).
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RD)
+
     def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
         passed = 0
         try:
@@ -83,6 +99,7 @@ class DroppingProxy:
                     sink.sendall(data[: limit - passed])
                     with self._lock:
                         self.cut += 1
+                    self._drop(sink)
                     break
                 sink.sendall(data)
                 passed += len(data)
@@ -90,7 +107,8 @@ class DroppingProxy:
             pass
         finally:
             for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+                if s not in self._resetting:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     s.close()

@@ -20,6 +20,9 @@ from tests.test_access import new_token
 
 ROWS = 2_000_000
 RATE = "20M"  # slow enough to cut a download at half, fast enough for the suite
+# httpx asks for zstd by itself; a compressed answer has no copy (its bytes are not the
+# copy's). curl and wget ask for identity unless told otherwise.
+IDENTITY = {"Accept-Encoding": "identity"}
 
 pytestmark = pytest.mark.needs("curl", "wget")
 
@@ -46,7 +49,7 @@ def _change_rows(database_url: str, table: str) -> None:
 
 
 def _whole(url: str) -> bytes:
-    r = httpx.get(url, timeout=120)
+    r = httpx.get(url, headers=IDENTITY, timeout=120)
     assert r.status_code == 200, r.text
     return r.content
 
@@ -91,7 +94,7 @@ def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_le
     server: Server, database_url: str, table: str, tmp_path: Path
 ) -> None:
     url = f"{server.url}/datasets/{table}.csv?order=id"
-    with httpx.stream("GET", url, timeout=60) as r:
+    with httpx.stream("GET", url, headers=IDENTITY, timeout=60) as r:
         assert r.status_code == 200
         etag, location = r.headers["etag"], r.headers["content-location"]
         assert r.headers["accept-ranges"] == "bytes"
@@ -102,7 +105,7 @@ def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_le
             if got > 1_000_000:
                 break  # leave early
     assert wait_until(lambda: _copy_status(server, location)["status"] == "complete", 60)
-    whole = httpx.get(server.url + location, timeout=60)
+    whole = httpx.get(server.url + location, headers=IDENTITY, timeout=60)
     assert whole.status_code == 200
     assert whole.content == _whole(url)  # nothing changed: the same bytes
     assert whole.content.count(b"\n") == ROWS + 1
@@ -110,7 +113,8 @@ def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_le
     rows = audited(database_url, "target = $1", table)
     assert rows[0]["status"] == "aborted"
     # If-Range with the copy's ETag: the rest of exactly those bytes.
-    rest = httpx.get(url, headers={"Range": f"bytes={got}-", "If-Range": etag}, timeout=60)
+    rest = httpx.get(url, headers={**IDENTITY, "Range": f"bytes={got}-", "If-Range": etag},
+                     timeout=60)
     assert rest.status_code == 206, rest.text
     assert rest.headers["etag"] == etag
     assert rest.content == whole.content[got:]
@@ -137,7 +141,9 @@ def test_plain_wget_retries_by_itself_through_a_proxy_that_drops_it(
 ) -> None:
     url_path = f"/datasets/{table}.csv?order=id"
     before = _whole(server.url + url_path)
-    with DroppingProxy(server.port, cut_after=len(before) // 2) as proxy:
+    # Torn down (a reset): wget 1.21 takes a clean close inside a chunked body for its
+    # end, keeps the short file and exits 0 (README: use curl, or a stored export).
+    with DroppingProxy(server.port, cut_after=len(before) // 2, reset=True) as proxy:
         out = tmp_path / "out.csv"
         p = subprocess.Popen(["wget", "-O", str(out), "--tries=5", "--waitretry=1",
                               "--retry-connrefused", proxy.url + url_path],
@@ -158,6 +164,7 @@ def test_curl_through_a_proxy_that_drops_it_resumes_with_c(
     url_path = f"/datasets/{table}.csv?order=id"
     before = _whole(server.url + url_path)
     out = tmp_path / "out.csv"
+    # A clean close inside the chunked body (as a proxy's idle timeout ends one).
     with DroppingProxy(server.port, cut_after=len(before) // 2) as proxy:
         first = subprocess.run(["curl", "-sS", "-o", str(out), proxy.url + url_path],
                                cwd=tmp_path, capture_output=True, timeout=120)
@@ -175,15 +182,17 @@ def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
     url = f"{server.url}/datasets/{table}.csv?order=id"
     first = _whole(url)
     # Beyond anything a response of this URL sent: not a continuation of it.
-    r = httpx.get(url, headers={"Range": f"bytes={len(first) + 10}-"}, timeout=60)
+    r = httpx.get(url, headers={**IDENTITY, "Range": f"bytes={len(first) + 10}-"}, timeout=60)
     assert r.status_code == 200 and r.content == first
     # An If-Range that names no copy of this URL.
-    r = httpx.get(url, headers={"Range": "bytes=10-", "If-Range": '"not-a-copy"'}, timeout=60)
+    r = httpx.get(url, headers={**IDENTITY, "Range": "bytes=10-", "If-Range": '"not-a-copy"'},
+                  timeout=60)
     assert r.status_code == 200 and r.content == first
     # Another URL's copy does not continue this one.
-    other = httpx.get(f"{server.url}/datasets/{table}.csv?order=id&limit=5", timeout=60)
-    r = httpx.get(url, headers={"Range": "bytes=10-", "If-Range": other.headers["etag"]},
-                  timeout=60)
+    other = httpx.get(f"{server.url}/datasets/{table}.csv?order=id&limit=5", headers=IDENTITY,
+                      timeout=60)
+    r = httpx.get(url, headers={**IDENTITY, "Range": "bytes=10-",
+                                "If-Range": other.headers["etag"]}, timeout=60)
     assert r.status_code == 200 and r.content == first
     # Two earlier downloads of this URL that differ before the offset: which one the
     # client holds cannot be told, so neither is spliced on.
@@ -198,7 +207,7 @@ def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
     assert out.read_bytes() == first[:1000]
     # A Range with a unit or a form that is not `bytes=N-`: a whole 200, never a 416/500.
     for value in ("items=0-9", "bytes=0-4,10-20", "bytes=-500", "bytes=" + "9" * 5000 + "-"):
-        r = httpx.get(url + "&limit=3", headers={"Range": value}, timeout=60)
+        r = httpx.get(url + "&limit=3", headers={**IDENTITY, "Range": value}, timeout=60)
         assert r.status_code == 200, (value, r.status_code)
 
 
@@ -207,18 +216,18 @@ def test_another_principal_cannot_resume_from_a_copy(
 ) -> None:
     url = f"{server.url}/datasets/{table}.csv?order=id"
     first = _whole(url)
-    r = httpx.get(url, headers={"Range": "bytes=10-", "Authorization": f"Bearer {token}"},
-                  timeout=60)
+    r = httpx.get(url, headers={**IDENTITY, "Range": "bytes=10-",
+                                "Authorization": f"Bearer {token}"}, timeout=60)
     assert r.status_code == 200 and r.content == first
 
 
 def test_rows_are_not_held_open_by_a_resume(server: Server, database_url: str) -> None:
     """A resume is served from the copy's file: no snapshot, no COPY on the database."""
     url = f"{server.url}/datasets/orders.csv?order=id&limit=200001"
-    with httpx.stream("GET", url, timeout=60) as r:
+    with httpx.stream("GET", url, headers=IDENTITY, timeout=60) as r:
         etag = r.headers["etag"]
         r.read()
-    with httpx.stream("GET", url, headers={"Range": "bytes=100-", "If-Range": etag},
+    with httpx.stream("GET", url, headers={**IDENTITY, "Range": "bytes=100-", "If-Range": etag},
                       timeout=60) as r:
         assert r.status_code == 206
         busy = fetch(database_url, "SELECT count(*) AS n FROM pg_stat_activity"
@@ -240,7 +249,7 @@ def test_a_copy_completed_after_its_client_left_holds_its_slot_and_has_a_time_li
 ) -> None:
     s = make_server({"EXPORTER_MAX_DOWNLOADS_PER_PRINCIPAL": "1",
                      "EXPORTER_LIMIT_WAIT": "0", "EXPORTER_EXPORTS_RESUME_FINISH": "4"}).start()
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = {**IDENTITY, "Authorization": f"Bearer {token}"}
     with httpx.stream("GET", s.url + "/datasets/endless.csv", headers=auth, timeout=30) as r:
         assert r.status_code == 200
         location = r.headers["content-location"]
