@@ -24,18 +24,26 @@ RATE = "20M"  # slow enough to cut a download at half, fast enough for the suite
 # copy's). curl and wget ask for identity unless told otherwise.
 IDENTITY = {"Accept-Encoding": "identity"}
 
-pytestmark = pytest.mark.needs("curl", "wget")
+# On one worker: the 2,000,000-row table is made once, and the downloads do not compete.
+pytestmark = [pytest.mark.needs("curl", "wget"), pytest.mark.xdist_group("resume")]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def table(database_url: str) -> Iterator[str]:
-    """A 2,000,000-row table of its own (the tests change its rows)."""
+    """A 2,000,000-row table for this module; a test that changes rows puts them back."""
     name = f"resume_{uuid.uuid4().hex[:8]}"
     run_sql(database_url,
             f"CREATE TABLE exports.{name} (id bigint PRIMARY KEY, note text NOT NULL)",
             f"INSERT INTO exports.{name} SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g")
     yield name
     run_sql(database_url, f"DROP TABLE exports.{name}")
+
+
+@pytest.fixture
+def restore(database_url: str, table: str) -> Iterator[None]:
+    yield
+    run_sql(database_url, f"UPDATE exports.{table} SET note = md5(id::text)"
+            " WHERE note <> md5(id::text)")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +54,10 @@ def token(database_url: str) -> str:
 def _change_rows(database_url: str, table: str) -> None:
     # Rows in the first half and in the second: whatever part a resume sends, it differs.
     run_sql(database_url, f"UPDATE exports.{table} SET note = 'changed' WHERE id % 1000 = 7")
+
+
+# Each test asks for its own URL (a filter that keeps every row): copies are looked up by
+# principal and URL, and those an earlier test left must not be this test's candidates.
 
 
 def _whole(url: str) -> bytes:
@@ -75,9 +87,9 @@ def _copy_status(server: Server, location: str) -> dict[str, object]:
 
 
 def test_curl_killed_at_half_resumes_with_the_same_snapshot(
-    server: Server, database_url: str, table: str, tmp_path: Path
+    server: Server, database_url: str, table: str, restore: None, tmp_path: Path
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.curl-kill"
     before = _whole(url)
     out = tmp_path / "out.csv"
     _cut_at_half(["curl", "-sS", "--limit-rate", RATE, "-o", str(out), url], out,
@@ -93,7 +105,7 @@ def test_curl_killed_at_half_resumes_with_the_same_snapshot(
 def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_left(
     server: Server, database_url: str, table: str, tmp_path: Path
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.copy"
     with httpx.stream("GET", url, headers=IDENTITY, timeout=60) as r:
         assert r.status_code == 200
         etag, location = r.headers["etag"], r.headers["content-location"]
@@ -122,9 +134,9 @@ def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_le
 
 @pytest.mark.needs("wget")
 def test_wget_c_after_a_kill_resumes_with_the_same_snapshot(
-    server: Server, database_url: str, table: str, tmp_path: Path
+    server: Server, database_url: str, table: str, restore: None, tmp_path: Path
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.wget-c"
     before = _whole(url)
     out = tmp_path / "out.csv"
     _cut_at_half(["wget", "-q", f"--limit-rate={RATE}", "-O", str(out), url], out,
@@ -137,9 +149,9 @@ def test_wget_c_after_a_kill_resumes_with_the_same_snapshot(
 
 
 def test_plain_wget_retries_by_itself_through_a_proxy_that_drops_it(
-    server: Server, database_url: str, table: str, tmp_path: Path
+    server: Server, database_url: str, table: str, restore: None, tmp_path: Path
 ) -> None:
-    url_path = f"/datasets/{table}.csv?order=id"
+    url_path = f"/datasets/{table}.csv?order=id&note=neq.wget-retry"
     before = _whole(server.url + url_path)
     # Torn down (a reset): wget 1.21 takes a clean close inside a chunked body for its
     # end, keeps the short file and exits 0 (README: use curl, or a stored export).
@@ -159,9 +171,9 @@ def test_plain_wget_retries_by_itself_through_a_proxy_that_drops_it(
 
 
 def test_curl_through_a_proxy_that_drops_it_resumes_with_c(
-    server: Server, database_url: str, table: str, tmp_path: Path
+    server: Server, database_url: str, table: str, restore: None, tmp_path: Path
 ) -> None:
-    url_path = f"/datasets/{table}.csv?order=id"
+    url_path = f"/datasets/{table}.csv?order=id&note=neq.curl-proxy"
     before = _whole(server.url + url_path)
     out = tmp_path / "out.csv"
     # A clean close inside the chunked body (as a proxy's idle timeout ends one).
@@ -177,9 +189,9 @@ def test_curl_through_a_proxy_that_drops_it_resumes_with_c(
 
 
 def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
-    server: Server, database_url: str, table: str, tmp_path: Path
+    server: Server, database_url: str, table: str, restore: None, tmp_path: Path
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.unproved"
     first = _whole(url)
     # Beyond anything a response of this URL sent: not a continuation of it.
     r = httpx.get(url, headers={**IDENTITY, "Range": f"bytes={len(first) + 10}-"}, timeout=60)
@@ -194,11 +206,18 @@ def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
     r = httpx.get(url, headers={**IDENTITY, "Range": "bytes=10-",
                                 "If-Range": other.headers["etag"]}, timeout=60)
     assert r.status_code == 200 and r.content == first
-    # Two earlier downloads of this URL that differ before the offset: which one the
-    # client holds cannot be told, so neither is spliced on.
-    run_sql(database_url, f"UPDATE exports.{table} SET note = 'first row changed' WHERE id = 1")
-    second = _whole(url)
-    assert second != first
+    # Two downloads of this URL cut early, whose bytes differ before the offset: which
+    # one the client holds cannot be told, so neither is spliced on.
+    for change in ("", f"UPDATE exports.{table} SET note = 'first row changed' WHERE id = 1"):
+        if change:
+            run_sql(database_url, change)
+        with httpx.stream("GET", url, headers=IDENTITY, timeout=60) as r:
+            assert r.status_code == 200
+            got = 0
+            for chunk in r.iter_raw():
+                got += len(chunk)
+                if got > 5000:
+                    break
     out = tmp_path / "out.csv"
     out.write_bytes(first[:1000])
     done = subprocess.run(["curl", "-sS", "-C", "-", "-o", str(out), url], cwd=tmp_path,
@@ -214,7 +233,7 @@ def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
 def test_another_principal_cannot_resume_from_a_copy(
     server: Server, database_url: str, table: str, token: str
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.other"
     first = _whole(url)
     r = httpx.get(url, headers={**IDENTITY, "Range": "bytes=10-",
                                 "Authorization": f"Bearer {token}"}, timeout=60)
@@ -277,3 +296,41 @@ def test_a_copy_completed_after_its_client_left_holds_its_slot_and_has_a_time_li
         " AND datname = current_database() AND state = 'active' AND query LIKE 'COPY%'"), 20)
     # Nothing of it is left in the storage's folder but what its row says.
     assert httpx.get(s.url + location, headers=auth, timeout=30).status_code == 410
+
+
+def test_copies_make_room_for_stored_exports_and_stay_refused_for_resuming(
+    server: Server, make_server: type[Server], database_url: str, token: str
+) -> None:
+    path = "/datasets/orders.csv?order=id&limit=20000"
+    size = len(_whole(server.url + path))
+    # Room for exactly two copies of it. The quota is the database's (every server shares
+    # it): what earlier tests stored is removed first, by an admin, once it is finished.
+    s = make_server({"EXPORTER_EXPORTS_MAX_BYTES": str(2 * size)}).start()
+    admin = {"Authorization": "Bearer " + new_token(
+        database_url, f"resume-admin-{uuid.uuid4().hex[:8]}", "admin")}
+    running = "SELECT count(*) AS n FROM exporter.stored_exports WHERE status = 'running'"
+    assert wait_until(lambda: fetch(database_url, running)[0]["n"] == 0, 60)
+    for export in httpx.get(s.url + "/exports?limit=1000", headers=admin).json()["exports"]:
+        assert httpx.delete(f"{s.url}/exports/{export['id']}", headers=admin).status_code == 204
+    auth = {**IDENTITY, "Authorization": f"Bearer {token}"}
+    statuses = []
+    for _ in range(2):  # two downloads of the URL, both cut early
+        with httpx.stream("GET", s.url + path, headers=auth, timeout=60) as r:
+            assert r.status_code == 200
+            statuses.append(s.url + r.headers["content-location"].rsplit("/", 1)[0])
+            next(r.iter_raw())
+    for status in statuses:
+        assert wait_until(lambda: httpx.get(status, headers=auth).json()["status"]  # noqa: B023
+                          == "complete", 30), httpx.get(status, headers=auth).json()["error"]
+    # The quota is full: a stored export still starts, the oldest copies go (earlier
+    # tests' first, then the first of these two).
+    started = httpx.post(s.url + "/exports", headers=auth, timeout=60,
+                         json={"url": "/datasets/orders.csv?limit=10"})
+    assert started.status_code == 202, started.text
+    gone = httpx.get(statuses[0], headers=auth, timeout=30)
+    assert gone.status_code == 410 and "make room" in gone.json()["error"], gone.text
+    assert httpx.get(statuses[1], headers=auth, timeout=30).json()["status"] == "complete"
+    # A resume could be of either download: the one whose copy is gone might be the
+    # client's, so the other is not spliced on. The whole export.
+    r = httpx.get(s.url + path, headers={**auth, "Range": "bytes=10-"}, timeout=60)
+    assert r.status_code == 200

@@ -57,6 +57,9 @@ def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
 # Exports between their start and their recorded end, so a shutdown can end them all.
 _running: set[Export] = set()
 SHUTDOWN = "the server shut down"
+# How an export whose client went away ends (its body closed, or never started).
+CLIENT_LEFT = "client left"
+LEFT = (None, CLIENT_LEFT)
 
 
 def end_running_exports() -> int:
@@ -254,7 +257,7 @@ class Export:
         """The request is over. If the body never ran to its end (its client left before
         it started, or while it waited to send), the export was not complete."""
         if self._stream is not None:
-            self._end_detached(ABORTED, "client left", http_status=200)
+            self._end_detached(ABORTED, CLIENT_LEFT, http_status=200)
 
     def _end_detached(self, status: str, error: str | None, *,
                       http_status: int | None = None) -> asyncio.Task[None]:
@@ -262,10 +265,11 @@ class Export:
         be cancelled (client gone) and with it every await in its clean-up."""
         if self._ending is None:
             slots = None
-            if (self._copy is not None and status == ABORTED and error != SHUTDOWN
+            if (self._copy is not None and status == ABORTED and error in LEFT
                     and self._keep_slots is not None):
-                # Taken now, before the request's end gives them back: the copy's
-                # completion is this client's work, and counts against its limits.
+                # Its client left (not cut for stalling: that would let a hog hold a
+                # snapshot on): the copy is completed. The slots are taken now, before
+                # the request's end gives them back: it is still this client's work.
                 slots = self._keep_slots()
             self._ending = run_detached(self._finish(status, error, http_status, slots))
             self._ending.add_done_callback(lambda _: _running.discard(self))

@@ -67,6 +67,7 @@ RUNNING, COMPLETE, FAILED, CANCELLED = "running", "complete", "failed", "cancell
 STALE_BEATS = 5
 QUOTA_EXCEEDED = "the export exceeds the storage quota (EXPORTER_EXPORTS_MAX_BYTES)"
 SERVER_STOPPED = "the server stopped while it ran"
+EVICTED = "removed to make room in the storage quota (a copy kept only for resuming)"
 # What counts against the quota: every file there is or is being written.
 _HOLDING = (RUNNING, COMPLETE)
 
@@ -118,6 +119,8 @@ class StoredExports:
         try:
             async with self.engine.connect() as conn:
                 used = int(await conn.scalar(sa.select(_used())) or 0)
+            if used >= cap:
+                used -= await self._evict_copies(used - cap + 1)
         except DATABASE_ERRORS as error:
             raise unavailable(error) from error
         if used >= cap:
@@ -125,6 +128,33 @@ class StoredExports:
                            " EXPORTER_EXPORTS_MAX_BYTES): delete some, or wait for older"
                            " ones to expire")
         return used
+
+    async def _evict_copies(self, need: int) -> int:
+        """Make room: remove the oldest finished copies of streamed exports (kept only in
+        case a download is resumed, the least needed bytes here) until `need` bytes are
+        freed; how many were. Their rows stay, failed, so that a resume never takes
+        another copy for one that is gone (exporter/stored/copies.py)."""
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(
+                sa.select(t.c.id, t.c.storage_key, t.c.bytes)
+                .where(t.c.kind == STREAMED, t.c.status == COMPLETE)
+                .order_by(t.c.finished).limit(1000))).all()
+            chosen, freed = [], 0
+            for row in rows:
+                if freed >= need:
+                    break
+                chosen.append(row)
+                freed += int(row.bytes)
+            if not chosen:
+                return 0
+            await conn.execute(
+                sa.update(t).where(t.c.id.in_([r.id for r in chosen]), t.c.status == COMPLETE)
+                .values(status=FAILED, error=EVICTED))
+        for row in chosen:
+            await self.storage.delete(row.storage_key)
+        log.info("removed %d copies of streamed exports (%d bytes) to make room",
+                 len(chosen), freed)
+        return freed
 
     async def begin(self, principal: Principal, *, url: str, dataset: str, format: str,
                     coding: str | None, content_type: str, filename: str, kind: str,
