@@ -28,9 +28,11 @@ IDENTITY = {"Accept-Encoding": "identity"}
 pytestmark = [pytest.mark.needs("curl", "wget"), pytest.mark.xdist_group("resume")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def table(database_url: str) -> Iterator[str]:
-    """A 2,000,000-row table for this module; a test that changes rows puts them back."""
+    """A 2,000,000-row table for this module's tests, made once per worker (a module's
+    fixture would be made again whenever a worker runs another module's test between
+    two of these); a test that changes rows puts them back."""
     name = f"resume_{uuid.uuid4().hex[:8]}"
     run_sql(database_url,
             f"CREATE TABLE exports.{name} (id bigint PRIMARY KEY, note text NOT NULL)",

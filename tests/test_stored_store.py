@@ -15,7 +15,14 @@ from exporter.access.principal import Principal
 from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.state import State
-from exporter.stored.store import QUOTA_EXCEEDED, SERVER_STOPPED, STREAMED, Stopped, owner_of
+from exporter.stored.store import (
+    ASYNC,
+    QUOTA_EXCEEDED,
+    SERVER_STOPPED,
+    STREAMED,
+    Stopped,
+    owner_of,
+)
 from tests.inprocess import InProcess
 from tests.support import fetch, run_sql, wait_until
 
@@ -34,11 +41,12 @@ def app(database_url: str, files_root: Path, tmp_path: Path) -> Iterator[InProce
     run_sql(database_url, "DELETE FROM exporter.stored_exports")
 
 
-def begin(st: State, principal: Principal = ALICE):  # type: ignore[no-untyped-def]
+def begin(st: State, principal: Principal = ALICE,  # type: ignore[no-untyped-def]
+          kind: str = STREAMED):
     assert st.stored is not None
     return st.stored.begin(principal, url="/datasets/orders.csv", dataset="orders",
                            format="csv", coding=None, content_type="text/csv; charset=utf-8",
-                           filename="orders.csv", kind=STREAMED)
+                           filename="orders.csv", kind=kind)
 
 
 def row(database_url: str, export_id: str) -> dict[str, object]:
@@ -108,25 +116,44 @@ def test_cancelled_from_elsewhere_stops_the_writer(app: InProcess, database_url:
 
 
 def test_the_quota(app: InProcess, database_url: str) -> None:
+    # Stored exports (copies of streamed ones would be removed to make room: below).
     async def go(st: State) -> None:
-        writer = await begin(st)
+        writer = await begin(st, kind=ASYNC)
         await writer.write(b"x" * 600_000)
         await writer.finish(1, None)
-        second = await begin(st)
+        second = await begin(st, kind=ASYNC)
         with pytest.raises(Stopped, match="quota"):
             for _ in range(100):
                 await second.write(b"x" * 100_000)
                 await __import__("asyncio").sleep(0.05)
         assert second.reason == QUOTA_EXCEEDED
         await second.fail(second.reason or "")
-        third = await begin(st)
+        third = await begin(st, kind=ASYNC)
         await third.write(b"x" * 400_000)  # exactly up to the quota
         await third.finish(1, None)
         with pytest.raises(ApiError) as refused:
-            await begin(st)
+            await begin(st, kind=ASYNC)
         assert refused.value.status == 507 and "quota" in refused.value.message
 
     app.call(go)
+
+
+def test_copies_of_streamed_exports_make_room_oldest_first(app: InProcess,
+                                                           database_url: str) -> None:
+    async def go(st: State) -> list[str]:
+        ids = []
+        for size in (300_000, 300_000, 400_000):  # the quota, full of copies
+            copy = await begin(st)
+            await copy.write(b"x" * size)
+            await copy.finish(1, None)
+            ids.append(copy.id)
+        new = await begin(st, kind=ASYNC)  # the oldest copy goes, and only it
+        await new.fail("done")
+        return ids
+
+    ids = app.call(go)
+    assert [row(database_url, i)["status"] for i in ids] == ["failed", "complete", "complete"]
+    assert "make room" in str(row(database_url, ids[0])["error"])
 
 
 def test_clean_up(app: InProcess, database_url: str, tmp_path: Path) -> None:
