@@ -183,6 +183,14 @@ class Server:
             # What uvicorn's grace was before it became a setting: tests stop servers
             # with downloads still running, and wait 15 s before a kill -9.
             "EXPORTER_SHUTDOWN_GRACE": "5",
+            # Stored exports out of the checkout, in one folder per database: the servers
+            # of a database share it, as hosts do (docs/deploy.md).
+            "EXPORTER_EXPORTS_DIR": str(
+                TEST_TMP / "exports" / hashlib.sha256(database_url.encode()).hexdigest()[:12]),
+            # A client that leaves an endless export would otherwise keep its COPY going
+            # into the copy for 5 minutes, under the next tests' feet; tests of resuming
+            # set their own.
+            "EXPORTER_EXPORTS_RESUME_FINISH": "3",
             **(env or {}),
         }
         self._default_command: Callable[[int], list[str]] | None = (

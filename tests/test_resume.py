@@ -19,6 +19,7 @@ from tests.support import Server, audited, fetch, run_sql, wait_until
 from tests.test_access import new_token
 
 ROWS = 2_000_000
+SOME = 100_000  # for the tests that need not cut the whole table at half
 RATE = "20M"  # slow enough to cut a download at half, fast enough for the suite
 # httpx asks for zstd by itself; a compressed answer has no copy (its bytes are not the
 # copy's). curl and wget ask for identity unless told otherwise.
@@ -28,17 +29,28 @@ IDENTITY = {"Accept-Encoding": "identity"}
 pytestmark = [pytest.mark.needs("curl", "wget"), pytest.mark.xdist_group("resume")]
 
 
-@pytest.fixture(scope="session")
-def table(database_url: str) -> Iterator[str]:
-    """A 2,000,000-row table for this module's tests, made once per worker (a module's
-    fixture would be made again whenever a worker runs another module's test between
-    two of these); a test that changes rows puts them back."""
-    name = f"resume_{uuid.uuid4().hex[:8]}"
-    run_sql(database_url,
-            f"CREATE TABLE exports.{name} (id bigint PRIMARY KEY, note text NOT NULL)",
-            f"INSERT INTO exports.{name} SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g")
-    yield name
-    run_sql(database_url, f"DROP TABLE exports.{name}")
+TABLE = "resume_rows"
+
+
+@pytest.fixture
+def table(database_url: str) -> str:
+    """A 2,000,000-row table for this module's tests, made once in each test database
+    (and gone with it). Not a fixture of a wider scope: those are made again whenever a
+    test on another PostgreSQL version runs between two of these."""
+    if fetch(database_url, "SELECT to_regclass($1) AS t", f"exports.{TABLE}")[0]["t"] is None:
+        run_sql(database_url,
+                f"CREATE TABLE exports.{TABLE} (id bigint PRIMARY KEY, note text NOT NULL)",
+                f"INSERT INTO exports.{TABLE}"
+                f" SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g")
+    return TABLE
+
+
+@pytest.fixture(scope="module")
+def server(make_module_server: type[Server]) -> Server:
+    """The exporter with the default time to complete a copy after its client left (the
+    suite's other servers get 3 s, see tests/support.py)."""
+    s: Server = make_module_server({"EXPORTER_EXPORTS_RESUME_FINISH": "300"}).start()
+    return s
 
 
 @pytest.fixture
@@ -107,7 +119,7 @@ def test_curl_killed_at_half_resumes_with_the_same_snapshot(
 def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_left(
     server: Server, database_url: str, table: str, tmp_path: Path
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.copy"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.copy&limit={SOME}"
     with httpx.stream("GET", url, headers=IDENTITY, timeout=60) as r:
         assert r.status_code == 200
         etag, location = r.headers["etag"], r.headers["content-location"]
@@ -122,7 +134,7 @@ def test_a_streamed_export_names_its_copy_which_is_completed_after_the_client_le
     whole = httpx.get(server.url + location, headers=IDENTITY, timeout=60)
     assert whole.status_code == 200
     assert whole.content == _whole(url)  # nothing changed: the same bytes
-    assert whole.content.count(b"\n") == ROWS + 1
+    assert whole.content.count(b"\n") == SOME + 1
     # The client's own download was not complete, whatever its copy became.
     rows = audited(database_url, "target = $1", table)
     assert rows[0]["status"] == "aborted"
@@ -193,7 +205,7 @@ def test_curl_through_a_proxy_that_drops_it_resumes_with_c(
 def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
     server: Server, database_url: str, table: str, restore: None, tmp_path: Path
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.unproved"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.unproved&limit={SOME}"
     first = _whole(url)
     # Beyond anything a response of this URL sent: not a continuation of it.
     r = httpx.get(url, headers={**IDENTITY, "Range": f"bytes={len(first) + 10}-"}, timeout=60)
@@ -228,14 +240,15 @@ def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
     assert out.read_bytes() == first[:1000]
     # A Range with a unit or a form that is not `bytes=N-`: a whole 200, never a 416/500.
     for value in ("items=0-9", "bytes=0-4,10-20", "bytes=-500", "bytes=" + "9" * 5000 + "-"):
-        r = httpx.get(url + "&limit=3", headers={**IDENTITY, "Range": value}, timeout=60)
+        r = httpx.get(f"{server.url}/datasets/{table}.csv?limit=3",
+                      headers={**IDENTITY, "Range": value}, timeout=60)
         assert r.status_code == 200, (value, r.status_code)
 
 
 def test_another_principal_cannot_resume_from_a_copy(
     server: Server, database_url: str, table: str, token: str
 ) -> None:
-    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.other"
+    url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.other&limit={SOME}"
     first = _whole(url)
     r = httpx.get(url, headers={**IDENTITY, "Range": "bytes=10-",
                                 "Authorization": f"Bearer {token}"}, timeout=60)
