@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from exporter.app import create_app
 from exporter.config import Settings
 from exporter.state import State
+from tests.support import exports_folder
 
 T = TypeVar("T")
 BASE_URL = "http://testserver"
@@ -30,6 +31,10 @@ class InProcess:
     """`with InProcess(settings) as app:` then `app.get(path)`, `app.request(...)`."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.exports_dir is None:
+            # Stored exports (and the copies of streamed ones) out of the checkout.
+            settings = settings.model_copy(update={"exports_dir": exports_folder(
+                settings.database_url or "")})
         self.settings = settings
         self.app: FastAPI = create_app(settings)
         self.url = BASE_URL

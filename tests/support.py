@@ -41,6 +41,12 @@ _PORT_BASE = 10_000 + (int(hashlib.sha256(str(ROOT).encode()).hexdigest(), 16) %
 _port_turn = itertools.count()
 
 
+def exports_folder(database_url: str) -> Path:
+    """Where the stored exports of the servers of a database go in the tests: out of the
+    checkout, one folder per database (its servers share it, as hosts do)."""
+    return TEST_TMP / "exports" / hashlib.sha256(database_url.encode()).hexdigest()[:12]
+
+
 def free_port() -> int:
     for _ in range(_PORT_BLOCK):
         port = _PORT_BASE + next(_port_turn) % _PORT_BLOCK
@@ -185,8 +191,7 @@ class Server:
             "EXPORTER_SHUTDOWN_GRACE": "5",
             # Stored exports out of the checkout, in one folder per database: the servers
             # of a database share it, as hosts do (docs/deploy.md).
-            "EXPORTER_EXPORTS_DIR": str(
-                TEST_TMP / "exports" / hashlib.sha256(database_url.encode()).hexdigest()[:12]),
+            "EXPORTER_EXPORTS_DIR": str(exports_folder(database_url)),
             # A client that leaves an endless export would otherwise keep its COPY going
             # into the copy for 5 minutes, under the next tests' feet; tests of resuming
             # set their own.

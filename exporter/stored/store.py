@@ -292,6 +292,7 @@ class Writer:
         # Bytes it may reach, as of its start or its last beat (the others' grow too).
         self.room: int | None = None
         self._beating: asyncio.Task[None] | None = None
+        self._done_beating = asyncio.Event()
         self._closed = False
 
     def start(self) -> None:
@@ -346,10 +347,21 @@ class Writer:
                     if self.bytes > self.room:
                         self._stop(QUOTA_EXCEEDED)
                         return
-            await asyncio.sleep(self._store.interval)
+            # Woken early when the writer ends: it then returns between two beats.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done_beating.wait(), self._store.interval)
+            if self._done_beating.is_set():
+                return
 
     async def _stop_beating(self) -> None:
+        """Let a beat under way finish (cancelling it inside its transaction could leave
+        its connection out of the pool), then stop."""
+        self._done_beating.set()
         if self._beating is not None:
+            # As before, a clean-up that is itself cancelled goes on (fail never raises).
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._beating),
+                                       self._store.interval * 5 + 1)
             self._beating.cancel()
             with contextlib.suppress(BaseException):
                 await self._beating
