@@ -209,9 +209,16 @@ async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_re
 async def _start_audit(request: Request, st: State, target: Target,
                        principal: Principal) -> Download:
     """The audit row of a file download that is about to send its body (or hand it on)."""
+    return await start_audit(request, st, principal, "file", storable(target.relative))
+
+
+async def start_audit(request: Request, st: State, principal: Principal, kind: str,
+                      target: str, format: str | None = None) -> Download:
+    """The audit row of a download of a file (any served with respond_with_file) about to
+    send its body: its range, client and principal."""
     range_header = request.headers.get("range")
     client = request.client.host if request.client else None
-    download = Download("file", storable(target.relative), client,
+    download = Download(kind, target, client, format=format,
                         range=range_header[:1000] if range_header is not None else None,
                         principal=principal.label, link_expires=principal.link_expires)
     try:

@@ -45,7 +45,7 @@ from exporter.exports.query import ExportQuery, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.service import candidate_names, resolve
 from exporter.files.digests import DigestStore, FileKey
-from exporter.files.response import SAFE_HEADERS, respond_with_file
+from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
 from exporter.state import State
 from exporter.stored.storage import Storage
 from exporter.stored.store import (
@@ -289,16 +289,8 @@ def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 async def _start_audit(request: Request, st: State, row: sa.Row[Any],
                        principal: Principal) -> Download:
-    range_header = request.headers.get("range")
-    download = Download("stored", f"{row.id} {row.url}"[:1000],
-                        request.client.host if request.client else None, format=row.format,
-                        range=range_header[:1000] if range_header is not None else None,
-                        principal=principal.label, link_expires=principal.link_expires)
-    try:
-        await st.audit.start(download)
-    except Exception as error:
-        raise unavailable(error) from error
-    return download
+    return await start_audit(request, st, principal, "stored", f"{row.id} {row.url}"[:1000],
+                             format=row.format)
 
 
 async def _counting(body: AsyncIterator[bytes], job: Export,
