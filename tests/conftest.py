@@ -136,6 +136,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # TEST_TMP (the system's temporary folder, one folder per checkout). pytest's cache_dir
 # (pyproject.toml) names it through this variable, set before pytest reads that option.
 os.environ["PYTEST_EXPORTER_TMP"] = str(TEST_TMP)
+# Stored exports, and the copies streamed exports keep: every server and command these
+# tests start inherits this folder unless it is given its own (tests/support.py gives one
+# per database); the default, var/exports, is in the checkout.
+os.environ.setdefault("EXPORTER_EXPORTS_DIR", str(TEST_TMP / "exports" / "default"))
 # What the run may leave in the checkout: the virtualenv (scripts/install makes it) and
 # the interpreter's bytecode caches.
 CHECKOUT_MAY_CHANGE = (".venv/", "__pycache__/")

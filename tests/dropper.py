@@ -92,7 +92,7 @@ class DroppingProxy:
         passed = 0
         try:
             while True:
-                data = source.recv(16 * 1024)
+                data = source.recv(1024 * 1024)
                 if not data:
                     break
                 if limit is not None and passed + len(data) >= limit:
