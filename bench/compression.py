@@ -122,13 +122,14 @@ def main(argv: list[str]) -> None:
         for coding in ("gzip", "zstd"):
             if decoded_size(server, coding) != identity_bytes:
                 raise RuntimeError(f"curl --compressed ({coding}) wrote another length")
-        raw = {c: curl(server.url + PATH, "-H", f"Accept-Encoding: {c}").bytes
-               for c in ("gzip", "zstd")}
         loopback = [
             contender("identity", server, [], identity_bytes, f"curl -o /dev/null {PATH}"),
-            contender("gzip", server, ["-H", "Accept-Encoding: gzip"], raw["gzip"],
+            # Compressed sizes vary by a few bytes from run to run (a body that waited a
+            # second for rows is flushed, exporter/compression.py): not checked exactly;
+            # what curl decodes was checked above.
+            contender("gzip", server, ["-H", "Accept-Encoding: gzip"], None,
                       "curl -H 'Accept-Encoding: gzip'"),
-            contender("zstd", server, ["-H", "Accept-Encoding: zstd"], raw["zstd"],
+            contender("zstd", server, ["-H", "Accept-Encoding: zstd"], None,
                       "curl -H 'Accept-Encoding: zstd'"),
             contender("zstd, decoded by curl", server,
                       ["--compressed", "-H", "Accept-Encoding: zstd"], None,
