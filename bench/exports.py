@@ -56,7 +56,9 @@ def exporter_service(plan: Plan, url: str, name: str, env: dict[str, str] | None
         name, [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port),
                "--no-access-log", "--log-level", "warning"],
         plan.logs / f"{name}.log",
-        env={"EXPORTER_DATABASE_URL": url, **OPEN_ACCESS, **(env or {})}, port=port,
+        # Stored exports (the copies streamed exports keep) in the benchmark's own folder.
+        env={"EXPORTER_DATABASE_URL": url, "EXPORTER_EXPORTS_DIR": str(plan.work / "exports"),
+             **OPEN_ACCESS, **(env or {})}, port=port,
     )
 
 

@@ -22,7 +22,8 @@ def serve(plan: Plan, name: str, env: dict[str, str]) -> Service:
     port = free_port()
     service = Service(name, [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port),
                              "--no-access-log", "--log-level", "warning"],
-                      plan.logs / f"startup-{name}.log", env=env, port=port)
+                      plan.logs / f"startup-{name}.log",
+                      env={"EXPORTER_EXPORTS_DIR": str(plan.work / "exports"), **env}, port=port)
     # Unset, the embedded PostgreSQL is used: the variable must not leak in from our own.
     if "EXPORTER_DATABASE_URL" not in env:
         service.env.pop("EXPORTER_DATABASE_URL", None)
