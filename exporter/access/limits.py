@@ -297,8 +297,7 @@ def keep_releases(scope: Scope) -> Callable[[], None]:
 def release_now(scope: Scope) -> None:
     """Give back what `scope` holds now. For slots taken on a scope of its own by work
     that outlives its request (a stored export holds its slots until it ends)."""
-    for release in scope.get("state", {}).pop(_RELEASES, []):
-        release()
+    keep_releases(scope)()
 
 
 @dataclass

@@ -10,7 +10,7 @@ from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from exporter.access.limits import ExportWatch, keep_releases, on_request_end, watch_export
-from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query
+from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query, split_query
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, accepted, by_extension, level_of
@@ -23,6 +23,7 @@ from exporter.exports.query import Order, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
 from exporter.http import content_disposition, parse_accept, prefers_async
+from exporter.server.prefix import app_path
 from exporter.state import State
 from exporter.streaming import ClientLeft, unless_disconnected
 from exporter.tables import APP_SCHEMA, downloads
@@ -154,6 +155,15 @@ def export_headers(request: Request, renderer: Renderer, download_name: str, *,
     return headers
 
 
+def recorded_url(request: Request) -> str:
+    """An export's URL as stored exports (and streamed exports' copies) record it: the
+    app's path and the query in canonical form, without a signed link's own parameters
+    (a new link to the same export names the same URL)."""
+    rest, _ = split_query(request.scope.get("query_string", b"").decode("latin-1"))
+    query = canonical_query(rest)
+    return app_path(request.scope) + (f"?{query}" if query else "")
+
+
 def export_coding(request: Request, st: State, explicit: Coding | None) -> Coding | None:
     """The content coding of an export's answer: none for an explicit `.gz`/`.zst` URL
     (already a file in that coding) and none for a Range request (the bytes of a range
@@ -179,11 +189,8 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     if (request.method == "GET" and st.stored is not None and not from_primary
             and prefers_async(request.headers.getlist("prefer"))):
         # A stored export (exporter/stored/), reached through the state: 202 and a status URL.
-        url = request.url.path.removeprefix(request.scope.get("root_path", ""))
-        if filters:
-            url += "?" + canonical_query(filters)
         return await st.stored.kick_off(request, st, principal, dataset, renderer, query,
-                                        explicit, url)
+                                        explicit, recorded_url(request))
     if request.method == "HEAD":
         # The same server as the GET would read, so both answer alike when it is down.
         try:

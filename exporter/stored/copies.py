@@ -28,17 +28,15 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from fastapi import Request, Response
 
 from exporter.access.durations import parse_duration
-from exporter.access.links import split_query
 from exporter.access.principal import Principal
 from exporter.errors import ApiError
 from exporter.exports.copies import CopyStopped
-from exporter.server.prefix import app_path
+from exporter.exports.service import recorded_url
 from exporter.state import get_state
 from exporter.stored.service import StoredService
 from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Stopped, Writer, owner_of
@@ -55,14 +53,6 @@ LEFT_WAIT = 10.0
 COMPLETE_WAIT = 120.0
 CANDIDATES = 10
 COMPARE_CHUNK = 1024 * 1024
-
-
-def export_url(request: Request) -> str:
-    """The export's URL as copies record it: the app's path and the query, minus a
-    signed link's own parameters (a new link to the same export resumes it too)."""
-    rest, _ = split_query(request.scope.get("query_string", b"").decode("latin-1"))
-    query = urlencode(rest)
-    return app_path(request.scope) + (f"?{query}" if query else "")
 
 
 def _cut_after(row: Any, offset: int) -> bool:
@@ -113,7 +103,7 @@ class StreamedCopies:
                     snapshot_time: datetime) -> StoredCopy | None:
         try:
             writer = await self._service.begin(
-                principal, url=export_url(request), dataset=dataset, format=format,
+                principal, url=recorded_url(request), dataset=dataset, format=format,
                 coding=None, content_type=content_type, filename=filename, kind=STREAMED)
         except ApiError as error:  # the quota is full, the storage refuses
             log.info("a streamed export of %s goes without a copy: %s", dataset, error.message)
@@ -168,7 +158,7 @@ class StreamedCopies:
     async def _choose(self, request: Request, principal: Principal
                       ) -> tuple[str, int | None] | None:
         """The copy to answer from, and the offset asked (None: an If-Range answer)."""
-        url = export_url(request)
+        url = recorded_url(request)
         owner = owner_of(principal)
         if_range = request.headers.get("if-range")
         if if_range is not None:
