@@ -25,7 +25,7 @@ from exporter.errors import (
     sqlstate,
     unavailable,
 )
-from exporter.exports import sql
+from exporter.exports import cursor, sql
 from exporter.exports.copies import Copy, CopyStopped
 from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
 from exporter.exports.query import ExportQuery
@@ -89,6 +89,8 @@ class Export:
         self.renderer = renderer
         self.download = download
         self.snapshot_time = datetime.now(UTC)
+        # The export's snapshot as a change cursor (tables only), once open.
+        self.cursor: cursor.Cursor | None = None
         self._conn: AsyncConnection | None = None
         self._driver: Any = None  # the asyncpg connection under _conn
         self._stream: CopyStream | None = None
@@ -147,8 +149,16 @@ class Export:
             conn = await conn.execution_options(
                 isolation_level="REPEATABLE READ", postgresql_readonly=True
             )
-            # The first statement opens the transaction; now() is its start, the snapshot's time.
-            self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
+            # The first statement opens the transaction; now() is its start, the snapshot's
+            # time. A table's export also reads the snapshot itself, its change cursor.
+            if self.query.dataset.kind in cursor.KINDS_WITH_XMIN:
+                snapshot = await cursor.take(conn)
+                self.snapshot_time, self.cursor = snapshot.time, snapshot.cursor
+            else:
+                self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
+            if self.query.changed_since is not None:
+                assert self.cursor is not None  # the service refuses `since` elsewhere
+                cursor.check(self.query.changed_since, self.cursor)
             await sql.check_values(conn, self.query)
             driver: Any = await driver_connection(conn)
             self._driver = driver

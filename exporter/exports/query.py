@@ -3,6 +3,7 @@
     select=a,b  order=a.desc,b.asc.nullslast  limit=10  offset=20
     column=op.value   with op one of operators.py's table, and not.op
     "column"=op.value the same, for any column name, also `limit` or `~by`
+    since=CURSOR      the rows changed since an export's Export-Cursor (cursor.py)
 
 A parameter name in double quotes is always a column (`""` inside for a quote, as in
 SQL), so no column is out of reach: `select`, `order`, `limit`, `offset` and a signed
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from exporter.access.links import LINK_PARAMETERS
 from exporter.errors import ApiError, bad_parameter
 from exporter.exports.catalog import Column, Dataset
+from exporter.exports.cursor import Cursor
 from exporter.exports.operators import BOOLEAN_KEYWORDS, BY_NAME, NAMES, Operand
 
 # Parameters that are not filters unless quoted: the query's own, and a signed link's
 # (which the route takes out of a link's query before parsing; elsewhere they are a 400).
-QUERY_PARAMETERS = ("select", "order", "limit", "offset")
+QUERY_PARAMETERS = ("select", "order", "limit", "offset", "since")
 RESERVED = {*QUERY_PARAMETERS, *LINK_PARAMETERS}
 MAX_BIGINT = 2**63 - 1
 # PostgreSQL refuses a SELECT of more columns ("target lists can have at most 1664
@@ -57,6 +59,9 @@ class ExportQuery:
     order: list[Order] = field(default_factory=list)
     limit: int | None = None
     offset: int | None = None
+    # `since` as given; the service checks it and sets `changed_since` (cursor.py).
+    since: str | None = None
+    changed_since: Cursor | None = None
 
 
 def parse(dataset: Dataset, params: Iterable[tuple[str, str]]) -> ExportQuery:
@@ -90,6 +95,8 @@ def _parse_reserved(query: ExportQuery, name: str, value: str) -> None:
         query.columns = _parse_select(query.dataset, value)
     elif name == "order":
         query.order = _parse_order(query.dataset, value)
+    elif name == "since":
+        query.since = value
     else:
         setattr(query, name, _parse_count(name, value))
 

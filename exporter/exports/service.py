@@ -14,12 +14,12 @@ from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query, s
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, accepted, by_extension, level_of
-from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
-from exporter.exports import renderers, sql
+from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
+from exporter.exports import cursor, renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
 from exporter.exports.export import Export, filename, source_name
-from exporter.exports.query import Order, parse
+from exporter.exports.query import ExportQuery, Order, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
 from exporter.http import content_disposition, parse_accept, prefers_async
@@ -186,6 +186,7 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     filters = [p for p in params if p[0] not in LINK_PARAMETERS] if (
         principal.kind == LINK) else params
     query = parse(dataset, filters)
+    await read_since(st, query)
     if (request.method == "GET" and st.stored is not None and not from_primary
             and prefers_async(request.headers.getlist("prefer"))):
         # A stored export (exporter/stored/), reached through the state: 202 and a status URL.
@@ -243,9 +244,35 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     s = st.settings
     level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
     headers = export_headers(request, renderer, job.filename, explicit=explicit, coding=coding)
+    if job.cursor is not None:
+        headers[cursor.HEADER] = await export_cursor(st, job.cursor)
     if st.copies is not None and body_coding is None:
         headers.update(await _copy_headers(request, st.copies, principal, job))
     return StreamingResponse(job.body(body_coding, level), headers=headers)
+
+
+async def read_since(st: State, query: ExportQuery) -> None:
+    """Check the query's `since` (a 400 for a token this deployment did not sign, or a
+    dataset without xmin) and set what it stands for."""
+    if query.since is None:
+        return
+    ds = query.dataset
+    if ds.kind not in cursor.KINDS_WITH_XMIN:
+        raise cursor.refuse_without_xmin(ds.kind, ds.name)
+    try:
+        key = await st.links.key()
+    except DATABASE_ERRORS as error:
+        raise unavailable(error) from error
+    query.changed_since = cursor.decode(query.since, cursor.cursor_key(key))
+
+
+async def export_cursor(st: State, snapshot: cursor.Cursor) -> str:
+    """The Export-Cursor of an export's snapshot, signed."""
+    try:
+        key = await st.links.key()
+    except DATABASE_ERRORS as error:
+        raise unavailable(error) from error
+    return cursor.encode(snapshot, cursor.cursor_key(key))
 
 
 async def _copy_headers(request: Request, copies: Copies, principal: Principal,
@@ -277,6 +304,9 @@ async def list_downloads(request: Request, st: State) -> Response:
     """The audit trail as JSON: newest first, 100 at a time unless `limit`/`order` say
     otherwise; filters as exports."""
     query = parse(await _audit_dataset(st), request.query_params.multi_items())
+    if query.since is not None:
+        raise bad_parameter(cursor.SINCE, "the audit trail takes 'since' as an export:"
+                            " /downloads.csv or /downloads.ndjson")
     if not query.order:
         query.order = [Order(query.dataset.columns["id"], descending=True)]
     if query.limit is None:

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from exporter.errors import DRIVER_ERRORS, ApiError, bad_parameter, postgres_message, sqlstate
+from exporter.exports import cursor
 from exporter.exports.operators import BY_NAME, Operand
 from exporter.exports.query import ExportQuery, Filter
 
@@ -62,8 +63,11 @@ def select_sql(query: ExportQuery) -> str:
         "SELECT " + ", ".join(quote_ident(c.name) for c in query.columns),
         f"FROM {quote_ident(ds.schema)}.{quote_ident(ds.name)}",
     ]
-    if query.filters:
-        parts.append("WHERE " + " AND ".join(_condition(f) for f in query.filters))
+    conditions = [_condition(f) for f in query.filters]
+    if query.changed_since is not None:
+        conditions.append(cursor.condition(query.changed_since))
+    if conditions:
+        parts.append("WHERE " + " AND ".join(conditions))
     if query.order:
         terms = []
         for o in query.order:

@@ -16,9 +16,11 @@ from starlette.types import Message, Receive, Scope, Send
 METHODS = ["GET", "HEAD", "POST", "OPTIONS"]
 REQUEST_HEADERS = ["Authorization", "Range", "If-Range", "If-None-Match", "If-Modified-Since",
                    "Content-Type"]
-# What a script may read: the file name, the part it got, and what identifies the bytes.
+# What a script may read: the file name, the part it got, and what identifies the bytes;
+# and an export's change cursor, for its next pull with `since`.
 EXPOSED_HEADERS = ["Content-Disposition", "Content-Range", "Content-Length", "ETag",
-                   "Repr-Digest", "Digest", "Accept-Ranges", "Last-Modified"]
+                   "Repr-Digest", "Digest", "Accept-Ranges", "Last-Modified",
+                   "Export-Cursor"]
 
 
 class ListedOriginsOnly(CORSMiddleware):

@@ -1,0 +1,294 @@
+"""The change cursor: `Export-Cursor` on every export of a table and `?since=` with it
+(exporter/exports/cursor.py). Writers hold real transactions open on their own
+connections (asyncpg, on a loop of their own) while the app pulls in process; the
+concurrent test and the HTTP details run on a real server.
+
+Runs on every PostgreSQL of `--postgres` (tests/conftest.py): snapshots, subtransactions
+and xid arithmetic are the database's."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from exporter.config import Settings
+from exporter.exports import cursor
+from tests.inprocess import InProcess
+from tests.support import asyncpg_dsn, run_sql
+
+
+@pytest.fixture(scope="module")
+def app(database_url: str) -> Iterator[InProcess]:
+    settings = Settings(database_url=database_url, public_datasets=["*"], public_files=["*"])
+    with InProcess(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def table(database_url: str) -> Iterator[str]:
+    """A fresh table `exports.<name>` (id, v), dropped at the end."""
+    name = f"cur_{uuid.uuid4().hex[:8]}"
+    run_sql(database_url, f"CREATE TABLE exports.{name} (id bigint PRIMARY KEY, v text)")
+    try:
+        yield name
+    finally:
+        run_sql(database_url, f"DROP TABLE IF EXISTS exports.{name} CASCADE")
+
+
+class Writer:
+    """A connection of its own whose transactions stay open between the test's steps."""
+
+    def __init__(self, url: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._conn: asyncpg.Connection = self._loop.run_until_complete(
+            asyncpg.connect(asyncpg_dsn(url)))
+
+    def __call__(self, *statements: str) -> None:
+        for statement in statements:
+            self._loop.run_until_complete(self._conn.execute(statement))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
+
+
+@pytest.fixture
+def writers(database_url: str) -> Iterator[list[Writer]]:
+    made: list[Writer] = []
+    yield made
+    for w in made:
+        w.close()
+
+
+def writer(database_url: str, writers: list[Writer]) -> Writer:
+    w = Writer(database_url)
+    writers.append(w)
+    return w
+
+
+def pull(app: InProcess, table: str, since: str | None = None,
+         query: str = "") -> tuple[list[dict[str, Any]], str]:
+    """The rows of an NDJSON export, and its Export-Cursor."""
+    params = f"since={since}&{query}" if since else query
+    r = app.get(f"/datasets/{table}.ndjson?{params}")
+    assert r.status_code == 200, r.text
+    rows = [json.loads(line) for line in r.content.split(b"\n") if line]
+    return rows, r.headers[cursor.HEADER]
+
+
+def ids(rows: list[dict[str, Any]]) -> list[int]:
+    return sorted(row["id"] for row in rows)
+
+
+def test_the_late_commit_is_delivered_by_the_next_pull(
+        app: InProcess, table: str, database_url: str, writers: list[Writer]) -> None:
+    a, b = writer(database_url, writers), writer(database_url, writers)
+    a("BEGIN", f"INSERT INTO exports.{table} VALUES (1000011, 'a')")
+    b("BEGIN", f"INSERT INTO exports.{table} VALUES (1000012, 'b')", "COMMIT")
+    rows, first = pull(app, table)
+    assert ids(rows) == [1000012]
+    a("COMMIT")
+    rows, second = pull(app, table, first)
+    assert ids(rows) == [1000011]
+    rows, _ = pull(app, table, second)
+    assert rows == []
+
+
+def test_rows_written_in_savepoints_of_an_open_transaction_are_not_lost(
+        app: InProcess, table: str, database_url: str, writers: list[Writer]) -> None:
+    a, b = writer(database_url, writers), writer(database_url, writers)
+    a("BEGIN", f"INSERT INTO exports.{table} VALUES (1, 'top')",
+      "SAVEPOINT s1", f"INSERT INTO exports.{table} VALUES (2, 'released')",
+      "RELEASE SAVEPOINT s1",
+      "SAVEPOINT s2", f"INSERT INTO exports.{table} VALUES (3, 'open')",
+      "SAVEPOINT s3", f"INSERT INTO exports.{table} VALUES (4, 'rolled back')",
+      "ROLLBACK TO SAVEPOINT s3")
+    # Committed after a's savepoints: its xid is above theirs, so they are in the window.
+    b(f"INSERT INTO exports.{table} VALUES (5, 'b')")
+    # A plpgsql EXCEPTION block is a subtransaction too.
+    a(f"DO $$ BEGIN BEGIN INSERT INTO exports.{table} VALUES (6, 'block');"
+      " EXCEPTION WHEN others THEN NULL; END; END $$")
+    rows, first = pull(app, table)
+    assert ids(rows) == [5]
+    a("COMMIT")
+    rows, second = pull(app, table, first)
+    assert ids(rows) == [1, 2, 3, 6]
+    assert pull(app, table, second)[0] == []
+
+
+def test_an_update_is_delivered_once_and_again_only_if_it_changes_again(
+        app: InProcess, table: str, database_url: str) -> None:
+    run_sql(database_url, f"INSERT INTO exports.{table} SELECT g, 'x' FROM"
+                          " generate_series(1, 50) AS g")
+    rows, c1 = pull(app, table)
+    assert len(rows) == 50
+    run_sql(database_url, f"UPDATE exports.{table} SET v = 'y' WHERE id = 7")
+    rows, c2 = pull(app, table, c1)
+    assert rows == [{"id": 7, "v": "y"}]
+    rows, c3 = pull(app, table, c2)
+    assert rows == []
+    run_sql(database_url, f"UPDATE exports.{table} SET v = 'z' WHERE id = 7")
+    rows, _ = pull(app, table, c3)
+    assert rows == [{"id": 7, "v": "z"}]
+    # A cursor is a snapshot, not a position: the old one still gives what changed since.
+    assert pull(app, table, c1)[0] == [{"id": 7, "v": "z"}]
+
+
+def test_since_combines_with_filters_select_order_limit_and_formats(
+        app: InProcess, table: str, database_url: str) -> None:
+    run_sql(database_url, f"INSERT INTO exports.{table} SELECT g, 'old' FROM"
+                          " generate_series(1, 20) AS g")
+    _, c = pull(app, table)
+    run_sql(database_url, f"INSERT INTO exports.{table} SELECT g, 'new' FROM"
+                          " generate_series(21, 30) AS g",
+            f"UPDATE exports.{table} SET v = 'changed' WHERE id IN (3, 4)")
+    rows, _ = pull(app, table, c, "select=id&id=gte.4&order=id.desc&limit=3")
+    assert rows == [{"id": 30}, {"id": 29}, {"id": 28}]
+    r = app.get(f"/datasets/{table}.csv?since={c}&v=eq.changed&order=id")
+    assert r.status_code == 200
+    assert r.content == b"id,v\n3,changed\n4,changed\n"
+    assert r.headers[cursor.HEADER]
+    # A column named `since` is reached quoted, as `limit` is.
+    run_sql(database_url, f"ALTER TABLE exports.{table} ADD COLUMN since int DEFAULT 1")
+    app.run(app.state.catalog.reload())
+    r = app.get(f'/datasets/{table}.csv?"since"=eq.1&select=id&order=id&limit=1')
+    assert r.status_code == 200 and r.content == b"id\n1\n"
+
+
+def test_the_cursor_is_compact_url_safe_and_on_tables_only(
+        app: InProcess, table: str, database_url: str) -> None:
+    run_sql(database_url, f"CREATE VIEW exports.{table}_view AS SELECT * FROM exports.{table}")
+    app.run(app.state.catalog.reload())
+    r = app.get(f"/datasets/{table}.csv")
+    token = r.headers[cursor.HEADER]
+    assert len(token) < 100 and all(c.isalnum() or c in "-_" for c in token)
+    assert cursor.HEADER not in app.head(f"/datasets/{table}.csv").headers
+    view = app.get(f"/datasets/{table}_view.csv")
+    assert view.status_code == 200 and cursor.HEADER not in view.headers
+    refused = app.get(f"/datasets/{table}_view.csv?since={token}")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["parameter"] == "since"
+    assert "xmin" in refused.json()["error"]["message"]
+
+
+def _flip(token: str, at: int) -> str:
+    raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    raw[at] ^= 0x01
+    return base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+
+
+def test_hostile_tokens_are_a_400_naming_since(app: InProcess, table: str) -> None:
+    token = pull(app, table)[1]
+    key = cursor.cursor_key(app.call(lambda st: st.links.key()))
+    good = cursor.decode(token, key)
+    other_key = cursor.encode(good, cursor.cursor_key(b"another deployment"))
+    future = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    future[0] = 2  # a later version, signed with the right key
+    body = bytes(future[:-16])
+    import hashlib
+    import hmac
+    resigned = body + hmac.new(key, body, hashlib.sha256).digest()[:16]
+    version_2 = base64.urlsafe_b64encode(resigned).rstrip(b"=").decode()
+    hostile = [
+        "", "x", token[:-1], token[:10], token + "A", token + "AAAA", _flip(token, 0),
+        _flip(token, 5), _flip(token, -1), other_key, version_2, "A" * 5000,
+        "%00", "é" * 10, token.replace("-", "+").replace("_", "/") + "==",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "=" * 40, "9" * 1025,
+    ]
+    for bad in hostile:
+        r = app.get(f"/datasets/{table}.csv", params={"since": bad})
+        assert r.status_code == 400, (bad, r.status_code, r.text)
+        assert r.json()["error"]["parameter"] == "since", bad
+        h = app.head(f"/datasets/{table}.csv", params={"since": bad})
+        assert h.status_code == 400, bad
+    twice = app.get(f"/datasets/{table}.csv?since={token}&since={token}")
+    assert twice.status_code == 400
+
+
+def test_a_cursor_of_another_cluster_is_refused_with_a_full_pull_asked(
+        app: InProcess, table: str) -> None:
+    key = cursor.cursor_key(app.call(lambda st: st.links.key()))
+    good = cursor.decode(pull(app, table)[1], key)
+    elsewhere = cursor.Cursor(good.system ^ 1, good.xmin, good.xmax, good.conservative,
+                              good.invisible)
+    r = app.get(f"/datasets/{table}.csv?since={cursor.encode(elsewhere, key)}")
+    assert r.status_code == 410
+    assert "pull everything again" in r.json()["error"]["message"]
+    ancient = cursor.Cursor(good.system, good.xmin - 2**31, good.xmin - 2**31 + 1,
+                            good.xmin - 2**31 + 1, ()) if good.xmin > 2**31 else None
+    if ancient is None:
+        # A young cluster: an xmin can't be 2^31 behind; one from far ahead is as wrong.
+        with pytest.raises(Exception, match="older than 2"):
+            cursor.check(good, cursor.Cursor(good.system, 0, good.xmin + 2**31, 0, ()))
+
+
+def test_the_token_round_trips_and_caps_what_it_lists() -> None:
+    key = cursor.cursor_key(b"k")
+    c = cursor.Cursor(2**63 + 5, 2**40, 2**40 + 900, 2**40 + 800,
+                      tuple(2**40 + i for i in range(0, 800, 4))[:cursor.MAX_LISTED], True)
+    token = cursor.encode(c, key)
+    assert cursor.decode(token, key) == c
+    assert len(token) <= cursor.MAX_LENGTH
+
+
+def test_table_rewrites_and_freezing_give_the_rows_again_or_lose_none(
+        app: InProcess, table: str, database_url: str) -> None:
+    run_sql(database_url, f"INSERT INTO exports.{table} SELECT g, 'x' FROM"
+                          " generate_series(1, 10) AS g")
+    _, c = pull(app, table)
+    # Same rows, same xmin (VACUUM FREEZE keeps the raw xmin): nothing to deliver.
+    run_sql(database_url, f"VACUUM FREEZE exports.{table}", f"VACUUM FULL exports.{table}",
+            f"CLUSTER exports.{table} USING {table}_pkey")
+    rows, c = pull(app, table, c)
+    assert rows == []
+    # A rewrite by ALTER ... TYPE writes every row anew: all come again.
+    run_sql(database_url, f"ALTER TABLE exports.{table} ALTER COLUMN v TYPE varchar(20)")
+    app.run(app.state.catalog.reload())
+    rows, c = pull(app, table, c)
+    assert ids(rows) == list(range(1, 11))
+    # Deletes and TRUNCATE are not seen; what is inserted after is.
+    run_sql(database_url, f"DELETE FROM exports.{table} WHERE id = 1",
+            f"TRUNCATE exports.{table}", f"INSERT INTO exports.{table} VALUES (99, 'n')")
+    rows, _ = pull(app, table, c)
+    assert ids(rows) == [99]
+
+
+def test_partitioned_tables_and_materialized_views(
+        app: InProcess, table: str, database_url: str) -> None:
+    run_sql(database_url,
+            f"CREATE TABLE exports.{table}_p (id int, v text) PARTITION BY RANGE (id)",
+            f"CREATE TABLE exports.{table}_p1 PARTITION OF exports.{table}_p"
+            " FOR VALUES FROM (0) TO (100)",
+            f"CREATE TABLE exports.{table}_p2 PARTITION OF exports.{table}_p"
+            " FOR VALUES FROM (100) TO (200)",
+            f"INSERT INTO exports.{table}_p VALUES (1, 'a'), (150, 'b')",
+            f"INSERT INTO exports.{table} VALUES (1, 'a'), (2, 'b')",
+            f"CREATE MATERIALIZED VIEW exports.{table}_m AS SELECT * FROM exports.{table}",
+            f"CREATE UNIQUE INDEX ON exports.{table}_m (id)")
+    app.run(app.state.catalog.reload())
+    try:
+        _, c = pull(app, f"{table}_p")
+        # Moving a row to another partition is a delete and an insert: it comes again.
+        run_sql(database_url, f"UPDATE exports.{table}_p SET id = 2 WHERE id = 150",
+                f"INSERT INTO exports.{table}_p VALUES (120, 'c')")
+        rows, _ = pull(app, f"{table}_p", c)
+        assert ids(rows) == [2, 120]
+        _, c = pull(app, f"{table}_m")
+        run_sql(database_url, f"UPDATE exports.{table} SET v = 'changed' WHERE id = 2",
+                f"REFRESH MATERIALIZED VIEW CONCURRENTLY exports.{table}_m")
+        rows, c = pull(app, f"{table}_m", c)
+        assert rows == [{"id": 2, "v": "changed"}]
+        # A plain REFRESH rewrites the whole view: every row comes again.
+        run_sql(database_url, f"REFRESH MATERIALIZED VIEW exports.{table}_m")
+        rows, _ = pull(app, f"{table}_m", c)
+        assert ids(rows) == [1, 2]
+    finally:
+        run_sql(database_url, f"DROP TABLE exports.{table}_p",
+                f"DROP MATERIALIZED VIEW exports.{table}_m")
