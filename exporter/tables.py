@@ -147,6 +147,8 @@ stored_exports = sa.Table(
     # A streamed export's copy: the most bytes a response from it sent (None while the
     # first one runs). A resume asks for no more than that (exporter/stored/copies.py).
     sa.Column("delivered", sa.BigInteger),
+    # The Export-Cursor of its snapshot (a table's export), for a later `since`.
+    sa.Column("cursor", sa.Text),
     sa.Index("stored_exports_owner_idx", "owner", "created"),
     sa.Index("stored_exports_created_idx", "created"),
     sa.Index("stored_exports_expires_idx", "expires"),

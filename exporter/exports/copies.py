@@ -44,9 +44,9 @@ class Copy(Protocol):
 class Copies(Protocol):
     async def begin(self, request: Request, principal: Principal, *, dataset: str,
                     format: str, content_type: str, filename: str,
-                    snapshot_time: datetime) -> Copy | None:
+                    snapshot_time: datetime, cursor: str | None = None) -> Copy | None:
         """A copy for the export this request streams; None when there is to be none
-        (the setting is off, the quota is full)."""
+        (the setting is off, the quota is full). `cursor`: its Export-Cursor, if any."""
 
     async def resume(self, request: Request, principal: Principal) -> Response | None:
         """The answer to this `Range` request from a copy it provably continues, or None

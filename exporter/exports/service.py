@@ -244,10 +244,11 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     s = st.settings
     level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
     headers = export_headers(request, renderer, job.filename, explicit=explicit, coding=coding)
-    if job.cursor is not None:
-        headers[cursor.HEADER] = await export_cursor(st, job.cursor)
+    token = None if job.cursor is None else await export_cursor(st, job.cursor)
+    if token is not None:
+        headers[cursor.HEADER] = token
     if st.copies is not None and body_coding is None:
-        headers.update(await _copy_headers(request, st.copies, principal, job))
+        headers.update(await _copy_headers(request, st.copies, principal, job, token))
     return StreamingResponse(job.body(body_coding, level), headers=headers)
 
 
@@ -276,14 +277,14 @@ async def export_cursor(st: State, snapshot: cursor.Cursor) -> str:
 
 
 async def _copy_headers(request: Request, copies: Copies, principal: Principal,
-                        job: Export) -> dict[str, str]:
+                        job: Export, token: str | None) -> dict[str, str]:
     """Start the export's stored copy; the headers that name it. The export goes on
     without one if it cannot be had (the reason is logged by the store). Identity
     bodies only: a compressed one's bytes are not the copy's."""
     copy = await copies.begin(
         request, principal, dataset=job.query.dataset.name, format=job.renderer.name,
         content_type=job.renderer.content_type, filename=job.filename,
-        snapshot_time=job.snapshot_time)
+        snapshot_time=job.snapshot_time, cursor=token)
     if copy is None:
         return {}
     job.attach(copy, lambda: keep_releases(request.scope))

@@ -64,11 +64,13 @@ def _cut_after(row: Any, offset: int) -> bool:
 
 
 class StoredCopy:
-    def __init__(self, copies: StreamedCopies, writer: Writer, snapshot_time: datetime) -> None:
+    def __init__(self, copies: StreamedCopies, writer: Writer, snapshot_time: datetime,
+                 cursor: str | None = None) -> None:
         self.id = writer.id
         self._copies = copies
         self._writer = writer
         self._snapshot_time = snapshot_time
+        self._cursor = cursor
 
     async def write(self, chunk: bytes) -> None:
         try:
@@ -81,7 +83,7 @@ class StoredCopy:
 
     async def finish(self, rows: int | None) -> None:
         try:
-            await self._writer.finish(rows, self._snapshot_time)
+            await self._writer.finish(rows, self._snapshot_time, self._cursor)
         except Stopped as stop:
             log.info("copy %s: %s", self.id, stop)
             return
@@ -100,7 +102,7 @@ class StreamedCopies:
 
     async def begin(self, request: Request, principal: Principal, *, dataset: str,
                     format: str, content_type: str, filename: str,
-                    snapshot_time: datetime) -> StoredCopy | None:
+                    snapshot_time: datetime, cursor: str | None = None) -> StoredCopy | None:
         try:
             writer = await self._service.begin(
                 principal, url=recorded_url(request), dataset=dataset, format=format,
@@ -108,7 +110,7 @@ class StreamedCopies:
         except ApiError as error:  # the quota is full, the storage refuses
             log.info("a streamed export of %s goes without a copy: %s", dataset, error.message)
             return None
-        return StoredCopy(self, writer, snapshot_time)
+        return StoredCopy(self, writer, snapshot_time, cursor)
 
     def location(self, request: Request, copy: Any) -> str:
         return f"{request.scope.get('root_path', '')}/exports/{copy.id}/file"

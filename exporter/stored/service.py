@@ -43,7 +43,7 @@ from exporter.exports.catalog import Dataset
 from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import ExportQuery, parse
 from exporter.exports.renderers import Renderer
-from exporter.exports.service import candidate_names, resolve
+from exporter.exports.service import candidate_names, export_cursor, read_since, resolve
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
 from exporter.state import State
@@ -127,7 +127,8 @@ class StoredService(StoredExports):
         job = Export(engine, st.audit, self.settings.model_copy(
             update={"statement_timeout": FIRST_ROW_WAIT}), query, renderer, download,
             replica=engine is st.replica)
-        task = asyncio.get_running_loop().create_task(self._run(writer, job, coding, holder))
+        task = asyncio.get_running_loop().create_task(
+            self._run(writer, job, coding, holder, st))
         run.append(task)
         self._runs[writer.id] = task
         task.add_done_callback(lambda _: self._runs.pop(writer.id, None))
@@ -142,7 +143,7 @@ class StoredService(StoredExports):
         return str(max(1, round(self.interval * 2)))
 
     async def _run(self, writer: Writer, job: Export, coding: Coding | None,
-                   holder: Scope) -> None:
+                   holder: Scope, st: State) -> None:
         body: AsyncIterator[bytes] | None = None
         try:
             try:
@@ -155,7 +156,8 @@ class StoredService(StoredExports):
                                                                  s.zstd_level))
                 async for chunk in chunks:
                     await writer.write(chunk)
-                await writer.finish(job.download.rows, job.snapshot_time)
+                token = None if job.cursor is None else await export_cursor(st, job.cursor)
+                await writer.finish(job.download.rows, job.snapshot_time, token)
             finally:
                 if body is not None and hasattr(body, "aclose"):
                     # The COPY stopped and its snapshot let go now, if it still ran.
@@ -369,6 +371,8 @@ def describe(request: Request, row: sa.Row[Any]) -> dict[str, Any]:
         sha256 = bytes(row.sha256)
         body.update({
             "snapshot_time": _iso(row.snapshot_time),
+            # A table's: `since=` this cursor in a later export gives what changed after.
+            "cursor": row.cursor,
             "sha256": sha256.hex(), "sha256_base64": base64.b64encode(sha256).decode(),
             "file_url": f"{status_url}/file",
         })
@@ -423,6 +427,7 @@ async def start(request: Request, st: State, principal: Principal) -> Response:
         raise principal.denied()
     params = [(k, v) for k, v in _query_pairs(url.query) if k not in LINK_PARAMETERS]
     query = parse(dataset, params)
+    await read_since(st, query)
     suffix = f".{coding.extension}" if coding else ""
     clean = f"/datasets/{quote(dataset.name, safe='')}.{renderer.extension}{suffix}"
     if params:

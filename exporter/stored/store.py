@@ -366,8 +366,10 @@ class Writer:
             with contextlib.suppress(BaseException):
                 await self._beating
 
-    async def finish(self, rows: int | None, snapshot_time: datetime | None) -> None:
-        """Durable, in place, complete (or Stopped, if it was cancelled meanwhile)."""
+    async def finish(self, rows: int | None, snapshot_time: datetime | None,
+                     cursor: str | None = None) -> None:
+        """Durable, in place, complete (or Stopped, if it was cancelled meanwhile);
+        `cursor`, the Export-Cursor of its snapshot."""
         if self.stopped.is_set():
             raise Stopped(self.reason)
         self._closed = True
@@ -381,7 +383,7 @@ class Writer:
             raise
         status = await self._store._close_row(
             self.id, COMPLETE, None, rows=self.rows, bytes=self.bytes,
-            sha256=self._hash.digest(), snapshot_time=snapshot_time)
+            sha256=self._hash.digest(), snapshot_time=snapshot_time, cursor=cursor)
         if status != COMPLETE:
             # Cancelled (or deleted) between the last beat and now: its file goes too.
             await self._store.storage.delete(self.id)
