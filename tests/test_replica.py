@@ -332,3 +332,59 @@ def test_standby_stopped_then_back(pair: Pair, make_server: type[Server]) -> Non
         time.sleep(0.2)
     assert r.status_code == 200
     assert httpx.get(s.url + "/healthz").json()["replica"] == {"status": "ok"}
+
+
+def test_a_cursor_taken_on_the_standby_redelivers_rather_than_loses(
+        pair: Pair, make_server: type[Server]) -> None:
+    """A standby's pg_current_snapshot() lists no transaction in progress (a PostgreSQL
+    bug): its cursor counts every xid from the snapshot's xmin as not visible."""
+    import asyncio
+    import json
+
+    import asyncpg
+
+    from exporter.exports import cursor
+    from tests.support import asyncpg_dsn
+
+    s = make_server({"EXPORTER_REPLICA_URL": pair.standby.url()}, url=pair.primary.url()).start()
+    p = make_server(url=pair.primary.url()).start()
+    primary = pair.primary.url()
+    run_sql(primary, "CREATE TABLE exports.cur_standby (id int PRIMARY KEY)",
+            "INSERT INTO exports.cur_standby VALUES (1)")
+    loop = asyncio.new_event_loop()
+    a = loop.run_until_complete(asyncpg.connect(asyncpg_dsn(primary)))
+    try:
+        for statement in ("BEGIN", "INSERT INTO exports.cur_standby VALUES (2)",
+                          "SAVEPOINT s", "INSERT INTO exports.cur_standby VALUES (3)",
+                          "RELEASE SAVEPOINT s"):
+            loop.run_until_complete(a.execute(statement))
+        run_sql(primary, "INSERT INTO exports.cur_standby VALUES (4)")
+        wait_replayed(pair)
+
+        def pull(server: Server, since: str | None = None) -> tuple[set[int], str]:
+            r = httpx.get(server.url + "/datasets/cur_standby.ndjson",
+                          params={"since": since} if since else {}, timeout=30)
+            assert r.status_code == 200, r.text
+            return ({json.loads(line)["id"] for line in r.content.splitlines()},
+                    r.headers[cursor.HEADER])
+
+        rows, token = pull(s)
+        assert rows == {1, 4}
+        key = bytes(fetch(primary, "SELECT value FROM exporter.secrets"
+                                   " WHERE name = 'link_signing_key'")[0]["value"])
+        taken = cursor.decode(token, cursor.cursor_key(key))
+        assert taken.standby and taken.conservative == taken.xmin and not taken.invisible
+        loop.run_until_complete(a.execute("COMMIT"))
+        run_sql(primary, "INSERT INTO exports.cur_standby VALUES (5)")
+        wait_replayed(pair)
+        rows, _ = pull(s, token)
+        assert {2, 3, 5} <= rows and 1 not in rows
+        # The primary's cursor is exact, and the standby (the same cluster) takes it.
+        _, exact = pull(p)
+        run_sql(primary, "INSERT INTO exports.cur_standby VALUES (6)")
+        wait_replayed(pair)
+        assert pull(s, exact)[0] == {6}
+    finally:
+        loop.run_until_complete(a.close())
+        loop.close()
+        run_sql(primary, "DROP TABLE exports.cur_standby")
