@@ -94,7 +94,12 @@ def main(argv: list[str]) -> None:
                               f" WHERE note = '{MARK}'")[0]["n"])
         execute(url, "VACUUM ANALYZE exports.orders")
         since = cursor.decode(token, cursor.cursor_key(SECRET.encode()))
-        select = f"SELECT * FROM exports.orders WHERE {cursor.condition(since)}"
+        # As the export's transaction does: age() counts from the next xid, which stays
+        # put while nothing else writes.
+        reference = int(fetch(url, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+                                   " + age(xid(pg_snapshot_xmax(pg_current_snapshot()))) AS r"
+                              )[0]["r"])
+        select = f"SELECT * FROM exports.orders WHERE {cursor.condition(since, reference)}"
         query = Query("since", f"\\copy ({select}) TO STDOUT WITH (FORMAT csv, HEADER)",
                       f"/datasets/orders.csv?since={token}")
         size = psql_bytes(url, query.copy)

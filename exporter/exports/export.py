@@ -154,11 +154,11 @@ class Export:
             if self.query.dataset.kind in cursor.KINDS_WITH_XMIN:
                 snapshot = await cursor.take(conn)
                 self.snapshot_time, self.cursor = snapshot.time, snapshot.cursor
+                if self.query.changed_since is not None:
+                    cursor.check(self.query.changed_since, snapshot)
+                    self.query.since_reference = snapshot.reference
             else:
                 self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
-            if self.query.changed_since is not None:
-                assert self.cursor is not None  # the service refuses `since` elsewhere
-                cursor.check(self.query.changed_since, self.cursor)
             await sql.check_values(conn, self.query)
             driver: Any = await driver_connection(conn)
             self._driver = driver

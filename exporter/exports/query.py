@@ -62,6 +62,8 @@ class ExportQuery:
     # `since` as given; the service checks it and sets `changed_since` (cursor.py).
     since: str | None = None
     changed_since: Cursor | None = None
+    # The xid the export transaction's age() counts from, once read (cursor.py).
+    since_reference: int | None = None
 
 
 def parse(dataset: Dataset, params: Iterable[tuple[str, str]]) -> ExportQuery:

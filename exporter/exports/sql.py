@@ -65,7 +65,7 @@ def select_sql(query: ExportQuery) -> str:
     ]
     conditions = [_condition(f) for f in query.filters]
     if query.changed_since is not None:
-        conditions.append(cursor.condition(query.changed_since))
+        conditions.append(cursor.condition(query.changed_since, query.since_reference))
     if conditions:
         parts.append("WHERE " + " AND ".join(conditions))
     if query.order:
