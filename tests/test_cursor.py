@@ -462,3 +462,17 @@ def test_cursor_header_is_exposed_to_other_origins_and_kept_in_stored_manifests(
     assert httpx.get(file_url).content == b"id,v\n2,b\n"
     bad = httpx.post(f"{live.url}/exports", json={"url": f"/datasets/{table}.csv?since=x"})
     assert bad.status_code == 400 and bad.json()["error"]["parameter"] == "since"
+
+
+def test_the_audit_trail_takes_since_as_an_export(app: InProcess) -> None:
+    token = app.call(lambda st: st.tokens.create(f"cursor-admin-{uuid.uuid4().hex[:6]}",
+                                                 ["admin"], None))
+    auth = {"Authorization": f"Bearer {token}"}
+    first = app.get("/downloads.csv?limit=1", headers=auth)
+    assert first.status_code == 200
+    cursor_token = first.headers[cursor.HEADER]
+    app.get("/datasets/orders.csv?limit=1")  # one more audit row, written in batches
+    later = app.get(f"/downloads.csv?since={cursor_token}&select=target", headers=auth)
+    assert later.status_code == 200 and later.headers[cursor.HEADER]
+    listing = app.get(f"/downloads?since={cursor_token}", headers=auth)
+    assert listing.status_code == 400 and listing.json()["error"]["parameter"] == "since"

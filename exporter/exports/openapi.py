@@ -24,7 +24,11 @@ _EXPORT_QUERY = [
 ]
 
 EXPORT: dict[str, Any] = {"parameters": [
-    *_EXPORT_QUERY, *SIGNED_LINK,
+    *_EXPORT_QUERY,
+    query("since", "the Export-Cursor header of an earlier export of this table: only the"
+          " rows inserted or updated since its snapshot (tables and materialized views)",
+          {"type": "string", "maxLength": 1024}),
+    *SIGNED_LINK,
     header("Accept", "text/csv or application/x-ndjson when the name has no extension"),
 ]}
 
