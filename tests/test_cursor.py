@@ -476,3 +476,16 @@ def test_the_audit_trail_takes_since_as_an_export(app: InProcess) -> None:
     assert later.status_code == 200 and later.headers[cursor.HEADER]
     listing = app.get(f"/downloads?since={cursor_token}", headers=auth)
     assert listing.status_code == 400 and listing.json()["error"]["parameter"] == "since"
+
+
+def test_two_server_processes_accept_each_others_cursors(
+        live: Server, make_server: type[Server], table: str, database_url: str) -> None:
+    other = make_server({"EXPORTER_PUBLIC_DATASETS": '["*"]'}).start()
+    run_sql(database_url, f"INSERT INTO exports.{table} VALUES (1, 'a')")
+    token = httpx.get(f"{live.url}/datasets/{table}.csv").headers[cursor.HEADER]
+    run_sql(database_url, f"INSERT INTO exports.{table} VALUES (2, 'b')")
+    r = httpx.get(f"{other.url}/datasets/{table}.csv", params={"since": token})
+    assert r.status_code == 200 and r.content == b"id,v\n2,b\n"
+    back = httpx.get(f"{live.url}/datasets/{table}.csv",
+                     params={"since": r.headers[cursor.HEADER]})
+    assert back.status_code == 200 and back.content == b"id,v\n"
