@@ -250,8 +250,17 @@ _ENDED_SQL = ("SELECT coalesce(min(x), -1) FROM unnest($1::bigint[]) AS x"
 
 async def take(conn: AsyncConnection) -> Snapshot:
     """As the first statement of a REPEATABLE READ transaction: its snapshot and cursor."""
-    row: Any = (await conn.exec_driver_sql(
-        _SNAPSHOT_SQL.format(limit=int(PROBE_LIMIT)))).one()
+    return await settle(conn, await probe(conn))
+
+
+async def probe(conn: AsyncConnection) -> Any:
+    """The first statement: the snapshot and its window's xids in progress."""
+    return (await conn.exec_driver_sql(_SNAPSHOT_SQL.format(limit=int(PROBE_LIMIT)))).one()
+
+
+async def settle(conn: AsyncConnection, row: Any) -> Snapshot:
+    """After the probe (strictly: a statement of its own), which xip members ended
+    meanwhile, and the cursor."""
     xmin, xmax = int(row.xmin), int(row.xmax)
     xip = [int(x) for x in row.xip]
     conservative = xmax
