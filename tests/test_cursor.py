@@ -262,13 +262,21 @@ def changed_ids(app: InProcess, table: str, token: str) -> tuple[list[int], list
     return app.run(both(app.state))
 
 
-def test_the_token_round_trips_and_caps_what_it_lists() -> None:
+def test_the_token_round_trips_and_the_longest_fits() -> None:
     key = cursor.cursor_key(b"k")
     c = cursor.Cursor(2**63 + 5, 2**40, 2**40 + 900, 2**40 + 800,
                       tuple(2**40 + i for i in range(0, 800, 4))[:cursor.MAX_LISTED], True)
     token = cursor.encode(c, key)
     assert cursor.decode(token, key) == c
+    # The longest take() makes: the most xids listed, spread as wide as the probe goes.
+    xmin = 2**63 - 2**32
+    gaps = [16384] * 4 + [128] * (cursor.MAX_LISTED - 4)
+    listed = tuple(xmin + sum(gaps[:i + 1]) for i in range(len(gaps)))
+    assert listed[-1] < xmin + cursor.PROBE_LIMIT
+    longest = cursor.Cursor(2**64 - 1, xmin, xmin + 2**31, xmin + cursor.PROBE_LIMIT, listed)
+    token = cursor.encode(longest, key)
     assert len(token) <= cursor.MAX_LENGTH
+    assert cursor.decode(token, key) == longest
 
 
 def test_table_rewrites_and_freezing_give_the_rows_again_or_lose_none(
@@ -527,3 +535,18 @@ def test_a_transaction_that_ends_between_the_probe_and_its_check_makes_it_conser
     token = cursor.encode(taken, key)
     rows, _ = pull(app, table, token)
     assert ids(rows) == [2, 3, 4]
+
+
+def test_the_condition_across_the_32_bit_wraparound(database_url: str) -> None:
+    """xids near 2^32 and just past it, and the special ones (1 bootstrap, 2 frozen),
+    through the condition's xmin arithmetic (the form used without an age() reference),
+    by PostgreSQL itself on a column named xmin."""
+    low = 2**32 - 6
+    xmin = 3 * 2**32 + low
+    since = cursor.Cursor(0, xmin, xmin + 20, xmin + 20, (xmin + 2,))
+    raw = [1, 2, low - 1, low, low + 2, 3, 14, 100]
+    values = ", ".join(f"('{x}'::xid)" for x in raw)
+    rows = fetch(database_url, f"SELECT xmin::text AS x FROM (VALUES {values}) AS t(xmin)"
+                               f" WHERE {cursor.condition(since)}")
+    # low + 2 is listed as not visible; 3 is xmin + 9, visible; 14 is xmax, 100 after it.
+    assert [int(r["x"]) for r in rows] == [low + 2, 14, 100]

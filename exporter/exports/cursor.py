@@ -66,7 +66,8 @@ KINDS_WITH_XMIN = ("table", "materialized view")
 PROBE_LIMIT = 100_000
 # xids not visible kept in a token; beyond, the conservative bound takes over.
 MAX_LISTED = 256
-# A token longer than this is refused before decoding (a full one is about 600 chars).
+# A token longer than this is refused before decoding: the longest this server makes
+# (MAX_LISTED xids spread over PROBE_LIMIT) has about 750 characters.
 MAX_LENGTH = 1024
 # How far (in xids) the database may have moved past a cursor's xmin: beyond, 32-bit
 # xmin can no longer be told apart (wraparound).
