@@ -550,3 +550,33 @@ def test_the_condition_across_the_32_bit_wraparound(database_url: str) -> None:
                                f" WHERE {cursor.condition(since)}")
     # low + 2 is listed as not visible; 3 is xmin + 9, visible; 14 is xmax, 100 after it.
     assert [int(r["x"]) for r in rows] == [low + 2, 14, 100]
+
+
+def test_a_role_that_may_not_read_the_cluster_identity_exports_without_a_cursor(
+        database_url: str, table: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    role = f"cur_limited_{uuid.uuid4().hex[:6]}"
+    run_sql(database_url, f"CREATE ROLE {role} LOGIN",
+            f"GRANT USAGE ON SCHEMA exports, exporter TO {role}",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA exports TO {role}",
+            f"GRANT ALL ON ALL TABLES IN SCHEMA exporter TO {role}",
+            f"GRANT ALL ON ALL SEQUENCES IN SCHEMA exporter TO {role}",
+            "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC",
+            f"INSERT INTO exports.{table} VALUES (1, 'a')")
+    try:
+        url = make_url(database_url).set(username=role, password=None)
+        settings = Settings(database_url=url.render_as_string(hide_password=False),
+                            public_datasets=["*"])
+        with InProcess(settings) as limited:
+            r = limited.get(f"/datasets/{table}.csv")
+            assert r.status_code == 200 and r.content == b"id,v\n1,a\n"
+            assert cursor.HEADER not in r.headers
+            token = cursor.encode(cursor.Cursor(0, 3, 3, 3, ()), cursor.cursor_key(
+                limited.call(lambda st: st.links.key())))
+            refused = limited.get(f"/datasets/{table}.csv?since={token}")
+            assert refused.status_code == 503
+            assert "pg_control_system" in refused.json()["error"]["message"]
+    finally:
+        run_sql(database_url, "GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC",
+                f"DROP OWNED BY {role}", f"DROP ROLE {role}")

@@ -47,12 +47,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from exporter.errors import ApiError, bad_parameter
+from exporter.errors import DRIVER_ERRORS, ApiError, bad_parameter, postgres_message, sqlstate
+
+log = logging.getLogger(__name__)
 
 SINCE = "since"
 HEADER = "Export-Cursor"
@@ -73,6 +76,10 @@ MAX_LENGTH = 1024
 # xmin can no longer be told apart (wraparound).
 MAX_AGE = 2**31 - 1
 _MAC_SIZE = 16
+INSUFFICIENT_PRIVILEGE = "42501"
+NO_IDENTITY = (f"'{SINCE}' cannot be answered: the database role may not run"
+               " pg_control_system(), which binds cursors to their cluster (GRANT EXECUTE ON"
+               " FUNCTION pg_control_system() TO the role)")
 _WRAP = 2**32
 _KEY_LABEL = b"exporter export cursor v1"
 REPULL = "pull everything again (without 'since') and keep the new Export-Cursor"
@@ -249,9 +256,19 @@ _ENDED_SQL = ("SELECT coalesce(min(x), -1) FROM unnest($1::bigint[]) AS x"
               " WHERE pg_xact_status(x::text::xid8) IS DISTINCT FROM 'in progress'")
 
 
-async def take(conn: AsyncConnection) -> Snapshot:
-    """As the first statement of a REPEATABLE READ transaction: its snapshot and cursor."""
-    return await settle(conn, await probe(conn))
+async def take(conn: AsyncConnection) -> Snapshot | None:
+    """As the first statement of a REPEATABLE READ transaction: its snapshot and cursor.
+    None, with the transaction rolled back, if the role may not read the cluster's
+    identity (EXECUTE on pg_control_system() revoked from PUBLIC): no cursor then."""
+    try:
+        row = await probe(conn)
+    except DRIVER_ERRORS as error:
+        if sqlstate(error) != INSUFFICIENT_PRIVILEGE:
+            raise
+        log.warning("no change cursor: %s", postgres_message(error))
+        await conn.rollback()
+        return None
+    return await settle(conn, row)
 
 
 async def probe(conn: AsyncConnection) -> Any:

@@ -151,13 +151,17 @@ class Export:
             )
             # The first statement opens the transaction; now() is its start, the snapshot's
             # time. A table's export also reads the snapshot itself, its change cursor.
+            snapshot = None
             if self.query.dataset.kind in cursor.KINDS_WITH_XMIN:
                 snapshot = await cursor.take(conn)
+            if snapshot is not None:
                 self.snapshot_time, self.cursor = snapshot.time, snapshot.cursor
                 if self.query.changed_since is not None:
                     cursor.check(self.query.changed_since, snapshot)
                     self.query.since_reference = snapshot.reference
             else:
+                if self.query.changed_since is not None:
+                    raise ApiError(503, cursor.NO_IDENTITY)
                 self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
             await sql.check_values(conn, self.query)
             driver: Any = await driver_connection(conn)
