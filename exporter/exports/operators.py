@@ -26,6 +26,12 @@ class Operand(Enum):
     PATTERN = "pattern"
     # One of the operator's keywords (`is.null`); SQL words, never a literal.
     KEYWORD = "keyword"
+    # A POSIX regular expression, compared as text like a PATTERN; PostgreSQL compiles
+    # it (check_values) before the export runs, since a bad one fails only on a row.
+    REGEX = "regex"
+    # A text search query, `fts(english).word` with an optional language (a regconfig);
+    # both checked by PostgreSQL before the export runs.
+    TSQUERY = "tsquery"
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class Operator:
     # For KEYWORD: the accepted words and the SQL each stands for.
     keywords: tuple[tuple[str, str], ...] = ()
     hint: str = ""  # the placeholder of the page's value field
+    # Whether `op(any).{a,b}` and `op(all).{a,b}` compare with each value of a list.
+    quantified: bool = False
 
     @property
     def cast(self) -> bool:
@@ -53,23 +61,48 @@ class Operator:
 BOOLEAN_KEYWORDS = ("true", "false", "unknown")
 
 TABLE: tuple[Operator, ...] = (
-    Operator("eq", "equals", "{column} = {value}", Operand.TYPED, "="),
-    Operator("neq", "does not equal", "{column} <> {value}", Operand.TYPED, "<>"),
-    Operator("gt", "is greater than", "{column} > {value}", Operand.TYPED, ">"),
-    Operator("gte", "is at least", "{column} >= {value}", Operand.TYPED, ">="),
-    Operator("lt", "is less than", "{column} < {value}", Operand.TYPED, "<"),
-    Operator("lte", "is at most", "{column} <= {value}", Operand.TYPED, "<="),
+    Operator("eq", "equals", "{column} = {value}", Operand.TYPED, "=", quantified=True),
+    Operator("neq", "does not equal", "{column} <> {value}", Operand.TYPED, "<>",
+             quantified=True),
+    Operator("gt", "is greater than", "{column} > {value}", Operand.TYPED, ">",
+             quantified=True),
+    Operator("gte", "is at least", "{column} >= {value}", Operand.TYPED, ">=", quantified=True),
+    Operator("lt", "is less than", "{column} < {value}", Operand.TYPED, "<", quantified=True),
+    Operator("lte", "is at most", "{column} <= {value}", Operand.TYPED, "<=", quantified=True),
     Operator("like", "matches", "{column} LIKE {value}", Operand.PATTERN,
-             hint="use * as wildcard"),
+             hint="use * as wildcard", quantified=True),
     Operator("ilike", "matches, any case", "{column} ILIKE {value}", Operand.PATTERN,
-             hint="use * as wildcard"),
+             hint="use * as wildcard", quantified=True),
     Operator("in", "is one of", "{column} IN ({value})", Operand.LIST, "=", hint="a,b,c"),
     Operator("is", "is", "{column} IS {value}", Operand.KEYWORD,
              keywords=(("null", "NULL"), ("not_null", "NOT NULL"), ("true", "TRUE"),
                        ("false", "FALSE"), ("unknown", "UNKNOWN")),
              hint="null, not_null, true, false"),
+    Operator("isdistinct", "is distinct from (nulls compared as values)",
+             "{column} IS DISTINCT FROM {value}", Operand.TYPED, "="),
+    Operator("match", "matches the regular expression", "{column} ~ {value}", Operand.REGEX,
+             hint="a regular expression", quantified=True),
+    Operator("imatch", "matches the regular expression, any case", "{column} ~* {value}",
+             Operand.REGEX, hint="a regular expression", quantified=True),
+    Operator("cs", "contains", "{column} @> {value}", Operand.TYPED, "@>",
+             hint="{1,2} or [1,5)"),
+    Operator("cd", "is contained in", "{column} <@ {value}", Operand.TYPED, "<@",
+             hint="{1,2} or [1,5)"),
+    Operator("ov", "overlaps", "{column} && {value}", Operand.TYPED, "&&",
+             hint="{1,2} or [1,5)"),
+    Operator("fts", "matches the text search query", "{column} @@ to_tsquery({value})",
+             Operand.TSQUERY, hint="cat & (dog | mouse)"),
+    Operator("plfts", "contains the words", "{column} @@ plainto_tsquery({value})",
+             Operand.TSQUERY, hint="some words"),
+    Operator("phfts", "contains the phrase", "{column} @@ phraseto_tsquery({value})",
+             Operand.TSQUERY, hint="a phrase"),
+    Operator("wfts", "matches the web search", "{column} @@ websearch_to_tsquery({value})",
+             Operand.TSQUERY, hint='"a phrase" or -not'),
 )
 
 BY_NAME = {o.name: o for o in TABLE}
 # In the table's order, which the 400 for an unknown operator lists.
 NAMES = tuple(BY_NAME)
+# PostgREST's operators that exporter leaves out (ranges' strictly left/right of, does
+# not extend, adjacent): a 400 that says so, not one about an unknown column.
+UNSUPPORTED = ("sl", "sr", "nxr", "nxl", "adj")
