@@ -171,7 +171,7 @@ class ExportQuery:
     def all_filters(self) -> list[Filter]:
         """The filters, those inside logic trees included."""
         found = list(self.filters)
-        stack: list[Filter | Tree] = list(self.trees)
+        stack: list[Filter | Tree] = list(reversed(self.trees))
         while stack:
             node = stack.pop()
             if isinstance(node, Tree):
@@ -308,7 +308,8 @@ def _filter_field(dataset: Dataset, name: str) -> tuple[Column, tuple[Step, ...]
     return column, path
 
 
-def _split(parameter: str, text: str, limit: int | None = None) -> list[str]:
+def _split(parameter: str, text: str, limit: int | None = None,
+           what: str = "items") -> list[str]:
     """`text` cut at its commas outside double quotes, parentheses and braces, in one pass
     (a hostile text costs its length, once)."""
     parts: list[str] = []
@@ -334,7 +335,7 @@ def _split(parameter: str, text: str, limit: int | None = None) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
             if limit is not None and len(parts) > limit:
-                raise bad_parameter(parameter, f"more than {limit} items")
+                raise bad_parameter(parameter, f"more than {limit} {what}")
         i += 1
     if quoted:
         raise bad_parameter(parameter, "unterminated double quote")
@@ -371,7 +372,7 @@ def _parse_item(dataset: Dataset, text: str) -> Item:
                             " one dataset")
     if _AGGREGATE.fullmatch(text):
         raise bad_parameter("select", f"aggregates ('{text}') are not supported")
-    if re.match(r'[^"]*\(', text):
+    if re.match(r'[^"]*\(', text.split("::", 1)[0]):  # a cast's `numeric(10,2)` is not one
         raise bad_parameter("select", f"embedded resources ('{text}') are not supported:"
                             " exports read one dataset")
     alias = None
@@ -380,7 +381,7 @@ def _parse_item(dataset: Dataset, text: str) -> Item:
         alias, text = name, text[i + 1:]
         if not alias:
             raise bad_parameter("select", "an alias is missing before ':'")
-    if text == "*":
+    if text == "*" or text.startswith("*::"):
         raise bad_parameter("select", "'*' cannot be renamed or cast")
     column, path, i = _read_field(dataset, "select", text, 0, ":")
     cast = None
@@ -439,7 +440,7 @@ def _parse_tree(dataset: Dataset, parameter: str, conjunction: str, negated: boo
         raise bad_parameter(parameter, f"'{parameter}' takes conditions in parentheses:"
                             f" {parameter}=(a.eq.1,b.gt.2)")
     children: list[Filter | Tree] = []
-    for item in _split(parameter, text[1:-1], MAX_CONDITIONS):
+    for item in _split(parameter, text[1:-1], MAX_CONDITIONS, "conditions"):
         item = item.lstrip(" ")
         count[0] += 1
         if count[0] > MAX_CONDITIONS:
