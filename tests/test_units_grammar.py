@@ -156,6 +156,7 @@ def test_a_cast_is_written_as_postgresql_named_it_never_as_the_request_did() -> 
     ("id::" + "i" * 10_000, f"'{'i' * 100}' is not a type name"),
     ("id::numeric(99999)", "'numeric(99999)' is not a type name"),
     ("id,", "expected a comma-separated list of columns"),
+    ("data" + "->a" * 10_000, "a JSON path of more than 32 steps"),
 ])
 def test_select_mistakes(value: str, message: str) -> None:
     error = refused(("select", value))

@@ -50,6 +50,9 @@ LOGIC = {"or": ("OR", False), "and": ("AND", False),
 # towards the depth.
 MAX_DEPTH = 32
 MAX_CONDITIONS = 1000
+# Steps of one JSON path: each is an operator PostgreSQL's parser recurses into, and
+# thousands exhaust its stack (a 500, not the client's 400).
+MAX_PATH = 32
 # A cast's type: words (`double precision`), perhaps schema-qualified, a modifier of
 # numbers and array brackets. Nothing else can reach PostgreSQL's type lookup, and only
 # the name PostgreSQL gives back for the words is ever written into SQL.
@@ -284,6 +287,8 @@ def _read_field(dataset: Dataset, parameter: str, text: str, i: int,
         if not key:
             raise bad_parameter(parameter, f"a JSON key is missing after '{arrow}'")
         path.append(Step(arrow, key))
+        if len(path) > MAX_PATH:
+            raise bad_parameter(parameter, f"a JSON path of more than {MAX_PATH} steps")
     if path and column.base_type not in ("json", "jsonb"):
         raise bad_parameter(parameter, f"'->' needs a json or jsonb column; '{column.name}'"
                             f" is {column.type}")

@@ -428,3 +428,13 @@ async def _check_statement(conn: AsyncConnection, query: ExportQuery) -> None:
         if failure is not None:
             raise bad_parameter(parameter, failure)
     raise bad_parameter("select", reason)
+
+
+def cast_failure(query: ExportQuery, error: BaseException) -> ApiError | None:
+    """A 400 for a statement that failed on a row's value, when `select` casts: no check
+    can know before reading the rows that `word::int` meets 'Bob' (PostgREST answers 400
+    too). None for any other failure."""
+    code = sqlstate(error)
+    if code is None or not code.startswith("22") or all(i.cast is None for i in query.items):
+        return None
+    return bad_parameter("select", f"a cast failed on a row: {postgres_message(error)}")
