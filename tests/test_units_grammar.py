@@ -45,6 +45,7 @@ T = Dataset("s", "t", "table", 10, {c.name: c for c in COLUMNS})
 FROM = 'FROM "s"."t"'
 # Request text that would change the statement if it ever reached SQL unquoted.
 HOSTILE = "x'); DROP TABLE t; --"
+HINT = "; put a value holding parentheses, braces or commas in double quotes"
 
 
 def q(*params: tuple[str, str]) -> ExportQuery:
@@ -146,8 +147,8 @@ def test_a_cast_is_written_as_postgresql_named_it_never_as_the_request_did() -> 
     ('"ship.date"x', "unexpected 'x' after a column in '\"ship.date\"x'"),
     ("id::int;drop table x", "'int;drop table x' is not a type name"),
     ('id::"int"', "'\"int\"' is not a type name"),
-    ("id::int)--", "unbalanced ')'"),
-    ("id::int(--", "unbalanced parentheses"),
+    ("id::int)--", f"unbalanced ')'{HINT}"),
+    ("id::int(--", f"unbalanced parentheses{HINT}"),
     ("id::int--", "'int--' is not a type name"),
     ("id::int/**/", "'int/**/' is not a type name"),
     ("id::pg_catalog.int4; select 1", "'pg_catalog.int4; select 1' is not a type name"),
@@ -267,8 +268,8 @@ def test_trees_add_up_with_filters() -> None:
     ("id.eq.1", "'and' takes conditions in parentheses: and=(a.eq.1,b.gt.2)"),
     ("()", "'and' takes conditions in parentheses: and=(a.eq.1,b.gt.2)"),
     ("(id.eq.1", "'and' takes conditions in parentheses: and=(a.eq.1,b.gt.2)"),
-    ("(id.eq.1),(id.eq.2)", "unbalanced ')'"),
-    ("(id.eq.1,(id.eq.2)", "unbalanced parentheses"),
+    ("(id.eq.1),(id.eq.2)", f"unbalanced ')'{HINT}"),
+    ("(id.eq.1,(id.eq.2)", f"unbalanced parentheses{HINT}"),
     ('(note.eq."x)', "unterminated double quote"),
     ("(id.eq.1,)", "unknown column '' in dataset 't'"),
     ("(nope.eq.1)", "unknown column 'nope' in dataset 't'"),

@@ -313,6 +313,10 @@ def _filter_field(dataset: Dataset, name: str) -> tuple[Column, tuple[Step, ...]
     return column, path
 
 
+# PostgREST's way to write a range or a value holding `(),` inside a tree: `span.ov."[1,5)"`.
+_QUOTE_HINT = "; put a value holding parentheses, braces or commas in double quotes"
+
+
 def _split(parameter: str, text: str, limit: int | None = None,
            what: str = "items") -> list[str]:
     """`text` cut at its commas outside double quotes, parentheses and braces, in one pass
@@ -335,7 +339,7 @@ def _split(parameter: str, text: str, limit: int | None = None,
         elif ch in ")}":
             depth -= 1
             if depth < 0:
-                raise bad_parameter(parameter, f"unbalanced '{ch}'")
+                raise bad_parameter(parameter, f"unbalanced '{ch}'{_QUOTE_HINT}")
         elif ch == "," and not depth:
             parts.append(text[start:i])
             start = i + 1
@@ -345,7 +349,7 @@ def _split(parameter: str, text: str, limit: int | None = None,
     if quoted:
         raise bad_parameter(parameter, "unterminated double quote")
     if depth:
-        raise bad_parameter(parameter, "unbalanced parentheses")
+        raise bad_parameter(parameter, f"unbalanced parentheses{_QUOTE_HINT}")
     parts.append(text[start:])
     return parts
 
