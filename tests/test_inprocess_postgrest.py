@@ -246,6 +246,8 @@ def test_a_bad_operand_is_refused_even_where_no_row_would_reach_it(app: InProces
                   "id=gt.59&body=fts(english).a & (", "id=lt.0&or=(word.imatch.*)"):
         r = app.get("/datasets/pgrst.ndjson?" + encoded(query))
         assert r.status_code == 400, (query, r.text)
+        # HEAD answers as GET would, from the same checks.
+        assert app.head("/datasets/pgrst.ndjson?" + encoded(query)).status_code == 400
 
 
 def test_the_table_is_intact(app: InProcess, database_url: str) -> None:
