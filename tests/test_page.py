@@ -163,6 +163,11 @@ def test_an_error_is_shown_not_a_cancelled_download(site: tuple[Server, str],
     shot(page, tmp_path, "error")
     page.wait_for_timeout(500)
     assert downloads == []
+    # Preparing the same download says the same, and starts nothing.
+    c.locator("button.prepare").click()
+    page.wait_for_function(
+        "e => e.textContent.startsWith('Not started. 400:')", arg=error.element_handle())
+    assert "'abc' is not a valid uuid" in error.inner_text()
 
     # A file gone since the page was shown: its 404, not a cancelled download.
     gone = files_root / f"gone-{os.urandom(3).hex()}.txt"
