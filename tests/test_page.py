@@ -196,6 +196,8 @@ def test_the_builder_downloads_what_the_sql_selects(site: tuple[Server, str],
     created = add_filter(c, "created_at", "is less than").locator(".value")
     assert created.get_attribute("type") == "datetime-local"
     created.fill("2026-01-04T06:30:15")
+    zones = c.locator(".filter .zone:visible")
+    assert zones.all_inner_texts() == ["UTC"]  # timestamptz only: the field has no zone
     paid = add_filter(c, "paid", "equals").locator(".value")
     assert paid.evaluate("e => e.tagName") == "SELECT"
     paid.select_option("true")

@@ -186,8 +186,14 @@
       data.operators.map((o) => o.label), "Condition");
     let value = valueField(columns.get(column.value), op.value);
     const remove = el("button", { type: "button", class: "small", "aria-label": "Remove this filter" }, "✕");
+    // A datetime-local field shows no zone: the value is taken as UTC, and says so.
+    const zone = el("span", { class: "zone", "aria-hidden": "true" }, "UTC");
     const row = el("div", { class: "row filter", role: "group", "aria-label": "Filter" },
-      column, op, value, remove);
+      column, op, value, zone, remove);
+    const showZone = () => {
+      zone.hidden = !(kindOf(op.value) === "typed" && columns.get(column.value).input === "datetimetz");
+    };
+    showZone();
     const refit = () => {
       const next = valueField(columns.get(column.value), op.value);
       // A value typed for one field stays when the next is of the same kind.
@@ -196,6 +202,7 @@
       }
       value.replaceWith(next);
       value = next;
+      showZone();
       update();
     };
     column.addEventListener("change", refit);
@@ -285,14 +292,16 @@
   const list = prepared && prepared.querySelector(".prepared-list");
   const shown = new Map();
 
-  function show(item) {
+  // Started here: on top. Listed at load (newest first): below what is there, which
+  // can only be newer, started while the listing was on its way.
+  function show(item, listed) {
     if (!list) return;
     prepared.hidden = false;
     let li = shown.get(item.id);
     if (!li) {
       li = el("li", { class: "prepared-item", "data-id": item.id });
       shown.set(item.id, li);
-      list.prepend(li);
+      if (listed) list.append(li); else list.prepend(li);
     }
     const name = item.filename || item.dataset;
     const title = el("p", { class: "prepared-name" }, el("strong", {}, name));
@@ -379,10 +388,10 @@
     } catch (e) { return; }
     if (!r.ok) return;
     const body = await r.json();
-    // Oldest first, each prepended: the newest ends on top. Streamed exports' copies
-    // (kind "streamed") are the resume machinery's, not something a person prepared.
-    body.exports.filter((x) => x.kind === "async").reverse().forEach((x) => {
-      show(x);
+    // Streamed exports' copies (kind "streamed") are the resume machinery's, not
+    // something a person prepared.
+    body.exports.filter((x) => x.kind === "async").forEach((x) => {
+      show(x, true);
       if (x.status === "running") watch(x.status_url);
     });
   }
