@@ -22,6 +22,7 @@ from tests.inprocess import InProcess
 from tests.support import run_sql
 
 FILES = 1005  # one more page than FOLDER_ENTRIES
+XSS = "<img src=x onerror=alert(1)>'\"$(id).txt"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def app(database_url: str, files_root: Path) -> Iterator[InProcess]:
     for i in range(FILES):
         (folder / f"a{i:04d}.bin").write_bytes(b"")
     (folder / "zz").mkdir()
+    (files_root / "nested" / XSS).write_bytes(b"x")
     settings = Settings(database_url=database_url, files_root=files_root,
                         public_datasets=["*"], public_files=["*"])
     try:
@@ -38,6 +40,7 @@ def app(database_url: str, files_root: Path) -> Iterator[InProcess]:
             yield running
     finally:
         shutil.rmtree(folder)
+        (files_root / "nested" / XSS).unlink()
 
 
 def names(html: str) -> list[str]:
@@ -132,3 +135,10 @@ def test_a_composite_key_keeps_its_order(app: InProcess, database_url: str) -> N
         assert keyed["default_order"] == ["b", "a"]
     finally:
         run_sql(database_url, "DROP TABLE exports.keyed")
+
+
+def test_names_are_text_never_markup(app: InProcess) -> None:
+    r = app.get("/", params={"path": "nested/"})
+    assert r.status_code == 200
+    assert "<img src=x" not in r.text
+    assert "&lt;img src=x onerror=alert(1)&gt;&#39;&#34;$(id).txt" in r.text
