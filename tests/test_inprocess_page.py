@@ -116,6 +116,13 @@ def test_builder_data_fits_the_columns(app: InProcess) -> None:
                       "ship_date": "date", "paid": "boolean", "order_uuid": "text",
                       "details": "text", "tags": "text", "note": "text"}
     assert orders["default_order"] == ["id"]  # the primary key
+    # Each column is offered the conditions its type has.
+    offered = {c["name"]: set(c["operators"]) for c in orders["columns"]}
+    assert {"eq", "gt", "in", "is"} <= offered["id"] and not {"cs", "match", "fts"} & offered["id"]
+    assert {"match", "ilike", "fts", "gt"} <= offered["customer"]
+    assert "cs" not in offered["customer"]
+    assert {"cs", "cd", "ov"} <= offered["tags"] and "gt" not in offered["paid"]
+    assert {"cs", "cd"} <= offered["details"] and "eq" in offered["details"]
     revenue = next(d for d in data["datasets"] if d["name"] == "daily_revenue")
     assert revenue["default_order"] == ["day"]  # a view: its first column
     assert {k["value"] for k in data["operands"]["is"]["keywords"]} >= {"null", "not_null"}

@@ -116,7 +116,10 @@ def _dataset(base_url: str, ds: Dataset) -> dict[str, Any]:
         "name": ds.name,
         "kind": ds.kind,
         "estimated_rows": ds.estimated_rows,
-        "columns": [{"name": c.name, "type": c.type, "input": input_kind(c)} for c in columns],
+        "columns": [{"name": c.name, "type": c.type, "input": input_kind(c),
+                     # The conditions its type has ("contains" for arrays, not numbers).
+                     "operators": [o.name for o in TABLE if o.fits(c.category, c.base_type)]}
+                    for c in columns],
         # What a limit is ordered by when no order is chosen: a limited download is then
         # the same rows every time (PostgreSQL's order without ORDER BY is arbitrary).
         "default_order": ds.primary_key or [c.name for c in columns[:1]],

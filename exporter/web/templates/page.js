@@ -182,8 +182,15 @@
   function filterRow(ds, update) {
     const columns = new Map(ds.columns.map((c) => [c.name, c]));
     const column = select("f-col", ds.columns.map((c) => c.name), null, "Column");
-    const op = select("f-op", data.operators.map((o) => o.name),
-      data.operators.map((o) => o.label), "Condition");
+    // Each column offers the conditions its type has; one chosen stays if the next has it.
+    const op = select("f-op", [], null, "Condition");
+    const offer = () => {
+      const kept = op.value;
+      const names = columns.get(column.value).operators || data.operators.map((o) => o.name);
+      op.replaceChildren(...names.map((n) => el("option", { value: n }, operators.get(n).label)));
+      if (names.includes(kept)) op.value = kept;
+    };
+    offer();
     let value = valueField(columns.get(column.value), op.value);
     const remove = el("button", { type: "button", class: "small", "aria-label": "Remove this filter" }, "✕");
     // A datetime-local field shows no zone: the value is taken as UTC, and says so.
@@ -205,7 +212,7 @@
       showZone();
       update();
     };
-    column.addEventListener("change", refit);
+    column.addEventListener("change", () => { offer(); refit(); });
     op.addEventListener("change", refit);
     remove.addEventListener("click", () => { row.remove(); update(); });
     row.operand = () => operand(columns.get(column.value), op.value, value);
