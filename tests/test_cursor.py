@@ -464,6 +464,9 @@ def test_cursor_header_is_exposed_to_other_origins_and_kept_in_stored_manifests(
     assert wait_until(lambda: httpx.get(live.url + location).status_code == 200, 30)
     manifest = httpx.get(live.url + location).json()
     assert manifest["status"] == "complete" and manifest["cursor"]
+    # The file carries it too (a resumed streamed export is answered from such a file).
+    stored = httpx.get(manifest["file_url"], headers={"Range": "bytes=2-"})
+    assert stored.status_code == 206 and stored.headers[cursor.HEADER] == manifest["cursor"]
     run_sql(database_url, f"INSERT INTO exports.{table} VALUES (2, 'b')")
     since = httpx.get(f"{live.url}/datasets/{table}.csv",
                       params={"since": manifest["cursor"]})

@@ -38,7 +38,7 @@ from exporter.audit import Download
 from exporter.compression import Coding, by_extension, by_name, compressed, level_of
 from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
-from exporter.exports import sql
+from exporter.exports import cursor, sql
 from exporter.exports.catalog import Dataset
 from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import ExportQuery, parse
@@ -269,6 +269,10 @@ class StoredService(StoredExports):
         try:
             sha256 = bytes(row.sha256)
             headers = {**SAFE_HEADERS, "Cache-Control": "private"}
+            if row.cursor is not None:
+                # The snapshot's cursor, as its streamed export (or its manifest) gave it:
+                # a resumed download still learns where the next pull starts.
+                headers[cursor.HEADER] = row.cursor
             # Its id is a strong ETag: the file never changes under it. The same one the
             # streamed export it copies (if any) carried, so If-Range works across both.
             # Never compressed on the fly: its Content-Length and digest are what the
