@@ -588,3 +588,23 @@ def test_a_role_that_may_not_read_the_cluster_identity_exports_without_a_cursor(
     finally:
         run_sql(database_url, "GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC",
                 f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+def test_more_savepoints_than_a_token_lists_still_lose_nothing(
+        app: InProcess, table: str, database_url: str, writers: list[Writer]) -> None:
+    a, b = writer(database_url, writers), writer(database_url, writers)
+    a("BEGIN", f"INSERT INTO exports.{table} VALUES (0, 'top')")
+    count = cursor.MAX_LISTED + 50
+    a(f"DO $$ BEGIN FOR i IN 1..{count} LOOP BEGIN INSERT INTO exports.{table}"
+      " VALUES (i, 'block'); EXCEPTION WHEN others THEN NULL; END; END LOOP; END $$")
+    b(f"INSERT INTO exports.{table} VALUES (100000, 'b')")
+    rows, first = pull(app, table)
+    assert ids(rows) == [100000]
+    key = cursor.cursor_key(app.call(lambda st: st.links.key()))
+    taken = cursor.decode(first, key)
+    # The list is capped: from the first xid left out on, everything counts as new.
+    assert len(taken.invisible) == cursor.MAX_LISTED and taken.conservative < taken.xmax
+    a("COMMIT")
+    rows, _ = pull(app, table, first)
+    # b's row, written after the bound, comes again; none of a's is lost.
+    assert ids(rows) == [*range(0, count + 1), 100000]
