@@ -151,6 +151,21 @@ def test_listing_and_openapi_name_the_json_export(app: InProcess) -> None:
     assert {"Accept", "Range", "Range-Unit", "Prefer"} <= names
 
 
+def test_the_audit_trail_as_a_json_array(app: InProcess, database_url: str) -> None:
+    from tests.test_access import bearer, new_token
+
+    admin = bearer(new_token(database_url, f"audit-{os.urandom(3).hex()}", "admin"))
+    assert app.get("/datasets/orders.json?limit=2").status_code == 200
+    streamed = app.get("/downloads.json?order=id&limit=5", headers=admin)
+    assert streamed.status_code == 200 and streamed.headers["content-type"] == JSON_TYPE
+    listed = app.get("/downloads?order=id&limit=5", headers=admin)
+    assert json.loads(streamed.content) == listed.json() and len(listed.json()) >= 1
+    page = app.get("/downloads.json?order=id", headers={**admin, "Range": "0-0",
+                                                        "Prefer": "count=exact"})
+    assert page.status_code in (200, 206) and len(page.json()) == 1
+    assert page.headers["content-range"].startswith("0-0/")
+
+
 # --- pages and counts ----------------------------------------------------------------
 
 ORDERED = "SELECT id FROM exports.orders WHERE id > 100 ORDER BY id"
@@ -437,18 +452,18 @@ def test_a_failure_mid_stream_leaves_invalid_json(
 ) -> None:
     received = bytearray()
     terminated = False
-    with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012
-        with httpx.stream("GET", server.url + "/datasets/endless.json", timeout=60,
-                          headers={"Accept-Encoding": "identity"}) as r:
-            assert r.status_code == 200
-            for chunk in r.iter_raw():
-                received += chunk
-                if len(received) > 1_000_000 and not terminated:
-                    pids = fetch(database_url, "SELECT pid FROM pg_stat_activity WHERE"
-                                 " query LIKE 'COPY%endless%' AND state <> 'idle'")
-                    assert len(pids) == 1
-                    run_sql(database_url, f"SELECT pg_terminate_backend({pids[0]['pid']})")
-                    terminated = True
+    with (pytest.raises(httpx.RemoteProtocolError),
+          httpx.stream("GET", server.url + "/datasets/endless.json", timeout=60,
+                       headers={"Accept-Encoding": "identity"}) as r):
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            received += chunk
+            if len(received) > 1_000_000 and not terminated:
+                pids = fetch(database_url, "SELECT pid FROM pg_stat_activity WHERE"
+                             " query LIKE 'COPY%endless%' AND state <> 'idle'")
+                assert len(pids) == 1
+                run_sql(database_url, f"SELECT pg_terminate_backend({pids[0]['pid']})")
+                terminated = True
     assert terminated
     body = bytes(received)
     assert body.startswith(b"[{")
