@@ -1,9 +1,9 @@
 """A JSON array of `row_to_json` objects (PostgREST's default answer), streamed.
 
-The rows come from the same COPY as NDJSON's, one object per line; the array is made
-on the way: `[` before the first row, the separator in place of each line break but
-the last, `]` after it. The result is byte for byte what PostgreSQL's
-`coalesce(json_agg(s), '[]')` writes for the same rows (`[{...}, \\n {...}]`), without
+The rows come from NDJSON's COPY, one object per line; the array is made on the way:
+`[` before the first row, json_agg's separator in place of each line break but the
+last, `]` after it. The result is byte for byte what PostgreSQL's
+`coalesce(json_agg(s), '[]')` writes for the same rows (`[{...}, \n {...}]`), without
 ever holding more than a chunk. The closing `]` is written only when the COPY ran out,
 so a failure mid-stream leaves an array that no JSON parser accepts.
 """
@@ -13,15 +13,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exporter.exports.renderers.base import Copy, Output, Renderer, Rows, register
+from exporter.exports.renderers.ndjson import NDJSON
 
 # json_agg's own separator, so that the bytes equal what PostgreSQL aggregates.
 SEPARATOR = b", \n "
+# NDJSON's COPY quote byte (renderers/ndjson.py). JSON text holds a raw line break only
+# as whitespace, and only inside a `json` value kept as it was typed; CSV format then
+# wraps that row in this byte. JSON text never holds the byte itself (control
+# characters are escaped in strings), so it only ever opens and closes such a row.
+QUOTE = b"\x01"
 
 
 class ArrayRows(Rows):
     def __init__(self, prelude: Output, output: Output) -> None:
         super().__init__(prelude, output)
         self._row_ended = False  # a line break seen, not yet known to be the last
+        self._quoted = False  # inside a quoted row (pieces split rows anywhere)
 
     async def begin(self) -> None:
         # With the first row (or the end): until then the answer can still be an error.
@@ -30,15 +37,31 @@ class ArrayRows(Rows):
     async def write(self, data: bytes) -> None:
         if not data:
             return
-        framed = data.replace(b"\n", SEPARATOR)
+        if QUOTE in data or self._quoted:
+            framed = self._unquoted(data)
+        else:
+            framed = data.replace(b"\n", SEPARATOR)
         if self._row_ended:
             framed = SEPARATOR + framed
-        # The last line break of a piece may be the last of all: held back until more comes.
-        self._row_ended = framed.endswith(SEPARATOR)
+        # The last line break of a piece may be the last of all: held back until more
+        # comes. (A quoted row's own text ending so is held and given back the same way.)
+        self._row_ended = not self._quoted and framed.endswith(SEPARATOR)
         if self._row_ended:
             framed = framed[: -len(SEPARATOR)]
         if framed:
             await self.output(framed)
+
+    def _unquoted(self, data: bytes) -> bytes:
+        """The quote bytes dropped; line breaks inside a quoted row kept as they are
+        (json_agg keeps them), those between rows made separators."""
+        parts = []
+        quoted = self._quoted
+        for i, part in enumerate(data.split(QUOTE)):
+            if i:
+                quoted = not quoted
+            parts.append(part if quoted else part.replace(b"\n", SEPARATOR))
+        self._quoted = quoted
+        return b"".join(parts)
 
     async def end(self) -> None:
         await self.output(b"]")
@@ -47,14 +70,7 @@ class ArrayRows(Rows):
 @dataclass(frozen=True)
 class JsonRenderer(Renderer):
     def body(self, select: str) -> Copy:
-        # As NDJSON (see there for the COPY options). A raw line break in JSON text can
-        # only be whitespace (in strings it is escaped), and only a `json` value keeps its
-        # own: made a space, so that each row stays one line and the CSV format never
-        # quotes it.
-        return Copy(
-            f"SELECT translate(row_to_json(s)::text, E'\\n\\r', '  ') FROM ({select}) AS s",
-            {"format": "csv", "quote": "\x01", "delimiter": "\x02"},
-        )
+        return NDJSON.body(select)
 
     def rows(self, prelude: Output, output: Output) -> Rows:
         return ArrayRows(prelude, output)
