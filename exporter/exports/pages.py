@@ -3,6 +3,8 @@
 
     Range: 0-9                 rows 0 to 9 of the result (Range-Unit: items, or none)
     Range: 10-                 from row 10 on
+    Range: items=0-9           the same, with Range-Unit: items (without it, HTTP's
+                               `unit=` form in a unit HTTP lacks: ignored, RFC 9110)
     Prefer: count=exact        count(*) of the filtered rows, in the export's snapshot
     Prefer: count=planned      the planner's estimate (EXPLAIN), nothing runs
     Prefer: count=estimated    exact up to EXPORTER_COUNT_ESTIMATED_ABOVE, planned above
@@ -34,7 +36,8 @@ ITEMS = "items"
 COUNTS = ("exact", "planned", "estimated")
 # Longer is no range of rows (two 19-digit numbers and a unit): refused before parsing.
 MAX_HEADER = 64
-_RANGE = re.compile(r"(?:items=)?([0-9]+)-([0-9]*)")
+_RANGE = re.compile(r"(?:items=)?([0-9]+)-([0-9]*)", re.IGNORECASE)
+_UNIT = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*=")
 
 
 def _bad(message: str) -> ApiError:
@@ -64,6 +67,11 @@ def parse_range(value: str | None, unit: str | None) -> ItemRange | None:
         return None
     if unit == "bytes":
         raise _bad("Range-Unit: bytes takes Range: bytes=first-last")
+    if _UNIT.match(value) and not (unit == ITEMS and value.lower().startswith("items=")):
+        # HTTP's own form, `unit=...`, in a unit HTTP does not define: RFC 9110 has the
+        # server ignore it (the whole export, 200). PostgREST's form has no unit, and
+        # `items=` counts with Range-Unit: items, which says what the client means.
+        return None
     if len(value) > MAX_HEADER:
         raise _bad(f"the Range header is longer than {MAX_HEADER} characters")
     if "," in value:
