@@ -110,6 +110,20 @@ def test_hostile_values_make_valid_json_equal_to_postgresql(
     assert r.json() == rows
 
 
+def test_ndjson_keeps_one_row_a_line_with_json_line_breaks(
+    server: Server, database_url: str, hostile: str
+) -> None:
+    # A `json` value's own line breaks made COPY quote its row: before, that row came
+    # as \x01-wrapped text over two lines. Now its whitespace line breaks are spaces.
+    r = httpx.get(server.url + "/datasets/hostile.ndjson?order=id", timeout=60,
+                  headers={"Accept-Encoding": "identity"})
+    lines = r.content.split(b"\n")
+    assert lines[-1] == b"" and b"\x01" not in r.content
+    assert [json.loads(line) for line in lines[:-1]] == json.loads(json_agg(database_url,
+                                                                            hostile))
+    assert b'"j":{"a":  [1,   2],"k":"v\\n"}' in lines[2]
+
+
 @pytest.mark.parametrize("piece", [1, 2, 3, 5, 64, 4099])
 def test_framing_holds_wherever_copy_cuts_its_pieces(
     database_url: str, hostile: str, piece: int
@@ -151,6 +165,34 @@ def test_framing_holds_wherever_copy_cuts_its_pieces(
         return bytes(out)
 
     assert asyncio.run(run()) == json_agg(database_url, select)
+
+    # NDJSON's lines, the same way: one object per line whatever the pieces.
+    from exporter.exports.renderers.ndjson import NDJSON
+
+    async def lines() -> bytes:
+        raw = bytearray()
+
+        async def collect(data: bytes) -> None:
+            raw.extend(data)
+
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            await conn.copy_from_query(body.query, output=collect, **body.options)
+        finally:
+            await conn.close()
+        out = bytearray()
+
+        async def sink(data: bytes) -> None:
+            out.extend(data)
+
+        rows = NDJSON.rows(sink, sink)
+        for at in range(0, len(raw), piece):
+            await rows.write(bytes(raw[at:at + piece]))
+        return bytes(out)
+
+    ndjson = asyncio.run(lines()).split(b"\n")
+    assert [json.loads(line) for line in ndjson[:-1]] == json.loads(json_agg(database_url,
+                                                                             select))
 
 
 def test_accept_json_and_compressed_files(server: Server, database_url: str) -> None:

@@ -13,15 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exporter.exports.renderers.base import Copy, Output, Renderer, Rows, register
-from exporter.exports.renderers.ndjson import NDJSON
+from exporter.exports.renderers.ndjson import NDJSON, QUOTE
 
 # json_agg's own separator, so that the bytes equal what PostgreSQL aggregates.
 SEPARATOR = b", \n "
-# NDJSON's COPY quote byte (renderers/ndjson.py). JSON text holds a raw line break only
-# as whitespace, and only inside a `json` value kept as it was typed; CSV format then
-# wraps that row in this byte. JSON text never holds the byte itself (control
-# characters are escaped in strings), so it only ever opens and closes such a row.
-QUOTE = b"\x01"
+# (QUOTE: a row that NDJSON's COPY quotes holds a `json` value with its own line breaks,
+# which json_agg keeps, and so does the array.)
 
 
 class ArrayRows(Rows):
