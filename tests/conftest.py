@@ -49,7 +49,7 @@ EMBEDDED = "embedded"
 # embedded server only, as do the tests below that do not use the session's server.
 EVERY_VERSION_MODULES = {
     "test_exports.py", "test_export_sql.py", "test_export_failures.py",
-    "test_postgres_versions.py", "test_inprocess_exports.py",
+    "test_postgres_versions.py", "test_inprocess_exports.py", "test_inprocess_postgrest.py",
 }
 EVERY_VERSION_TESTS = {
     "test_access.py::test_revoke_from_the_command_line",

@@ -20,7 +20,8 @@ from tests.inprocess import InProcess
 from tests.support import fetch
 
 CSV_TYPE = "text/csv; charset=utf-8; header=present"
-OPERATORS = "eq, neq, gt, gte, lt, lte, like, ilike, in, is"
+OPERATORS = ("eq, neq, gt, gte, lt, lte, like, ilike, in, is, isdistinct, match, imatch, cs,"
+             " cd, ov, fts, plfts, phfts, wfts")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,9 @@ def where(query: ExportQuery) -> str:
 
 
 def test_names_are_unique_and_in_the_grammars_order() -> None:
-    assert NAMES == ("eq", "neq", "gt", "gte", "lt", "lte", "like", "ilike", "in", "is")
+    assert NAMES == ("eq", "neq", "gt", "gte", "lt", "lte", "like", "ilike", "in", "is",
+                     "isdistinct", "match", "imatch", "cs", "cd", "ov", "fts", "plfts", "phfts",
+                     "wfts")
     assert len(BY_NAME) == len(TABLE)
 
 
@@ -88,15 +90,19 @@ def test_every_operator_parses_and_renders_its_template(op: Operator, negated: b
         name = sql.quote_ident(column.name)
         if op.operand is Operand.KEYWORD:
             value = dict(op.keywords)[operand]
-        elif op.operand is Operand.PATTERN:
+        elif op.operand in (Operand.PATTERN, Operand.REGEX, Operand.TSQUERY):
             value = "?"
         else:
             value = ", ".join(f"?::{column.base_type}" for _ in values)
         if op.operand is Operand.LIST and not values:
             expected = "false"
         else:
-            target = name + ("::text" if op.operand is Operand.PATTERN
+            # Patterns, regular expressions and text searches read a number's text.
+            target = name + ("::text" if op.operand in (Operand.PATTERN, Operand.REGEX,
+                                                        Operand.TSQUERY)
                              and column.category != "S" else "")
+            if op.operand is Operand.TSQUERY:
+                target = f"to_tsvector({target})"
             expected = op.sql.format(column=target, value=value)
         assert skeleton == (f"NOT ({expected})" if negated else expected)
 
@@ -124,7 +130,7 @@ def test_an_unknown_operator_lists_the_table() -> None:
         parse(DATASET, [("amount", "approx.5")])
     assert caught.value.status == 400 and caught.value.message == (
         "expected operator.value with operator one of eq, neq, gt, gte, lt, lte, like, ilike,"
-        " in, is")
+        " in, is, isdistinct, match, imatch, cs, cd, ov, fts, plfts, phfts, wfts")
 
 
 def test_the_openapi_description_lists_the_table() -> None:

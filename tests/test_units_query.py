@@ -138,11 +138,14 @@ QUOTE_HINT = "; to filter the column '{0}', put its name in double quotes: \"{0}
     ([("nope", "eq.1")], "nope", "unknown column 'nope' in dataset 'orders'"),
     ([('"nope"', "eq.1")], '"nope"', "unknown column 'nope' in dataset 'orders'"),
     ([("id", "between.1")], "id", "expected operator.value with operator one of"
-     " eq, neq, gt, gte, lt, lte, like, ilike, in, is"),
+     " eq, neq, gt, gte, lt, lte, like, ilike, in, is, isdistinct, match, imatch, cs, cd, ov,"
+     " fts, plfts, phfts, wfts"),
     ([("id", "gt")], "id", "expected operator.value with operator one of"
-     " eq, neq, gt, gte, lt, lte, like, ilike, in, is"),
+     " eq, neq, gt, gte, lt, lte, like, ilike, in, is, isdistinct, match, imatch, cs, cd, ov,"
+     " fts, plfts, phfts, wfts"),
     ([("id", "not.")], "id", "expected operator.value with operator one of"
-     " eq, neq, gt, gte, lt, lte, like, ilike, in, is"),
+     " eq, neq, gt, gte, lt, lte, like, ilike, in, is, isdistinct, match, imatch, cs, cd, ov,"
+     " fts, plfts, phfts, wfts"),
     ([("paid", "is.maybe")], "paid", "'is' takes one of null, not_null, true, false, unknown"),
     ([("note", "is.true")], "note", "'is.true' needs a boolean column"),
     ([("id", "not.is.unknown")], "id", "'is.unknown' needs a boolean column"),

@@ -30,7 +30,9 @@ _CATALOG_SQL = text(
                (SELECT d.base FROM domains d JOIN pg_type bt ON bt.oid = d.base
                 WHERE d.oid = a.atttypid AND bt.typtype <> 'd'),
                a.atttypid), -1) AS base_type,
-           t.typcategory::text AS typcategory, NOT a.attnotnull AS nullable
+           t.typcategory::text AS typcategory, NOT a.attnotnull AS nullable,
+           (SELECT array_position(k.conkey, a.attnum) FROM pg_constraint k
+            WHERE k.conrelid = c.oid AND k.contype = 'p') AS pk_position
     FROM pg_class c
     JOIN pg_namespace n ON n.oid = c.relnamespace
     JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -64,6 +66,9 @@ class Dataset:
     kind: str
     estimated_rows: int | None
     columns: dict[str, Column] = field(default_factory=dict)
+    # The primary key's columns in the key's order (none for views): the page's builder
+    # orders a limited download by them, so that it is the same rows every time.
+    primary_key: list[str] = field(default_factory=list)
 
 
 class Catalog:
@@ -81,6 +86,7 @@ class Catalog:
         except Exception as error:
             raise unavailable(error) from error
         datasets: dict[str, Dataset] = {}
+        keys: dict[str, list[tuple[int, str]]] = {}
         for row in rows:
             ds = datasets.get(row.relname)
             if ds is None:
@@ -93,6 +99,11 @@ class Catalog:
             ds.columns[row.attname] = Column(
                 row.attname, row.type, row.base_type, row.typcategory, row.nullable
             )
+            if row.pk_position is not None:
+                keys.setdefault(row.relname, []).append((row.pk_position, row.attname))
+        for relname, key in keys.items():
+            # In the key's order, which need not be the columns' (PRIMARY KEY (b, a)).
+            datasets[relname].primary_key = [name for _, name in sorted(key)]
         self._datasets = datasets
         return datasets
 

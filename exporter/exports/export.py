@@ -193,6 +193,8 @@ class Export:
             raise self._database_error(error) from error
 
     def _database_error(self, error: BaseException) -> ApiError:
+        if (failed := sql.cast_failure(self.query, error)) is not None:
+            return failed
         code = sqlstate(error)
         if self._replica and code in REPLICA_RETRY:
             # Gone on a retry: the standby catches up, or the replay that needed our

@@ -11,14 +11,16 @@ from exporter.openapi import header, query
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 
 _EXPORT_QUERY = [
-    query("select", "columns, comma-separated: select=id,amount"),
-    query("order", "order=column[.asc|.desc][.nullsfirst|.nullslast],..."),
+    query("select", "columns, comma-separated: select=id,amount; * for all; alias:column,"
+                    " column::type, column->key->>key"),
+    query("order", "order=column[->key][.asc|.desc][.nullsfirst|.nullslast],..."),
     query("limit", "at most this many rows", _COUNT),
     query("offset", "skip this many rows", _COUNT),
     {
         "name": "filters", "in": "query", "required": False, "style": "form", "explode": True,
         "description": f"column=operator.value, operator one of {' '.join(NAMES)}, "
-                       "optionally preceded by not.",
+                       "optionally preceded by not.; or=(a.eq.1,b.gt.2), and=(...),"
+                       " not.or=(...), not.and=(...) for logic trees",
         "schema": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 ]

@@ -318,9 +318,15 @@ async def list_downloads(request: Request, st: State) -> Response:
         query.limit = DEFAULT_JSON_LIMIT
     async with st.engine.connect() as conn:
         await sql.check_values(conn, query)
-        result = await conn.exec_driver_sql(
-            f"SELECT coalesce(json_agg(s), '[]'::json)::text FROM ({sql.select_sql(query)}) AS s"
-        )
+        try:
+            result = await conn.exec_driver_sql(
+                f"SELECT coalesce(json_agg(s), '[]'::json)::text FROM ({sql.select_sql(query)})"
+                " AS s"
+            )
+        except DATABASE_ERRORS as error:
+            if (failed := sql.cast_failure(query, error)) is not None:
+                raise failed from None
+            raise
         body = result.scalar_one()
     return Response(body, media_type="application/json")
 

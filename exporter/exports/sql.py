@@ -10,6 +10,7 @@ whole of literal quoting.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from exporter.errors import DRIVER_ERRORS, ApiError, bad_parameter, postgres_message, sqlstate
 from exporter.exports.operators import BY_NAME, Operand
-from exporter.exports.query import ExportQuery, Filter
+from exporter.exports.query import INDEX, ExportQuery, Filter, Item, Step, Tree, cast_type
 
 
 def quote_ident(name: str) -> str:
@@ -35,39 +36,94 @@ def _typed(value: str, pg_type: str) -> str:
     return f"{quote_literal(value)}::{pg_type}"
 
 
+def field_sql(column: str, path: tuple[Step, ...] = ()) -> str:
+    """A column, followed along its JSON path: keys as literals, indexes as numbers; in
+    parentheses, so that a cast or an operator after it applies to the whole."""
+    sql = quote_ident(column)
+    if not path:
+        return sql
+    for step in path:
+        # `->-1` would read as an operator `->-`.
+        key = f"({int(step.key)})" if INDEX.fullmatch(step.key) else quote_literal(step.key)
+        sql += f"{step.arrow}{key}"
+    return f"({sql})"
+
+
 def _condition(f: Filter) -> str:
     operator = BY_NAME[f.operator]
-    column = quote_ident(f.column.name)
+    column = field_sql(f.column.name, f.path)
+    if operator.operand in (Operand.PATTERN, Operand.REGEX) and f.category != "S":
+        column += "::text"
+    elif operator.operand is Operand.TSQUERY and f.base_type != "tsvector":
+        # PostgREST searches text and json columns as their to_tsvector().
+        if f.category != "S" and f.base_type not in ("json", "jsonb"):
+            column += "::text"
+        language = f"{_language(f)}, " if f.language is not None else ""
+        column = f"to_tsvector({language}{column})"
     if operator.operand is Operand.LIST and not f.values:
         condition = "false"  # `IN ()` is not SQL; an empty list matches no row
+    elif f.quantifier is not None and not f.values:
+        # As SQL's `= ANY ('{}')` and `= ALL ('{}')` answer.
+        condition = "false" if f.quantifier == "ANY" else "true"
     else:
-        if operator.operand is Operand.PATTERN and f.column.category != "S":
-            column += "::text"
         condition = operator.sql.format(column=column, value=_operand(f, operator.operand))
     return f"NOT ({condition})" if f.negated else condition
+
+
+def _language(f: Filter) -> str:
+    # A literal, checked as a regconfig by check_values before the export runs.
+    assert f.language is not None
+    return f"{quote_literal(f.language)}::regconfig"
 
 
 def _operand(f: Filter, kind: Operand) -> str:
     if kind is Operand.KEYWORD:
         assert f.is_value is not None  # the parser's own SQL words, not the request's text
         return f.is_value
-    if kind is Operand.PATTERN:
-        return quote_literal(f.values[0])
-    return ", ".join(_typed(v, f.column.base_type) for v in f.values)
+    if kind in (Operand.PATTERN, Operand.REGEX):
+        values = [quote_literal(v) for v in f.values]
+    elif kind is Operand.TSQUERY:
+        language = f"{_language(f)}, " if f.language is not None else ""
+        return language + quote_literal(f.values[0])
+    else:
+        values = [_typed(v, f.base_type) for v in f.values]
+    if f.quantifier is not None:
+        return f"{f.quantifier} (ARRAY[{', '.join(values)}])"
+    return ", ".join(values)
+
+
+def _tree(t: Tree) -> str:
+    # Depth is bounded by the parser (query.MAX_DEPTH).
+    joined = f" {t.conjunction} ".join(
+        _tree(c) if isinstance(c, Tree) else _condition(c) for c in t.children)
+    return f"NOT ({joined})" if t.negated else f"({joined})"
+
+
+def _item(query: ExportQuery, item: Item) -> str:
+    if item.plain:
+        return quote_ident(item.column.name)
+    sql = field_sql(item.column.name, item.path)
+    if item.cast is not None:
+        # The type as PostgreSQL named it in check_values, never the request's text.
+        sql = f"CAST({sql} AS {query.types[item.cast]})"
+    return f"{sql} AS {quote_ident(item.name)}"
 
 
 def select_sql(query: ExportQuery) -> str:
     ds = query.dataset
+    columns = ([_item(query, i) for i in query.items] if query.items
+               else [quote_ident(c.name) for c in query.columns])
     parts = [
-        "SELECT " + ", ".join(quote_ident(c.name) for c in query.columns),
+        "SELECT " + ", ".join(columns),
         f"FROM {quote_ident(ds.schema)}.{quote_ident(ds.name)}",
     ]
-    if query.filters:
-        parts.append("WHERE " + " AND ".join(_condition(f) for f in query.filters))
+    conditions = [_condition(f) for f in query.filters] + [_tree(t) for t in query.trees]
+    if conditions:
+        parts.append("WHERE " + " AND ".join(conditions))
     if query.order:
         terms = []
         for o in query.order:
-            term = quote_ident(o.column.name) + (" DESC" if o.descending else " ASC")
+            term = field_sql(o.column.name, o.path) + (" DESC" if o.descending else " ASC")
             if o.nulls:
                 term += f" NULLS {o.nulls}"
             terms.append(term)
@@ -111,7 +167,7 @@ class _Probe:
 
 
 def _typed_filters(query: ExportQuery) -> list[Filter]:
-    return [f for f in query.filters if BY_NAME[f.operator].cast and f.values]
+    return [f for f in query.all_filters() if BY_NAME[f.operator].cast and f.values]
 
 
 def _probes(query: ExportQuery, filters: list[Filter]) -> list[_Probe]:
@@ -119,16 +175,16 @@ def _probes(query: ExportQuery, filters: list[Filter]) -> list[_Probe]:
     for f in filters:
         c = f.column
         operator = BY_NAME[f.operator].compares
-        expression = f"(CAST(NULL AS {c.type}) {operator} CAST(NULL AS {c.base_type})) IS NULL"
+        expression = f"(CAST(NULL AS {f.type}) {operator} CAST(NULL AS {f.base_type})) IS NULL"
         probes.setdefault(expression, _Probe(
-            f.parameter, f"column '{c.name}' ({c.type}) cannot be compared with '{f.operator}'",
+            f.parameter, f"column '{c.name}' ({f.type}) cannot be compared with '{f.operator}'",
             expression,
         ))
     for o in query.order:
         c = o.column
-        expression = f"EXISTS (SELECT 1 FROM (SELECT CAST(NULL AS {c.type}) AS x) AS o ORDER BY x)"
+        expression = f"EXISTS (SELECT 1 FROM (SELECT CAST(NULL AS {o.type}) AS x) AS o ORDER BY x)"
         probes.setdefault(expression, _Probe(
-            "order", f"column '{c.name}' ({c.type}) cannot be ordered", expression,
+            "order", f"column '{c.name}' ({o.type}) cannot be ordered", expression,
         ))
     return list(probes.values())
 
@@ -142,7 +198,7 @@ def _soft_check(values: list[_Value], probes: list[_Probe]) -> tuple[str, tuple[
         " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS c(v, t, ord)"
         f" WHERE {' AND '.join(where)} ORDER BY c.ord LIMIT 1"
     )
-    return statement, ([v.text for v in values], [v.filter.column.base_type for v in values])
+    return statement, ([v.text for v in values], [v.filter.base_type for v in values])
 
 
 def _cast_check(values: list[_Value], probes: list[_Probe]) -> tuple[str, tuple[Any, ...]]:
@@ -150,7 +206,7 @@ def _cast_check(values: list[_Value], probes: list[_Probe]) -> tuple[str, tuple[
     first bad one without saying which. count() of the cast, so the planner keeps it."""
     by_type: dict[str, list[str]] = {}
     for v in values:
-        by_type.setdefault(v.filter.column.base_type, []).append(v.text)
+        by_type.setdefault(v.filter.base_type, []).append(v.text)
     if not by_type:
         return "SELECT " + " AND ".join(["true", *(p.sql for p in probes)]), ()
     branches = [
@@ -185,7 +241,7 @@ def _bad_value(value: _Value, reason: str) -> ApiError:
     f = value.filter
     return bad_parameter(
         f.parameter,
-        f"{value.text!r} is not a valid {f.column.type} for column '{f.column.name}': {reason}",
+        f"{value.text!r} is not a valid {f.type} for column '{f.column.name}': {reason}",
     )
 
 
@@ -216,12 +272,22 @@ async def _locate(conn: AsyncConnection, values: list[_Value],
 
 async def check_values(conn: AsyncConnection, query: ExportQuery) -> None:
     """Ask PostgreSQL whether each filter value is valid input for its column's type, and
-    whether the column's type has the filter's operator (and, for `order`, an ordering).
+    whether the column's type has the filter's operator (and, for `order`, an ordering);
+    resolve the types of `select`'s casts; compile regular expressions and text search
+    queries; and, for the grammar beyond plain columns and values, plan the statement.
 
-    One round trip when all is well; values travel as bound arrays, whatever their number.
-    Raises a 400 naming the parameter of the first bad value. On a bad request the
-    connection's transaction is rolled back (the export is not going to run).
+    One round trip when all is well for plain queries; values travel as bound arrays,
+    whatever their number. Raises a 400 naming the parameter of the first bad value. On
+    a bad request the connection's transaction is rolled back (the export is not going
+    to run).
     """
+    await _resolve_casts(conn, query)
+    await _check_typed(conn, query)
+    await _check_operands(conn, query)
+    await _check_statement(conn, query)
+
+
+async def _check_typed(conn: AsyncConnection, query: ExportQuery) -> None:
     filters = _typed_filters(query)
     if not filters and not query.order:
         return
@@ -241,3 +307,139 @@ async def check_values(conn: AsyncConnection, query: ExportQuery) -> None:
         raise located from None
     if soft and row is not None:
         raise _bad_value(values[row[0] - 1], row[1])
+
+
+# The type a cast's words name, as PostgreSQL spells it (format_type(oid, -1) parses back
+# unmodified, as in the catalog), and whether it is a pseudo-type, which holds no values.
+_RESOLVE_TYPES = (
+    "SELECT format_type(r.t, -1), (SELECT typtype = 'p' FROM pg_type WHERE oid = r.t)"
+    " FROM unnest($1::text[]) WITH ORDINALITY AS c(n, ord),"
+    " LATERAL (SELECT to_regtype(c.n)::oid AS t) AS r ORDER BY c.ord"
+)
+
+
+async def _resolve_casts(conn: AsyncConnection, query: ExportQuery) -> None:
+    """Fill query.types: a cast's type is looked up by PostgreSQL from bound text, and
+    only the name it gives back (and the modifier's and brackets' digits) reach SQL."""
+    casts = sorted({i.cast for i in query.items if i.cast is not None} - set(query.types))
+    if not casts:
+        return
+    names = [cast_type(c)[0] for c in casts]
+    try:
+        rows: list[Any] = list((await conn.exec_driver_sql(_RESOLVE_TYPES, (names,))).all())
+    except DRIVER_ERRORS as error:
+        if not _request_error(error):
+            raise
+        await conn.rollback()
+        raise bad_parameter("select", f"a cast names no type: {postgres_message(error)}"
+                            ) from None
+    for cast, row in zip(casts, rows, strict=True):
+        name, pseudo = row[0], row[1]
+        if name is None:
+            raise bad_parameter("select", f"unknown type '{cast}'")
+        if pseudo:
+            raise bad_parameter("select", f"'{cast}' is a pseudo-type: nothing can be cast"
+                                " to it")
+        _, modifier, array = cast_type(cast)
+        query.types[cast] = f"{name}{modifier}{array}"
+
+
+# Every regular expression compiled, each operand of a text search parsed with its
+# language (a regconfig), as the export's own statement would, but before it runs: a bad
+# one fails only once a row is evaluated, perhaps mid-download.
+_REGEX_CHECK = "SELECT count(*) FROM unnest($1::text[]) AS p(v) WHERE '' ~ p.v"
+_TSQUERY_CHECK = (
+    "SELECT count(numnode(CASE s.f WHEN 'fts' THEN to_tsquery(c.l, s.q)"
+    " WHEN 'plfts' THEN plainto_tsquery(c.l, s.q) WHEN 'phfts' THEN phraseto_tsquery(c.l, s.q)"
+    " ELSE websearch_to_tsquery(c.l, s.q) END))"
+    " FROM unnest($1::text[], $2::text[], $3::text[]) AS s(f, l, q),"
+    " LATERAL (SELECT coalesce(s.l, current_setting('default_text_search_config'))::regconfig"
+    " AS l) AS c"
+)
+
+
+async def _check_operands(conn: AsyncConnection, query: ExportQuery) -> None:
+    filters = query.all_filters()
+    regexes = [_Value(f, v) for f in filters
+               if BY_NAME[f.operator].operand is Operand.REGEX for v in f.values]
+    if regexes:
+        failed = await _first_failure(
+            conn, len(regexes), lambda n: (_REGEX_CHECK, ([v.text for v in regexes[:n]],)))
+        if failed is not None:
+            bad, reason = failed
+            raise bad_parameter(regexes[bad].filter.parameter,
+                                f"{regexes[bad].text!r} is not a valid regular expression:"
+                                f" {reason}")
+    searches = [f for f in filters if BY_NAME[f.operator].operand is Operand.TSQUERY]
+    if searches:
+        failed = await _first_failure(conn, len(searches), lambda n: (_TSQUERY_CHECK, (
+            [f.operator for f in searches[:n]], [f.language for f in searches[:n]],
+            [f.values[0] for f in searches[:n]])))
+        if failed is not None:
+            bad, reason = failed
+            f = searches[bad]
+            raise bad_parameter(f.parameter, f"{f.values[0]!r} is not a valid '{f.operator}'"
+                                + (f" in '{f.language}'" if f.language is not None else "")
+                                + f": {reason}")
+
+
+async def _first_failure(conn: AsyncConnection, count: int,
+                         statement: Callable[[int], tuple[str, tuple[Any, ...]]],
+                         ) -> tuple[int, str] | None:
+    """The index of the first of `count` inputs on which statement(n), which checks the
+    first n, fails, and why; None if all pass. One round trip when all is well, then a
+    bisection (about log2(count))."""
+    reason = await _fails(conn, *statement(count))
+    if reason is None:
+        return None
+    good, bad = 0, count
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        failure = await _fails(conn, *statement(middle))
+        if failure is None:
+            good = middle
+        else:
+            bad, reason = middle, failure
+    return bad - 1, reason
+
+
+def _needs_plan(query: ExportQuery) -> bool:
+    """Whether the query uses the grammar whose mistakes only planning the statement
+    shows: casts with no conversion, JSON paths, text search on a column's text."""
+    return (any(not i.plain for i in query.items) or any(o.path for o in query.order)
+            or any(f.path or BY_NAME[f.operator].operand is Operand.TSQUERY
+                   for f in query.all_filters()))
+
+
+async def _check_statement(conn: AsyncConnection, query: ExportQuery) -> None:
+    """Plan the export's statement (LIMIT 0: no row is read); if PostgreSQL refuses it,
+    blame the first part that it refuses alone."""
+    if not _needs_plan(query):
+        return
+    reason = await _fails(conn, f"SELECT * FROM ({select_sql(query)}) AS s LIMIT 0", ())
+    if reason is None:
+        return
+    table = f"{quote_ident(query.dataset.schema)}.{quote_ident(query.dataset.name)}"
+    parts = [("select", f"SELECT {_item(query, i)} FROM {table} LIMIT 0")
+             for i in query.items if not i.plain]
+    parts += [("order", f"SELECT 1 FROM {table} ORDER BY {field_sql(o.column.name, o.path)}"
+               " LIMIT 0") for o in query.order if o.path]
+    parts += [(f.parameter, f"SELECT 1 FROM {table} WHERE {_condition(f)} LIMIT 0")
+              for f in query.filters]
+    parts += [(t.parameter, f"SELECT 1 FROM {table} WHERE {_tree(t)} LIMIT 0")
+              for t in query.trees]
+    for parameter, statement in parts:
+        failure = await _fails(conn, statement, ())
+        if failure is not None:
+            raise bad_parameter(parameter, failure)
+    raise bad_parameter("select", reason)
+
+
+def cast_failure(query: ExportQuery, error: BaseException) -> ApiError | None:
+    """A 400 for a statement that failed on a row's value, when `select` casts: no check
+    can know before reading the rows that `word::int` meets 'Bob' (PostgREST answers 400
+    too). None for any other failure."""
+    code = sqlstate(error)
+    if code is None or not code.startswith("22") or all(i.cast is None for i in query.items):
+        return None
+    return bad_parameter("select", f"a cast failed on a row: {postgres_message(error)}")

@@ -145,7 +145,7 @@ async def _index(root: FilesRoot, folder: Target) -> Index:
 
 
 def _page(root: FilesRoot, fd: int, real_relative: str, index: Index, allowed: Allowed,
-          limit: int, offset: int) -> tuple[int, list[Entry]]:
+          limit: int, offset: int, dirs_first: bool = False) -> tuple[int, list[Entry]]:
     """The total the caller may see, and the page's entries, each checked again now.
 
     `fd` (a descriptor of the folder) is closed here.
@@ -159,6 +159,10 @@ def _page(root: FilesRoot, fd: int, real_relative: str, index: Index, allowed: A
                        if allowed(e.link if e.link is not None else prefix + e.name, e.is_dir)]
         else:
             visible = index.entries
+        if dirs_first:
+            # The page's order (a stable sort keeps names in order within each kind); the
+            # JSON listing keeps plain name order.
+            visible = sorted(visible, key=lambda e: not e.is_dir)
         found: list[Entry] = []
         real_names = real_relative.split("/") if real_relative else []
         for e in visible[offset:offset + limit]:
@@ -187,11 +191,12 @@ def url_path(path: str) -> str:
 
 async def listing(root: FilesRoot, folder: Target, base_url: str, limit: int, offset: int,
                   digests: DigestStore,
-                  allowed: Allowed = lambda real, is_dir: True) -> dict[str, Any]:
+                  allowed: Allowed = lambda real, is_dir: True,
+                  dirs_first: bool = False) -> dict[str, Any]:
     """The page; `folder.fd` must stay open until this returns (the caller closes it)."""
     index = await _index(root, folder)
     total, page = await asyncio.to_thread(_page, root, os.dup(folder.fd), folder.real_relative,
-                                          index, allowed, limit, offset)
+                                          index, allowed, limit, offset, dirs_first)
     prefix = f"{folder.relative}/" if folder.relative else ""
     keys = [FileKey.of(storable(prefix + e.name), e.stat) for e in page if e.kind == "file"]
     try:

@@ -46,8 +46,11 @@ def _open(st: State, path: str) -> tuple[FilesRoot, Target]:
 
 
 async def folder_listing(st: State, principal: Principal, root: FilesRoot, folder: Target,
-                         base_url: str, limit: int, offset: int) -> dict[str, Any]:
-    """The folder's entries that the principal may download, with their digests."""
+                         base_url: str, limit: int, offset: int,
+                         dirs_first: bool = False) -> dict[str, Any]:
+    """The folder's entries that the principal may download, with their digests
+    (folders before files with `dirs_first`, as the page shows them)."""
     return await listing(root, folder, base_url.rstrip("/"), limit, offset,
                          DigestStore(st.engine), lambda real, is_dir: may_see(principal, real,
-                                                                              is_dir))
+                                                                              is_dir),
+                         dirs_first)

@@ -3,6 +3,9 @@ token kept in an HttpOnly cookie, POST /session/end signs out."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import shlex
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,8 +19,8 @@ from exporter.access.deps import StateDep
 from exporter.access.principal import ANONYMOUS, Principal
 from exporter.errors import ApiError
 from exporter.exports import renderers
-from exporter.exports.catalog import Dataset
-from exporter.exports.operators import TABLE, Operand
+from exporter.exports.catalog import Column, Dataset
+from exporter.exports.operators import BOOLEAN_KEYWORDS, TABLE, Operand
 from exporter.exports.query import RESERVED
 from exporter.exports.visible import export_urls, visible_datasets
 from exporter.files.listing import url_path
@@ -30,8 +33,23 @@ templates = Jinja2Templates(env=Environment(
     loader=PackageLoader("exporter.web", "templates"), autoescape=select_autoescape(),
 ))
 
-FOLDER_ENTRIES = 1000
+FOLDER_ENTRIES = 1000  # a page of a folder's listing; ?page=N shows the next ones
 FORM_BYTES = 4096
+# A page number past this is taken as the last page: no folder has a billion entries,
+# and an offset that large would only cost a walk of the index.
+MAX_PAGE = 1_000_000
+# What the builder's value field is for a column, from the type SQL compares the value
+# as (a domain's base type, no modifier): a date or time picker, a number field,
+# true / false, or text. Anything else is text, checked by PostgreSQL as before.
+INPUTS = {
+    "date": "date",
+    "timestamp without time zone": "datetime",
+    "timestamp with time zone": "datetimetz",
+    "time without time zone": "time",
+}
+# The words the builder shows for `is.`'s keywords (the URL keeps the keyword itself).
+KEYWORD_LABELS = {"null": "empty (null)", "not_null": "not empty", "true": "true",
+                  "false": "false", "unknown": "unknown (null)"}
 
 
 @router.get("/")
@@ -40,7 +58,8 @@ async def page(request: Request, st: StateDep) -> Response:
     principal = await authenticate(request, st, page=True)
     base_url = str(request.base_url)
     datasets = [_dataset(base_url, ds) for ds in await visible_datasets(st.catalog, principal)]
-    folder, folder_error = await _folder(st, principal, path, base_url)
+    number = _page_number(request.query_params.get("page"))
+    folder, folder_error = await _folder(st, principal, path, base_url, number)
     context = {
         "principal": principal,
         "signed_in": principal.kind != ANONYMOUS,
@@ -51,6 +70,8 @@ async def page(request: Request, st: StateDep) -> Response:
         "folder_error": folder_error,
         "crumbs": _crumbs(_folder_path(path)) if folder else [],
         "operators": builder_operators(),
+        "operands": builder_operands(),
+        "admin": principal.is_admin,
         "reserved": sorted(RESERVED),  # column names the builder must quote
         "formats": [r.name for r in renderers.all_renderers()],
         "root": _root(request),  # every link and form of the page starts with it
@@ -70,14 +91,64 @@ def builder_operators() -> list[dict[str, Any]]:
             for o in TABLE]
 
 
+def builder_operands() -> dict[str, dict[str, Any]]:
+    """How the builder takes each operator's operand (a value, values one a line, a
+    pattern, or one of its keywords, in words), kept apart from `builder_operators` so
+    that page.js names no operator of its own."""
+    return {o.name: {"kind": o.operand.value,
+                     "keywords": [{"value": k, "label": KEYWORD_LABELS.get(k, k),
+                                   "boolean": k in BOOLEAN_KEYWORDS} for k, _ in o.keywords]}
+            for o in TABLE}
+
+
+def input_kind(column: Column) -> str:
+    """The builder's value field for a column (see INPUTS)."""
+    if column.category == "B":
+        return "boolean"
+    if column.category == "N":
+        return "number"
+    return INPUTS.get(column.base_type, "text")
+
+
 def _dataset(base_url: str, ds: Dataset) -> dict[str, Any]:
+    columns = list(ds.columns.values())
     return {
         "name": ds.name,
         "kind": ds.kind,
         "estimated_rows": ds.estimated_rows,
-        "columns": [{"name": c.name, "type": c.type} for c in ds.columns.values()],
+        "columns": [{"name": c.name, "type": c.type, "input": input_kind(c),
+                     # The conditions its type has ("contains" for arrays, not numbers).
+                     "operators": [o.name for o in TABLE if o.fits(c.category, c.base_type)]}
+                    for c in columns],
+        # What a limit is ordered by when no order is chosen: a limited download is then
+        # the same rows every time (PostgreSQL's order without ORDER BY is arbitrary).
+        "default_order": ds.primary_key or [c.name for c in columns[:1]],
         "urls": export_urls(base_url, ds),
     }
+
+
+def _page_number(raw: str | None) -> int:
+    """?page=N of a folder's listing; anything but a whole number from 1 is page 1."""
+    if raw is None or not raw.isascii() or not raw.isdigit():
+        return 1
+    return max(1, min(MAX_PAGE, int(raw[:7])))
+
+
+def sha256_hex(digest: str | None) -> str | None:
+    """The hex that `sha256sum` prints, from the listing's `sha-256=:BASE64:`."""
+    if not digest or not digest.startswith("sha-256=:") or not digest.endswith(":"):
+        return None
+    try:
+        raw = base64.b64decode(digest[len("sha-256=:"):-1], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 32 else None
+
+
+def check_line(hex_digest: str, name: str) -> str:
+    """The command that checks a downloaded file, as `sha256sum -c` reads its own output
+    (two spaces between digest and name), quoted for a POSIX shell."""
+    return f"echo {shlex.quote(f'{hex_digest}  {name}')} | sha256sum -c"
 
 
 def _query_path(request: Request) -> str:
@@ -92,8 +163,8 @@ def _folder_path(path: str) -> str:
     return path.strip("/") + "/" if path.strip("/") else ""
 
 
-async def _folder(st: State, principal: Principal, path: str,
-                  base_url: str) -> tuple[dict[str, Any] | None, str | None]:
+async def _folder(st: State, principal: Principal, path: str, base_url: str,
+                  number: int = 1) -> tuple[dict[str, Any] | None, str | None]:
     """The listing of `path` (a folder under the files root), or why there is none."""
     path = _folder_path(path)
     if not principal.may_list_folder(path) and not path:
@@ -104,7 +175,8 @@ async def _folder(st: State, principal: Principal, path: str,
             if not target.is_dir:
                 raise not_found(path)
             listing = await folder_listing(st, principal, root, target, base_url,
-                                           FOLDER_ENTRIES, 0)
+                                           FOLDER_ENTRIES, (number - 1) * FOLDER_ENTRIES,
+                                           dirs_first=True)
         finally:
             target.close()
     except ApiError as error:
@@ -114,7 +186,13 @@ async def _folder(st: State, principal: Principal, path: str,
         if e["kind"] == "dir":
             # The folder's own page: its path as the listing's URL spells it (exact bytes).
             e["page_path"] = e["url"][len(files_url):]
+        elif (hex_digest := sha256_hex(e.get("digest"))) is not None:
+            e["sha256"] = hex_digest
+            e["check"] = check_line(hex_digest, e["name"])
     listing["url_path"] = url_path(path)
+    pages = max(1, -(-listing["total"] // FOLDER_ENTRIES))
+    listing["page"] = number  # past the last one, the page says so
+    listing["pages"] = pages
     return listing, None
 
 
