@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # A chunk smaller than `export_chunk_size` is sent after this many seconds anyway,
     # so a query that trickles rows still shows progress.
     export_flush_interval: float = Field(default=0.05, gt=0)
+    # `Prefer: count=estimated` (PostgREST's): an exact count(*) while the planner
+    # expects at most this many rows, its estimate above (a count costs a full scan).
+    count_estimated_above: int = Field(default=100_000, ge=0)
 
     # Files: served from this folder (relative paths are taken from the working directory).
     files_root: Path = Path("var/files")

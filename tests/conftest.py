@@ -64,6 +64,7 @@ EMBEDDED_ONLY_TESTS = {
     "test_export_failures.py::test_server_starts_without_a_database_and_answers_503",
     # The server's memory while streaming: the same bytes from any version.
     "test_export_failures.py::test_memory_stays_flat_for_two_million_rows",
+    "test_postgrest.py::test_memory_stays_flat_for_two_million_json_rows",
     # The refusal, with the oldest version raised above the server's: the same decision
     # whatever the server (acceptance runs on every version).
     "test_postgres_versions.py::test_a_server_too_old_stops_the_command_with_one_line",
@@ -82,6 +83,7 @@ RUN_ONE_AT_A_TIME = {
     "test_files_memory.py::test_thousand_slow_clients_memory",
     "test_files_load.py::test_fifty_clients_memory",
     "test_export_failures.py::test_memory_stays_flat_for_two_million_rows",
+    "test_postgrest.py::test_memory_stays_flat_for_two_million_json_rows",
     "test_bench.py::test_quick_benchmark_writes_tables_and_charts",
 }
 

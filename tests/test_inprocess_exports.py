@@ -42,7 +42,8 @@ def app(database_url: str) -> Iterator[InProcess]:
         ("application/x-ndjson;q=0.9, text/csv;q=0.5", 200, "application/x-ndjson"),
         ("*/*", 200, CSV_TYPE),
         (None, 200, CSV_TYPE),
-        ("application/json", 406, "application/json"),
+        # PostgREST's default answer: a JSON array (exports/renderers/json.py).
+        ("application/json", 200, "application/json; charset=utf-8"),
         ("text/html, image/png", 406, "application/json"),
     ],
 )
@@ -243,4 +244,5 @@ def test_the_catalog_lists_the_export_urls_of_this_server(app: InProcess) -> Non
     assert r.status_code == 200
     orders = {d["name"]: d for d in r.json()["datasets"]}["orders"]
     assert orders["exports"] == {"csv": app.url + "/datasets/orders.csv",
+                                 "json": app.url + "/datasets/orders.json",
                                  "ndjson": app.url + "/datasets/orders.ndjson"}

@@ -25,7 +25,7 @@ from exporter.errors import (
     sqlstate,
     unavailable,
 )
-from exporter.exports import cursor, sql
+from exporter.exports import cursor, pages, sql
 from exporter.exports.copies import Copy, CopyStopped
 from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
 from exporter.exports.query import ExportQuery
@@ -77,7 +77,7 @@ class Export:
 
     def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
                  query: ExportQuery, renderer: Renderer, download: Download, *,
-                 replica: bool = False) -> None:
+                 replica: bool = False, window: pages.Window | None = None) -> None:
         # `engine` is where the export reads (the read replica's if `replica`); the audit
         # row is written through `audit`'s engine, the primary's.
         self._engine = engine
@@ -105,6 +105,9 @@ class Export:
         self._writing: asyncio.Future[None] | None = None
         self._keep_slots: Callable[[], Callable[[], None]] | None = None
         self._shutting_down = False
+        # A PostgREST Range or count (exports/pages.py), answered from this snapshot.
+        self._window = window
+        self.answer: pages.Answer | None = None
 
     @property
     def filename(self) -> str:
@@ -164,6 +167,9 @@ class Export:
                     raise ApiError(503, cursor.NO_IDENTITY)
                 self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
             await sql.check_values(conn, self.query)
+            if self._window is not None:
+                self.answer = await pages.answer(conn, self.query, self._window,
+                                                 self._settings.count_estimated_above)
             driver: Any = await driver_connection(conn)
             self._driver = driver
         except ApiError:
@@ -177,9 +183,13 @@ class Export:
         log.debug("export %s: %s", self.download.id, body.query)
 
         async def produce(prelude: Output, output: Output) -> int | None:
+            rows = self.renderer.rows(prelude, output)
+            await rows.begin()
             if header is not None:
                 await driver.copy_from_query(header.query, output=prelude, **header.options)
-            status: str = await driver.copy_from_query(body.query, output=output, **body.options)
+            status: str = await driver.copy_from_query(body.query, output=rows.write,
+                                                       **body.options)
+            await rows.end()  # not after a failure: the body ends broken
             return int(status.split()[-1]) if status.startswith("COPY") else None
 
         s = self._settings

@@ -14,15 +14,15 @@ from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query, s
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, accepted, by_extension, level_of
-from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
-from exporter.exports import cursor, renderers, sql
+from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, database_error, unavailable
+from exporter.exports import cursor, pages, renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
 from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import ExportQuery, Order, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
-from exporter.http import content_disposition, parse_accept, prefers_async
+from exporter.http import content_disposition, parse_accept
 from exporter.server.prefix import app_path
 from exporter.state import State
 from exporter.streaming import ClientLeft, unless_disconnected
@@ -79,6 +79,12 @@ def negotiate(accept: str | None) -> Renderer:
         if renderer is not None:
             return renderer
     offered = ", ".join(r.media_type for r in renderers.all_renderers())
+    pgrst = [m for m in parse_accept(accept) if m.startswith("application/vnd.pgrst.")]
+    if pgrst:
+        # PostgREST's singular object, plan, and array/stripped forms: a whole export
+        # is streamed rows, never one object made of them (docs/postgrest.md).
+        raise ApiError(406, f"{pgrst[0]} (PostgREST's) is not supported: this dataset is "
+                       f"available as {offered}")
     raise ApiError(406, f"this dataset is available as {offered}")
 
 
@@ -187,33 +193,57 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         principal.kind == LINK) else params
     query = parse(dataset, filters)
     await read_since(st, query)
+    if len(request.headers.getlist("range")) > 1:
+        raise ApiError(400, "one Range header at a time")
+    # Items (PostgREST's pages) before bytes: `Range: bytes=` resumes a copy, below.
+    items = pages.parse_range(request.headers.get("range"), request.headers.get("range-unit"))
+    prefer = pages.parse_prefer(request.headers.getlist("prefer"))
     if (request.method == "GET" and st.stored is not None and not from_primary
-            and prefers_async(request.headers.getlist("prefer"))):
+            and prefer.respond_async):
+        if items is not None or prefer.count is not None:
+            raise ApiError(400, "a stored export (Prefer: respond-async) is always whole: "
+                           "its manifest counts its rows; Range and Prefer: count are for "
+                           "streamed answers")
         # A stored export (exporter/stored/), reached through the state: 202 and a status URL.
         return await st.stored.kick_off(request, st, principal, dataset, renderer, query,
                                         explicit, recorded_url(request))
+    window = pages.window(query, items, prefer.count)
     if request.method == "HEAD":
         # The same server as the GET would read, so both answer alike when it is down.
         try:
             conn = await engine.connect()
         except DATABASE_ERRORS as error:
             raise unavailable(error, source_name(engine is st.replica)) from error
+        answer: pages.Answer | None = None
         try:
+            if window is not None:
+                # Counted as the GET would, in one snapshot of its own.
+                conn = await conn.execution_options(
+                    isolation_level="REPEATABLE READ", postgresql_readonly=True)
             await sql.check_values(conn, query)
+            if window is not None:
+                try:
+                    answer = await pages.answer(conn, query, window,
+                                                st.settings.count_estimated_above)
+                except DATABASE_ERRORS as error:
+                    raise database_error(error, source_name(engine is st.replica)) from error
         finally:
             await conn.close()
         response = Response(
+            status_code=answer.status if answer else 200,
             headers=export_headers(
                 request, renderer, filename(dataset.name, renderer, datetime.now(UTC)),
                 explicit=explicit, coding=coding,
             )
         )
         del response.headers["content-length"]  # GET streams its body chunked
-        if st.copies is not None and explicit is None and coding is None:
+        if answer is not None:
+            response.headers.update(answer.headers)
+        if st.copies is not None and explicit is None and coding is None and items is None:
             response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
         return response
 
-    if request.headers.get("range") is not None and st.copies is not None:
+    if items is None and request.headers.get("range") is not None and st.copies is not None:
         # From the copy of the export this request continues, when that is provable;
         # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
         resumed = await st.copies.resume(request, principal)
@@ -232,7 +262,7 @@ async def export_response(request: Request, st: State, principal: Principal, dat
                         format=renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
     job = Export(engine, st.audit, st.settings, query, renderer, download,
-                 replica=engine is st.replica)
+                 replica=engine is st.replica, window=window)
     try:
         await unless_disconnected(job.open(), request.receive)
     except ClientLeft:
@@ -244,12 +274,17 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     s = st.settings
     level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
     headers = export_headers(request, renderer, job.filename, explicit=explicit, coding=coding)
+    status = 200
+    if job.answer is not None:
+        status = job.answer.status
+        headers.update(job.answer.headers)
     token = None if job.cursor is None else await export_cursor(st, job.cursor)
     if token is not None:
         headers[cursor.HEADER] = token
-    if st.copies is not None and body_coding is None:
+    # A page of items is not the URL's export: no copy for a later bytes range to resume.
+    if st.copies is not None and body_coding is None and items is None:
         headers.update(await _copy_headers(request, st.copies, principal, job, token))
-    return StreamingResponse(job.body(body_coding, level), headers=headers)
+    return StreamingResponse(job.body(body_coding, level), status_code=status, headers=headers)
 
 
 async def read_since(st: State, query: ExportQuery) -> None:

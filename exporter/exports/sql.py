@@ -138,6 +138,11 @@ def select_sql(query: ExportQuery) -> str:
     return " ".join(parts)
 
 
+def count_sql(query: ExportQuery) -> str:
+    """How many rows the export's SELECT gives (exports/pages.py)."""
+    return f"SELECT count(*) FROM ({select_sql(query)}) AS s"
+
+
 # SQLSTATE classes of a statement that failed because of what the request asked for:
 # 22 data exception (syntax, range, length of a value), 23 a domain's CHECK or NOT NULL,
 # 42 an operator the column's type lacks (json has no =, point no <), 0A a type that

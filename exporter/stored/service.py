@@ -41,6 +41,7 @@ from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailabl
 from exporter.exports import cursor, sql
 from exporter.exports.catalog import Dataset
 from exporter.exports.export import Export, filename, source_name
+from exporter.exports.pages import planned_count
 from exporter.exports.query import ExportQuery, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.service import candidate_names, export_cursor, read_since, resolve
@@ -324,10 +325,7 @@ async def _check_and_estimate(engine: AsyncEngine, query: ExportQuery,
     try:
         await sql.check_values(conn, query)
         try:
-            plan = await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql.select_sql(query))
-            value = plan.scalar_one()
-            doc = json.loads(value) if isinstance(value, str) else value
-            return int(doc[0]["Plan"]["Plan Rows"])
+            return await planned_count(conn, query)
         except Exception as error:  # an estimate is a nicety: never a reason to refuse
             log.info("no row estimate: %s", error)
             await conn.rollback()

@@ -15,12 +15,14 @@ from starlette.types import Message, Receive, Scope, Send
 
 METHODS = ["GET", "HEAD", "POST", "OPTIONS"]
 REQUEST_HEADERS = ["Authorization", "Range", "If-Range", "If-None-Match", "If-Modified-Since",
-                   "Content-Type"]
+                   "Content-Type",
+                   # What PostgREST's browser clients (supabase-js) send for pages and counts.
+                   "Range-Unit", "Prefer"]
 # What a script may read: the file name, the part it got, and what identifies the bytes;
-# and an export's change cursor, for its next pull with `since`.
+# an export's change cursor, for its next pull with `since`; a page's unit and count.
 EXPOSED_HEADERS = ["Content-Disposition", "Content-Range", "Content-Length", "ETag",
                    "Repr-Digest", "Digest", "Accept-Ranges", "Last-Modified",
-                   "Export-Cursor"]
+                   "Export-Cursor", "Range-Unit", "Preference-Applied"]
 
 
 class ListedOriginsOnly(CORSMiddleware):

@@ -3,8 +3,11 @@ docstring)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+Output = Callable[[bytes], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,30 @@ class Renderer:
 
     def body(self, select: str) -> Copy:
         raise NotImplementedError
+
+    def rows(self, prelude: Output, output: Output) -> Rows:
+        """Where the body COPY's output goes on its way to the response (`prelude`
+        waits for the first row, as the header's output does)."""
+        return Rows(prelude, output)
+
+
+class Rows:
+    """The body COPY's output, as it is; a format that frames its rows (a JSON array)
+    changes it on the way. `end` is called only when the COPY ran out: after a failure
+    the body stops where it was, without its ending."""
+
+    def __init__(self, prelude: Output, output: Output) -> None:
+        self.prelude = prelude
+        self.output = output
+
+    async def begin(self) -> None:
+        pass
+
+    async def write(self, data: bytes) -> None:
+        await self.output(data)
+
+    async def end(self) -> None:
+        pass
 
 
 _by_extension: dict[str, Renderer] = {}
