@@ -179,6 +179,12 @@ class ExportQuery:
     # The xid the export transaction's age() counts from, once read (cursor.py).
     since_reference: int | None = None
 
+    @property
+    def partial(self) -> bool:
+        """Whether `limit`/`offset` (or a page of items) leave out rows of the snapshot:
+        such an export gets no change cursor, which would claim the rows it left out."""
+        return self.limit is not None or bool(self.offset)
+
     def all_filters(self) -> list[Filter]:
         """The filters, those inside logic trees included."""
         found = list(self.filters)

@@ -278,7 +278,7 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     if job.answer is not None:
         status = job.answer.status
         headers.update(job.answer.headers)
-    token = None if job.cursor is None else await export_cursor(st, job.cursor)
+    token = await export_cursor(st, job)
     if token is not None:
         headers[cursor.HEADER] = token
     # A page of items is not the URL's export: no copy for a later bytes range to resume.
@@ -302,13 +302,17 @@ async def read_since(st: State, query: ExportQuery) -> None:
     query.changed_since = cursor.decode(query.since, cursor.cursor_key(key))
 
 
-async def export_cursor(st: State, snapshot: cursor.Cursor) -> str:
-    """The Export-Cursor of an export's snapshot, signed."""
+async def export_cursor(st: State, job: Export) -> str | None:
+    """The Export-Cursor of an export's snapshot, signed; none for a dataset without xmin,
+    or for a part of the rows (a limit, an offset, a page: the cursor would claim the
+    rows left out, and a pull by pages would lose them)."""
+    if job.cursor is None or job.query.partial:
+        return None
     try:
         key = await st.links.key()
     except DATABASE_ERRORS as error:
         raise unavailable(error) from error
-    return cursor.encode(snapshot, cursor.cursor_key(key))
+    return cursor.encode(job.cursor, cursor.cursor_key(key))
 
 
 async def _copy_headers(request: Request, copies: Copies, principal: Principal,

@@ -157,7 +157,7 @@ class StoredService(StoredExports):
                                                                  s.zstd_level))
                 async for chunk in chunks:
                     await writer.write(chunk)
-                token = None if job.cursor is None else await export_cursor(st, job.cursor)
+                token = await export_cursor(st, job)
                 await writer.finish(job.download.rows, job.snapshot_time, token)
             finally:
                 if body is not None and hasattr(body, "aclose"):
