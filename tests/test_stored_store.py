@@ -15,6 +15,7 @@ from exporter.access.principal import Principal
 from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.state import State
+from exporter.stored.storage import PARTIAL, LocalStorage, LocalWriter
 from exporter.stored.store import (
     ASYNC,
     QUOTA_EXCEEDED,
@@ -190,3 +191,34 @@ def test_owners() -> None:
     link = Principal("link", "alice", frozenset(), limit_key="token alice #7", token_id=7)
     assert owner_of(ALICE) == owner_of(link) == "token 7"
     assert owner_of(anonymous) == "anonymous 10.0.0.7"
+
+
+class FullDisk(LocalStorage):
+    """A storage whose disk has no room left: every write fails with ENOSPC, as the
+    kernel's /dev/full makes it fail."""
+
+    def _create(self, key: str) -> LocalWriter:
+        final = self.path(key)
+        return LocalWriter(final, final.with_name(final.name + PARTIAL),
+                           os.open("/dev/full", os.O_WRONLY))
+
+
+def test_a_full_disk_costs_a_streamed_export_its_copy_never_its_download(
+        app: InProcess, database_url: str, tmp_path: Path) -> None:
+    st = app.state
+    assert st.stored is not None
+    token = app.call(lambda st: st.tokens.create(f"full-{os.urandom(3).hex()}",
+                                                 ["datasets:*"], None))
+    identity = {"Accept-Encoding": "identity", "Authorization": f"Bearer {token}"}
+    whole = app.get("/datasets/orders.csv?order=id", headers=identity)
+    assert whole.status_code == 200
+    kept = st.stored.storage
+    st.stored.storage = FullDisk(tmp_path / "full")
+    try:
+        r = app.get("/datasets/orders.csv?order=id", headers=identity)
+    finally:
+        st.stored.storage = kept
+    assert r.status_code == 200 and r.content == whole.content
+    copy_id = r.headers["etag"].strip('"')
+    assert wait_until(lambda: row(database_url, copy_id).get("status") == "failed", 10)
+    assert "could not be written" in str(row(database_url, copy_id)["error"])

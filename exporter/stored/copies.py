@@ -77,6 +77,10 @@ class StoredCopy:
             await self._writer.write(chunk)
         except Stopped as stop:
             raise CopyStopped(str(stop)) from None
+        except OSError as error:
+            # A full or failing disk costs the export its copy (resuming), never the
+            # download itself.
+            raise CopyStopped(f"the copy could not be written: {error}") from None
 
     async def left(self, delivered: int) -> None:
         await self._copies.record_delivered(self.id, delivered)
@@ -86,6 +90,13 @@ class StoredCopy:
             await self._writer.finish(rows, self._snapshot_time, self._cursor)
         except Stopped as stop:
             log.info("copy %s: %s", self.id, stop)
+            return
+        except OSError as error:
+            # Its file could not be made durable: no copy to resume from, the export
+            # itself is done.
+            log.warning("copy %s could not be kept: %s", self.id, error)
+            with contextlib.suppress(Exception):
+                await self._writer.fail(f"the copy could not be kept: {error}")
             return
         await self._copies.keep_for_resuming(self.id)
 
