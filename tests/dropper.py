@@ -47,6 +47,10 @@ class DroppingProxy:
     def close(self) -> None:
         self._closed = True
         with contextlib.suppress(OSError):
+            # close() alone does not wake a thread blocked in accept() (Linux): the join
+            # below then waited its whole 10 s; shutdown() does.
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
             for s in self._sockets:
