@@ -18,6 +18,7 @@ import pytest
 import zstandard
 
 from exporter.config import Settings
+from exporter.exports.renderers import Renderer
 from tests.inprocess import InProcess
 from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, run_sql
 
@@ -124,21 +125,13 @@ def test_ndjson_keeps_one_row_a_line_with_json_line_breaks(
     assert b'"j":{"a":  [1,   2],"k":"v\\n"}' in lines[2]
 
 
-@pytest.mark.parametrize("piece", [1, 2, 3, 5, 64, 4099])
-def test_framing_holds_wherever_copy_cuts_its_pieces(
-    database_url: str, hostile: str, piece: int
-) -> None:
-    """The renderer's framing fed PostgreSQL's real COPY output (quoted rows included)
-    in pieces of every size: always json_agg's bytes."""
+def copy_output(database_url: str, query: str, options: dict[str, Any]) -> bytes:
+    """What PostgreSQL's COPY of `query` hands the client, as asyncpg receives it."""
     import asyncio
 
     import asyncpg
 
-    from exporter.exports.renderers.json import JSON
     from tests.support import asyncpg_dsn
-
-    select = "SELECT * FROM exports.hostile WHERE id < 7 ORDER BY id"
-    body = JSON.body(select)
 
     async def run() -> bytes:
         raw = bytearray()
@@ -148,49 +141,51 @@ def test_framing_holds_wherever_copy_cuts_its_pieces(
 
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
-            await conn.copy_from_query(body.query, output=collect, **body.options)
+            await conn.copy_from_query(query, output=collect, **options)
         finally:
             await conn.close()
-        assert b"\x01" in raw  # row 3 is quoted: its json value holds line breaks
+        return bytes(raw)
+
+    return asyncio.run(run())
+
+
+def framed(renderer: Renderer, raw: bytes, piece: int) -> bytes:
+    """`raw` through the renderer's framing (its `rows`), fed in pieces of `piece` bytes."""
+    import asyncio
+
+    async def run() -> bytes:
         out = bytearray()
 
         async def sink(data: bytes) -> None:
             out.extend(data)
 
-        rows = JSON.rows(sink, sink)
+        rows = renderer.rows(sink, sink)
         await rows.begin()
         for at in range(0, len(raw), piece):
-            await rows.write(bytes(raw[at:at + piece]))
+            await rows.write(raw[at:at + piece])
         await rows.end()
         return bytes(out)
 
-    assert asyncio.run(run()) == json_agg(database_url, select)
+    return asyncio.run(run())
 
-    # NDJSON's lines, the same way: one object per line whatever the pieces.
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 64, 4099])
+def test_framing_holds_wherever_copy_cuts_its_pieces(
+    database_url: str, hostile: str, piece: int
+) -> None:
+    """The renderer's framing fed PostgreSQL's real COPY output (quoted rows included)
+    in pieces of every size: always json_agg's bytes."""
+    from exporter.exports.renderers.json import JSON
     from exporter.exports.renderers.ndjson import NDJSON
 
-    async def lines() -> bytes:
-        raw = bytearray()
+    select = "SELECT * FROM exports.hostile WHERE id < 7 ORDER BY id"
+    body = JSON.body(select)
+    raw = copy_output(database_url, body.query, body.options)
+    assert b"\x01" in raw  # row 3 is quoted: its json value holds line breaks
+    assert framed(JSON, raw, piece) == json_agg(database_url, select)
 
-        async def collect(data: bytes) -> None:
-            raw.extend(data)
-
-        conn = await asyncpg.connect(asyncpg_dsn(database_url))
-        try:
-            await conn.copy_from_query(body.query, output=collect, **body.options)
-        finally:
-            await conn.close()
-        out = bytearray()
-
-        async def sink(data: bytes) -> None:
-            out.extend(data)
-
-        rows = NDJSON.rows(sink, sink)
-        for at in range(0, len(raw), piece):
-            await rows.write(bytes(raw[at:at + piece]))
-        return bytes(out)
-
-    ndjson = asyncio.run(lines()).split(b"\n")
+    # NDJSON's lines, the same way: one object per line whatever the pieces.
+    ndjson = framed(NDJSON, raw, piece).split(b"\n")
     assert [json.loads(line) for line in ndjson[:-1]] == json.loads(json_agg(database_url,
                                                                              select))
 
