@@ -57,12 +57,3 @@ def parse_accept(header: str | None) -> list[str]:
         if media_type and q > 0:
             weighted.append((-q, position, media_type.lower()))
     return [media_type for _, _, media_type in sorted(weighted)]
-
-
-def prefers_async(headers: list[str]) -> bool:
-    """Whether `Prefer` headers (RFC 7240) ask for `respond-async`, among other preferences."""
-    for value in headers:
-        for item in value[:4096].split(",")[:64]:
-            if item.split(";")[0].strip().lower() == "respond-async":
-                return True
-    return False

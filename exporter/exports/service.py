@@ -295,11 +295,7 @@ async def read_since(st: State, query: ExportQuery) -> None:
     ds = query.dataset
     if ds.kind not in cursor.KINDS_WITH_XMIN:
         raise cursor.refuse_without_xmin(ds.kind, ds.name)
-    try:
-        key = await st.links.key()
-    except DATABASE_ERRORS as error:
-        raise unavailable(error) from error
-    query.changed_since = cursor.decode(query.since, cursor.cursor_key(key))
+    query.changed_since = cursor.decode(query.since, await _cursor_key(st))
 
 
 async def export_cursor(st: State, job: Export) -> str | None:
@@ -308,11 +304,17 @@ async def export_cursor(st: State, job: Export) -> str | None:
     rows left out, and a pull by pages would lose them)."""
     if job.cursor is None or job.query.partial:
         return None
+    return cursor.encode(job.cursor, await _cursor_key(st))
+
+
+async def _cursor_key(st: State) -> bytes:
+    """The key cursors are signed with, derived from the link key (a 503 while the
+    database that holds it is out of reach)."""
     try:
         key = await st.links.key()
     except DATABASE_ERRORS as error:
         raise unavailable(error) from error
-    return cursor.encode(job.cursor, cursor.cursor_key(key))
+    return cursor.cursor_key(key)
 
 
 async def _copy_headers(request: Request, copies: Copies, principal: Principal,
