@@ -258,19 +258,11 @@ async def _locate(conn: AsyncConnection, values: list[_Value],
             return bad_parameter(probe.parameter, f"{probe.problem}: {reason}")
     if not values:
         return None
-    # Invariant: values[:good] cast cleanly, values[:bad] do not.
-    reason = await _fails(conn, *_cast_check(values, []))
-    if reason is None:
+    failed = await _first_failure(conn, len(values), lambda n: _cast_check(values[:n], []))
+    if failed is None:
         return None
-    good, bad = 0, len(values)
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        failure = await _fails(conn, *_cast_check(values[:middle], []))
-        if failure is None:
-            good = middle
-        else:
-            bad, reason = middle, failure
-    return _bad_value(values[bad - 1], reason)
+    bad, reason = failed
+    return _bad_value(values[bad], reason)
 
 
 async def check_values(conn: AsyncConnection, query: ExportQuery) -> None:
@@ -391,7 +383,9 @@ async def _first_failure(conn: AsyncConnection, count: int,
                          ) -> tuple[int, str] | None:
     """The index of the first of `count` inputs on which statement(n), which checks the
     first n, fails, and why; None if all pass. One round trip when all is well, then a
-    bisection (about log2(count))."""
+    bisection (about log2(count)).
+
+    Invariant: the first `good` inputs pass, the first `bad` do not."""
     reason = await _fails(conn, *statement(count))
     if reason is None:
         return None
