@@ -177,7 +177,7 @@ def test_export_reads_on_the_standby_and_audits_on_the_primary_with_curl(
             seen.append(copies(pair.standby.url()))
             return len(seen[-1]) == 1 and "big" in seen[-1][0]
 
-        assert wait_until(big_copied_on_the_standby, 10), seen[-5:]
+        assert wait_until(big_copied_on_the_standby, 30), seen[-5:]
         assert copies(pair.primary.url()) == []
 
     # The bytes are those of the same export read on the primary; the audit row, the
