@@ -5,6 +5,7 @@ or a one-line command-line error, never a 500 or a traceback."""
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
 import socket
@@ -335,3 +336,28 @@ def test_cli_token_with_a_taken_name_is_status_2(database_url: str) -> None:
     assert done.returncode == 2 and "exists" in done.stderr
     rows = fetch(database_url, "SELECT count(*) AS n FROM exporter.tokens WHERE name = $1", name)
     assert rows[0]["n"] == 1
+
+
+def test_a_token_for_one_dataset_links_to_its_every_representation(
+    closed: Server, database_url: str
+) -> None:
+    """One grammar for `name[.format][.coding]`: what a token may download, it may link
+    to, compressed files included (POST /links refused `.csv.gz` with a 403)."""
+    token = new_token(database_url, unique("orders-only"), "datasets:orders")
+    direct = httpx.get(closed.url + "/datasets/orders.csv.gz?id=lt.20",
+                       headers=bearer(token))
+    assert direct.status_code == 200
+    for path in ("/datasets/orders.csv.gz?id=lt.20", "/datasets/orders.ndjson.zst?id=lt.20",
+                 "/datasets/orders.json?id=lt.20", "/datasets/orders?id=lt.20"):
+        link = make_link(closed, token, path)
+        r = httpx.get(link)
+        assert r.status_code == 200, (path, r.text)
+    link = make_link(closed, token, "/datasets/orders.csv.gz?id=lt.20")
+    r = httpx.get(link, headers={"Accept-Encoding": "identity"})
+    assert r.headers["content-type"] == "application/gzip"
+    assert gzip.decompress(r.content) == gzip.decompress(direct.content)
+    # Still only orders: another dataset, however it is spelled, is refused.
+    for path in ("/datasets/customers.csv.gz", "/datasets/orders.csv.gz.csv",
+                 "/datasets/ordersx.csv"):
+        r = httpx.post(closed.url + "/links", json={"url": path}, headers=bearer(token))
+        assert r.status_code == 403, (path, r.text)

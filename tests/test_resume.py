@@ -350,3 +350,38 @@ def test_copies_make_room_for_stored_exports_and_stay_refused_for_resuming(
     # client's, so the other is not spliced on. The whole export.
     r = httpx.get(s.url + path, headers={**auth, "Range": "bytes=10-"}, timeout=60)
     assert r.status_code == 200
+
+
+def test_a_resume_never_splices_two_formats(server: Server, table: str) -> None:
+    """A copy is found by its representation, not by its URL alone: the suffix-less URL
+    negotiated as NDJSON and cut is no copy of the same URL asked for as CSV."""
+    url = f"{server.url}/datasets/{table}?order=id&note=neq.formats&limit={SOME}"
+    ndjson = {**IDENTITY, "Accept": "application/x-ndjson"}
+    with httpx.stream("GET", url, headers=ndjson, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        etag = r.headers["etag"]
+        got = 0
+        for chunk in r.iter_raw():
+            got += len(chunk)
+            if got > 100_000:
+                break  # leave early: the copy is completed without the client
+    csv = httpx.get(url, headers={**IDENTITY, "Accept": "text/csv"}, timeout=60)
+    assert csv.status_code == 200 and csv.content.startswith(b"id,note\n")
+    # The CSV asked for from byte 100: no copy of the CSV was cut, so the whole CSV.
+    rest = httpx.get(url, headers={**IDENTITY, "Accept": "text/csv", "Range": "bytes=100-"},
+                     timeout=60)
+    assert rest.status_code == 200, rest.headers
+    assert rest.content == csv.content
+    # Its If-Range names the NDJSON's copy: not these bytes either.
+    rest = httpx.get(url, headers={**IDENTITY, "Accept": "text/csv", "Range": "bytes=100-",
+                                   "If-Range": etag}, timeout=60)
+    assert rest.status_code == 200 and rest.content == csv.content
+    # The NDJSON, the same representation by either spelling: the rest of the cut copy.
+    whole = httpx.get(url, headers=ndjson, timeout=60).content
+    rest = httpx.get(url, headers={**ndjson, "Range": "bytes=100-", "If-Range": etag},
+                     timeout=60)
+    assert rest.status_code == 206 and rest.content == whole[100:]
+    suffixed = url.replace(f"/{table}?", f"/{table}.ndjson?")
+    rest = httpx.get(suffixed, headers={**IDENTITY, "Range": "bytes=100-"}, timeout=60)
+    assert rest.status_code == 206 and rest.content == whole[100:]

@@ -13,20 +13,11 @@ from exporter.access.links import sign, token_identity
 from exporter.access.principal import ANONYMOUS, TOKEN, Principal
 from exporter.access.tokens import TokenInfo
 from exporter.errors import ApiError, bad_parameter
+from exporter.export_names import dataset_names
 from exporter.server.prefix import strip_root
 from exporter.state import State
 
 MAX_LIFETIME = parse_duration("30d")
-
-
-def dataset_names(name: str) -> list[str]:
-    """The datasets an export path may name: `orders.csv` is `orders.csv` or `orders`.
-
-    Any suffix is tried, known format or not: this is an early answer only, and the
-    export route checks the link's principal again when the link is used.
-    """
-    base, dot, _ = name.rpartition(".")
-    return [name, base] if dot and base else [name]
 
 
 def may_link(principal: Principal, path: str) -> bool:

@@ -42,15 +42,18 @@ class Copy(Protocol):
 
 
 class Copies(Protocol):
-    async def begin(self, request: Request, principal: Principal, *, dataset: str,
+    async def begin(self, principal: Principal, *, url: str, dataset: str,
                     format: str, content_type: str, filename: str,
                     snapshot_time: datetime, cursor: str | None = None) -> Copy | None:
-        """A copy for the export this request streams; None when there is to be none
+        """A copy of the export of `url` (its representation's canonical URL,
+        exports/request.py) as the principal streams it; None when there is to be none
         (the setting is off, the quota is full). `cursor`: its Export-Cursor, if any."""
 
-    async def resume(self, request: Request, principal: Principal) -> Response | None:
-        """The answer to this `Range` request from a copy it provably continues, or None
-        (then the export is streamed whole, from a new snapshot, as a 200)."""
+    async def resume(self, request: Request, principal: Principal, url: str
+                     ) -> Response | None:
+        """The answer to this `Range` request from a copy of `url` it provably
+        continues, or None (then the export is streamed whole, from a new snapshot, as a
+        200)."""
 
     def location(self, request: Request, copy: Copy) -> str:
         """The copy's own URL (Content-Location)."""

@@ -1,5 +1,5 @@
-"""What the export routes do, out of the route modules: resolve a path to a dataset and
-a format, and answer with its export (HEAD included), or the audit trail's."""
+"""What the export routes do, out of the route modules: read an export request once
+(exports/request.py), choose its plan once (`answer`), and run it; the audit trail's too."""
 
 from __future__ import annotations
 
@@ -8,22 +8,23 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.limits import ExportWatch, keep_releases, on_request_end, watch_export
-from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query, split_query
-from exporter.access.principal import ANONYMOUS, LINK, Principal
+from exporter.access.links import SIGNATURE
+from exporter.access.principal import ANONYMOUS, Principal
 from exporter.audit import Download
-from exporter.compression import Coding, accepted, by_extension, level_of
+from exporter.compression import level_of
 from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, database_error, unavailable
+from exporter.export_names import readings
 from exporter.exports import cursor, pages, renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
 from exporter.exports.export import Export, filename, source_name
 from exporter.exports.query import ExportQuery, Order, parse
-from exporter.exports.renderers import Renderer
+from exporter.exports.request import ExportRequest, Headers, Representation, find, read
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
-from exporter.http import content_disposition, parse_accept
-from exporter.server.prefix import app_path
+from exporter.http import content_disposition
 from exporter.state import State
 from exporter.streaming import ClientLeft, unless_disconnected
 from exporter.tables import APP_SCHEMA, downloads
@@ -61,93 +62,28 @@ def to_listing(request: Request) -> Response:
 async def export_by_name(request: Request, st: State, principal: Principal,
                          name: str) -> Response:
     """`/datasets/{name}`: the dataset `name` names (with or without a format suffix)."""
-    # Before looking the name up, so that a refusal does not tell whether it exists.
-    if not any(principal.may_read_dataset(n) for n in candidate_names(name)):
-        raise principal.denied()
-    dataset, renderer, explicit = await resolve_export(st.catalog, name,
-                                                       request.headers.get("accept"))
-    if not principal.may_read_dataset(dataset.name):
-        raise principal.denied()
-    return await export_response(request, st, principal, dataset, renderer, explicit=explicit)
+    dataset, representation = await find(st.catalog, principal, name,
+                                         request.headers.get("accept"))
+    return await answer(request, st, read_request(request, st, principal, dataset,
+                                                  representation))
 
 
-def negotiate(accept: str | None) -> Renderer:
-    for media_type in parse_accept(accept):
-        if media_type in ("*/*", "text/*"):
-            return renderers.DEFAULT
-        renderer: Renderer | None = renderers.by_media_type(media_type)
-        if renderer is not None:
-            return renderer
-    offered = ", ".join(r.media_type for r in renderers.all_renderers())
-    pgrst = [m for m in parse_accept(accept) if m.startswith("application/vnd.pgrst.")]
-    if pgrst:
-        # PostgREST's singular object, plan, and array/stripped forms: a whole export
-        # is streamed rows, never one object made of them (docs/postgrest.md).
-        raise ApiError(406, f"{pgrst[0]} (PostgREST's) is not supported: this dataset is "
-                       f"available as {offered}")
-    raise ApiError(406, f"this dataset is available as {offered}")
+def read_request(request: Request, st: State, principal: Principal, dataset: Dataset,
+                 representation: Representation, *, base: str | None = None) -> ExportRequest:
+    return read(dataset, representation, principal, request.query_params.multi_items(),
+                Headers.of(request.headers), method=request.method, base=base,
+                compression=st.settings.compression)
 
 
-def _split_suffix(name: str) -> tuple[str, Renderer | None, Coding | None]:
-    """`orders.csv` -> (`orders`, csv, None); `orders.csv.gz` -> (`orders`, csv, gzip).
-
-    A coding suffix counts only after a format's (`orders.gz` names no format, so it is
-    only ever a dataset's own name), and only one of each, the last ones: a dataset named
-    `x.csv` is `x.csv.csv.gz`.
-    """
-    base, dot, extension = name.rpartition(".")
-    if not dot:
-        return name, None, None
-    coding = by_extension(extension)
-    if coding is not None:
-        inner, dot, extension = base.rpartition(".")
-        renderer = renderers.by_extension(extension) if dot else None
-        return (inner, renderer, coding) if renderer is not None else (name, None, None)
-    return base, renderers.by_extension(extension), None
-
-
-def candidate_names(name: str) -> list[str]:
-    """The datasets a request path may mean (`orders.csv`: `orders.csv` or `orders`)."""
-    base, by_suffix, _ = _split_suffix(name)
-    return [name, base] if by_suffix is not None else [name]
-
-
-async def resolve_export(catalog: Catalog, name: str, accept: str | None,
-                         ) -> tuple[Dataset, Renderer, Coding | None]:
-    """`orders.csv` names dataset and format; `orders` leaves the format to Accept;
-    `orders.csv.gz` is the CSV as a gzip file (the coding, else None). A dataset whose
-    own name matches comes second: `x.csv` is dataset `x` if there is one."""
-    base, by_suffix, coding = _split_suffix(name)
-    for attempt in range(2):
-        if attempt:
-            await catalog.reload()  # a table or view created since the last look
-        if by_suffix is not None and (ds := catalog.get(base)):
-            return ds, by_suffix, coding
-        if ds := catalog.get(name):
-            return ds, negotiate(accept), None
-    hint = ""
-    if by_extension(name.rpartition(".")[2]) is not None and by_suffix is None:
-        hint = f" (a compressed export names its format first: {name.rpartition('.')[0]}" \
-               f".csv.{name.rpartition('.')[2]})"
-    raise ApiError(404, f"no dataset named '{name}' in schema '{catalog.schema}'{hint}")
-
-
-async def resolve(catalog: Catalog, name: str, accept: str | None) -> tuple[Dataset, Renderer]:
-    """resolve_export without the coding (callers that serve only plain formats)."""
-    dataset, renderer, _ = await resolve_export(catalog, name, accept)
-    return dataset, renderer
-
-
-def export_headers(request: Request, renderer: Renderer, download_name: str, *,
-                   explicit: Coding | None = None,
-                   coding: Coding | None = None) -> dict[str, str]:
-    """`explicit`: a file in that coding (`orders.csv.gz`, served as application/gzip);
-    `coding`: a content coding the client negotiated (Content-Encoding)."""
+def export_headers(request: Request, req: ExportRequest, download_name: str) -> dict[str, str]:
+    """What every answer of an export says. A file coding (`orders.csv.gz`) is served as
+    application/gzip; a negotiated content coding is a Content-Encoding."""
     user_agent = request.headers.get("user-agent")
-    if explicit is not None:
-        download_name = f"{download_name}.{explicit.extension}"
+    file_coding = req.representation.file_coding
+    if file_coding is not None:
+        download_name = f"{download_name}.{file_coding.extension}"
     headers = {
-        "Content-Type": explicit.media_type if explicit is not None else renderer.content_type,
+        "Content-Type": req.representation.content_type,
         "Content-Disposition": content_disposition(download_name, user_agent=user_agent),
         "Cache-Control": "no-store",
         "Accept-Ranges": "none",
@@ -156,113 +92,93 @@ def export_headers(request: Request, renderer: Renderer, download_name: str, *,
         # not the answer for another.
         "Vary": "Accept, Accept-Encoding",
     }
-    if coding is not None:
-        headers["Content-Encoding"] = coding.name
+    if req.content_coding is not None:
+        headers["Content-Encoding"] = req.content_coding.name
     return headers
 
 
-def recorded_url(request: Request) -> str:
-    """An export's URL as stored exports (and streamed exports' copies) record it: the
-    app's path and the query in canonical form, without a signed link's own parameters
-    (a new link to the same export names the same URL)."""
-    rest, _ = split_query(request.scope.get("query_string", b"").decode("latin-1"))
-    query = canonical_query(rest)
-    return app_path(request.scope) + (f"?{query}" if query else "")
+def _copied(st: State, req: ExportRequest) -> bool:
+    """Whether the export's bytes are kept for resuming: identity bytes of the URL's
+    whole export (a page of items is not the URL's export)."""
+    return (st.copies is not None and req.representation.file_coding is None
+            and req.content_coding is None and req.items is None)
 
 
-def export_coding(request: Request, st: State, explicit: Coding | None) -> Coding | None:
-    """The content coding of an export's answer: none for an explicit `.gz`/`.zst` URL
-    (already a file in that coding) and none for a Range request (the bytes of a range
-    are identity bytes, never a slice of an on-the-fly stream)."""
-    if explicit is not None or "range" in request.headers:
-        return None
-    return accepted(st.settings.compression, request.headers.get("accept-encoding"))
-
-
-async def export_response(request: Request, st: State, principal: Principal, dataset: Dataset,
-                          renderer: Renderer, *, from_primary: bool = False,
-                          explicit: Coding | None = None) -> Response:
-    """The export of `dataset` that the request's query string asks for, read from the
-    replica if there is one, unless `from_primary` (the audit trail, which must show
-    the latest downloads); `explicit`, a file in that coding (`orders.csv.gz`)."""
-    coding = export_coding(request, st, explicit)
+async def answer(request: Request, st: State, req: ExportRequest, *,
+                 from_primary: bool = False) -> Response:
+    """The one road of every export request, read once: the plan (stored, headers only,
+    a resume from a copy, or a stream) is chosen here from the request, and nowhere
+    else. Read from the replica if there is one, unless `from_primary` (the audit
+    trail, which must show the latest downloads)."""
     engine = st.engine if from_primary else st.export_engine
-    params = request.query_params.multi_items()
-    # A link's own parameters were checked by authenticate(); anywhere else parse() refuses them.
-    filters = [p for p in params if p[0] not in LINK_PARAMETERS] if (
-        principal.kind == LINK) else params
-    query = parse(dataset, filters)
-    await read_since(st, query)
-    if len(request.headers.getlist("range")) > 1:
-        raise ApiError(400, "one Range header at a time")
-    # Items (PostgREST's pages) before bytes: `Range: bytes=` resumes a copy, below.
-    items = pages.parse_range(request.headers.get("range"), request.headers.get("range-unit"))
-    prefer = pages.parse_prefer(request.headers.getlist("prefer"))
-    if (request.method == "GET" and st.stored is not None and not from_primary
-            and prefer.respond_async):
-        if items is not None or prefer.count is not None:
-            raise ApiError(400, "a stored export (Prefer: respond-async) is always whole: "
-                           "its manifest counts its rows; Range and Prefer: count are for "
-                           "streamed answers")
+    await read_since(st, req.query)
+    if (req.method == "GET" and req.prefer.respond_async and st.stored is not None
+            and not from_primary):
         # A stored export (exporter/stored/), reached through the state: 202 and a status URL.
-        return await st.stored.kick_off(request, st, principal, dataset, renderer, query,
-                                        explicit, recorded_url(request))
-    window = pages.window(query, items, prefer.count)
-    if request.method == "HEAD":
-        # The same server as the GET would read, so both answer alike when it is down.
-        try:
-            conn = await engine.connect()
-        except DATABASE_ERRORS as error:
-            raise unavailable(error, source_name(engine is st.replica)) from error
-        answer: pages.Answer | None = None
-        try:
-            if window is not None:
-                # Counted as the GET would, in one snapshot of its own.
-                conn = await conn.execution_options(
-                    isolation_level="REPEATABLE READ", postgresql_readonly=True)
-            await sql.check_values(conn, query)
-            if window is not None:
-                try:
-                    answer = await pages.answer(conn, query, window,
-                                                st.settings.count_estimated_above)
-                except DATABASE_ERRORS as error:
-                    raise database_error(error, source_name(engine is st.replica)) from error
-        finally:
-            await conn.close()
-        response = Response(
-            status_code=answer.status if answer else 200,
-            headers=export_headers(
-                request, renderer, filename(dataset.name, renderer, datetime.now(UTC)),
-                explicit=explicit, coding=coding,
-            )
-        )
-        del response.headers["content-length"]  # GET streams its body chunked
-        if answer is not None:
-            response.headers.update(answer.headers)
-        if st.copies is not None and explicit is None and coding is None and items is None:
-            response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
-        return response
-
-    if items is None and request.headers.get("range") is not None and st.copies is not None:
+        return await st.stored.kick_off(request, st, req)
+    if req.method == "HEAD":
+        return await _head(request, st, req, engine)
+    if req.byte_range is not None and st.copies is not None:
         # From the copy of the export this request continues, when that is provable;
         # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
-        resumed = await st.copies.resume(request, principal)
+        resumed = await st.copies.resume(request, req.principal, req.url)
         if resumed is not None:
             return resumed
+    return await _stream(request, st, req, engine)
 
+
+async def _head(request: Request, st: State, req: ExportRequest,
+                engine: AsyncEngine) -> Response:
+    """The GET's headers, with its counts; no COPY. The same server as the GET would read,
+    so both answer alike when it is down."""
     try:
-        await st.limiter.acquire(request, principal.limit_key, export=True)
+        conn = await engine.connect()
+    except DATABASE_ERRORS as error:
+        raise unavailable(error, source_name(engine is st.replica)) from error
+    counted: pages.Answer | None = None
+    try:
+        if req.window is not None:
+            # Counted as the GET would, in one snapshot of its own.
+            conn = await conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        await sql.check_values(conn, req.query)
+        if req.window is not None:
+            try:
+                counted = await pages.answer(conn, req.query, req.window,
+                                             st.settings.count_estimated_above)
+            except DATABASE_ERRORS as error:
+                raise database_error(error, source_name(engine is st.replica)) from error
+    finally:
+        await conn.close()
+    response = Response(
+        status_code=counted.status if counted else 200,
+        headers=export_headers(request, req, filename(req.dataset.name, req.renderer,
+                                                      datetime.now(UTC))))
+    del response.headers["content-length"]  # GET streams its body chunked
+    if counted is not None:
+        response.headers.update(counted.headers)
+    if _copied(st, req):
+        response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
+    return response
+
+
+async def _stream(request: Request, st: State, req: ExportRequest,
+                  engine: AsyncEngine) -> Response:
+    try:
+        await st.limiter.acquire(request, req.principal.limit_key, export=True)
     except ClientLeft:
         return Response(status_code=499)  # nobody is listening; uvicorn drops it
+    principal = req.principal
     recorded: dict[str, list[str]] = {}
-    for key, value in params:
+    for key, value in request.query_params.multi_items():
         if key != SIGNATURE:  # a credential: never stored
             recorded.setdefault(key, []).append(value)
-    download = Download("export", dataset.name, request.client.host if request.client else None,
-                        format=renderer.name, params=recorded, principal=principal.label,
+    download = Download("export", req.dataset.name,
+                        request.client.host if request.client else None,
+                        format=req.renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
-    job = Export(engine, st.audit, st.settings, query, renderer, download,
-                 replica=engine is st.replica, window=window)
+    job = Export(engine, st.audit, st.settings, req.query, req.renderer, download,
+                 replica=engine is st.replica, window=req.window)
     try:
         await unless_disconnected(job.open(), request.receive)
     except ClientLeft:
@@ -270,10 +186,10 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     on_request_end(request.scope, job.request_ended)
     watch_export(request.scope, ExportWatch(st.settings.export_idle_timeout, job.deadline,
                                             job.cut))
-    body_coding = explicit or coding
+    body_coding = req.representation.file_coding or req.content_coding
     s = st.settings
     level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
-    headers = export_headers(request, renderer, job.filename, explicit=explicit, coding=coding)
+    headers = export_headers(request, req, job.filename)
     status = 200
     if job.answer is not None:
         status = job.answer.status
@@ -281,9 +197,8 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     token = await export_cursor(st, job)
     if token is not None:
         headers[cursor.HEADER] = token
-    # A page of items is not the URL's export: no copy for a later bytes range to resume.
-    if st.copies is not None and body_coding is None and items is None:
-        headers.update(await _copy_headers(request, st.copies, principal, job, token))
+    if st.copies is not None and _copied(st, req):
+        headers.update(await _copy_headers(request, st.copies, req, job, token))
     return StreamingResponse(job.body(body_coding, level), status_code=status, headers=headers)
 
 
@@ -317,13 +232,13 @@ async def _cursor_key(st: State) -> bytes:
     return cursor.cursor_key(key)
 
 
-async def _copy_headers(request: Request, copies: Copies, principal: Principal,
+async def _copy_headers(request: Request, copies: Copies, req: ExportRequest,
                         job: Export, token: str | None) -> dict[str, str]:
-    """Start the export's stored copy; the headers that name it. The export goes on
-    without one if it cannot be had (the reason is logged by the store). Identity
-    bodies only: a compressed one's bytes are not the copy's."""
+    """Start the export's stored copy, found later by the request's representation URL;
+    the headers that name it. The export goes on without one if it cannot be had (the
+    reason is logged by the store)."""
     copy = await copies.begin(
-        request, principal, dataset=job.query.dataset.name, format=job.renderer.name,
+        req.principal, url=req.url, dataset=job.query.dataset.name, format=job.renderer.name,
         content_type=job.renderer.content_type, filename=job.filename,
         snapshot_time=job.snapshot_time, cursor=token)
     if copy is None:
@@ -372,10 +287,11 @@ async def export_downloads(request: Request, st: State, principal: Principal,
                            extension: str) -> Response:
     """The audit trail exported as any format (`csv`, or `csv.gz` as a gzip file), read
     from the primary (the latest rows)."""
-    base, _, last = extension.rpartition(".")
-    explicit = by_extension(last) if base else None
-    renderer = renderers.by_extension(base if explicit is not None else extension)
+    reading = readings(f"downloads.{extension}")[0]
+    renderer = renderers.by_extension(reading.format) if reading.format else None
     if renderer is None:
         raise ApiError(404, f"no format '{extension}'")
-    return await export_response(request, st, principal, await _audit_dataset(st), renderer,
-                                 from_primary=True, explicit=explicit)
+    dataset = await _audit_dataset(st)
+    req = read_request(request, st, principal, dataset,
+                       Representation(renderer, reading.coding), base="/downloads")
+    return await answer(request, st, req, from_primary=True)

@@ -36,7 +36,6 @@ from exporter.access.durations import parse_duration
 from exporter.access.principal import Principal
 from exporter.errors import ApiError
 from exporter.exports.copies import CopyStopped
-from exporter.exports.service import recorded_url
 from exporter.state import get_state
 from exporter.stored.service import StoredService
 from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Stopped, Writer, owner_of
@@ -111,12 +110,12 @@ class StreamedCopies:
         self._service = service
         self._retention = parse_duration(service.settings.exports_resume_retention)
 
-    async def begin(self, request: Request, principal: Principal, *, dataset: str,
+    async def begin(self, principal: Principal, *, url: str, dataset: str,
                     format: str, content_type: str, filename: str,
                     snapshot_time: datetime, cursor: str | None = None) -> StoredCopy | None:
         try:
             writer = await self._service.begin(
-                principal, url=recorded_url(request), dataset=dataset, format=format,
+                principal, url=url, dataset=dataset, format=format,
                 coding=None, content_type=content_type, filename=filename, kind=STREAMED)
         except ApiError as error:  # the quota is full, the storage refuses
             log.info("a streamed export of %s goes without a copy: %s", dataset, error.message)
@@ -146,9 +145,10 @@ class StreamedCopies:
 
     # --- resuming --------------------------------------------------------------------------
 
-    async def resume(self, request: Request, principal: Principal) -> Response | None:
+    async def resume(self, request: Request, principal: Principal, url: str
+                     ) -> Response | None:
         try:
-            chosen = await unless_disconnected(self._choose(request, principal),
+            chosen = await unless_disconnected(self._choose(request, principal, url),
                                                request.receive)
         except ClientLeft:
             return Response(status_code=499)
@@ -168,10 +168,9 @@ class StreamedCopies:
                         self._counting(body, copy_id, offset))
         return response
 
-    async def _choose(self, request: Request, principal: Principal
+    async def _choose(self, request: Request, principal: Principal, url: str
                       ) -> tuple[str, int | None] | None:
         """The copy to answer from, and the offset asked (None: an If-Range answer)."""
-        url = recorded_url(request)
         owner = owner_of(principal)
         if_range = request.headers.get("if-range")
         if if_range is not None:

@@ -23,7 +23,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import sqlalchemy as sa
 from fastapi import Request, Response
@@ -32,19 +32,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Scope
 
 from exporter.access.limits import release_now
-from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query
+from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ANONYMOUS, Principal
 from exporter.audit import Download
-from exporter.compression import Coding, by_extension, by_name, compressed, level_of
+from exporter.compression import Coding, by_name, compressed, level_of
 from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
 from exporter.exports import cursor, sql
-from exporter.exports.catalog import Dataset
 from exporter.exports.export import Export, filename, source_name
 from exporter.exports.pages import planned_count
-from exporter.exports.query import ExportQuery, parse
-from exporter.exports.renderers import Renderer
-from exporter.exports.service import candidate_names, export_cursor, read_since, resolve
+from exporter.exports.query import ExportQuery
+from exporter.exports.request import ExportRequest, Headers, Representation, find, read
+from exporter.exports.service import export_cursor, read_since
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
 from exporter.state import State
@@ -87,11 +86,11 @@ class StoredService(StoredExports):
 
     # --- starting ------------------------------------------------------------------------
 
-    async def kick_off(self, request: Request, st: State, principal: Principal,
-                       dataset: Dataset, renderer: Renderer, query: ExportQuery,
-                       coding: Coding | None, url: str) -> Response:
+    async def kick_off(self, request: Request, st: State, req: ExportRequest) -> Response:
         """Checks (400 for bad values, 507 when the quota is full, 429/503 over the
         caps), then 202 with the status URL; the export runs in the background."""
+        principal, dataset, query = req.principal, req.dataset, req.query
+        renderer, coding, url = req.renderer, req.representation.file_coding, req.url
         await self.check_quota()
         engine = st.export_engine
         estimated = await _check_and_estimate(engine, query, engine is st.replica)
@@ -410,32 +409,22 @@ async def start(request: Request, st: State, principal: Principal) -> Response:
     if not path.startswith("/datasets/") or len(path) <= len("/datasets/"):
         raise bad_parameter("url", "'url' must be an export's path, such as"
                             " /datasets/orders.csv")
-    name = unquote(path[len("/datasets/"):])
-    coding: Coding | None = None
-    base, dot, extension = name.rpartition(".")
-    if dot and (by_ext := by_extension(extension)) is not None:
-        name, coding = base, by_ext
+    dataset, representation = await find(st.catalog, principal,
+                                         unquote(path[len("/datasets/"):]), None)
     asked = body.get("coding")
     if asked is not None:
         if not isinstance(asked, str) or (named := by_name(asked)) is None:
             raise bad_parameter("coding", "coding is gzip or zstd")
-        if coding is not None and coding is not named:
-            raise bad_parameter("coding", f"the URL asks for {coding.name} already")
-        coding = named
-    if not any(principal.may_read_dataset(n) for n in candidate_names(name)):
-        raise principal.denied()
-    dataset, renderer = await resolve(st.catalog, name, None)
-    if not principal.may_read_dataset(dataset.name):
-        raise principal.denied()
+        if representation.file_coding not in (None, named):
+            raise bad_parameter("coding", f"the URL asks for "
+                                f"{representation.file_coding.name} already")
+        representation = Representation(representation.renderer, named)
+    # A link's own parameters, copied with its URL, are not the export's.
     params = [(k, v) for k, v in _query_pairs(url.query) if k not in LINK_PARAMETERS]
-    query = parse(dataset, params)
-    await read_since(st, query)
-    suffix = f".{coding.extension}" if coding else ""
-    clean = f"/datasets/{quote(dataset.name, safe='')}.{renderer.extension}{suffix}"
-    if params:
-        clean += "?" + canonical_query(params)
-    return await stored.kick_off(request, st, principal, dataset, renderer, query, coding,
-                                 clean)
+    req = read(dataset, representation, principal, params,
+               Headers(prefer=("respond-async",)), method="POST")
+    await read_since(st, req.query)
+    return await stored.kick_off(request, st, req)
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:

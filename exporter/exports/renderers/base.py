@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from exporter.export_names import register_format
+
 Output = Callable[[bytes], Awaitable[None]]
 
 
@@ -63,6 +65,7 @@ _by_media_type: dict[str, Renderer] = {}
 
 def register(renderer: Renderer, *aliases: str) -> Renderer:
     _by_extension[renderer.extension] = renderer
+    register_format(renderer.extension)
     for media_type in (renderer.media_type, *aliases):
         _by_media_type[media_type] = renderer
     return renderer
