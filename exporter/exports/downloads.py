@@ -11,9 +11,9 @@ router = APIRouter()
 
 
 @router.get("/downloads", openapi_extra=openapi.DOWNLOADS)
-async def list_downloads(request: Request, st: StateDep, _: AdminDep) -> Response:
+async def list_downloads(request: Request, st: StateDep, admin: AdminDep) -> Response:
     """Newest first, 100 at a time unless `limit`/`order` say otherwise; filters as exports."""
-    return await service.list_downloads(request, st)
+    return await service.list_downloads(request, st, admin)
 
 
 @router.api_route("/downloads.{extension}", methods=["GET", "HEAD"],

@@ -21,7 +21,7 @@ from exporter.exports import cursor, pages, renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
 from exporter.exports.export import Export, filename, source_name
-from exporter.exports.query import ExportQuery, Order, parse
+from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
 from exporter.http import content_disposition
@@ -257,30 +257,20 @@ async def _audit_dataset(st: State) -> Dataset:
     return dataset
 
 
-async def list_downloads(request: Request, st: State) -> Response:
-    """The audit trail as JSON: newest first, 100 at a time unless `limit`/`order` say
-    otherwise; filters as exports."""
-    query = parse(await _audit_dataset(st), request.query_params.multi_items())
-    if query.since is not None:
+async def list_downloads(request: Request, st: State, principal: Principal) -> Response:
+    """The audit trail as JSON: `/downloads.json` newest first, 100 at a time unless
+    `order`/`limit` say otherwise (the same road as every export)."""
+    params = request.query_params.multi_items()
+    if any(key == cursor.SINCE for key, _ in params):
         raise bad_parameter(cursor.SINCE, "the audit trail takes 'since' as an export:"
                             " /downloads.csv or /downloads.ndjson")
-    if not query.order:
-        query.order = [Order(query.dataset.columns["id"], descending=True)]
-    if query.limit is None:
-        query.limit = DEFAULT_JSON_LIMIT
-    async with st.engine.connect() as conn:
-        await sql.check_values(conn, query)
-        try:
-            result = await conn.exec_driver_sql(
-                f"SELECT coalesce(json_agg(s), '[]'::json)::text FROM ({sql.select_sql(query)})"
-                " AS s"
-            )
-        except DATABASE_ERRORS as error:
-            if (failed := sql.cast_failure(query, error)) is not None:
-                raise failed from None
-            raise
-        body = result.scalar_one()
-    return Response(body, media_type="application/json")
+    names = {key for key, _ in params}
+    params += [(k, v) for k, v in (("order", "id.desc"), ("limit", str(DEFAULT_JSON_LIMIT)))
+               if k not in names]
+    req = read(await _audit_dataset(st), Representation(renderers.json.JSON), principal, params,
+               Headers.of(request.headers), method=request.method, base="/downloads",
+               compression=st.settings.compression)
+    return await answer(request, st, req, from_primary=True)
 
 
 async def export_downloads(request: Request, st: State, principal: Principal,
