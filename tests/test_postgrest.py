@@ -20,7 +20,7 @@ import zstandard
 from exporter.config import Settings
 from exporter.exports.renderers import Renderer
 from tests.inprocess import InProcess
-from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, run_sql
+from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, run_sql, wait_until
 
 JSON_TYPE = "application/json; charset=utf-8"
 
@@ -236,8 +236,13 @@ def test_the_audit_trail_as_a_json_array(app: InProcess, database_url: str) -> N
     assert app.get("/datasets/orders.json?limit=2").status_code == 200
     # Rows that have ended: a running row (this test's own requests among them: the
     # listing is an export too, audited) may end between the two reads.
-    ended = app.get("/downloads?order=id&limit=5&status=neq.running", headers=admin).json()
-    query = f"order=id&limit=5&status=neq.running&id=lte.{ended[-1]['id']}"
+    def ended() -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = app.get(
+            "/downloads?order=id&limit=5&status=neq.running", headers=admin).json()
+        return rows
+
+    assert wait_until(lambda: len(ended()) > 0, 10)  # the audit writes in batches
+    query = f"order=id&limit=5&status=neq.running&id=lte.{ended()[-1]['id']}"
     streamed = app.get(f"/downloads.json?{query}", headers=admin)
     assert streamed.status_code == 200 and streamed.headers["content-type"] == JSON_TYPE
     listed = app.get(f"/downloads?{query}", headers=admin)
