@@ -267,3 +267,54 @@ def test_a_cast_that_fails_on_the_first_rows_is_a_400(app: InProcess) -> None:
                                        " type integer")
     r = app.get("/datasets/pgrst.csv?" + encoded("select=id,n::text::int&order=id"))
     assert r.status_code == 400  # the type name is refused before any row
+
+
+# --- casts reach only ordinary types ---------------------------------------------------
+
+def _types(database_url: str, where: str) -> list[str]:
+    return [r[0] for r in fetch(database_url, "SELECT format_type(t.oid, NULL) FROM pg_type t"
+                                f" WHERE {where} ORDER BY 1")]
+
+
+def test_no_cast_reads_the_catalog_or_the_server(app: InProcess, database_url: str) -> None:
+    """Every OID alias (`regclass`, `regrole`, ... as this server lists them, so that a new
+    one cannot slip through), their arrays, and the server's own types are a 400 naming
+    `select` and the type, before anything runs."""
+    refused = _types(database_url, "t.typname LIKE 'reg%' OR t.typname LIKE '\\_reg%'")
+    assert {"regclass", "regrole", "regnamespace", "regproc", "regtype", "regclass[]"} \
+        <= set(refused)
+    refused += ["xml", "pg_lsn", "pg_snapshot", "txid_snapshot", "aclitem", "tid", "xid",
+                "cid", "oid", "pg_node_tree", "refcursor", "tsquery", "xml[]", "oid[]"]
+    for cast in refused:
+        for item in (f"x:id::{cast}", f"n::{cast}"):
+            r = app.get("/datasets/pgrst.csv?" + encoded(f"select=id,{item}&id=lt.3"))
+            assert r.status_code == 400, (cast, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["parameter"] == "select" and "not allowed" in error["message"], error
+    # The reproduction: a token's view of the catalog through a cast (was a 200 listing
+    # exporter.tokens, or a 502 telling whether a relation exists).
+    r = app.get("/datasets/pgrst.csv?" + encoded("select=id,x:id::regclass&id=gte.16384"))
+    assert r.status_code == 400 and "regclass" in r.text
+    r = app.get("/datasets/pgrst.csv?" + encoded("select=word::regclass"))
+    assert r.status_code == 400 and "does not exist" not in r.text
+
+
+def test_every_type_in_pg_type_is_allowed_or_refused_never_a_5xx(
+        app: InProcess, database_url: str) -> None:
+    """Each type this server has, cast from a number: a 200 for the ordinary ones it can
+    hold, a 400 otherwise; never a 5xx."""
+    names = _types(database_url, "t.typtype IN ('b', 'r', 'm', 'e', 'c', 'd')"
+                   " AND t.typisdefined AND t.typname NOT LIKE 'pg\\_toast%'")
+    assert len(names) > 100
+    allowed = []
+    for cast in names:
+        if '"' in cast:
+            continue  # a quoted name, which the grammar does not take: refused before
+        r = app.get("/datasets/pgrst.csv?" + encoded(f"select=id,n::{cast}&id=lt.0"))
+        assert r.status_code in (200, 400), (cast, r.status_code, r.text)
+        if r.status_code == 200:
+            allowed.append(cast)
+    assert {"integer", "bigint", "numeric", "text", "character varying"} <= set(allowed)
+    assert app.get("/datasets/pgrst.csv?" + encoded("select=tags::text[],x:tags::_varchar")
+                   ).status_code == 200  # arrays of ordinary types, by either name
+    assert not [a for a in allowed if a.startswith("reg") or a in ("xml", "oid", "pg_lsn")]

@@ -152,7 +152,9 @@ def window(query: ExportQuery, items: ItemRange | None, count: str | None) -> Wi
         offset = max(offset, items.first)
         if items.last is not None:
             end = items.last + 1 if end is None else min(end, items.last + 1)
-    limit = None if end is None else max(0, end - offset)
+    # No more than a bigint: `Range: 0-9223372036854775807` asks for every row, and its
+    # end + 1 is one past what PostgreSQL's LIMIT takes.
+    limit = None if end is None else min(MAX_BIGINT, max(0, end - offset))
     query.offset = offset or None
     query.limit = limit
     return Window(items, count, offset, limit)

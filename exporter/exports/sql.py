@@ -304,12 +304,32 @@ async def _check_typed(conn: AsyncConnection, query: ExportQuery) -> None:
         raise _bad_value(values[row[0] - 1], row[1])
 
 
+# The types a `select` cast may name: PostgreSQL's ordinary scalar types and their arrays,
+# and the types of the exports' own schema. Nothing else: the OID aliases (`regclass`,
+# `regrole`, ... and any `reg*` to come) turn numbers into catalog names, and others
+# (`xml`, `pg_lsn`, `pg_snapshot`, `aclitem`, `tid`, ...) tell of the server itself.
+CAST_TYPES = (
+    "bool", "bytea", "char", "name", "int2", "int4", "int8", "float4", "float8", "numeric",
+    "money", "text", "varchar", "bpchar", "date", "time", "timetz", "timestamp",
+    "timestamptz", "interval", "uuid", "json", "jsonb", "bit", "varbit", "inet", "cidr",
+    "macaddr", "macaddr8", "point", "line", "lseg", "box", "path", "polygon", "circle",
+    "int4range", "int8range", "numrange", "daterange", "tsrange", "tstzrange",
+    "int4multirange", "int8multirange", "nummultirange", "datemultirange",
+    "tsmultirange", "tstzmultirange",
+)
 # The type a cast's words name, as PostgreSQL spells it (format_type(oid, -1) parses back
-# unmodified, as in the catalog), and whether it is a pseudo-type, which holds no values.
+# unmodified, as in the catalog), whether it is a pseudo-type, which holds no values, and
+# whether it (an array: its element) is one of CAST_TYPES or the exports schema's.
 _RESOLVE_TYPES = (
-    "SELECT format_type(r.t, -1), (SELECT typtype = 'p' FROM pg_type WHERE oid = r.t)"
-    " FROM unnest($1::text[]) WITH ORDINALITY AS c(n, ord),"
-    " LATERAL (SELECT to_regtype(c.n)::oid AS t) AS r ORDER BY c.ord"
+    "SELECT format_type(r.t, -1), t.typtype = 'p',"
+    " coalesce((e.typnamespace = 'pg_catalog'::regnamespace AND e.typname = ANY($2::text[]))"
+    "  OR e.typnamespace = to_regnamespace($3)::oid, false)"
+    " FROM unnest($1::text[]) WITH ORDINALITY AS c(n, ord)"
+    " CROSS JOIN LATERAL (SELECT to_regtype(c.n)::oid AS t) AS r"
+    " LEFT JOIN pg_type t ON t.oid = r.t"
+    " LEFT JOIN pg_type e ON e.oid = CASE WHEN t.typcategory = 'A' THEN t.typelem"
+    "  ELSE t.oid END"
+    " ORDER BY c.ord"
 )
 
 
@@ -321,7 +341,8 @@ async def _resolve_casts(conn: AsyncConnection, query: ExportQuery) -> None:
         return
     names = [cast_type(c)[0] for c in casts]
     try:
-        rows: list[Any] = list((await conn.exec_driver_sql(_RESOLVE_TYPES, (names,))).all())
+        rows: list[Any] = list((await conn.exec_driver_sql(
+            _RESOLVE_TYPES, (names, list(CAST_TYPES), query.dataset.schema))).all())
     except DRIVER_ERRORS as error:
         if not _request_error(error):
             raise
@@ -329,12 +350,17 @@ async def _resolve_casts(conn: AsyncConnection, query: ExportQuery) -> None:
         raise bad_parameter("select", f"a cast names no type: {postgres_message(error)}"
                             ) from None
     for cast, row in zip(casts, rows, strict=True):
-        name, pseudo = row[0], row[1]
+        name, pseudo, allowed = row[0], row[1], row[2]
         if name is None:
             raise bad_parameter("select", f"unknown type '{cast}'")
         if pseudo:
             raise bad_parameter("select", f"'{cast}' is a pseudo-type: nothing can be cast"
                                 " to it")
+        if not allowed:
+            raise bad_parameter("select", f"casts to '{name}' are not allowed: a cast names"
+                                " one of PostgreSQL's ordinary types (numbers, text, times,"
+                                " json, uuid, ...), an array of one, or a type of the"
+                                f" schema '{query.dataset.schema}'")
         _, modifier, array = cast_type(cast)
         query.types[cast] = f"{name}{modifier}{array}"
 
