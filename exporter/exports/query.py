@@ -178,6 +178,9 @@ class ExportQuery:
     changed_since: Cursor | None = None
     # The xid the export transaction's age() counts from, once read (cursor.py).
     since_reference: int | None = None
+    # Every value as text, with a quote before one a spreadsheet would run as a formula:
+    # the audit trail's CSV, whose cells hold what clients sent (paths, ranges, names).
+    formula_safe: bool = False
 
     @property
     def partial(self) -> bool:

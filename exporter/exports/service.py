@@ -284,4 +284,7 @@ async def export_downloads(request: Request, st: State, principal: Principal,
     dataset = await _audit_dataset(st)
     req = read_request(request, st, principal, dataset,
                        Representation(renderer, reading.coding), base="/downloads")
+    # A dataset export keeps COPY's bytes exactly; the audit trail's cells are what
+    # clients sent, and a spreadsheet must not run them.
+    req.query.formula_safe = renderer is renderers.csv.CSV
     return await answer(request, st, req, from_primary=True)

@@ -102,18 +102,32 @@ def _tree(t: Tree) -> str:
 
 def _item(query: ExportQuery, item: Item) -> str:
     if item.plain:
-        return quote_ident(item.column.name)
+        return _output(query, quote_ident(item.column.name), item.column.name)
     sql = field_sql(item.column.name, item.path)
     if item.cast is not None:
         # The type as PostgreSQL named it in check_values, never the request's text.
         sql = f"CAST({sql} AS {query.types[item.cast]})"
-    return f"{sql} AS {quote_ident(item.name)}"
+    return _output(query, sql, item.name)
+
+
+# What makes a spreadsheet read a cell as a formula (OWASP's rule for CSV injection).
+_FORMULA_STARTS = r"'=', '+', '-', '@', E'\t', E'\r'"
+
+
+def _output(query: ExportQuery, sql: str, name: str) -> str:
+    """An output column; in a formula-safe export each value is text, and one that a
+    spreadsheet would run is written after a quote (`'=1+2`), as OWASP advises."""
+    if not query.formula_safe:
+        return sql if sql == quote_ident(name) else f"{sql} AS {quote_ident(name)}"
+    text = f"({sql})::text"
+    return (f"CASE WHEN left({text}, 1) IN ({_FORMULA_STARTS}) THEN '''' || {text}"
+            f" ELSE {text} END AS {quote_ident(name)}")
 
 
 def select_sql(query: ExportQuery) -> str:
     ds = query.dataset
     columns = ([_item(query, i) for i in query.items] if query.items
-               else [quote_ident(c.name) for c in query.columns])
+               else [_output(query, quote_ident(c.name), c.name) for c in query.columns])
     parts = [
         "SELECT " + ", ".join(columns),
         f"FROM {quote_ident(ds.schema)}.{quote_ident(ds.name)}",

@@ -40,6 +40,21 @@ class Unsatisfiable(Exception):
     """No range in the header overlaps the file: 416 with `Content-Range: bytes */SIZE`."""
 
 
+def recorded(header: str | None, max_ranges: int) -> str | None:
+    """The Range an audit row keeps: the byte ranges as parsed (`bytes=0-99,-500`), never
+    the header's own text, which a client could make a spreadsheet formula; None for
+    a header that asks for no range."""
+    if header is None:
+        return None
+    unit, eq, specs = header.partition("=")
+    items = [item.strip() for item in specs.split(",") if item.strip()]
+    if not eq or unit.strip().lower() != "bytes" or not items or len(items) > max_ranges:
+        return None
+    if any(_SPEC.fullmatch(item) is None for item in items):
+        return None
+    return ("bytes=" + ",".join(items))[:1000]
+
+
 def parse_range(header: str, size: int, max_ranges: int) -> list[ByteRange] | None:
     """The ranges to send, merged and in order; None means "send the whole file".
 

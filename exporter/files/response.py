@@ -216,10 +216,10 @@ async def start_audit(request: Request, st: State, principal: Principal, kind: s
                       target: str, format: str | None = None) -> Download:
     """The audit row of a download of a file (any served with respond_with_file) about to
     send its body: its range, client and principal."""
-    range_header = request.headers.get("range")
     client = request.client.host if request.client else None
     download = Download(kind, target, client, format=format,
-                        range=range_header[:1000] if range_header is not None else None,
+                        range=ranges.recorded(request.headers.get("range"),
+                                              st.settings.max_ranges),
                         principal=principal.label, link_expires=principal.link_expires)
     try:
         await st.audit.start(download)
