@@ -318,3 +318,15 @@ def test_every_type_in_pg_type_is_allowed_or_refused_never_a_5xx(
     assert app.get("/datasets/pgrst.csv?" + encoded("select=tags::text[],x:tags::_varchar")
                    ).status_code == 200  # arrays of ordinary types, by either name
     assert not [a for a in allowed if a.startswith("reg") or a in ("xml", "oid", "pg_lsn")]
+
+
+def test_fixed_width_casts_cannot_blow_up_a_row(app: InProcess) -> None:
+    """1,664 items `aN:id::char(9999)` made a 25 KB URL into 16.6 MB a row."""
+    wide = ",".join(f"a{i}:id::char(9999)" for i in range(1664))
+    for select in (wide, "id::char(1001)", ",".join(f"a{i}:word::bit(1000)" for i in range(11)),
+                   ",".join(f"a{i}:id::character(1000)" for i in range(11))):
+        r = app.get("/datasets/pgrst.csv?" + encoded(f"select={select}&id=lt.3"))
+        assert r.status_code == 400, r.text[:200]
+        assert r.json()["error"]["parameter"] == "select"
+    ok = app.get("/datasets/pgrst.csv?" + encoded("select=id::char(1000),w:id::char(5)&id=lt.3"))
+    assert ok.status_code == 200 and len(ok.content.splitlines()[1]) == 1000 + 1 + 5

@@ -331,6 +331,11 @@ CAST_TYPES = (
     "int4multirange", "int8multirange", "nummultirange", "datemultirange",
     "tsmultirange", "tstzmultirange",
 )
+# Types whose values a cast pads to their declared width, and how far it may: the output
+# of an export grows with its rows, not with the length of its URL.
+PADDED = ("bpchar", "character", "bit")
+MAX_PADDED_WIDTH = 1000
+MAX_PADDED_ROW = 10_000
 # The type a cast's words name, as PostgreSQL spells it (format_type(oid, -1) parses back
 # unmodified, as in the catalog), whether it is a pseudo-type, which holds no values, and
 # whether it (an array: its element) is one of CAST_TYPES or the exports schema's.
@@ -363,6 +368,7 @@ async def _resolve_casts(conn: AsyncConnection, query: ExportQuery) -> None:
         await conn.rollback()
         raise bad_parameter("select", f"a cast names no type: {postgres_message(error)}"
                             ) from None
+    padded = 0
     for cast, row in zip(casts, rows, strict=True):
         name, pseudo, allowed = row[0], row[1], row[2]
         if name is None:
@@ -376,6 +382,15 @@ async def _resolve_casts(conn: AsyncConnection, query: ExportQuery) -> None:
                                 " json, uuid, ...), an array of one, or a type of the"
                                 f" schema '{query.dataset.schema}'")
         _, modifier, array = cast_type(cast)
+        if name in PADDED and modifier:
+            # char(9999) writes 9,999 bytes whatever the value: a short URL would make
+            # megabytes of every row (docs/query.md, "Limits").
+            width = int(modifier.strip("()").split(",")[0])
+            padded += width * sum(1 for i in query.items if i.cast == cast)
+            if width > MAX_PADDED_WIDTH or padded > MAX_PADDED_ROW:
+                raise bad_parameter("select", f"casts to fixed-width types ({name}(n)) may"
+                                    f" pad at most {MAX_PADDED_WIDTH} characters a value"
+                                    f" and {MAX_PADDED_ROW} a row")
         query.types[cast] = f"{name}{modifier}{array}"
 
 
