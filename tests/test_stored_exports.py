@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Server, fetch, run_sql, wait_until
+from tests.support import Server, audited, fetch, run_sql, wait_until
 from tests.test_access import bearer, make_link, new_token
 
 CLOSED = {"EXPORTER_PUBLIC_DATASETS": "[]", "EXPORTER_PUBLIC_FILES": "[]"}
@@ -385,3 +385,39 @@ def test_cli_lists_and_deletes(server: Server, alice: str, database_url: str) ->
     assert "deleted" in exporter_cli("exports", "delete", m["id"], env=env).stdout
     assert httpx.get(server.url + f"/exports/{m['id']}", headers=bearer(alice)
                      ).status_code == 404
+
+
+def _file_rows(database_url: str, export_id: str, count: int = 1) -> list[dict[str, Any]]:
+    rows = audited(database_url, "kind = 'stored' AND target LIKE $1", f"{export_id} %",
+                   count=count)
+    return [{k: r[k] for k in ("kind", "status", "http_status", "bytes", "range")}
+            for r in rows]
+
+
+def test_a_stored_file_download_is_audited(server: Server, alice: str,
+                                           database_url: str) -> None:
+    m = finished(server, alice, "/datasets/orders.csv?order=id&limit=300")
+    whole = httpx.get(m["file_url"], headers=bearer(alice), timeout=30)
+    assert whole.status_code == 200 and len(whole.content) == m["bytes"]
+    assert _file_rows(database_url, m["id"]) == [
+        {"kind": "stored", "status": "complete", "http_status": 200, "bytes": m["bytes"],
+         "range": None}]
+    part = httpx.get(m["file_url"], headers={**bearer(alice), "Range": "bytes=100-"})
+    assert part.status_code == 206 and part.content == whole.content[100:]
+    assert _file_rows(database_url, m["id"], 2)[1:] == [
+        {"kind": "stored", "status": "complete", "http_status": 206,
+         "bytes": m["bytes"] - 100, "range": "bytes=100-"}]
+
+
+def test_a_resumed_download_is_audited(server: Server, alice: str, database_url: str) -> None:
+    url = server.url + "/datasets/orders.csv?order=id&limit=2000&amount=gt.-1"
+    auth = {**bearer(alice), "Accept-Encoding": "identity"}
+    first = httpx.get(url, headers=auth, timeout=30)
+    assert first.status_code == 200
+    copy_id = first.headers["etag"].strip('"')
+    rest = httpx.get(url, headers={**auth, "Range": "bytes=100-",
+                                   "If-Range": first.headers["etag"]}, timeout=30)
+    assert rest.status_code == 206 and rest.content == first.content[100:]
+    assert _file_rows(database_url, copy_id) == [
+        {"kind": "stored", "status": "complete", "http_status": 206,
+         "bytes": len(first.content) - 100, "range": "bytes=100-"}]
