@@ -73,7 +73,8 @@ def start(server: Server, token: str, url: str, **extra: Any) -> httpx.Response:
 def wait_done(server: Server, token: str, location: str, timeout: float = 60) -> httpx.Response:
     deadline = time.monotonic() + timeout
     while True:
-        r = httpx.get(server.url + location, headers=bearer(token), timeout=30)
+        r = httpx.get(server.url + location, headers=bearer(token) if token else {},
+                      timeout=30)
         if r.status_code != 202 or time.monotonic() > deadline:
             return r
         time.sleep(0.1)
@@ -296,8 +297,10 @@ def test_a_signed_link_to_the_file_and_polars(server: Server, alice: str, bob: s
     assert hashlib.sha256(whole).hexdigest() == m["sha256"]
     frame = pl.read_csv(link)
     assert frame.height == 1000 and frame["id"].to_list()[:3] == sorted(frame["id"])[:3]
-    # Bob's link to Alice's export leads nowhere.
-    assert httpx.get(make_link(server, bob, path)).status_code == 404
+    # Bob may not link Alice's export: 403, as for an id that does not exist.
+    for target in (path, f"/exports/{m['id']}", "/exports/AAAAAAAAAAAAAAAAAAAAAA/file"):
+        r = httpx.post(server.url + "/links", headers=bearer(bob), json={"url": target})
+        assert r.status_code == 403, (target, r.text)
 
 
 def test_quota(make_server: type[Server], alice: str, database_url: str,
@@ -421,3 +424,62 @@ def test_a_resumed_download_is_audited(server: Server, alice: str, database_url:
     assert _file_rows(database_url, copy_id) == [
         {"kind": "stored", "status": "complete", "http_status": 206,
          "bytes": len(first.content) - 100, "range": "bytes=100-"}]
+
+
+def test_a_stored_export_of_a_dataset_made_private_is_gone_for_anonymous(
+        make_server: type[Server], tmp_path: Path) -> None:
+    env = {**FAST, "EXPORTER_EXPORTS_DIR": str(tmp_path / "p"),
+           "EXPORTER_PUBLIC_DATASETS": '["orders"]', "EXPORTER_PUBLIC_FILES": "[]"}
+    with make_server(env) as s:
+        r = httpx.post(s.url + "/exports", json={"url": "/datasets/orders.csv?limit=10"})
+        assert r.status_code == 202, r.text
+        location = r.headers["location"]
+        done = wait_done(s, "", location)
+        assert done.status_code == 200, done.text
+        assert httpx.get(s.url + location + "/file").status_code == 200
+    # The same database and folder, orders no longer public (files still are: an
+    # anonymous client with some scope gets 404 for the id, as for one that is not there).
+    env.update({"EXPORTER_PUBLIC_DATASETS": "[]", "EXPORTER_PUBLIC_FILES": '["nested/"]'})
+    with make_server(env) as s:
+        for method, path in (("GET", location), ("GET", location + "/file"),
+                             ("HEAD", location + "/file"), ("DELETE", location)):
+            r = httpx.request(method, s.url + path)
+            assert r.status_code == 404, (method, path, r.status_code)
+        assert httpx.get(s.url + "/exports").json() == {"exports": []}
+    # Nothing public at all: credentials are asked for, whatever the id.
+    env["EXPORTER_PUBLIC_FILES"] = "[]"
+    with make_server(env) as s:
+        assert httpx.get(s.url + location + "/file").status_code == 401
+
+
+def test_a_narrowed_token_loses_its_stored_exports_copies_and_links(
+        server: Server, database_url: str) -> None:
+    name = f"narrowed-{os.urandom(3).hex()}"
+    token = new_token(database_url, name, "datasets:orders")
+    m = finished(server, token, "/datasets/orders.csv?order=id&limit=50")
+    url = server.url + "/datasets/orders.csv?order=id&limit=3000&amount=gt.-2"
+    auth = {**bearer(token), "Accept-Encoding": "identity"}
+    first = httpx.get(url, headers=auth, timeout=30)
+    copy = first.headers["content-location"]
+    link = make_link(server, token, m["file_url"].removeprefix(server.url))
+    assert httpx.get(link).status_code == 200
+    assert httpx.get(server.url + copy, headers=auth).status_code == 200
+    run_sql(database_url, f"UPDATE exporter.tokens SET scopes = '{{files:nested/}}'"
+            f" WHERE name = '{name}'")
+    # Each request asks the token's scopes as they are now.
+    for path in (f"/exports/{m['id']}", f"/exports/{m['id']}/file", copy):
+        assert httpx.get(server.url + path, headers=auth).status_code == 404, path
+    assert httpx.get(link).status_code == 404
+    resumed = httpx.get(url, headers={**auth, "Range": "bytes=100-",
+                                      "If-Range": first.headers["etag"]})
+    assert resumed.status_code == 403
+    for target in (f"/exports/{m['id']}/file", copy):
+        r = httpx.post(server.url + "/links", headers=bearer(token), json={"url": target})
+        assert r.status_code == 403, (target, r.text)
+    assert httpx.get(server.url + "/exports", headers=auth).json() == {"exports": []}
+    assert httpx.delete(server.url + f"/exports/{m['id']}", headers=auth).status_code == 404
+    # Given back its scope, it has them all again.
+    run_sql(database_url, f"UPDATE exporter.tokens SET scopes = '{{datasets:orders}}'"
+            f" WHERE name = '{name}'")
+    assert httpx.get(m["file_url"], headers=auth).status_code == 200
+    assert len(httpx.get(server.url + "/exports", headers=auth).json()["exports"]) == 2

@@ -53,7 +53,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
-from exporter.access.principal import Principal
+from exporter.access.principal import DATASETS, Principal
 from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.stored.storage import Storage
@@ -85,6 +85,19 @@ def owner_of(principal: Principal) -> str:
     if principal.token_id is not None:
         return f"token {principal.token_id}"
     return principal.limit_key
+
+
+def may_see(principal: Principal, owner: str, dataset: str) -> bool:
+    """Whether the principal may see a stored export: its own (or an admin), of a dataset
+    it may read now (a stored file never outlives the right to read its dataset)."""
+    if principal.is_admin:
+        return True
+    return owner == owner_of(principal) and principal.may_read_dataset(dataset)
+
+
+def readable_datasets(principal: Principal) -> list[str]:
+    """The datasets the principal's scopes name one by one (not `datasets:*`)."""
+    return sorted(s.removeprefix(DATASETS) for s in principal.scopes if s.startswith(DATASETS))
 
 
 class Stopped(Exception):
