@@ -483,3 +483,29 @@ def test_a_narrowed_token_loses_its_stored_exports_copies_and_links(
             f" WHERE name = '{name}'")
     assert httpx.get(m["file_url"], headers=auth).status_code == 200
     assert len(httpx.get(server.url + "/exports", headers=auth).json()["exports"]) == 2
+
+
+def test_listing_by_kind_keeps_prepared_exports_among_many_copies(
+        server: Server, database_url: str) -> None:
+    token = new_token(database_url, f"lister-{os.urandom(3).hex()}", "datasets:*")
+    prepared = finished(server, token, "/datasets/orders.csv?limit=5")
+    auth = {**bearer(token), "Accept-Encoding": "identity"}
+    for i in range(21):  # newer than it: resume copies of streamed downloads
+        r = httpx.get(f"{server.url}/datasets/orders.csv?limit={i + 1}", headers=auth)
+        assert r.status_code == 200 and "content-location" in r.headers
+
+    def listed(query: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{server.url}/exports?{query}", headers=auth)
+        assert r.status_code == 200, r.text
+        exports: list[dict[str, Any]] = r.json()["exports"]
+        return exports
+
+    assert [x["id"] for x in listed("kind=async&limit=20")] == [prepared["id"]]
+    copies = listed("kind=copy&limit=20")
+    assert len(copies) == 20 and {x["kind"] for x in copies} == {"streamed"}
+    assert listed("kind=streamed&limit=20") == copies
+    assert prepared["id"] not in [x["id"] for x in listed("limit=20")]  # newest first
+    for bad in ("bogus", "", "ASYNC", "async,copy"):
+        r = httpx.get(f"{server.url}/exports", params={"kind": bad}, headers=auth)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["parameter"] == "kind"
