@@ -99,7 +99,7 @@ class StoredService(StoredExports):
                        coding: Coding | None, url: str) -> Response:
         """Checks (400 for bad values, 507 when the quota is full, 429/503 over the
         caps), then 202 with the status URL; the export runs in the background."""
-        await self.check_quota()
+        await self.check_quota(principal)
         engine = st.export_engine
         estimated = await _check_and_estimate(engine, query, engine is st.replica)
         # Slots taken on a scope of the run's own, held until the run ends.
