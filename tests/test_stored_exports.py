@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import signal
 import subprocess
 import time
@@ -386,6 +387,13 @@ def test_cli_lists_and_deletes(server: Server, alice: str, database_url: str) ->
            "EXPORTER_EXPORTS_DIR": server.env["EXPORTER_EXPORTS_DIR"]}
     out = exporter_cli("exports", env=env).stdout
     assert m["id"] in out and "complete" in out
+    # What each kind holds, as the quota counts it.
+    held = {r["kind"]: r["n"] for r in fetch(
+        database_url, "SELECT kind, sum(bytes)::bigint AS n FROM exporter.stored_exports"
+        " WHERE status IN ('running', 'complete') GROUP BY kind")}
+    assert re.search(rf"^stored exports: \d+ holding {held.get('async', 0):,} bytes", out, re.M)
+    assert re.search(rf"^resume copies: \d+ holding {held.get('streamed', 0):,} bytes", out,
+                     re.M), out
     assert "deleted" in exporter_cli("exports", "delete", m["id"], env=env).stdout
     assert httpx.get(server.url + f"/exports/{m['id']}", headers=bearer(alice)
                      ).status_code == 404
@@ -510,3 +518,18 @@ def test_listing_by_kind_keeps_prepared_exports_among_many_copies(
         r = httpx.get(f"{server.url}/exports", params={"kind": bad}, headers=auth)
         assert r.status_code == 400, (bad, r.text)
         assert r.json()["error"]["parameter"] == "kind"
+
+
+def test_the_copy_of_a_download_sent_whole_is_kept_a_minute(server: Server, alice: str,
+                                                            database_url: str) -> None:
+    r = httpx.get(server.url + "/datasets/orders.csv?order=id&limit=100&amount=gt.-5",
+                  headers={**bearer(alice), "Accept-Encoding": "identity"})
+    assert r.status_code == 200
+    copy_id = r.headers["etag"].strip('"')
+    query = ("SELECT status, delivered, bytes, extract(epoch FROM expires - finished) AS kept"
+             " FROM exporter.stored_exports WHERE id = $1")
+    assert wait_until(lambda: fetch(database_url, query, copy_id)[0]["status"] == "complete", 20)
+    assert wait_until(lambda: fetch(database_url, query, copy_id)[0]["kept"] == 60, 10), \
+        fetch(database_url, query, copy_id)
+    row = fetch(database_url, query, copy_id)[0]
+    assert row["delivered"] == row["bytes"] == len(r.content)

@@ -15,6 +15,7 @@ from exporter.access.principal import Principal
 from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.state import State
+from exporter.stored.copies import StreamedCopies
 from exporter.stored.storage import PARTIAL, LocalStorage, LocalWriter
 from exporter.stored.store import (
     ASYNC,
@@ -305,3 +306,32 @@ def test_a_full_disk_costs_a_streamed_export_its_copy_never_its_download(
     copy_id = r.headers["etag"].strip('"')
     assert wait_until(lambda: row(database_url, copy_id).get("status") == "failed", 10)
     assert "could not be written" in str(row(database_url, copy_id)["error"])
+
+
+def test_a_copy_is_kept_long_only_while_its_download_is_cut(app: InProcess,
+                                                            database_url: str) -> None:
+    """EXPORTER_EXPORTS_RESUME_RETENTION (1h) for a copy whose response was cut,
+    EXPORTER_EXPORTS_RESUME_COMPLETE_RETENTION (1m) once one was sent whole."""
+    copies = app.state.copies
+    assert isinstance(copies, StreamedCopies)
+
+    async def copy(delivered: int) -> str:
+        writer = await begin(app.state)
+        await writer.write(b"x" * 1000)
+        await copies.record_delivered(writer.id, delivered)  # the response ended
+        await writer.finish(1, None)
+        await copies.keep_for_resuming(writer.id)
+        return str(writer.id)
+
+    def kept(copy_id: str) -> float:
+        rows = fetch(database_url, "SELECT extract(epoch FROM expires - finished) AS s"
+                     " FROM exporter.stored_exports WHERE id = $1", copy_id)
+        return float(rows[0]["s"])
+
+    cut, whole = app.run(copy(400)), app.run(copy(1000))
+    assert kept(cut) == 3600 and kept(whole) == 60
+    # A resume of the cut one that ran to the end: from now on kept briefly too.
+    app.run(copies.record_delivered(cut, 1000))
+    left = fetch(database_url, "SELECT extract(epoch FROM expires - now()) AS s"
+                 " FROM exporter.stored_exports WHERE id = $1", cut)[0]["s"]
+    assert 0 < float(left) <= 60
