@@ -24,6 +24,11 @@ by several exports together, reaches the writer. `writer.stopped` is an event se
 (and `on_stop`, if given to begin, called), so a runner waiting on the database rather
 than writing hears it too.
 
+The quota (EXPORTER_EXPORTS_MAX_BYTES) has two shares: one principal's stored exports
+(kind `async`, EXPORTER_EXPORTS_QUOTA_PER_PRINCIPAL) and the copies (kind `streamed`,
+EXPORTER_EXPORTS_RESUME_SHARE). Finished copies are the bytes least needed: whenever a
+writer needs room (`room`), they go first (those sent whole, then the oldest).
+
 Owners: a token's exports belong to its row ("token 42"), and so do those started
 through the signed links it made (a link works with its maker's rights, so it sees its
 maker's exports); an operator link (`exporter link`) is admin anyway; an anonymous
