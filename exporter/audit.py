@@ -13,6 +13,10 @@ started). `Download.id` is None until its row is written.
 If the database cannot be written, the rows stay queued and are retried; meanwhile
 `start` refuses new downloads (the caller answers 503, as before batching), and so it
 does when `max_pending` rows wait. At shutdown `close` writes what is left.
+
+A row the database refuses (a CHECK, a NUL byte) is dropped, not retried for ever: it
+would hold back every other row. That is an error someone must see: logged at ERROR,
+counted (`refused`), and /healthz says `degraded` for REFUSED_WINDOW seconds after it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ PROXIED = "proxied"
 FINISH_RETRIES = (0.5, 1.0, 2.0)
 FLUSH_INTERVAL = 0.05
 MAX_PENDING = 10_000
+# Seconds /healthz stays `degraded` after the database refused an audit row.
+REFUSED_WINDOW = 600.0
 
 _NEXT_IDS = sa.text(
     f"SELECT nextval(pg_get_serial_sequence('{APP_SCHEMA}.downloads', 'id')) AS id"
@@ -53,7 +59,7 @@ _NEXT_IDS = sa.text(
 class Download:
     """What is known of one download while it runs."""
 
-    kind: str  # export | file
+    kind: str  # export | file | stored
     target: str
     client: str | None
     format: str | None = None
@@ -107,10 +113,29 @@ class Audit:
         self._closing = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None  # of the last flush, if it failed
+        # Rows the database refused and that were dropped, since the process started.
+        self.refused = 0
+        self.last_refused: datetime | None = None
+        self.last_refused_error: str | None = None
+        self._last_refused_at: float | None = None  # monotonic
 
     @property
     def pending(self) -> int:
         return len(self._starts) + len(self._ends)
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the database refused a row within the last REFUSED_WINDOW seconds."""
+        return (self._last_refused_at is not None
+                and time.monotonic() - self._last_refused_at < REFUSED_WINDOW)
+
+    def _dropped(self, error: BaseException) -> None:
+        self.refused += 1
+        self.last_refused = datetime.now(UTC)
+        self.last_refused_error = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        self._last_refused_at = time.monotonic()
+        log.error("audit row refused by the database, dropped (%d since start): %s",
+                  self.refused, error)
 
     async def start(self, d: Download) -> None:
         """Queue the download's row; raises AuditUnavailable while rows cannot be written."""
@@ -210,7 +235,7 @@ class Audit:
             started = {id(d) for d in starts}
             units += [([], {key: end}) for key, end in ends.items() if key not in started]
             if len(units) == 1:
-                log.error("audit row refused by the database, dropped: %s", error)
+                self._dropped(error)
                 return
             for unit_starts, unit_ends in units:
                 try:

@@ -151,8 +151,15 @@ class Settings(BaseSettings):
     # answers for any stored export (docs/deploy.md).
     exports_dir: Path | None = None
     # Bytes all stored exports may take together, running ones included: a kick-off that
-    # finds it full gets 507, a running export that crosses it fails. 0: no quota.
+    # finds it full gets 507, a running export that crosses it fails. Copies of streamed
+    # exports (for resuming) are removed, oldest first, whenever an export needs room.
+    # 0: no quota (and no shares below).
     exports_max_bytes: int = Field(default=10 * 1024**3, ge=0)
+    # The share of exports_max_bytes one principal's stored exports (POST /exports) may
+    # hold together (a fraction: 0.25 of 10 GiB is 2.5 GiB), so that no principal fills
+    # the quota for everyone. A principal is what the download caps count by: a token
+    # with the links it made, an anonymous client's address. 1: no share of one's own.
+    exports_quota_per_principal: float = Field(default=0.25, gt=0, le=1)
     # How long a finished stored export (and its file) is kept: 90s, 15m, 24h, 7d.
     exports_retention: str = "24h"
     # Seconds between two runs of the clean-up (expired exports, partial files, orphans,
@@ -165,7 +172,14 @@ class Settings(BaseSettings):
     # be resumed with the same URL (`curl -C -`, `wget -c`); if the client leaves, the
     # copy is completed at COPY speed. Within the quota; kept this long.
     exports_resume: bool = True
+    # How long the copy of a download that was cut is kept (for `curl -C -`, `wget -c`),
+    # and that of a download sent whole (for a client that lost the end anyway).
     exports_resume_retention: str = "1h"
+    exports_resume_complete_retention: str = "1m"
+    # The share of exports_max_bytes the copies may hold together (a fraction): a copy
+    # that needs more removes the oldest (those of downloads sent whole first), and goes
+    # without a copy if that is not enough.
+    exports_resume_share: float = Field(default=0.5, gt=0, le=1)
     # Seconds the rest of a copy may take once its client left; past it the copy is
     # dropped (a download given up early on a huge export is not worth finishing).
     exports_resume_finish: float = Field(default=300.0, ge=0)
@@ -237,7 +251,8 @@ class Settings(BaseSettings):
                              " as /internal/ (starting and ending with /)")
         return value
 
-    @field_validator("exports_retention", "exports_resume_retention")
+    @field_validator("exports_retention", "exports_resume_retention",
+                     "exports_resume_complete_retention")
     @classmethod
     def _retention(cls, value: str, info: ValidationInfo) -> str:
         # The form of exporter/access/durations.py (which the core may not import); that

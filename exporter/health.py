@@ -1,5 +1,6 @@
-"""GET /healthz: is the database (and the read replica, if any) reachable, and is the
-server busy.
+"""GET /healthz: is the database (and the read replica, if any) reachable, is the
+server busy, and is every download audited (`degraded` for a while after the database
+refused an audit row: exporter/audit.py).
 
 The database is asked on a connection of its own, outside the pool. When every pool
 connection is taken (slow clients, a burst of exports), a probe that
@@ -99,6 +100,11 @@ async def report(st: State) -> JSONResponse:
     body["exports"] = {"active": exports.active, "max": exports.limit,
                        "waiting": exports.waiting}
     busy = busy or exports.active >= exports.limit
+    audit = st.audit
+    body["audit"] = {"pending": audit.pending, "refused": audit.refused}
+    if audit.last_refused is not None:
+        body["audit"].update(last_refused=audit.last_refused.isoformat(timespec="seconds"),
+                             last_refused_error=audit.last_refused_error)
     problem, replica_problem = await asyncio.gather(
         st.health.problem(),
         st.replica_health.problem() if st.replica_health else asyncio.sleep(0, None))
@@ -113,6 +119,12 @@ async def report(st: State) -> JSONResponse:
     # host sharing the replica out of service would stop those too. Exports answer 503.
     if replica_problem is not None:
         body["status"] = "degraded"
+    elif audit.refusing:
+        # Downloads go on, but some go unaudited: an operator must look (the log has
+        # each refused row at ERROR).
+        body["status"] = "degraded"
+        body["error"] = (f"the database refused {audit.refused} audit rows (the last at"
+                         f" {body['audit']['last_refused']}): see the log")
     elif busy:
         body["status"] = "busy"
     return JSONResponse(body)

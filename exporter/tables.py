@@ -13,7 +13,7 @@ downloads = sa.Table(
     "downloads",
     metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("kind", sa.Text, nullable=False),  # export | file
+    sa.Column("kind", sa.Text, nullable=False),  # export | file | stored (CHECK, 0009)
     sa.Column("target", sa.Text, nullable=False),  # dataset name or file path
     sa.Column("format", sa.Text),
     sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -205,3 +206,33 @@ def test_the_audit_trail_as_csv_runs_no_formula(
     listed = httpx.get(f"{s.url}/downloads?id=gt.{before}&kind=eq.file&order=id",
                        headers=auth).json()
     assert [r["client"] for r in listed][1:len(FORMULAS)] == FORMULAS[1:]
+def test_a_refused_audit_row_is_an_error_healthz_shows(
+    make_server: type[Server], database_url: str, tmp_path: Path
+) -> None:
+    """The database refusing a row (here a CHECK added for one file name, as 0001's refused
+    every stored file's row) drops it: logged at ERROR, counted, /healthz degraded."""
+    name = f"refused-{uuid.uuid4().hex[:8]}.txt"
+    (tmp_path / name).write_bytes(b"unaudited\n")
+    (tmp_path / "fine.txt").write_bytes(b"audited\n")
+    s = make_server({"EXPORTER_FILES_ROOT": str(tmp_path)}).start()
+    health = httpx.get(s.url + "/healthz").json()
+    assert health["status"] == "ok" and health["audit"] == {"pending": 0, "refused": 0}
+    run_sql(database_url, "ALTER TABLE exporter.downloads ADD CONSTRAINT test_refused"
+            f" CHECK (target <> '{name}') NOT VALID")
+    try:
+        assert httpx.get(f"{s.url}/files/{name}").content == b"unaudited\n"
+        assert wait_until(lambda: httpx.get(s.url + "/healthz").json()["audit"]["refused"]
+                          == 1, 15)
+    finally:
+        run_sql(database_url, "ALTER TABLE exporter.downloads DROP CONSTRAINT test_refused")
+    r = httpx.get(s.url + "/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "degraded"
+    assert "refused 1 audit rows" in r.json()["error"]
+    assert "test_refused" in r.json()["audit"]["last_refused_error"]
+    assert not fetch(database_url, "SELECT 1 FROM exporter.downloads WHERE target = $1", name)
+    log = s.log_path.read_text()
+    assert re.search(r" ERROR .*audit row refused by the database, dropped", log)
+    # The other downloads are still written.
+    assert httpx.get(f"{s.url}/files/fine.txt").content == b"audited\n"
+    assert wait_until(lambda: fetch(database_url, "SELECT 1 FROM exporter.downloads"
+                                    " WHERE target = 'fine.txt' AND status = 'complete'"), 15)

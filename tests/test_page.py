@@ -325,6 +325,14 @@ def test_prepared_download_shows_progress_then_the_file(
     assert wait_until(lambda: re.search(r"[1-9][\d,]* rows \(\d+%\)", item.inner_text())
                       is not None, 20), item.inner_text()
     shot(page, tmp_path, "preparing")
+    # Resume copies of the same principal's streamed downloads, newer than it, do not
+    # push it off the page's list.
+    server, token = site
+    for i in range(21):
+        r = httpx.get(f"{server.url}/datasets/orders.csv?limit={i + 1}", timeout=30,
+                      headers={"Authorization": f"Bearer {token}",
+                               "Accept-Encoding": "identity"})
+        assert r.status_code == 200 and "content-location" in r.headers
     # A reload lists it again, from GET /exports.
     page.reload()
     item = page.locator("#prepared li.prepared-item").first

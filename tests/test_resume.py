@@ -321,7 +321,8 @@ def test_copies_make_room_for_stored_exports_and_stay_refused_for_resuming(
     size = len(_whole(server.url + path))
     # Room for exactly two copies of it. The quota is the database's (every server shares
     # it): what earlier tests stored is removed first, by an admin, once it is finished.
-    s = make_server({"EXPORTER_EXPORTS_MAX_BYTES": str(2 * size)}).start()
+    s = make_server({"EXPORTER_EXPORTS_MAX_BYTES": str(2 * size),
+                     "EXPORTER_EXPORTS_RESUME_SHARE": "1"}).start()
     admin = {"Authorization": "Bearer " + new_token(
         database_url, f"resume-admin-{uuid.uuid4().hex[:8]}", "admin")}
     running = "SELECT count(*) AS n FROM exporter.stored_exports WHERE status = 'running'"

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import signal
 import subprocess
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Server, fetch, run_sql, wait_until
+from tests.support import Server, audited, fetch, run_sql, wait_until
 from tests.test_access import bearer, make_link, new_token
 
 CLOSED = {"EXPORTER_PUBLIC_DATASETS": "[]", "EXPORTER_PUBLIC_FILES": "[]"}
@@ -73,7 +74,8 @@ def start(server: Server, token: str, url: str, **extra: Any) -> httpx.Response:
 def wait_done(server: Server, token: str, location: str, timeout: float = 60) -> httpx.Response:
     deadline = time.monotonic() + timeout
     while True:
-        r = httpx.get(server.url + location, headers=bearer(token), timeout=30)
+        r = httpx.get(server.url + location, headers=bearer(token) if token else {},
+                      timeout=30)
         if r.status_code != 202 or time.monotonic() > deadline:
             return r
         time.sleep(0.1)
@@ -296,8 +298,10 @@ def test_a_signed_link_to_the_file_and_polars(server: Server, alice: str, bob: s
     assert hashlib.sha256(whole).hexdigest() == m["sha256"]
     frame = pl.read_csv(link)
     assert frame.height == 1000 and frame["id"].to_list()[:3] == sorted(frame["id"])[:3]
-    # Bob's link to Alice's export leads nowhere.
-    assert httpx.get(make_link(server, bob, path)).status_code == 404
+    # Bob may not link Alice's export: 403, as for an id that does not exist.
+    for target in (path, f"/exports/{m['id']}", "/exports/AAAAAAAAAAAAAAAAAAAAAA/file"):
+        r = httpx.post(server.url + "/links", headers=bearer(bob), json={"url": target})
+        assert r.status_code == 403, (target, r.text)
 
 
 def test_quota(make_server: type[Server], alice: str, database_url: str,
@@ -309,7 +313,8 @@ def test_quota(make_server: type[Server], alice: str, database_url: str,
     kept = fetch(database_url, "SELECT coalesce(sum(bytes), 0)::bigint AS n FROM"
                  " exporter.stored_exports WHERE status IN ('running', 'complete')"
                  " AND kind <> 'streamed'")[0]["n"]
-    env = {**CLOSED, **FAST, "EXPORTER_EXPORTS_DIR": str(tmp_path / "q")}
+    env = {**CLOSED, **FAST, "EXPORTER_EXPORTS_DIR": str(tmp_path / "q"),
+           "EXPORTER_EXPORTS_QUOTA_PER_PRINCIPAL": "1"}
     with make_server({**env, "EXPORTER_EXPORTS_MAX_BYTES": str(used + 300_000)}) as s:
         big = start(s, alice, "/datasets/orders.csv")  # about 4 MB: crosses it
         failed = wait_done(s, alice, big.headers["location"])
@@ -382,6 +387,149 @@ def test_cli_lists_and_deletes(server: Server, alice: str, database_url: str) ->
            "EXPORTER_EXPORTS_DIR": server.env["EXPORTER_EXPORTS_DIR"]}
     out = exporter_cli("exports", env=env).stdout
     assert m["id"] in out and "complete" in out
+    # What each kind holds, as the quota counts it.
+    held = {r["kind"]: r["n"] for r in fetch(
+        database_url, "SELECT kind, sum(bytes)::bigint AS n FROM exporter.stored_exports"
+        " WHERE status IN ('running', 'complete') GROUP BY kind")}
+    assert re.search(rf"^stored exports: \d+ holding {held.get('async', 0):,} bytes", out, re.M)
+    assert re.search(rf"^resume copies: \d+ holding {held.get('streamed', 0):,} bytes", out,
+                     re.M), out
     assert "deleted" in exporter_cli("exports", "delete", m["id"], env=env).stdout
     assert httpx.get(server.url + f"/exports/{m['id']}", headers=bearer(alice)
                      ).status_code == 404
+
+
+def _file_rows(database_url: str, export_id: str, count: int = 1) -> list[dict[str, Any]]:
+    rows = audited(database_url, "kind = 'stored' AND target LIKE $1", f"{export_id} %",
+                   count=count)
+    return [{k: r[k] for k in ("kind", "status", "http_status", "bytes", "range")}
+            for r in rows]
+
+
+def test_a_stored_file_download_is_audited(server: Server, alice: str,
+                                           database_url: str) -> None:
+    m = finished(server, alice, "/datasets/orders.csv?order=id&limit=300")
+    whole = httpx.get(m["file_url"], headers=bearer(alice), timeout=30)
+    assert whole.status_code == 200 and len(whole.content) == m["bytes"]
+    assert _file_rows(database_url, m["id"]) == [
+        {"kind": "stored", "status": "complete", "http_status": 200, "bytes": m["bytes"],
+         "range": None}]
+    part = httpx.get(m["file_url"], headers={**bearer(alice), "Range": "bytes=100-"})
+    assert part.status_code == 206 and part.content == whole.content[100:]
+    assert _file_rows(database_url, m["id"], 2)[1:] == [
+        {"kind": "stored", "status": "complete", "http_status": 206,
+         "bytes": m["bytes"] - 100, "range": "bytes=100-"}]
+
+
+def test_a_resumed_download_is_audited(server: Server, alice: str, database_url: str) -> None:
+    url = server.url + "/datasets/orders.csv?order=id&limit=2000&amount=gt.-1"
+    auth = {**bearer(alice), "Accept-Encoding": "identity"}
+    first = httpx.get(url, headers=auth, timeout=30)
+    assert first.status_code == 200
+    copy_id = first.headers["etag"].strip('"')
+    rest = httpx.get(url, headers={**auth, "Range": "bytes=100-",
+                                   "If-Range": first.headers["etag"]}, timeout=30)
+    assert rest.status_code == 206 and rest.content == first.content[100:]
+    assert _file_rows(database_url, copy_id) == [
+        {"kind": "stored", "status": "complete", "http_status": 206,
+         "bytes": len(first.content) - 100, "range": "bytes=100-"}]
+
+
+def test_a_stored_export_of_a_dataset_made_private_is_gone_for_anonymous(
+        make_server: type[Server], tmp_path: Path) -> None:
+    env = {**FAST, "EXPORTER_EXPORTS_DIR": str(tmp_path / "p"),
+           "EXPORTER_PUBLIC_DATASETS": '["orders"]', "EXPORTER_PUBLIC_FILES": "[]"}
+    with make_server(env) as s:
+        r = httpx.post(s.url + "/exports", json={"url": "/datasets/orders.csv?limit=10"})
+        assert r.status_code == 202, r.text
+        location = r.headers["location"]
+        done = wait_done(s, "", location)
+        assert done.status_code == 200, done.text
+        assert httpx.get(s.url + location + "/file").status_code == 200
+    # The same database and folder, orders no longer public (files still are: an
+    # anonymous client with some scope gets 404 for the id, as for one that is not there).
+    env.update({"EXPORTER_PUBLIC_DATASETS": "[]", "EXPORTER_PUBLIC_FILES": '["nested/"]'})
+    with make_server(env) as s:
+        for method, path in (("GET", location), ("GET", location + "/file"),
+                             ("HEAD", location + "/file"), ("DELETE", location)):
+            r = httpx.request(method, s.url + path)
+            assert r.status_code == 404, (method, path, r.status_code)
+        assert httpx.get(s.url + "/exports").json() == {"exports": []}
+    # Nothing public at all: credentials are asked for, whatever the id.
+    env["EXPORTER_PUBLIC_FILES"] = "[]"
+    with make_server(env) as s:
+        assert httpx.get(s.url + location + "/file").status_code == 401
+
+
+def test_a_narrowed_token_loses_its_stored_exports_copies_and_links(
+        server: Server, database_url: str) -> None:
+    name = f"narrowed-{os.urandom(3).hex()}"
+    token = new_token(database_url, name, "datasets:orders")
+    m = finished(server, token, "/datasets/orders.csv?order=id&limit=50")
+    url = server.url + "/datasets/orders.csv?order=id&limit=3000&amount=gt.-2"
+    auth = {**bearer(token), "Accept-Encoding": "identity"}
+    first = httpx.get(url, headers=auth, timeout=30)
+    copy = first.headers["content-location"]
+    link = make_link(server, token, m["file_url"].removeprefix(server.url))
+    assert httpx.get(link).status_code == 200
+    assert httpx.get(server.url + copy, headers=auth).status_code == 200
+    run_sql(database_url, f"UPDATE exporter.tokens SET scopes = '{{files:nested/}}'"
+            f" WHERE name = '{name}'")
+    # Each request asks the token's scopes as they are now.
+    for path in (f"/exports/{m['id']}", f"/exports/{m['id']}/file", copy):
+        assert httpx.get(server.url + path, headers=auth).status_code == 404, path
+    assert httpx.get(link).status_code == 404
+    resumed = httpx.get(url, headers={**auth, "Range": "bytes=100-",
+                                      "If-Range": first.headers["etag"]})
+    assert resumed.status_code == 403
+    for target in (f"/exports/{m['id']}/file", copy):
+        r = httpx.post(server.url + "/links", headers=bearer(token), json={"url": target})
+        assert r.status_code == 403, (target, r.text)
+    assert httpx.get(server.url + "/exports", headers=auth).json() == {"exports": []}
+    assert httpx.delete(server.url + f"/exports/{m['id']}", headers=auth).status_code == 404
+    # Given back its scope, it has them all again.
+    run_sql(database_url, f"UPDATE exporter.tokens SET scopes = '{{datasets:orders}}'"
+            f" WHERE name = '{name}'")
+    assert httpx.get(m["file_url"], headers=auth).status_code == 200
+    assert len(httpx.get(server.url + "/exports", headers=auth).json()["exports"]) == 2
+
+
+def test_listing_by_kind_keeps_prepared_exports_among_many_copies(
+        server: Server, database_url: str) -> None:
+    token = new_token(database_url, f"lister-{os.urandom(3).hex()}", "datasets:*")
+    prepared = finished(server, token, "/datasets/orders.csv?limit=5")
+    auth = {**bearer(token), "Accept-Encoding": "identity"}
+    for i in range(21):  # newer than it: resume copies of streamed downloads
+        r = httpx.get(f"{server.url}/datasets/orders.csv?limit={i + 1}", headers=auth)
+        assert r.status_code == 200 and "content-location" in r.headers
+
+    def listed(query: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{server.url}/exports?{query}", headers=auth)
+        assert r.status_code == 200, r.text
+        exports: list[dict[str, Any]] = r.json()["exports"]
+        return exports
+
+    assert [x["id"] for x in listed("kind=async&limit=20")] == [prepared["id"]]
+    copies = listed("kind=copy&limit=20")
+    assert len(copies) == 20 and {x["kind"] for x in copies} == {"streamed"}
+    assert listed("kind=streamed&limit=20") == copies
+    assert prepared["id"] not in [x["id"] for x in listed("limit=20")]  # newest first
+    for bad in ("bogus", "", "ASYNC", "async,copy"):
+        r = httpx.get(f"{server.url}/exports", params={"kind": bad}, headers=auth)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["parameter"] == "kind"
+
+
+def test_the_copy_of_a_download_sent_whole_is_kept_a_minute(server: Server, alice: str,
+                                                            database_url: str) -> None:
+    r = httpx.get(server.url + "/datasets/orders.csv?order=id&limit=100&amount=gt.-5",
+                  headers={**bearer(alice), "Accept-Encoding": "identity"})
+    assert r.status_code == 200
+    copy_id = r.headers["etag"].strip('"')
+    query = ("SELECT status, delivered, bytes, extract(epoch FROM expires - finished) AS kept"
+             " FROM exporter.stored_exports WHERE id = $1")
+    assert wait_until(lambda: fetch(database_url, query, copy_id)[0]["status"] == "complete", 20)
+    assert wait_until(lambda: fetch(database_url, query, copy_id)[0]["kept"] == 60, 10), \
+        fetch(database_url, query, copy_id)
+    row = fetch(database_url, query, copy_id)[0]
+    assert row["delivered"] == row["bytes"] == len(r.content)

@@ -15,11 +15,15 @@ from exporter.access.principal import Principal
 from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.state import State
+from exporter.stored.copies import StreamedCopies
 from exporter.stored.storage import PARTIAL, LocalStorage, LocalWriter
 from exporter.stored.store import (
     ASYNC,
+    COPIES_EXCEEDED,
+    EVICTED,
     QUOTA_EXCEEDED,
     SERVER_STOPPED,
+    SHARE_EXCEEDED,
     STREAMED,
     Stopped,
     owner_of,
@@ -32,14 +36,29 @@ ALICE = Principal("token", "alice", frozenset({"datasets:*"}), limit_key="token 
 
 
 @pytest.fixture
-def app(database_url: str, files_root: Path, tmp_path: Path) -> Iterator[InProcess]:
+def app(database_url: str, files_root: Path, tmp_path: Path,
+        request: pytest.FixtureRequest) -> Iterator[InProcess]:
+    """The quota 1,000,000 bytes; the shares (a principal's, the copies') all of it unless
+    the test is parametrized with {"share": f, "copies": f}."""
     settings = Settings(database_url=database_url, files_root=files_root,
                         exports_dir=tmp_path / "exports", exports_progress_interval=0.1,
-                        exports_max_bytes=1_000_000, exports_cleanup_interval=3600)
+                        exports_max_bytes=1_000_000, exports_cleanup_interval=3600,
+                        exports_quota_per_principal=getattr(request, "param", {}).get(
+                            "share", 1.0),
+                        exports_resume_share=getattr(request, "param", {}).get(
+                            "copies", 1.0))
     run_sql(database_url, "DELETE FROM exporter.stored_exports")
     with InProcess(settings) as running:
         yield running
     run_sql(database_url, "DELETE FROM exporter.stored_exports")
+
+
+BOB = Principal("token", "bob", frozenset({"datasets:*"}), limit_key="token bob #8", token_id=8)
+# A link Alice made: her share too.
+LINK = Principal("link", "alice", frozenset({"datasets:*"}), limit_key="token alice #7",
+                 token_id=7)
+ANONYMOUS = Principal("anonymous", "10.0.0.9", frozenset({"datasets:orders"}),
+                      limit_key="anonymous 10.0.0.9")
 
 
 def begin(st: State, principal: Principal = ALICE,  # type: ignore[no-untyped-def]
@@ -157,6 +176,71 @@ def test_copies_of_streamed_exports_make_room_oldest_first(app: InProcess,
     assert "make room" in str(row(database_url, ids[0])["error"])
 
 
+async def _stored(st: State, size: int, principal: Principal = ALICE,
+                  kind: str = ASYNC) -> str:
+    writer = await begin(st, principal, kind=kind)
+    await writer.write(b"x" * size)
+    await writer.finish(1, None)
+    return str(writer.id)
+
+
+@pytest.mark.parametrize("app", [{"share": 0.3}], indirect=True)
+def test_one_principal_cannot_fill_the_quota_for_everyone(app: InProcess) -> None:
+    async def go(st: State) -> None:
+        await _stored(st, 300_000)  # Alice's whole share
+        for principal in (ALICE, LINK):
+            with pytest.raises(ApiError) as refused:
+                await begin(st, principal, kind=ASYNC)
+            assert refused.value.status == 507 and "share" in refused.value.message
+        # Others still have theirs; a running export crossing its share stops.
+        await _stored(st, 250_000, BOB)
+        second = await begin(st, BOB, kind=ASYNC)
+        with pytest.raises(Stopped):
+            await second.write(b"x" * 60_000)
+        assert second.reason == SHARE_EXCEEDED
+        await second.fail(second.reason or "")
+        await _stored(st, 300_000, ANONYMOUS)
+        # A copy is nobody's share: Alice's streamed downloads still keep theirs.
+        await _stored(st, 100_000, ALICE, STREAMED)
+
+    app.call(go)
+
+
+def test_copies_make_room_whenever_a_stored_export_needs_it(app: InProcess,
+                                                             database_url: str) -> None:
+    """The quota is not full (1,000 bytes left) when a 3 KB export starts: the copy goes
+    as soon as the export needs its room, not only once usage reaches the cap."""
+    async def go(st: State) -> tuple[str, str]:
+        copy = await _stored(st, 999_000, kind=STREAMED)
+        return copy, await _stored(st, 3_000, BOB)
+
+    copy, export = app.call(go)
+    assert row(database_url, export)["status"] == "complete"
+    assert row(database_url, export)["bytes"] == 3_000
+    assert row(database_url, copy)["status"] == "failed"
+    assert row(database_url, copy)["error"] == EVICTED
+
+
+@pytest.mark.parametrize("app", [{"copies": 0.5}], indirect=True)
+def test_copies_hold_their_share_at_most_oldest_first(app: InProcess,
+                                                      database_url: str) -> None:
+    async def go(st: State) -> list[str]:
+        ids = [await _stored(st, 200_000, kind=STREAMED) for _ in range(2)]
+        ids.append(await _stored(st, 250_000, BOB, STREAMED))  # the oldest goes
+        too_big = await begin(st)
+        with pytest.raises(Stopped):
+            await too_big.write(b"x" * 600_000)
+        assert too_big.reason == COPIES_EXCEEDED
+        await too_big.fail(too_big.reason or "")
+        ids.append(await _stored(st, 400_000, BOB))  # stored exports: beyond that share
+        return ids
+
+    ids = app.call(go)
+    assert [row(database_url, i)["status"] for i in ids] == [
+        "failed", "complete", "complete", "complete"]
+    assert row(database_url, ids[0])["error"] == EVICTED
+
+
 def test_clean_up(app: InProcess, database_url: str, tmp_path: Path) -> None:
     async def go(st: State) -> tuple[str, str, str]:
         done = await begin(st)
@@ -222,3 +306,32 @@ def test_a_full_disk_costs_a_streamed_export_its_copy_never_its_download(
     copy_id = r.headers["etag"].strip('"')
     assert wait_until(lambda: row(database_url, copy_id).get("status") == "failed", 10)
     assert "could not be written" in str(row(database_url, copy_id)["error"])
+
+
+def test_a_copy_is_kept_long_only_while_its_download_is_cut(app: InProcess,
+                                                            database_url: str) -> None:
+    """EXPORTER_EXPORTS_RESUME_RETENTION (1h) for a copy whose response was cut,
+    EXPORTER_EXPORTS_RESUME_COMPLETE_RETENTION (1m) once one was sent whole."""
+    copies = app.state.copies
+    assert isinstance(copies, StreamedCopies)
+
+    async def copy(delivered: int) -> str:
+        writer = await begin(app.state)
+        await writer.write(b"x" * 1000)
+        await copies.record_delivered(writer.id, delivered)  # the response ended
+        await writer.finish(1, None)
+        await copies.keep_for_resuming(writer.id)
+        return str(writer.id)
+
+    def kept(copy_id: str) -> float:
+        rows = fetch(database_url, "SELECT extract(epoch FROM expires - finished) AS s"
+                     " FROM exporter.stored_exports WHERE id = $1", copy_id)
+        return float(rows[0]["s"])
+
+    cut, whole = app.run(copy(400)), app.run(copy(1000))
+    assert kept(cut) == 3600 and kept(whole) == 60
+    # A resume of the cut one that ran to the end: from now on kept briefly too.
+    app.run(copies.record_delivered(cut, 1000))
+    left = fetch(database_url, "SELECT extract(epoch FROM expires - now()) AS s"
+                 " FROM exporter.stored_exports WHERE id = $1", cut)[0]["s"]
+    assert 0 < float(left) <= 60

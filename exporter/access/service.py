@@ -34,6 +34,15 @@ def may_link(principal: Principal, path: str) -> bool:
     return path.startswith("/exports/")
 
 
+async def _may_link_export(st: State, principal: Principal, path: str) -> bool:
+    """A stored export (/exports/ID, /exports/ID/file) is linked only if its maker may see
+    it now: its own, of a dataset it may still read. Absent or not: the same 403."""
+    parts = path.split("/")
+    if len(parts) not in (3, 4) or parts[1] != "exports" or parts[3:] not in ([], ["file"]):
+        return True
+    return st.stored is None or await st.stored.visible(principal, parts[2])
+
+
 async def create_link(st: State, principal: Principal, raw_body: bytes, netloc: str,
                       base_url: str) -> dict[str, str]:
     """POST /links: `{"url": path, "expires_in": duration}` signed for `principal`, as
@@ -64,7 +73,7 @@ async def create_link(st: State, principal: Principal, raw_body: bytes, netloc: 
         raise bad_parameter("url", "links point at this server: give the path")
     # A path as the listings give it carries EXPORTER_ROOT_PATH; links sign the rest.
     path = strip_root(url.path, st.settings.root_path)
-    if not may_link(principal, path):
+    if not may_link(principal, path) or not await _may_link_export(st, principal, path):
         raise ApiError(403, f"{principal.label} may not download {path}")
     expires_at = datetime.now(UTC) + lifetime
     try:

@@ -1,4 +1,5 @@
-"""`exporter exports`: the stored exports, newest first; `exporter exports delete ID`."""
+"""`exporter exports`: the stored exports, newest first, then the bytes each kind holds
+against the quota; `exporter exports delete ID`."""
 
 from __future__ import annotations
 
@@ -24,21 +25,37 @@ def listing(
     if ctx.invoked_subcommand is not None:
         return
     settings = start()
-    query = sa.select(t.c.id, t.c.owner, t.c.principal, t.c.status, t.c.dataset, t.c.rows,
-                      t.c.bytes, t.c.created, t.c.expires).order_by(
+    query = sa.select(t.c.id, t.c.kind, t.c.owner, t.c.principal, t.c.status, t.c.dataset,
+                      t.c.rows, t.c.bytes, t.c.created, t.c.expires).order_by(
                           t.c.created.desc()).limit(limit)
+    # What the storage holds (running and complete), by kind: what counts against the quota.
+    held = (sa.select(t.c.kind, sa.func.count(), sa.func.coalesce(sa.func.sum(t.c.bytes), 0))
+            .where(t.c.status.in_(("running", "complete"))).group_by(t.c.kind))
 
-    async def read(engine: AsyncEngine) -> list[Any]:
+    async def read(engine: AsyncEngine) -> tuple[list[Any], dict[str, tuple[int, int]]]:
         async with engine.connect() as conn:
-            return list((await conn.execute(query)).all())
+            rows = list((await conn.execute(query)).all())
+            kinds = {str(k): (int(n), int(b)) for k, n, b in await conn.execute(held)}
+            return rows, kinds
 
-    rows = with_engine(settings, "exports", read)
+    rows, kinds = with_engine(settings, "exports", read)
     print_table(
-        ["id", "owner", "principal", "status", "dataset", "rows", "bytes", "created",
+        ["id", "kind", "owner", "principal", "status", "dataset", "rows", "bytes", "created",
          "expires"],
-        [[r.id, r.owner, r.principal, r.status, r.dataset, r.rows, r.bytes, when(r.created),
-          when(r.expires) if r.expires else "-"] for r in rows],
+        [[r.id, "copy" if r.kind == "streamed" else r.kind, r.owner, r.principal, r.status,
+          r.dataset, r.rows, r.bytes, when(r.created), when(r.expires) if r.expires else "-"]
+         for r in rows],
     )
+    cap = settings.exports_max_bytes
+    print()
+    for kind, label, share in (("async", "stored exports", settings.exports_quota_per_principal),
+                               ("streamed", "resume copies", settings.exports_resume_share)):
+        count, size = kinds.get(kind, (0, 0))
+        limit_text = (f" (share: {int(cap * share):,} bytes"
+                      f"{' per principal' if kind == 'async' else ''})") if cap else ""
+        print(f"{label}: {count} holding {size:,} bytes{limit_text}")
+    total = sum(size for _, size in kinds.values())
+    print(f"quota: {total:,} of {cap:,} bytes used" if cap else f"no quota: {total:,} bytes")
 
 
 @exports.command("delete", help="remove a stored export and its file (a running one is"

@@ -108,7 +108,9 @@ class StreamedCopies:
 
     def __init__(self, service: StoredService) -> None:
         self._service = service
-        self._retention = parse_duration(service.settings.exports_resume_retention)
+        settings = service.settings
+        self._retention = parse_duration(settings.exports_resume_retention)
+        self._whole_retention = parse_duration(settings.exports_resume_complete_retention)
 
     async def begin(self, principal: Principal, *, url: str, dataset: str,
                     format: str, content_type: str, filename: str,
@@ -126,22 +128,30 @@ class StreamedCopies:
         return f"{request.scope.get('root_path', '')}/exports/{copy.id}/file"
 
     async def record_delivered(self, copy_id: str, delivered: int) -> None:
+        most = sa.func.greatest(sa.func.coalesce(t.c.delivered, 0), delivered)
+        # Sent whole at last (a resume that ran to the end): kept only briefly from now.
+        brief = sa.func.least(t.c.expires, sa.func.now() + self._whole_retention)
         try:
             async with self._service.engine.begin() as conn:
                 await conn.execute(
                     sa.update(t).where(t.c.id == copy_id)
-                    .values(delivered=sa.func.greatest(sa.func.coalesce(t.c.delivered, 0),
-                                                       delivered)))
+                    .values(delivered=most, expires=sa.case(
+                        ((t.c.status == COMPLETE) & (most >= t.c.bytes), brief),
+                        else_=t.c.expires)))
         except Exception as error:
             # Without it the copy is not offered for a resume: a 200, never a splice.
             log.warning("copy %s: could not record how far its response got: %s",
                         copy_id, error)
 
     async def keep_for_resuming(self, copy_id: str) -> None:
+        """A cut download's copy is kept EXPORTER_EXPORTS_RESUME_RETENTION; that of one
+        sent whole (no resume is likely) EXPORTER_EXPORTS_RESUME_COMPLETE_RETENTION."""
+        whole = sa.func.coalesce(t.c.delivered, 0) >= t.c.bytes
         with contextlib.suppress(Exception):
             async with self._service.engine.begin() as conn:
-                await conn.execute(sa.update(t).where(t.c.id == copy_id)
-                                   .values(expires=t.c.finished + self._retention))
+                await conn.execute(sa.update(t).where(t.c.id == copy_id).values(
+                    expires=t.c.finished + sa.case((whole, self._whole_retention),
+                                                   else_=self._retention)))
 
     # --- resuming --------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.access.openapi import SIGNED_LINK
-from exporter.openapi import header
+from exporter.openapi import header, query
 
 START: dict[str, Any] = {
     "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -19,11 +19,19 @@ START: dict[str, Any] = {
         }}}}},
 }
 
+LISTING: dict[str, Any] = {"parameters": [
+    query("limit", "at most this many, newest first (1 to 1000, default 100)",
+          {"type": "integer", "minimum": 1, "maximum": 1000}),
+    query("kind", "async: prepared exports only; copy: the copies streamed exports keep"
+          " for resuming (kind streamed in the answer); absent: both",
+          {"type": "string", "enum": ["async", "copy", "streamed"]}),
+]}
 STATUS: dict[str, Any] = {"responses": {
     "202": {"description": "running: progress (rows, bytes, estimated_rows, percent)"},
     "200": {"description": "complete: the manifest (rows, bytes, sha256, file_url, expires)"},
     "410": {"description": "failed or cancelled: the error says why"},
-    "404": {"description": "no such export (or someone else's)"},
+    "404": {"description": "no such export, someone else's, or one of a dataset the caller"
+                           " may no longer read"},
 }}
 
 FILE: dict[str, Any] = {"parameters": [

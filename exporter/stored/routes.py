@@ -16,7 +16,7 @@ async def start(request: Request, st: StateDep, principal: PrincipalDep) -> Resp
     return await service.start(request, st, principal)
 
 
-@router.get("/exports")
+@router.get("/exports", openapi_extra=openapi.LISTING)
 async def listing(request: Request, st: StateDep, principal: PrincipalDep) -> Response:
     return await service.listing(request, st, principal)
 

@@ -10,7 +10,9 @@ streamed export does while its client reads.
 
 Status codes of GET /exports/{id}: 202 while it runs (with progress), 200 with the
 manifest once complete, 410 once failed or cancelled (the body says which and why: it
-will never have a file). Someone else's id, or one that does not exist: 404 alike.
+will never have a file). Someone else's id, one that does not exist, or one of a dataset
+the caller may no longer read (checked at each request, with the token's scopes and the
+public datasets as they are now): 404 alike.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from starlette.types import Scope
 
 from exporter.access.limits import release_now
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
-from exporter.access.principal import ANONYMOUS, Principal
+from exporter.access.principal import ALL_DATASETS, ANONYMOUS, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, by_name, compressed, level_of
 from exporter.config import Settings
@@ -53,10 +55,13 @@ from exporter.stored.store import (
     CANCELLED,
     COMPLETE,
     RUNNING,
+    STREAMED,
     Stopped,
     StoredExports,
     Writer,
+    may_see,
     owner_of,
+    readable_datasets,
 )
 from exporter.streaming import ClientLeft
 from exporter.tables import stored_exports as t
@@ -70,6 +75,8 @@ SHUTDOWN = "the server shut down while it ran"
 # open for it (a streamed export gives up after EXPORTER_STATEMENT_TIMEOUT).
 FIRST_ROW_WAIT = 7 * 86400.0
 DEFAULT_LIST = 100
+# GET /exports?kind=: the names a client asks by, and the rows' kinds.
+KINDS = {ASYNC: ASYNC, "copy": STREAMED, STREAMED: STREAMED}
 MAX_LIST = 1000
 MAX_BODY = 64 * 1024
 
@@ -91,7 +98,7 @@ class StoredService(StoredExports):
         caps), then 202 with the status URL; the export runs in the background."""
         principal, dataset, query = req.principal, req.dataset, req.query
         renderer, coding, url = req.renderer, req.representation.file_coding, req.url
-        await self.check_quota()
+        await self.check_quota(principal)
         engine = st.export_engine
         estimated = await _check_and_estimate(engine, query, engine is st.replica)
         # Slots taken on a scope of the run's own, held until the run ends.
@@ -198,9 +205,20 @@ class StoredService(StoredExports):
                 row = (await conn.execute(sa.select(t).where(t.c.id == export_id))).first()
         except DATABASE_ERRORS as error:
             raise unavailable(error) from error
-        if row is None or not (principal.is_admin or row.owner == owner_of(principal)):
+        if row is None or not may_see(principal, row.owner, row.dataset):
             raise ApiError(404, "no such export")
         return row
+
+    async def visible(self, principal: Principal, export_id: str) -> bool:
+        """Whether the principal may see the export now (POST /links asks, before it signs
+        a link to it)."""
+        try:
+            await self._row(principal, export_id)
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
 
     async def status(self, request: Request, principal: Principal, export_id: str) -> Response:
         row = await self._row(principal, export_id)
@@ -221,9 +239,17 @@ class StoredService(StoredExports):
         if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw[:6]) <= MAX_LIST \
                 or len(raw) > 6:
             raise bad_parameter("limit", f"limit must be between 1 and {MAX_LIST}")
+        kind = request.query_params.get("kind")
         select = sa.select(t).order_by(t.c.created.desc(), t.c.id).limit(int(raw))
+        if kind is not None:
+            if kind not in KINDS:
+                raise bad_parameter("kind", "kind is async (stored exports) or copy (the"
+                                    " copies streamed exports keep for resuming)")
+            select = select.where(t.c.kind == KINDS[kind])
         if not principal.is_admin:
             select = select.where(t.c.owner == owner_of(principal))
+            if ALL_DATASETS not in principal.scopes:
+                select = select.where(t.c.dataset.in_(readable_datasets(principal)))
         try:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(select)).all()

@@ -24,6 +24,11 @@ by several exports together, reaches the writer. `writer.stopped` is an event se
 (and `on_stop`, if given to begin, called), so a runner waiting on the database rather
 than writing hears it too.
 
+The quota (EXPORTER_EXPORTS_MAX_BYTES) has two shares: one principal's stored exports
+(kind `async`, EXPORTER_EXPORTS_QUOTA_PER_PRINCIPAL) and the copies (kind `streamed`,
+EXPORTER_EXPORTS_RESUME_SHARE). Finished copies are the bytes least needed: whenever a
+writer needs room (`room`), they go first (those sent whole, then the oldest).
+
 Owners: a token's exports belong to its row ("token 42"), and so do those started
 through the signed links it made (a link works with its maker's rights, so it sees its
 maker's exports); an operator link (`exporter link`) is admin anyway; an anonymous
@@ -53,7 +58,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
-from exporter.access.principal import Principal
+from exporter.access.principal import DATASETS, Principal
 from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.stored.storage import Storage
@@ -66,6 +71,10 @@ RUNNING, COMPLETE, FAILED, CANCELLED = "running", "complete", "failed", "cancell
 # A running export whose heartbeat is older than this many progress intervals is dead.
 STALE_BEATS = 5
 QUOTA_EXCEEDED = "the export exceeds the storage quota (EXPORTER_EXPORTS_MAX_BYTES)"
+SHARE_EXCEEDED = ("the export exceeds its principal's share of the storage quota"
+                  " (EXPORTER_EXPORTS_QUOTA_PER_PRINCIPAL)")
+COPIES_EXCEEDED = ("the copy exceeds the copies' share of the storage quota"
+                   " (EXPORTER_EXPORTS_RESUME_SHARE)")
 SERVER_STOPPED = "the server stopped while it ran"
 EVICTED = "removed to make room in the storage quota (a copy kept only for resuming)"
 # What counts against the quota: every file there is or is being written.
@@ -87,15 +96,48 @@ def owner_of(principal: Principal) -> str:
     return principal.limit_key
 
 
+def may_see(principal: Principal, owner: str, dataset: str) -> bool:
+    """Whether the principal may see a stored export: its own (or an admin), of a dataset
+    it may read now (a stored file never outlives the right to read its dataset)."""
+    if principal.is_admin:
+        return True
+    return owner == owner_of(principal) and principal.may_read_dataset(dataset)
+
+
+def readable_datasets(principal: Principal) -> list[str]:
+    """The datasets the principal's scopes name one by one (not `datasets:*`)."""
+    return sorted(s.removeprefix(DATASETS) for s in principal.scopes if s.startswith(DATASETS))
+
+
 class Stopped(Exception):
     """The export must stop: cancelled (DELETE), or over the storage quota."""
 
 
-def _used(exclude: str | None = None) -> sa.ScalarSelect[Any]:
-    where: list[sa.ColumnElement[bool]] = [t.c.status.in_(_HOLDING)]
-    if exclude is not None:
-        where.append(t.c.id != exclude)
-    return sa.select(sa.func.coalesce(sa.func.sum(t.c.bytes), 0)).where(*where).scalar_subquery()
+class QuotaFull(Exception):
+    """No room for the bytes an export needs, even once the copies that may go are gone."""
+
+
+@dataclass
+class Usage:
+    """Bytes the stored exports hold (running and complete), but one of them."""
+
+    total: int
+    copies: int  # kind streamed
+    mine: int  # kind async, of the one's owner
+    evictable: int  # finished copies
+
+
+def _usage(exclude: str | None, owner: str) -> sa.Select[Any]:
+    holding = t.c.status.in_(_HOLDING)
+    where = [holding] if exclude is None else [holding, t.c.id != exclude]
+
+    def total(*only: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+        summed = sa.func.sum(t.c.bytes)
+        return sa.func.coalesce(summed.filter(*only) if only else summed, 0)
+
+    return sa.select(total(), total(t.c.kind == STREAMED),
+                     total(t.c.kind == ASYNC, t.c.owner == owner),
+                     total(t.c.kind == STREAMED, t.c.status == COMPLETE)).where(*where)
 
 
 class StoredExports:
@@ -111,49 +153,102 @@ class StoredExports:
 
     # --- writing -----------------------------------------------------------------------
 
-    async def check_quota(self) -> int:
-        """507 if the stored exports already fill the quota; the bytes they hold."""
+    @property
+    def share(self) -> int:
+        """Bytes one principal's stored exports (kind async) may hold together."""
+        s = self.settings
+        return int(s.exports_max_bytes * s.exports_quota_per_principal)
+
+    @property
+    def copies_share(self) -> int:
+        """Bytes the copies of streamed exports may hold together."""
+        s = self.settings
+        return int(s.exports_max_bytes * s.exports_resume_share)
+
+    async def room(self, export_id: str | None, kind: str, owner: str, needed: int
+                   ) -> int | None:
+        """The bytes the export may reach, at least `needed`: room is made by removing
+        copies of streamed exports (oldest first) whenever an export needs it, not only
+        once the quota is full. QuotaFull if there is none; None: no quota."""
         cap = self.settings.exports_max_bytes
         if not cap:
-            return 0
+            return None
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(_usage(export_id, owner))).one()
+        used = Usage(*(int(value) for value in row))
+        # Nothing is removed for an export that would not fit even then.
+        if needed > cap - (used.total - used.evictable):
+            raise QuotaFull(QUOTA_EXCEEDED)
+        own = self.share - used.mine
+        if kind == ASYNC and needed > own:
+            # Copies are not the principal's to give back: another principal's stored
+            # exports are what this share protects.
+            raise QuotaFull(SHARE_EXCEEDED)
+        if kind == STREAMED and needed > self.copies_share - (used.copies - used.evictable):
+            raise QuotaFull(COPIES_EXCEEDED)
+        short = needed - (cap - used.total)
+        if kind == STREAMED:
+            short = max(short, needed - (self.copies_share - used.copies))
+        if short > 0:
+            freed = await self._evict_copies(short, export_id)
+            used.total -= freed
+            used.copies -= freed
+        room = cap - used.total
+        room = min(room, own) if kind == ASYNC else min(room, self.copies_share - used.copies)
+        if needed > room:
+            raise QuotaFull(QUOTA_EXCEEDED if cap - used.total < needed else COPIES_EXCEEDED)
+        return room
+
+    async def check_quota(self, principal: Principal, kind: str = ASYNC) -> int | None:
+        """507 if there is no room for a new export of `principal` (its share, or the
+        whole quota once copies made what room they could); the room it has."""
         try:
-            async with self.engine.connect() as conn:
-                used = int(await conn.scalar(sa.select(_used())) or 0)
-            if used >= cap:
-                used -= await self._evict_copies(used - cap + 1)
+            return await self.room(None, kind, owner_of(principal), 1)
         except DATABASE_ERRORS as error:
             raise unavailable(error) from error
-        if used >= cap:
-            raise ApiError(507, f"the stored exports fill their quota ({used} of {cap} bytes,"
+        except QuotaFull as full:
+            cap = self.settings.exports_max_bytes
+            if str(full) == SHARE_EXCEEDED:
+                raise ApiError(507, f"your stored exports fill your share of the quota"
+                               f" ({self.share} of {cap} bytes,"
+                               " EXPORTER_EXPORTS_QUOTA_PER_PRINCIPAL): delete some, or"
+                               " wait for older ones to expire") from None
+            raise ApiError(507, f"the stored exports fill their quota ({cap} bytes,"
                            " EXPORTER_EXPORTS_MAX_BYTES): delete some, or wait for older"
-                           " ones to expire")
-        return used
+                           " ones to expire") from None
 
-    async def _evict_copies(self, need: int) -> int:
-        """Make room: remove the oldest finished copies of streamed exports (kept only in
-        case a download is resumed, the least needed bytes here) until `need` bytes are
-        freed; how many were. Their rows stay, failed, so that a resume never takes
-        another copy for one that is gone (exporter/stored/copies.py)."""
+    async def _evict_copies(self, need: int, exclude: str | None = None) -> int:
+        """Make room: remove finished copies of streamed exports (kept only in case a
+        download is resumed, the least needed bytes here), those of downloads sent whole
+        first, then the oldest, until `need` bytes are freed; how many were. Their rows
+        stay, failed, so that a resume never takes another copy for one that is gone
+        (exporter/stored/copies.py)."""
+        whole = sa.case((t.c.delivered >= t.c.bytes, 0), else_=1)
+        where = [t.c.kind == STREAMED, t.c.status == COMPLETE]
+        if exclude is not None:
+            where.append(t.c.id != exclude)
         async with self.engine.begin() as conn:
             rows = (await conn.execute(
-                sa.select(t.c.id, t.c.storage_key, t.c.bytes)
-                .where(t.c.kind == STREAMED, t.c.status == COMPLETE)
-                .order_by(t.c.finished).limit(1000))).all()
-            chosen, freed = [], 0
+                sa.select(t.c.id, t.c.bytes).where(*where)
+                .order_by(whole, t.c.finished).limit(1000))).all()
+            chosen, planned = [], 0
             for row in rows:
-                if freed >= need:
+                if planned >= need:
                     break
-                chosen.append(row)
-                freed += int(row.bytes)
+                chosen.append(row.id)
+                planned += int(row.bytes)
             if not chosen:
                 return 0
-            await conn.execute(
-                sa.update(t).where(t.c.id.in_([r.id for r in chosen]), t.c.status == COMPLETE)
-                .values(status=FAILED, error=EVICTED))
-        for row in chosen:
-            await self.storage.delete(row.storage_key)
+            # Another process may have taken some meanwhile: count what this one did.
+            gone = (await conn.execute(
+                sa.update(t).where(t.c.id.in_(chosen), t.c.status == COMPLETE)
+                .values(status=FAILED, error=EVICTED)
+                .returning(t.c.storage_key, t.c.bytes))).all()
+        for key, _ in gone:
+            await self.storage.delete(key)
+        freed = sum(int(size) for _, size in gone)
         log.info("removed %d copies of streamed exports (%d bytes) to make room",
-                 len(chosen), freed)
+                 len(gone), freed)
         return freed
 
     async def begin(self, principal: Principal, *, url: str, dataset: str, format: str,
@@ -161,7 +256,7 @@ class StoredExports:
                     estimated_rows: int | None = None,
                     on_stop: Callable[[str], None] | None = None) -> Writer:
         """A new running export and its writer; 507 when the quota is full."""
-        used = await self.check_quota()
+        room = await self.check_quota(principal, kind)
         export_id = new_id()
         try:
             async with self.engine.begin() as conn:
@@ -182,8 +277,8 @@ class StoredExports:
                 raise ApiError(503, "the export storage cannot be written now",
                                headers={"Retry-After": "5"}) from error
             raise
-        writer = Writer(self, export_id, out, on_stop)
-        writer.room = self.settings.exports_max_bytes - used
+        writer = Writer(self, export_id, out, on_stop, kind=kind, owner=owner_of(principal))
+        writer.room = room
         writer.start()
         return writer
 
@@ -267,17 +362,12 @@ class StoredExports:
                 await self._cleanup
 
 
-@dataclass
-class _Beat:
-    status: str | None
-    others: int
-
-
 class Writer:
     """Fills one stored export (see the module's docstring)."""
 
     def __init__(self, store: StoredExports, export_id: str, out: Any,
-                 on_stop: Callable[[str], None] | None) -> None:
+                 on_stop: Callable[[str], None] | None, *, kind: str = ASYNC,
+                 owner: str = "") -> None:
         self.id = export_id
         self.bytes = 0
         self.rows = 0
@@ -287,9 +377,10 @@ class Writer:
         self._out = out
         self._on_stop = on_stop
         self._hash = hashlib.sha256()
-        cap = store.settings.exports_max_bytes
-        self._cap = cap
-        # Bytes it may reach, as of its start or its last beat (the others' grow too).
+        self._kind = kind
+        self._owner = owner
+        # Bytes it may reach, as of its start, its last beat (the others' grow too) or
+        # the last room made for it; None: no quota.
         self.room: int | None = None
         self._beating: asyncio.Task[None] | None = None
         self._done_beating = asyncio.Event()
@@ -309,9 +400,10 @@ class Writer:
     async def write(self, chunk: bytes) -> None:
         if self.stopped.is_set():
             raise Stopped(self.reason)
-        if self._cap and self.room is not None and self.bytes + len(chunk) > self.room:
-            self._stop(QUOTA_EXCEEDED)
-            raise Stopped(self.reason)
+        if self.room is not None and self.bytes + len(chunk) > self.room:
+            await self._make_room(self.bytes + len(chunk))
+            if self.stopped.is_set():
+                raise Stopped(self.reason)
         # Both release the GIL on large buffers: the second core does the work.
         await asyncio.gather(self._out.write(chunk),
                              asyncio.to_thread(self._hash.update, chunk))
@@ -321,32 +413,41 @@ class Writer:
         """Rows so far; the next beat writes them (at most one update per interval)."""
         self.rows = rows
 
-    async def _beat(self) -> _Beat:
+    async def _make_room(self, needed: int) -> None:
+        """Room for `needed` bytes (copies go first), or stopped: over the quota."""
+        try:
+            self.room = await self._store.room(self.id, self._kind, self._owner, needed)
+        except QuotaFull as full:
+            self._stop(str(full))
+        except DATABASE_ERRORS as error:
+            self._stop(f"the storage quota could not be checked: {error}")
+
+    async def _beat(self) -> str | None:
         async with self._store.engine.begin() as conn:
-            row = (await conn.execute(
+            status = await conn.scalar(
                 sa.update(t).where(t.c.id == self.id)
                 .values(rows=self.rows, bytes=self.bytes, heartbeat=sa.func.now())
-                .returning(t.c.status, _used(self.id)))).first()
-        if row is None:
-            return _Beat(None, 0)
-        return _Beat(str(row[0]), int(row[1] or 0))
+                .returning(t.c.status))
+        return None if status is None else str(status)
 
     async def _beat_regularly(self) -> None:
         while True:
             try:
-                beat = await asyncio.wait_for(self._beat(), self._store.interval * 5)
+                status = await asyncio.wait_for(self._beat(), self._store.interval * 5)
+                if status == RUNNING and self.room is not None:
+                    # The others' bytes as they are now (several exports together may
+                    # cross the quota): room made again, or stopped.
+                    await asyncio.wait_for(self._make_room(self.bytes),
+                                           self._store.interval * 5)
             except (TimeoutError, *DATABASE_ERRORS) as error:
                 log.warning("stored export %s: could not write its progress: %s", self.id, error)
             else:
-                if beat.status != RUNNING:
-                    self._stop("cancelled" if beat.status in (CANCELLED, None)
-                               else f"marked {beat.status} meanwhile")
+                if status != RUNNING:
+                    self._stop("cancelled" if status in (CANCELLED, None)
+                               else f"marked {status} meanwhile")
                     return
-                if self._cap:
-                    self.room = self._cap - beat.others
-                    if self.bytes > self.room:
-                        self._stop(QUOTA_EXCEEDED)
-                        return
+                if self.stopped.is_set():
+                    return
             # Woken early when the writer ends: it then returns between two beats.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._done_beating.wait(), self._store.interval)

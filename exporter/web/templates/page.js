@@ -391,13 +391,13 @@
     if (!list) return;
     let r;
     try {
-      r = await fetch(`${data.root}/exports?limit=20`, { cache: "no-store" });
+      // Prepared downloads only: streamed exports' copies (kind "streamed") are the
+      // resume machinery's, and would fill the page.
+      r = await fetch(`${data.root}/exports?kind=async&limit=20`, { cache: "no-store" });
     } catch (e) { return; }
     if (!r.ok) return;
     const body = await r.json();
-    // Streamed exports' copies (kind "streamed") are the resume machinery's, not
-    // something a person prepared.
-    body.exports.filter((x) => x.kind === "async").forEach((x) => {
+    body.exports.forEach((x) => {
       show(x, true);
       if (x.status === "running") watch(x.status_url);
     });
