@@ -239,8 +239,6 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         del response.headers["content-length"]  # GET streams its body chunked
         if answer is not None:
             response.headers.update(answer.headers)
-        if st.copies is not None and explicit is None and coding is None and items is None:
-            response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
         return response
 
     if items is None and request.headers.get("range") is not None and st.copies is not None:
@@ -248,6 +246,9 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
         resumed = await st.copies.resume(request, principal)
         if resumed is not None:
+            # Served from the copy, yet this URL still answers an arbitrary range with the
+            # whole export (only a proven continuation is a 206): no promise of ranges.
+            resumed.headers["Accept-Ranges"] = "none"
             return resumed
 
     try:
@@ -330,9 +331,11 @@ async def _copy_headers(request: Request, copies: Copies, principal: Principal,
         return {}
     job.attach(copy, lambda: keep_releases(request.scope))
     # A strong validator of exactly these bytes (the copy's), so that If-Range can ask
-    # for the rest of them; where they can be fetched whole, later and by range.
-    return {"ETag": f'"{copy.id}"', "Content-Location": copies.location(request, copy),
-            "Accept-Ranges": "bytes"}
+    # for the rest of them; where they can be fetched whole, later and by range. No
+    # `Accept-Ranges: bytes` here: this URL serves a range only as a proven continuation
+    # (README "Resuming a broken download"), and clients that trust the header (DuckDB)
+    # would read any other range's 200 as a broken answer; the copy's own URL says bytes.
+    return {"ETag": f'"{copy.id}"', "Content-Location": copies.location(request, copy)}
 
 
 async def _audit_dataset(st: State) -> Dataset:
