@@ -13,9 +13,11 @@ import asyncpg
 import httpx
 import pytest
 
+from exporter.exports.names import query_tag
 from tests.support import Server, asyncpg_dsn, fetch, psql, run_sql, wait_until
 
 CSV_TYPE = "text/csv; charset=utf-8; header=present"
+IDENTITY = {"Accept-Encoding": "identity"}
 
 
 def get(server: Server, path: str, **kwargs: object) -> httpx.Response:
@@ -170,10 +172,40 @@ def test_a_view_created_later_is_served_without_restart(server: Server, database
 
 
 def test_content_disposition_names_dataset_and_snapshot_time(server: Server) -> None:
-    r = get(server, "/datasets/orders.ndjson?limit=1")
+    r = get(server, "/datasets/orders.ndjson")
     assert re.fullmatch(
         r'attachment; filename="orders-\d{8}T\d{6}Z\.ndjson"', r.headers["content-disposition"]
     )
+    # A query adds what tells it apart: 8 hex digits of its hash (exporter/exports/names.py),
+    # on HEAD too; a signed link's own parameters are no part of it.
+    tag = query_tag("limit=1")
+    for r in (get(server, "/datasets/orders.ndjson?limit=1"),
+              httpx.head(server.url + "/datasets/orders.ndjson?limit=1")):
+        assert re.fullmatch(rf'attachment; filename="orders-\d{{8}}T\d{{6}}Z-{tag}\.ndjson"',
+                            r.headers["content-disposition"])
+
+
+@pytest.mark.needs("curl")
+def test_curl_parallel_keeps_eight_filtered_exports_started_together(
+    server: Server, tmp_path: Path
+) -> None:
+    """Eight filtered exports of one dataset at once, saved by the names the server gives:
+    eight files, each with its own URL's bytes (all eight once had one name: curl kept one
+    and failed seven with exit 23)."""
+    queries = [f"id=lt.{200 * n}&order=id" for n in range(1, 9)]
+    urls = [f"{server.url}/datasets/orders.csv?{q}" for q in queries]
+    done = subprocess.run(["curl", "-fsS", "--parallel", "--parallel-max", "8",
+                           "--remote-name-all", "-J", *urls],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(saved) == 8, sorted(saved)
+    for query, url in zip(queries, urls, strict=True):
+        (name,) = [n for n in saved if n.endswith(f"-{query_tag(query)}.csv")]
+        assert re.fullmatch(r"orders-\d{8}T\d{6}Z-[0-9a-f]{8}\.csv", name)
+        expected = get(server, url.removeprefix(server.url), headers=IDENTITY).content
+        assert saved[name] == expected
+    assert len(set(saved.values())) == 8
 
 
 def test_non_ascii_dataset_name(server: Server, database_url: str) -> None:
@@ -186,9 +218,6 @@ def test_non_ascii_dataset_name(server: Server, database_url: str) -> None:
         r"filename\*=UTF-8''ventes_%C3%A9t%C3%A9-\d{8}T\d{6}Z\.csv",
         cd,
     ), cd
-
-
-IDENTITY = {"Accept-Encoding": "identity"}
 
 
 def ranges_as_promised(url: str, headers: dict[str, str]) -> httpx.Headers:

@@ -18,7 +18,8 @@ from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, database_e
 from exporter.exports import cursor, pages, renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
-from exporter.exports.export import Export, filename, source_name
+from exporter.exports.export import Export, source_name
+from exporter.exports.names import filename, recorded_query
 from exporter.exports.query import ExportQuery, Order, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
@@ -232,7 +233,8 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         response = Response(
             status_code=answer.status if answer else 200,
             headers=export_headers(
-                request, renderer, filename(dataset.name, renderer, datetime.now(UTC)),
+                request, renderer, filename(dataset.name, renderer, datetime.now(UTC),
+                                            recorded_query(recorded_url(request))),
                 explicit=explicit, coding=coding,
             )
         )
@@ -263,7 +265,8 @@ async def export_response(request: Request, st: State, principal: Principal, dat
                         format=renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
     job = Export(engine, st.audit, st.settings, query, renderer, download,
-                 replica=engine is st.replica, window=window)
+                 replica=engine is st.replica, window=window,
+                 url_query=recorded_query(recorded_url(request)))
     try:
         await unless_disconnected(job.open(), request.receive)
     except ClientLeft:

@@ -40,7 +40,8 @@ from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
 from exporter.exports import cursor, sql
 from exporter.exports.catalog import Dataset
-from exporter.exports.export import Export, filename, source_name
+from exporter.exports.export import Export, source_name
+from exporter.exports.names import filename, recorded_query
 from exporter.exports.pages import planned_count
 from exporter.exports.query import ExportQuery, parse
 from exporter.exports.renderers import Renderer
@@ -110,7 +111,7 @@ class StoredService(StoredExports):
         try:
             at = datetime.now(UTC)
             extension = f".{coding.extension}" if coding else ""
-            name = filename(dataset.name, renderer, at) + extension
+            name = filename(dataset.name, renderer, at, recorded_query(url)) + extension
             content_type = coding.media_type if coding else renderer.content_type
             run: list[asyncio.Task[None]] = []
             writer = await self.begin(
