@@ -2,15 +2,7 @@
 respond-async` on an export URL), run it in the background, answer for its status,
 list, cancel or remove it, and serve its file.
 
-An export runs the exports' own COPY (exporter/exports/export.py, the same snapshot,
-checks and audit row as a streamed one), optionally compressed, into the storage; its
-snapshot and pool connection are let go when the COPY ends, whoever downloads the file
-later. While it runs it holds its principal's download slot and an export slot, as a
-streamed export does while its client reads.
-
-Status codes of GET /exports/{id}: 202 while it runs (with progress), 200 with the
-manifest once complete, 410 once failed or cancelled (the body says which and why: it
-will never have a file). Someone else's id, or one that does not exist: 404 alike.
+Why it works this way: docs/internals.md, section `stored/service.py`.
 """
 
 from __future__ import annotations
