@@ -30,8 +30,21 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Inside the package, so that a wheel carries them (alembic.ini at the top points here too).
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def _migrations() -> Path:
+    """Alembic's folder: in an installed wheel, `exporter/migrations` (pyproject.toml maps
+    the checkout's top-level folder there); in a checkout, `migrations/` beside the
+    package and alembic.ini. The package's own comes first: a folder beside an installed
+    package would be another distribution's."""
+    package = Path(__file__).resolve().parent
+    installed = package / "migrations"
+    if (installed / "env.py").is_file():
+        return installed
+    return package.parent / "migrations"
+
+
+MIGRATIONS = _migrations()
 
 # SQLSTATEs of a refused connection: classes 08 (connection exception), 28 (bad
 # authorisation) and 3D (no such database), too many clients, and the server starting

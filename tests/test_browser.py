@@ -290,7 +290,7 @@ def test_web_app_on_another_origin_fetches_with_a_token(
     export = grab("/datasets/orders.csv?limit=5", token)
     expected = httpx.get(server.url + "/datasets/orders.csv?limit=5", headers=bearer(token))
     assert export["status"] == 200 and export["text"] == expected.text
-    assert re.fullmatch(r'attachment; filename="orders-\d{8}T\d{6}Z\.csv"',
+    assert re.fullmatch(r'attachment; filename="orders-\d{8}T\d{6}Z-[0-9a-f]{8}\.csv"',
                         export["headers"]["content-disposition"])
 
     readme = (files_root / "README.txt").read_bytes()

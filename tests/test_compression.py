@@ -26,6 +26,7 @@ import zstandard
 from exporter import compression
 from exporter.compression import GZIP, ZSTD, Coding, coded_etag, compressed, negotiate
 from exporter.config import Settings
+from exporter.exports.filenames import query_tag
 from tests.inprocess import InProcess
 from tests.support import (
     Server,
@@ -304,7 +305,8 @@ def test_explicit_urls_are_files_in_that_coding(app: InProcess, suffix: str, med
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == media_type
     assert "content-encoding" not in r.headers  # the body is the file, not a coding of it
-    assert re.fullmatch(rf'attachment; filename="orders-\d{{8}}T\d{{6}}Z{re.escape(suffix)}"',
+    assert re.fullmatch(rf'attachment; filename="orders-\d{{8}}T\d{{6}}Z-{query_tag("limit=300")}'
+                        rf'{re.escape(suffix)}"',
                         r.headers["content-disposition"]), r.headers["content-disposition"]
     plain = path.replace(suffix, suffix.rsplit(".", 1)[0])
     assert decode(coding, r.content) == _identity(app, plain)

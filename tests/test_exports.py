@@ -13,9 +13,11 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support import Server, asyncpg_dsn, fetch, psql, run_sql
+from exporter.exports.filenames import query_tag
+from tests.support import Server, asyncpg_dsn, fetch, psql, run_sql, wait_until
 
 CSV_TYPE = "text/csv; charset=utf-8; header=present"
+IDENTITY = {"Accept-Encoding": "identity"}
 
 
 def get(server: Server, path: str, **kwargs: object) -> httpx.Response:
@@ -170,10 +172,40 @@ def test_a_view_created_later_is_served_without_restart(server: Server, database
 
 
 def test_content_disposition_names_dataset_and_snapshot_time(server: Server) -> None:
-    r = get(server, "/datasets/orders.ndjson?limit=1")
+    r = get(server, "/datasets/orders.ndjson")
     assert re.fullmatch(
         r'attachment; filename="orders-\d{8}T\d{6}Z\.ndjson"', r.headers["content-disposition"]
     )
+    # A query adds what tells it apart: 8 hex digits of its hash (exporter/exports/filenames.py),
+    # on HEAD too; a signed link's own parameters are no part of it.
+    tag = query_tag("limit=1")
+    for r in (get(server, "/datasets/orders.ndjson?limit=1"),
+              httpx.head(server.url + "/datasets/orders.ndjson?limit=1")):
+        assert re.fullmatch(rf'attachment; filename="orders-\d{{8}}T\d{{6}}Z-{tag}\.ndjson"',
+                            r.headers["content-disposition"])
+
+
+@pytest.mark.needs("curl")
+def test_curl_parallel_keeps_eight_filtered_exports_started_together(
+    server: Server, tmp_path: Path
+) -> None:
+    """Eight filtered exports of one dataset at once, saved by the names the server gives:
+    eight files, each with its own URL's bytes (all eight once had one name: curl kept one
+    and failed seven with exit 23)."""
+    queries = [f"id=lt.{200 * n}&order=id" for n in range(1, 9)]
+    urls = [f"{server.url}/datasets/orders.csv?{q}" for q in queries]
+    done = subprocess.run(["curl", "-fsS", "--parallel", "--parallel-max", "8",
+                           "--remote-name-all", "-J", *urls],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(saved) == 8, sorted(saved)
+    for query, url in zip(queries, urls, strict=True):
+        (name,) = [n for n in saved if n.endswith(f"-{query_tag(query)}.csv")]
+        assert re.fullmatch(r"orders-\d{8}T\d{6}Z-[0-9a-f]{8}\.csv", name)
+        expected = get(server, url.removeprefix(server.url), headers=IDENTITY).content
+        assert saved[name] == expected
+    assert len(set(saved.values())) == 8
 
 
 def test_non_ascii_dataset_name(server: Server, database_url: str) -> None:
@@ -186,6 +218,49 @@ def test_non_ascii_dataset_name(server: Server, database_url: str) -> None:
         r"filename\*=UTF-8''ventes_%C3%A9t%C3%A9-\d{8}T\d{6}Z\.csv",
         cd,
     ), cd
+
+
+def ranges_as_promised(url: str, headers: dict[str, str]) -> httpx.Headers:
+    """HEAD and GET `url`; where either says `Accept-Ranges: bytes`, `Range: bytes=0-99`
+    must get a 206 of exactly the GET's first 100 bytes (DuckDB's httpfs and other range
+    readers take the header at its word). The GET's headers."""
+    head = httpx.head(url, headers=headers, timeout=60)
+    whole = httpx.get(url, headers=headers, timeout=60)
+    assert head.status_code == whole.status_code == 200, (url, whole.text[:200])
+    said = {head.headers.get("accept-ranges", "none"), whole.headers.get("accept-ranges", "none")}
+    assert said <= {"bytes", "none"}, said
+    if "bytes" in said:
+        part = httpx.get(url, headers={**headers, "Range": "bytes=0-99"}, timeout=60)
+        assert part.status_code == 206, (url, part.status_code, said)
+        assert part.headers["content-range"].startswith("bytes 0-99/")
+        assert part.content == whole.content[:100]
+    return whole.headers
+
+
+def test_accept_ranges_says_bytes_only_where_a_byte_range_is_served(server: Server) -> None:
+    url = server.url + "/datasets/orders.csv?order=id&note=neq.accept-ranges"
+    headers = ranges_as_promised(url, IDENTITY)
+    assert headers["accept-ranges"] == "none"
+    assert httpx.head(url, headers=IDENTITY).headers["accept-ranges"] == "none"
+    # A range no copy continues: the whole export, and still no promise of ranges.
+    r = httpx.get(url, headers={**IDENTITY, "Range": "bytes=0-99"}, timeout=60)
+    assert r.status_code == 200 and r.headers["accept-ranges"] == "none"
+    # The copy's own URL serves ranges of exactly these bytes, and says so.
+    copy = server.url + headers["content-location"]
+    assert wait_until(lambda: httpx.head(copy, headers=IDENTITY).status_code == 200, 30)
+    assert ranges_as_promised(copy, IDENTITY)["accept-ranges"] == "bytes"
+    # A continuation proved by If-Range is a 206, but this URL still answers other ranges
+    # whole: no promise there either.
+    rest = httpx.get(url, headers={**IDENTITY, "Range": "bytes=100-", "If-Range": headers["etag"]},
+                     timeout=60)
+    assert rest.status_code == 206
+    assert rest.content == httpx.get(copy, headers=IDENTITY, timeout=60).content[100:]
+    assert rest.headers["accept-ranges"] == "none"
+    for path, extra in [("/datasets/orders.csv.gz?limit=500", {}),
+                        ("/datasets/orders.csv?limit=500", {"Accept-Encoding": "gzip"}),
+                        ("/datasets/orders.ndjson?limit=500", IDENTITY),
+                        ("/datasets/orders?limit=500", {**IDENTITY, "Accept": "text/csv"})]:
+        ranges_as_promised(server.url + path, extra)
 
 
 def test_head_gives_the_headers_without_running_the_query(

@@ -15,7 +15,9 @@ from urllib.parse import quote
 
 import pytest
 
+from exporter.access.links import canonical_query, split_query
 from exporter.config import Settings
+from exporter.exports.filenames import query_tag
 from tests.inprocess import InProcess
 from tests.support import fetch
 
@@ -78,7 +80,9 @@ def test_format_by_suffix(app: InProcess, path: str, content_type: str, body: by
     assert r.headers["content-type"] == content_type
     assert r.content.startswith(body) if body else r.content == b""
     suffix = path.split("?")[0].rsplit(".", 1)[1]
-    assert re.fullmatch(rf'attachment; filename="orders-\d{{8}}T\d{{6}}Z\.{suffix}"',
+    # The query's tag is that of its canonical form (`select=id%2Ccustomer&...`).
+    tag = query_tag(canonical_query(split_query(path.partition("?")[2])[0]))
+    assert re.fullmatch(rf'attachment; filename="orders-\d{{8}}T\d{{6}}Z-{tag}\.{suffix}"',
                         r.headers["content-disposition"])
     assert "content-length" not in r.headers
 

@@ -11,11 +11,15 @@ counting the imports made inside functions (which run too), not those under
 from __future__ import annotations
 
 import ast
+import configparser
+import tomllib
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
+# The top-level migrations/ of the checkout, which the wheel carries as exporter.migrations.
+MIGRATIONS = PACKAGE.parent / "migrations"
 FEATURES = ("access", "exports", "files", "stored", "web")
 TOP = ("exporter.app", "exporter.cli")
 
@@ -24,11 +28,15 @@ KNOWN: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if path.is_relative_to(MIGRATIONS):
+        parts = ("exporter", *path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    else:
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(
+    [*PACKAGE.rglob("*.py"), *MIGRATIONS.rglob("*.py")])}
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -102,6 +110,7 @@ ALLOWED = {
 
 def test_the_graph_is_read() -> None:
     # A parser that found nothing would pass every rule below.
+    assert "exporter.tables" in GRAPH["exporter.migrations.env"]
     assert "exporter.exports.renderers" in GRAPH["exporter.exports.export"]
     assert "exporter.state" in GRAPH["exporter.app"]
     assert "exporter.db" in GRAPH["exporter.clikit"], "function-level imports count"
@@ -180,3 +189,32 @@ def test_each_package_says_what_it_owns(feature: str) -> None:
     init = PACKAGE / feature / "__init__.py"
     docstring = ast.get_docstring(ast.parse(init.read_text()))
     assert docstring and len(docstring) > 40, f"{init} needs a docstring: what it owns, imports"
+
+
+# --- the migrations: a top-level folder, a package of the wheel -----------------------------
+
+def test_the_wheel_maps_the_top_level_migrations_into_the_package() -> None:
+    """pyproject.toml lists the packages (a mapped package cannot be found by setuptools'
+    discovery): every package folder under exporter/, and the migrations under their
+    wheel name. A new package folder that is not listed would be missing from wheels."""
+    setuptools = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"][
+        "setuptools"]
+    assert setuptools["package-dir"] == {"exporter.migrations": "migrations"}
+    folders = {_module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert "exporter.exports.renderers" in folders
+    assert sorted(setuptools["packages"]) == sorted(
+        [*folders, "exporter.migrations", "exporter.migrations.versions"])
+    assert not (PACKAGE / "migrations" / "env.py").exists(), "one home for the migrations"
+    assert (MIGRATIONS / "env.py").is_file() and list((MIGRATIONS / "versions").glob("0*.py"))
+
+
+def test_a_checkout_migrates_from_the_top_level_folder() -> None:
+    """alembic.ini and `exporter migrate` run from a checkout both use migrations/ (the
+    installed wheel's exporter/migrations is tests/test_packaging.py's)."""
+    from exporter import clikit
+
+    assert clikit.MIGRATIONS == MIGRATIONS
+    ini = configparser.ConfigParser()
+    ini.read(PACKAGE.parent / "alembic.ini")
+    location = ini.get("alembic", "script_location", raw=True)
+    assert Path(location.replace("%(here)s", str(PACKAGE.parent))) == MIGRATIONS

@@ -93,8 +93,7 @@ def test_the_wheel_carries_its_migrations_and_one_version(installed: Installed) 
     import zipfile
 
     names = zipfile.ZipFile(installed.wheel).namelist()
-    versions = sorted(p.name for p in (ROOT / "exporter" / "migrations" / "versions").glob(
-        "*.py"))
+    versions = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("*.py"))
     assert versions, "no migrations in the checkout"
     for name in versions:
         assert f"exporter/migrations/versions/{name}" in names
@@ -136,7 +135,7 @@ def test_the_installed_wheel_migrates_serves_and_exports_with_curl(
     assert done.returncode == 0, done.stderr
     revision = fetch(fresh_database, "SELECT version_num FROM exporter.alembic_version")
     assert [r["version_num"] for r in revision] == [max(
-        p.name.split("_")[0] for p in (ROOT / "exporter/migrations/versions").glob("0*.py"))]
+        p.name.split("_")[0] for p in (ROOT / "migrations/versions").glob("0*.py"))]
     done = installed.run("demo", "--rows", "100", "--file-size", "1K", cwd=work, env=env)
     assert done.returncode == 0, done.stderr
     token = installed.run("token", "create", "--name", "wheel", "--scope", "datasets:*",

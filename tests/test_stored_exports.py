@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from exporter.exports.filenames import query_tag
 from tests.support import Server, audited, fetch, run_sql, wait_until
 from tests.test_access import bearer, make_link, new_token
 
@@ -116,6 +117,24 @@ def test_post_runs_to_a_file_equal_to_the_streamed_export(server: Server, alice:
     assert body.headers["digest"] == f"SHA-256={m['sha256_base64']}"
     assert body.headers["etag"].startswith('"') and body.headers["last-modified"]
     assert m["filename"] in body.headers["content-disposition"]
+
+
+def test_stored_exports_are_named_as_streamed_ones(server: Server, alice: str) -> None:
+    """The dataset, the snapshot time, and for a query 8 hex digits of its hash: two
+    stored exports of different URLs started in the same second are two files."""
+    whole = finished(server, alice, "/datasets/daily_revenue.csv")
+    assert re.fullmatch(r"daily_revenue-\d{8}T\d{6}Z\.csv", whole["filename"])
+    tag = query_tag("limit=5&order=id")
+    some = finished(server, alice, "/datasets/orders.csv.gz?limit=5&order=id")
+    assert re.fullmatch(rf"orders-\d{{8}}T\d{{6}}Z-{tag}\.csv\.gz", some["filename"])
+    got = httpx.get(some["file_url"], headers=bearer(alice), timeout=30)
+    assert f'filename="{some["filename"]}"' in got.headers["content-disposition"]
+    # Prefer: respond-async names the URL's export alike.
+    r = httpx.get(server.url + "/datasets/orders.csv?limit=5&order=id",
+                  headers={**bearer(alice), "Prefer": "respond-async"}, timeout=30)
+    assert r.status_code == 202, r.text
+    m = wait_done(server, alice, r.headers["location"]).json()
+    assert re.fullmatch(rf"orders-\d{{8}}T\d{{6}}Z-{tag}\.csv", m["filename"])
 
 
 def test_prefer_respond_async_and_gzip(server: Server, alice: str) -> None:

@@ -2,21 +2,7 @@
 deployment (every worker and host on one database); bytes per second per download; how
 long an export may wait on a client that reads nothing.
 
-A route takes its slots before any query runs; the middleware gives them back when the
-response is over, however it ended. The slots are rows of `exporter.slots`, each owned
-by a server process (`exporter.instances`) whose lease a heartbeat renews: a slot counts
-only while its owner's lease runs, so a process that dies (kill -9, a lost host) frees
-its slots within `EXPORTER_SLOT_LEASE` seconds. A slot is taken in one short transaction
-that serialises the takers of one key with an advisory lock, and given back with one
-DELETE. A request over a cap waits a little (a download tool opening 6 or 8 connections
-at once then finishes without retries): it retries with backoff, at once when a
-download of the same key ends in this process; it stops waiting when its client leaves.
-
-The middleware also paces the body's `send` calls when a bandwidth cap is set (pacing
-makes the body generator wait, and so the database or the file reader behind it) and
-bounds how long an export's `send` may wait on a client that reads nothing: uvicorn's
-`send` only waits while the socket's buffer is full, so a long wait there is exactly
-"data is waiting and the client takes none of it".
+Why it works this way: docs/internals.md, section `access/limits.py`.
 """
 
 from __future__ import annotations

@@ -1,44 +1,6 @@
 """The change cursor: a signed token for one export's snapshot, and `?since=` with it.
 
-A row is new or changed since snapshot S exactly when its `xmin` (the transaction that
-wrote this version of it) was not visible in S. S is the export's own snapshot, read in
-the first statement of its REPEATABLE READ transaction, so the rows an export delivers
-and its cursor describe the same instant: the next pull with that cursor gets what the
-previous one could not see, late commits included, and a row again only if it changed
-again.
-
-`pg_current_snapshot()` gives xmin, xmax and the top-level transactions in progress
-(xip). PostgreSQL documents that it leaves out subtransactions, and
-`pg_visible_in_snapshot` judges a subtransaction's xid by itself: a row written in a
-SAVEPOINT of a transaction running at S has an xid in [xmin, xmax) that is not in xip,
-so it would be judged visible in S and never delivered. A savepoint's lock on its xid
-is released by RELEASE SAVEPOINT (measured), so pg_locks does not list them either.
-What does know them is `pg_xact_status`: a subtransaction's xid is 'in progress' while
-its top-level transaction is. So, right after the snapshot, the export probes every xid
-of [xmin, xmax) (at most PROBE_LIMIT of them) and keeps those in progress: they are
-exactly the subtransactions of xip members still running. In a second statement (so
-strictly after every probe) it reads the status of the xip members themselves; one that
-ended meanwhile took the answers about its subtransactions with it, so every xid from it
-on is treated as not visible (the `conservative` bound): those rows come again, none is
-lost. The same bound covers what is not probed (a window over PROBE_LIMIT, a list over
-MAX_LISTED) and a hot standby, whose pg_current_snapshot() has an empty xip (fixed in
-PostgreSQL only in 2026): there the bound is xmin itself.
-
-Rows are compared through `age(xmin)`: the distance, in 32-bit arithmetic, from the
-export transaction's own reference xid (fixed for the transaction at its first call, in
-the first statement, which reads it), so a row's xid is that reference minus its age.
-An xid written after S is less than 2^31 xids before the reference (a cursor older than
-that is refused, with MAX_AGE), and an older row maps outside the window, except a
-frozen row older than 2^32 xids, which can only come again (never be lost). xmin 1 and
-2 (bootstrap, frozen before 9.4) have the age 2^31 - 1: old rows. age() is a plain
-integer function: `xmin::text::bigint` arithmetic, used where no reference was read (an
-EXPLAIN before a stored export), took 0.6 s more on 2,000,000 rows.
-
-The token: version, flags, the cluster's system identifier (a cursor is meaningless in
-another cluster, e.g. after a dump and restore: the xids start over), xmin, then offsets
-from it (xmax, the conservative bound, the xids not visible), as varints, with an
-HMAC-SHA256 (first 16 bytes) under a key derived from the link-signing key, so every
-server process on the database accepts every other's cursors. base64url, no padding.
+Why it works this way: docs/internals.md, section `exports/cursor.py`.
 """
 
 from __future__ import annotations

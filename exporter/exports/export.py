@@ -28,6 +28,7 @@ from exporter.errors import (
 from exporter.exports import cursor, pages, sql
 from exporter.exports.copies import Copy, CopyStopped
 from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
+from exporter.exports.filenames import filename
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
 from exporter.streaming import ResponseCut, audited, run_detached
@@ -48,10 +49,6 @@ REPLICA_RETRY = {
 def source_name(replica: bool) -> str:
     """How errors name the server an export reads from."""
     return "the read replica" if replica else "the database"
-
-
-def filename(dataset: str, renderer: Renderer, at: datetime) -> str:
-    return f"{dataset}-{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.{renderer.extension}"
 
 
 # Exports between their start and their recorded end, so a shutdown can end them all.
@@ -77,9 +74,11 @@ class Export:
 
     def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
                  query: ExportQuery, renderer: Renderer, download: Download, *,
-                 replica: bool = False, window: pages.Window | None = None) -> None:
+                 replica: bool = False, window: pages.Window | None = None,
+                 url_query: str = "") -> None:
         # `engine` is where the export reads (the read replica's if `replica`); the audit
-        # row is written through `audit`'s engine, the primary's.
+        # row is written through `audit`'s engine, the primary's. `url_query`: the URL's
+        # canonical query, which the file's name tells apart (exports/filenames.py).
         self._engine = engine
         self._replica = replica
         self._source = source_name(replica)
@@ -88,6 +87,7 @@ class Export:
         self.query = query
         self.renderer = renderer
         self.download = download
+        self.url_query = url_query
         self.snapshot_time = datetime.now(UTC)
         # The export's snapshot as a change cursor (tables only), once open.
         self.cursor: cursor.Cursor | None = None
@@ -111,7 +111,8 @@ class Export:
 
     @property
     def filename(self) -> str:
-        return filename(self.query.dataset.name, self.renderer, self.snapshot_time)
+        return filename(self.query.dataset.name, self.renderer, self.snapshot_time,
+                        self.url_query)
 
     @property
     def deadline(self) -> float | None:

@@ -1,22 +1,7 @@
 """PostgREST's pagination and counts: `Range` in items, `Prefer: count=...`, and the
 `Content-Range` (with its status) that answers them.
 
-    Range: 0-9                 rows 0 to 9 of the result (Range-Unit: items, or none)
-    Range: 10-                 from row 10 on
-    Range: items=0-9           the same, with Range-Unit: items (without it, HTTP's
-                               `unit=` form in a unit HTTP lacks: ignored, RFC 9110)
-    Prefer: count=exact        count(*) of the filtered rows, in the export's snapshot
-    Prefer: count=planned      the planner's estimate (EXPLAIN), nothing runs
-    Prefer: count=estimated    exact up to EXPORTER_COUNT_ESTIMATED_ABOVE, planned above
-
-A Range is combined with `limit`/`offset` as PostgREST does: the rows sent are those
-both select, by their position in the whole result. `Range: bytes=...` is not this
-module's: it resumes a streamed export's copy (exports/copies.py).
-
-Nothing a client sends is ignored: a unit, a range or a preference that cannot be
-honoured is a 400 (an unsatisfiable range a 416), never a full export instead. The
-counts run in the export's own transaction, before its COPY, so the total describes
-exactly the snapshot the rows come from.
+The headers it reads and answers, and why: docs/internals.md, section `exports/pages.py`.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """The query string of an export, in PostgREST's grammar, parsed into an ExportQuery.
 
-    select=a,b  order=a.desc,b.asc.nullslast  limit=10  offset=20
-    column=op.value   with op one of operators.py's table, and not.op
-    "column"=op.value the same, for any column name, also `limit` or `~by`
-    select=*,total:amount::text,city:address->>city   renames, casts, JSON paths
-    or=(a.eq.1,and(b.gt.2,c.not.lt.3))  not.and=(...)  logic trees
-    since=CURSOR      the rows changed since an export's Export-Cursor (cursor.py)
-
-A parameter name in double quotes is always a column (`""` inside for a quote, as in
-SQL), so no column is out of reach: `select`, `order`, `limit`, `offset` and a signed
-link's `~expires`, `~by`, `~signature` keep their meaning unquoted. Inside `select`,
-`order` and logic trees a name in double quotes is one name whatever it holds
-(`"ship.date"`, `"a,b"`).
-
-Parsing checks names and grammar against the dataset; values, cast types, regular
-expressions and text search queries are checked by the database (see sql.py), since
-only it knows every type.
+The grammar, and why: docs/internals.md, section `exports/query.py`.
 """
 
 from __future__ import annotations

@@ -88,9 +88,14 @@ class ExportRequest:
     content_coding: Coding | None = None
 
     @property
+    def query_string(self) -> str:
+        """The query's parameters in canonical form (a link's own left out)."""
+        return canonical_query(self.params)
+
+    @property
     def url(self) -> str:
         """The representation's canonical URL (without the server's prefix)."""
-        query = canonical_query(self.params)
+        query = self.query_string
         return self.base + self.representation.suffix + (f"?{query}" if query else "")
 
     @property

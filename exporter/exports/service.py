@@ -20,7 +20,8 @@ from exporter.export_names import readings
 from exporter.exports import cursor, pages, renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
-from exporter.exports.export import Export, filename, source_name
+from exporter.exports.export import Export, source_name
+from exporter.exports.filenames import filename
 from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
@@ -123,6 +124,9 @@ async def answer(request: Request, st: State, req: ExportRequest, *,
         # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
         resumed = await st.copies.resume(request, req.principal, req.url)
         if resumed is not None:
+            # Served from the copy, yet this URL still answers an arbitrary range with the
+            # whole export (only a proven continuation is a 206): no promise of ranges.
+            resumed.headers["Accept-Ranges"] = "none"
             return resumed
     return await _stream(request, st, req, engine)
 
@@ -153,12 +157,10 @@ async def _head(request: Request, st: State, req: ExportRequest,
     response = Response(
         status_code=counted.status if counted else 200,
         headers=export_headers(request, req, filename(req.dataset.name, req.renderer,
-                                                      datetime.now(UTC))))
+                                                      datetime.now(UTC), req.query_string)))
     del response.headers["content-length"]  # GET streams its body chunked
     if counted is not None:
         response.headers.update(counted.headers)
-    if _copied(st, req):
-        response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
     return response
 
 
@@ -178,7 +180,7 @@ async def _stream(request: Request, st: State, req: ExportRequest,
                         format=req.renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
     job = Export(engine, st.audit, st.settings, req.query, req.renderer, download,
-                 replica=engine is st.replica, window=req.window)
+                 replica=engine is st.replica, window=req.window, url_query=req.query_string)
     try:
         await unless_disconnected(job.open(), request.receive)
     except ClientLeft:
@@ -245,9 +247,11 @@ async def _copy_headers(request: Request, copies: Copies, req: ExportRequest,
         return {}
     job.attach(copy, lambda: keep_releases(request.scope))
     # A strong validator of exactly these bytes (the copy's), so that If-Range can ask
-    # for the rest of them; where they can be fetched whole, later and by range.
-    return {"ETag": f'"{copy.id}"', "Content-Location": copies.location(request, copy),
-            "Accept-Ranges": "bytes"}
+    # for the rest of them; where they can be fetched whole, later and by range. No
+    # `Accept-Ranges: bytes` here: this URL serves a range only as a proven continuation
+    # (README "Resuming a broken download"), so a client that trusts the header and asks
+    # for another range gets the whole body as a 200; the copy's own URL says bytes.
+    return {"ETag": f'"{copy.id}"', "Content-Location": copies.location(request, copy)}
 
 
 async def _audit_dataset(st: State) -> Dataset:

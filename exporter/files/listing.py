@@ -1,18 +1,6 @@
 """JSON listings of folders under the files root, a page at a time.
 
-A folder is read once into a sorted index of its names (with each name's kind, and
-where each link leads), built in a thread and kept while the folder's inode, mtime,
-ctime and size are unchanged; a page then stats only its own entries. So `?limit=1` on
-a folder of 100,000 files costs one `scandir` the first time and a few `stat`s after,
-and no file-system work ever runs on the event loop. Concurrent requests for a folder
-whose index is being built wait for that one build instead of starting their own.
-
-An index is kept only if the folder had not changed for a second when it was read
-(timestamps are coarser than the changes they describe, as git's index knows), so a
-name added in the same tick as the read is not missed for good. Where a link inside the
-folder leads is resolved when the index is built: if a link's target changes without
-the folder changing, `total` may be off by that entry until then; the page itself
-re-checks each entry it shows, so nothing listed can lead out of the root.
+Why it works this way: docs/internals.md, section `files/listing.py`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """Safe resolution of a request path to a file or folder under the files root.
 
-The path arrives percent-decoded once, from the raw request bytes (see
-`routes/files.py`), so `%2e%2e%2f` is already `../` here and a double-encoded `%252e`
-is the literal name `%2e`, which is harmless. Names are `str` as `os.fsdecode` gives
-them: bytes that are not UTF-8 are kept as surrogate escapes, so any file can be named.
-
-The names are checked as segments, then walked one at a time from a descriptor of the
-root, each opened relative to the folder before it with `O_NOFOLLOW`: there is no
-separate "check, then open" for another process to race. A symbolic link met on the
-way is read and its text walked by the same rule, so a link may point anywhere inside
-the root but nowhere outside, whatever is renamed or swapped while the walk runs. The
-descriptor the walk ends with is the one a file is served from or a folder listed
-through. All of this blocks: callers run it in a thread.
+Why it works this way: docs/internals.md, section `files/paths.py`.
 """
 
 from __future__ import annotations

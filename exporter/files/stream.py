@@ -1,19 +1,7 @@
 """A response body read from an open file (`os.pread` in a worker thread, as aiofiles
 would), one chunk at a time.
 
-A chunk is read only when the previous one has gone into the socket: after each
-chunk the body (`exporter.streaming.audited`, with `drain`) yields an empty one, and
-uvicorn's `send` first waits while its transport's writing is paused, until the buffer
-is back under the low-water mark
-(`exporter.server.protocol` puts both marks at zero, so: until it is empty). Without that
-wait, `send` returned as soon as the chunk was queued and the next chunk was read at
-once, so a client that reads slowly held two chunks in the server, the second waiting
-for the first: 1,000 slow clients held 764 MB. The size of each read comes from one
-budget shared by all downloads (`ReadBudget`), counted in bytes actually held.
-
-When the client leaves, Starlette (listening for `http.disconnect`) cancels this
-generator, which stops the reading; what is left to do then runs in a detached task,
-because awaits in a cancelled generator's `finally` are cancelled too.
+Why it works this way: docs/internals.md, section `files/stream.py`.
 """
 
 from __future__ import annotations

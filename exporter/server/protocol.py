@@ -1,20 +1,6 @@
 """Transport settings for every connection: at most one chunk of a body held per client.
 
-An asyncio transport pauses its writer only when its buffer exceeds the high-water
-mark (64 KiB by default) and resumes it under the low-water mark (16 KiB). A body that
-yields small chunks to a client that reads slowly therefore stacks up to 64 KiB of
-them in the server before anyone waits: with 16 KiB file reads that was five chunks,
-80 KiB, per slow download. With both marks at zero, uvicorn's `send` waits until the
-previous chunk has gone entirely into the socket (which keeps the client busy
-meanwhile), so a connection holds no more than the one chunk its body last sent.
-The kernel's socket buffers still smooth out fast clients.
-
-The kernel, for its part, lets a socket's send buffer grow to `tcp_wmem`'s maximum
-(4 MiB here) whatever the client's window: 1,000 clients that read nothing made the
-server read and queue up to 4 MiB each (kernel memory, and reads that slowed every
-other request: the 1,000th answer came after 58 s). TCP_NOTSENT_LOWAT bounds what
-waits there unsent (`socket_notsent_lowat`, off by default: see exporter/config.py);
-what is in flight is still bounded by the client's window.
+Why it works this way: docs/internals.md, section `server/protocol.py`.
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
 """The stored copies of streamed exports (exports/copies.py's interface), and the rule
 that decides when a `Range` request on an export URL continues one.
 
-Every streamed export sent as identity bytes writes them into a stored export of kind
-`streamed` as it goes; its first answer carries `ETag: "ID"` (strong: these very bytes)
-and `Content-Location: /exports/ID/file`. If the client leaves, the COPY goes on into
-the copy at COPY speed. A later request for the same URL with `Range` is answered from
-a copy only when that provably continues the bytes the client holds:
-
-- `If-Range: "ID"` (browsers, careful clients): that copy, if it is this principal's
-  copy of this very URL;
-- no If-Range (`curl -C -`, `wget -c`, wget retrying by itself): `bytes=N-` only, and
-  among this principal's copies of this URL those whose responses sent at least N bytes
-  (`delivered`): one of them, or several whose first N bytes are the same (then it does
-  not matter which the client's came from);
-
-otherwise the export is streamed whole from a new snapshot as a 200, which `curl -C -`
-(exit 33) and `wget -c` refuse without touching the partial file. A copy still being
-completed is waited for (a little): a Content-Range needs the whole length.
+Why it works this way: docs/internals.md, section `stored/copies.py`.
 """
 
 from __future__ import annotations

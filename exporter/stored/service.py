@@ -2,17 +2,7 @@
 respond-async` on an export URL), run it in the background, answer for its status,
 list, cancel or remove it, and serve its file.
 
-An export runs the exports' own COPY (exporter/exports/export.py, the same snapshot,
-checks and audit row as a streamed one), optionally compressed, into the storage; its
-snapshot and pool connection are let go when the COPY ends, whoever downloads the file
-later. While it runs it holds its principal's download slot and an export slot, as a
-streamed export does while its client reads.
-
-Status codes of GET /exports/{id}: 202 while it runs (with progress), 200 with the
-manifest once complete, 410 once failed or cancelled (the body says which and why: it
-will never have a file). Someone else's id, one that does not exist, or one of a dataset
-the caller may no longer read (checked at each request, with the token's scopes and the
-public datasets as they are now): 404 alike.
+Why it works this way: docs/internals.md, section `stored/service.py`.
 """
 
 from __future__ import annotations
@@ -41,7 +31,8 @@ from exporter.compression import Coding, by_name, compressed, level_of
 from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
 from exporter.exports import cursor, sql
-from exporter.exports.export import Export, filename, source_name
+from exporter.exports.export import Export, source_name
+from exporter.exports.filenames import filename
 from exporter.exports.pages import planned_count
 from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
@@ -116,7 +107,7 @@ class StoredService(StoredExports):
         try:
             at = datetime.now(UTC)
             extension = f".{coding.extension}" if coding else ""
-            name = filename(dataset.name, renderer, at) + extension
+            name = filename(dataset.name, renderer, at, req.query_string) + extension
             content_type = coding.media_type if coding else renderer.content_type
             run: list[asyncio.Task[None]] = []
             writer = await self.begin(

@@ -1,45 +1,7 @@
 """Stored exports' rows and files together: who owns one, the writer that fills one, the
 clean-up. The HTTP side is in service.py; this module is what other code writes through.
 
-The writer API (also for the stored copies of streamed exports, kind `streamed`)::
-
-    writer = await stored.begin(principal, url=..., dataset=..., format="csv",
-                                coding=None, content_type=..., filename=...,
-                                kind=STREAMED)          # 507 if the quota is full
-    try:
-        async for chunk in body:
-            await writer.write(chunk)   # hashed (SHA-256) and written in worker threads;
-                                        # raises Stopped when the export is cancelled
-                                        # (DELETE, from any host) or crosses the quota
-            await writer.progress(rows_so_far)   # cheap: the DB sees it on the next beat
-        await writer.finish(rows, snapshot_time)   # fsync, rename into place, complete
-    except BaseException as error:
-        await writer.fail(str(error))   # partial file removed; `cancelled` stays so
-        raise
-
-While it runs, a heartbeat task writes rows, bytes and `heartbeat` every
-EXPORTER_EXPORTS_PROGRESS_INTERVAL seconds and reads back the row's status and the
-storage used by the others: that is how a DELETE on another host, or a quota crossed
-by several exports together, reaches the writer. `writer.stopped` is an event set then
-(and `on_stop`, if given to begin, called), so a runner waiting on the database rather
-than writing hears it too.
-
-The quota (EXPORTER_EXPORTS_MAX_BYTES) has two shares: one principal's stored exports
-(kind `async`, EXPORTER_EXPORTS_QUOTA_PER_PRINCIPAL) and the copies (kind `streamed`,
-EXPORTER_EXPORTS_RESUME_SHARE). Finished copies are the bytes least needed: whenever a
-writer needs room (`room`), they go first (those sent whole, then the oldest).
-
-Owners: a token's exports belong to its row ("token 42"), and so do those started
-through the signed links it made (a link works with its maker's rights, so it sees its
-maker's exports); an operator link (`exporter link`) is admin anyway; an anonymous
-client owns by its address ("anonymous 10.0.0.7", the key its download cap counts by).
-A token revoked and made again under its name is another row: it does not see the old
-one's exports.
-
-Exports are never resumed after their server process stops: a running row whose
-heartbeat is older than STALE_BEATS beats is marked failed ("the server stopped while
-it ran") by the clean-up of any process (at its start-up and then on its schedule), and
-its partial file removed. A new export is a new snapshot anyway.
+Why it works this way: docs/internals.md, section `stored/store.py`.
 """
 
 from __future__ import annotations
@@ -90,7 +52,7 @@ def new_id() -> str:
 
 
 def owner_of(principal: Principal) -> str:
-    """Who may see an export besides admins (see the module's docstring)."""
+    """Who may see an export besides admins (docs/internals.md, `stored/store.py`)."""
     if principal.token_id is not None:
         return f"token {principal.token_id}"
     return principal.limit_key
@@ -363,7 +325,7 @@ class StoredExports:
 
 
 class Writer:
-    """Fills one stored export (see the module's docstring)."""
+    """Fills one stored export (docs/internals.md, `stored/store.py`)."""
 
     def __init__(self, store: StoredExports, export_id: str, out: Any,
                  on_stop: Callable[[str], None] | None, *, kind: str = ASYNC,
