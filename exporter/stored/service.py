@@ -37,7 +37,13 @@ from exporter.access.principal import ANONYMOUS, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, by_extension, by_name, compressed, level_of
 from exporter.config import Settings
-from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
+from exporter.errors import (
+    DATABASE_ERRORS,
+    ApiError,
+    bad_parameter,
+    unavailable,
+    without_paths,
+)
 from exporter.exports import cursor, sql
 from exporter.exports.catalog import Dataset
 from exporter.exports.export import Export, filename, source_name
@@ -172,7 +178,7 @@ class StoredService(StoredExports):
         except Exception as error:
             log.warning("stored export %s failed: %s: %s", writer.id, type(error).__name__,
                         error)
-            await writer.fail(f"{type(error).__name__}: {error}")
+            await writer.fail(without_paths(error))
         finally:
             release_now(holder)
 
