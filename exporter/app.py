@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exporter import __version__, health
 from exporter.access import routes as access_routes
 from exporter.access.limits import DownloadLimits, Instance, Limiter, new_instance_id
-from exporter.access.links import LinkKeys
+from exporter.access.links import LinkKeys, redact_query
 from exporter.access.tokens import TokenStore
 from exporter.audit import Audit, close_abandoned
 from exporter.config import Settings
@@ -55,17 +54,19 @@ DETACHED_GRACE = 8.0
 
 
 class _RedactSignatures(logging.Filter):
-    """uvicorn's access log prints query strings, and a signed link's is a credential."""
+    """uvicorn's access log prints query strings, and a signed link's is a credential:
+    its signature is redacted under whatever spelling of its name authenticated."""
 
-    _pattern = re.compile(r"(signature=)[^&\s\"]*")
+    @staticmethod
+    def _redact(text: str) -> str:
+        path, question, query = text.partition("?")
+        return f"{path}?{redact_query(query)}" if question else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.args and isinstance(record.args, tuple):
-            record.args = tuple(
-                self._pattern.sub(r"\1REDACTED", a) if isinstance(a, str) else a
-                for a in record.args
-            )
-        record.msg = self._pattern.sub(r"\1REDACTED", str(record.msg))
+            record.args = tuple(self._redact(a) if isinstance(a, str) else a
+                                for a in record.args)
+        record.msg = self._redact(str(record.msg))
         return True
 
 

@@ -116,6 +116,19 @@ def describe(error: BaseException) -> str:
     return str(error) if type(error) is RuntimeError else "it failed"
 
 
+def without_paths(error: BaseException) -> str:
+    """An unexpected failure in words a client may read: an OSError's own words without
+    the file names it carries (server paths), the database's as database_error() puts
+    them, anything else by its type alone. The caller logs the detail."""
+    if isinstance(error, ApiError):
+        return error.message
+    if isinstance(error, DRIVER_ERRORS):
+        return database_error(error).message
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    return f"internal error: {type(error).__name__}"
+
+
 def database_error(error: BaseException, what: str = "the database") -> ApiError:
     """504 for a query the database cancelled, 502 for one it refused, else 503."""
     error = _driver_error(error)

@@ -47,3 +47,33 @@ def huge_numbers() -> st.SearchStrategy[str]:
                          "\u00b2", "\u0661\u0662", " 1", "1 ", "+1", "00000000000000000001",
                          "9223372036854775807", "9223372036854775808", "1.5", "1e3"]),
     )
+
+
+# Pieces of a query string as they travel, percent-encoded: controls, NUL, C1 controls and
+# line separators in UTF-8, bytes that are not UTF-8 (a lone continuation, an over-long
+# '.', a surrogate, a sequence cut short, beyond U+10FFFF), double encoding, '%' without
+# hex digits, and the separators.
+ODD_ENCODINGS = ["%00", "%01", "%09", "%0a", "%0D", "%1b", "%1B[31m", "%7f", "%c2%9b",
+                 "%C2%85", "%e2%80%a8", "%E2%80%AE", "%ef%bb%bf", "%ff", "%80", "%c0%ae",
+                 "%ed%a0%80", "%e2%82", "%f4%90%80%80", "%2500", "%", "%zz", "%7E", "%7e",
+                 "+", "%20", "%26", "%3D", "=", "&", "~", "@operator", "%40operator"]
+_PLAIN = st.text(alphabet=st.sampled_from("abcAZ09._-"), max_size=4)
+
+
+def odd_encoded(max_size: int = 12) -> st.SearchStrategy[str]:
+    """Text as it appears in a raw query string, biased towards odd encodings; now and then
+    far longer than any name."""
+    return st.one_of(
+        st.lists(st.one_of(st.sampled_from(ODD_ENCODINGS), _PLAIN), max_size=max_size)
+        .map("".join),
+        st.integers(60, 5000).map(lambda n: "x" * n),
+    )
+
+
+def spellings(name: str) -> st.SearchStrategy[str]:
+    """`name` with any of its characters percent-encoded, in either case of hex digit."""
+    def spell(flags: list[int]) -> str:
+        return "".join(c if f == 0 else (f"%{ord(c):02X}" if f == 1 else f"%{ord(c):02x}")
+                       for c, f in zip(name, flags, strict=True))
+    return st.lists(st.sampled_from([0, 0, 1, 2]), min_size=len(name),
+                    max_size=len(name)).map(spell)

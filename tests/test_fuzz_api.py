@@ -4,6 +4,7 @@ healthy database, no input may get a 5xx, and every refusal is the API's JSON er
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -17,9 +18,18 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from exporter.access.links import LINK_PARAMETERS, split_query
 from exporter.exports.operators import NAMES as OPERATORS
-from tests.fuzzing import HUGE, OPERATION, SERVER, hostile_text, huge_numbers
-from tests.support import Server
+from tests.fuzzing import (
+    HUGE,
+    OPERATION,
+    SERVER,
+    hostile_text,
+    huge_numbers,
+    odd_encoded,
+    spellings,
+)
+from tests.support import Server, raw_request
 from tests.test_access import CLOSED, new_token
 
 # The demo table's columns (exporter/exports/demo.py).
@@ -183,3 +193,34 @@ def test_hypothesis_filters_on_exports_no_5xx(server: Server, name: str,
     if response.status_code == 200:
         # The whole body arrived (httpx raises on a broken chunked body) and it is rows.
         assert response.headers["content-type"].startswith(("text/csv", "application/x-ndjson"))
+
+
+# -- signed links' own parameters with control bytes and odd encodings (issue 21) ----------
+
+LINKED_PATHS = ["/files/README.txt", "/datasets/orders.csv", "/files/", "/datasets", "/",
+                "/exports", "/downloads", "/tokens"]
+SIGNED = "~expires=1999999999&~signature=" + "A" * 43
+
+
+def link_queries() -> st.SearchStrategy[str]:
+    names = st.one_of(*(spellings(name) for name in LINK_PARAMETERS), odd_encoded(4))
+    pairs = st.lists(st.tuples(names, odd_encoded()), min_size=1, max_size=4)
+    return pairs.map(lambda p: "&".join(f"{k}={v}" for k, v in p))
+
+
+@SERVER
+@given(st.sampled_from(LINKED_PATHS), link_queries())
+@example("/files/x%1b[31mRED%1b[0m", f"~by=%00&{SIGNED}")  # issue 21: was a 502
+@example("/datasets/orders.csv", f"~by=a%00b&{SIGNED}")
+@example("/files/README.txt", f"~by=%FF%C0%AE&{SIGNED}")
+@example("/files/README.txt", f"~by={'x' * 5000}&{SIGNED}")
+@example("/files/README.txt", "%7Eby=%C2%9B&~sig%6Eature=" + "A" * 43 + "&~expires=1%00")
+def test_hypothesis_link_parameters_no_5xx(closed: Server, path: str, query: str) -> None:
+    # The request line as made, not as a client would re-encode it.
+    r = raw_request(closed.url, f"GET {path}?{query} HTTP/1.1", timeout=TIMEOUT)
+    assert r.status < 500, (r.status, r.body[:2000])
+    if split_query(query)[1]:
+        # A link that cannot be one (no signature is valid here): refused, in one way.
+        assert r.status == 403, (r.status, r.body[:2000])
+    elif r.status >= 400:
+        assert json.loads(r.body)["error"]["status"] == r.status

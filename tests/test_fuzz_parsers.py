@@ -8,6 +8,7 @@ they run on every run, whatever Hypothesis draws."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import string
 import time
@@ -20,6 +21,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from exporter.access.durations import parse_duration
+from exporter.access.links import LINK_PARAMETERS, OPERATOR, read_link, split_query
+from exporter.access.tokens import is_token_name
 from exporter.errors import ApiError
 from exporter.exports import sql
 from exporter.exports.catalog import Column, Dataset
@@ -38,7 +41,8 @@ from exporter.files.conditions import (
 from exporter.files.paths import FilesRoot
 from exporter.files.ranges import ByteRange, Unsatisfiable, parse_range
 from exporter.http import content_disposition, parse_accept
-from tests.fuzzing import HUGE, PARSERS, hostile_text, huge_numbers
+from exporter.server.logs import PLAIN, PlainFormatter, escape
+from tests.fuzzing import HUGE, PARSERS, hostile_text, huge_numbers, odd_encoded, spellings
 
 # The demo table's columns (exporter/exports/demo.py), as the catalog describes them.
 ORDERS = Dataset("exports", "orders", "table", 20_000, {
@@ -412,6 +416,61 @@ def test_segments_are_plain_names_or_a_4xx(path: str) -> None:
         assert name not in ("", ".", "..") and "/" not in name and "\\" not in name
         assert not name.startswith(".")
         assert not any(ord(c) < 0x20 or c == "\x7f" for c in name)
+
+
+# -- signed links' own parameters, as they come in a raw query string (issue 21) ------------
+
+def link_pairs() -> st.SearchStrategy[list[tuple[str, str]]]:
+    names = st.one_of(*(spellings(name) for name in LINK_PARAMETERS), odd_encoded(4))
+    return st.lists(st.tuples(names, odd_encoded()), max_size=5)
+
+
+SIGNED = [("~expires", "1999999999"), ("~signature", "A" * 43)]
+
+
+@PARSERS
+@given(link_pairs())
+@example([("~by", "%00"), *SIGNED])  # issue 21: reached PostgreSQL, a 502
+@example([("~by", "a%00b"), *SIGNED])
+@example([("~by", "%1b[31mRED%1b[0m"), *SIGNED])
+@example([("~by", "%FF"), *SIGNED])
+@example([("~by", "%C0%AE"), *SIGNED])
+@example([("~by", "%ED%A0%80"), *SIGNED])
+@example([("~by", "%C2%9B"), *SIGNED])
+@example([("~by", "x" * 65), *SIGNED])
+@example([("%7Eby", "%0a"), ("~sig%6Eature", "A" * 43), ("%7eexpires", "1999999999")])
+def test_link_parameters_in_any_encoding_read_or_are_refused(
+    pairs: list[tuple[str, str]]
+) -> None:
+    _, link = split_query("&".join(f"{k}={v}" for k, v in pairs))
+    try:
+        params = read_link(link)
+    except ValueError as error:
+        assert str(error).startswith(("invalid signed link", "a signed link needs"))
+        return
+    assert set(link) == set(LINK_PARAMETERS) and all(len(v) == 1 for v in link.values())
+    # Only the name of a token (or the operator's) goes on to the database.
+    assert params.by == OPERATOR or is_token_name(params.by)
+
+
+# -- the plain log (exporter/server/logs.py) ---------------------------------------------------
+
+ANY_TEXT = st.one_of(hostile_text(200), st.text(st.characters(codec=None), max_size=200),
+                     odd_encoded().map(lambda v: unquote(v, errors="surrogateescape")))
+
+
+@PARSERS
+@given(ANY_TEXT)
+@example("/files/x\x1b[31mRED\x1b[0m")  # issue 21: printed as it came
+@example("a\nb\rc\x85d\u2028e\u2029f\x00\x7f\u202e\udc80")
+def test_a_plain_log_line_of_any_text_is_one_printable_line(text: str) -> None:
+    assert escape(text).isprintable()
+    if text.isprintable():
+        assert escape(text) == text
+    record = logging.LogRecord("exporter.app", logging.WARNING, __file__, 1,
+                               "GET %s: %s", (text, text), None)
+    line = PlainFormatter(PLAIN).format(record)
+    assert line.isprintable() and escape(text) in line
 
 
 def test_the_parsers_are_quick_on_large_inputs() -> None:

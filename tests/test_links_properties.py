@@ -4,7 +4,7 @@ parsing, quoted column names. No server: these are functions of their arguments.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,15 +14,20 @@ from exporter.access.durations import MAX_DURATION, parse_duration
 from exporter.access.links import (
     LINK_PARAMETERS,
     OPERATOR,
+    REDACTED,
+    SIGNATURE,
     canonical_path,
     read_link,
+    redact_query,
     sign,
     signature,
     split_query,
     token_identity,
 )
+from exporter.access.tokens import is_token_name
 from exporter.errors import ApiError
 from exporter.exports.query import _unquote
+from tests.fuzzing import NASTY, odd_encoded, spellings
 
 # Each example is quick; a loaded machine must not turn the deadline into a failure. No
 # example database: tests write nothing into the checkout (Hypothesis's is ./.hypothesis).
@@ -123,6 +128,46 @@ def test_any_link_parameters_read_or_give_a_value_error(link: dict[str, list[str
     assert all(len(v) == 1 for v in link.values()) and len(link) == 3
     assert 0 <= params.expires < 10**11
     assert len(params.signature) == 43 and params.by and len(params.by) <= 100
+
+
+# A maker's name as a link may carry it: anything, decoded from odd encodings too.
+MAKER_NAMES = st.one_of(BY, TEXT, st.lists(st.sampled_from(NASTY), max_size=8).map("".join),
+                        odd_encoded().map(unquote), st.just(OPERATOR))
+
+
+@relaxed
+@given(MAKER_NAMES)
+def test_only_a_token_name_or_the_operator_signs_a_link(by: str) -> None:
+    try:
+        params = read_link({"~expires": ["1700000000"], "~by": [by], "~signature": ["A" * 43]})
+    except ValueError as error:
+        assert str(error).startswith("invalid signed link")
+        return
+    # What reaches the query by name: no control, no NUL, no U+FFFD, at most 64 characters.
+    assert params.by == OPERATOR or is_token_name(params.by)
+    assert params.by.isascii() and params.by.isprintable() and len(params.by) <= 64
+
+
+@relaxed
+@given(PAIRS, spellings(SIGNATURE), odd_encoded(), st.integers(0, 6))
+def test_the_signature_is_redacted_under_any_spelling(
+    pairs: list[tuple[str, str]], spelled: str, value: str, at: int
+) -> None:
+    pieces = [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs]
+    pieces.insert(at, f"{spelled}={value}")
+    query = "&".join(pieces)
+    redacted = redact_query(query)
+    rest, link = split_query(redacted)
+    assert link[SIGNATURE] == [REDACTED]
+    assert rest == split_query(query)[0]  # nothing else changes
+
+
+@relaxed
+@given(st.text(max_size=200))
+def test_any_query_keeps_no_signature_once_redacted(query: str) -> None:
+    rest, link = split_query(redact_query(query))
+    assert set(link.get(SIGNATURE, [])) <= {REDACTED, ""}
+    assert rest == split_query(query)[0]
 
 
 @relaxed

@@ -270,8 +270,8 @@ def link(expires: str = "1700000000", by: str = "ci", sig: str = SIG) -> dict[st
 
 def test_read_link() -> None:
     assert read_link(link()) == LinkParams(1_700_000_000, "ci", SIG)
-    assert read_link(link("0", "x" * 100, "-_" * 21 + "z")) == LinkParams(0, "x" * 100,
-                                                                          "-_" * 21 + "z")
+    assert read_link(link("0", "x" * 64, "-_" * 21 + "z")) == LinkParams(0, "x" * 64,
+                                                                         "-_" * 21 + "z")
     assert read_link(link(by=OPERATOR)).by == OPERATOR
 
 
@@ -291,6 +291,10 @@ def test_a_link_needs_one_of_each(params: dict[str, list[str]]) -> None:
     link(expires="1" * 12), link(expires=" 1"),
     link(sig="A" * 42), link(sig="A" * 44), link(sig="A" * 42 + "="), link(sig="A" * 42 + "+"),
     link(by=""), link(by="x" * 101), link(by="a\nb"),
+    # Only a token's name (or the operator's) reaches the database: no control, no NUL, no
+    # byte that was not UTF-8 (U+FFFD), nothing longer than a token's name.
+    link(by="x" * 65), link(by="\x00"), link(by="a\x1b[31m"), link(by="\ufffd"),
+    link(by="\x9b"), link(by="a b"), link(by="-a"), link(by="\u00e9"), link(by="@operators"),
 ])
 def test_a_malformed_link_is_a_value_error(params: dict[str, list[str]]) -> None:
     with pytest.raises(ValueError, match="invalid signed link"):

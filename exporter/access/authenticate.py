@@ -12,6 +12,7 @@ from dataclasses import replace
 from fastapi import Request
 
 from exporter.access.links import (
+    INVALID,
     OPERATOR,
     expiry,
     read_link,
@@ -28,6 +29,9 @@ COOKIE = "exporter_token"
 # The cookie is the server's own page's credential. It counts for reads only: a form on
 # another site could otherwise make a signed-in browser create links or revoke tokens.
 COOKIE_METHODS = frozenset({"GET", "HEAD"})
+# What a link whose maker is not an active token is verified against (token_identity
+# never gives it).
+NO_MAKER = "no token"
 
 
 def _bad_credentials(reason: str) -> ApiError:
@@ -92,17 +96,20 @@ async def _link_principal(request: Request, st: State, rest: list[tuple[str, str
         maker, identity = None, OPERATOR
     else:
         maker = await st.tokens.by_name(params.by)
-        if maker is None or maker.token_id is None:  # revoked or expired since
-            raise ApiError(403, "the token that signed this link is no longer valid")
-        identity = token_identity(maker.token_id)
+        # An unknown, revoked or expired maker is verified all the same, against an
+        # identity that no token has: the same answer after the same work as a wrong
+        # signature, so that links tell nobody which token names exist.
+        identity = (NO_MAKER if maker is None or maker.token_id is None
+                    else token_identity(maker.token_id))
     # Signed without EXPORTER_ROOT_PATH: valid whether the proxy strips it or not.
     raw_path = app_raw_path(request.scope) or app_path(request.scope).encode()
     expected = signature(await st.links.key(), request.method, raw_path.decode("latin-1"),
                          rest, params.expires, params.by, identity)
-    if not hmac.compare_digest(expected.encode(), params.signature.encode()):
+    signed = hmac.compare_digest(expected.encode(), params.signature.encode())
+    if not signed or identity == NO_MAKER:
         # Also what a link of a token revoked and then replaced under its name gets: it
         # was signed for the old token's row.
-        raise ApiError(403, "invalid signed link")
+        raise ApiError(403, INVALID)
     if params.expires <= time.time():
         raise ApiError(403, "this signed link has expired")
     if maker is None:

