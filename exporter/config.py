@@ -228,6 +228,15 @@ class Settings(BaseSettings):
             raise ValueError(f"EXPORTER_ROOT_PATH may not start with a route's name ({value})")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # What a listening socket takes: a name or an address (IPv6 without brackets).
+        if not re.fullmatch(r"[A-Za-z0-9._:%-]+", value.strip()):
+            raise ValueError("not an address or host name to listen on (such as 127.0.0.1,"
+                             " 0.0.0.0 or ::1)")
+        return value.strip()
+
     @field_validator("files_accel_redirect")
     @classmethod
     def _accel(cls, value: str) -> str:

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,3 +165,105 @@ def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         process.wait(30)
     assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == "zombie"
+
+
+# --- issue 21: options checked as their settings; the port before anything; links ------
+
+# Nothing answers here: a command that got past its checks fails to connect (status 1).
+NO_DATABASE = "postgresql://exporter@127.0.0.1:1/nothing"
+
+
+def run(*args: str, env: dict[str, str], cwd: Path = ROOT,
+        timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """`python -m exporter.cli ARGS`, a real process of this checkout, with only the
+    EXPORTER_ variables of `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    clean.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=cwd, env=clean,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused_in_one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+# Each option that stands for a setting, with values its setting refuses.
+SETTING_OPTIONS = [
+    (["serve"], "--port", "EXPORTER_PORT", "99999"),
+    (["serve"], "--port", "EXPORTER_PORT", "0"),
+    (["serve"], "--port", "EXPORTER_PORT", "-80"),
+    (["serve"], "--port", "EXPORTER_PORT", "eighty"),
+    (["serve"], "--host", "EXPORTER_HOST", "local host"),
+    (["serve"], "--host", "EXPORTER_HOST", ""),
+    (["demo"], "--rows", "EXPORTER_DEMO_ROWS", "-5"),
+    (["demo"], "--rows", "EXPORTER_DEMO_ROWS", "1e3"),
+    (["demo"], "--file-size", "EXPORTER_DEMO_FILE_SIZE", "12X"),
+    (["demo"], "--file-size", "EXPORTER_DEMO_FILE_SIZE", "-1G"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "variable", "value"), SETTING_OPTIONS,
+                         ids=[f"{o}={v}" for _, o, _, v in SETTING_OPTIONS])
+def test_an_option_is_checked_as_its_setting(command: list[str], option: str, variable: str,
+                                             value: str, tmp_path: Path) -> None:
+    """`serve --port 99999` listened on 34463 (99999 - 65536) while EXPORTER_PORT=99999
+    was refused: the same value now gets the same one line from both, naming each its
+    own way, with status 2 before any database is used."""
+    env = {"EXPORTER_DATABASE_URL": NO_DATABASE, "EXPORTER_DATA_DIR": str(tmp_path / "var")}
+    by_option = refused_in_one_line(run(*command, f"{option}={value}", env=env,
+                                        cwd=tmp_path))
+    by_variable = refused_in_one_line(run(*command, env={**env, variable: value},
+                                          cwd=tmp_path))
+    assert by_option.startswith(f"exporter: {option}: "), by_option
+    assert by_variable == by_option.replace(option, variable, 1)
+    assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--workers", "0"], ["serve", "--log-level", "loud"],
+    ["downloads", "--limit", "-1"],
+], ids=" ".join)
+def test_options_without_a_setting_are_checked_before_anything_starts(
+        args: list[str], tmp_path: Path) -> None:
+    done = run(*args, env={"EXPORTER_DATABASE_URL": NO_DATABASE,
+                           "EXPORTER_DATA_DIR": str(tmp_path / "var")}, cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert f"Invalid value for '{args[1]}'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_valid_port_option_overrides_the_setting(tmp_path: Path) -> None:
+    """The option wins over EXPORTER_PORT (which is then not read), as before."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("serve", "--port", str(port),
+                   env={"EXPORTER_PORT": "99999", "EXPORTER_DATA_DIR": str(tmp_path / "var")},
+                   cwd=tmp_path)
+    # Refused for the port the option named, so the option was the one read.
+    assert f"port {port} " in refused_in_one_line(done)
+
+
+@pytest.mark.parametrize("given", ["--port", "EXPORTER_PORT"])
+def test_a_busy_port_is_refused_before_the_database_starts(given: str, tmp_path: Path) -> None:
+    """On a taken port, serve went through the whole first start (embedded PostgreSQL,
+    migrations, demo data), printed its banner and token, then [Errno 98] and status 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"EXPORTER_DATA_DIR": str(tmp_path / "var"), "EXPORTER_DEMO_ROWS": "10",
+               "EXPORTER_DEMO_FILE_SIZE": "1K"}
+        if given == "--port":
+            done = run("serve", "--port", str(port), env=env, cwd=tmp_path)
+        else:
+            done = run("serve", env={**env, "EXPORTER_PORT": str(port)}, cwd=tmp_path)
+    line = refused_in_one_line(done)
+    assert f"port {port} " in line and "--port" in line and "in use" in line, line
+    assert not (tmp_path / "var").exists()  # no embedded database was made, let alone started
+    assert not (tmp_path / "var" / "files").exists()
