@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,8 @@ import psutil
 import pytest
 
 import exporter
-from tests.support import ROOT, exporter_cli, free_port
+from tests.support import ROOT, Server, exporter_cli, free_port
+from tests.test_access import CLOSED, bearer, new_token
 
 DEMO_ROWS = 20_000
 
@@ -267,3 +270,92 @@ def test_a_busy_port_is_refused_before_the_database_starts(given: str, tmp_path:
     assert f"port {port} " in line and "--port" in line and "in use" in line, line
     assert not (tmp_path / "var").exists()  # no embedded database was made, let alone started
     assert not (tmp_path / "var" / "files").exists()
+
+
+@pytest.fixture(scope="module")
+def linker(database_url: str) -> str:
+    """A token that may link every dataset and file."""
+    return new_token(database_url, f"linker-{os.urandom(3).hex()}", "datasets:*", "files:*")
+
+
+def test_links_live_at_most_30_days_whoever_makes_them(server: Server, database_url: str,
+                                                       linker: str) -> None:
+    """`exporter link --expires 3000d` made a link valid until 2035 while POST /links
+    refused 31d: one rule for both."""
+    env = {"EXPORTER_DATABASE_URL": database_url}
+    for expires in ["31d", "3000d", "5w", "721h"]:
+        api = httpx.post(server.url + "/links", headers=bearer(linker),
+                         json={"url": "/files/README.txt", "expires_in": expires})
+        assert api.status_code == 400, api.text
+        message = api.json()["error"]["message"]
+        assert "at most 30 days" in message
+        line = refused_in_one_line(run("link", "/files/README.txt", "--expires", expires,
+                                       env=env))
+        assert line == f"exporter link: --expires: {message}"
+    api = httpx.post(server.url + "/links", headers=bearer(linker),
+                     json={"url": "/files/README.txt", "expires_in": "30d"})
+    assert api.status_code == 201, api.text
+    made = run("link", "/files/README.txt", "--expires", "30d", env=env)
+    assert made.returncode == 0, made.stderr
+    until = datetime.strptime(made.stderr.strip(), "valid until %Y-%m-%d %H:%M:%SZ")
+    in_30_days = datetime.now(UTC).replace(tzinfo=None) + timedelta(days=30)
+    assert abs(until - in_30_days) < timedelta(minutes=5)
+    assert until.date() == datetime.fromisoformat(api.json()["expires_at"]).date()
+
+
+PUBLIC_URL = "https://downloads.example.com"
+PREFIX = "/exporter"
+
+
+@pytest.mark.parametrize("public", [True, False], ids=["public-url", "host-and-port"])
+def test_the_cli_and_the_api_make_the_same_links(public: bool, make_server: type[Server],
+                                                 database_url: str, linker: str) -> None:
+    """`exporter link /files/x` built http://127.0.0.1:8000/... whatever the server's
+    public URL or prefix, and refused /exports/ID/file, which POST /links accepts. Both now
+    start links with EXPORTER_PUBLIC_URL (else the CLI with the host and port the server
+    is configured with) and the prefix, and take the same paths."""
+    settings = {"EXPORTER_ROOT_PATH": PREFIX}
+    if public:
+        settings["EXPORTER_PUBLIC_URL"] = PUBLIC_URL
+    server = make_server({**CLOSED, **settings}).start()
+    cli_env = {**settings, "EXPORTER_DATABASE_URL": database_url}
+    if not public:  # the settings the server runs with (the CLI cannot see its --port)
+        cli_env.update(EXPORTER_HOST="127.0.0.1", EXPORTER_PORT=str(server.port))
+    base = (PUBLIC_URL if public else server.url) + PREFIX
+    for path in ["/files/nested/data.json", "/datasets/orders.csv?limit=2&order=id",
+                 f"/exports/{uuid.uuid4()}/file", f"{PREFIX}/files/README.txt"]:
+        api = httpx.post(server.url + PREFIX + "/links", headers=bearer(linker),
+                         json={"url": path, "expires_in": "5m"})
+        assert api.status_code == 201, (path, api.text)
+        made = run("link", path, "--expires", "5m", env=cli_env)
+        assert made.returncode == 0, (path, made.stderr)
+        by_api, by_cli = api.json()["url"], made.stdout.strip()
+        unsigned = base + path.removeprefix(PREFIX)
+        # The same link but for its maker (`~by`, `~signature`) and expiry.
+        assert by_api.split("~expires=")[0] == by_cli.split("~expires=")[0], (by_api, by_cli)
+        assert by_cli.startswith(unsigned.split("?")[0] + "?"), by_cli
+        if path.startswith("/exports/"):
+            continue  # no such stored export: the link is well made, not usable
+        # Through the "proxy" that publishes the server at its public URL.
+        answers = [httpx.get(link.replace(PUBLIC_URL, server.url)) for link in (by_api, by_cli)]
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert answers[0].content == answers[1].content
+
+
+@pytest.mark.parametrize(("settings", "target"), [
+    ({"EXPORTER_PUBLIC_URL": "ftp://downloads.example.com"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": "downloads.example.com"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": "https://downloads.example.com/exporter"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": "https://downloads.example.com/?a=1"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": "https://me:pw@downloads.example.com"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": "https://downloads.example.com:99999"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": PUBLIC_URL}, "https://elsewhere.example/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": PUBLIC_URL}, "ftp://downloads.example.com/files/README.txt"),
+    ({"EXPORTER_HOST": "0.0.0.0"}, "/files/README.txt"),
+    ({"EXPORTER_HOST": "::"}, "/files/README.txt"),
+], ids=lambda v: v if isinstance(v, str) else "|".join(v.values()))
+def test_a_link_the_cli_cannot_place_is_refused_before_the_database(
+        settings: dict[str, str], target: str) -> None:
+    line = refused_in_one_line(run("link", target, env={**settings,
+                                                        "EXPORTER_DATABASE_URL": NO_DATABASE}))
+    assert "EXPORTER_PUBLIC_URL" in line or "http(s) URL" in line, line
