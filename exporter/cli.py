@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import os
 import signal
@@ -163,8 +164,12 @@ def listenable(host: str, port: int, *, given: bool) -> None:
                 probe.bind(address)
             except OSError as error:
                 reason = os.strerror(error.errno) if error.errno else str(error)
+                # Taken, or below 1024 without the right: another port. Not an address of
+                # this machine: another host.
+                hint = (f"choose another with {where}" if error.errno != errno.EADDRNOTAVAIL
+                        else "choose another address with --host (or EXPORTER_HOST)")
                 fail(f"exporter serve: cannot listen on port {port} of {host}"
-                     f" ({reason.lower()}): choose another with {where}")
+                     f" ({reason.lower()}): {hint}")
 
 
 def server_limits(settings: Settings) -> dict[str, Any]:
