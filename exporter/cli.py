@@ -5,9 +5,12 @@ module: it imports them."""
 from __future__ import annotations
 
 import asyncio
+import enum
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Annotated, Any
 
@@ -17,7 +20,7 @@ from exporter import __version__
 from exporter.access import cli as access_cli
 from exporter.clikit import MIGRATIONS as MIGRATIONS
 from exporter.clikit import alembic_config as alembic_config
-from exporter.clikit import database, own_process, start
+from exporter.clikit import database, fail, own_process, start
 from exporter.clikit import migrate as migrate
 from exporter.config import Settings
 from exporter.exports import cli as exports_cli
@@ -26,6 +29,18 @@ from exporter.server.logs import log_config
 from exporter.stored import cli as stored_cli
 
 log = logging.getLogger("exporter")
+
+
+class LogLevel(enum.StrEnum):
+    """uvicorn's levels (uvicorn.config.LOG_LEVELS), named here so that no command but
+    serve imports uvicorn."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
 
 
 app = typer.Typer(
@@ -73,20 +88,25 @@ async def _demo_token(settings: Settings, url: str) -> str:
 @app.command(help="migrate, load the demo data if empty, and serve")
 def serve(
     host: Annotated[str | None, typer.Option(
-        metavar="HOST", help="address to listen on (default 127.0.0.1)",
+        metavar="HOST", help="address to listen on (default EXPORTER_HOST, 127.0.0.1)",
         show_default=False)] = None,
-    port: Annotated[int | None, typer.Option(
-        metavar="PORT", help="port to listen on (default 8000)", show_default=False)] = None,
-    workers: Annotated[int, typer.Option(metavar="N", help="worker processes")] = 1,
-    log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL")] = "info",
+    # Text, checked by the settings as EXPORTER_PORT is (a port of 99999 is no port).
+    port: Annotated[str | None, typer.Option(
+        metavar="PORT", help="port to listen on (default EXPORTER_PORT, 8000)",
+        show_default=False)] = None,
+    workers: Annotated[int, typer.Option(metavar="N", min=1, help="worker processes")] = 1,
+    log_level: Annotated[LogLevel, typer.Option(
+        "--log-level", case_sensitive=False)] = LogLevel.info,
     no_access_log: Annotated[bool, typer.Option(
         "--no-access-log", help="no line per request")] = False,
 ) -> None:
     import uvicorn
 
-    settings = start()
-    host = host or settings.host
-    port = port or settings.port
+    settings = start({"host": ("--host", host), "port": ("--port", port)})
+    host, port_number = settings.host, settings.port
+    # Before anything else: a port that is taken would otherwise show up only after the
+    # whole set-up (the embedded server, migrations, the demo data), banner printed.
+    listenable(host, port_number, given=port is not None)
     with database(settings, "serve") as url:
         migrate(url)
         if settings.embedded:
@@ -98,7 +118,7 @@ def serve(
             token = asyncio.run(_demo_token(settings, url))
         # Workers are separate processes: they find the database through the environment.
         os.environ["EXPORTER_DATABASE_URL"] = url
-        base = f"http://{host}:{port}"
+        base = f"http://{f'[{host}]' if ':' in host else host}:{port_number}"
         print(f"\nexporter serves {base}  (Ctrl-C stops it)", flush=True)
         if settings.embedded:
             print(
@@ -118,13 +138,38 @@ def serve(
         # default action that would kill us before the embedded database is stopped.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(
-            "exporter.app:create_app", factory=True, host=host, port=port,
-            workers=workers, log_level=log_level, access_log=not no_access_log,
-            log_config=log_config(settings.log_format, log_level),
+            "exporter.app:create_app", factory=True, host=host, port=port_number,
+            workers=workers, log_level=log_level.value, access_log=not no_access_log,
+            log_config=log_config(settings.log_format, log_level.value),
             timeout_graceful_shutdown=settings.shutdown_grace,
             timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
             **server_limits(settings),
         )
+
+
+def listenable(host: str, port: int, *, given: bool) -> None:
+    """Stop with one line and status 2 unless a server could listen on host:port now (as
+    uvicorn binds: every address of the name, SO_REUSEADDR). The port is let go again:
+    the same check that uvicorn makes, made before the set-up rather than after it."""
+    where = "--port" if given else "--port (or EXPORTER_PORT)"
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as error:
+        fail(f"exporter serve: cannot listen on {host}: {error}")
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                reason = os.strerror(error.errno) if error.errno else str(error)
+                # Taken, or below 1024 without the right: another port. Not an address of
+                # this machine: another host.
+                hint = (f"choose another with {where}" if error.errno != errno.EADDRNOTAVAIL
+                        else "choose another address with --host (or EXPORTER_HOST)")
+                fail(f"exporter serve: cannot listen on port {port} of {host}"
+                     f" ({reason.lower()}): {hint}")
 
 
 def server_limits(settings: Settings) -> dict[str, Any]:
@@ -153,7 +198,7 @@ def migrate_command() -> None:
 
 @app.command(help="(re)create the demo dataset")
 def demo(
-    rows: Annotated[int | None, typer.Option(
+    rows: Annotated[str | None, typer.Option(
         metavar="N", help="rows in exports.orders (default EXPORTER_DEMO_ROWS, 1,000,000)",
         show_default=False)] = None,
     file_size: Annotated[str | None, typer.Option(
@@ -163,19 +208,20 @@ def demo(
         "--files", help="create the demo files even in a files root that is not the"
         " default var/files (EXPORTER_FILES_ROOT)")] = False,
 ) -> None:
-    settings = start()
-    rows = settings.demo_rows if rows is None else rows
-    file_size = settings.demo_file_size if file_size is None else file_size
+    # Checked as EXPORTER_DEMO_ROWS and EXPORTER_DEMO_FILE_SIZE are, and taken from them.
+    settings = start({"demo_rows": ("--rows", rows),
+                      "demo_file_size": ("--file-size", file_size)})
     # The demo is the local setup command, like migrate: it may bring the schema to head.
     with database(settings, "demo") as url:
         migrate(url)
-        asyncio.run(exports_cli.load_demo(settings, url, rows, only_if_empty=False))
-        print(f"loaded {rows} rows into {settings.dataset_schema}.orders")
+        asyncio.run(exports_cli.load_demo(settings, url, settings.demo_rows,
+                                          only_if_empty=False))
+        print(f"loaded {settings.demo_rows} rows into {settings.dataset_schema}.orders")
     if not (files or files_cli.default_root(settings)):
         print(f"left EXPORTER_FILES_ROOT ({settings.files_root}) alone: pass --files to"
               " create the demo files there")
         return
-    files_cli.demo_files(settings, file_size, only_if_empty=False)
+    files_cli.demo_files(settings, settings.demo_file_size, only_if_empty=False)
     print(f"created the demo files in {settings.files_root}")
 
 

@@ -12,11 +12,11 @@ import logging.config
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from exporter import __version__
 from exporter.config import Settings
@@ -67,28 +67,40 @@ def fail(message: str, status: int = 2) -> NoReturn:
     raise SystemExit(status)
 
 
-def start() -> Settings:
-    """A command's first step: the settings (one line per mistake, status 2), and logging."""
-    settings = load_settings()
+def start(options: Mapping[str, tuple[str, str | None]] | None = None) -> Settings:
+    """A command's first step: the settings (one line per mistake, status 2), and logging.
+
+    `options` are the command's options that stand for a setting, by the setting's name:
+    (the option, its value as typed or None when not given). A given one is checked
+    exactly as its EXPORTER_ variable is (one line naming the option) and overrides it."""
+    settings = load_settings(options or {})
     if _own_process:
         logging.config.dictConfig(log_config(settings.log_format))
     return settings
 
 
-def load_settings() -> Settings:
-    """The settings, or one line per mistake naming its variable and exit status 2."""
+def load_settings(options: Mapping[str, tuple[str, str | None]] | None = None) -> Settings:
+    """The settings, or one line per mistake naming its variable (or option) and exit
+    status 2."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    given: dict[str, Any] = {name: value for name, (_, value) in (options or {}).items()
+                             if value is not None}
+    flags = {name: flag for name, (flag, value) in (options or {}).items() if value is not None}
     try:
-        return Settings()
+        # Given as text, as the environment gives them: the same parsing, the same checks.
+        return Settings(**given)
     except (ValidationError, SettingsError) as error:
-        for line in settings_errors(error):
+        for line in settings_errors(error, flags):
             print(f"exporter: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def settings_errors(error: ValidationError | SettingsError) -> list[str]:
+def settings_errors(error: ValidationError | SettingsError,
+                    flags: Mapping[str, str] | None = None) -> list[str]:
+    """One line per mistake, naming the variable, or the option (`flags`, by setting) that
+    gave the value."""
     from pydantic import ValidationError
 
     if not isinstance(error, ValidationError):
@@ -100,8 +112,8 @@ def settings_errors(error: ValidationError | SettingsError) -> list[str]:
     lines = []
     for problem in error.errors(include_url=False, include_input=False):
         where = str(problem["loc"][0]) if problem["loc"] else ""
-        name = where if where.startswith("EXPORTER_") else (
-            f"EXPORTER_{where.upper()}" if where else "")
+        name = (flags or {}).get(where) or (where if where.startswith("EXPORTER_") else (
+            f"EXPORTER_{where.upper()}" if where else ""))
         message = str(problem["msg"]).removeprefix("Value error, ")
         lines.append(f"{name}: {message}" if name else message)
     return lines

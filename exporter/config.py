@@ -6,6 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # The URL clients reach the server at, as a proxy in front publishes it
+    # ("https://downloads.example.com"; the path prefix is `root_path`). Signed links, of
+    # POST /links and of `exporter link` alike, start with it. Unset: POST /links uses the
+    # host the client asked for, `exporter link` http://host:port of these settings.
+    public_url: str = ""
     pool_size: int = Field(default=10, ge=1)
     pool_max_overflow: int = Field(default=20, ge=0)
     # Seconds a request waits for a pool connection before its 503. Exports are capped
@@ -242,6 +248,35 @@ class Settings(BaseSettings):
             raise ValueError(f"EXPORTER_ROOT_PATH may not start with a route's name ({value})")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # What a listening socket takes: a name or an address (IPv6 without brackets).
+        if not re.fullmatch(r"[A-Za-z0-9._:%-]+", value.strip()):
+            raise ValueError("not an address or host name to listen on (such as 127.0.0.1,"
+                             " 0.0.0.0 or ::1)")
+        return value.strip()
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        try:
+            url = urlsplit(value)
+            url.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError:
+            url = urlsplit("")
+        if url.scheme not in ("http", "https") or not url.hostname or url.username \
+                or url.password or url.query or url.fragment or "#" in value:
+            raise ValueError("not the URL clients reach the server at (such as"
+                             " https://downloads.example.com)")
+        if url.path not in ("", "/"):
+            raise ValueError("a scheme and a host (and port) only: a path prefix"
+                             f" ({url.path}) goes into EXPORTER_ROOT_PATH")
+        return f"{url.scheme}://{url.netloc}"
+
     @field_validator("files_accel_redirect")
     @classmethod
     def _accel(cls, value: str) -> str:
@@ -291,6 +326,15 @@ class Settings(BaseSettings):
                 f"EXPORTER_FILE_CHUNK_SIZE ({self.file_chunk_size}) is larger than"
                 f" EXPORTER_FILE_CHUNK_SIZE_MAX ({self.file_chunk_size_max})")
         return self
+
+    @property
+    def public_base(self) -> str | None:
+        """Where signed links start (`public_url` and the prefix), if configured."""
+        return self.public_url + self.root_path if self.public_url else None
+
+    @property
+    def public_netloc(self) -> str | None:
+        return urlsplit(self.public_url).netloc if self.public_url else None
 
     @property
     def embedded(self) -> bool:

@@ -8,9 +8,12 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -18,7 +21,8 @@ import psutil
 import pytest
 
 import exporter
-from tests.support import ROOT, exporter_cli, free_port
+from tests.support import ROOT, Server, exporter_cli, free_port
+from tests.test_access import CLOSED, bearer, new_token
 
 DEMO_ROWS = 20_000
 
@@ -164,3 +168,185 @@ def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         process.wait(30)
     assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == "zombie"
+
+
+# --- issue 21: options checked as their settings; the port before anything; links ------
+
+# Nothing answers here: a command that got past its checks fails to connect (status 1).
+NO_DATABASE = "postgresql://exporter@127.0.0.1:1/nothing"
+
+
+def run(*args: str, env: dict[str, str], cwd: Path = ROOT,
+        timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """`python -m exporter.cli ARGS`, a real process of this checkout, with only the
+    EXPORTER_ variables of `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    clean.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=cwd, env=clean,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused_in_one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+# Each option that stands for a setting, with values its setting refuses.
+SETTING_OPTIONS = [
+    (["serve"], "--port", "EXPORTER_PORT", "99999"),
+    (["serve"], "--port", "EXPORTER_PORT", "0"),
+    (["serve"], "--port", "EXPORTER_PORT", "eighty"),
+    (["serve"], "--host", "EXPORTER_HOST", "local host"),
+    (["demo"], "--rows", "EXPORTER_DEMO_ROWS", "-5"),
+    (["demo"], "--file-size", "EXPORTER_DEMO_FILE_SIZE", "12X"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "variable", "value"), SETTING_OPTIONS,
+                         ids=[f"{o}={v}" for _, o, _, v in SETTING_OPTIONS])
+def test_an_option_is_checked_as_its_setting(command: list[str], option: str, variable: str,
+                                             value: str, tmp_path: Path) -> None:
+    """`serve --port 99999` listened on 34463 (99999 - 65536) while EXPORTER_PORT=99999
+    was refused: the same value now gets the same one line from both, naming each its
+    own way, with status 2 before any database is used."""
+    env = {"EXPORTER_DATABASE_URL": NO_DATABASE, "EXPORTER_DATA_DIR": str(tmp_path / "var")}
+    by_option = refused_in_one_line(run(*command, f"{option}={value}", env=env,
+                                        cwd=tmp_path))
+    # The variable's line, as ever (in process: a real one costs a Python start-up).
+    by_variable = refused_in_one_line(exporter_cli(*command, env={**env, variable: value}))
+    assert by_option.startswith(f"exporter: {option}: "), by_option
+    assert by_variable == by_option.replace(option, variable, 1)
+    assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--workers", "0"], ["serve", "--log-level", "loud"],
+    ["downloads", "--limit", "-1"],
+], ids=" ".join)
+def test_options_without_a_setting_are_checked_before_anything_starts(
+        args: list[str], tmp_path: Path) -> None:
+    done = run(*args, env={"EXPORTER_DATABASE_URL": NO_DATABASE,
+                           "EXPORTER_DATA_DIR": str(tmp_path / "var")}, cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert f"Invalid value for '{args[1]}'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_valid_port_option_overrides_the_setting(tmp_path: Path) -> None:
+    """The option wins over EXPORTER_PORT (which is then not read), as before."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("serve", "--port", str(port),
+                   env={"EXPORTER_PORT": "99999", "EXPORTER_DATA_DIR": str(tmp_path / "var")},
+                   cwd=tmp_path)
+    # Refused for the port the option named, so the option was the one read.
+    assert f"port {port} " in refused_in_one_line(done)
+
+
+@pytest.mark.parametrize("given", ["--port", "EXPORTER_PORT"])
+def test_a_busy_port_is_refused_before_the_database_starts(given: str, tmp_path: Path) -> None:
+    """On a taken port, serve went through the whole first start (embedded PostgreSQL,
+    migrations, demo data), printed its banner and token, then [Errno 98] and status 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"EXPORTER_DATA_DIR": str(tmp_path / "var"), "EXPORTER_DEMO_ROWS": "10",
+               "EXPORTER_DEMO_FILE_SIZE": "1K"}
+        if given == "--port":
+            done = run("serve", "--port", str(port), env=env, cwd=tmp_path)
+        else:
+            done = run("serve", env={**env, "EXPORTER_PORT": str(port)}, cwd=tmp_path)
+    line = refused_in_one_line(done)
+    assert f"port {port} " in line and "--port" in line and "in use" in line, line
+    assert not (tmp_path / "var").exists()  # no embedded database was made, let alone started
+    assert not (tmp_path / "var" / "files").exists()
+
+
+@pytest.fixture(scope="module")
+def linker(database_url: str) -> str:
+    """A token that may link every dataset and file."""
+    return new_token(database_url, f"linker-{os.urandom(3).hex()}", "datasets:*", "files:*")
+
+
+def test_links_live_at_most_30_days_whoever_makes_them(server: Server, database_url: str,
+                                                       linker: str) -> None:
+    """`exporter link --expires 3000d` made a link valid until 2035 while POST /links
+    refused 31d: one rule for both."""
+    env = {"EXPORTER_DATABASE_URL": database_url}
+    for expires in ["31d", "3000d"]:
+        api = httpx.post(server.url + "/links", headers=bearer(linker),
+                         json={"url": "/files/README.txt", "expires_in": expires})
+        assert api.status_code == 400, api.text
+        message = api.json()["error"]["message"]
+        assert "at most 30 days" in message
+        line = refused_in_one_line(run("link", "/files/README.txt", "--expires", expires,
+                                       env=env))
+        assert line == f"exporter link: --expires: {message}"
+    api = httpx.post(server.url + "/links", headers=bearer(linker),
+                     json={"url": "/files/README.txt", "expires_in": "30d"})
+    assert api.status_code == 201, api.text
+    made = run("link", "/files/README.txt", "--expires", "30d", env=env)
+    assert made.returncode == 0, made.stderr
+    until = datetime.strptime(made.stderr.strip(), "valid until %Y-%m-%d %H:%M:%SZ")
+    in_30_days = datetime.now(UTC).replace(tzinfo=None) + timedelta(days=30)
+    assert abs(until - in_30_days) < timedelta(minutes=5)
+    assert until.date() == datetime.fromisoformat(api.json()["expires_at"]).date()
+
+
+PUBLIC_URL = "https://downloads.example.com"
+PREFIX = "/exporter"
+
+
+@pytest.mark.parametrize("public", [True, False], ids=["public-url", "host-and-port"])
+def test_the_cli_and_the_api_make_the_same_links(public: bool, make_server: type[Server],
+                                                 database_url: str, linker: str) -> None:
+    """`exporter link /files/x` built http://127.0.0.1:8000/... whatever the server's
+    public URL or prefix, and refused /exports/ID/file, which POST /links accepts. Both now
+    start links with EXPORTER_PUBLIC_URL (else the CLI with the host and port the server
+    is configured with) and the prefix, and take the same paths."""
+    settings = {"EXPORTER_ROOT_PATH": PREFIX}
+    if public:
+        settings["EXPORTER_PUBLIC_URL"] = PUBLIC_URL
+    server = make_server({**CLOSED, **settings}).start()
+    cli_env = {**settings, "EXPORTER_DATABASE_URL": database_url}
+    if not public:  # the settings the server runs with (the CLI cannot see its --port)
+        cli_env.update(EXPORTER_HOST="127.0.0.1", EXPORTER_PORT=str(server.port))
+    base = (PUBLIC_URL if public else server.url) + PREFIX
+    for path in ["/files/nested/data.json", "/datasets/orders.csv?limit=2&order=id",
+                 f"/exports/{uuid.uuid4()}/file", f"{PREFIX}/files/README.txt"]:
+        api = httpx.post(server.url + PREFIX + "/links", headers=bearer(linker),
+                         json={"url": path, "expires_in": "5m"})
+        assert api.status_code == 201, (path, api.text)
+        made = run("link", path, "--expires", "5m", env=cli_env)
+        assert made.returncode == 0, (path, made.stderr)
+        by_api, by_cli = api.json()["url"], made.stdout.strip()
+        unsigned = base + path.removeprefix(PREFIX)
+        # The same link but for its maker (`~by`, `~signature`) and expiry.
+        assert by_api.split("~expires=")[0] == by_cli.split("~expires=")[0], (by_api, by_cli)
+        assert by_cli.startswith(unsigned.split("?")[0] + "?"), by_cli
+        if path.startswith("/exports/"):
+            continue  # no such stored export: the link is well made, not usable
+        # Through the "proxy" that publishes the server at its public URL.
+        answers = [httpx.get(link.replace(PUBLIC_URL, server.url)) for link in (by_api, by_cli)]
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert answers[0].content == answers[1].content
+
+
+@pytest.mark.parametrize(("settings", "target"), [
+    ({"EXPORTER_PUBLIC_URL": "ftp://downloads.example.com"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": "https://downloads.example.com/exporter"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": "https://me:pw@downloads.example.com"}, "/files/README.txt"),
+    ({"EXPORTER_PUBLIC_URL": PUBLIC_URL}, "https://elsewhere.example/files/README.txt"),
+    ({"EXPORTER_HOST": "0.0.0.0"}, "/files/README.txt"),
+], ids=lambda v: v if isinstance(v, str) else "|".join(v.values()))
+def test_a_link_the_cli_cannot_place_is_refused_before_the_database(
+        settings: dict[str, str], target: str) -> None:
+    line = refused_in_one_line(run("link", target, env={**settings,
+                                                        "EXPORTER_DATABASE_URL": NO_DATABASE}))
+    assert "EXPORTER_PUBLIC_URL" in line or "http(s) URL" in line, line

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,9 +22,26 @@ from exporter.config import Settings
 from exporter.web import page
 from tests.inprocess import InProcess
 from tests.support import run_sql
+from tests.test_access import new_token
 
 FILES = 1005  # one more page than FOLDER_ENTRIES
 XSS = "<img src=x onerror=alert(1)>'\"$(id).txt"
+# A dataset name a shell would read (a token's scope may hold anything but spaces and /).
+HOSTILE_VIEW = "\u2039img<b>'\"x$(id)`id`;*&|"
+
+
+def quoted_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def arguments(command: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """A command as the page shows it, run by `sh` with its program replaced by printf:
+    the program's name, and the arguments exactly as the program would get them."""
+    program, _, rest = command.partition(" ")
+    done = subprocess.run(["sh", "-c", "printf '%s\\n' " + rest], capture_output=True,
+                          text=True, timeout=30, env={"PATH": os.environ["PATH"], **(env or {})})
+    assert done.returncode == 0 and done.stderr == "", (command, done.stderr)
+    return program, done.stdout.splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +168,32 @@ def test_names_are_text_never_markup(app: InProcess) -> None:
     assert r.status_code == 200
     assert "<img src=x" not in r.text
     assert "&lt;img src=x onerror=alert(1)&gt;&#39;&#34;$(id).txt" in r.text
+
+
+def test_every_command_on_the_page_is_shell_quoted(app: InProcess, database_url: str) -> None:
+    """The token hint printed `--scope datasets:<name>` unquoted, so a view named with
+    quotes and $( ) broke the command or ran more than it said. Every command of the page,
+    run by sh, now hands its program the arguments it shows (the program replaced by
+    printf): the hint's scope, and curl's and wget's URL, the download link's own."""
+    run_sql(database_url, f"CREATE VIEW exports.{quoted_ident(HOSTILE_VIEW)} AS SELECT 1 AS id")
+    try:
+        token = new_token(database_url, f"hostile-{os.urandom(3).hex()}",
+                          f"datasets:{HOSTILE_VIEW}")
+        r = app.get("/", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+        commands = {cls: html.unescape(text) for cls, text in re.findall(
+            r'<pre class="cmd ([\w-]+)">(.*?)</pre>', r.text, re.S)}
+        assert set(commands) == {"token-cmd", "curl", "wget"}, commands
+        assert arguments(commands["token-cmd"]) == ("exporter", [
+            "token", "create", "--name", "YOUR-NAME", "--scope", f"datasets:{HOSTILE_VIEW}",
+            "--expires", "90d"])
+        link = html.unescape(re.findall(r'<a class="button export" data-format="[a-z]+"'
+                                        r' href="([^"]*)"', r.text)[0])
+        assert HOSTILE_VIEW not in link and "/datasets/" in link  # percent-encoded
+        header = "Authorization: Bearer exp_secret"
+        secret = {"EXPORTER_TOKEN": "exp_secret"}
+        assert arguments(commands["curl"], secret) == ("curl", ["-fOJ", "-H", header, link])
+        assert arguments(commands["wget"], secret) == (
+            "wget", ["--content-disposition", f"--header={header}", link])
+    finally:
+        run_sql(database_url, f"DROP VIEW exports.{quoted_ident(HOSTILE_VIEW)}")

@@ -30,6 +30,7 @@ from playwright.sync_api import Browser, BrowserContext, Locator, Page, sync_pla
 from tests.support import Server, fetch, run_sql, wait_until
 from tests.test_access import CLOSED, bearer, new_token
 from tests.test_browser import ARGS, CHROMIUM, DESKTOP, PHONE, sign_in
+from tests.test_inprocess_page import HOSTILE_VIEW, arguments, quoted_ident
 
 pytestmark = pytest.mark.needs("chromium")
 
@@ -309,6 +310,61 @@ def test_copy_buttons_copy(site: tuple[Server, str], context: BrowserContext,
     (tmp_path / "README.txt").write_bytes(readme)
     done = subprocess.run(["sh", "-c", check], cwd=tmp_path, capture_output=True, timeout=30)
     assert done.returncode == 0 and done.stdout == b"README.txt: OK\n", done
+
+
+# A value a shell would read, for a filter of the hostile view.
+HOSTILE_VALUE = "it's \"$(id)\" `id`; &|*"
+
+
+@pytest.mark.needs("curl")
+def test_copied_commands_do_what_they_say(site: tuple[Server, str], context: BrowserContext,
+                                          database_url: str, tmp_path: Path) -> None:
+    """A view named with quotes and $( ) appeared raw in the token hint's command. Every
+    copied command now hands its program the arguments it shows (the program replaced by
+    printf), and the copied curl, run by sh, downloads what the builder chose."""
+    server, _ = site
+    view = f"exports.{quoted_ident(HOSTILE_VIEW)}"
+    hostile = HOSTILE_VALUE.replace("'", "''")
+    # In a thread: Playwright's sync API holds an event loop in this one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(run_sql, database_url, f"CREATE VIEW {view} AS SELECT 1 AS id,"
+                    f" 'plain'::text AS note UNION ALL SELECT 2, '{hostile}'").result(60)
+    try:
+        token = new_token(database_url, f"hostile-{os.urandom(3).hex()}",
+                          f"datasets:{HOSTILE_VIEW}")
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        page = open_page((server, token), context)
+
+        def copied(button: Locator) -> str:
+            button.click()
+            text: str = page.evaluate("navigator.clipboard.readText()")
+            return text
+
+        assert arguments(copied(page.locator(".token-hint button.copy"))) == ("exporter", [
+            "token", "create", "--name", "YOUR-NAME", "--scope", f"datasets:{HOSTILE_VIEW}",
+            "--expires", "90d"])
+        c = page.locator("article[data-dataset]")
+        assert c.get_attribute("data-dataset") == HOSTILE_VIEW
+        c.locator("summary:text-is('Choose rows')").click()
+        add_filter(c, "note", "equals").locator(".value").fill(HOSTILE_VALUE)
+        link = c.locator("a.export").first.get_attribute("href")
+        assert link is not None and "note=eq." in link
+        link = httpx.URL(server.url).join(link)
+        curl = copied(c.locator(".commands button.copy").nth(0))
+        wget = copied(c.locator(".commands button.copy").nth(1))
+        header = "Authorization: Bearer exp_secret"
+        secret = {"EXPORTER_TOKEN": "exp_secret"}
+        assert arguments(curl, secret) == ("curl", ["-fOJ", "-H", header, str(link)])
+        assert arguments(wget, secret) == (
+            "wget", ["--content-disposition", f"--header={header}", str(link)])
+        done = subprocess.run(["sh", "-c", curl], cwd=tmp_path, capture_output=True,
+                              timeout=60, env={**os.environ, "EXPORTER_TOKEN": token})
+        assert done.returncode == 0, done.stderr
+        [saved] = [f for f in tmp_path.iterdir() if f.suffix == ".csv"]
+        assert csv_rows(saved.read_bytes()) == [["id", "note"], ["2", HOSTILE_VALUE]]
+    finally:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(run_sql, database_url, f"DROP VIEW IF EXISTS {view}").result(60)
 
 
 def test_prepared_download_shows_progress_then_the_file(

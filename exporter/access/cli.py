@@ -5,18 +5,27 @@ from __future__ import annotations
 import os
 import sys
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
-from exporter.access.links import OPERATOR, LinkKeys, sign, split_query
+from exporter.access.links import (
+    OPERATOR,
+    LinkKeys,
+    check_link_path,
+    link_lifetime,
+    sign,
+    split_query,
+)
 from exporter.access.principal import ADMIN, ALL_DATASETS, ALL_FILES, SCOPE_FORMS
 from exporter.access.tokens import TokenStore
 from exporter.clikit import fail, print_table, start, when, with_engine
+from exporter.config import Settings
 from exporter.server.prefix import strip_root
 
 DEMO_TOKEN_NAME = "demo"
@@ -78,8 +87,9 @@ def token_revoke(
 def link(
     target: Annotated[str, typer.Argument(
         metavar="URL|rotate-key",
-        help="a URL or path under /datasets/ or /files/, with its query")],
-    expires: Annotated[str, typer.Option("--expires", metavar="DURATION", help="lifetime")] = "15m",
+        help="a URL or path under /datasets/, /files/ or /exports/, with its query")],
+    expires: Annotated[str, typer.Option(
+        "--expires", metavar="DURATION", help="lifetime, at most 30d")] = "15m",
 ) -> None:
     settings = start()
     if target == "rotate-key":
@@ -89,28 +99,64 @@ def link(
         print("link signing key rotated: every link made before no longer works",
               file=sys.stderr)
         return
+    # Everything is checked before the database starts: a typo costs nothing.
+    try:
+        lifetime = link_lifetime(expires)
+    except ValueError as error:
+        fail(f"exporter link: --expires: {error}")
     try:
         url = urlsplit(target)
+        url.port  # noqa: B018 - raises ValueError for a port that is not one
     except ValueError as error:
         fail(f"exporter link: not a URL: {error}")
     # A URL as users see it, behind a proxy, carries EXPORTER_ROOT_PATH: signed without it.
     path = strip_root(url.path, settings.root_path)
-    if not path.startswith(("/datasets/", "/files/")):
-        fail("exporter link: give a URL or path under /datasets/ or /files/")
+    try:
+        check_link_path(path)
+    except ValueError as error:
+        fail(f"exporter link: {error}")
     if split_query(url.query)[1]:
         fail("exporter link: the URL is already signed (or names a ~ parameter of"
              " signed links)")
-    base = f"{url.scheme}://{url.netloc}" if url.netloc else (
-        f"http://{settings.host}:{settings.port}")
-    expires_at = datetime.now(UTC) + _duration("exporter link", expires)
+    base = link_base(settings, url)
+    expires_at = datetime.now(UTC) + lifetime
 
     async def signed(engine: AsyncEngine) -> str:
         key = await LinkKeys(engine, settings.link_secret).key()
         return sign(key, path, url.query, expires_at, OPERATOR, OPERATOR)
 
-    root = url.path[:len(url.path) - len(path)]  # the prefix, kept where it was given
-    print(base + root + with_engine(settings, "link", signed))
+    print(base + with_engine(settings, "link", signed))
     print(f"valid until {when(expires_at)}", file=sys.stderr)
+
+
+def link_base(settings: Settings, url: SplitResult) -> str:
+    """Where an operator's link starts, with the prefix, as POST /links makes them: the
+    configured public URL; else the URL given, or the server's own host and port."""
+    given = None
+    if url.scheme or url.netloc:
+        if url.scheme not in ("http", "https") or not url.hostname:
+            fail("exporter link: give a path such as /files/x, or an http(s) URL")
+        given = f"{url.scheme}://{url.netloc}"
+    if settings.public_url:
+        if given not in (None, settings.public_url):
+            fail(f"exporter link: links point at EXPORTER_PUBLIC_URL ({settings.public_url}):"
+                 " give the path, or a URL under it")
+        return settings.public_url + settings.root_path
+    if given:
+        return given + settings.root_path
+    host = settings.host
+    if ip_address_or_none(host) in (IPv4Address("0.0.0.0"), IPv6Address("::")):
+        fail(f"exporter link: the server listens on every address (EXPORTER_HOST={host}):"
+             " set EXPORTER_PUBLIC_URL to the URL clients use, or give a full URL")
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.port}{settings.root_path}"
+
+
+def ip_address_or_none(host: str) -> IPv4Address | IPv6Address | None:
+    try:
+        return ip_address(host)
+    except ValueError:
+        return None
 
 
 def register(app: typer.Typer) -> None:

@@ -20,13 +20,14 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.access.durations import parse_duration
 from exporter.access.tokens import is_token_name
 from exporter.tables import secrets as secrets_table
 
@@ -45,6 +46,11 @@ _SIGNATURE = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes of HMAC, unpadded base
 # that exists would list the token names to anyone who asks.
 INVALID = "invalid signed link: changed since it was made, or its token was revoked or expired"
 REDACTED = "REDACTED"
+# A link lives at most this long, whoever makes it (POST /links or `exporter link`): it
+# can only be stopped with its maker's token, or for all at once by rotating the key.
+MAX_LIFETIME = timedelta(days=30)
+# What a link may point at: an export, a file or folder, a stored export's file.
+LINKABLE = ("/datasets/", "/files/", "/exports/")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,22 @@ def token_identity(token_id: int) -> str:
     """What a token's links are bound to: its row, which a new token of the same name
     never has."""
     return f"token {token_id}"
+
+
+def link_lifetime(text: str) -> timedelta:
+    """A link's lifetime from a duration such as 15m; ValueError beyond MAX_LIFETIME."""
+    lifetime = parse_duration(text)
+    if lifetime > MAX_LIFETIME:
+        raise ValueError(f"a link lives at most {MAX_LIFETIME.days} days")
+    return lifetime
+
+
+def check_link_path(path: str) -> None:
+    """ValueError unless `path` (without EXPORTER_ROOT_PATH) is one a link may point at."""
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        raise ValueError("a link's path may not hold . or .. segments")
+    if not path.startswith(LINKABLE):
+        raise ValueError(f"a link points under {', '.join(LINKABLE[:-1])} or {LINKABLE[-1]}")
 
 
 def canonical_path(path: str) -> str:

@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from exporter.access.durations import parse_duration
-from exporter.access.links import sign, token_identity
+from exporter.access.links import LINKABLE, check_link_path, link_lifetime, sign, token_identity
 from exporter.access.principal import ANONYMOUS, TOKEN, Principal
 from exporter.access.tokens import TokenInfo
 from exporter.errors import ApiError, bad_parameter
@@ -17,21 +16,24 @@ from exporter.export_names import dataset_names
 from exporter.server.prefix import strip_root
 from exporter.state import State
 
-MAX_LIFETIME = parse_duration("30d")
-
 
 def may_link(principal: Principal, path: str) -> bool:
     """Whether the principal's scopes cover what `path` serves."""
-    if any(segment in (".", "..") for segment in unquote(path).split("/")):
-        raise bad_parameter("url", "a link's path may not hold . or .. segments")
+    try:
+        check_link_path(path)
+    except ValueError as error:
+        if not path.startswith(LINKABLE):
+            return False  # answered as any target the principal may not download
+        raise bad_parameter("url", str(error)) from None
     if path.startswith("/datasets/"):
         name = unquote(path[len("/datasets/"):])
         return bool(name) and any(principal.may_read_dataset(n) for n in dataset_names(name))
     if path.startswith("/files/"):
         relative = unquote(path[len("/files/"):])
         return principal.may_read_file(relative) or principal.may_list_folder(relative)
-    # A stored export: when the link is used, only its maker's (or an admin's) answer.
-    return path.startswith("/exports/")
+    # A stored export (/exports/): when the link is used, only its maker's (or an
+    # admin's) answer.
+    return True
 
 
 async def _may_link_export(st: State, principal: Principal, path: str) -> bool:
@@ -60,16 +62,14 @@ async def create_link(st: State, principal: Principal, raw_body: bytes, netloc: 
     if not isinstance(body, dict) or not isinstance(body.get("url"), str):
         raise bad_parameter("url", "'url' must be a path such as /datasets/orders.csv?id=gt.5")
     try:
-        lifetime = parse_duration(str(body.get("expires_in", "15m")))
+        lifetime = link_lifetime(str(body.get("expires_in", "15m")))
     except ValueError as error:
         raise bad_parameter("expires_in", str(error)) from None
-    if lifetime > MAX_LIFETIME:
-        raise bad_parameter("expires_in", "a link lives at most 30 days")
     try:
         url = urlsplit(body["url"])
     except ValueError as error:  # such as an unclosed [ of an IPv6 address
         raise bad_parameter("url", f"not a URL: {error}") from None
-    if url.scheme or (url.netloc and url.netloc != netloc):
+    if url.scheme or (url.netloc and url.netloc not in (netloc, st.settings.public_netloc)):
         raise bad_parameter("url", "links point at this server: give the path")
     # A path as the listings give it carries EXPORTER_ROOT_PATH; links sign the rest.
     path = strip_root(url.path, st.settings.root_path)
@@ -81,7 +81,9 @@ async def create_link(st: State, principal: Principal, raw_body: bytes, netloc: 
                       token_identity(principal.token_id))
     except ValueError as error:
         raise bad_parameter("url", str(error)) from None
-    return {"url": base_url.rstrip("/") + signed,
+    # EXPORTER_PUBLIC_URL, as `exporter link` makes them; else the host the client asked.
+    base = st.settings.public_base or base_url.rstrip("/")
+    return {"url": base + signed,
             "expires_at": expires_at.isoformat(timespec="seconds")}
 
 

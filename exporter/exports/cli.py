@@ -31,7 +31,7 @@ def downloads(
         "--principal", metavar="PRINCIPAL",
         help='e.g. "token alice", "link by alice", "anonymous"')] = None,
     status: Annotated[Status | None, typer.Option("--status")] = None,
-    limit: Annotated[int, typer.Option("--limit", metavar="N")] = 50,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", min=0)] = 50,
 ) -> None:
     settings = start()
     d = downloads_table.c

@@ -32,6 +32,9 @@ router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(env=Environment(
     loader=PackageLoader("exporter.web", "templates"), autoescape=select_autoescape(),
 ))
+# Every command the page shows quotes its arguments for a POSIX shell, as page.js's
+# shellQuote does: a dataset or file name may hold quotes, $( ) and the rest.
+templates.env.filters["shell_quote"] = shlex.quote
 
 FOLDER_ENTRIES = 1000  # a page of a folder's listing; ?page=N shows the next ones
 FORM_BYTES = 4096

@@ -14,11 +14,13 @@
   const live = document.getElementById("live");
   const say = (text) => { if (live) { live.textContent = ""; live.textContent = text; } };
 
-  // Commas, colons and parentheses stay readable; a quote is encoded so that the URL can
-  // stand between single quotes in a shell command.
+  // Commas, colons and parentheses stay readable; a quote is encoded too, though the
+  // commands quote every argument (shellQuote) anyway.
   const encode = (s) => encodeURIComponent(s).replace(/%2C/g, ",").replace(/%3A/g, ":")
     .replace(/'/g, "%27");
-  const shellQuote = (s) => `'${s.replace(/'/g, "'\\''")}'`;
+  // As Python's shlex.quote (the page's server-rendered commands): words of safe
+  // characters stay as they are, anything else goes between single quotes.
+  const shellQuote = (s) => (/^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, "'\\''")}'`);
 
   // A column named like a parameter of the grammar (limit, ~by...) is filtered by its
   // quoted name, as in SQL: "limit"=eq.5.
@@ -270,9 +272,9 @@
       card.querySelectorAll("a.export").forEach((a) => { a.href = url(a.dataset.format); });
       const target = url(format.value);
       card.querySelector(".curl").textContent =
-        `curl -fOJ -H "Authorization: Bearer $EXPORTER_TOKEN" '${target}'`;
+        `curl -fOJ -H "Authorization: Bearer $EXPORTER_TOKEN" ${shellQuote(target)}`;
       card.querySelector(".wget").textContent =
-        `wget --content-disposition --header="Authorization: Bearer $EXPORTER_TOKEN" '${target}'`;
+        `wget --content-disposition --header="Authorization: Bearer $EXPORTER_TOKEN" ${shellQuote(target)}`;
       card.querySelector(".prepare").textContent = `Prepare ${format.value.toUpperCase()} download`;
       const error = card.querySelector(".export-error");
       error.hidden = true; // what it said was about the links before this change
