@@ -2,15 +2,16 @@
 deployment (every worker and host on one database); bytes per second per download; how
 long an export may wait on a client that reads nothing.
 
-A route takes its slots before any query runs; the middleware gives them back when the
-response is over, however it ended. The slots are rows of `exporter.slots`, each owned
-by a server process (`exporter.instances`) whose lease a heartbeat renews: a slot counts
-only while its owner's lease runs, so a process that dies (kill -9, a lost host) frees
-its slots within `EXPORTER_SLOT_LEASE` seconds. A slot is taken in one short transaction
-that serialises the takers of one key with an advisory lock, and given back with one
-DELETE. A request over a cap waits a little (a download tool opening 6 or 8 connections
-at once then finishes without retries): it retries with backoff, at once when a
-download of the same key ends in this process; it stops waiting when its client leaves.
+A route takes its slots before any query runs, as one lease (admission.py); the
+middleware gives it back when the response is over, however it ended. The slots are
+rows of `exporter.slots`, each owned by a server process (`exporter.instances`) whose
+lease a heartbeat renews: a slot counts only while its owner's lease runs, so a process
+that dies (kill -9, a lost host) frees its slots within `EXPORTER_SLOT_LEASE` seconds. A
+slot is taken in one short transaction that serialises the takers of one key with an
+advisory lock, and given back with one DELETE. A request over a cap waits a little (a
+download tool opening 6 or 8 connections at once then finishes without retries): it
+retries with backoff, at once when a download of the same key ends in this process; it
+stops waiting when its client leaves.
 
 The middleware also paces the body's `send` calls when a bandwidth cap is set (pacing
 makes the body generator wait, and so the database or the file reader behind it) and
@@ -28,22 +29,18 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from exporter.access.admission import ExportWatch, Lease, held
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.streaming import ResponseCut, run_detached, unless_disconnected
 
 log = logging.getLogger(__name__)
 
-_RELEASES = "exporter.download_slots"
-_WATCH = "exporter.export_watch"
 RETRY_AFTER = "5"
-MAX_DURATION = "the export ran longer than EXPORTER_EXPORT_MAX_DURATION"
 # Waiters per principal beyond its cap: more connections than any download tool opens
 # at once, few enough that one client cannot park thousands of requests here.
 WAITERS_PER_SLOT = 4
@@ -155,37 +152,44 @@ class Limiter:
         # Set (and replaced) when a slot of the key is given back here.
         self._freed: dict[str, asyncio.Event] = {}
 
-    async def acquire(self, request: Request, key: str, *, export: bool = False) -> None:
-        """Take the principal's slot (and an export slot), waiting a little if need be.
+    async def acquire(self, receive: Receive, key: str, *, export: bool = False) -> Lease:
+        """Take the principal's slot (and an export slot), waiting a little if need be,
+        while watching the client through `receive`; the lease that holds them.
 
         429 or 503 with Retry-After when none came in time; ClientLeft if the client
-        went away meanwhile. The middleware gives the slots back.
+        went away meanwhile. Nothing is held then.
         """
-        if not await self._take(request, f"principal {key}", self.per_principal, self.wait,
-                                WAITERS_PER_SLOT * self.per_principal):
-            raise ApiError(
-                429, f"at most {self.per_principal} downloads at a time; try again shortly",
-                headers={"Retry-After": RETRY_AFTER})
-        if not export:
-            return
-        exports = self.exports
-        exports.waiting += 1
+        lease = Lease()
         try:
-            got = await self._take(request, EXPORTS, exports.limit, self.exports_wait,
-                                   exports.limit)
-        finally:
-            exports.waiting -= 1
-        if not got:
-            raise ApiError(503, "the server is running as many exports as it may;"
-                           " try again shortly", headers={"Retry-After": RETRY_AFTER})
+            if not await self._take(lease, receive, f"principal {key}", self.per_principal,
+                                    self.wait, WAITERS_PER_SLOT * self.per_principal):
+                raise ApiError(
+                    429, f"at most {self.per_principal} downloads at a time; try again shortly",
+                    headers={"Retry-After": RETRY_AFTER})
+            if not export:
+                return lease
+            exports = self.exports
+            exports.waiting += 1
+            try:
+                got = await self._take(lease, receive, EXPORTS, exports.limit,
+                                       self.exports_wait, exports.limit)
+            finally:
+                exports.waiting -= 1
+            if not got:
+                raise ApiError(503, "the server is running as many exports as it may;"
+                               " try again shortly", headers={"Retry-After": RETRY_AFTER})
+        except BaseException:
+            lease.release()
+            raise
         exports.active += 1
 
         def done() -> None:
             exports.active -= 1
 
-        on_request_end(request.scope, done)
+        lease.add(done)
+        return lease
 
-    async def _take(self, request: Request, key: str, cap: int, wait: float,
+    async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
         slot = await self._try(key, cap)
         if slot is None:
@@ -194,8 +198,7 @@ class Limiter:
                 return False
             self._waiting[key] = waiting + 1
             try:
-                slot = await unless_disconnected(self._wait_for(key, cap, wait),
-                                                  request.receive)
+                slot = await unless_disconnected(self._wait_for(key, cap, wait), receive)
             finally:
                 self._waiting[key] -= 1
                 if not self._waiting[key]:
@@ -204,7 +207,7 @@ class Limiter:
             if slot is None:
                 return False
         taken = slot
-        on_request_end(request.scope, lambda: self._give_back(key, taken))
+        lease.add(lambda: self._give_back(key, taken))
         return True
 
     async def _try(self, key: str, cap: int) -> int | None:
@@ -266,63 +269,6 @@ class Limiter:
                 freed.set()
 
 
-def on_request_end(scope: Scope, release: Callable[[], None]) -> None:
-    """Call `release` once when the request is over, however it ended (see the middleware)."""
-    done = False
-
-    def once() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            release()
-
-    scope.setdefault("state", {}).setdefault(_RELEASES, []).append(once)
-
-
-def keep_releases(scope: Scope) -> Callable[[], None]:
-    """Take over what `on_request_end` would call at the request's end (its slots, say):
-    for work that outlives its request and must hold them until it is done. The caller
-    calls the returned function once that work ends."""
-    releases = scope.setdefault("state", {}).setdefault(_RELEASES, [])
-    taken = list(releases)
-    releases.clear()
-
-    def release_all() -> None:
-        while taken:
-            taken.pop()()
-
-    return release_all
-
-
-def release_now(scope: Scope) -> None:
-    """Give back what `scope` holds now. For slots taken on a scope of its own by work
-    that outlives its request (a stored export holds its slots until it ends)."""
-    keep_releases(scope)()
-
-
-@dataclass
-class ExportWatch:
-    """What the middleware needs to cut an export whose client stalls."""
-
-    idle_timeout: float  # 0: never
-    deadline: float | None  # loop time; None: never
-    cut: Callable[[str], None]  # told why, before the response is cut
-
-    def limit(self, now: float) -> tuple[float, str] | None:
-        """How long the next `send` may wait, and why it is cut past that."""
-        limits: list[tuple[float, str]] = []
-        if self.idle_timeout > 0:
-            limits.append((self.idle_timeout,
-                           f"the client read nothing for {self.idle_timeout:g} s"))
-        if self.deadline is not None:
-            limits.append((max(0.0, self.deadline - now), MAX_DURATION))
-        return min(limits) if limits else None
-
-
-def watch_export(scope: Scope, watch: ExportWatch) -> None:
-    scope.setdefault("state", {})[_WATCH] = watch
-
-
 class DownloadLimits:
     """ASGI middleware: frees a request's slots at its end, paces limited downloads,
     and cuts exports whose clients stall."""
@@ -338,7 +284,6 @@ class DownloadLimits:
         loop = asyncio.get_running_loop()
         started = loop.time()
         sent = 0
-        state = scope.setdefault("state", {})
 
         async def guarded(message: Message) -> None:
             nonlocal sent
@@ -346,12 +291,13 @@ class DownloadLimits:
                 await send(message)
                 return
             rate = self.bytes_per_second()
-            if rate > 0 and _RELEASES in state:
+            lease = held(scope)
+            if rate > 0 and lease is not None:
                 sent += len(message.get("body", b""))
                 ahead = sent / rate - (loop.time() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-            watch: ExportWatch | None = state.get(_WATCH)
+            watch: ExportWatch | None = None if lease is None else lease.watch
             limit = None if watch is None else watch.limit(loop.time())
             if limit is None:
                 await send(message)
@@ -373,8 +319,6 @@ class DownloadLimits:
             # client sees a broken download (curl exit 18, wget 4), not a short file.
             log.warning("%s %s: cut: %s", scope["method"], scope["path"], cut)
         finally:
-            # Last taken, first given back; a release may take over the ones left
-            # (keep_releases), so the list is read as it goes.
-            releases = state.get(_RELEASES, [])
-            while releases:
-                releases.pop()()
+            # Its export (if any) hears first, and may keep the lease past this.
+            if (lease := held(scope)) is not None:
+                lease.request_ended()

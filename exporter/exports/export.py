@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.access.limits import MAX_DURATION
+from exporter.access.admission import MAX_DURATION, Lease
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.compression import Coding, compressed
 from exporter.config import Settings
@@ -27,7 +27,7 @@ from exporter.errors import (
 )
 from exporter.exports import cursor, pages, sql
 from exporter.exports.copies import Copy, CopyStopped
-from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
+from exporter.exports.copy import CopyStream, Output
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
 from exporter.streaming import ResponseCut, audited, run_detached
@@ -77,7 +77,8 @@ class Export:
 
     def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
                  query: ExportQuery, renderer: Renderer, download: Download, *,
-                 replica: bool = False, window: pages.Window | None = None) -> None:
+                 replica: bool = False, window: pages.Window | None = None,
+                 head: bool = False) -> None:
         # `engine` is where the export reads (the read replica's if `replica`); the audit
         # row is written through `audit`'s engine, the primary's.
         self._engine = engine
@@ -103,11 +104,15 @@ class Export:
         # slots meanwhile.
         self._copy: Copy | None = None
         self._writing: asyncio.Future[None] | None = None
-        self._keep_slots: Callable[[], Callable[[], None]] | None = None
+        self._lease: Lease | None = None
         self._shutting_down = False
         # A PostgREST Range or count (exports/pages.py), answered from this snapshot.
         self._window = window
         self.answer: pages.Answer | None = None
+        # A HEAD: the checks and counts of the export, in its snapshot, and no COPY.
+        self._head = head
+        # Loop time by which the first row (a HEAD's answer) must be there.
+        self._first_row_by = 0.0
 
     @property
     def filename(self) -> str:
@@ -119,16 +124,28 @@ class Export:
         return self._deadline
 
     async def open(self) -> None:
+        """Up to the first chunk (a HEAD: up to its answer, then recorded and let go).
+        EXPORTER_STATEMENT_TIMEOUT bounds all of it: the checks, the counts and the wait
+        for the first row, on the server (statement_timeout) and here."""
+        now = asyncio.get_running_loop().time()
         limit = self._settings.export_max_duration
         if limit > 0:
-            self._deadline = asyncio.get_running_loop().time() + limit
+            self._deadline = now + limit
+        self._first_row_by = now + self._settings.statement_timeout
         _running.add(self)
         try:
             try:
                 await self._audit.start(self.download)
             except DATABASE_ERRORS as error:
                 raise unavailable(error) from error
-            await self._open()
+            guard = asyncio.timeout_at(self._first_row_by)
+            try:
+                async with guard:
+                    await self._open()
+            except TimeoutError:
+                if not guard.expired():
+                    raise
+                raise self._too_slow() from None
         # Each ending also covers a row written by a start that was cut short (the
         # INSERT done, its answer cancelled): no audit row stays `running`.
         except ApiError as error:
@@ -141,6 +158,14 @@ class Export:
         except BaseException:
             await self._end(FAILED, "failed before first byte")
             raise
+        if self._head:
+            answer = self.answer
+            await self._end(COMPLETE, None, http_status=answer.status if answer else 200)
+
+    def _too_slow(self) -> ApiError:
+        what = "answered" if self._head else "produced its first row"
+        return ApiError(504, f"the export {what} not within {self._settings.statement_timeout:g}"
+                        " s (EXPORTER_STATEMENT_TIMEOUT)")
 
     async def _open(self) -> None:
         try:
@@ -152,6 +177,8 @@ class Export:
             conn = await conn.execution_options(
                 isolation_level="REPEATABLE READ", postgresql_readonly=True
             )
+            # Early, so that a query cancelled by this request's end can be cut at once.
+            self._driver = await driver_connection(conn)
             # The first statement opens the transaction; now() is its start, the snapshot's
             # time. A table's export also reads the snapshot itself, its change cursor.
             snapshot = None
@@ -166,12 +193,20 @@ class Export:
                 if self.query.changed_since is not None:
                     raise ApiError(503, cursor.NO_IDENTITY)
                 self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
-            await sql.check_values(conn, self.query)
+            # The server cancels what runs past the timeout too, should this process not.
+            timeout = self._settings.statement_timeout
+            await sql.limit_statements(conn, timeout)
+            await sql.check_values(conn, self.query, timeout)
             if self._window is not None:
                 self.answer = await pages.answer(conn, self.query, self._window,
                                                  self._settings.count_estimated_above)
-            driver: Any = await driver_connection(conn)
-            self._driver = driver
+            if self._head:
+                return
+            # The COPY streams as long as its client reads (the idle and duration rules
+            # bound it, EXPORTER_EXPORT_IDLE_TIMEOUT and EXPORTER_EXPORT_MAX_DURATION);
+            # its first row is awaited here, within the timeout.
+            await sql.limit_statements(conn, self._settings.export_max_duration)
+            driver: Any = self._driver
         except ApiError:
             raise
         except DATABASE_ERRORS as error:
@@ -198,11 +233,7 @@ class Export:
                                   flush_interval=s.export_flush_interval)
         self._stream.start()
         try:
-            self._first = await self._stream.next_chunk(first_within=s.statement_timeout)
-        except FirstChunkTimeout:
-            raise ApiError(
-                504, f"the export produced no data within {s.statement_timeout:g} s"
-            ) from None
+            self._first = await self._stream.next_chunk()
         except DATABASE_ERRORS as error:
             raise self._database_error(error) from error
 
@@ -210,6 +241,9 @@ class Export:
         if (failed := sql.cast_failure(self.query, error)) is not None:
             return failed
         code = sqlstate(error)
+        if code == sql.QUERY_CANCELED and self._stream is None:
+            # statement_timeout, before the first row (a HEAD's counts, say).
+            return self._too_slow()
         if self._replica and code in REPLICA_RETRY:
             # Gone on a retry: the standby catches up, or the replay that needed our
             # snapshot gone is done.
@@ -219,12 +253,12 @@ class Export:
                             headers={"Retry-After": "5"})
         return database_error(error, self._source)
 
-    def attach(self, copy: Copy, keep_slots: Callable[[], Callable[[], None]]) -> None:
+    def attach(self, copy: Copy, lease: Lease) -> None:
         """Write every chunk into `copy` before it is sent; if the client leaves, go on
-        into the copy to the end, holding the request's slots (`keep_slots` takes them).
+        into the copy to the end, holding the request's `lease` (its slots) meanwhile.
         Only for identity bodies: the copy holds the bytes the client holds."""
         self._copy = copy
-        self._keep_slots = keep_slots
+        self._lease = lease
 
     def body(self, coding: Coding | None = None, level: int | None = None,
              ) -> AsyncIterator[bytes]:
@@ -292,11 +326,11 @@ class Export:
         if self._ending is None:
             slots = None
             if (self._copy is not None and status == ABORTED and error in LEFT
-                    and self._keep_slots is not None):
+                    and self._lease is not None):
                 # Its client left (not cut for stalling: that would let a hog hold a
-                # snapshot on): the copy is completed. The slots are taken now, before
-                # the request's end gives them back: it is still this client's work.
-                slots = self._keep_slots()
+                # snapshot on): the copy is completed. The lease is kept now, before
+                # the request's end gives it back: it is still this client's work.
+                slots = self._lease.keep().release
             self._ending = run_detached(self._finish(status, error, http_status, slots))
             self._ending.add_done_callback(lambda _: _running.discard(self))
         return self._ending

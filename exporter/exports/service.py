@@ -3,22 +3,21 @@ a format, and answer with its export (HEAD included), or the audit trail's."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from exporter.access.limits import ExportWatch, keep_releases, on_request_end, watch_export
+from exporter.access.admission import ExportWatch, admit, held
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE, canonical_query, split_query
 from exporter.access.principal import ANONYMOUS, LINK, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, accepted, by_extension, level_of
-from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, database_error, unavailable
+from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
 from exporter.exports import cursor, pages, renderers, sql
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
-from exporter.exports.export import Export, filename, source_name
+from exporter.exports.export import Export
 from exporter.exports.query import ExportQuery, Order, parse
 from exporter.exports.renderers import Renderer
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
@@ -208,68 +207,40 @@ async def export_response(request: Request, st: State, principal: Principal, dat
         return await st.stored.kick_off(request, st, principal, dataset, renderer, query,
                                         explicit, recorded_url(request))
     window = pages.window(query, items, prefer.count)
-    if request.method == "HEAD":
-        # The same server as the GET would read, so both answer alike when it is down.
-        try:
-            conn = await engine.connect()
-        except DATABASE_ERRORS as error:
-            raise unavailable(error, source_name(engine is st.replica)) from error
-        answer: pages.Answer | None = None
-        try:
-            if window is not None:
-                # Counted as the GET would, in one snapshot of its own.
-                conn = await conn.execution_options(
-                    isolation_level="REPEATABLE READ", postgresql_readonly=True)
-            await sql.check_values(conn, query)
-            if window is not None:
-                try:
-                    answer = await pages.answer(conn, query, window,
-                                                st.settings.count_estimated_above)
-                except DATABASE_ERRORS as error:
-                    raise database_error(error, source_name(engine is st.replica)) from error
-        finally:
-            await conn.close()
-        response = Response(
-            status_code=answer.status if answer else 200,
-            headers=export_headers(
-                request, renderer, filename(dataset.name, renderer, datetime.now(UTC)),
-                explicit=explicit, coding=coding,
-            )
-        )
-        del response.headers["content-length"]  # GET streams its body chunked
-        if answer is not None:
-            response.headers.update(answer.headers)
-        if st.copies is not None and explicit is None and coding is None and items is None:
-            response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
-        return response
-
-    if items is None and request.headers.get("range") is not None and st.copies is not None:
+    # One admission for HEAD and GET alike, before any query of the export runs (a
+    # resume's lookup included); the request holds the lease until its response ends.
+    try:
+        lease = await admit(request, st.limiter, principal.limit_key)
+    except ClientLeft:
+        return Response(status_code=499)  # nobody is listening; uvicorn drops it
+    head = request.method == "HEAD"
+    if (not head and items is None and request.headers.get("range") is not None
+            and st.copies is not None):
         # From the copy of the export this request continues, when that is provable;
         # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
         resumed = await st.copies.resume(request, principal)
         if resumed is not None:
             return resumed
-
-    try:
-        await st.limiter.acquire(request, principal.limit_key, export=True)
-    except ClientLeft:
-        return Response(status_code=499)  # nobody is listening; uvicorn drops it
     recorded: dict[str, list[str]] = {}
     for key, value in params:
         if key != SIGNATURE:  # a credential: never stored
             recorded.setdefault(key, []).append(value)
+    if head:
+        recorded.setdefault("method", []).append("HEAD")
     download = Download("export", dataset.name, request.client.host if request.client else None,
                         format=renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
     job = Export(engine, st.audit, st.settings, query, renderer, download,
-                 replica=engine is st.replica, window=window)
+                 replica=engine is st.replica, window=window, head=head)
     try:
         await unless_disconnected(job.open(), request.receive)
     except ClientLeft:
         return Response(status_code=499)
-    on_request_end(request.scope, job.request_ended)
-    watch_export(request.scope, ExportWatch(st.settings.export_idle_timeout, job.deadline,
-                                            job.cut))
+    if head:
+        return _head_response(request, st, job, explicit=explicit, coding=coding,
+                              items=items)
+    lease.on_request_end = job.request_ended
+    lease.watch = ExportWatch(st.settings.export_idle_timeout, job.deadline, job.cut)
     body_coding = explicit or coding
     s = st.settings
     level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
@@ -285,6 +256,22 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     if st.copies is not None and body_coding is None and items is None:
         headers.update(await _copy_headers(request, st.copies, principal, job, token))
     return StreamingResponse(job.body(body_coding, level), status_code=status, headers=headers)
+
+
+def _head_response(request: Request, st: State, job: Export, *, explicit: Coding | None,
+                   coding: Coding | None, items: pages.ItemRange | None) -> Response:
+    """The GET's headers, without its body (the checks and counts ran as the GET's)."""
+    answer = job.answer
+    response = Response(
+        status_code=answer.status if answer else 200,
+        headers=export_headers(request, job.renderer, job.filename, explicit=explicit,
+                               coding=coding))
+    del response.headers["content-length"]  # GET streams its body chunked
+    if answer is not None:
+        response.headers.update(answer.headers)
+    if st.copies is not None and explicit is None and coding is None and items is None:
+        response.headers["Accept-Ranges"] = "bytes"  # as the GET's copy allows
+    return response
 
 
 async def read_since(st: State, query: ExportQuery) -> None:
@@ -328,7 +315,9 @@ async def _copy_headers(request: Request, copies: Copies, principal: Principal,
         snapshot_time=job.snapshot_time, cursor=token)
     if copy is None:
         return {}
-    job.attach(copy, lambda: keep_releases(request.scope))
+    lease = held(request.scope)
+    assert lease is not None  # admitted before the export opened
+    job.attach(copy, lease)
     # A strong validator of exactly these bytes (the copy's), so that If-Range can ask
     # for the rest of them; where they can be fetched whole, later and by range.
     return {"ETag": f'"{copy.id}"', "Content-Location": copies.location(request, copy),
@@ -354,7 +343,9 @@ async def list_downloads(request: Request, st: State) -> Response:
     if query.limit is None:
         query.limit = DEFAULT_JSON_LIMIT
     async with st.engine.connect() as conn:
-        await sql.check_values(conn, query)
+        timeout = st.settings.statement_timeout
+        await sql.limit_statements(conn, timeout)
+        await sql.check_values(conn, query, timeout)
         try:
             result = await conn.exec_driver_sql(
                 f"SELECT coalesce(json_agg(s), '[]'::json)::text FROM ({sql.select_sql(query)})"
