@@ -58,6 +58,7 @@ from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.stored.storage import Storage
 from exporter.tables import stored_exports as t
+from exporter.tables import tokens
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class StoredExports:
                 raise ApiError(503, "the export storage cannot be written now",
                                headers={"Retry-After": "5"}) from error
             raise
-        writer = Writer(self, export_id, out, on_stop)
+        writer = Writer(self, export_id, out, on_stop, principal.token_id)
         writer.room = self.settings.exports_max_bytes - used
         writer.start()
         return writer
@@ -271,14 +272,20 @@ class StoredExports:
 class _Beat:
     status: str | None
     others: int
+    revoked: bool = False  # the token it runs for was revoked (or expired) meanwhile
+
+
+REVOKED = "its token was revoked or expired while it ran"
 
 
 class Writer:
     """Fills one stored export (see the module's docstring)."""
 
     def __init__(self, store: StoredExports, export_id: str, out: Any,
-                 on_stop: Callable[[str], None] | None) -> None:
+                 on_stop: Callable[[str], None] | None, token_id: int | None = None) -> None:
         self.id = export_id
+        # The token whose rights it runs with (a link's maker's too), checked at each beat.
+        self._token_id = token_id
         self.bytes = 0
         self.rows = 0
         self.stopped = asyncio.Event()
@@ -322,14 +329,20 @@ class Writer:
         self.rows = rows
 
     async def _beat(self) -> _Beat:
+        valid: sa.ColumnElement[Any] = sa.true()
+        if self._token_id is not None:
+            valid = sa.select(sa.and_(
+                tokens.c.revoked_at.is_(None),
+                sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > sa.func.now()),
+            )).where(tokens.c.id == self._token_id).scalar_subquery()
         async with self._store.engine.begin() as conn:
             row = (await conn.execute(
                 sa.update(t).where(t.c.id == self.id)
                 .values(rows=self.rows, bytes=self.bytes, heartbeat=sa.func.now())
-                .returning(t.c.status, _used(self.id)))).first()
+                .returning(t.c.status, _used(self.id), valid))).first()
         if row is None:
             return _Beat(None, 0)
-        return _Beat(str(row[0]), int(row[1] or 0))
+        return _Beat(str(row[0]), int(row[1] or 0), revoked=row[2] is not True)
 
     async def _beat_regularly(self) -> None:
         while True:
@@ -341,6 +354,9 @@ class Writer:
                 if beat.status != RUNNING:
                     self._stop("cancelled" if beat.status in (CANCELLED, None)
                                else f"marked {beat.status} meanwhile")
+                    return
+                if beat.revoked:
+                    self._stop(REVOKED)
                     return
                 if self._cap:
                     self.room = self._cap - beat.others
