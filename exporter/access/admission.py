@@ -9,6 +9,8 @@ completing its copy after the client left) `keep`s the lease and releases it its
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,7 +50,8 @@ class Lease:
     """The slots one download holds, given back once (the last taken first)."""
 
     def __init__(self) -> None:
-        self._releases: list[Callable[[], None]] = []
+        # Each may return the task that gives its slot back (awaited by `aclose`).
+        self._releases: list[Callable[[], object]] = []
         self._kept = False
         # Told when the request that holds the lease is over (before the slots go), so an
         # export whose response never ran to its end can say so, or keep the lease.
@@ -60,13 +63,26 @@ class Lease:
     def released(self) -> bool:
         return not self._releases
 
-    def add(self, release: Callable[[], None]) -> None:
+    def add(self, release: Callable[[], object]) -> None:
         self._releases.append(release)
 
-    def release(self) -> None:
-        """Give every slot back (at most once each; later calls do nothing)."""
+    def release(self) -> list[asyncio.Future[None]]:
+        """Give every slot back (at most once each; later calls do nothing), without
+        waiting; the tasks still doing it."""
+        pending: list[asyncio.Future[None]] = []
         while self._releases:
-            self._releases.pop()()
+            done = self._releases.pop()()
+            if isinstance(done, asyncio.Future):
+                pending.append(done)
+        return pending
+
+    async def aclose(self) -> None:
+        """Give every slot back and wait until they are (a next request of the same
+        principal then finds them free)."""
+        pending = self.release()
+        if pending:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.gather(*pending))
 
     def keep(self) -> Lease:
         """Take the lease over from the request that holds it: its end no longer gives
@@ -87,7 +103,7 @@ class Lease:
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
                         traceback: TracebackType | None) -> None:
-        self.release()
+        await self.aclose()
 
 
 def hold(scope: Scope, lease: Lease) -> Lease:

@@ -253,8 +253,8 @@ class Limiter:
                 return slot
         return None
 
-    def _give_back(self, key: str, slot: int) -> None:
-        run_detached(self._delete(key, slot))
+    def _give_back(self, key: str, slot: int) -> asyncio.Task[None]:
+        return run_detached(self._delete(key, slot))
 
     async def _delete(self, key: str, slot: int) -> None:
         try:

@@ -237,6 +237,7 @@ async def export_response(request: Request, st: State, principal: Principal, dat
     except ClientLeft:
         return Response(status_code=499)
     if head:
+        await lease.aclose()  # its work is done: a GET that follows finds the slots free
         return _head_response(request, st, job, explicit=explicit, coding=coding,
                               items=items)
     lease.on_request_end = job.request_ended
