@@ -181,8 +181,10 @@ class Export:
             self._driver = await driver_connection(conn)
             # The first statement opens the transaction; now() is its start, the snapshot's
             # time. A table's export also reads the snapshot itself, its change cursor.
+            # A HEAD gives no cursor: it reads the snapshot only to count changes `since`.
             snapshot = None
-            if self.query.dataset.kind in cursor.KINDS_WITH_XMIN:
+            if self.query.dataset.kind in cursor.KINDS_WITH_XMIN and (
+                    not self._head or self.query.changed_since is not None):
                 snapshot = await cursor.take(conn)
             if snapshot is not None:
                 self.snapshot_time, self.cursor = snapshot.time, snapshot.cursor
@@ -348,7 +350,7 @@ class Export:
         await asyncio.shield(self._end_detached(status, error, http_status=http_status))
 
     async def _finish(self, status: str, error: str | None, http_status: int | None,
-                      slots: Callable[[], None] | None = None) -> None:
+                      slots: Callable[[], object] | None = None) -> None:
         try:
             copy = await self._settled_copy()
             if copy is None:
