@@ -195,9 +195,12 @@ class Export:
                 if self.query.changed_since is not None:
                     raise ApiError(503, cursor.NO_IDENTITY)
                 self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
-            # The server cancels what runs past the timeout too, should this process not.
+            # The server cancels the checks and counts that run past the timeout too,
+            # should this process not (a plain export has none: no round trip for it).
             timeout = self._settings.statement_timeout
-            await sql.limit_statements(conn, timeout)
+            bounded = self._window is not None or sql.runs_checks(self.query)
+            if bounded:
+                await sql.limit_statements(conn, timeout)
             await sql.check_values(conn, self.query, timeout)
             if self._window is not None:
                 self.answer = await pages.answer(conn, self.query, self._window,
@@ -207,7 +210,8 @@ class Export:
             # The COPY streams as long as its client reads (the idle and duration rules
             # bound it, EXPORTER_EXPORT_IDLE_TIMEOUT and EXPORTER_EXPORT_MAX_DURATION);
             # its first row is awaited here, within the timeout.
-            await sql.limit_statements(conn, self._settings.export_max_duration)
+            if bounded:
+                await sql.limit_statements(conn, self._settings.export_max_duration)
             driver: Any = self._driver
         except ApiError:
             raise

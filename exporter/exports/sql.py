@@ -437,6 +437,15 @@ async def _first_failure(conn: AsyncConnection, count: int,
     return bad - 1, reason
 
 
+def runs_checks(query: ExportQuery) -> bool:
+    """Whether check_values sends PostgreSQL anything for `query` (a plain export of
+    columns, `limit` and `offset` needs no statement before its COPY)."""
+    return (any(i.cast is not None for i in query.items) or bool(query.order)
+            or bool(_typed_filters(query)) or _needs_plan(query)
+            or any(BY_NAME[f.operator].operand in (Operand.REGEX, Operand.TSQUERY)
+                   for f in query.all_filters()))
+
+
 def _needs_plan(query: ExportQuery) -> bool:
     """Whether the query uses the grammar whose mistakes only planning the statement
     shows: casts with no conversion, JSON paths, text search on a column's text."""
