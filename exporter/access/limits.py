@@ -29,12 +29,14 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter.access.admission import ExportWatch, Lease, held
+from exporter.db import driver_connection
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.streaming import ResponseCut, run_detached, unless_disconnected
 
@@ -132,6 +134,18 @@ class Instance:
 
 
 EXPORTS = "exports"
+
+
+def _random_slot_id() -> int:
+    """An id for a slot taken by `_take_both`: above any the table's identity gives."""
+    return (1 << 62) + secrets.randbits(61)
+
+
+def _literal(text: str) -> str:
+    """A text literal (standard_conforming_strings is on: db.SESSION_SETTINGS)."""
+    if "\x00" in text:
+        raise ValueError("PostgreSQL text cannot hold NUL bytes")
+    return "'" + text.replace("'", "''") + "'"
 # The longest pause between two tries of a waiting request: a slot freed by another
 # process is seen within this.
 MAX_POLL = 0.5
@@ -160,6 +174,8 @@ class Limiter:
         went away meanwhile. Nothing is held then.
         """
         lease = Lease()
+        if export and await self._take_both(lease, f"principal {key}"):
+            return lease
         try:
             if not await self._take(lease, receive, f"principal {key}", self.per_principal,
                                     self.wait, WAITERS_PER_SLOT * self.per_principal):
@@ -181,13 +197,65 @@ class Limiter:
         except BaseException:
             lease.release()
             raise
+        self._count_export(lease)
+        return lease
+
+    def _count_export(self, lease: Lease) -> None:
+        exports = self.exports
         exports.active += 1
 
         def done() -> None:
             exports.active -= 1
 
         lease.add(done)
-        return lease
+
+    async def _take_both(self, lease: Lease, key: str) -> bool:
+        """Both slots of an export in one round trip, when both caps have room (the
+        usual case); False, holding nothing, otherwise (then each is taken on its own,
+        with the waits that go with it)."""
+        ids = [_random_slot_id(), _random_slot_id()]
+        task = asyncio.ensure_future(self._insert_both(key, ids))
+        try:
+            taken = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def give_back(t: asyncio.Task[bool]) -> None:
+                if not t.cancelled() and t.exception() is None and t.result():
+                    self._give_back(EXPORTS, ids[1])
+                    self._give_back(key, ids[0])
+
+            task.add_done_callback(give_back)
+            raise
+        if not taken:
+            return False
+        lease.add(lambda: self._give_back(key, ids[0]))
+        lease.add(lambda: self._give_back(EXPORTS, ids[1]))
+        self._count_export(lease)
+        return True
+
+    async def _insert_both(self, key: str, ids: list[int]) -> bool:
+        # One simple-protocol message of two statements: PostgreSQL runs them as one
+        # transaction (the locks held to its end), the second with a snapshot taken after
+        # the locks were granted, so that it counts every slot taken before. Literals,
+        # since the simple protocol takes no parameters: the keys are quoted, the rest
+        # are numbers. The principal's lock first, as every taker does.
+        k, e, i = _literal(key), _literal(EXPORTS), _literal(self.instance_id)
+        count = ("(SELECT count(*) FROM exporter.slots s JOIN exporter.instances i ON"
+                 " i.id = s.instance WHERE s.key = {} AND i.expires_at > now())")
+        statement = (
+            f"SELECT pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({k})),"
+            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({e}));"
+            f" INSERT INTO exporter.slots (id, key, instance)"
+            f" SELECT v.id, v.key, {i} FROM (VALUES ({ids[0]}::bigint, {k}),"
+            f" ({ids[1]}::bigint, {e})) AS v(id, key)"
+            f" WHERE {count.format(k)} < {int(self.per_principal)}"
+            f" AND {count.format(e)} < {int(self.exports.limit)}")
+        try:
+            async with self._engine.connect() as conn:
+                driver: Any = await driver_connection(conn)
+                status = await driver.execute(statement)
+        except DATABASE_ERRORS as error:
+            raise unavailable(error) from error
+        return str(status) == "INSERT 0 2"
 
     async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
