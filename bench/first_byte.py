@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.rounds):
                 for name, s in servers.items():
                     for what, path in URLS.items():
-                        times.setdefault((name, what), []).append(curl(s.url + path).first_byte)
+                        result = curl(s.url + path)
+                        if result.status != 200:  # a quick error is no first byte
+                            raise RuntimeError(f"{name}: {path} answered {result.status}")
+                        times.setdefault((name, what), []).append(result.first_byte)
         finally:
             for s in servers.values():
                 s.stop()
