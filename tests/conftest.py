@@ -56,6 +56,9 @@ EVERY_VERSION_TESTS = {
     "test_access.py::test_revoke_from_the_command_line",
     "test_access.py::test_expiry_takes_effect",
     "test_access.py::test_operator_links_and_key_rotation",
+    # PostgreSQL's own limits: statement_timeout, and cancelling a regex's compile.
+    "test_admission.py::test_compile_heavy_regexes_are_refused_quickly_and_long_ones_at_once",
+    "test_admission.py::test_statement_timeout_bounds_counts_and_the_first_row",
 }
 EMBEDDED_ONLY_TESTS = {
     # Starts and stops an embedded server of its own.

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -48,6 +47,16 @@ def logged(make_module_server: type[Server], bait: str) -> Iterator[Server]:
     s = make_module_server({"EXPORTER_STATEMENT_TIMEOUT": "30", "EXPORTER_LIMIT_WAIT": "0.5"})
     s.command = [sys.executable, "-m", "exporter.cli", "serve", "--port", str(s.port)]
     with s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def short(make_module_server: type[Server], bait: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a 2 s statement timeout, and stored exports that beat every 0.2 s."""
+    with make_module_server({
+            "EXPORTER_STATEMENT_TIMEOUT": "2", "EXPORTER_EXPORTS_PROGRESS_INTERVAL": "0.2",
+            "EXPORTER_EXPORTS_DIR": str(tmp_path_factory.mktemp("stored"))}) as s:
         yield s
 
 
@@ -154,62 +163,58 @@ def test_a_head_is_audited(logged: Server, database_url: str) -> None:
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_statement_timeout_bounds_counts_and_the_first_row(
-    make_server: type[Server], database_url: str, bait: str, method: str
+    short: Server, database_url: str, method: str
 ) -> None:
-    with make_server({"EXPORTER_STATEMENT_TIMEOUT": "2"}) as s:
-        for prefer in ("count=exact", None):
-            started = time.monotonic()
-            r = httpx.request(method, s.url + f"/datasets/{BAIT}.csv?details=match.{SLOW_REGEX}",
-                              headers={"Prefer": prefer} if prefer else {}, timeout=20)
-            took = time.monotonic() - started
-            # A HEAD without a count reads no row: nothing to wait for.
-            assert r.status_code == (200 if (method, prefer) == ("HEAD", None) else 504), \
-                (prefer, r.status_code)
-            assert took < 5, (prefer, took)
-            if method == "GET":
-                assert "EXPORTER_STATEMENT_TIMEOUT" in r.json()["error"]["message"]
-            assert wait_until(lambda: not running(database_url, r"\5\4\3\2\1"), ANSWERED_WITHIN)
-
-
-def test_a_stored_export_has_the_same_deadline(
-    make_server: type[Server], database_url: str, bait: str, tmp_path: Path
-) -> None:
-    with make_server({"EXPORTER_STATEMENT_TIMEOUT": "2", "EXPORTER_EXPORTS_DIR": str(tmp_path),
-                      "EXPORTER_EXPORTS_PROGRESS_INTERVAL": "0.2"}) as s:
-        r = httpx.get(s.url + f"/datasets/{BAIT}.csv?details=match.{SLOW_REGEX}",
-                      headers={"Prefer": "respond-async"}, timeout=20)
-        assert r.status_code == 202, r.text
-        status = r.json()["status_url"]
-
-        def ended() -> bool:
-            return httpx.get(s.url + status, timeout=10).status_code == 410
-
-        assert wait_until(ended, 10), httpx.get(s.url + status, timeout=10).text
-        assert "EXPORTER_STATEMENT_TIMEOUT" in httpx.get(s.url + status).json()["error"]
+    s = short
+    for prefer in ("count=exact", None):
+        started = time.monotonic()
+        r = httpx.request(method, s.url + f"/datasets/{BAIT}.csv?details=match.{SLOW_REGEX}",
+                          headers={"Prefer": prefer} if prefer else {}, timeout=20)
+        took = time.monotonic() - started
+        # A HEAD without a count reads no row: nothing to wait for.
+        assert r.status_code == (200 if (method, prefer) == ("HEAD", None) else 504), \
+            (prefer, r.status_code)
+        assert took < 5, (prefer, took)
+        if method == "GET":
+            assert "EXPORTER_STATEMENT_TIMEOUT" in r.json()["error"]["message"]
         assert wait_until(lambda: not running(database_url, r"\5\4\3\2\1"), ANSWERED_WITHIN)
 
 
-def test_a_stored_export_stops_when_its_token_is_revoked(
-    make_server: type[Server], database_url: str, tmp_path: Path
-) -> None:
-    run_sql(database_url, "CREATE OR REPLACE VIEW exports.endless AS"
-            " SELECT generate_series(1, 1000000000) AS id, repeat('x', 200) AS pad")
+def test_a_stored_export_has_the_same_deadline(short: Server, database_url: str) -> None:
+    s = short
+    r = httpx.get(s.url + f"/datasets/{BAIT}.csv?details=match.{SLOW_REGEX}",
+                  headers={"Prefer": "respond-async"}, timeout=20)
+    assert r.status_code == 202, r.text
+    status = r.json()["status_url"]
+
+    def ended() -> bool:
+        return httpx.get(s.url + status, timeout=10).status_code == 410
+
+    assert wait_until(ended, 10), httpx.get(s.url + status, timeout=10).text
+    assert "EXPORTER_STATEMENT_TIMEOUT" in httpx.get(s.url + status).json()["error"]
+    assert wait_until(lambda: not running(database_url, r"\5\4\3\2\1"), ANSWERED_WITHIN)
+
+
+def test_a_stored_export_stops_when_its_token_is_revoked(short: Server,
+                                                         database_url: str) -> None:
+    # Rows for hours, a trickle of them (the stored file stays small).
+    run_sql(database_url, "CREATE OR REPLACE VIEW exports.trickle AS SELECT g AS id"
+            " FROM generate_series(1, 1000000000) AS g, LATERAL pg_sleep(0.01) AS s")
     name = f"revoked-while-stored-{os.getpid()}-{random.randrange(10**6)}"
     secret = new_token(database_url, name, "datasets:*")
-    with make_server({"EXPORTER_EXPORTS_DIR": str(tmp_path),
-                      "EXPORTER_EXPORTS_PROGRESS_INTERVAL": "0.2"}) as s:
-        r = httpx.get(s.url + "/datasets/endless.csv", timeout=20,
-                      headers={"Prefer": "respond-async", **bearer(secret)})
-        assert r.status_code == 202, r.text
-        status = s.url + r.json()["status_url"]
-        assert httpx.get(status, headers=bearer(secret)).status_code == 202
-        run_sql(database_url,
-                f"UPDATE exporter.tokens SET revoked_at = now() WHERE name = '{name}'")
-        admin = new_token(database_url, f"{name}-admin", "admin")
+    s = short
+    r = httpx.get(s.url + "/datasets/trickle.csv", timeout=20,
+                  headers={"Prefer": "respond-async", **bearer(secret)})
+    assert r.status_code == 202, r.text
+    status = s.url + r.json()["status_url"]
+    assert httpx.get(status, headers=bearer(secret)).status_code == 202
+    run_sql(database_url,
+            f"UPDATE exporter.tokens SET revoked_at = now() WHERE name = '{name}'")
+    admin = new_token(database_url, f"{name}-admin", "admin")
 
-        def stopped() -> bool:
-            return httpx.get(status, headers=bearer(admin), timeout=10).status_code == 410
+    def stopped() -> bool:
+        return httpx.get(status, headers=bearer(admin), timeout=10).status_code == 410
 
-        assert wait_until(stopped, 10)
-        assert "revoked" in httpx.get(status, headers=bearer(admin)).json()["error"]
-        assert wait_until(lambda: not running(database_url, "generate_series"), 5)
+    assert wait_until(stopped, 10)
+    assert "revoked" in httpx.get(status, headers=bearer(admin)).json()["error"]
+    assert wait_until(lambda: not running(database_url, "trickle"), 5)
