@@ -163,9 +163,9 @@ class Export:
             await self._end(COMPLETE, None, http_status=answer.status if answer else 200)
 
     def _too_slow(self) -> ApiError:
-        what = "answered" if self._head else "produced its first row"
-        return ApiError(504, f"the export {what} not within {self._settings.statement_timeout:g}"
-                        " s (EXPORTER_STATEMENT_TIMEOUT)")
+        what = "answer" if self._head else "produce its first row"
+        return ApiError(504, f"the export did not {what} within"
+                        f" {self._settings.statement_timeout:g} s (EXPORTER_STATEMENT_TIMEOUT)")
 
     async def _open(self) -> None:
         try:
