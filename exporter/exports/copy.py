@@ -108,10 +108,13 @@ class CopyStream:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def cancel(self) -> None:
-        """Stop the producer (asyncpg then asks PostgreSQL to cancel the query)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            # Its outcome no longer matters to anyone.
-            with contextlib.suppress(BaseException):
-                await self._task
+    async def cancel(self) -> bool:
+        """Stop the producer (asyncpg then asks PostgreSQL to cancel the query); whether
+        it was still running."""
+        if self._task is None or self._task.done():
+            return False
+        self._task.cancel()
+        # Its outcome no longer matters to anyone.
+        with contextlib.suppress(BaseException):
+            await self._task
+        return True

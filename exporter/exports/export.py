@@ -435,8 +435,7 @@ class Export:
 
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""
-        if self._stream is not None:
-            await self._stream.cancel()
+        copying = self._stream is not None and await self._stream.cancel()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -446,6 +445,8 @@ class Export:
             await asyncio.wait_for(conn.rollback(), 5)
             await conn.close()
         except BaseException:
+            if copying:
+                await self._cancel_backend()
             # After a cancelled COPY the protocol state is not worth trusting. A graceful
             # close would wait for a backend that is blocked writing to us, so the socket
             # is closed at once: the backend fails its next write, or notices within
@@ -454,3 +455,18 @@ class Export:
                 self._driver.terminate()
             await conn.invalidate()
             await conn.close()
+
+    async def _cancel_backend(self) -> None:
+        """Cancel the COPY on the server before its connection is closed: the cancel
+        request asyncpg sends when the COPY's task is cancelled dies with the connection,
+        and a backend busy before its first row (a slow regular expression on
+        PostgreSQL 15, say) may not notice the closed socket for as long as it works."""
+        if self._driver is None:
+            return
+        pid = self._driver.get_server_pid()
+        try:
+            async with asyncio.timeout(2), self._engine.connect() as conn:
+                await conn.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
+        except Exception as error:
+            log.info("export %s: could not cancel its backend %s: %s", self.download.id,
+                     pid, error)
