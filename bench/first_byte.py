@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for s in servers.values():
                 s.stop()
+            # Every whole-table export kept a copy for resuming: gigabytes after a run.
+            shutil.rmtree(plan.work / "exports", ignore_errors=True)
     print(f"| server | {' | '.join(URLS)} |")
     print(f"|---|{'---|' * len(URLS)}")
     for name in servers:
