@@ -35,6 +35,7 @@ from exporter.exports.export import end_running_exports
 from exporter.files import routes as file_routes
 from exporter.files.stream import ReadBudget
 from exporter.health import Health
+from exporter.server.logs import AccessLogOfLeavers
 from exporter.server.prefix import RootPath
 from exporter.state import State
 from exporter.stored import routes as stored_routes
@@ -202,6 +203,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_cors(app, settings.cors_origins)
     # Outermost of all: every layer inside sees the prefix in place.
     app.add_middleware(RootPath, root_path=settings.root_path)
+    # Around that, so that its lines name the path as uvicorn's own do.
+    app.add_middleware(AccessLogOfLeavers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

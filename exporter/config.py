@@ -50,8 +50,11 @@ class Settings(BaseSettings):
     # audit, catalog) find one at once and a long wait only means trouble.
     pool_timeout: float = Field(default=5.0, gt=0)
 
-    # Seconds an export may take before its first row; past it the answer is 504.
-    # Only the wait for the first row is bounded: a 100 GB export may stream for hours.
+    # Seconds an export (GET, HEAD, stored) may take from its admission to its first row:
+    # its checks, counts and the wait for COPY's first row together; past it the answer
+    # is 504 (a stored export fails). PostgreSQL enforces it too (statement_timeout in
+    # the export's transaction). Only that is bounded: once rows flow, a 100 GB export
+    # may stream for hours, cut only by `export_idle_timeout` and `export_max_duration`.
     statement_timeout: float = Field(default=60.0, gt=0)
     # Exports: PostgreSQL hands COPY output over in small pieces; they are coalesced
     # into chunks of this size, and at most `export_buffer_chunks` of them wait for

@@ -13,6 +13,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util.concurrency import await_
 
 if TYPE_CHECKING:
     # Annotations only: config.py checks URLs with this module's parser at run time.
@@ -214,7 +215,20 @@ def create_engine(settings: Settings, url: str, *, instance: str | None = None) 
         connect_args=arguments,
     )
     event.listen(engine.sync_engine, "connect", _set_version_dependent_settings)
+    # SQLAlchemy's asyncpg ping is BEGIN, `;`, ROLLBACK (for pgbouncer's transaction
+    # mode): three round trips at every check-out, several on each export's way to its
+    # first byte. One is enough to find a connection the server closed.
+    setattr(engine.dialect, "do_ping", _ping)  # noqa: B010
     return engine
+
+
+def _ping(dbapi_connection: Any) -> bool:
+    try:
+        await_(dbapi_connection.driver_connection.fetchrow(";"))
+    except Exception as error:
+        # As the adapter's own ping: the DBAPI error that tells the pool to reconnect.
+        dbapi_connection._handle_exception(error)
+    return True
 
 
 def _set_version_dependent_settings(dbapi_connection: Any, record: object) -> None:

@@ -60,6 +60,9 @@ EVERY_VERSION_TESTS = {
     "test_stored_exports.py::test_a_stored_file_download_is_audited",
     "test_stored_store.py::test_one_principal_cannot_fill_the_quota_for_everyone",
     "test_stored_store.py::test_copies_make_room_whenever_a_stored_export_needs_it",
+    # PostgreSQL's own limits: statement_timeout, and cancelling a regex's compile.
+    "test_admission.py::test_compile_heavy_regexes_are_refused_quickly_and_long_ones_at_once",
+    "test_admission.py::test_statement_timeout_bounds_counts_and_the_first_row",
 }
 EMBEDDED_ONLY_TESTS = {
     # Starts and stops an embedded server of its own.

@@ -14,22 +14,20 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from exporter.access.admission import ExportWatch, Lease, held
+from exporter.db import driver_connection
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.streaming import ResponseCut, run_detached, unless_disconnected
 
 log = logging.getLogger(__name__)
 
-_RELEASES = "exporter.download_slots"
-_WATCH = "exporter.export_watch"
 RETRY_AFTER = "5"
-MAX_DURATION = "the export ran longer than EXPORTER_EXPORT_MAX_DURATION"
 # Waiters per principal beyond its cap: more connections than any download tool opens
 # at once, few enough that one client cannot park thousands of requests here.
 WAITERS_PER_SLOT = 4
@@ -121,6 +119,18 @@ class Instance:
 
 
 EXPORTS = "exports"
+
+
+def _random_slot_id() -> int:
+    """An id for a slot taken by `_take_both`: above any the table's identity gives."""
+    return (1 << 62) + secrets.randbits(61)
+
+
+def _literal(text: str) -> str:
+    """A text literal (standard_conforming_strings is on: db.SESSION_SETTINGS)."""
+    if "\x00" in text:
+        raise ValueError("PostgreSQL text cannot hold NUL bytes")
+    return "'" + text.replace("'", "''") + "'"
 # The longest pause between two tries of a waiting request: a slot freed by another
 # process is seen within this.
 MAX_POLL = 0.5
@@ -141,37 +151,98 @@ class Limiter:
         # Set (and replaced) when a slot of the key is given back here.
         self._freed: dict[str, asyncio.Event] = {}
 
-    async def acquire(self, request: Request, key: str, *, export: bool = False) -> None:
-        """Take the principal's slot (and an export slot), waiting a little if need be.
+    async def acquire(self, receive: Receive, key: str, *, export: bool = False) -> Lease:
+        """Take the principal's slot (and an export slot), waiting a little if need be,
+        while watching the client through `receive`; the lease that holds them.
 
         429 or 503 with Retry-After when none came in time; ClientLeft if the client
-        went away meanwhile. The middleware gives the slots back.
+        went away meanwhile. Nothing is held then.
         """
-        if not await self._take(request, f"principal {key}", self.per_principal, self.wait,
-                                WAITERS_PER_SLOT * self.per_principal):
-            raise ApiError(
-                429, f"at most {self.per_principal} downloads at a time; try again shortly",
-                headers={"Retry-After": RETRY_AFTER})
-        if not export:
-            return
-        exports = self.exports
-        exports.waiting += 1
+        lease = Lease()
+        if export and await self._take_both(lease, f"principal {key}"):
+            return lease
         try:
-            got = await self._take(request, EXPORTS, exports.limit, self.exports_wait,
-                                   exports.limit)
-        finally:
-            exports.waiting -= 1
-        if not got:
-            raise ApiError(503, "the server is running as many exports as it may;"
-                           " try again shortly", headers={"Retry-After": RETRY_AFTER})
+            if not await self._take(lease, receive, f"principal {key}", self.per_principal,
+                                    self.wait, WAITERS_PER_SLOT * self.per_principal):
+                raise ApiError(
+                    429, f"at most {self.per_principal} downloads at a time; try again shortly",
+                    headers={"Retry-After": RETRY_AFTER})
+            if not export:
+                return lease
+            exports = self.exports
+            exports.waiting += 1
+            try:
+                got = await self._take(lease, receive, EXPORTS, exports.limit,
+                                       self.exports_wait, exports.limit)
+            finally:
+                exports.waiting -= 1
+            if not got:
+                raise ApiError(503, "the server is running as many exports as it may;"
+                               " try again shortly", headers={"Retry-After": RETRY_AFTER})
+        except BaseException:
+            lease.release()
+            raise
+        self._count_export(lease)
+        return lease
+
+    def _count_export(self, lease: Lease) -> None:
+        exports = self.exports
         exports.active += 1
 
         def done() -> None:
             exports.active -= 1
 
-        on_request_end(request.scope, done)
+        lease.add(done)
 
-    async def _take(self, request: Request, key: str, cap: int, wait: float,
+    async def _take_both(self, lease: Lease, key: str) -> bool:
+        """Both slots of an export in one round trip, when both caps have room (the
+        usual case); False, holding nothing, otherwise (then each is taken on its own,
+        with the waits that go with it)."""
+        ids = [_random_slot_id(), _random_slot_id()]
+        task = asyncio.ensure_future(self._insert_both(key, ids))
+        try:
+            taken = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def give_back(t: asyncio.Task[bool]) -> None:
+                if not t.cancelled() and t.exception() is None and t.result():
+                    self._give_back(EXPORTS, ids[1])
+                    self._give_back(key, ids[0])
+
+            task.add_done_callback(give_back)
+            raise
+        if not taken:
+            return False
+        lease.add(lambda: self._give_back(key, ids[0]))
+        lease.add(lambda: self._give_back(EXPORTS, ids[1]))
+        self._count_export(lease)
+        return True
+
+    async def _insert_both(self, key: str, ids: list[int]) -> bool:
+        # One simple-protocol message of two statements: PostgreSQL runs them as one
+        # transaction (the locks held to its end), the second with a snapshot taken after
+        # the locks were granted, so that it counts every slot taken before. Literals,
+        # since the simple protocol takes no parameters: the keys are quoted, the rest
+        # are numbers. The principal's lock first, as every taker does.
+        k, e, i = _literal(key), _literal(EXPORTS), _literal(self.instance_id)
+        count = ("(SELECT count(*) FROM exporter.slots s JOIN exporter.instances i ON"
+                 " i.id = s.instance WHERE s.key = {} AND i.expires_at > now())")
+        statement = (
+            f"SELECT pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({k})),"
+            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({e}));"
+            f" INSERT INTO exporter.slots (id, key, instance)"
+            f" SELECT v.id, v.key, {i} FROM (VALUES ({ids[0]}::bigint, {k}),"
+            f" ({ids[1]}::bigint, {e})) AS v(id, key)"
+            f" WHERE {count.format(k)} < {int(self.per_principal)}"
+            f" AND {count.format(e)} < {int(self.exports.limit)}")
+        try:
+            async with self._engine.connect() as conn:
+                driver: Any = await driver_connection(conn)
+                status = await driver.execute(statement)
+        except DATABASE_ERRORS as error:
+            raise unavailable(error) from error
+        return str(status) == "INSERT 0 2"
+
+    async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
         slot = await self._try(key, cap)
         if slot is None:
@@ -180,8 +251,7 @@ class Limiter:
                 return False
             self._waiting[key] = waiting + 1
             try:
-                slot = await unless_disconnected(self._wait_for(key, cap, wait),
-                                                  request.receive)
+                slot = await unless_disconnected(self._wait_for(key, cap, wait), receive)
             finally:
                 self._waiting[key] -= 1
                 if not self._waiting[key]:
@@ -190,7 +260,7 @@ class Limiter:
             if slot is None:
                 return False
         taken = slot
-        on_request_end(request.scope, lambda: self._give_back(key, taken))
+        lease.add(lambda: self._give_back(key, taken))
         return True
 
     async def _try(self, key: str, cap: int) -> int | None:
@@ -236,8 +306,8 @@ class Limiter:
                 return slot
         return None
 
-    def _give_back(self, key: str, slot: int) -> None:
-        run_detached(self._delete(key, slot))
+    def _give_back(self, key: str, slot: int) -> asyncio.Task[None]:
+        return run_detached(self._delete(key, slot))
 
     async def _delete(self, key: str, slot: int) -> None:
         try:
@@ -250,63 +320,6 @@ class Limiter:
         finally:
             if (freed := self._freed.pop(key, None)) is not None:
                 freed.set()
-
-
-def on_request_end(scope: Scope, release: Callable[[], None]) -> None:
-    """Call `release` once when the request is over, however it ended (see the middleware)."""
-    done = False
-
-    def once() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            release()
-
-    scope.setdefault("state", {}).setdefault(_RELEASES, []).append(once)
-
-
-def keep_releases(scope: Scope) -> Callable[[], None]:
-    """Take over what `on_request_end` would call at the request's end (its slots, say):
-    for work that outlives its request and must hold them until it is done. The caller
-    calls the returned function once that work ends."""
-    releases = scope.setdefault("state", {}).setdefault(_RELEASES, [])
-    taken = list(releases)
-    releases.clear()
-
-    def release_all() -> None:
-        while taken:
-            taken.pop()()
-
-    return release_all
-
-
-def release_now(scope: Scope) -> None:
-    """Give back what `scope` holds now. For slots taken on a scope of its own by work
-    that outlives its request (a stored export holds its slots until it ends)."""
-    keep_releases(scope)()
-
-
-@dataclass
-class ExportWatch:
-    """What the middleware needs to cut an export whose client stalls."""
-
-    idle_timeout: float  # 0: never
-    deadline: float | None  # loop time; None: never
-    cut: Callable[[str], None]  # told why, before the response is cut
-
-    def limit(self, now: float) -> tuple[float, str] | None:
-        """How long the next `send` may wait, and why it is cut past that."""
-        limits: list[tuple[float, str]] = []
-        if self.idle_timeout > 0:
-            limits.append((self.idle_timeout,
-                           f"the client read nothing for {self.idle_timeout:g} s"))
-        if self.deadline is not None:
-            limits.append((max(0.0, self.deadline - now), MAX_DURATION))
-        return min(limits) if limits else None
-
-
-def watch_export(scope: Scope, watch: ExportWatch) -> None:
-    scope.setdefault("state", {})[_WATCH] = watch
 
 
 class DownloadLimits:
@@ -324,7 +337,6 @@ class DownloadLimits:
         loop = asyncio.get_running_loop()
         started = loop.time()
         sent = 0
-        state = scope.setdefault("state", {})
 
         async def guarded(message: Message) -> None:
             nonlocal sent
@@ -332,12 +344,13 @@ class DownloadLimits:
                 await send(message)
                 return
             rate = self.bytes_per_second()
-            if rate > 0 and _RELEASES in state:
+            lease = held(scope)
+            if rate > 0 and lease is not None:
                 sent += len(message.get("body", b""))
                 ahead = sent / rate - (loop.time() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-            watch: ExportWatch | None = state.get(_WATCH)
+            watch: ExportWatch | None = None if lease is None else lease.watch
             limit = None if watch is None else watch.limit(loop.time())
             if limit is None:
                 await send(message)
@@ -359,8 +372,6 @@ class DownloadLimits:
             # client sees a broken download (curl exit 18, wget 4), not a short file.
             log.warning("%s %s: cut: %s", scope["method"], scope["path"], cut)
         finally:
-            # Last taken, first given back; a release may take over the ones left
-            # (keep_releases), so the list is read as it goes.
-            releases = state.get(_RELEASES, [])
-            while releases:
-                releases.pop()()
+            # Its export (if any) hears first, and may keep the lease past this.
+            if (lease := held(scope)) is not None:
+                lease.request_ended()

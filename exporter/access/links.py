@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import sqlalchemy as sa
@@ -29,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.durations import parse_duration
 from exporter.access.tokens import is_token_name
+from exporter.db import driver_connection
 from exporter.tables import secrets as secrets_table
 
 EXPIRES, BY, SIGNATURE = "~expires", "~by", "~signature"
@@ -36,6 +38,7 @@ LINK_PARAMETERS = (EXPIRES, BY, SIGNATURE)
 # The maker of links made on the server with `exporter link` (not a token name).
 OPERATOR = "@operator"
 _KEY_NAME = "link_signing_key"
+_READ_KEY = "SELECT value FROM exporter.secrets WHERE name = $1"
 _PATH_SAFE = "/!$&'()*+,;=:@-._~"
 # ASCII digits only ('²'.isdigit() is True, int('²') fails), and a Unix time that
 # datetime can represent.
@@ -167,7 +170,14 @@ class LinkKeys:
     async def key(self) -> bytes:
         if self._configured:
             return self._configured.encode()
-        # Read each time: a rotation takes effect in every process at once.
+        # Read each time: a rotation takes effect in every process at once. One
+        # statement outside a transaction (every export of a table signs its cursor with
+        # it, before its first byte); the insert only the first time.
+        async with self._engine.connect() as conn:
+            driver: Any = await driver_connection(conn)
+            found = await driver.fetchval(_READ_KEY, _KEY_NAME)
+        if found is not None:
+            return bytes(found)
         async with self._engine.begin() as conn:
             await conn.execute(
                 insert(secrets_table).values(name=_KEY_NAME, value=secrets.token_bytes(32))

@@ -20,10 +20,6 @@ Output = Callable[[bytes], Awaitable[None]]
 Producer = Callable[[Output, Output], Awaitable[int | None]]
 
 
-class FirstChunkTimeout(Exception):
-    """Nothing came before the deadline."""
-
-
 class Stopped(Exception):
     """The stream was stopped (`stop`) while its consumer read it."""
 
@@ -80,14 +76,12 @@ class CopyStream:
         except Exception as error:  # handed to the consumer, which decides what it means
             await self._queue.put(_Failure(error))
 
-    async def next_chunk(self, first_within: float | None = None) -> bytes | None:
+    async def next_chunk(self) -> bytes | None:
         """The next chunk, or None at the end; re-raises the producer's failure.
 
-        A partial chunk that waited `flush_interval` is sent as it is. With
-        `first_within`, FirstChunkTimeout is raised when nothing came in that many seconds.
+        A partial chunk that waited `flush_interval` is sent as it is. (The wait for the
+        first one is bounded by its caller: exports/export.py, EXPORTER_STATEMENT_TIMEOUT.)
         """
-        loop = asyncio.get_running_loop()
-        deadline = None if first_within is None else loop.time() + first_within
         while True:
             if self._stopped:
                 raise Stopped
@@ -99,8 +93,6 @@ class CopyStream:
                 except TimeoutError:
                     if self._pending and self._first_sent:
                         return self._take()
-                    if deadline is not None and loop.time() >= deadline:
-                        raise FirstChunkTimeout from None
                     continue
             if item is _END:
                 return None
@@ -116,10 +108,13 @@ class CopyStream:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def cancel(self) -> None:
-        """Stop the producer (asyncpg then asks PostgreSQL to cancel the query)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            # Its outcome no longer matters to anyone.
-            with contextlib.suppress(BaseException):
-                await self._task
+    async def cancel(self) -> bool:
+        """Stop the producer (asyncpg then asks PostgreSQL to cancel the query); whether
+        it was still running."""
+        if self._task is None or self._task.done():
+            return False
+        self._task.cancel()
+        # Its outcome no longer matters to anyone.
+        with contextlib.suppress(BaseException):
+            await self._task
+        return True

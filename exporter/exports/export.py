@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.access.limits import MAX_DURATION
+from exporter.access.admission import MAX_DURATION, Lease
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.compression import Coding, compressed
 from exporter.config import Settings
@@ -27,7 +27,7 @@ from exporter.errors import (
 )
 from exporter.exports import cursor, pages, sql
 from exporter.exports.copies import Copy, CopyStopped
-from exporter.exports.copy import CopyStream, FirstChunkTimeout, Output
+from exporter.exports.copy import CopyStream, Output
 from exporter.exports.filenames import filename
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
@@ -75,7 +75,7 @@ class Export:
     def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
                  query: ExportQuery, renderer: Renderer, download: Download, *,
                  replica: bool = False, window: pages.Window | None = None,
-                 url_query: str = "") -> None:
+                 url_query: str = "", head: bool = False) -> None:
         # `engine` is where the export reads (the read replica's if `replica`); the audit
         # row is written through `audit`'s engine, the primary's. `url_query`: the URL's
         # canonical query, which the file's name tells apart (exports/filenames.py).
@@ -103,11 +103,15 @@ class Export:
         # slots meanwhile.
         self._copy: Copy | None = None
         self._writing: asyncio.Future[None] | None = None
-        self._keep_slots: Callable[[], Callable[[], None]] | None = None
+        self._lease: Lease | None = None
         self._shutting_down = False
         # A PostgREST Range or count (exports/pages.py), answered from this snapshot.
         self._window = window
         self.answer: pages.Answer | None = None
+        # A HEAD: the checks and counts of the export, in its snapshot, and no COPY.
+        self._head = head
+        # Loop time by which the first row (a HEAD's answer) must be there.
+        self._first_row_by = 0.0
 
     @property
     def filename(self) -> str:
@@ -120,16 +124,28 @@ class Export:
         return self._deadline
 
     async def open(self) -> None:
+        """Up to the first chunk (a HEAD: up to its answer, then recorded and let go).
+        EXPORTER_STATEMENT_TIMEOUT bounds all of it: the checks, the counts and the wait
+        for the first row, on the server (statement_timeout) and here."""
+        now = asyncio.get_running_loop().time()
         limit = self._settings.export_max_duration
         if limit > 0:
-            self._deadline = asyncio.get_running_loop().time() + limit
+            self._deadline = now + limit
+        self._first_row_by = now + self._settings.statement_timeout
         _running.add(self)
         try:
             try:
                 await self._audit.start(self.download)
             except DATABASE_ERRORS as error:
                 raise unavailable(error) from error
-            await self._open()
+            guard = asyncio.timeout_at(self._first_row_by)
+            try:
+                async with guard:
+                    await self._open()
+            except TimeoutError:
+                if not guard.expired():
+                    raise
+                raise self._too_slow() from None
         # Each ending also covers a row written by a start that was cut short (the
         # INSERT done, its answer cancelled): no audit row stays `running`.
         except ApiError as error:
@@ -142,6 +158,14 @@ class Export:
         except BaseException:
             await self._end(FAILED, "failed before first byte")
             raise
+        if self._head:
+            answer = self.answer
+            await self._end(COMPLETE, None, http_status=answer.status if answer else 200)
+
+    def _too_slow(self) -> ApiError:
+        what = "answer" if self._head else "produce its first row"
+        return ApiError(504, f"the export did not {what} within"
+                        f" {self._settings.statement_timeout:g} s (EXPORTER_STATEMENT_TIMEOUT)")
 
     async def _open(self) -> None:
         try:
@@ -153,10 +177,14 @@ class Export:
             conn = await conn.execution_options(
                 isolation_level="REPEATABLE READ", postgresql_readonly=True
             )
+            # Early, so that a query cancelled by this request's end can be cut at once.
+            self._driver = await driver_connection(conn)
             # The first statement opens the transaction; now() is its start, the snapshot's
             # time. A table's export also reads the snapshot itself, its change cursor.
+            # A HEAD gives no cursor: it reads the snapshot only to count changes `since`.
             snapshot = None
-            if self.query.dataset.kind in cursor.KINDS_WITH_XMIN:
+            if self.query.dataset.kind in cursor.KINDS_WITH_XMIN and (
+                    not self._head or self.query.changed_since is not None):
                 snapshot = await cursor.take(conn)
             if snapshot is not None:
                 self.snapshot_time, self.cursor = snapshot.time, snapshot.cursor
@@ -167,12 +195,24 @@ class Export:
                 if self.query.changed_since is not None:
                     raise ApiError(503, cursor.NO_IDENTITY)
                 self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
-            await sql.check_values(conn, self.query)
+            # The server cancels the checks and counts that run past the timeout too,
+            # should this process not (a plain export has none: no round trip for it).
+            timeout = self._settings.statement_timeout
+            bounded = self._window is not None or sql.runs_checks(self.query)
+            if bounded:
+                await sql.limit_statements(conn, timeout)
+            await sql.check_values(conn, self.query, timeout)
             if self._window is not None:
                 self.answer = await pages.answer(conn, self.query, self._window,
                                                  self._settings.count_estimated_above)
-            driver: Any = await driver_connection(conn)
-            self._driver = driver
+            if self._head:
+                return
+            # The COPY streams as long as its client reads (the idle and duration rules
+            # bound it, EXPORTER_EXPORT_IDLE_TIMEOUT and EXPORTER_EXPORT_MAX_DURATION);
+            # its first row is awaited here, within the timeout.
+            if bounded:
+                await sql.limit_statements(conn, self._settings.export_max_duration)
+            driver: Any = self._driver
         except ApiError:
             raise
         except DATABASE_ERRORS as error:
@@ -199,11 +239,7 @@ class Export:
                                   flush_interval=s.export_flush_interval)
         self._stream.start()
         try:
-            self._first = await self._stream.next_chunk(first_within=s.statement_timeout)
-        except FirstChunkTimeout:
-            raise ApiError(
-                504, f"the export produced no data within {s.statement_timeout:g} s"
-            ) from None
+            self._first = await self._stream.next_chunk()
         except DATABASE_ERRORS as error:
             raise self._database_error(error) from error
 
@@ -211,6 +247,9 @@ class Export:
         if (failed := sql.cast_failure(self.query, error)) is not None:
             return failed
         code = sqlstate(error)
+        if code == sql.QUERY_CANCELED and self._stream is None:
+            # statement_timeout, before the first row (a HEAD's counts, say).
+            return self._too_slow()
         if self._replica and code in REPLICA_RETRY:
             # Gone on a retry: the standby catches up, or the replay that needed our
             # snapshot gone is done.
@@ -220,12 +259,12 @@ class Export:
                             headers={"Retry-After": "5"})
         return database_error(error, self._source)
 
-    def attach(self, copy: Copy, keep_slots: Callable[[], Callable[[], None]]) -> None:
+    def attach(self, copy: Copy, lease: Lease) -> None:
         """Write every chunk into `copy` before it is sent; if the client leaves, go on
-        into the copy to the end, holding the request's slots (`keep_slots` takes them).
+        into the copy to the end, holding the request's `lease` (its slots) meanwhile.
         Only for identity bodies: the copy holds the bytes the client holds."""
         self._copy = copy
-        self._keep_slots = keep_slots
+        self._lease = lease
 
     def body(self, coding: Coding | None = None, level: int | None = None,
              ) -> AsyncIterator[bytes]:
@@ -293,11 +332,11 @@ class Export:
         if self._ending is None:
             slots = None
             if (self._copy is not None and status == ABORTED and error in LEFT
-                    and self._keep_slots is not None):
+                    and self._lease is not None):
                 # Its client left (not cut for stalling: that would let a hog hold a
-                # snapshot on): the copy is completed. The slots are taken now, before
-                # the request's end gives them back: it is still this client's work.
-                slots = self._keep_slots()
+                # snapshot on): the copy is completed. The lease is kept now, before
+                # the request's end gives it back: it is still this client's work.
+                slots = self._lease.keep().release
             self._ending = run_detached(self._finish(status, error, http_status, slots))
             self._ending.add_done_callback(lambda _: _running.discard(self))
         return self._ending
@@ -315,7 +354,7 @@ class Export:
         await asyncio.shield(self._end_detached(status, error, http_status=http_status))
 
     async def _finish(self, status: str, error: str | None, http_status: int | None,
-                      slots: Callable[[], None] | None = None) -> None:
+                      slots: Callable[[], object] | None = None) -> None:
         try:
             copy = await self._settled_copy()
             if copy is None:
@@ -396,8 +435,7 @@ class Export:
 
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""
-        if self._stream is not None:
-            await self._stream.cancel()
+        copying = self._stream is not None and await self._stream.cancel()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -407,6 +445,8 @@ class Export:
             await asyncio.wait_for(conn.rollback(), 5)
             await conn.close()
         except BaseException:
+            if copying:
+                await self._cancel_backend()
             # After a cancelled COPY the protocol state is not worth trusting. A graceful
             # close would wait for a backend that is blocked writing to us, so the socket
             # is closed at once: the backend fails its next write, or notices within
@@ -415,3 +455,18 @@ class Export:
                 self._driver.terminate()
             await conn.invalidate()
             await conn.close()
+
+    async def _cancel_backend(self) -> None:
+        """Cancel the COPY on the server before its connection is closed: the cancel
+        request asyncpg sends when the COPY's task is cancelled dies with the connection,
+        and a backend busy before its first row (a slow regular expression on
+        PostgreSQL 15, say) may not notice the closed socket for as long as it works."""
+        if self._driver is None:
+            return
+        pid = self._driver.get_server_pid()
+        try:
+            async with asyncio.timeout(2), self._engine.connect() as conn:
+                await conn.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
+        except Exception as error:
+            log.info("export %s: could not cancel its backend %s: %s", self.download.id,
+                     pid, error)

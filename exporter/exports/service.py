@@ -3,25 +3,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.access.limits import ExportWatch, keep_releases, on_request_end, watch_export
+from exporter.access.admission import ExportWatch, Lease, admit
 from exporter.access.links import SIGNATURE
 from exporter.access.principal import ANONYMOUS, Principal
 from exporter.audit import Download
 from exporter.compression import level_of
-from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, database_error, unavailable
+from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailable
 from exporter.export_names import readings
-from exporter.exports import cursor, pages, renderers, sql
+from exporter.exports import cursor, renderers
 from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.copies import Copies
-from exporter.exports.export import Export, source_name
-from exporter.exports.filenames import filename
+from exporter.exports.export import Export
 from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
@@ -117,9 +114,14 @@ async def answer(request: Request, st: State, req: ExportRequest, *,
             and not from_primary):
         # A stored export (exporter/stored/), reached through the state: 202 and a status URL.
         return await st.stored.kick_off(request, st, req)
-    if req.method == "HEAD":
-        return await _head(request, st, req, engine)
-    if req.byte_range is not None and st.copies is not None:
+    # One admission for HEAD and GET alike, before any query of the export runs (a
+    # resume's lookup included); the request holds the lease until its response ends.
+    try:
+        lease = await admit(request, st.limiter, req.principal.limit_key)
+    except ClientLeft:
+        return Response(status_code=499)  # nobody is listening; uvicorn drops it
+    head = req.method == "HEAD"
+    if not head and req.byte_range is not None and st.copies is not None:
         # From the copy of the export this request continues, when that is provable;
         # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
         resumed = await st.copies.resume(request, req.principal, req.url)
@@ -128,66 +130,44 @@ async def answer(request: Request, st: State, req: ExportRequest, *,
             # whole export (only a proven continuation is a 206): no promise of ranges.
             resumed.headers["Accept-Ranges"] = "none"
             return resumed
-    return await _stream(request, st, req, engine)
-
-
-async def _head(request: Request, st: State, req: ExportRequest,
-                engine: AsyncEngine) -> Response:
-    """The GET's headers, with its counts; no COPY. The same server as the GET would read,
-    so both answer alike when it is down."""
-    try:
-        conn = await engine.connect()
-    except DATABASE_ERRORS as error:
-        raise unavailable(error, source_name(engine is st.replica)) from error
-    counted: pages.Answer | None = None
-    try:
-        if req.window is not None:
-            # Counted as the GET would, in one snapshot of its own.
-            conn = await conn.execution_options(
-                isolation_level="REPEATABLE READ", postgresql_readonly=True)
-        await sql.check_values(conn, req.query)
-        if req.window is not None:
-            try:
-                counted = await pages.answer(conn, req.query, req.window,
-                                             st.settings.count_estimated_above)
-            except DATABASE_ERRORS as error:
-                raise database_error(error, source_name(engine is st.replica)) from error
-    finally:
-        await conn.close()
-    response = Response(
-        status_code=counted.status if counted else 200,
-        headers=export_headers(request, req, filename(req.dataset.name, req.renderer,
-                                                      datetime.now(UTC), req.query_string)))
-    del response.headers["content-length"]  # GET streams its body chunked
-    if counted is not None:
-        response.headers.update(counted.headers)
-    return response
-
-
-async def _stream(request: Request, st: State, req: ExportRequest,
-                  engine: AsyncEngine) -> Response:
-    try:
-        await st.limiter.acquire(request, req.principal.limit_key, export=True)
-    except ClientLeft:
-        return Response(status_code=499)  # nobody is listening; uvicorn drops it
     principal = req.principal
     recorded: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
         if key != SIGNATURE:  # a credential: never stored
             recorded.setdefault(key, []).append(value)
+    if head:
+        recorded.setdefault("method", []).append("HEAD")
     download = Download("export", req.dataset.name,
                         request.client.host if request.client else None,
                         format=req.renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
     job = Export(engine, st.audit, st.settings, req.query, req.renderer, download,
-                 replica=engine is st.replica, window=req.window, url_query=req.query_string)
+                 replica=engine is st.replica, window=req.window, url_query=req.query_string,
+                 head=head)
     try:
         await unless_disconnected(job.open(), request.receive)
     except ClientLeft:
         return Response(status_code=499)
-    on_request_end(request.scope, job.request_ended)
-    watch_export(request.scope, ExportWatch(st.settings.export_idle_timeout, job.deadline,
-                                            job.cut))
+    if head:
+        await lease.aclose()  # its work is done: a GET that follows finds the slots free
+        return _head_response(request, req, job)
+    return await _stream(request, st, req, job, lease)
+
+
+def _head_response(request: Request, req: ExportRequest, job: Export) -> Response:
+    """The GET's headers, without its body (the checks and counts ran as the GET's)."""
+    response = Response(status_code=job.answer.status if job.answer else 200,
+                        headers=export_headers(request, req, job.filename))
+    del response.headers["content-length"]  # GET streams its body chunked
+    if job.answer is not None:
+        response.headers.update(job.answer.headers)
+    return response
+
+
+async def _stream(request: Request, st: State, req: ExportRequest, job: Export,
+                  lease: Lease) -> Response:
+    lease.on_request_end = job.request_ended
+    lease.watch = ExportWatch(st.settings.export_idle_timeout, job.deadline, job.cut)
     body_coding = req.representation.file_coding or req.content_coding
     s = st.settings
     level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
@@ -200,7 +180,7 @@ async def _stream(request: Request, st: State, req: ExportRequest,
     if token is not None:
         headers[cursor.HEADER] = token
     if st.copies is not None and _copied(st, req):
-        headers.update(await _copy_headers(request, st.copies, req, job, token))
+        headers.update(await _copy_headers(request, st.copies, req, job, token, lease))
     return StreamingResponse(job.body(body_coding, level), status_code=status, headers=headers)
 
 
@@ -235,7 +215,7 @@ async def _cursor_key(st: State) -> bytes:
 
 
 async def _copy_headers(request: Request, copies: Copies, req: ExportRequest,
-                        job: Export, token: str | None) -> dict[str, str]:
+                        job: Export, token: str | None, lease: Lease) -> dict[str, str]:
     """Start the export's stored copy, found later by the request's representation URL;
     the headers that name it. The export goes on without one if it cannot be had (the
     reason is logged by the store)."""
@@ -245,7 +225,7 @@ async def _copy_headers(request: Request, copies: Copies, req: ExportRequest,
         snapshot_time=job.snapshot_time, cursor=token)
     if copy is None:
         return {}
-    job.attach(copy, lambda: keep_releases(request.scope))
+    job.attach(copy, lease)
     # A strong validator of exactly these bytes (the copy's), so that If-Range can ask
     # for the rest of them; where they can be fetched whole, later and by range. No
     # `Accept-Ranges: bytes` here: this URL serves a range only as a proven continuation

@@ -10,6 +10,7 @@ whole of literal quoting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,23 @@ def count_sql(query: ExportQuery) -> str:
 _REQUEST_ERRORS = ("22", "23", "42", "0A")
 # pg_input_is_valid and pg_input_error_info are new in PostgreSQL 16.
 _SOFT_CHECKS_FROM = (16,)
+# What PostgreSQL answers when statement_timeout (or a cancel request) stops a statement.
+QUERY_CANCELED = "57014"
+# The longest regular expression or text search query a filter may hold, in characters:
+# what they cost PostgreSQL to compile and run grows with their size.
+MAX_PATTERN_LENGTH = 1000
+# Seconds PostgreSQL may spend compiling a request's regular expressions and parsing its
+# text search queries (`((.{0,18}){0,18}){0,18}x\1` alone takes about 6 s to compile),
+# and never more than the statement timeout. Past it, a 400 names the parameter.
+COMPILE_TIMEOUT = 1.0
+
+
+async def limit_statements(conn: AsyncConnection, seconds: float) -> None:
+    """PostgreSQL cancels every later statement of the transaction on `conn` that runs
+    longer than `seconds` (0: never), whatever this process does meanwhile."""
+    ms = 0 if seconds <= 0 else max(1, math.ceil(seconds * 1000))
+    await conn.exec_driver_sql("SELECT set_config('statement_timeout', $1, true)",
+                               (str(ms),))
 
 
 @dataclass(frozen=True)
@@ -241,15 +259,22 @@ def _request_error(error: BaseException) -> bool:
     return code is not None and code.startswith(_REQUEST_ERRORS)
 
 
-async def _fails(conn: AsyncConnection, statement: str, params: tuple[Any, ...]) -> str | None:
+async def _fails(conn: AsyncConnection, statement: str, params: tuple[Any, ...],
+                 limit: float | None = None) -> str | None:
     """Why the statement failed on the request's input, or None if it ran. A failure ends
-    the transaction, so that the next statement can run."""
+    the transaction, so that the next statement can run. With `limit`, PostgreSQL may
+    spend that many seconds on it, and running out is the input's failure too."""
+    if limit is not None:
+        await limit_statements(conn, limit)
     try:
         await conn.exec_driver_sql(statement, params)
     except DRIVER_ERRORS as error:
-        if not _request_error(error):
+        timed_out = limit is not None and sqlstate(error) == QUERY_CANCELED
+        if not (timed_out or _request_error(error)):
             raise
         await conn.rollback()
+        if timed_out:
+            return f"PostgreSQL took more than {limit:g} s to compile it"
         return postgres_message(error)
     return None
 
@@ -279,7 +304,8 @@ async def _locate(conn: AsyncConnection, values: list[_Value],
     return _bad_value(values[bad], reason)
 
 
-async def check_values(conn: AsyncConnection, query: ExportQuery) -> None:
+async def check_values(conn: AsyncConnection, query: ExportQuery,
+                       statement_timeout: float) -> None:
     """Ask PostgreSQL whether each filter value is valid input for its column's type, and
     whether the column's type has the filter's operator (and, for `order`, an ordering);
     resolve the types of `select`'s casts; compile regular expressions and text search
@@ -288,11 +314,12 @@ async def check_values(conn: AsyncConnection, query: ExportQuery) -> None:
     One round trip when all is well for plain queries; values travel as bound arrays,
     whatever their number. Raises a 400 naming the parameter of the first bad value. On
     a bad request the connection's transaction is rolled back (the export is not going
-    to run).
+    to run). `statement_timeout`: the one the transaction runs with (its patterns are
+    compiled under a shorter one, COMPILE_TIMEOUT, then it is set back).
     """
     await _resolve_casts(conn, query)
     await _check_typed(conn, query)
-    await _check_operands(conn, query)
+    await _check_operands(conn, query, statement_timeout)
     await _check_statement(conn, query)
 
 
@@ -408,51 +435,70 @@ _TSQUERY_CHECK = (
 )
 
 
-async def _check_operands(conn: AsyncConnection, query: ExportQuery) -> None:
+async def _check_operands(conn: AsyncConnection, query: ExportQuery,
+                          statement_timeout: float) -> None:
     filters = query.all_filters()
     regexes = [_Value(f, v) for f in filters
                if BY_NAME[f.operator].operand is Operand.REGEX for v in f.values]
+    searches = [f for f in filters if BY_NAME[f.operator].operand is Operand.TSQUERY]
+    for f, value in [(v.filter, v.text) for v in regexes] + [(f, f.values[0]) for f in searches]:
+        if len(value) > MAX_PATTERN_LENGTH:
+            raise bad_parameter(f.parameter, f"a pattern of {len(value)} characters: at most"
+                                f" {MAX_PATTERN_LENGTH} are allowed")
+    if not regexes and not searches:
+        return
+    limit = min(COMPILE_TIMEOUT, statement_timeout)
     if regexes:
         failed = await _first_failure(
-            conn, len(regexes), lambda n: (_REGEX_CHECK, ([v.text for v in regexes[:n]],)))
+            conn, len(regexes), lambda n: (_REGEX_CHECK, ([v.text for v in regexes[:n]],)),
+            limit)
         if failed is not None:
             bad, reason = failed
             raise bad_parameter(regexes[bad].filter.parameter,
                                 f"{regexes[bad].text!r} is not a valid regular expression:"
                                 f" {reason}")
-    searches = [f for f in filters if BY_NAME[f.operator].operand is Operand.TSQUERY]
     if searches:
         failed = await _first_failure(conn, len(searches), lambda n: (_TSQUERY_CHECK, (
             [f.operator for f in searches[:n]], [f.language for f in searches[:n]],
-            [f.values[0] for f in searches[:n]])))
+            [f.values[0] for f in searches[:n]])), limit)
         if failed is not None:
             bad, reason = failed
             f = searches[bad]
             raise bad_parameter(f.parameter, f"{f.values[0]!r} is not a valid '{f.operator}'"
                                 + (f" in '{f.language}'" if f.language is not None else "")
                                 + f": {reason}")
+    await limit_statements(conn, statement_timeout)
 
 
 async def _first_failure(conn: AsyncConnection, count: int,
                          statement: Callable[[int], tuple[str, tuple[Any, ...]]],
-                         ) -> tuple[int, str] | None:
+                         limit: float | None = None) -> tuple[int, str] | None:
     """The index of the first of `count` inputs on which statement(n), which checks the
     first n, fails, and why; None if all pass. One round trip when all is well, then a
-    bisection (about log2(count)).
+    bisection (about log2(count)); `limit`, as _fails takes it.
 
     Invariant: the first `good` inputs pass, the first `bad` do not."""
-    reason = await _fails(conn, *statement(count))
+    reason = await _fails(conn, *statement(count), limit)
     if reason is None:
         return None
     good, bad = 0, count
     while bad - good > 1:
         middle = (good + bad) // 2
-        failure = await _fails(conn, *statement(middle))
+        failure = await _fails(conn, *statement(middle), limit)
         if failure is None:
             good = middle
         else:
             bad, reason = middle, failure
     return bad - 1, reason
+
+
+def runs_checks(query: ExportQuery) -> bool:
+    """Whether check_values sends PostgreSQL anything for `query` (a plain export of
+    columns, `limit` and `offset` needs no statement before its COPY)."""
+    return (any(i.cast is not None for i in query.items) or bool(query.order)
+            or bool(_typed_filters(query)) or _needs_plan(query)
+            or any(BY_NAME[f.operator].operand in (Operand.REGEX, Operand.TSQUERY)
+                   for f in query.all_filters()))
 
 
 def _needs_plan(query: ExportQuery) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from exporter.access.admission import admit
 from exporter.access.principal import Principal
 from exporter.errors import bad_parameter
 from exporter.files.listing import url_path
@@ -49,7 +50,7 @@ async def serve_path(request: Request, st: State, principal: Principal, path: st
             return JSONResponse(body, headers={"Cache-Control": "no-cache"})
         if request.method == "GET":
             try:
-                await st.limiter.acquire(request, principal.limit_key)
+                await admit(request, st.limiter, principal.limit_key, export=False)
             except ClientLeft:
                 return Response(status_code=499)  # nobody is listening; uvicorn drops it
         return await serve_file(request, st, target, principal)

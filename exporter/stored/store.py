@@ -25,6 +25,7 @@ from exporter.config import Settings
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable, without_paths
 from exporter.stored.storage import Storage
 from exporter.tables import stored_exports as t
+from exporter.tables import tokens
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ class StoredExports:
                 raise ApiError(503, "the export storage cannot be written now",
                                headers={"Retry-After": "5"}) from error
             raise
-        writer = Writer(self, export_id, out, on_stop, kind=kind, owner=owner_of(principal))
+        writer = Writer(self, export_id, out, on_stop, kind=kind, owner=owner_of(principal),
+                        token_id=principal.token_id)
         writer.room = room
         writer.start()
         return writer
@@ -325,13 +327,20 @@ class StoredExports:
                 await self._cleanup
 
 
+REVOKED = "its token was revoked or expired while it ran"
+
+
 class Writer:
     """Fills one stored export (docs/internals.md, `stored/store.py`)."""
 
     def __init__(self, store: StoredExports, export_id: str, out: Any,
                  on_stop: Callable[[str], None] | None, *, kind: str = ASYNC,
-                 owner: str = "") -> None:
+                 owner: str = "", token_id: int | None = None) -> None:
         self.id = export_id
+        # The token whose rights it runs with (a link's maker's too), checked at each beat.
+        self._token_id = token_id
+        # The token whose rights it runs with (a link's maker's too), checked at each beat.
+        self._token_id = token_id
         self.bytes = 0
         self.rows = 0
         self.stopped = asyncio.Event()
@@ -385,18 +394,28 @@ class Writer:
         except DATABASE_ERRORS as error:
             self._stop(f"the storage quota could not be checked: {error}")
 
-    async def _beat(self) -> str | None:
+    async def _beat(self) -> tuple[str | None, bool]:
+        """Its progress written; its status, and whether its token is still valid."""
+        valid: sa.ColumnElement[Any] = sa.true()
+        if self._token_id is not None:
+            valid = sa.select(sa.and_(
+                tokens.c.revoked_at.is_(None),
+                sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > sa.func.now()),
+            )).where(tokens.c.id == self._token_id).scalar_subquery()
         async with self._store.engine.begin() as conn:
-            status = await conn.scalar(
+            row = (await conn.execute(
                 sa.update(t).where(t.c.id == self.id)
                 .values(rows=self.rows, bytes=self.bytes, heartbeat=sa.func.now())
-                .returning(t.c.status))
-        return None if status is None else str(status)
+                .returning(t.c.status, valid))).first()
+        if row is None:
+            return None, True
+        return str(row[0]), row[1] is True
 
     async def _beat_regularly(self) -> None:
         while True:
             try:
-                status = await asyncio.wait_for(self._beat(), self._store.interval * 5)
+                status, valid = await asyncio.wait_for(self._beat(),
+                                                       self._store.interval * 5)
                 if status == RUNNING and self.room is not None:
                     # The others' bytes as they are now (several exports together may
                     # cross the quota): room made again, or stopped.
@@ -408,6 +427,9 @@ class Writer:
                 if status != RUNNING:
                     self._stop("cancelled" if status in (CANCELLED, None)
                                else f"marked {status} meanwhile")
+                    return
+                if not valid:
+                    self._stop(REVOKED)
                     return
                 if self.stopped.is_set():
                     return

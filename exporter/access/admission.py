@@ -1,0 +1,133 @@
+"""One admission for every download that uses the server's scarce things: the principal's
+download slot and, for an export (GET, HEAD, a stored export, a resume lookup), one of
+the deployment's export slots. `Limiter.acquire` (limits.py) takes them and returns a
+`Lease`, which the caller gives back: `async with lease`, `lease.release()`, or, for a
+request, `hold(request, lease)`, and the middleware (limits.DownloadLimits) gives it back
+when the response is over, however it ended. Work that outlives its request (an export
+completing its copy after the client left) `keep`s the lease and releases it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from exporter.access.limits import Limiter
+
+_LEASE = "exporter.lease"
+MAX_DURATION = "the export ran longer than EXPORTER_EXPORT_MAX_DURATION"
+
+
+@dataclass
+class ExportWatch:
+    """What the middleware needs to cut an export whose client stalls."""
+
+    idle_timeout: float  # 0: never
+    deadline: float | None  # loop time; None: never
+    cut: Callable[[str], None]  # told why, before the response is cut
+
+    def limit(self, now: float) -> tuple[float, str] | None:
+        """How long the next `send` may wait, and why it is cut past that."""
+        limits: list[tuple[float, str]] = []
+        if self.idle_timeout > 0:
+            limits.append((self.idle_timeout,
+                           f"the client read nothing for {self.idle_timeout:g} s"))
+        if self.deadline is not None:
+            limits.append((max(0.0, self.deadline - now), MAX_DURATION))
+        return min(limits) if limits else None
+
+
+class Lease:
+    """The slots one download holds, given back once (the last taken first)."""
+
+    def __init__(self) -> None:
+        # Each may return the task that gives its slot back (awaited by `aclose`).
+        self._releases: list[Callable[[], object]] = []
+        self._kept = False
+        # Told when the request that holds the lease is over (before the slots go), so an
+        # export whose response never ran to its end can say so, or keep the lease.
+        self.on_request_end: Callable[[], None] | None = None
+        # Set by a streamed export: the middleware paces and cuts its `send` calls.
+        self.watch: ExportWatch | None = None
+
+    @property
+    def released(self) -> bool:
+        return not self._releases
+
+    def add(self, release: Callable[[], object]) -> None:
+        self._releases.append(release)
+
+    def release(self) -> list[asyncio.Future[None]]:
+        """Give every slot back (at most once each; later calls do nothing), without
+        waiting; the tasks still doing it."""
+        pending: list[asyncio.Future[None]] = []
+        while self._releases:
+            done = self._releases.pop()()
+            if isinstance(done, asyncio.Future):
+                pending.append(done)
+        return pending
+
+    async def aclose(self) -> None:
+        """Give every slot back and wait until they are (a next request of the same
+        principal then finds them free)."""
+        pending = self.release()
+        if pending:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.gather(*pending))
+
+    def keep(self) -> Lease:
+        """Take the lease over from the request that holds it: its end no longer gives
+        the slots back; the caller calls `release` once its work is done."""
+        self._kept = True
+        return self
+
+    def request_ended(self) -> None:
+        """The holding request is over (the middleware calls this once)."""
+        ending, self.on_request_end = self.on_request_end, None
+        if ending is not None:
+            ending()
+        if not self._kept:
+            self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.aclose()
+
+
+def hold(scope: Scope, lease: Lease) -> Lease:
+    """The request of `scope` holds `lease` until its response is over (the middleware
+    gives it back then). One lease per request."""
+    state = scope.setdefault("state", {})
+    assert _LEASE not in state, "a request is admitted once"
+    state[_LEASE] = lease
+    return lease
+
+
+def held(scope: Scope) -> Lease | None:
+    """The lease the request of `scope` holds, if any."""
+    lease: Lease | None = scope.get("state", {}).get(_LEASE)
+    return lease
+
+
+async def admit(request: Request, limiter: Limiter, key: str, *,
+                export: bool = True) -> Lease:
+    """The one admission of a download: the slots of principal `key` (and an export slot
+    unless `export` is False), held by the request until its response ends. 429 or 503
+    with Retry-After over a cap; streaming.ClientLeft if the client left while it waited.
+    A request already admitted (an export that serves a resume, say) keeps its lease."""
+    lease = held(request.scope)
+    if lease is not None:
+        return lease
+    return hold(request.scope, await limiter.acquire(request.receive, key, export=export))
