@@ -39,7 +39,7 @@ from exporter.server.logs import AccessLogOfLeavers
 from exporter.server.prefix import RootPath
 from exporter.state import State
 from exporter.stored import routes as stored_routes
-from exporter.stored.copies import StreamedCopies
+from exporter.stored.resume_copies import StoredResumeCopies
 from exporter.stored.service import StoredService
 from exporter.stored.storage import LocalStorage
 from exporter.streaming import wait_detached
@@ -167,7 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
             stored=stored,
-            copies=StreamedCopies(stored) if settings.exports_resume else None,
+            resume_copies=StoredResumeCopies(stored) if settings.exports_resume else None,
         )
         await stored.start_cleanup()
         if replica is not None:

@@ -145,7 +145,7 @@ stored_exports = sa.Table(
     sa.Column("heartbeat", sa.DateTime(timezone=True), nullable=False,
               server_default=sa.func.now()),
     # A streamed export's copy: the most bytes a response from it sent (None while the
-    # first one runs). A resume asks for no more than that (exporter/stored/copies.py).
+    # first one runs). A resume asks for no more than that (exporter/stored/resume_copies.py).
     sa.Column("delivered", sa.BigInteger),
     # The Export-Cursor of its snapshot (a table's export), for a later `since`.
     sa.Column("cursor", sa.Text),

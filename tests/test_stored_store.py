@@ -15,7 +15,7 @@ from exporter.access.principal import Principal
 from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.state import State
-from exporter.stored.copies import StreamedCopies
+from exporter.stored.resume_copies import StoredResumeCopies
 from exporter.stored.storage import PARTIAL, LocalStorage, LocalWriter
 from exporter.stored.store import (
     ASYNC,
@@ -25,7 +25,7 @@ from exporter.stored.store import (
     SERVER_STOPPED,
     SHARE_EXCEEDED,
     STREAMED,
-    Stopped,
+    WriterStopped,
     owner_of,
 )
 from tests.inprocess import InProcess
@@ -125,7 +125,7 @@ def test_cancelled_from_elsewhere_stops_the_writer(app: InProcess, database_url:
     assert wait_until(lambda: writer.stopped.is_set(), 10)  # type: ignore[attr-defined]
 
     async def more(st: State) -> None:
-        with pytest.raises(Stopped):
+        with pytest.raises(WriterStopped):
             await writer.write(b"y")  # type: ignore[attr-defined]
         await writer.fail("stopped")  # type: ignore[attr-defined]
 
@@ -142,7 +142,7 @@ def test_the_quota(app: InProcess, database_url: str) -> None:
         await writer.write(b"x" * 600_000)
         await writer.finish(1, None)
         second = await begin(st, kind=ASYNC)
-        with pytest.raises(Stopped, match="quota"):
+        with pytest.raises(WriterStopped, match="quota"):
             for _ in range(100):
                 await second.write(b"x" * 100_000)
                 await __import__("asyncio").sleep(0.05)
@@ -195,7 +195,7 @@ def test_one_principal_cannot_fill_the_quota_for_everyone(app: InProcess) -> Non
         # Others still have theirs; a running export crossing its share stops.
         await _stored(st, 250_000, BOB)
         second = await begin(st, BOB, kind=ASYNC)
-        with pytest.raises(Stopped):
+        with pytest.raises(WriterStopped):
             await second.write(b"x" * 60_000)
         assert second.reason == SHARE_EXCEEDED
         await second.fail(second.reason or "")
@@ -228,7 +228,7 @@ def test_copies_hold_their_share_at_most_oldest_first(app: InProcess,
         ids = [await _stored(st, 200_000, kind=STREAMED) for _ in range(2)]
         ids.append(await _stored(st, 250_000, BOB, STREAMED))  # the oldest goes
         too_big = await begin(st)
-        with pytest.raises(Stopped):
+        with pytest.raises(WriterStopped):
             await too_big.write(b"x" * 600_000)
         assert too_big.reason == COPIES_EXCEEDED
         await too_big.fail(too_big.reason or "")
@@ -312,8 +312,8 @@ def test_a_copy_is_kept_long_only_while_its_download_is_cut(app: InProcess,
                                                             database_url: str) -> None:
     """EXPORTER_EXPORTS_RESUME_RETENTION (1h) for a copy whose response was cut,
     EXPORTER_EXPORTS_RESUME_COMPLETE_RETENTION (1m) once one was sent whole."""
-    copies = app.state.copies
-    assert isinstance(copies, StreamedCopies)
+    copies = app.state.resume_copies
+    assert isinstance(copies, StoredResumeCopies)
 
     async def copy(delivered: int) -> str:
         writer = await begin(app.state)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from exporter.access.limits import Limiter
 
 _LEASE = "exporter.lease"
-MAX_DURATION = "the export ran longer than EXPORTER_EXPORT_MAX_DURATION"
+OVER_MAX_DURATION = "the export ran longer than EXPORTER_EXPORT_MAX_DURATION"
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ExportWatch:
             limits.append((self.idle_timeout,
                            f"the client read nothing for {self.idle_timeout:g} s"))
         if self.deadline is not None:
-            limits.append((max(0.0, self.deadline - now), MAX_DURATION))
+            limits.append((max(0.0, self.deadline - now), OVER_MAX_DURATION))
         return min(limits) if limits else None
 
 

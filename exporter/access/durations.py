@@ -11,7 +11,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"([0-9]{1,9})([smhdw])")
 # Far beyond any token or link lifetime, and far from datetime's limits, so that "now +
 # duration" and "now - duration" can never overflow.
-MAX_DURATION = timedelta(days=100 * 365)
+LONGEST_DURATION = timedelta(days=100 * 365)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -21,6 +21,6 @@ def parse_duration(text: str) -> timedelta:
     if not match or int(match[1]) == 0:
         raise ValueError(f"bad duration {shown}: a whole number and s, m, h, d or w, e.g. 15m")
     seconds = int(match[1]) * _UNITS[match[2]]
-    if seconds > MAX_DURATION.total_seconds():
-        raise ValueError(f"duration {shown} is too long: at most {MAX_DURATION.days}d")
+    if seconds > LONGEST_DURATION.total_seconds():
+        raise ValueError(f"duration {shown} is too long: at most {LONGEST_DURATION.days}d")
     return timedelta(seconds=seconds)

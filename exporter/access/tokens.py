@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from exporter.access.principal import TOKEN, Principal, check_scope, token_limit_key
 from exporter.tables import tokens
 
-PREFIX = "exp_"
+TOKEN_PREFIX = "exp_"
 USED_EVERY = 60.0  # seconds between the writes of a token's last_used_at
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -65,7 +65,7 @@ class TokenStore:
             raise ValueError("a token needs at least one scope")
         for scope in scopes:
             check_scope(scope)
-        secret = PREFIX + secrets.token_urlsafe(32)
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         expires_at = datetime.now(UTC) + expires_in if expires_in else None
         async with self._engine.begin() as conn:
             exists = await conn.scalar(sa.select(sa.func.count()).where(
@@ -98,7 +98,7 @@ class TokenStore:
 
     async def principal(self, secret: str) -> Principal | None:
         """The token's principal, or None for an unknown, revoked or expired token."""
-        if not secret.startswith(PREFIX) or len(secret) > 200:
+        if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
             return None
         digest = hash_secret(secret)
         async with self._engine.connect() as conn:

@@ -20,7 +20,7 @@ Output = Callable[[bytes], Awaitable[None]]
 Producer = Callable[[Output, Output], Awaitable[int | None]]
 
 
-class Stopped(Exception):
+class StreamStopped(Exception):
     """The stream was stopped (`stop`) while its consumer read it."""
 
 
@@ -84,7 +84,7 @@ class CopyStream:
         """
         while True:
             if self._stopped:
-                raise Stopped
+                raise StreamStopped
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -102,7 +102,7 @@ class CopyStream:
             return item
 
     def stop(self) -> None:
-        """Cancel the producer without waiting; its consumer gets Stopped (within a
+        """Cancel the producer without waiting; its consumer gets StreamStopped (within a
         flush interval)."""
         self._stopped = True
         if self._task is not None and not self._task.done():

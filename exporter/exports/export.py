@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.access.admission import MAX_DURATION, Lease
+from exporter.access.admission import OVER_MAX_DURATION, Lease
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.compression import Coding, compressed
 from exporter.config import Settings
@@ -26,11 +26,11 @@ from exporter.errors import (
     unavailable,
 )
 from exporter.exports import cursor, pages, sql
-from exporter.exports.copies import Copy, CopyStopped
 from exporter.exports.copy import CopyStream, Output
 from exporter.exports.filenames import filename
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
+from exporter.exports.resume_copies import ResumeCopy, ResumeCopyStopped
 from exporter.streaming import ResponseCut, audited, run_detached
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,11 @@ class Export:
         self._first: bytes | None = None
         self._deadline: float | None = None
         self._ending: asyncio.Task[None] | None = None
-        # The stored copy this export writes as it goes (exports/copies.py), if any; a
+        # The stored copy this export writes as it goes (exports/resume_copies.py), if any; a
         # write under way (shielded: a client that leaves must not cut a chunk in two);
         # and, for a copy completed after its client left, what takes over the request's
         # slots meanwhile.
-        self._copy: Copy | None = None
+        self._copy: ResumeCopy | None = None
         self._writing: asyncio.Future[None] | None = None
         self._lease: Lease | None = None
         self._shutting_down = False
@@ -259,7 +259,7 @@ class Export:
                             headers={"Retry-After": "5"})
         return database_error(error, self._source)
 
-    def attach(self, copy: Copy, lease: Lease) -> None:
+    def attach(self, copy: ResumeCopy, lease: Lease) -> None:
         """Write every chunk into `copy` before it is sent; if the client leaves, go on
         into the copy to the end, holding the request's `lease` (its slots) meanwhile.
         Only for identity bodies: the copy holds the bytes the client holds."""
@@ -293,7 +293,7 @@ class Export:
         self._writing = asyncio.ensure_future(self._copy.write(chunk))
         try:
             await asyncio.shield(self._writing)
-        except CopyStopped as stop:
+        except ResumeCopyStopped as stop:
             # The export goes on; only its resumption is lost.
             copy, self._copy = self._copy, None
             log.info("export %s goes on without its copy %s: %s", self.download.id, copy.id,
@@ -308,7 +308,7 @@ class Export:
             async with asyncio.timeout_at(self._deadline):
                 return await self._stream.next_chunk()
         except TimeoutError:
-            raise ResponseCut(MAX_DURATION) from None
+            raise ResponseCut(OVER_MAX_DURATION) from None
 
     def cut(self, reason: str) -> None:
         """Called when the response is cut while the body waits on its client: the
@@ -316,7 +316,7 @@ class Export:
         log.warning("export %s of %s cut after %d bytes: %s",
                     self.download.id, self.download.target, self.download.bytes, reason)
         # A stalled client ended it; the duration limit is the server's own doing.
-        status = FAILED if reason == MAX_DURATION else ABORTED
+        status = FAILED if reason == OVER_MAX_DURATION else ABORTED
         self._end_detached(status, f"cut: {reason}", http_status=200)
 
     def request_ended(self) -> None:
@@ -377,7 +377,7 @@ class Export:
             if slots is not None:
                 slots()
 
-    async def _settled_copy(self) -> Copy | None:
+    async def _settled_copy(self) -> ResumeCopy | None:
         """The copy, once a write the client's leaving interrupted is done (a chunk is
         never cut in two) and told how far the response got; None if there is none."""
         copy, self._copy = self._copy, None
@@ -395,7 +395,7 @@ class Export:
         await copy.left(self.download.bytes)
         return copy
 
-    async def _complete(self, copy: Copy) -> bool:
+    async def _complete(self, copy: ResumeCopy) -> bool:
         """The rest of the COPY into the copy, at COPY speed; whether it ran out."""
         limit = self._settings.exports_resume_finish
         try:
@@ -410,12 +410,12 @@ class Export:
             # database's time (EXPORTER_EXPORTS_RESUME_FINISH).
             await copy.fail(f"its client left, and the rest took more than {limit:g} s")
             return False
-        except CopyStopped as stop:
+        except ResumeCopyStopped as stop:
             await copy.fail(str(stop))
             return False
         except (Exception, asyncio.CancelledError) as error:
             reason = SHUTDOWN if self._shutting_down else (
-                MAX_DURATION if isinstance(error, ResponseCut) else self._failure(error))
+                OVER_MAX_DURATION if isinstance(error, ResponseCut) else self._failure(error))
             log.warning("export %s: its copy %s is incomplete: %s", self.download.id,
                         copy.id, reason)
             await copy.fail(reason)

@@ -17,10 +17,10 @@ from exporter.errors import DATABASE_ERRORS, ApiError, bad_parameter, unavailabl
 from exporter.export_names import readings
 from exporter.exports import cursor, renderers
 from exporter.exports.catalog import Catalog, Dataset
-from exporter.exports.copies import Copies
 from exporter.exports.export import Export
 from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
+from exporter.exports.resume_copies import ResumeCopies
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
 from exporter.http import content_disposition
 from exporter.state import State
@@ -98,7 +98,7 @@ def export_headers(request: Request, req: ExportRequest, download_name: str) -> 
 def _copied(st: State, req: ExportRequest) -> bool:
     """Whether the export's bytes are kept for resuming: identity bytes of the URL's
     whole export (a page of items is not the URL's export)."""
-    return (st.copies is not None and req.representation.file_coding is None
+    return (st.resume_copies is not None and req.representation.file_coding is None
             and req.content_coding is None and req.items is None)
 
 
@@ -121,10 +121,10 @@ async def answer(request: Request, st: State, req: ExportRequest, *,
     except ClientLeft:
         return Response(status_code=499)  # nobody is listening; uvicorn drops it
     head = req.method == "HEAD"
-    if not head and req.byte_range is not None and st.copies is not None:
+    if not head and req.byte_range is not None and st.resume_copies is not None:
         # From the copy of the export this request continues, when that is provable;
         # otherwise the whole export, from a new snapshot, as a 200 (RFC 9110 §14.2).
-        resumed = await st.copies.resume(request, req.principal, req.url)
+        resumed = await st.resume_copies.resume(request, req.principal, req.url)
         if resumed is not None:
             # Served from the copy, yet this URL still answers an arbitrary range with the
             # whole export (only a proven continuation is a 206): no promise of ranges.
@@ -179,8 +179,8 @@ async def _stream(request: Request, st: State, req: ExportRequest, job: Export,
     token = await export_cursor(st, job)
     if token is not None:
         headers[cursor.HEADER] = token
-    if st.copies is not None and _copied(st, req):
-        headers.update(await _copy_headers(request, st.copies, req, job, token, lease))
+    if st.resume_copies is not None and _copied(st, req):
+        headers.update(await _copy_headers(request, st.resume_copies, req, job, token, lease))
     return StreamingResponse(job.body(body_coding, level), status_code=status, headers=headers)
 
 
@@ -214,7 +214,7 @@ async def _cursor_key(st: State) -> bytes:
     return cursor.cursor_key(key)
 
 
-async def _copy_headers(request: Request, copies: Copies, req: ExportRequest,
+async def _copy_headers(request: Request, copies: ResumeCopies, req: ExportRequest,
                         job: Export, token: str | None, lease: Lease) -> dict[str, str]:
     """Start the export's stored copy, found later by the request's representation URL;
     the headers that name it. The export goes on without one if it cannot be had (the

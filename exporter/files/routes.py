@@ -17,7 +17,7 @@ from exporter.files.paths import bad_path
 from exporter.files.response import SAFE_HEADERS
 from exporter.server.prefix import app_path, app_raw_path
 
-PREFIX = service.PREFIX
+FILES_PATH = service.FILES_PATH
 
 
 class _SafeHeaders(APIRoute):
@@ -53,13 +53,13 @@ def file_path(request: Request, path: str) -> str:
     keeps the bytes. It is decoded once, like the path the router matched. Checked
     before the request is authenticated, as it was before routes took dependencies.
     """
-    if app_path(request.scope) != PREFIX + path:
+    if app_path(request.scope) != FILES_PATH + path:
         # The route's pattern stops at a newline (`$` matches before one): never a shortcut.
         raise bad_path("control characters")
     raw = app_raw_path(request.scope)
-    if raw is None or not raw.startswith(PREFIX.encode()):
+    if raw is None or not raw.startswith(FILES_PATH.encode()):
         return path
-    return os.fsdecode(unquote_to_bytes(raw[len(PREFIX):]))
+    return os.fsdecode(unquote_to_bytes(raw[len(FILES_PATH):]))
 
 
 @router.api_route("/files/{path:path}", methods=["GET", "HEAD"], openapi_extra=openapi.FILES)

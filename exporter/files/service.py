@@ -16,7 +16,7 @@ from exporter.state import State
 from exporter.streaming import ClientLeft
 
 MAX_LIMIT = 10_000
-PREFIX = "/files/"
+FILES_PATH = "/files/"
 
 
 def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -40,7 +40,7 @@ async def serve_path(request: Request, st: State, principal: Principal, path: st
         if target.is_dir and not target.wants_folder:
             # As nginx does: relative links in the listing need the trailing slash.
             root_path = request.scope.get("root_path", "")
-            return RedirectResponse(f"{root_path}{PREFIX}{url_path(target.relative)}/",
+            return RedirectResponse(f"{root_path}{FILES_PATH}{url_path(target.relative)}/",
                                     status_code=301)
         if target.is_dir:
             limit = _int(request, "limit", 1000, 1, MAX_LIMIT)

@@ -52,9 +52,9 @@ from exporter.stored.store import (
     COMPLETE,
     RUNNING,
     STREAMED,
-    Stopped,
     StoredExports,
     Writer,
+    WriterStopped,
     may_see,
     owner_of,
     readable_datasets,
@@ -65,8 +65,8 @@ from exporter.tables import stored_exports as t
 log = logging.getLogger(__name__)
 
 ID = re.compile(r"[A-Za-z0-9_-]{22}")
-PREFIX = "/exports"
-SHUTDOWN = "the server shut down while it ran"
+EXPORTS_PATH = "/exports"
+RUN_SHUT_DOWN = "the server shut down while it ran"
 DEFAULT_LIST = 100
 # GET /exports?kind=: the names a client asks by, and the rows' kinds.
 KINDS = {ASYNC: ASYNC, "copy": STREAMED, STREAMED: STREAMED}
@@ -131,7 +131,7 @@ class StoredService(StoredExports):
         self._runs[writer.id] = task
         task.add_done_callback(lambda _: self._runs.pop(writer.id, None))
         task.add_done_callback(lambda _: lease.release())  # cancelled before it ran, too
-        location = f"{request.scope.get('root_path', '')}{PREFIX}/{writer.id}"
+        location = f"{request.scope.get('root_path', '')}{EXPORTS_PATH}/{writer.id}"
         return JSONResponse(
             {"id": writer.id, "status": RUNNING, "url": url, "status_url": location},
             status_code=202,
@@ -167,8 +167,8 @@ class StoredService(StoredExports):
                     # The COPY stopped and its snapshot let go now, if it still ran.
                     await body.aclose()
         except asyncio.CancelledError:
-            await writer.fail(SHUTDOWN if self._stopping else (writer.reason or "cancelled"))
-        except Stopped as stop:
+            await writer.fail(RUN_SHUT_DOWN if self._stopping else (writer.reason or "cancelled"))
+        except WriterStopped as stop:
             await writer.fail(str(stop) or "stopped")
         except ApiError as error:
             await writer.fail(error.message)
@@ -178,7 +178,7 @@ class StoredService(StoredExports):
             await writer.fail(without_paths(error))
 
     async def stop(self) -> None:
-        """At shutdown: this process's runs end as failed (SHUTDOWN); they are not
+        """At shutdown: this process's runs end as failed (RUN_SHUT_DOWN); they are not
         resumed by another process (a new run would be another snapshot)."""
         self._stopping = True
         runs = list(self._runs.values())
@@ -300,7 +300,7 @@ class StoredService(StoredExports):
             # manifest promises (a compressed one is asked for as .csv.gz, say).
             return await respond_with_file(
                 request, st, f, fst, name=row.filename, kind=row.content_type,
-                key=FileKey.of(f"{PREFIX}/{row.id}", fst), sha256=sha256,
+                key=FileKey.of(f"{EXPORTS_PATH}/{row.id}", fst), sha256=sha256,
                 disposition=disposition, digests=DigestStore(st.engine),
                 start_download=lambda: _start_audit(request, st, row, principal),
                 headers=headers, etag=f'"{row.id}"', compress=False)
@@ -371,7 +371,7 @@ def _iso(value: datetime | None) -> str | None:
 def describe(request: Request, row: sa.Row[Any]) -> dict[str, Any]:
     """The status JSON: what the page shows and scripts read (the manifest once done)."""
     base = str(request.base_url).rstrip("/")
-    status_url = f"{base}{PREFIX}/{row.id}"
+    status_url = f"{base}{EXPORTS_PATH}/{row.id}"
     body: dict[str, Any] = {
         "id": row.id, "status": row.status, "kind": row.kind, "url": row.url,
         "dataset": row.dataset, "format": row.format, "coding": row.coding,

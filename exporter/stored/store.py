@@ -72,7 +72,7 @@ def readable_datasets(principal: Principal) -> list[str]:
     return sorted(s.removeprefix(DATASETS) for s in principal.scopes if s.startswith(DATASETS))
 
 
-class Stopped(Exception):
+class WriterStopped(Exception):
     """The export must stop: cancelled (DELETE), or over the storage quota."""
 
 
@@ -144,7 +144,7 @@ class StoredExports:
             raise QuotaFull(QUOTA_EXCEEDED)
         own = self.share - used.mine
         if kind == ASYNC and needed > own:
-            # Copies are not the principal's to give back: another principal's stored
+            # ResumeCopies are not the principal's to give back: another principal's stored
             # exports are what this share protects.
             raise QuotaFull(SHARE_EXCEEDED)
         if kind == STREAMED and needed > self.copies_share - (used.copies - used.evictable):
@@ -185,7 +185,7 @@ class StoredExports:
         download is resumed, the least needed bytes here), those of downloads sent whole
         first, then the oldest, until `need` bytes are freed; how many were. Their rows
         stay, failed, so that a resume never takes another copy for one that is gone
-        (exporter/stored/copies.py)."""
+        (exporter/stored/resume_copies.py)."""
         whole = sa.case((t.c.delivered >= t.c.bytes, 0), else_=1)
         where = [t.c.kind == STREAMED, t.c.status == COMPLETE]
         if exclude is not None:
@@ -371,11 +371,11 @@ class Writer:
 
     async def write(self, chunk: bytes) -> None:
         if self.stopped.is_set():
-            raise Stopped(self.reason)
+            raise WriterStopped(self.reason)
         if self.room is not None and self.bytes + len(chunk) > self.room:
             await self._make_room(self.bytes + len(chunk))
             if self.stopped.is_set():
-                raise Stopped(self.reason)
+                raise WriterStopped(self.reason)
         # Both release the GIL on large buffers: the second core does the work.
         await asyncio.gather(self._out.write(chunk),
                              asyncio.to_thread(self._hash.update, chunk))
@@ -454,10 +454,10 @@ class Writer:
 
     async def finish(self, rows: int | None, snapshot_time: datetime | None,
                      cursor: str | None = None) -> None:
-        """Durable, in place, complete (or Stopped, if it was cancelled meanwhile);
+        """Durable, in place, complete (or WriterStopped, if it was cancelled meanwhile);
         `cursor`, the Export-Cursor of its snapshot."""
         if self.stopped.is_set():
-            raise Stopped(self.reason)
+            raise WriterStopped(self.reason)
         self._closed = True
         await self._stop_beating()
         if rows is not None:
@@ -473,7 +473,7 @@ class Writer:
         if status != COMPLETE:
             # Cancelled (or deleted) between the last beat and now: its file goes too.
             await self._store.storage.delete(self.id)
-            raise Stopped("cancelled")
+            raise WriterStopped("cancelled")
 
     async def fail(self, reason: str) -> None:
         """Failed, with `reason` (a cancelled export stays cancelled); the partial file goes.

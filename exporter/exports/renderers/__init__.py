@@ -7,7 +7,7 @@ one import below.
 
 from exporter.exports.renderers import csv, json, ndjson
 from exporter.exports.renderers.base import (
-           Copy,
+           CopyStatement,
            Renderer,
            all_renderers,
            by_extension,
@@ -16,5 +16,5 @@ from exporter.exports.renderers.base import (
 
 DEFAULT: Renderer = csv.CSV  # what `Accept: */*` gets
 
-__all__ = ["DEFAULT", "Copy", "Renderer", "all_renderers", "by_extension", "by_media_type",
+__all__ = ["DEFAULT", "CopyStatement", "Renderer", "all_renderers", "by_extension", "by_media_type",
            "json", "ndjson"]

@@ -3,17 +3,15 @@ docstring)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.export_names import register_format
-
-Output = Callable[[bytes], Awaitable[None]]
+from exporter.exports.copy import Output
 
 
 @dataclass(frozen=True)
-class Copy:
+class CopyStatement:
     """`COPY (query) TO STDOUT WITH (options)`, as asyncpg's copy_from_query takes it."""
 
     query: str
@@ -27,11 +25,11 @@ class Renderer:
     media_type: str  # what `Accept` asks for
     content_type: str  # what the response says
 
-    def header(self, select: str) -> Copy | None:
+    def header(self, select: str) -> CopyStatement | None:
         """A COPY whose output goes before the rows (sent even when there are none)."""
         return None
 
-    def body(self, select: str) -> Copy:
+    def body(self, select: str) -> CopyStatement:
         raise NotImplementedError
 
     def rows(self, prelude: Output, output: Output) -> Rows:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.exports.renderers.base import Copy, Output, Renderer, Rows, register
+from exporter.exports.copy import Output
+from exporter.exports.renderers.base import CopyStatement, Renderer, Rows, register
 from exporter.exports.renderers.ndjson import NDJSON, QUOTE
 
 # json_agg's own separator, so that the bytes equal what PostgreSQL aggregates.
@@ -66,7 +67,7 @@ class ArrayRows(Rows):
 
 @dataclass(frozen=True)
 class JsonRenderer(Renderer):
-    def body(self, select: str) -> Copy:
+    def body(self, select: str) -> CopyStatement:
         return NDJSON.body(select)
 
     def rows(self, prelude: Output, output: Output) -> Rows:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.exports.renderers.base import Copy, Output, Renderer, Rows, register
+from exporter.exports.copy import Output
+from exporter.exports.renderers.base import CopyStatement, Renderer, Rows, register
 
 # The COPY's quote byte. JSON text holds a raw line break only as whitespace, and only
 # inside a `json` value kept as it was typed; CSV format then wraps that row in this
@@ -38,11 +39,11 @@ class LineRows(Rows):
 
 @dataclass(frozen=True)
 class NdjsonRenderer(Renderer):
-    def body(self, select: str) -> Copy:
+    def body(self, select: str) -> CopyStatement:
         # COPY's text format would escape every backslash of the JSON. CSV format
         # writes a value untouched unless it holds the quote or delimiter byte or a
         # line break, and JSON text never holds \x01, \x02 or a raw newline.
-        return Copy(
+        return CopyStatement(
             f"SELECT row_to_json(s) FROM ({select}) AS s",
             {"format": "csv", "quote": "\x01", "delimiter": "\x02"},
         )

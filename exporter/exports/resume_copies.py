@@ -6,7 +6,7 @@ if its client leaves, the COPY goes on into the copy to the end (at COPY speed, 
 the storage quota and the export's time limit). A later `Range` request for the same
 URL is answered from that copy when it provably continues it (exporter.stored decides
 and serves; this feature only asks). The store sits above this feature and is reached
-through `State.copies`.
+through `State.resume_copies`.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ if TYPE_CHECKING:
     from exporter.access.principal import Principal
 
 
-class CopyStopped(Exception):
+class ResumeCopyStopped(Exception):
     """The copy cannot go on (over the storage quota, deleted): the export goes on
     without it."""
 
 
-class Copy(Protocol):
+class ResumeCopy(Protocol):
     id: str  # also the strong ETag of the export it copies, and its stored file's
 
     async def write(self, chunk: bytes) -> None:
-        """Append `chunk`; CopyStopped if the copy cannot go on (it is then dropped)."""
+        """Append `chunk`; ResumeCopyStopped if the copy cannot go on (it is then dropped)."""
 
     async def left(self, delivered: int) -> None:
         """The response ended (whole or cut) after sending `delivered` bytes."""
@@ -41,10 +41,10 @@ class Copy(Protocol):
         """No whole copy will come (a failure, a shutdown): drop it, say why."""
 
 
-class Copies(Protocol):
+class ResumeCopies(Protocol):
     async def begin(self, principal: Principal, *, url: str, dataset: str,
                     format: str, content_type: str, filename: str,
-                    snapshot_time: datetime, cursor: str | None = None) -> Copy | None:
+                    snapshot_time: datetime, cursor: str | None = None) -> ResumeCopy | None:
         """A copy of the export of `url` (its representation's canonical URL,
         exports/request.py) as the principal streams it; None when there is to be none
         (the setting is off, the quota is full). `cursor`: its Export-Cursor, if any."""
@@ -55,5 +55,5 @@ class Copies(Protocol):
         continues, or None (then the export is streamed whole, from a new snapshot, as a
         200)."""
 
-    def location(self, request: Request, copy: Copy) -> str:
+    def location(self, request: Request, copy: ResumeCopy) -> str:
         """The copy's own URL (Content-Location)."""

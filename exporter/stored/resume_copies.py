@@ -1,7 +1,7 @@
-"""The stored copies of streamed exports (exports/copies.py's interface), and the rule
+"""The stored copies of streamed exports (exports/resume_copies.py's interface), and the rule
 that decides when a `Range` request on an export URL continues one.
 
-Why it works this way: docs/internals.md, section `stored/copies.py`.
+Why it works this way: docs/internals.md, section `stored/resume_copies.py`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from fastapi import Request, Response
 from exporter.access.durations import parse_duration
 from exporter.access.principal import Principal
 from exporter.errors import ApiError, without_paths
-from exporter.exports.copies import CopyStopped
+from exporter.exports.resume_copies import ResumeCopyStopped
 from exporter.state import get_state
 from exporter.stored.service import StoredService
-from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Stopped, Writer, owner_of
+from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Writer, WriterStopped, owner_of
 from exporter.streaming import ClientLeft, run_detached, unless_disconnected
 from exporter.tables import stored_exports as t
 
@@ -47,8 +47,8 @@ def _cut_after(row: Any, offset: int) -> bool:
     return not (row.status == COMPLETE and row.delivered >= row.bytes)
 
 
-class StoredCopy:
-    def __init__(self, copies: StreamedCopies, writer: Writer, snapshot_time: datetime,
+class StoredResumeCopy:
+    def __init__(self, copies: StoredResumeCopies, writer: Writer, snapshot_time: datetime,
                  cursor: str | None = None) -> None:
         self.id = writer.id
         self._copies = copies
@@ -59,12 +59,12 @@ class StoredCopy:
     async def write(self, chunk: bytes) -> None:
         try:
             await self._writer.write(chunk)
-        except Stopped as stop:
-            raise CopyStopped(str(stop)) from None
+        except WriterStopped as stop:
+            raise ResumeCopyStopped(str(stop)) from None
         except OSError as error:
             # A full or failing disk costs the export its copy (resuming), never the
             # download itself.
-            raise CopyStopped(f"the copy could not be written: {without_paths(error)}"
+            raise ResumeCopyStopped(f"the copy could not be written: {without_paths(error)}"
                               ) from None
 
     async def left(self, delivered: int) -> None:
@@ -73,7 +73,7 @@ class StoredCopy:
     async def finish(self, rows: int | None) -> None:
         try:
             await self._writer.finish(rows, self._snapshot_time, self._cursor)
-        except Stopped as stop:
+        except WriterStopped as stop:
             log.info("copy %s: %s", self.id, stop)
             return
         except OSError as error:
@@ -89,8 +89,8 @@ class StoredCopy:
         await self._writer.fail(reason)
 
 
-class StreamedCopies:
-    """State.copies: what the exports feature asks of the stored exports for resuming."""
+class StoredResumeCopies:
+    """State.resume_copies: what the exports feature asks of the stored exports for resuming."""
 
     def __init__(self, service: StoredService) -> None:
         self._service = service
@@ -100,7 +100,7 @@ class StreamedCopies:
 
     async def begin(self, principal: Principal, *, url: str, dataset: str,
                     format: str, content_type: str, filename: str,
-                    snapshot_time: datetime, cursor: str | None = None) -> StoredCopy | None:
+                    snapshot_time: datetime, cursor: str | None = None) -> StoredResumeCopy | None:
         try:
             writer = await self._service.begin(
                 principal, url=url, dataset=dataset, format=format,
@@ -108,7 +108,7 @@ class StreamedCopies:
         except ApiError as error:  # the quota is full, the storage refuses
             log.info("a streamed export of %s goes without a copy: %s", dataset, error.message)
             return None
-        return StoredCopy(self, writer, snapshot_time, cursor)
+        return StoredResumeCopy(self, writer, snapshot_time, cursor)
 
     def location(self, request: Request, copy: Any) -> str:
         return f"{request.scope.get('root_path', '')}/exports/{copy.id}/file"
