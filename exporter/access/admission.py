@@ -1,19 +1,17 @@
 """One admission for every download that uses the server's scarce things: the principal's
 download slot and, for an export (GET, HEAD, a stored export, a resume lookup), one of
 the deployment's export slots. `Limiter.acquire` (limits.py) takes them and returns a
-`Lease`, which the caller gives back: `async with lease`, `lease.release()`, or, for a
-request, `hold(request, lease)`, and the middleware (limits.DownloadLimits) gives it back
-when the response is over, however it ended. Work that outlives its request (an export
-completing its copy after the client left) `keep`s the lease and releases it itself.
+`Lease` (limits.py, beside the slots it holds), which the caller gives back: `async with
+lease`, `lease.release()`, or, for a request, `hold(request, lease)`, and the middleware
+(limits.DownloadLimits) gives it back when the response is over, however it ended. Work
+that outlives its request (an export completing its copy after the client left) `keep`s
+the lease and releases it itself.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from starlette.types import Scope
@@ -21,7 +19,7 @@ from starlette.types import Scope
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from exporter.access.limits import Limiter
+    from exporter.access.limits import Lease, Limiter
 
 _LEASE = "exporter.lease"
 OVER_MAX_DURATION = "the export ran longer than EXPORTER_EXPORT_MAX_DURATION"
@@ -44,66 +42,6 @@ class ExportWatch:
         if self.deadline is not None:
             limits.append((max(0.0, self.deadline - now), OVER_MAX_DURATION))
         return min(limits) if limits else None
-
-
-class Lease:
-    """The slots one download holds, given back once (the last taken first)."""
-
-    def __init__(self) -> None:
-        # Each may return the task that gives its slot back (awaited by `aclose`).
-        self._releases: list[Callable[[], object]] = []
-        self._kept = False
-        # Told when the request that holds the lease is over (before the slots go), so an
-        # export whose response never ran to its end can say so, or keep the lease.
-        self.on_request_end: Callable[[], None] | None = None
-        # Set by a streamed export: the middleware paces and cuts its `send` calls.
-        self.watch: ExportWatch | None = None
-
-    @property
-    def released(self) -> bool:
-        return not self._releases
-
-    def add(self, release: Callable[[], object]) -> None:
-        self._releases.append(release)
-
-    def release(self) -> list[asyncio.Future[None]]:
-        """Give every slot back (at most once each; later calls do nothing), without
-        waiting; the tasks still doing it."""
-        pending: list[asyncio.Future[None]] = []
-        while self._releases:
-            done = self._releases.pop()()
-            if isinstance(done, asyncio.Future):
-                pending.append(done)
-        return pending
-
-    async def aclose(self) -> None:
-        """Give every slot back and wait until they are (a next request of the same
-        principal then finds them free)."""
-        pending = self.release()
-        if pending:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.gather(*pending))
-
-    def keep(self) -> Lease:
-        """Take the lease over from the request that holds it: its end no longer gives
-        the slots back; the caller calls `release` once its work is done."""
-        self._kept = True
-        return self
-
-    def request_ended(self) -> None:
-        """The holding request is over (the middleware calls this once)."""
-        ending, self.on_request_end = self.on_request_end, None
-        if ending is not None:
-            ending()
-        if not self._kept:
-            self.release()
-
-    async def __aenter__(self) -> Lease:
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: TracebackType | None) -> None:
-        await self.aclose()
 
 
 def hold(scope: Scope, lease: Lease) -> Lease:

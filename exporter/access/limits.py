@@ -14,13 +14,14 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.access.admission import ExportWatch, Lease, held
+from exporter.access.admission import ExportWatch, held
 from exporter.db import driver_connection
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.streaming import ResponseCut, run_detached, unless_disconnected
@@ -134,6 +135,66 @@ def _literal(text: str) -> str:
 # The longest pause between two tries of a waiting request: a slot freed by another
 # process is seen within this.
 MAX_POLL = 0.5
+
+
+class Lease:
+    """The slots one download holds, given back once (the last taken first)."""
+
+    def __init__(self) -> None:
+        # Each may return the task that gives its slot back (awaited by `aclose`).
+        self._releases: list[Callable[[], object]] = []
+        self._kept = False
+        # Told when the request that holds the lease is over (before the slots go), so an
+        # export whose response never ran to its end can say so, or keep the lease.
+        self.on_request_end: Callable[[], None] | None = None
+        # Set by a streamed export: the middleware paces and cuts its `send` calls.
+        self.watch: ExportWatch | None = None
+
+    @property
+    def released(self) -> bool:
+        return not self._releases
+
+    def add(self, release: Callable[[], object]) -> None:
+        self._releases.append(release)
+
+    def release(self) -> list[asyncio.Future[None]]:
+        """Give every slot back (at most once each; later calls do nothing), without
+        waiting; the tasks still doing it."""
+        pending: list[asyncio.Future[None]] = []
+        while self._releases:
+            done = self._releases.pop()()
+            if isinstance(done, asyncio.Future):
+                pending.append(done)
+        return pending
+
+    async def aclose(self) -> None:
+        """Give every slot back and wait until they are (a next request of the same
+        principal then finds them free)."""
+        pending = self.release()
+        if pending:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.gather(*pending))
+
+    def keep(self) -> Lease:
+        """Take the lease over from the request that holds it: its end no longer gives
+        the slots back; the caller calls `release` once its work is done."""
+        self._kept = True
+        return self
+
+    def request_ended(self) -> None:
+        """The holding request is over (the middleware calls this once)."""
+        ending, self.on_request_end = self.on_request_end, None
+        if ending is not None:
+            ending()
+        if not self._kept:
+            self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.aclose()
 
 
 class Limiter:

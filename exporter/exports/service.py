@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from exporter.access.admission import ExportWatch, Lease, admit
+from exporter.access.admission import ExportWatch, admit
+from exporter.access.limits import Lease
 from exporter.access.links import SIGNATURE
 from exporter.access.principal import ANONYMOUS, Principal
 from exporter.audit import Download

@@ -22,7 +22,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.access.admission import Lease
+from exporter.access.limits import Lease
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE
 from exporter.access.principal import ALL_DATASETS, ANONYMOUS, Principal
 from exporter.audit import Download
