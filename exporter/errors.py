@@ -79,8 +79,10 @@ def sqlstate(error: BaseException) -> str | None:
 
 
 def postgres_message(error: BaseException) -> str:
-    """The server's own message, without the wrappers' prefixes."""
-    return str(_driver_error(error))
+    """The server's own message, one line, without the wrappers' prefixes: its DETAIL and
+    HINT lines stay in the log (one said how the server was built: `xml` without libxml)."""
+    text = str(_driver_error(error))
+    return text.splitlines()[0] if text else text
 
 
 # Errors of reaching the database rather than of running a query: the server's
@@ -133,7 +135,9 @@ def database_error(error: BaseException, what: str = "the database") -> ApiError
     """504 for a query the database cancelled, 502 for one it refused, else 503."""
     error = _driver_error(error)
     if isinstance(error, asyncpg.QueryCanceledError):
-        return ApiError(504, f"the query was cancelled by the database: {error}")
+        return ApiError(504, f"the query was cancelled by the database: "
+                             f"{postgres_message(error)}")
     if isinstance(error, asyncpg.PostgresError) and not isinstance(error, _NOT_CONNECTED):
-        return ApiError(502, f"the database could not run the query: {error}")
+        return ApiError(502, f"the database could not run the query: "
+                             f"{postgres_message(error)}")
     return unavailable(error, what)

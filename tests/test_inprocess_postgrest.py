@@ -330,3 +330,14 @@ def test_fixed_width_casts_cannot_blow_up_a_row(app: InProcess) -> None:
         assert r.json()["error"]["parameter"] == "select"
     ok = app.get("/datasets/pgrst.csv?" + encoded("select=id::char(1000),w:id::char(5)&id=lt.3"))
     assert ok.status_code == 200 and len(ok.content.splitlines()[1]) == 1000 + 1 + 5
+
+
+def test_what_postgresql_refuses_is_one_line_of_its_own(app: InProcess) -> None:
+    """A cast that fails on a row is a 400 with PostgreSQL's message alone: its DETAIL and
+    HINT lines (one said how the server was built) stay in the log."""
+    for select in ("word::jsonb", "word::int", "word::uuid"):
+        r = app.get("/datasets/pgrst.csv?" + encoded(f"select={select}"))
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "\n" not in message and "DETAIL" not in message and "HINT" not in message
+        assert message.startswith("a cast failed on a row: invalid input syntax"), message
