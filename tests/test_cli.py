@@ -219,6 +219,16 @@ def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
         orders = next(d for d in catalog["datasets"] if d["name"] == "orders")
         assert abs(orders["estimated_rows"] - DEMO_ROWS) < DEMO_ROWS // 20  # an estimate
         assert (tmp_path / "var" / "files" / "README.txt").exists()
+        # The page, signed out, points at the demo token's file; signed in with it, it
+        # gives the line that sets $EXPORTER_TOKEN from that file (never the token).
+        kept = str(tmp_path / "var" / "demo-token")
+        signed_out = httpx.get(f"http://127.0.0.1:{port}/").text
+        assert f"it is kept in <code>{kept}</code>" in signed_out, signed_out
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
+            browser.post("/session", data={"token": token[0]})
+            page = browser.get("/").text
+        assert f"export EXPORTER_TOKEN=&#34;$(cat {kept})&#34;" in page, page
+        assert token[0] not in page
         postmaster = int((tmp_path / "var" / "pgdata" / "postmaster.pid").read_text().split()[0])
         assert psutil.pid_exists(postmaster)
     finally:
