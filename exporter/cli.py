@@ -99,6 +99,8 @@ def serve(
             token = asyncio.run(_demo_token(settings, url))
         # Workers are separate processes: they find the database through the environment.
         os.environ["EXPORTER_DATABASE_URL"] = url
+        if settings.embedded:
+            os.environ["EXPORTER_DEMO_TOKEN_FILE"] = str(settings.data_dir / "demo-token")
         base = f"http://{host}:{port}"
         print(f"\nexporter serves {base}  (Ctrl-C stops it)", flush=True)
         if settings.embedded:

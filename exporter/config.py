@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     # EXPORTER_FILES_ROOT) and the demo token. Relative to the working directory, so
     # ./var in the checkout by default; put it anywhere else to keep the checkout small.
     data_dir: Path = Path("var")
+    # Set by `exporter serve` for its app when it made the local demo's token (the embedded
+    # database): the page signed out says where it is kept.
+    demo_token_file: Path | None = None
     # What `exporter serve` loads into an empty embedded database on its first start, and
     # the size of the large demo file it writes into the default files root (the local
     # demo's sizes; tests and the quick benchmark start from nothing with small ones).

@@ -75,7 +75,8 @@ KEYWORD_LABELS = {"null": "empty (null)", "not_null": "not empty", "true": "true
 async def page(request: Request, st: StateDep) -> Response:
     path = _query_path(request)
     principal = await authenticate(request, st, page=True)
-    demo_token = str(st.settings.data_dir / "demo-token") if st.settings.embedded else None
+    known = st.settings.demo_token_file
+    demo_token = str(known) if known is not None else None
     base_url = str(request.base_url)
     datasets = [_dataset(base_url, ds) for ds in await visible_datasets(st.catalog, principal)]
     number = _page_number(request.query_params.get("page"))
