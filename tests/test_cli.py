@@ -27,10 +27,12 @@ INSTALLED = Path(sys.executable).with_name("exporter")
 
 
 def test_help_lists_the_commands() -> None:
-    out = subprocess.run(
+    out = subprocess.run(  # this checkout's package, not the one installed
         [INSTALLED, "--help"], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout
-    for command in ("serve", "migrate", "demo", "digest", "token", "link", "downloads"):
+    for command in ("serve", "migrate", "demo", "digest", "token", "link", "downloads",
+                    "psql"):
         assert command in out
     serve = subprocess.run(
         [sys.executable, "-m", "exporter.cli", "serve", "--help"], capture_output=True,
@@ -52,6 +54,7 @@ OPTIONS = {
     ("token", "revoke"): ["NAME"],
     ("link",): ["URL|rotate-key", "--expires"],
     ("downloads",): ["--since", "--principal", "--status", "--limit"],
+    ("psql",): ["exporter psql -c 'select 1'"],
 }
 
 
