@@ -53,7 +53,7 @@ def initialised_data_dir(plan: Plan, log: Log) -> Path:
 
 def warm_env(plan: Plan, data: Path) -> dict[str, str]:
     """The warm start's settings: its demo files in the work folder too (by default they
-    would go into the working directory's var/files, 1 GiB of them)."""
+    would go into the data folder's files/, 1 GiB of them)."""
     return {"EXPORTER_DATA_DIR": str(data),
             "EXPORTER_FILES_ROOT": str(plan.work / "startup-files")}
 

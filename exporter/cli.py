@@ -107,10 +107,11 @@ def serve(
     # Before anything else: a port that is taken would otherwise show up only after the
     # whole set-up (the embedded server, migrations, the demo data), banner printed.
     listenable(host, port_number, given=port is not None)
+    if settings.embedded and not (settings.pgdata / "PG_VERSION").exists():
+        log.info("%s", first_start(settings))
     with database(settings, "serve") as url:
         migrate(url)
         if settings.embedded:
-            log.info("checking the demo data (first start loads %d rows)", settings.demo_rows)
             asyncio.run(exports_cli.load_demo(settings, url, settings.demo_rows,
                                               only_if_empty=True))
             if files_cli.default_root(settings):
@@ -118,6 +119,8 @@ def serve(
             token = asyncio.run(_demo_token(settings, url))
         # Workers are separate processes: they find the database through the environment.
         os.environ["EXPORTER_DATABASE_URL"] = url
+        if settings.embedded:
+            os.environ["EXPORTER_DEMO_TOKEN_FILE"] = str(settings.data_dir / "demo-token")
         base = f"http://{f'[{host}]' if ':' in host else host}:{port_number}"
         print(f"\nexporter serves {base}  (Ctrl-C stops it)", flush=True)
         if settings.embedded:
@@ -172,6 +175,39 @@ def listenable(host: str, port: int, *, given: bool) -> None:
                      f" ({reason.lower()}): {hint}")
 
 
+# Measured: an empty cluster takes 39 MB, and 200,000 demo rows add 128 MB (table, index
+# and write-ahead log), about 650 bytes a row.
+_CLUSTER_BYTES = 40 * 1000**2
+_DEMO_ROW_BYTES = 650
+
+
+def first_start(settings: Settings) -> str:
+    """One line before the first start writes: how much, where, and how to get it back."""
+    from exporter.files import demo
+
+    written = _CLUSTER_BYTES + _DEMO_ROW_BYTES * settings.demo_rows
+    what = f"the embedded PostgreSQL with {settings.demo_rows:,} demo rows"
+    if files_cli.default_root(settings) and demo.is_empty(settings.files_root):
+        files = demo.parse_size(settings.demo_file_size)
+        written += files
+        what += f" and {human_size(files)} of demo files"
+    where = settings.data_dir.resolve()
+    return (f"first start: writes about {human_size(written)} into {where} ({what});"
+            f" stop the server and delete {where} to reclaim it")
+
+
+def human_size(size: int) -> str:
+    """Decimal units, as `du -h --si` and file managers show them: 31 bytes, 712 MB."""
+    if size < 1000:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.0f} {unit}"
+
+
 def server_limits(settings: Settings) -> dict[str, Any]:
     """uvicorn's options for the bounds on clients (see exporter/server/guard.py)."""
     from exporter.server.guard import GuardedHttpToolsProtocol
@@ -223,6 +259,36 @@ def demo(
         return
     files_cli.demo_files(settings, settings.demo_file_size, only_if_empty=False)
     print(f"created the demo files in {settings.files_root}")
+
+
+@app.command(
+    help="open psql on the database (the embedded one unless EXPORTER_DATABASE_URL is set);"
+    " what follows goes to psql: exporter psql -c 'select 1'",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def psql(context: typer.Context) -> None:
+    import shutil
+    import subprocess
+
+    from exporter.db import libpq_url
+    from exporter.embedded import EmbeddedNotInstalled, psql_path
+
+    settings = start()
+    try:
+        program = str(psql_path())
+    except EmbeddedNotInstalled:
+        # A deployment with a database of its own may have only the system's client.
+        found = shutil.which("psql")
+        if found is None:
+            fail("exporter psql: no psql: install the embedded extra or PostgreSQL's client", 1)
+        program = found
+    with database(settings, "psql") as url:
+        # psql answers Ctrl-C itself (it cancels the query); the database must outlive it.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            status = subprocess.call([program, libpq_url(url), *context.args])
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    raise SystemExit(status)
 
 
 files_cli.register(app)

@@ -23,7 +23,14 @@ class Settings(BaseSettings):
 
     # No URL means: start the embedded PostgreSQL with its data under `data_dir`.
     database_url: str | None = None
+    # Everything a local run writes: the embedded PostgreSQL (`pgdata`), stored exports
+    # (`exports`, unless EXPORTER_EXPORTS_DIR), the demo files (`files`, unless
+    # EXPORTER_FILES_ROOT) and the demo token. Relative to the working directory, so
+    # ./var in the checkout by default; put it anywhere else to keep the checkout small.
     data_dir: Path = Path("var")
+    # Set by `exporter serve` for its app when it made the local demo's token (the embedded
+    # database): the page signed out says where it is kept.
+    demo_token_file: Path | None = None
     # What `exporter serve` loads into an empty embedded database on its first start, and
     # the size of the large demo file it writes into the default files root (the local
     # demo's sizes; tests and the quick benchmark start from nothing with small ones).
@@ -68,7 +75,8 @@ class Settings(BaseSettings):
     # expects at most this many rows, its estimate above (a count costs a full scan).
     count_estimated_above: int = Field(default=100_000, ge=0)
 
-    # Files: served from this folder (relative paths are taken from the working directory).
+    # Files: served from this folder (relative paths are taken from the working directory);
+    # unset, `data_dir`/files, the demo's own folder.
     files_root: Path = Path("var/files")
     # Bytes per file read, and so per body chunk. The downloads in progress (per process)
     # share `file_read_budget`, counted in bytes read and not yet taken by their sockets:
@@ -321,6 +329,18 @@ class Settings(BaseSettings):
         if not schema or schema.startswith("pg_") or schema == "information_schema":
             raise ValueError(f"{schema!r} is not a schema of datasets")
         return schema
+
+    @model_validator(mode="after")
+    def _files_root_under_data_dir(self) -> Settings:
+        if "files_root" not in self.model_fields_set:
+            # Past pydantic's __setattr__, which would count it as set.
+            self.__dict__["files_root"] = self.data_dir / "files"
+        return self
+
+    @property
+    def files_root_is_default(self) -> bool:
+        """Unset: the demo's own folder under `data_dir`, where it may write its files."""
+        return "files_root" not in self.model_fields_set
 
     @model_validator(mode="after")
     def _chunk_sizes_in_order(self) -> Settings:

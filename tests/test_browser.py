@@ -178,6 +178,8 @@ def test_filter_builder_writes_the_query(closed: Server, context: BrowserContext
         "wget --content-disposition --header=\"Authorization: Bearer $EXPORTER_TOKEN\" "
         f"'{url.replace('.csv?', '.ndjson?')}'")
 
+    # One format choice: back to CSV, whose link is then the one shown.
+    card.locator(".cmd-format").select_option("csv")
     name, saved = download(page, "article[data-dataset=orders] a[data-format=csv]")
     assert name.endswith(".csv")
     expected = httpx.get(url, headers=bearer(token), timeout=60)

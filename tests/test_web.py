@@ -118,6 +118,29 @@ def test_cookie_is_a_credential_for_reads_only(closed: Server, token: str) -> No
     assert r.status_code == 200
 
 
+def test_cookie_deletes_a_prepared_download_from_the_page_only(closed: Server,
+                                                               token: str) -> None:
+    """The page cancels and deletes its prepared downloads with its cookie: a DELETE of
+    /exports/ID whose Origin is the server's own. Without Origin, from another origin,
+    or on another path (a token), the cookie is no credential."""
+    server = closed
+    started = httpx.get(server.url + "/datasets/orders.csv?limit=3", timeout=30,
+                        headers={**bearer(token), "Prefer": "respond-async"})
+    assert started.status_code == 202, started.text
+    where = f"{server.url}/exports/{started.json()['id']}"
+    cookie = {"Cookie": f"exporter_token={token}"}
+    for origin in (None, "http://evil.example", server.url.replace("127.0.0.1", "localhost")):
+        headers = {**cookie, **({"Origin": origin} if origin else {})}
+        refused = httpx.delete(where, headers=headers)
+        assert refused.status_code in (401, 403), (origin, refused.status_code, refused.text)
+        assert httpx.get(where, headers=bearer(token)).status_code in (200, 202)
+    assert httpx.delete(f"{server.url}/tokens/nobody", headers={**cookie, "Origin": server.url}
+                        ).status_code == 401
+    done = httpx.delete(where, headers={**cookie, "Origin": server.url})
+    assert done.status_code == 204, done.text
+    assert httpx.get(where, headers=bearer(token)).status_code == 404
+
+
 def test_sign_in_sets_and_sign_out_clears_the_cookie(closed: Server,
                                                      token: str) -> None:
     server = closed

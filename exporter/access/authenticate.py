@@ -34,6 +34,20 @@ COOKIE_METHODS = frozenset({"GET", "HEAD"})
 NO_MAKER = "no token"
 
 
+def _cookie_counts(request: Request) -> bool:
+    """GET and HEAD; and the page's own DELETE of a prepared download (cancel, delete).
+
+    A browser sends Origin with every DELETE (a fetch, never a form), and another site's
+    page can send one only after a CORS preflight; the origin must be this server's own,
+    so that not even an origin allowed by EXPORTER_CORS_ORIGINS deletes with the cookie.
+    """
+    if request.method in COOKIE_METHODS:
+        return True
+    origin = request.headers.get("origin")
+    return (request.method == "DELETE" and app_path(request.scope).startswith("/exports/")
+            and origin == f"{request.url.scheme}://{request.url.netloc}")
+
+
 def _bad_credentials(reason: str) -> ApiError:
     return ApiError(401, reason, headers=CHALLENGES)
 
@@ -57,7 +71,7 @@ def _credential(header: str) -> str:
 
 async def authenticate(request: Request, st: State, *, page: bool = False) -> Principal:
     """Authorization header, else a signed link, else the `exporter_token` cookie (GET and
-    HEAD only), else the anonymous client.
+    HEAD, and the page's DELETE /exports/ID), else the anonymous client.
 
     A bad cookie gets 401 like a bad header, except on the page (`page=True`), which
     then shows the caller as signed out and offers the sign-in form again.
@@ -73,7 +87,7 @@ async def authenticate(request: Request, st: State, *, page: bool = False) -> Pr
         rest, link = split_query(query)
         if link:  # even one of the link's parameters: never ignored in silence
             return await _link_principal(request, st, rest, link)
-    cookie = request.cookies.get(COOKIE) if request.method in COOKIE_METHODS else None
+    cookie = request.cookies.get(COOKIE) if _cookie_counts(request) else None
     if cookie:
         principal = await st.tokens.principal(cookie)
         if principal is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -14,6 +15,8 @@ from exporter.access.durations import parse_duration
 from exporter.clikit import fail, print_table, start, when, with_engine
 from exporter.config import Settings
 from exporter.tables import downloads as downloads_table
+
+log = logging.getLogger(__name__)
 
 
 class Status(enum.StrEnum):
@@ -74,8 +77,11 @@ async def load_demo(settings: Settings, url: str, rows: int, *, only_if_empty: b
 
     engine = create_engine(settings, url)
     try:
-        if only_if_empty and await demo.has_datasets(engine, settings.dataset_schema):
-            return False
+        if only_if_empty:
+            if await demo.has_datasets(engine, settings.dataset_schema):
+                return False
+            # A first start: the only time it waits for this.
+            log.info("loading %d demo rows into %s.orders", rows, settings.dataset_schema)
         await demo.load(engine, settings.dataset_schema, rows)
         return True
     finally:

@@ -125,8 +125,7 @@ def digest(
 def default_root(settings: Settings) -> bool:
     """The demo writes (a 1 GiB file, among others) only into its own folder: a files
     root that someone chose holds their files."""
-    default: Path = Settings.model_fields["files_root"].default
-    return settings.files_root == default
+    return settings.files_root_is_default
 
 
 def demo_files(settings: Settings, size: str, *, only_if_empty: bool) -> None:

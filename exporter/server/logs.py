@@ -75,6 +75,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class AlembicPreamble(logging.Filter):
+    """Alembic says which dialect it uses and that DDL is transactional each time it looks
+    at the schema, upgrading or not: only its "Running upgrade" lines say something."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Context impl ", "Will assume "))
+
+
 def log_config(log_format: str = "plain", level: str = "info") -> dict[str, Any]:
     """A `logging.config.dictConfig` dict, for this process and for uvicorn's workers."""
     formatter: dict[str, Any] = (
@@ -84,6 +92,7 @@ def log_config(log_format: str = "plain", level: str = "info") -> dict[str, Any]
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"exporter": formatter},
+        "filters": {"alembic_preamble": {"()": "exporter.server.logs.AlembicPreamble"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "exporter",
                                 "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": "INFO"},
@@ -92,6 +101,7 @@ def log_config(log_format: str = "plain", level: str = "info") -> dict[str, Any]
             "uvicorn": {"handlers": [], "level": level.upper(), "propagate": True},
             "uvicorn.error": {"handlers": [], "propagate": True},
             "uvicorn.access": {"handlers": [], "propagate": True},
+            "alembic.runtime.migration": {"filters": ["alembic_preamble"]},
             **{name: {"level": "WARNING"} for name in QUIET},
         },
     }

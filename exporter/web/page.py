@@ -15,8 +15,9 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from exporter.access.authenticate import COOKIE, authenticate
+from exporter.access.cli import DEMO_TOKEN_NAME
 from exporter.access.deps import StateDep
-from exporter.access.principal import ANONYMOUS, Principal
+from exporter.access.principal import ANONYMOUS, TOKEN, Principal
 from exporter.errors import ApiError
 from exporter.exports import renderers
 from exporter.exports.catalog import Column, Dataset
@@ -35,6 +36,22 @@ templates = Jinja2Templates(env=Environment(
 # Every command the page shows quotes its arguments for a POSIX shell, as page.js's
 # shellQuote does: a dataset or file name may hold quotes, $( ) and the rest.
 templates.env.filters["shell_quote"] = shlex.quote
+
+
+def size_text(size: int) -> str:
+    """A file's size as the page shows it: "31 bytes", "1.5 KiB" (binary units, as
+    `ls -lh` and the prepared downloads' sizes in page.js)."""
+    if size < 1024:
+        return f"{size} byte" if size == 1 else f"{size} bytes"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+templates.env.filters["size"] = size_text
 
 FOLDER_ENTRIES = 1000  # a page of a folder's listing; ?page=N shows the next ones
 FORM_BYTES = 4096
@@ -59,6 +76,8 @@ KEYWORD_LABELS = {"null": "empty (null)", "not_null": "not empty", "true": "true
 async def page(request: Request, st: StateDep) -> Response:
     path = _query_path(request)
     principal = await authenticate(request, st, page=True)
+    known = st.settings.demo_token_file
+    demo_token = str(known) if known is not None else None
     base_url = str(request.base_url)
     datasets = [_dataset(base_url, ds) for ds in await visible_datasets(st.catalog, principal)]
     number = _page_number(request.query_params.get("page"))
@@ -75,6 +94,14 @@ async def page(request: Request, st: StateDep) -> Response:
         "operators": builder_operators(),
         "operands": builder_operands(),
         "admin": principal.is_admin,
+        # Where `exporter serve` keeps the demo token it printed (the embedded database).
+        "demo_token": demo_token,
+        # The line that sets the commands' token, where the page knows where it is: the
+        # demo token's file. Never the token itself: the cookie is HttpOnly so that no
+        # script on the page can read it, and the page's HTML is read by its scripts.
+        "token_export": (f"export EXPORTER_TOKEN=\"$(cat {shlex.quote(demo_token)})\""
+                         if demo_token and principal.kind == TOKEN
+                         and principal.name == DEMO_TOKEN_NAME else None),
         "reserved": sorted(RESERVED),  # column names the builder must quote
         "formats": [r.name for r in renderers.all_renderers()],
         "root": _root(request),  # every link and form of the page starts with it

@@ -252,8 +252,12 @@
     const add = el("button", { type: "button", class: "small add" }, "+ Filter");
     const picks = el("fieldset", {}, el("legend", {}, "Columns (none ticked: all)"));
     names.forEach((n) => picks.append(el("label", {}, el("input", { type: "checkbox", class: "pick", value: n }), " ", n)));
+    // One format choice, in the download bar: the download link, the commands and the
+    // prepared download all follow it (without this script, one link a format).
     const format = select("cmd-format", data.formats, data.formats.map((f) => f.toUpperCase()));
     format.id = `${id}-format`;
+    const bar = card.querySelector(".downloads");
+    bar.prepend(el("label", { for: format.id }, "Format"), format);
     const limit = el("input", { type: "number", class: "limit", min: "1", inputmode: "numeric", id: `${id}-limit` });
     const order = select("order-col", ["", ...names],
       [ds.default_order.length ? `default (${ds.default_order.join(", ")} when limited)` : "none", ...names]);
@@ -263,19 +267,28 @@
       el("summary", {}, "Choose rows"),
       filters, el("div", { class: "row" }, add), picks,
       el("div", { class: "row" }, el("label", { for: order.id }, "Order by"), order, direction),
-      el("div", { class: "row" }, el("label", { for: limit.id }, "Limit"), limit),
-      el("div", { class: "row" }, el("label", { for: format.id }, "Commands and prepared download as"), format)));
+      el("div", { class: "row" }, el("label", { for: limit.id }, "Limit"), limit)));
+    // The bar stays in view (sticky) only while rows are being chosen.
+    const choose = box.querySelector("details.choose");
+    choose.addEventListener("toggle", () => { card.classList.toggle("building", choose.open); });
 
     const update = () => {
       const qs = query(box, ds);
       const url = (fmt) => ds.urls[fmt] + (qs ? `?${qs}` : "");
-      card.querySelectorAll("a.export").forEach((a) => { a.href = url(a.dataset.format); });
+      card.querySelectorAll("a.export").forEach((a) => {
+        a.href = url(a.dataset.format);
+        a.hidden = a.dataset.format !== format.value;
+        a.textContent = `Download ${a.dataset.format.toUpperCase()}`;
+      });
       const target = url(format.value);
       card.querySelector(".curl").textContent =
         `curl -fOJ -H "Authorization: Bearer $EXPORTER_TOKEN" ${shellQuote(target)}`;
       card.querySelector(".wget").textContent =
         `wget --content-disposition --header="Authorization: Bearer $EXPORTER_TOKEN" ${shellQuote(target)}`;
       card.querySelector(".prepare").textContent = `Prepare ${format.value.toUpperCase()} download`;
+      const status = card.querySelector(".prepare-status");
+      status.textContent = "";
+      status.classList.remove("error");
       const error = card.querySelector(".export-error");
       error.hidden = true; // what it said was about the links before this change
       error.textContent = "";
@@ -288,6 +301,7 @@
     });
     box.addEventListener("input", update);
     box.addEventListener("change", update);
+    format.addEventListener("change", update); // in the bar, outside the builder
     box.hidden = false;
     const prepare = card.querySelector(".prepare");
     prepare.hidden = false;
@@ -297,15 +311,47 @@
   }
 
   // --- prepared (stored) exports --------------------------------------------------------
-  const prepared = document.getElementById("prepared");
-  const list = prepared && prepared.querySelector(".prepared-list");
+  // Each shows under the card of its dataset, where it was asked for, with Cancel while it
+  // runs and Delete once done (DELETE /exports/{id}: the cookie counts for it from this
+  // page's own origin).
   const shown = new Map();
+  const cardOf = (name) => [...document.querySelectorAll("article.dataset")]
+    .find((c) => c.dataset.dataset === name);
+
+  async function remove(item, li, error) {
+    let r;
+    try {
+      r = await fetch(item.status_url, { method: "DELETE", cache: "no-store" });
+    } catch (e) {
+      error.hidden = false;
+      error.textContent = `Not done: the server could not be reached (${e.message}).`;
+      return;
+    }
+    if (r.status !== 204) {
+      let message = r.statusText;
+      try { message = (await r.json()).error.message; } catch (e) { /* the status line */ }
+      error.hidden = false;
+      error.textContent = `Not done. ${r.status}: ${message}`;
+      return;
+    }
+    if (item.status === "running") {
+      say(`${item.filename || item.dataset}: cancelled`);
+      return; // its watch hears "cancelled" and shows it, with Delete
+    }
+    shown.delete(item.id);
+    const list = li.parentElement;
+    li.remove();
+    if (list && !list.children.length) list.hidden = true;
+    say(`${item.filename || item.dataset}: deleted`);
+  }
 
   // Started here: on top. Listed at load (newest first): below what is there, which
   // can only be newer, started while the listing was on its way.
   function show(item, listed) {
-    if (!list) return;
-    prepared.hidden = false;
+    const home = cardOf(item.dataset);
+    if (!home) return;
+    const list = home.querySelector(".prepared-list");
+    list.hidden = false;
     let li = shown.get(item.id);
     if (!li) {
       li = el("li", { class: "prepared-item", "data-id": item.id });
@@ -315,6 +361,11 @@
     const name = item.filename || item.dataset;
     const title = el("p", { class: "prepared-name" }, el("strong", {}, name));
     const error = el("div", { class: "export-error notice error", role: "alert", hidden: "" });
+    const action = (label) => {
+      const button = el("button", { type: "button", class: "small", "aria-label": `${label} ${name}` }, label);
+      button.addEventListener("click", () => remove(item, li, error));
+      return button;
+    };
     li.replaceChildren(title);
     if (item.status === "running") {
       const p = item.progress || {};
@@ -324,18 +375,19 @@
       const rows = (p.rows || 0).toLocaleString("en");
       li.append(el("p", { class: "progress" }, bar, " ",
         `${rows} rows${percent !== null && percent !== undefined ? ` (${percent}%)` : ""}, `
-        + `${bytes(p.bytes || 0)} so far`));
+        + `${bytes(p.bytes || 0)} so far`), item.status_url ? action("Cancel") : "", error);
     } else if (item.status === "complete") {
       const link = el("a", { href: item.file_url, download: "", class: "button" }, `Download ${name}`);
-      li.append(el("p", { class: "done" }, link, " ",
+      li.append(el("p", { class: "done actions" }, link, " ",
         el("span", { class: "size", title: `${item.bytes.toLocaleString("en")} bytes` }, bytes(item.bytes)),
-        `, ${item.rows.toLocaleString("en")} rows`), error,
+        `, ${item.rows.toLocaleString("en")} rows`, action("Delete")), error,
       el("p", { class: "label" }, "SHA-256"),
       copyable("hex", item.sha256, `Copy the SHA-256 of ${name}`),
       copyable("check", `echo ${shellQuote(`${item.sha256}  ${name}`)} | sha256sum -c`,
         `Copy the command that checks ${name}`));
     } else {
-      li.append(el("p", { class: "notice error" }, `${item.status}: ${item.error || "no file"}`));
+      li.append(el("p", { class: "actions" }, el("span", { class: "notice error" },
+        `${item.status}: ${item.error || "no file"}`), action("Delete")), error);
     }
   }
 
@@ -358,7 +410,12 @@
       }
       if (body && body.id) {
         show(body);
-        say(body.status === "complete" ? `${body.filename} is ready` : `${body.filename} ${body.status}`);
+        const text = body.status === "complete" ? `${body.filename} is ready, below`
+          : `${body.filename} ${body.status}`;
+        const home = cardOf(body.dataset);
+        const status = home && home.querySelector(".prepare-status");
+        if (status && status.dataset.id === body.id) status.textContent = text;
+        say(text);
       }
       return;
     }
@@ -366,7 +423,10 @@
 
   async function start(card, exportUrl) {
     const box = card.querySelector(".export-error");
+    const status = card.querySelector(".prepare-status");
     box.hidden = true;
+    status.classList.remove("error");
+    status.textContent = "Asking the server…";
     let r;
     try {
       // A GET with Prefer: the page's cookie counts for reads only, so not POST /exports.
@@ -374,6 +434,8 @@
     } catch (e) {
       box.hidden = false;
       box.textContent = `Not started: the server could not be reached (${e.message}).`;
+      status.textContent = "Not started (see below)";
+      status.classList.add("error");
       return;
     }
     let body = null;
@@ -382,15 +444,20 @@
       box.hidden = false;
       const message = body && body.error ? body.error.message : r.statusText;
       box.textContent = `Not started. ${r.status}: ${message}`;
+      status.textContent = "Not started (see below)";
+      status.classList.add("error");
       return;
     }
-    show({ id: body.id, status: "running", dataset: card.dataset.dataset, progress: {} });
+    show({ id: body.id, status: "running", dataset: card.dataset.dataset, progress: {},
+      status_url: body.status_url });
+    status.dataset.id = body.id;
+    status.textContent = "Preparing: its progress is below";
     say("Preparing the download");
     watch(body.status_url);
   }
 
   async function listPrepared() {
-    if (!list) return;
+    if (!data.principal || !document.querySelector("article.dataset")) return;
     let r;
     try {
       // Prepared downloads only: streamed exports' copies (kind "streamed") are the
@@ -399,7 +466,8 @@
     } catch (e) { return; }
     if (!r.ok) return;
     const body = await r.json();
-    body.exports.forEach((x) => {
+    // The page user's own: an admin's listing has everyone's.
+    body.exports.filter((x) => x.principal === data.principal).forEach((x) => {
       show(x, true);
       if (x.status === "running") watch(x.status_url);
     });
