@@ -109,11 +109,44 @@ RUN_ONE_AT_A_TIME = {
 }
 
 
-def _group_the_heavy_ones(items: list[pytest.Item]) -> None:
+# Modules whose module-scoped fixtures are dear (a primary and its standby, Chromium and a
+# closed server, an installed wheel, a 2,000,000-row table): all their tests on one worker,
+# so that they are made once per run instead of once per worker that gets a test of them.
+MODULE_GROUPS = {
+    "test_replica.py": "replica",
+    "test_page.py": "browser", "test_browser.py": "browser",
+    "test_packaging.py": "packaging",
+    "test_resume.py": "resume",
+    "test_proxy.py": "proxy",
+    "test_stored_exports.py": "stored-exports",
+    "test_links.py": "links",
+    "test_web.py": "web",
+}
+
+
+def _group_the_heavy_ones(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
         if name in RUN_ONE_AT_A_TIME:
             item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
+        elif item.path.name in MODULE_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(MODULE_GROUPS[item.path.name]))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker, --dist loadgroup
+        _name_the_groups(items)
+
+
+def _name_the_groups(items: list[pytest.Item]) -> None:
+    """What pytest-xdist 3.8 means to do for `--dist loadgroup`: the group's name after an
+    `@` in the test's id, which its scheduler reads. xdist writes `item._nodeid`, which
+    pytest 9 no longer reads (an id is `item._id`): without this every group was ignored
+    and its tests spread over all workers."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
 # --- end: parallel runs ---------------------------------------------------------------
 
 
@@ -223,9 +256,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # --- Programs the tests run besides Python (tests/tools.py) -----------------------------
 # `@pytest.mark.needs("curl")`: skipped where curl is missing, with the reason in the -ra
 # summary; in CI (CI=true) a failure instead, before any fixture starts.
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # pytest keeps one hook of a name per conftest: both concerns are called from here.
-    _group_the_heavy_ones(items)
+    _group_the_heavy_ones(config, items)
     tools.mark_missing(items)
 
 
