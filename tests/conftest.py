@@ -105,6 +105,7 @@ RUN_ONE_AT_A_TIME = {
     "test_files_load.py::test_fifty_clients_memory",
     "test_export_failures.py::test_memory_stays_flat_for_two_million_rows",
     "test_postgrest.py::test_memory_stays_flat_for_two_million_json_rows",
+    "test_compression.py::test_compressed_export_memory_stays_flat",
     "test_bench.py::test_quick_benchmark_writes_tables_and_charts",
 }
 
@@ -369,6 +370,17 @@ def files_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Server]:
     """The exporter, as `exporter serve` runs it, shared by the tests that only read."""
     with Server(database_url, logs_dir / "server.log",
+                {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC,
+                 "EXPORTER_EXPORTS_DIR": str(files_root.parent / "exports")}) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def memory_server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Server]:
+    """A server of its own for the tests that measure a server's memory while it streams
+    2,000,000 rows (RUN_ONE_AT_A_TIME: one after another, never beside another download),
+    with the settings of `server`. Each test resets its peak first (reset_peak_rss)."""
+    with Server(database_url, logs_dir / "memory-server.log",
                 {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC,
                  "EXPORTER_EXPORTS_DIR": str(files_root.parent / "exports")}) as s:
         yield s

@@ -262,6 +262,12 @@ def peak_rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmHWM")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Make the process's VmHWM its current RSS (Linux's clear_refs "5"), so that a server
+    that already streamed something measures a new peak as a fresh one would."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
