@@ -15,6 +15,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -373,6 +374,59 @@ def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Serv
                 {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC,
                  "EXPORTER_EXPORTS_DIR": str(files_root.parent / "exports")}) as s:
         yield s
+
+
+# --- One Chromium for the browser modules ------------------------------------------------
+BROWSER_MODULES = {"test_browser.py", "test_page.py"}  # one xdist group (MODULE_GROUPS)
+
+
+class _Chromium:
+    """Debian's Chromium under Playwright's sync API (tests/test_browser.py says why that
+    one), launched by the first test of the browser modules and closed after the last of a
+    run of them: Playwright's sync API keeps an event loop running in this thread, where
+    the other tests call asyncio.run."""
+
+    def __init__(self) -> None:
+        self._playwright: Any = None
+        self._browser: Any = None
+
+    def get(self) -> Any:
+        if self._browser is None:
+            from playwright.sync_api import sync_playwright
+
+            from tests.test_browser import ARGS, CHROMIUM
+
+            self._playwright = sync_playwright().start()
+            # launch() gives the browser a fresh, temporary user-data directory of its own.
+            self._browser = self._playwright.chromium.launch(
+                executable_path=CHROMIUM, args=ARGS, timeout=30_000)
+        return self._browser
+
+    def close(self) -> None:
+        browser, playwright, self._browser, self._playwright = (
+            self._browser, self._playwright, None, None)
+        try:
+            if browser is not None:
+                browser.close()
+        finally:
+            if playwright is not None:
+                playwright.stop()
+
+
+_CHROMIUM = _Chromium()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    """The browser modules' Chromium (a playwright.sync_api.Browser)."""
+    return _CHROMIUM.get()
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's teardown: the contexts are closed
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is None or nextitem.path.name not in BROWSER_MODULES:
+        _CHROMIUM.close()
+# --- end: one Chromium ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
