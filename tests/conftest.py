@@ -142,8 +142,10 @@ def _name_the_groups(items: list[pytest.Item]) -> None:
     `@` in the test's id, which its scheduler reads. xdist writes `item._nodeid`, which
     pytest 9 no longer reads (an id is `item._id`): without this every group was ignored
     and its tests spread over all workers."""
-    from _pytest.nodeid import NodeId
-
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest 8: xdist's own renaming works there
+        return
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                          for m in item.iter_markers("xdist_group")})
