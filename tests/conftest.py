@@ -15,6 +15,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -76,6 +77,27 @@ EMBEDDED_ONLY_TESTS = {
     # whatever the server (acceptance runs on every version).
     "test_postgres_versions.py::test_a_server_too_old_stops_the_command_with_one_line",
     "test_postgres_versions.py::test_uvicorn_running_the_app_refuses_a_server_too_old_in_one_line",
+    # Dataset names that need quoting or percent-encoding: the URL's decoding and the
+    # identifier's quoting happen in the app (quote_ident's rule is the same on 13-18);
+    # the catalog's listing of types stays on every version (test_export_sql's
+    # test_the_listing_shows_the_column_types_with_their_modifiers, test_exports').
+    "test_export_sql.py::test_listed_urls_of_odd_dataset_names_work",
+    "test_export_sql.py::test_odd_dataset_names_download_with_curl",
+    "test_export_sql.py::test_a_slash_in_a_dataset_name_is_no_way_around_the_names",
+    "test_export_sql.py::test_links_to_odd_dataset_names",
+    # HTTP around an export whose SQL the tests above already run on every version: the
+    # file name, chunked framing and what curl, wget and httpx save.
+    "test_exports.py::test_content_disposition_names_dataset_and_snapshot_time",
+    "test_exports.py::test_non_ascii_dataset_name",
+    "test_exports.py::test_incremental_pull_recipe",
+    "test_exports.py::test_curl_and_wget_download_exports",
+    "test_exports.py::test_httpx_streaming_client",
+    # Content negotiation and 404s: decided before any SQL runs.
+    "test_inprocess_exports.py::test_format_from_accept",
+    "test_inprocess_exports.py::test_not_acceptable_says_what_is",
+    "test_inprocess_exports.py::test_format_by_suffix",
+    "test_inprocess_exports.py::test_unknown_dataset_is_404",
+    "test_inprocess_exports.py::test_the_catalog_lists_the_export_urls_of_this_server",
 }
 
 
@@ -91,15 +113,51 @@ RUN_ONE_AT_A_TIME = {
     "test_files_load.py::test_fifty_clients_memory",
     "test_export_failures.py::test_memory_stays_flat_for_two_million_rows",
     "test_postgrest.py::test_memory_stays_flat_for_two_million_json_rows",
+    "test_compression.py::test_compressed_export_memory_stays_flat",
     "test_bench.py::test_quick_benchmark_writes_tables_and_charts",
 }
 
 
-def _group_the_heavy_ones(items: list[pytest.Item]) -> None:
+# Modules whose module-scoped fixtures are dear (a primary and its standby, Chromium and a
+# closed server, an installed wheel, a 2,000,000-row table): all their tests on one worker,
+# so that they are made once per run instead of once per worker that gets a test of them.
+MODULE_GROUPS = {
+    "test_replica.py": "replica",
+    "test_page.py": "browser", "test_browser.py": "browser",
+    "test_packaging.py": "packaging",
+    "test_resume.py": "resume",
+    "test_proxy.py": "proxy",
+    "test_stored_exports.py": "stored-exports",
+    "test_links.py": "links",
+    "test_web.py": "web",
+}
+
+
+def _group_the_heavy_ones(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
         if name in RUN_ONE_AT_A_TIME:
             item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
+        elif item.path.name in MODULE_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(MODULE_GROUPS[item.path.name]))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker, --dist loadgroup
+        _name_the_groups(items)
+
+
+def _name_the_groups(items: list[pytest.Item]) -> None:
+    """What pytest-xdist 3.8 means to do for `--dist loadgroup`: the group's name after an
+    `@` in the test's id, which its scheduler reads. xdist writes `item._nodeid`, which
+    pytest 9 no longer reads (an id is `item._id`): without this every group was ignored
+    and its tests spread over all workers."""
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest 8: xdist's own renaming works there
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
 # --- end: parallel runs ---------------------------------------------------------------
 
 
@@ -209,9 +267,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # --- Programs the tests run besides Python (tests/tools.py) -----------------------------
 # `@pytest.mark.needs("curl")`: skipped where curl is missing, with the reason in the -ra
 # summary; in CI (CI=true) a failure instead, before any fixture starts.
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # pytest keeps one hook of a name per conftest: both concerns are called from here.
-    _group_the_heavy_ones(items)
+    _group_the_heavy_ones(config, items)
     tools.mark_missing(items)
 
 
@@ -322,6 +380,70 @@ def files_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Server]:
     """The exporter, as `exporter serve` runs it, shared by the tests that only read."""
     with Server(database_url, logs_dir / "server.log",
+                {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC,
+                 "EXPORTER_EXPORTS_DIR": str(files_root.parent / "exports")}) as s:
+        yield s
+
+
+# --- One Chromium for the browser modules ------------------------------------------------
+BROWSER_MODULES = {"test_browser.py", "test_page.py"}  # one xdist group (MODULE_GROUPS)
+
+
+class _Chromium:
+    """Debian's Chromium under Playwright's sync API (tests/test_browser.py says why that
+    one), launched by the first test of the browser modules and closed after the last of a
+    run of them: Playwright's sync API keeps an event loop running in this thread, where
+    the other tests call asyncio.run."""
+
+    def __init__(self) -> None:
+        self._playwright: Any = None
+        self._browser: Any = None
+
+    def get(self) -> Any:
+        if self._browser is None:
+            from playwright.sync_api import sync_playwright
+
+            from tests.test_browser import ARGS, CHROMIUM
+
+            self._playwright = sync_playwright().start()
+            # launch() gives the browser a fresh, temporary user-data directory of its own.
+            self._browser = self._playwright.chromium.launch(
+                executable_path=CHROMIUM, args=ARGS, timeout=30_000)
+        return self._browser
+
+    def close(self) -> None:
+        browser, playwright, self._browser, self._playwright = (
+            self._browser, self._playwright, None, None)
+        try:
+            if browser is not None:
+                browser.close()
+        finally:
+            if playwright is not None:
+                playwright.stop()
+
+
+_CHROMIUM = _Chromium()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    """The browser modules' Chromium (a playwright.sync_api.Browser)."""
+    return _CHROMIUM.get()
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's teardown: the contexts are closed
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is None or nextitem.path.name not in BROWSER_MODULES:
+        _CHROMIUM.close()
+# --- end: one Chromium ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def memory_server(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Server]:
+    """A server of its own for the tests that measure a server's memory while it streams
+    2,000,000 rows (RUN_ONE_AT_A_TIME: one after another, never beside another download),
+    with the settings of `server`. Each test resets its peak first (reset_peak_rss)."""
+    with Server(database_url, logs_dir / "memory-server.log",
                 {"EXPORTER_FILES_ROOT": str(files_root), **PUBLIC,
                  "EXPORTER_EXPORTS_DIR": str(files_root.parent / "exports")}) as s:
         yield s

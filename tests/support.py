@@ -13,9 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -65,6 +65,20 @@ def asyncpg_dsn(url: str) -> str:
     return libpq_url(url)
 
 
+T = TypeVar("T")
+
+
+def run_async(go: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """asyncio.run(go()), in a thread of its own when this one runs a loop already (the
+    browser tests' Playwright keeps one running)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(go())
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, go()).result()
+
+
 def run_sql(url: str, *statements: str) -> None:
     async def go() -> None:
         conn = await asyncpg.connect(asyncpg_dsn(url))
@@ -74,7 +88,7 @@ def run_sql(url: str, *statements: str) -> None:
         finally:
             await conn.close()
 
-    asyncio.run(go())
+    run_async(go)
 
 
 def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -85,7 +99,7 @@ def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
         finally:
             await conn.close()
 
-    return asyncio.run(go())
+    return run_async(go)
 
 
 def psql(url: str, *args: str) -> bytes:
@@ -260,6 +274,12 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Make the process's VmHWM its current RSS (Linux's clear_refs "5"), so that a server
+    that already streamed something measures a new peak as a fresh one would."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def rss_bytes(pid: int) -> int:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +37,14 @@ def endless(database_url: str) -> None:
 
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
@@ -238,7 +247,7 @@ def test_sigterm_lets_downloads_finish_within_the_grace_and_cuts_the_rest_curl(
                           and (tmp_path / "slow.bin").exists(), 10)
         os.killpg(s.pid, signal.SIGTERM)
         stopped = time.monotonic()
-        time.sleep(0.5)
+        assert wait_until(lambda: not _listening(s.port), 10)
         # No new connections...
         with pytest.raises(httpx.ConnectError):
             httpx.get(s.url + "/healthz", timeout=5)

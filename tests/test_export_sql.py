@@ -11,9 +11,7 @@ import csv
 import io
 import json
 import os
-import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -26,7 +24,8 @@ from exporter.db import create_engine, driver_connection
 from exporter.exports import sql
 from exporter.exports.catalog import Catalog
 from exporter.exports.query import parse
-from tests.support import ROOT, Server, fetch, raw_request, run_sql
+from tests.support import Server, fetch, raw_request, run_sql
+from tests.test_access import new_token
 
 TIMEOUT = 120
 
@@ -524,12 +523,7 @@ def test_odd_input_answers_200_or_a_clear_400(
 
 def test_odd_input_to_the_audit_listing(server: Server, database_url: str) -> None:
     """GET /downloads builds the same SQL; its values are checked the same way."""
-    token = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "token", "create", "--name",
-         f"sql-admin-{os.getpid()}", "--scope", "admin"],
-        cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": database_url},
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()
+    token = new_token(database_url, f"sql-admin-{os.getpid()}", "admin")
     auth = {"Authorization": f"Bearer {token}"}
     values = [str(i) for i in range(3_000)]
     r = get(server, "/downloads", [("id", in_list(values)), ("target", "eq.a :b")], headers=auth)
@@ -622,13 +616,7 @@ def test_a_slash_in_a_dataset_name_is_no_way_around_the_names(
 @pytest.fixture(scope="module")
 def link_token(database_url: str) -> Iterator[str]:
     name = f"sql-links-{os.getpid()}"
-    token = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "token", "create", "--name", name,
-         "--scope", "datasets:*"],
-        cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": database_url},
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()
-    assert re.fullmatch(r"exp_[A-Za-z0-9_-]{43}", token)
+    token = new_token(database_url, name, "datasets:*")  # checks its form
     yield token
 
 

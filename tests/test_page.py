@@ -2,7 +2,8 @@
 page, the builder's result equal to the SQL, lists whose values hold commas, copy buttons,
 prepared (stored) exports with their progress, the keyboard alone, and an axe-core audit.
 
-Each test runs at both widths, on one closed server and one browser for the module;
+Each test runs at both widths, on one closed server for the module and the browser modules'
+one Chromium (tests/conftest.py), in a context of its own that starts signed in;
 screenshots go to the test's tmp_path.
 """
 
@@ -25,11 +26,11 @@ from typing import Any
 import axe_playwright_python
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Locator, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Locator, Page
 
 from tests.support import Server, fetch, run_sql, wait_until
 from tests.test_access import CLOSED, bearer, new_token
-from tests.test_browser import ARGS, CHROMIUM, DESKTOP, PHONE, sign_in
+from tests.test_browser import DESKTOP, PHONE, sign_in
 from tests.test_inprocess_page import HOSTILE_VIEW, arguments, quoted_ident
 
 pytestmark = pytest.mark.needs("chromium")
@@ -40,16 +41,6 @@ AXE = (Path(axe_playwright_python.__file__).parent / "axe.min.js").read_text()
 SLOW = "slow_export"
 SLOW_ROWS = 2500
 MANY = 1200  # files in one folder: more than a page of the listing (1,000)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=30_000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +65,29 @@ def site(make_module_server: type[Server], database_url: str, files_root: Path
         shutil.rmtree(many)
 
 
+@pytest.fixture(scope="module")
+def signed_in() -> dict[int, Any]:
+    """Per width, the cookies of one sign-in through the page's form with the site's token:
+    each test's context starts with them (tests/test_browser.py signs in for real)."""
+    return {}
+
+
 @pytest.fixture(params=[PHONE, DESKTOP], ids=["390px", "1280px"])
-def context(request: pytest.FixtureRequest, browser: Browser) -> Iterator[BrowserContext]:
-    ctx = browser.new_context(accept_downloads=True, viewport=request.param)
+def context(request: pytest.FixtureRequest, browser: Browser, site: tuple[Server, str],
+            signed_in: dict[int, Any]) -> Iterator[BrowserContext]:
+    """A context of the test's own (pages, permissions, downloads), signed in as the site's
+    token."""
+    width = request.param["width"]
+    ctx = browser.new_context(accept_downloads=True, viewport=request.param,
+                              storage_state=signed_in.get(width))
     ctx.set_default_timeout(20_000)
     try:
+        if width not in signed_in:
+            page = ctx.new_page()
+            page.goto(site[0].url + "/")
+            sign_in(page, site[1])
+            page.close()
+            signed_in[width] = ctx.storage_state()
         yield ctx
     finally:
         ctx.close()
@@ -87,10 +96,14 @@ def context(request: pytest.FixtureRequest, browser: Browser) -> Iterator[Browse
 def open_page(site: tuple[Server, str], context: BrowserContext, path: str = "/") -> Page:
     server, token = site
     page = context.new_page()
-    page.goto(server.url + "/")
-    sign_in(page, token)
-    if path != "/":
-        page.goto(server.url + path)
+    if not any(c["name"] == "exporter_token" and c["value"] == token
+               for c in context.cookies()):  # another token than the site's: its own sign-in
+        context.clear_cookies()
+        page.goto(server.url + "/")
+        sign_in(page, token)
+        if path == "/":
+            return page
+    page.goto(server.url + path)
     return page
 
 

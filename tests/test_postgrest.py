@@ -20,7 +20,15 @@ import zstandard
 from exporter.config import Settings
 from exporter.exports.renderers import Renderer
 from tests.inprocess import InProcess
-from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, run_sql, wait_until
+from tests.support import (
+    Server,
+    fetch,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_sql,
+    wait_until,
+)
 
 JSON_TYPE = "application/json; charset=utf-8"
 
@@ -588,20 +596,21 @@ def test_a_failure_mid_stream_leaves_invalid_json(
 
 
 def test_memory_stays_flat_for_two_million_json_rows(
-    make_server: type[Server], long_views: None
+    memory_server: Server, long_views: None
 ) -> None:
-    with make_server() as s:
-        assert httpx.get(s.url + "/datasets/two_million.json?limit=10").status_code == 200
-        baseline = peak_rss_bytes(s.pid)
-        total = 0
-        tail = b""
-        with httpx.stream("GET", s.url + "/datasets/two_million.json",
-                          headers={"Accept-Encoding": "identity"}, timeout=300) as r:
-            for chunk in r.iter_raw():
-                total += len(chunk)
-                tail = (tail + chunk)[-200:]
-        assert total > 200_000_000
-        assert tail.endswith(b'"pad":"' + b"y" * 60 + b'"}]')
-        growth = peak_rss_bytes(s.pid) - baseline
-        assert growth < 40 * 2**20, f"grew by {growth / 2**20:.1f} MiB"
-        assert rss_bytes(s.pid) < 200 * 2**20
+    s = memory_server
+    reset_peak_rss(s.pid)
+    assert httpx.get(s.url + "/datasets/two_million.json?limit=10").status_code == 200
+    baseline = peak_rss_bytes(s.pid)
+    total = 0
+    tail = b""
+    with httpx.stream("GET", s.url + "/datasets/two_million.json",
+                      headers={"Accept-Encoding": "identity"}, timeout=300) as r:
+        for chunk in r.iter_raw():
+            total += len(chunk)
+            tail = (tail + chunk)[-200:]
+    assert total > 200_000_000
+    assert tail.endswith(b'"pad":"' + b"y" * 60 + b'"}]')
+    growth = peak_rss_bytes(s.pid) - baseline
+    assert growth < 40 * 2**20, f"grew by {growth / 2**20:.1f} MiB"
+    assert rss_bytes(s.pid) < 200 * 2**20

@@ -13,7 +13,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,16 @@ import httpx
 import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
-from tests.support import ROOT, Server, audited, fetch, free_port, sha256, wait_until
+from tests.support import (
+    ROOT,
+    Server,
+    audited,
+    exporter_cli,
+    fetch,
+    free_port,
+    sha256,
+    wait_until,
+)
 from tests.test_access import CLOSED, bearer, new_token
 
 PREFIX = "/exporter"
@@ -110,12 +118,9 @@ def test_signed_link_under_root_path_verifies_with_or_without_the_prefix(
 
 def test_cli_link_with_the_prefix_is_signed_without_it(prefixed: Server,
                                                        database_url: str) -> None:
-    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url, "EXPORTER_ROOT_PATH": PREFIX}
-    out = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "link",
-         f"{prefixed.url}{PREFIX}/files/README.txt", "--expires", "5m"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()
+    env = {"EXPORTER_DATABASE_URL": database_url, "EXPORTER_ROOT_PATH": PREFIX}
+    out = exporter_cli("link", f"{prefixed.url}{PREFIX}/files/README.txt", "--expires", "5m",
+                       env=env, check=True).stdout.strip()
     assert out.startswith(f"{prefixed.url}{PREFIX}/files/README.txt?")
     assert httpx.get(out).content == b"Demo files served by exporter.\n"
 
@@ -151,9 +156,8 @@ def test_sign_in_behind_tls_termination_under_root_path(prefixed: Server, token:
 
 @pytest.mark.parametrize("value", ["exporter", "/a b", "/../x", "/files", "/datasets/x", "/x?y"])
 def test_bad_root_path_is_refused_at_start(database_url: str, value: str) -> None:
-    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url, "EXPORTER_ROOT_PATH": value}
-    r = subprocess.run([sys.executable, "-m", "exporter.cli", "token", "list"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    env = {"EXPORTER_DATABASE_URL": database_url, "EXPORTER_ROOT_PATH": value}
+    r = exporter_cli("token", "list", env=env)
     assert r.returncode != 0 and "EXPORTER_ROOT_PATH" in r.stderr
 
 
@@ -201,10 +205,8 @@ def test_accel_redirect_answers_checked_files_with_the_real_path_and_no_body(
 
 
 def test_accel_redirect_setting_must_be_a_location(database_url: str) -> None:
-    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url,
-           "EXPORTER_FILES_ACCEL_REDIRECT": "internal"}
-    r = subprocess.run([sys.executable, "-m", "exporter.cli", "token", "list"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    env = {"EXPORTER_DATABASE_URL": database_url, "EXPORTER_FILES_ACCEL_REDIRECT": "internal"}
+    r = exporter_cli("token", "list", env=env)
     assert r.returncode != 0 and "EXPORTER_FILES_ACCEL_REDIRECT" in r.stderr
 
 

@@ -91,7 +91,9 @@ class CopyStream:
                 try:
                     item = await asyncio.wait_for(self._queue.get(), self._flush_interval)
                 except TimeoutError:
-                    if self._pending and self._first_sent:
+                    # A chunk queued while the wait timed out holds older bytes than the
+                    # pending ones: it goes first (the loop takes it), never after them.
+                    if self._pending and self._first_sent and self._queue.empty():
                         return self._take()
                     continue
             if item is _END:
