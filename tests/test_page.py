@@ -355,11 +355,13 @@ def test_copied_commands_do_what_they_say(site: tuple[Server, str], context: Bro
             text: str = page.evaluate("navigator.clipboard.readText()")
             return text
 
-        assert arguments(copied(page.locator(".token-hint button.copy"))) == ("exporter", [
-            "token", "create", "--name", "YOUR-NAME", "--scope", f"datasets:{HOSTILE_VIEW}",
-            "--expires", "90d"])
         c = page.locator("article[data-dataset]")
         assert c.get_attribute("data-dataset") == HOSTILE_VIEW
+        # The card's own token command (issue 22 moved it from the page's token box).
+        c.locator("summary:text-is('No token for these commands?')").click()
+        assert arguments(copied(c.locator(".token-for button.copy"))) == ("exporter", [
+            "token", "create", "--name", "YOUR-NAME", "--scope", f"datasets:{HOSTILE_VIEW}",
+            "--expires", "90d"])
         c.locator("summary:text-is('Choose rows')").click()
         add_filter(c, "note", "equals").locator(".value").fill(HOSTILE_VALUE)
         link = c.locator("a.export").first.get_attribute("href")

@@ -27,6 +27,9 @@ PASSWORD = "Pa55-never-printed-7c1e"
 def exporter(*args: str, env: dict[str, str], cwd: Path = ROOT,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    # A port of its own: `serve` checks its port before anything else, and 8000 may be
+    # another program's on this machine.
+    clean["EXPORTER_PORT"] = str(free_port())
     return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=cwd,
                           env={**clean, **env}, capture_output=True, text=True,
                           timeout=timeout, check=False)
