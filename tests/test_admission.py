@@ -31,13 +31,15 @@ ANSWERED_WITHIN = 2.0  # seconds after the client left, no backend runs its quer
 
 
 @pytest.fixture(scope="module")
-def bait(database_url: str) -> str:
+def bait(database_url: str) -> Iterator[str]:
     run_sql(database_url,
             f"CREATE TABLE IF NOT EXISTS exports.{BAIT} (id int PRIMARY KEY, details text)",
             f"INSERT INTO exports.{BAIT} SELECT i, left(string_agg(md5((i * 100 + g)::text), ''),"
             f" 106) FROM generate_series(1, 3) AS i, generate_series(1, 4) AS g GROUP BY i"
             " ON CONFLICT DO NOTHING")
-    return BAIT
+    yield BAIT
+    # Gone with the module: other modules list the datasets of the shared database.
+    run_sql(database_url, f"DROP TABLE IF EXISTS exports.{BAIT}")
 
 
 @pytest.fixture(scope="module")

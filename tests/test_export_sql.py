@@ -127,7 +127,7 @@ async def copy_export(database_url: str, params: list[tuple[str, str]]) -> bytes
         dataset = (await Catalog(engine, "exports").reload())["orders"]
         query = parse(dataset, params)
         async with engine.connect() as conn:
-            await sql.check_values(conn, query)
+            await sql.check_values(conn, query, Settings().statement_timeout)
             driver = await driver_connection(conn)
             out = io.BytesIO()
 

@@ -334,7 +334,8 @@ def test_quota(make_server: type[Server], alice: str, database_url: str,
                  " AND kind <> 'streamed'")[0]["n"]
     env = {**CLOSED, **FAST, "EXPORTER_EXPORTS_DIR": str(tmp_path / "q"),
            "EXPORTER_EXPORTS_QUOTA_PER_PRINCIPAL": "1"}
-    with make_server({**env, "EXPORTER_EXPORTS_MAX_BYTES": str(used + 300_000)}) as s:
+    # Copies make room whenever an export needs it: the quota over what else is stored.
+    with make_server({**env, "EXPORTER_EXPORTS_MAX_BYTES": str(kept + 300_000)}) as s:
         big = start(s, alice, "/datasets/orders.csv")  # about 4 MB: crosses it
         failed = wait_done(s, alice, big.headers["location"])
         assert failed.status_code == 410

@@ -31,8 +31,11 @@ from exporter.stored.store import (
 from tests.inprocess import InProcess
 from tests.support import fetch, run_sql, wait_until
 
+# Token rows of their own, far above the ids the suite's tokens get: a stored export
+# checks at each beat that the token it runs for is still valid (issue 20).
+ALICE_ID, BOB_ID = 900_007, 900_008
 ALICE = Principal("token", "alice", frozenset({"datasets:*"}), limit_key="token alice #7",
-                  token_id=7)
+                  token_id=ALICE_ID)
 
 
 @pytest.fixture
@@ -47,16 +50,21 @@ def app(database_url: str, files_root: Path, tmp_path: Path,
                             "share", 1.0),
                         exports_resume_share=getattr(request, "param", {}).get(
                             "copies", 1.0))
-    run_sql(database_url, "DELETE FROM exporter.stored_exports")
+    run_sql(database_url, "DELETE FROM exporter.stored_exports",
+            "INSERT INTO exporter.tokens (id, name, secret_hash, scopes) OVERRIDING SYSTEM"
+            f" VALUE VALUES ({ALICE_ID}, 'stored-store-alice', 'alice-not-a-hash',"
+            f" '{{datasets:*}}'), ({BOB_ID}, 'stored-store-bob', 'bob-not-a-hash',"
+            " '{datasets:*}') ON CONFLICT (id) DO NOTHING")
     with InProcess(settings) as running:
         yield running
     run_sql(database_url, "DELETE FROM exporter.stored_exports")
 
 
-BOB = Principal("token", "bob", frozenset({"datasets:*"}), limit_key="token bob #8", token_id=8)
+BOB = Principal("token", "bob", frozenset({"datasets:*"}), limit_key="token bob #8",
+                token_id=BOB_ID)
 # A link Alice made: her share too.
 LINK = Principal("link", "alice", frozenset({"datasets:*"}), limit_key="token alice #7",
-                 token_id=7)
+                 token_id=ALICE_ID)
 ANONYMOUS = Principal("anonymous", "10.0.0.9", frozenset({"datasets:orders"}),
                       limit_key="anonymous 10.0.0.9")
 
@@ -284,7 +292,8 @@ def _check_clean_up(app: InProcess, database_url: str, tmp_path: Path, done: str
 
 def test_owners() -> None:
     anonymous = Principal("anonymous", "10.0.0.7", frozenset(), limit_key="anonymous 10.0.0.7")
-    link = Principal("link", "alice", frozenset(), limit_key="token alice #7", token_id=7)
+    link = Principal("link", "alice", frozenset(), limit_key="token alice #7",
+                     token_id=ALICE_ID)
     assert owner_of(ALICE) == owner_of(link) == "token 7"
     assert owner_of(anonymous) == "anonymous 10.0.0.7"
 
