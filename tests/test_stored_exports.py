@@ -325,10 +325,8 @@ def test_a_signed_link_to_the_file_and_polars(server: Server, alice: str, bob: s
 
 def test_quota(make_server: type[Server], alice: str, database_url: str,
                tmp_path: Path) -> None:
-    # The quota counts the whole deployment's (this database's) stored exports.
-    used = fetch(database_url, "SELECT coalesce(sum(bytes), 0)::bigint AS n FROM"
-                 " exporter.stored_exports WHERE status IN ('running', 'complete')")[0]["n"]
-    # Of which copies of streamed exports, which make room when a kick-off needs it.
+    # The quota counts the whole deployment's (this database's) stored exports, less the
+    # copies of streamed exports, which make room when a kick-off needs it.
     kept = fetch(database_url, "SELECT coalesce(sum(bytes), 0)::bigint AS n FROM"
                  " exporter.stored_exports WHERE status IN ('running', 'complete')"
                  " AND kind <> 'streamed'")[0]["n"]
