@@ -595,6 +595,7 @@ def test_signed_out_sign_in_stays_on_one_line(site: tuple[Server, str],
     """Signed out: the form on one line at 1280 px, the field above the button on a
     phone; no request fails (no favicon.ico 404 in the console); the hint names a token."""
     server, _ = site
+    context.clear_cookies()  # the context starts signed in: signed out here
     page = context.new_page()
     failed: list[str] = []
     page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)

@@ -103,7 +103,7 @@ def test_a_finished_export_is_whole_hashed_and_in_place(app: InProcess, database
     r = row(database_url, export_id)
     assert r["status"] == "complete" and r["bytes"] == len(whole) and r["rows"] == 3
     assert bytes(r["sha256"]) == hashlib.sha256(whole).digest()  # type: ignore[arg-type]
-    assert r["owner"] == "token 7" and r["kind"] == "streamed" and r["expires"] is not None
+    assert r["owner"] == f"token {ALICE_ID}" and r["kind"] == "streamed" and r["expires"] is not None
 
 
 def test_a_failed_export_leaves_no_file(app: InProcess, database_url: str,
@@ -294,7 +294,7 @@ def test_owners() -> None:
     anonymous = Principal("anonymous", "10.0.0.7", frozenset(), limit_key="anonymous 10.0.0.7")
     link = Principal("link", "alice", frozenset(), limit_key="token alice #7",
                      token_id=ALICE_ID)
-    assert owner_of(ALICE) == owner_of(link) == "token 7"
+    assert owner_of(ALICE) == owner_of(link) == f"token {ALICE_ID}"
     assert owner_of(anonymous) == "anonymous 10.0.0.7"
 
 
