@@ -17,8 +17,8 @@ def log(message: str) -> None:
 
 
 def headline(plan: Plan, sections: list[Section]) -> Section:
-    """The ratios that matter, gathered from every section; the README's Benchmarks
-    section is this text."""
+    """The ratios that matter, gathered from every section; the headline of
+    docs/benchmarks.md is this text (the README links there)."""
     section = Section("Headline")
     if plan.quick:
         section.add("**Quick run** (`--quick`): small data, two rounds. It checks that the "

@@ -176,3 +176,27 @@ def test_the_conventions_hold() -> None:
         assert marks == marked, f"{page.name}: a mark not right above a fenced block"
     assert any(runnable(p) for p in PAGES)
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 300
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings."""
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
+def test_every_link_between_the_pages_leads_somewhere() -> None:
+    """The reference moved out of the README: a link to a page or a heading that is not
+    there any more fails here."""
+    broken = []
+    for page in PAGES:
+        text = FENCE.sub("", page.read_text(encoding="utf-8"))
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (
+                    anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
