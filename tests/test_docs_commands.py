@@ -93,12 +93,12 @@ def runnable(page: Path) -> list[Block]:
 
 
 def script(page: Path, port: int) -> str:
-    """The page's blocks as one bash script, each announced on stderr (a failure's
-    output then names its block)."""
+    """The page's blocks as one bash script, each announced on stderr with the time
+    (a failure's output then names its block, and a slow block shows)."""
     parts = []
     for block in runnable(page):
         body = block.commands().replace(DOCUMENTED, f"127.0.0.1:{port}")
-        parts.append(f"printf '%s\\n' '### {block.where}' >&2\n")
+        parts.append(f"printf '### %s at %s\\n' '{block.where}' \"$EPOCHREALTIME\" >&2\n")
         if block.recipe is not None:
             assert re.fullmatch(r"[\w.-]+", block.recipe), block.recipe
             parts.append(f"cat > {block.recipe} <<'END_OF_RECIPE'\n{body}END_OF_RECIPE\n")
