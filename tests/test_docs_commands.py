@@ -200,3 +200,24 @@ def test_every_link_between_the_pages_leads_somewhere() -> None:
                     anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
                 broken.append(f"{page.name}: {target}")
     assert broken == []
+
+
+def test_every_setting_is_in_docs_settings() -> None:
+    from exporter.config import Settings
+
+    text = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
+    names = [field.validation_alias if isinstance(field.validation_alias, str)
+             else f"EXPORTER_{name.upper()}" for name, field in Settings.model_fields.items()]
+    assert [n for n in names if f"`{n}`" not in text] == []
+
+
+def test_every_command_is_in_docs_commands() -> None:
+    from typer.main import get_command
+
+    from exporter.cli import app
+
+    text = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
+    group = get_command(app)
+    commands = getattr(group, "commands", {})
+    assert commands
+    assert [name for name in commands if f"`exporter {name}" not in text] == []
