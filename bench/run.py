@@ -25,7 +25,7 @@ def headline(plan: Plan, sections: list[Section]) -> Section:
                     "harness works; its numbers are not the headline.", "")
     section.add(*(f"- {line}" for s in sections for line in s.headline), "",
                 f"Measured with `./scripts/bench` side by side in one run ({machine_short()}); "
-                "details, spreads and charts in [docs/benchmarks.md](docs/benchmarks.md).")
+                "details, spreads and charts below.")
     return section
 
 
