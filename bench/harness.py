@@ -302,7 +302,7 @@ class Section:
 
     title: str
     lines: list[str] = field(default_factory=list)
-    # Bullet points this section contributes to the report's Headline (and the README).
+    # Bullet points this section contributes to the report's Headline.
     headline: list[str] = field(default_factory=list)
 
     def add(self, *lines: str) -> None:

@@ -17,15 +17,15 @@ def log(message: str) -> None:
 
 
 def headline(plan: Plan, sections: list[Section]) -> Section:
-    """The ratios that matter, gathered from every section; the README's Benchmarks
-    section is this text."""
+    """The ratios that matter, gathered from every section; the headline of
+    docs/benchmarks.md is this text (the README links there)."""
     section = Section("Headline")
     if plan.quick:
         section.add("**Quick run** (`--quick`): small data, two rounds. It checks that the "
                     "harness works; its numbers are not the headline.", "")
     section.add(*(f"- {line}" for s in sections for line in s.headline), "",
                 f"Measured with `./scripts/bench` side by side in one run ({machine_short()}); "
-                "details, spreads and charts in [docs/benchmarks.md](docs/benchmarks.md).")
+                "details, spreads and charts below.")
     return section
 
 

@@ -45,7 +45,7 @@ def test_help_lists_the_commands() -> None:
         assert option in serve
 
 
-# Every command and the options that README.md and the tests rely on.
+# Every command and the options that README.md, docs/commands.md and the tests rely on.
 OPTIONS = {
     ("serve",): ["--host", "--port", "--workers", "--log-level", "--no-access-log"],
     ("migrate",): [],

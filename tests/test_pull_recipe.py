@@ -1,4 +1,4 @@
-"""The README's scheduled-pull recipes, run exactly as printed: data holding U+2028 and
+"""docs/pulls.md's scheduled-pull recipes, run exactly as printed: data holding U+2028 and
 U+0085, a connection dropped halfway, reruns, rows changed between runs. Every run's
 file is whole or absent, the cursor moves only with a whole file, and the files read in
 order give the table (the last version of each key)."""
@@ -20,18 +20,18 @@ from tests.dropper import DroppingProxy
 from tests.support import Server, fetch, run_sql
 from tests.test_access import new_token
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PULLS = Path(__file__).resolve().parent.parent / "docs" / "pulls.md"
 ROWS = 10_000
 # Values a line splitter other than b"\n" cuts in two, and JSON's own escapes.
 ODD = "line\u2028separator, next\u0085line, tab\t, quote \" and back\\slash"
 
 
 def recipe(name: str) -> str:
-    """The code block of the README that follows `<!-- recipe: NAME -->`."""
-    text = README.read_text(encoding="utf-8")
+    """The code block of docs/pulls.md that follows `<!-- recipe: NAME -->`."""
+    text = PULLS.read_text(encoding="utf-8")
     found = re.search(rf"<!-- recipe: {re.escape(name)} -->\n```\w+\n(.*?)\n```\n", text,
                       re.DOTALL)
-    assert found, f"README has no recipe {name}"
+    assert found, f"docs/pulls.md has no recipe {name}"
     return found.group(1) + "\n"
 
 
@@ -122,3 +122,28 @@ def test_the_readme_pull_survives_odd_data_a_dropped_connection_and_reruns(
     assert counts == [ROWS, ROWS // 1000 + 30, 0]
     assert latest == table_rows(database_url, table)
     assert cursor.read_text() != first
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param("pull.sh", marks=pytest.mark.needs("curl")),
+    "pull.py",
+])
+def test_the_pull_recipes_print_the_servers_reason_for_a_refusal(
+    script: str, server: Server, database_url: str, tmp_path: Path
+) -> None:
+    """A cursor the server refuses (as after `exporter link rotate-key`): the run fails
+    with the server's JSON reason on stderr, not only curl's exit status, and keeps the
+    cursor it had."""
+    (tmp_path / script).write_text(recipe(script), encoding="utf-8")
+    token = new_token(database_url, f"pull-{uuid.uuid4().hex[:8]}", "datasets:*")
+    cursor = tmp_path / "orders.cursor"
+    cursor.write_text("not-a-cursor\n")
+    command = ["sh", script] if script.endswith(".sh") else [sys.executable, script]
+    env = {**os.environ, "EXPORTER_URL": server.url, "EXPORTER_TOKEN": token,
+           "DATASET": "orders"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert '"status":400' in done.stderr and '"parameter":"since"' in done.stderr, done.stderr
+    assert cursor.read_text() == "not-a-cursor\n"
+    assert sorted(p.name for p in (tmp_path / "pulls").iterdir()) == []

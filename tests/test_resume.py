@@ -171,7 +171,7 @@ def test_plain_wget_retries_by_itself_through_a_proxy_that_drops_it(
     url_path = f"/datasets/{table}.csv?order=id&note=neq.wget-retry"
     before = _whole(server.url + url_path)
     # Torn down (a reset): wget 1.21 takes a clean close inside a chunked body for its
-    # end, keeps the short file and exits 0 (README: use curl, or a stored export).
+    # end, keeps the short file and exits 0 (docs/internals.md: use curl, or a stored export).
     with DroppingProxy(server.port, cut_after=len(before) // 2, reset=True) as proxy:
         out = tmp_path / "out.csv"
         p = subprocess.Popen(["wget", "-O", str(out), "--tries=5", "--waitretry=1",

@@ -230,7 +230,7 @@ async def _copy_headers(request: Request, copies: ResumeCopies, req: ExportReque
     # A strong validator of exactly these bytes (the copy's), so that If-Range can ask
     # for the rest of them; where they can be fetched whole, later and by range. No
     # `Accept-Ranges: bytes` here: this URL serves a range only as a proven continuation
-    # (README "Resuming a broken download"), so a client that trusts the header and asks
+    # (docs/internals.md, "Resuming a broken download"), so a client that trusts the header and asks
     # for another range gets the whole body as a 200; the copy's own URL says bytes.
     return {"ETag": f'"{copy.id}"', "Content-Location": copies.location(request, copy)}
 
