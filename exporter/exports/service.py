@@ -117,8 +117,11 @@ async def answer(request: Request, st: State, req: ExportRequest, *,
         return await st.stored.kick_off(request, st, req)
     # One admission for HEAD and GET alike, before any query of the export runs (a
     # resume's lookup included); the request holds the lease until its response ends.
+    # The audit trail is an admin's look at what runs: never kept waiting by the exports
+    # that fill the export cap (the principal's own slot still counts).
     try:
-        lease = await admit(request, st.limiter, req.principal.limit_key)
+        lease = await admit(request, st.limiter, req.principal.limit_key,
+                            export=not from_primary)
     except ClientLeft:
         return Response(status_code=499)  # nobody is listening; uvicorn drops it
     head = req.method == "HEAD"
