@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.access.admission import OVER_MAX_DURATION
-from exporter.access.limits import Lease
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.compression import Coding, compressed
 from exporter.config import Settings
@@ -31,7 +30,6 @@ from exporter.exports.copy import CopyStream, Output
 from exporter.exports.filenames import filename
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import Renderer
-from exporter.exports.resume_copies import ResumeCopy, ResumeCopyStopped
 from exporter.streaming import ResponseCut, audited, run_detached
 
 log = logging.getLogger(__name__)
@@ -62,12 +60,32 @@ LEFT = (None, CLIENT_LEFT)
 
 def end_running_exports() -> int:
     """At shutdown: release and record as aborted every export not ended yet (uvicorn may
-    have cancelled their requests too late for them to do it), and stop the copies still
-    being completed; how many there were."""
+    have cancelled their requests too late for them to do it), and stop those still read
+    on after their response (a resume copy being completed); how many there were."""
     running = list(_running)
     for job in running:
         job.shut_down()
     return len(running)
+
+
+class Tail(Protocol):
+    """What reads an export on after its response (a resume copy's writer,
+    exports/resume_writer.py): told how the response ended; the export lets its snapshot
+    and connection go only once it is done."""
+
+    def ended(self, status: str, error: str | None) -> None:
+        """How the response ended, told at once (in the request's task, before the
+        request's lease is given back)."""
+
+    async def settle(self, delivered: int) -> bool:
+        """After the response, which sent `delivered` bytes: whether it reads on."""
+
+    async def read_on(self) -> bool:
+        """The rest of the export, once the download's end is recorded; whether it was
+        read to its end (the connection is then clean)."""
+
+    def done(self) -> None:
+        """The snapshot and the connection are let go."""
 
 
 class Export:
@@ -96,15 +114,11 @@ class Export:
         self._driver: Any = None  # the asyncpg connection under _conn
         self._stream: CopyStream | None = None
         self._first: bytes | None = None
+        self._ran_out = False  # the COPY's last chunk was taken
         self._deadline: float | None = None
         self._ending: asyncio.Task[None] | None = None
-        # The stored copy this export writes as it goes (exports/resume_copies.py), if any; a
-        # write under way (shielded: a client that leaves must not cut a chunk in two);
-        # and, for a copy completed after its client left, what takes over the request's
-        # slots meanwhile.
-        self._copy: ResumeCopy | None = None
-        self._writing: asyncio.Future[None] | None = None
-        self._lease: Lease | None = None
+        # What holds the snapshot past the response (`hold`), if anything.
+        self._tail: Tail | None = None
         self._shutting_down = False
         # A PostgREST Range or count (exports/pages.py), answered from this snapshot.
         self._window = window
@@ -241,6 +255,7 @@ class Export:
         self._stream.start()
         try:
             self._first = await self._stream.next_chunk()
+            self._ran_out = self._first is None
         except DATABASE_ERRORS as error:
             raise self._database_error(error) from error
 
@@ -260,56 +275,55 @@ class Export:
                             headers={"Retry-After": "5"})
         return database_error(error, self._source)
 
-    def attach(self, copy: ResumeCopy, lease: Lease) -> None:
-        """Write every chunk into `copy` before it is sent; if the client leaves, go on
-        into the copy to the end, holding the request's `lease` (its slots) meanwhile.
-        Only for identity bodies: the copy holds the bytes the client holds."""
-        self._copy = copy
-        self._lease = lease
+    def hold(self, tail: Tail) -> None:
+        """Tell `tail` how the response ends, and keep the snapshot and the connection
+        until it is done with them."""
+        self._tail = tail
 
-    def body(self, coding: Coding | None = None, level: int | None = None,
-             ) -> AsyncIterator[bytes]:
+    def body(self, coding: Coding | None = None, level: int | None = None, *,
+             chunks: AsyncGenerator[bytes, None] | None = None) -> AsyncIterator[bytes]:
         """The response body, compressed with `coding` if given (inside the audit, so
         it counts the bytes sent). Raises on a failure mid-stream, so the response is
-        cut short (a compressed one then lacks its trailer too)."""
-        chunks = self._chunks()
+        cut short (a compressed one then lacks its trailer too). `chunks`: what is sent
+        instead of `self.chunks()`, which it wraps (a resume copy's writer)."""
+        if chunks is None:
+            chunks = self.chunks()
         if coding is not None:
             chunks = compressed(chunks, coding, level,
                                 flush_below=self._settings.export_chunk_size)
         return audited(chunks, self.download,
                        lambda status, error: self._end_detached(status, error, http_status=200))
 
-    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The chunks not taken yet, the first one included; a later call goes on where
+        an earlier one stopped (after its client left, say)."""
         assert self._stream is not None
-        chunk, self._first = self._first, None
-        while chunk is not None:
-            if self._copy is not None:
-                await self._write_copy(chunk)
+        first, self._first = self._first, None
+        if first is not None:
+            yield first
+        while (chunk := await self._next_chunk()) is not None:
             yield chunk
-            chunk = await self._next_chunk()
         self.download.rows = self._stream.result
 
-    async def _write_copy(self, chunk: bytes) -> None:
-        assert self._copy is not None
-        self._writing = asyncio.ensure_future(self._copy.write(chunk))
-        try:
-            await asyncio.shield(self._writing)
-        except ResumeCopyStopped as stop:
-            # The export goes on; only its resumption is lost.
-            copy, self._copy = self._copy, None
-            log.info("export %s goes on without its copy %s: %s", self.download.id, copy.id,
-                     stop)
-            run_detached(copy.fail(str(stop)))
+    @property
+    def rows(self) -> int | None:
+        """How many rows the COPY sent, once it ran out."""
+        return None if self._stream is None else self._stream.result
 
     async def _next_chunk(self) -> bytes | None:
         assert self._stream is not None
+        if self._ran_out:
+            return None
         if self._deadline is None:
-            return await self._stream.next_chunk()
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                return await self._stream.next_chunk()
-        except TimeoutError:
-            raise ResponseCut(OVER_MAX_DURATION) from None
+            chunk = await self._stream.next_chunk()
+        else:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    chunk = await self._stream.next_chunk()
+            except TimeoutError:
+                raise ResponseCut(OVER_MAX_DURATION) from None
+        self._ran_out = chunk is None
+        return chunk
 
     def cut(self, reason: str) -> None:
         """Called when the response is cut while the body waits on its client: the
@@ -331,14 +345,9 @@ class Export:
         """Release and record the end once, in a task of its own: the request's task may
         be cancelled (client gone) and with it every await in its clean-up."""
         if self._ending is None:
-            slots = None
-            if (self._copy is not None and status == ABORTED and error in LEFT
-                    and self._lease is not None):
-                # Its client left (not cut for stalling: that would let a hog hold a
-                # snapshot on): the copy is completed. The lease is kept now, before
-                # the request's end gives it back: it is still this client's work.
-                slots = self._lease.keep().release
-            self._ending = run_detached(self._finish(status, error, http_status, slots))
+            if self._tail is not None:
+                self._tail.ended(status, error)
+            self._ending = run_detached(self._finish(status, error, http_status))
             self._ending.add_done_callback(lambda _: _running.discard(self))
         return self._ending
 
@@ -347,87 +356,36 @@ class Export:
         if self._ending is None:
             self._end_detached(ABORTED, SHUTDOWN, http_status=200)
         elif self._stream is not None:
-            self._stream.stop()  # a copy being completed: it fails, and says why
+            self._stream.stop()  # read on by its tail: that fails, and says why
 
     async def _end(self, status: str, error: str | None, *,
                    http_status: int | None = None) -> None:
         # Shielded: if this request is cancelled, it stops waiting, the clean-up does not.
         await asyncio.shield(self._end_detached(status, error, http_status=http_status))
 
-    async def _finish(self, status: str, error: str | None, http_status: int | None,
-                      slots: Callable[[], object] | None = None) -> None:
+    async def _finish(self, status: str, error: str | None,
+                      http_status: int | None) -> None:
+        tail = self._tail
         try:
-            copy = await self._settled_copy()
-            if copy is None:
-                await self._release(clean=status == COMPLETE)
-            elif status == COMPLETE:
-                await copy.finish(self.download.rows)
-                await self._release(clean=True)
-            elif slots is not None:
-                # The client's download ends here; its copy goes on to the end.
+            if tail is not None and await tail.settle(self.download.bytes):
+                # The client's download ends here; its tail reads on to the end.
                 await self._audit.finish(self.download, status, http_status=http_status,
                                          error=error)
-                await self._release(clean=await self._complete(copy))
+                await self._release(clean=await tail.read_on())
                 return
-            else:
-                await copy.fail(error or status)
-                await self._release(clean=False)
+            await self._release(clean=status == COMPLETE)
             await self._audit.finish(self.download, status, http_status=http_status,
                                      error=error)
         finally:
-            if slots is not None:
-                slots()
+            if tail is not None:
+                tail.done()
 
-    async def _settled_copy(self) -> ResumeCopy | None:
-        """The copy, once a write the client's leaving interrupted is done (a chunk is
-        never cut in two) and told how far the response got; None if there is none."""
-        copy, self._copy = self._copy, None
-        writing, self._writing = self._writing, None
-        if copy is None:
-            return None
-        try:
-            if writing is not None:
-                await writing
-        except Exception as error:
-            log.info("export %s goes on without its copy %s: %s", self.download.id, copy.id,
-                     error)
-            await copy.fail(str(error))
-            return None
-        await copy.left(self.download.bytes)
-        return copy
-
-    async def _complete(self, copy: ResumeCopy) -> bool:
-        """The rest of the COPY into the copy, at COPY speed; whether it ran out."""
-        limit = self._settings.exports_resume_finish
-        try:
-            async with asyncio.timeout(limit):
-                first, self._first = self._first, None
-                if first is not None:  # the client left before the first chunk went
-                    await copy.write(first)
-                while (chunk := await self._next_chunk()) is not None:
-                    await copy.write(chunk)
-        except TimeoutError:
-            # A download given up early on a huge export: not worth the disk and the
-            # database's time (EXPORTER_EXPORTS_RESUME_FINISH).
-            await copy.fail(f"its client left, and the rest took more than {limit:g} s")
-            return False
-        except ResumeCopyStopped as stop:
-            await copy.fail(str(stop))
-            return False
-        except (Exception, asyncio.CancelledError) as error:
-            reason = SHUTDOWN if self._shutting_down else (
-                OVER_MAX_DURATION if isinstance(error, ResponseCut) else self._failure(error))
-            log.warning("export %s: its copy %s is incomplete: %s", self.download.id,
-                        copy.id, reason)
-            await copy.fail(reason)
-            return False
-        assert self._stream is not None
-        await copy.finish(self._stream.result)
-        log.info("export %s: its client left after %d bytes; its copy %s is complete",
-                 self.download.id, self.download.bytes, copy.id)
-        return True
-
-    def _failure(self, error: BaseException) -> str:
+    def why_stopped(self, error: BaseException) -> str:
+        """Why reading the export (on, after its response) stopped with `error`."""
+        if self._shutting_down:
+            return SHUTDOWN
+        if isinstance(error, ResponseCut):
+            return OVER_MAX_DURATION
         if isinstance(error, ApiError):
             return error.message
         if isinstance(error, DATABASE_ERRORS):

@@ -3,10 +3,10 @@ download resume without splicing two snapshots.
 
 A streamed export (identity bytes only) writes every chunk it sends into a copy first;
 if its client leaves, the COPY goes on into the copy to the end (at COPY speed, within
-the storage quota and the export's time limit). A later `Range` request for the same
-URL is answered from that copy when it provably continues it (exporter.stored decides
-and serves; this feature only asks). The store sits above this feature and is reached
-through `State.resume_copies`.
+the storage quota and the export's time limit): exports/resume_writer.py. A later
+`Range` request for the same URL is answered from that copy when it provably continues
+it (exporter.stored decides and serves; this feature only asks). The store sits above
+this feature and is reached through `State.resume_copies`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request, Response
@@ -21,7 +22,8 @@ from exporter.exports.catalog import Catalog, Dataset
 from exporter.exports.export import Export
 from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
-from exporter.exports.resume_copies import ResumeCopies
+from exporter.exports.resume_copies import ResumeCopies, ResumeCopy
+from exporter.exports.resume_writer import ResumeWriter
 from exporter.exports.visible import compressed_export_urls, export_urls, visible_datasets
 from exporter.http import content_disposition
 from exporter.state import State
@@ -183,9 +185,18 @@ async def _stream(request: Request, st: State, req: ExportRequest, job: Export,
     token = await export_cursor(st, job)
     if token is not None:
         headers[cursor.HEADER] = token
+    chunks: AsyncGenerator[bytes, None] | None = None
     if st.resume_copies is not None and _copied(st, req):
-        headers.update(await _copy_headers(request, st.resume_copies, req, job, token, lease))
-    return StreamingResponse(job.body(body_coding, level), status_code=status, headers=headers)
+        copy = await _begin_copy(st.resume_copies, req, job, token)
+        if copy is not None:
+            # Each chunk written into the copy before it is sent; the rest after the
+            # client left, the snapshot held meanwhile (exports/resume_writer.py).
+            writer = ResumeWriter(copy, job, lease, s.exports_resume_finish)
+            job.hold(writer)
+            chunks = writer.chunks()
+            headers.update(_copy_headers(request, st.resume_copies, copy))
+    return StreamingResponse(job.body(body_coding, level, chunks=chunks), status_code=status,
+                             headers=headers)
 
 
 async def read_since(st: State, query: ExportQuery) -> None:
@@ -218,18 +229,19 @@ async def _cursor_key(st: State) -> bytes:
     return cursor.cursor_key(key)
 
 
-async def _copy_headers(request: Request, copies: ResumeCopies, req: ExportRequest,
-                        job: Export, token: str | None, lease: Lease) -> dict[str, str]:
-    """Start the export's stored copy, found later by the request's representation URL;
-    the headers that name it. The export goes on without one if it cannot be had (the
-    reason is logged by the store)."""
-    copy = await copies.begin(
+async def _begin_copy(copies: ResumeCopies, req: ExportRequest, job: Export,
+                      token: str | None) -> ResumeCopy | None:
+    """Start the export's stored copy, found later by the request's representation URL.
+    The export goes on without one if it cannot be had (the reason is logged by the
+    store)."""
+    return await copies.begin(
         req.principal, url=req.url, dataset=job.query.dataset.name, format=job.renderer.name,
         content_type=job.renderer.content_type, filename=job.filename,
         snapshot_time=job.snapshot_time, cursor=token)
-    if copy is None:
-        return {}
-    job.attach(copy, lease)
+
+
+def _copy_headers(request: Request, copies: ResumeCopies, copy: ResumeCopy) -> dict[str, str]:
+    """The headers that name the export's copy."""
     # A strong validator of exactly these bytes (the copy's), so that If-Range can ask
     # for the rest of them; where they can be fetched whole, later and by range. No
     # `Accept-Ranges: bytes` here: this URL serves a range only as a proven continuation
