@@ -185,6 +185,10 @@ class StoredResumeCopies:
             # A response of this URL still running, or just cut and not yet recorded
             # (wget retries within a second): a moment for it to say how far it got.
             rows = await self._settled_rows(owner, url)
+            if any(r.delivered is None for r in rows):
+                # The client's bytes may be that response's, which said nothing yet: no
+                # proof either way, so the whole export (never a splice).
+                return None
         # The copies whose response was cut after at least `offset` bytes: the client's
         # partial file can only be one of theirs.
         candidates = [r.id for r in rows if _cut_after(r, offset)]
