@@ -38,14 +38,13 @@ class Headers:
     accept_encoding: str | None = None
     range: tuple[str, ...] = ()
     range_unit: str | None = None
-    if_range: str | None = None
     prefer: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, h: StarletteHeaders) -> Headers:
         return cls(accept=h.get("accept"), accept_encoding=h.get("accept-encoding"),
                    range=tuple(h.getlist("range")), range_unit=h.get("range-unit"),
-                   if_range=h.get("if-range"), prefer=tuple(h.getlist("prefer")))
+                   prefer=tuple(h.getlist("prefer")))
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,8 @@ class ExportRequest:
     items: pages.ItemRange | None = None
     prefer: pages.Preferences = field(default_factory=pages.Preferences)
     window: pages.Window | None = None
-    # `Range: bytes=...` (a resume), with its If-Range.
+    # `Range: bytes=...`: a resume (the copy it continues checks its If-Range itself).
     byte_range: str | None = None
-    if_range: str | None = None
     # The content coding negotiated for the answer (Content-Encoding); never with a
     # byte range (a range's bytes are identity bytes) or a file coding.
     content_coding: Coding | None = None
@@ -101,11 +99,6 @@ class ExportRequest:
     @property
     def renderer(self) -> Renderer:
         return self.representation.renderer
-
-    @property
-    def partial(self) -> bool:
-        """A part of the rows (a limit, an offset, a page of items)."""
-        return self.query.partial or self.items is not None
 
 
 def negotiate(accept: str | None) -> Renderer:
@@ -179,5 +172,5 @@ def read(dataset: Dataset, representation: Representation, principal: Principal,
         principal=principal, method=method,
         base=DATASETS + quote(dataset.name, safe="") if base is None else base,
         items=items, prefer=prefer, window=pages.window(query, items, prefer.count),
-        byte_range=byte_range, if_range=headers.if_range if byte_range else None,
+        byte_range=byte_range,
         content_coding=content_coding)

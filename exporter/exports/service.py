@@ -98,11 +98,11 @@ def export_headers(request: Request, req: ExportRequest, download_name: str) -> 
     return headers
 
 
-def _copied(st: State, req: ExportRequest) -> bool:
+def _copied(req: ExportRequest) -> bool:
     """Whether the export's bytes are kept for resuming: identity bytes of the URL's
     whole export (a page of items is not the URL's export)."""
-    return (st.resume_copies is not None and req.representation.file_coding is None
-            and req.content_coding is None and req.items is None)
+    return (req.representation.file_coding is None and req.content_coding is None
+            and req.items is None)
 
 
 async def answer(request: Request, st: State, req: ExportRequest, *,
@@ -186,7 +186,7 @@ async def _stream(request: Request, st: State, req: ExportRequest, job: Export,
     if token is not None:
         headers[cursor.HEADER] = token
     chunks: AsyncGenerator[bytes, None] | None = None
-    if st.resume_copies is not None and _copied(st, req):
+    if st.resume_copies is not None and _copied(req):
         copy = await _begin_copy(st.resume_copies, req, job, token)
         if copy is not None:
             # Each chunk written into the copy before it is sent; the rest after the

@@ -411,7 +411,7 @@ async def _resolve_casts(conn: AsyncConnection, query: ExportQuery) -> None:
         _, modifier, array = cast_type(cast)
         if name in PADDED and modifier:
             # char(9999) writes 9,999 bytes whatever the value: a short URL would make
-            # megabytes of every row (docs/query.md, "Limits").
+            # megabytes of every row (docs/query.md).
             width = int(modifier.strip("()").split(",")[0])
             padded += width * sum(1 for i in query.items if i.cast == cast)
             if width > MAX_PADDED_WIDTH or padded > MAX_PADDED_ROW:
