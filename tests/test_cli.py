@@ -176,6 +176,14 @@ def wait_healthy(process: subprocess.Popen[bytes], port: int, log: Path) -> str:
     raise AssertionError(log.read_text())
 
 
+def start_serve(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`exporter serve --port PORT` from the checkout, its output in `log_path`."""
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 @pytest.mark.needs("curl", "wget")
 def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
     """No database URL: init the embedded server, migrate, load the demo, serve; the
@@ -187,11 +195,7 @@ def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
     # a million rows take (bench/startup.py measures that).
     env = own_env(tmp_path, EXPORTER_DEMO_ROWS=str(DEMO_ROWS), EXPORTER_DEMO_FILE_SIZE="1M")
     before = checkout_state()
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    process = start_serve(port, env, tmp_path / "serve.log")
     try:
         output = wait_healthy(process, port, tmp_path / "serve.log")
         var = (tmp_path / "var").resolve()
@@ -247,11 +251,7 @@ def test_serve_from_nothing_with_the_embedded_database(tmp_path: Path) -> None:
     assert "stopping embedded" not in stopped.lower(), stopped
     assert checkout_state() == before
     # Again, on the data of the first start: nothing to announce.
-    log = (tmp_path / "again.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exporter.cli", "serve", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    process = start_serve(port, env, tmp_path / "again.log")
     try:
         output = wait_healthy(process, port, tmp_path / "again.log")
         assert "first start" not in output and "demo rows" not in output, output
