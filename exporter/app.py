@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -39,10 +39,10 @@ from exporter.server.logs import AccessLogOfLeavers
 from exporter.server.prefix import RootPath
 from exporter.state import State
 from exporter.stored import routes as stored_routes
-from exporter.stored.resume_copies import StoredResumeCopies
+from exporter.stored.responses import ServedResumeCopies
 from exporter.stored.service import StoredService
 from exporter.stored.storage import LocalStorage
-from exporter.streaming import wait_detached
+from exporter.streaming import ClientLeft, wait_detached
 from exporter.web import page
 from exporter.web.cors import add_cors
 
@@ -167,7 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
             stored=stored,
-            resume_copies=StoredResumeCopies(stored) if settings.exports_resume else None,
+            resume_copies=ServedResumeCopies(stored) if settings.exports_resume else None,
         )
         await stored.start_cleanup()
         if replica is not None:
@@ -209,6 +209,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return error.response()
+
+    @app.exception_handler(ClientLeft)
+    async def client_left(request: Request, error: ClientLeft) -> Response:
+        return Response(status_code=499)  # nobody is listening; uvicorn drops it
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from exporter.access.links import LinkKeys
     from exporter.access.tokens import TokenStore
     from exporter.exports.catalog import Catalog
-    from exporter.exports.resume_copies import ResumeCopies
+    from exporter.exports.responses import ServedCopies
     from exporter.files.stream import ReadBudget
     from exporter.health import Health
     from exporter.stored.service import StoredService
@@ -46,7 +46,7 @@ class State:
     stored: StoredService | None = None
     # The stored copies of streamed exports, for resuming them (exporter/stored/, seen
     # through the exports feature's own interface); None: EXPORTER_EXPORTS_RESUME is off.
-    resume_copies: ResumeCopies | None = None
+    resume_copies: ServedCopies | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.types import Receive
@@ -25,7 +26,21 @@ class ResponseCut(Exception):
 
 
 class ClientLeft(Exception):
-    """The client went away while its request waited (for a slot, for the first row)."""
+    """The client went away while its request waited (for a slot, for the first row);
+    answered 499, to nobody (app.py)."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """The client of a request as services see it, in plain values (access/deps.py's
+    `ClientDep` reads them): its address, the query string as sent (what the audit
+    records), `receive` to notice it leaving, and the request's own state, where what
+    must last until its response ends is held (access/admission.py)."""
+
+    host: str | None
+    receive: Receive
+    state: dict[str, Any]
+    params: tuple[tuple[str, str], ...] = ()
 
 
 async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:

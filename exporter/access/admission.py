@@ -2,7 +2,7 @@
 download slot and, for an export (GET, HEAD, a stored export, a resume lookup), one of
 the deployment's export slots. `Limiter.acquire` (limits.py) takes them and returns a
 `Lease` (limits.py, beside the slots it holds), which the caller gives back: `async with
-lease`, `lease.release()`, or, for a request, `hold(request, lease)`, and the middleware
+lease`, `lease.release()`, or, for a request, `admit(client, ...)`, and the middleware
 (limits.DownloadLimits) gives it back when the response is over, however it ended. Work
 that outlives its request (an export completing its copy after the client left) `keep`s
 the lease and releases it itself.
@@ -10,15 +10,13 @@ the lease and releases it itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from starlette.types import Scope
+from exporter.streaming import Client
 
 if TYPE_CHECKING:
-    from starlette.requests import Request
-
     from exporter.access.limits import Lease, Limiter
 
 _LEASE = "exporter.lease"
@@ -44,28 +42,28 @@ class ExportWatch:
         return min(limits) if limits else None
 
 
-def hold(scope: Scope, lease: Lease) -> Lease:
-    """The request of `scope` holds `lease` until its response is over (the middleware
-    gives it back then). One lease per request."""
-    state = scope.setdefault("state", {})
+def hold(state: dict[str, Any], lease: Lease) -> Lease:
+    """The request whose state is `state` holds `lease` until its response is over (the
+    middleware gives it back then). One lease per request."""
     assert _LEASE not in state, "a request is admitted once"
     state[_LEASE] = lease
     return lease
 
 
-def held(scope: Scope) -> Lease | None:
-    """The lease the request of `scope` holds, if any."""
+def held(scope: MutableMapping[str, Any]) -> Lease | None:
+    """The lease the request of (ASGI) `scope` holds, if any."""
     lease: Lease | None = scope.get("state", {}).get(_LEASE)
     return lease
 
 
-async def admit(request: Request, limiter: Limiter, key: str, *,
+async def admit(client: Client, limiter: Limiter, key: str, *,
                 export: bool = True) -> Lease:
     """The one admission of a download: the slots of principal `key` (and an export slot
-    unless `export` is False), held by the request until its response ends. 429 or 503
-    with Retry-After over a cap; streaming.ClientLeft if the client left while it waited.
-    A request already admitted (an export that serves a resume, say) keeps its lease."""
-    lease = held(request.scope)
+    unless `export` is False), held by the client's request until its response ends. 429
+    or 503 with Retry-After over a cap; streaming.ClientLeft if the client left while it
+    waited. A request already admitted (an export that serves a resume, say) keeps its
+    lease."""
+    lease: Lease | None = client.state.get(_LEASE)
     if lease is not None:
         return lease
-    return hold(request.scope, await limiter.acquire(request.receive, key, export=export))
+    return hold(client.state, await limiter.acquire(client.receive, key, export=export))

@@ -1,8 +1,10 @@
-"""What routes take as parameters: the app's state and the request's principal.
+"""What routes take as parameters: the app's state, the request's principal, and its
+client as services see it (`ClientDep`).
 
 `async def route(st: StateDep, principal: PrincipalDep)` reads better than fetching both
 by hand in every route, and FastAPI resolves each once per request (a route that also
-names `AdminDep` authenticates once).
+names `AdminDep` authenticates once). Routes hand services the parts of the state they
+use, never `State` whole.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastapi import Depends, Request
 from exporter.access.authenticate import authenticate
 from exporter.access.principal import Principal
 from exporter.state import State, get_state
+from exporter.streaming import Client
 
 StateDep = Annotated[State, Depends(get_state)]
 
@@ -33,3 +36,16 @@ async def require_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+def client_of(request: Request) -> Client:
+    return Client(request.client.host if request.client else None, request.receive,
+                  request.scope.setdefault("state", {}),
+                  tuple(request.query_params.multi_items()))
+
+
+async def _client(request: Request) -> Client:
+    return client_of(request)
+
+
+ClientDep = Annotated[Client, Depends(_client)]

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from exporter.access.deps import AdminDep, StateDep
-from exporter.exports import openapi, service
+from exporter.access.deps import AdminDep, ClientDep, StateDep
+from exporter.exports import openapi, responses, service
+from exporter.exports.deps import ExportsDep, headers_of
 
 router = APIRouter()
 
 
 @router.get("/downloads", openapi_extra=openapi.DOWNLOADS)
-async def list_downloads(request: Request, st: StateDep, admin: AdminDep) -> Response:
+async def list_downloads(request: Request, st: StateDep, exports: ExportsDep,
+                         client: ClientDep, admin: AdminDep) -> Response:
     """Newest first, 100 at a time unless `limit`/`order` say otherwise; filters as exports."""
-    return await service.list_downloads(request, st, admin)
+    answer = await service.list_downloads(exports, client, admin, headers_of(request),
+                                          request.method)
+    return await responses.respond(request, answer, st.resume_copies)
 
 
 @router.api_route("/downloads.{extension}", methods=["GET", "HEAD"],
                   openapi_extra=openapi.DOWNLOADS)
 async def export_downloads(request: Request, extension: str, st: StateDep,
+                           exports: ExportsDep, client: ClientDep,
                            admin: AdminDep) -> Response:
-    return await service.export_downloads(request, st, admin, extension)
+    answer = await service.export_downloads(exports, client, admin, extension,
+                                            headers_of(request), request.method)
+    return await responses.respond(request, answer, st.resume_copies)

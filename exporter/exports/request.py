@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from starlette.datastructures import Headers as StarletteHeaders
-
 from exporter.access.links import LINK_PARAMETERS, canonical_query
 from exporter.access.principal import LINK, Principal
 from exporter.compression import Coding, accepted
@@ -39,12 +37,8 @@ class Headers:
     range: tuple[str, ...] = ()
     range_unit: str | None = None
     prefer: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, h: StarletteHeaders) -> Headers:
-        return cls(accept=h.get("accept"), accept_encoding=h.get("accept-encoding"),
-                   range=tuple(h.getlist("range")), range_unit=h.get("range-unit"),
-                   prefer=tuple(h.getlist("prefer")))
+    # Which copy a resume continues (stored/resume_copies.py checks it), not the query's.
+    if_range: str | None = None
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ this feature and is reached through `State.resume_copies`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from fastapi import Request, Response
-
     from exporter.access.principal import Principal
+    from exporter.streaming import Client
 
 
 class ResumeCopyStopped(Exception):
@@ -41,6 +41,16 @@ class ResumeCopy(Protocol):
         """No whole copy will come (a failure, a shutdown): drop it, say why."""
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """The copy a `Range` request provably continues: served from `offset` (None: the
+    If-Range answer the copy's file gives), to `principal`."""
+
+    copy_id: str
+    offset: int | None
+    principal: Principal
+
+
 class ResumeCopies(Protocol):
     async def begin(self, principal: Principal, *, url: str, dataset: str,
                     format: str, content_type: str, filename: str,
@@ -49,11 +59,11 @@ class ResumeCopies(Protocol):
         exports/request.py) as the principal streams it; None when there is to be none
         (the setting is off, the quota is full). `cursor`: its Export-Cursor, if any."""
 
-    async def resume(self, request: Request, principal: Principal, url: str
-                     ) -> Response | None:
-        """The answer to this `Range` request from a copy of `url` it provably
-        continues, or None (then the export is streamed whole, from a new snapshot, as a
-        200)."""
+    async def find(self, client: Client, principal: Principal, url: str, byte_range: str,
+                   if_range: str | None) -> Continuation | None:
+        """The copy of `url` this `Range` request (`byte_range`, and its If-Range)
+        provably continues, or None (then the export is streamed whole, from a new
+        snapshot, as a 200); ClientLeft if the client left while it was looked for."""
 
-    def location(self, request: Request, copy: ResumeCopy) -> str:
-        """The copy's own URL (Content-Location)."""
+    def location(self, copy: ResumeCopy) -> str:
+        """The copy's own path (Content-Location, below the server's prefix)."""

@@ -7,6 +7,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from exporter.access.admission import admit
+from exporter.access.deps import client_of
 from exporter.access.principal import Principal
 from exporter.errors import bad_parameter
 from exporter.files.listing import url_path
@@ -50,7 +51,7 @@ async def serve_path(request: Request, st: State, principal: Principal, path: st
             return JSONResponse(body, headers={"Cache-Control": "no-cache"})
         if request.method == "GET":
             try:
-                await admit(request, st.limiter, principal.limit_key, export=False)
+                await admit(client_of(request), st.limiter, principal.limit_key, export=False)
             except ClientLeft:
                 return Response(status_code=499)  # nobody is listening; uvicorn drops it
         return await serve_file(request, st, target, principal)

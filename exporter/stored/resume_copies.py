@@ -15,16 +15,14 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import Request, Response
 
 from exporter.access.durations import parse_duration
 from exporter.access.principal import Principal
 from exporter.errors import ApiError, without_paths
-from exporter.exports.resume_copies import ResumeCopyStopped
-from exporter.state import get_state
+from exporter.exports.resume_copies import Continuation, ResumeCopyStopped
 from exporter.stored.service import StoredService
 from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Writer, WriterStopped, owner_of
-from exporter.streaming import ClientLeft, run_detached, unless_disconnected
+from exporter.streaming import Client, run_detached, unless_disconnected
 from exporter.tables import stored_exports as t
 
 log = logging.getLogger(__name__)
@@ -110,8 +108,8 @@ class StoredResumeCopies:
             return None
         return StoredResumeCopy(self, writer, snapshot_time, cursor)
 
-    def location(self, request: Request, copy: Any) -> str:
-        return f"{request.scope.get('root_path', '')}/exports/{copy.id}/file"
+    def location(self, copy: Any) -> str:
+        return f"/exports/{copy.id}/file"
 
     async def record_delivered(self, copy_id: str, delivered: int) -> None:
         most = sa.func.greatest(sa.func.coalesce(t.c.delivered, 0), delivered)
@@ -141,32 +139,19 @@ class StoredResumeCopies:
 
     # --- resuming --------------------------------------------------------------------------
 
-    async def resume(self, request: Request, principal: Principal, url: str
-                     ) -> Response | None:
-        try:
-            chosen = await unless_disconnected(self._choose(request, principal, url),
-                                               request.receive)
-        except ClientLeft:
-            return Response(status_code=499)
+    async def find(self, client: Client, principal: Principal, url: str, byte_range: str,
+                   if_range: str | None) -> Continuation | None:
+        chosen = await unless_disconnected(self._choose(principal, url, byte_range, if_range),
+                                           client.receive)
         if chosen is None:
             return None
         copy_id, offset = chosen
-        st = get_state(request)
-        # The request holds its lease already: the export's admission took it before
-        # this lookup (exporter/exports/service.py).
-        response = await self._service.file(request, st, principal, copy_id)
-        if response.status_code == 206 and offset is not None:
-            body: Any = getattr(response, "body_iterator", None)
-            if body is not None:
-                setattr(response, "body_iterator",  # noqa: B010
-                        self._counting(body, copy_id, offset))
-        return response
+        return Continuation(copy_id, offset, principal)
 
-    async def _choose(self, request: Request, principal: Principal, url: str
-                      ) -> tuple[str, int | None] | None:
+    async def _choose(self, principal: Principal, url: str, byte_range: str,
+                      if_range: str | None) -> tuple[str, int | None] | None:
         """The copy to answer from, and the offset asked (None: an If-Range answer)."""
         owner = owner_of(principal)
-        if_range = request.headers.get("if-range")
         if if_range is not None:
             match = STRONG_ETAG.fullmatch(if_range.strip())
             if match is None:
@@ -176,7 +161,7 @@ class StoredResumeCopies:
                     not await self._completed(rows[0].id)):
                 return None
             return rows[0].id, None
-        match = OPEN_RANGE.fullmatch(request.headers.get("range", "").strip())
+        match = OPEN_RANGE.fullmatch(byte_range.strip())
         if match is None:
             return None
         offset = int(match[1])
@@ -259,7 +244,7 @@ class StoredResumeCopies:
                 with contextlib.suppress(Exception):
                     await f.close()
 
-    async def _counting(self, body: AsyncIterator[bytes], copy_id: str,
+    async def counting(self, body: AsyncIterator[bytes], copy_id: str,
                         offset: int) -> AsyncGenerator[bytes, None]:
         """The resumed body, recording how far the copy's responses got when it ends (a
         resume of this resume may then ask for no more than that)."""

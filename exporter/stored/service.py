@@ -22,8 +22,9 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.access.deps import client_of
 from exporter.access.limits import Lease
-from exporter.access.links import LINK_PARAMETERS, SIGNATURE
+from exporter.access.links import LINK_PARAMETERS, SIGNATURE, LinkKeys
 from exporter.access.principal import ALL_DATASETS, ANONYMOUS, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, by_name, compressed, level_of
@@ -36,11 +37,14 @@ from exporter.errors import (
     without_paths,
 )
 from exporter.exports import cursor, sql
+from exporter.exports.context import Exports, Started
+from exporter.exports.deps import exports_of
 from exporter.exports.export import Export, source_name
 from exporter.exports.filenames import filename
 from exporter.exports.pages import planned_count
 from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
+from exporter.exports.responses import started
 from exporter.exports.service import export_cursor, read_since
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
@@ -59,7 +63,7 @@ from exporter.stored.store import (
     owner_of,
     readable_datasets,
 )
-from exporter.streaming import ClientLeft, unless_disconnected
+from exporter.streaming import Client, unless_disconnected
 from exporter.tables import stored_exports as t
 
 log = logging.getLogger(__name__)
@@ -86,23 +90,20 @@ class StoredService(StoredExports):
 
     # --- starting ------------------------------------------------------------------------
 
-    async def kick_off(self, request: Request, st: State, req: ExportRequest) -> Response:
+    async def kick_off(self, client: Client, exports: Exports, req: ExportRequest) -> Started:
         """Checks (400 for bad values, 507 when the quota is full, 429/503 over the
         caps), then 202 with the status URL; the export runs in the background."""
         principal, dataset, query = req.principal, req.dataset, req.query
         renderer, coding, url = req.renderer, req.representation.file_coding, req.url
         await self.check_quota(principal)
-        engine = st.export_engine
+        engine = exports.export_engine
         # The same admission as a streamed export's, before any query of the export runs;
         # the run holds the lease until it ends.
-        try:
-            lease = await st.limiter.acquire(request.receive, principal.limit_key, export=True)
-        except ClientLeft:
-            return Response(status_code=499)
+        lease = await exports.limiter.acquire(client.receive, principal.limit_key, export=True)
         try:
             estimated = await unless_disconnected(
-                _check_and_estimate(engine, query, engine is st.replica,
-                                    self.settings.statement_timeout), request.receive)
+                _check_and_estimate(engine, query, engine is exports.replica,
+                                    self.settings.statement_timeout), client.receive)
             at = datetime.now(UTC)
             extension = f".{coding.extension}" if coding else ""
             name = filename(dataset.name, renderer, at, req.query_string) + extension
@@ -113,41 +114,33 @@ class StoredService(StoredExports):
                 coding=coding.name if coding else None, content_type=content_type,
                 filename=name, kind=ASYNC, estimated_rows=estimated,
                 on_stop=lambda reason: _cancel(run))
-        except ClientLeft:
-            lease.release()
-            return Response(status_code=499)
-        except BaseException:
+        except BaseException:  # ClientLeft included
             lease.release()
             raise
-        client = request.client.host if request.client else None
-        download = Download("export", dataset.name, client, format=renderer.name,
-                            params=_recorded(request, url), principal=principal.label,
+        download = Download("export", dataset.name, client.host, format=renderer.name,
+                            params=_recorded(client, url), principal=principal.label,
                             link_expires=principal.link_expires)
-        job = Export(engine, st.audit, self.settings, query, renderer, download,
-                     replica=engine is st.replica)
+        job = Export(engine, exports.audit, self.settings, query, renderer, download,
+                     replica=engine is exports.replica)
         task = asyncio.get_running_loop().create_task(
-            self._run(writer, job, coding, lease, st))
+            self._run(writer, job, coding, lease, exports.links))
         run.append(task)
         self._runs[writer.id] = task
         task.add_done_callback(lambda _: self._runs.pop(writer.id, None))
         task.add_done_callback(lambda _: lease.release())  # cancelled before it ran, too
-        location = f"{request.scope.get('root_path', '')}{EXPORTS_PATH}/{writer.id}"
-        return JSONResponse(
-            {"id": writer.id, "status": RUNNING, "url": url, "status_url": location},
-            status_code=202,
-            headers={"Location": location, "Preference-Applied": "respond-async",
-                     "Retry-After": self._retry_after(), "Cache-Control": "no-store"})
+        return Started(writer.id, url, f"{EXPORTS_PATH}/{writer.id}", RUNNING,
+                       self._retry_after())
 
     def _retry_after(self) -> str:
         return str(max(1, round(self.interval * 2)))
 
     async def _run(self, writer: Writer, job: Export, coding: Coding | None,
-                   lease: Lease, st: State) -> None:
+                   lease: Lease, links: LinkKeys) -> None:
         async with lease:
-            await self._write(writer, job, coding, st)
+            await self._write(writer, job, coding, links)
 
     async def _write(self, writer: Writer, job: Export, coding: Coding | None,
-                     st: State) -> None:
+                     links: LinkKeys) -> None:
         body: AsyncIterator[bytes] | None = None
         try:
             try:
@@ -160,7 +153,7 @@ class StoredService(StoredExports):
                                                                  s.zstd_level))
                 async for chunk in chunks:
                     await writer.write(chunk)
-                token = await export_cursor(st, job)
+                token = await export_cursor(links, job)
                 await writer.finish(job.download.rows, job.snapshot_time, token)
             finally:
                 if body is not None and hasattr(body, "aclose"):
@@ -355,9 +348,9 @@ async def _check_and_estimate(engine: AsyncEngine, query: ExportQuery,
         await conn.close()
 
 
-def _recorded(request: Request, url: str) -> dict[str, list[str]]:
+def _recorded(client: Client, url: str) -> dict[str, list[str]]:
     recorded: dict[str, list[str]] = {"stored": ["async"]}
-    for key, value in request.query_params.multi_items():
+    for key, value in client.params:
         if key != SIGNATURE:
             recorded.setdefault(key, []).append(value)
     recorded["url"] = [url]
@@ -445,8 +438,8 @@ async def start(request: Request, st: State, principal: Principal) -> Response:
     params = [(k, v) for k, v in _query_pairs(url.query) if k not in LINK_PARAMETERS]
     req = read(dataset, representation, principal, params,
                Headers(prefer=("respond-async",)), method="POST")
-    await read_since(st, req.query)
-    return await stored.kick_off(request, st, req)
+    await read_since(st.links, req.query)
+    return started(request, await stored.kick_off(client_of(request), await exports_of(st), req))
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
