@@ -1,39 +1,49 @@
 """/exports: start, watch, list, cancel or remove stored exports, and fetch their files;
-the work is in service.py."""
+the work is in service.py, the answers made in responses.py."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from exporter.access.deps import PrincipalDep, StateDep
-from exporter.stored import openapi, service
+from exporter.access.deps import ClientDep, PrincipalDep, StateDep
+from exporter.exports.deps import ExportsDep
+from exporter.exports.responses import started
+from exporter.stored import openapi, responses, service
+from exporter.stored.deps import StoredDep
 
 router = APIRouter()
 
 
 @router.post("/exports", openapi_extra=openapi.START, status_code=202)
-async def start(request: Request, st: StateDep, principal: PrincipalDep) -> Response:
-    return await service.start(request, st, principal)
+async def start(request: Request, stored: StoredDep, exports: ExportsDep, client: ClientDep,
+                principal: PrincipalDep) -> Response:
+    return started(request, await service.start(
+        stored, exports, client, principal, await request.body(),
+        request.scope.get("root_path", "")))
 
 
 @router.get("/exports", openapi_extra=openapi.LISTING)
-async def listing(request: Request, st: StateDep, principal: PrincipalDep) -> Response:
-    return await service.listing(request, st, principal)
+async def listing(request: Request, stored: StoredDep, principal: PrincipalDep) -> Response:
+    rows = await stored.listing(principal, request.query_params.get("limit"),
+                                request.query_params.get("kind"))
+    return responses.listing(request, rows)
 
 
 @router.get("/exports/{export_id}", openapi_extra=openapi.STATUS)
-async def status(request: Request, export_id: str, st: StateDep,
+async def status(request: Request, export_id: str, stored: StoredDep,
                  principal: PrincipalDep) -> Response:
-    return await service.status(request, st, principal, export_id)
+    return responses.status(request, await stored.status(principal, export_id),
+                            stored.retry_after())
 
 
 @router.delete("/exports/{export_id}", status_code=204)
-async def delete(export_id: str, st: StateDep, principal: PrincipalDep) -> Response:
-    return await service.delete(st, principal, export_id)
+async def delete(export_id: str, stored: StoredDep, principal: PrincipalDep) -> Response:
+    await stored.delete(principal, export_id)
+    return Response(status_code=204)
 
 
 @router.api_route("/exports/{export_id}/file", methods=["GET", "HEAD"],
                   openapi_extra=openapi.FILE)
-async def file(request: Request, export_id: str, st: StateDep,
+async def file(request: Request, export_id: str, st: StateDep, stored: StoredDep,
                principal: PrincipalDep) -> Response:
-    return await service.file(request, st, principal, export_id)
+    return await responses.file(request, st, stored, principal, export_id)

@@ -1,6 +1,7 @@
 """What the /exports routes do: start a stored export (POST /exports, or `Prefer:
-respond-async` on an export URL), run it in the background, answer for its status,
-list, cancel or remove it, and serve its file.
+respond-async` on an export URL), run it in the background, find it for its status,
+list, cancel or remove it, and open its file. No HTTP here: stored/responses.py makes
+the answers.
 
 Why it works this way: docs/internals.md, section `stored/service.py`.
 """
@@ -11,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
@@ -18,14 +20,11 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import sqlalchemy as sa
-from fastapi import Request, Response
-from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.access.deps import client_of
 from exporter.access.limits import Lease
 from exporter.access.links import LINK_PARAMETERS, SIGNATURE, LinkKeys
-from exporter.access.principal import ALL_DATASETS, ANONYMOUS, Principal
+from exporter.access.principal import ALL_DATASETS, Principal
 from exporter.audit import Download
 from exporter.compression import Coding, by_name, compressed, level_of
 from exporter.config import Settings
@@ -36,19 +35,14 @@ from exporter.errors import (
     unavailable,
     without_paths,
 )
-from exporter.exports import cursor, sql
+from exporter.exports import sql
 from exporter.exports.context import Exports, Started
-from exporter.exports.deps import exports_of
 from exporter.exports.export import Export, source_name
 from exporter.exports.filenames import filename
 from exporter.exports.pages import planned_count
 from exporter.exports.query import ExportQuery
 from exporter.exports.request import ExportRequest, Headers, Representation, find, read
-from exporter.exports.responses import started
 from exporter.exports.service import export_cursor, read_since
-from exporter.files.digests import DigestStore, FileKey
-from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
-from exporter.state import State
 from exporter.stored.storage import Storage
 from exporter.stored.store import (
     ASYNC,
@@ -129,9 +123,9 @@ class StoredService(StoredExports):
         task.add_done_callback(lambda _: self._runs.pop(writer.id, None))
         task.add_done_callback(lambda _: lease.release())  # cancelled before it ran, too
         return Started(writer.id, url, f"{EXPORTS_PATH}/{writer.id}", RUNNING,
-                       self._retry_after())
+                       self.retry_after())
 
-    def _retry_after(self) -> str:
+    def retry_after(self) -> str:
         return str(max(1, round(self.interval * 2)))
 
     async def _run(self, writer: Writer, job: Export, coding: Coding | None,
@@ -208,26 +202,18 @@ class StoredService(StoredExports):
             raise
         return True
 
-    async def status(self, request: Request, principal: Principal, export_id: str) -> Response:
-        row = await self._row(principal, export_id)
-        body = describe(request, row)
-        headers = {"Cache-Control": "no-store"}
-        if row.status == RUNNING:
-            progress = body["progress"]
-            headers["Retry-After"] = self._retry_after()
-            headers["X-Progress"] = (f"{progress['percent']}%" if progress["percent"] is not None
-                                     else f"{row.rows} rows")
-            return JSONResponse(body, status_code=202, headers=headers)
-        if row.status == COMPLETE:
-            return JSONResponse(body, headers=headers)
-        return JSONResponse(body, status_code=410, headers=headers)
+    async def status(self, principal: Principal, export_id: str) -> sa.Row[Any]:
+        """The export, for its status; 404 alike for absent and others'."""
+        return await self._row(principal, export_id)
 
-    async def listing(self, request: Request, principal: Principal) -> Response:
-        raw = request.query_params.get("limit", str(DEFAULT_LIST))
+    async def listing(self, principal: Principal, limit: str | None,
+                      kind: str | None) -> list[sa.Row[Any]]:
+        """The principal's exports (an admin's: all), newest first; `limit` and `kind` as
+        the query string gives them."""
+        raw = str(DEFAULT_LIST) if limit is None else limit
         if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw[:6]) <= MAX_LIST \
                 or len(raw) > 6:
             raise bad_parameter("limit", f"limit must be between 1 and {MAX_LIST}")
-        kind = request.query_params.get("kind")
         select = sa.select(t).order_by(t.c.created.desc(), t.c.id).limit(int(raw))
         if kind is not None:
             if kind not in KINDS:
@@ -240,13 +226,11 @@ class StoredService(StoredExports):
                 select = select.where(t.c.dataset.in_(readable_datasets(principal)))
         try:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(select)).all()
+                return list((await conn.execute(select)).all())
         except DATABASE_ERRORS as error:
             raise unavailable(error) from error
-        return JSONResponse({"exports": [describe(request, r) for r in rows]},
-                            headers={"Cache-Control": "no-store"})
 
-    async def delete(self, principal: Principal, export_id: str) -> Response:
+    async def delete(self, principal: Principal, export_id: str) -> None:
         """Cancel a running export (its runner, on whatever host, hears it at its next
         beat) or remove a finished one with its file."""
         row = await self._row(principal, export_id)
@@ -260,57 +244,32 @@ class StoredService(StoredExports):
                 if cancelled is not None:
                     if (task := self._runs.get(export_id)) is not None:
                         task.cancel()  # here at once; elsewhere at the runner's next beat
-                    return Response(status_code=204)
+                    return
             await conn.execute(sa.delete(t).where(t.c.id == export_id))
         await self.storage.delete(row.storage_key)
-        return Response(status_code=204)
 
-    async def file(self, request: Request, st: State, principal: Principal,
-                   export_id: str) -> Response:
+    async def open_file(self, principal: Principal, export_id: str,
+                        disposition: str) -> tuple[sa.Row[Any], Any, os.stat_result]:
+        """The complete export's row and its file, open (the caller closes it), and its
+        stat; 409 while it runs, 410 once it failed or its file is gone."""
         row = await self._row(principal, export_id)
         if row.status == RUNNING:
             raise ApiError(409, "the export is still running: see its status",
-                           headers={"Retry-After": self._retry_after()})
+                           headers={"Retry-After": self.retry_after()})
         if row.status != COMPLETE:
             raise ApiError(410, f"the export {row.status}: {row.error}")
-        disposition = request.query_params.get("disposition", "attachment")
         if disposition not in ("attachment", "inline"):
             raise ApiError(400, "disposition is attachment or inline", parameter="disposition")
         try:
             f, fst = await self.storage.open(row.storage_key)
         except FileNotFoundError:
             raise ApiError(410, "the export's file is gone (expired or removed)") from None
-        try:
-            sha256 = bytes(row.sha256)
-            headers = {**SAFE_HEADERS, "Cache-Control": "private"}
-            if row.cursor is not None:
-                # The snapshot's cursor, as its streamed export (or its manifest) gave it:
-                # a resumed download still learns where the next pull starts.
-                headers[cursor.HEADER] = row.cursor
-            # Its id is a strong ETag: the file never changes under it. The same one the
-            # streamed export it copies (if any) carried, so If-Range works across both.
-            # Never compressed on the fly: its Content-Length and digest are what the
-            # manifest promises (a compressed one is asked for as .csv.gz, say).
-            return await respond_with_file(
-                request, st, f, fst, name=row.filename, kind=row.content_type,
-                key=FileKey.of(f"{EXPORTS_PATH}/{row.id}", fst), sha256=sha256,
-                disposition=disposition, digests=DigestStore(st.engine),
-                start_download=lambda: _start_audit(request, st, row, principal),
-                headers=headers, etag=f'"{row.id}"', compress=False)
-        except BaseException:
-            await f.close()
-            raise
+        return row, f, fst
 
 
 def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
-
-
-async def _start_audit(request: Request, st: State, row: sa.Row[Any],
-                       principal: Principal) -> Download:
-    return await start_audit(request, st, principal, "stored", f"{row.id} {row.url}"[:1000],
-                             format=row.format)
 
 
 async def _counting(body: AsyncIterator[bytes], job: Export,
@@ -361,9 +320,9 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def describe(request: Request, row: sa.Row[Any]) -> dict[str, Any]:
+def describe(base_url: str, row: sa.Row[Any]) -> dict[str, Any]:
     """The status JSON: what the page shows and scripts read (the manifest once done)."""
-    base = str(request.base_url).rstrip("/")
+    base = base_url.rstrip("/")
     status_url = f"{base}{EXPORTS_PATH}/{row.id}"
     body: dict[str, Any] = {
         "id": row.id, "status": row.status, "kind": row.kind, "url": row.url,
@@ -399,11 +358,11 @@ def describe(request: Request, row: sa.Row[Any]) -> dict[str, Any]:
 
 # --- POST /exports -----------------------------------------------------------------------
 
-async def start(request: Request, st: State, principal: Principal) -> Response:
+async def start(stored: StoredService, exports: Exports, client: Client,
+                principal: Principal, raw: bytes, root: str) -> Started:
     """POST /exports with `{"url": "/datasets/orders.csv.gz?amount=gt.5"}` (and an optional
-    `"coding": "gzip"|"zstd"`): the same checks and errors as the streamed export."""
-    stored = _service(st, principal)
-    raw = await request.body()
+    `"coding": "gzip"|"zstd"`): the same checks and errors as the streamed export. `root`:
+    the server's prefix, which the URL may carry."""
     if len(raw) > MAX_BODY:
         raise ApiError(413, f"the body is larger than {MAX_BODY} bytes")
     try:
@@ -417,14 +376,13 @@ async def start(request: Request, st: State, principal: Principal) -> Response:
         url = urlsplit(body["url"])
     except ValueError as error:
         raise bad_parameter("url", f"not a URL: {error}") from None
-    root = request.scope.get("root_path", "")
     path = url.path
     if root and path.startswith(root + "/"):
         path = path[len(root):]
     if not path.startswith("/datasets/") or len(path) <= len("/datasets/"):
         raise bad_parameter("url", "'url' must be an export's path, such as"
                             " /datasets/orders.csv")
-    dataset, representation = await find(st.catalog, principal,
+    dataset, representation = await find(exports.catalog, principal,
                                          unquote(path[len("/datasets/"):]), None)
     asked = body.get("coding")
     if asked is not None:
@@ -438,8 +396,8 @@ async def start(request: Request, st: State, principal: Principal) -> Response:
     params = [(k, v) for k, v in _query_pairs(url.query) if k not in LINK_PARAMETERS]
     req = read(dataset, representation, principal, params,
                Headers(prefer=("respond-async",)), method="POST")
-    await read_since(st.links, req.query)
-    return started(request, await stored.kick_off(client_of(request), await exports_of(st), req))
+    await read_since(exports.links, req.query)
+    return await stored.kick_off(client, exports, req)
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
@@ -447,29 +405,3 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
         return parse_qsl(query, keep_blank_values=True, max_num_fields=10_000)
     except ValueError as error:
         raise bad_parameter("url", f"the URL's query: {error}") from None
-
-
-def _service(st: State, principal: Principal | None = None) -> StoredService:
-    if principal is not None and principal.kind == ANONYMOUS and not principal.scopes:
-        # Nothing public: ask for credentials, whatever the id (so it tells nothing).
-        raise principal.denied()
-    stored = st.stored
-    if not isinstance(stored, StoredService):
-        raise ApiError(503, "stored exports are not available")
-    return stored
-
-
-async def status(request: Request, st: State, principal: Principal, export_id: str) -> Response:
-    return await _service(st, principal).status(request, principal, export_id)
-
-
-async def listing(request: Request, st: State, principal: Principal) -> Response:
-    return await _service(st, principal).listing(request, principal)
-
-
-async def delete(st: State, principal: Principal, export_id: str) -> Response:
-    return await _service(st, principal).delete(principal, export_id)
-
-
-async def file(request: Request, st: State, principal: Principal, export_id: str) -> Response:
-    return await _service(st, principal).file(request, st, principal, export_id)
