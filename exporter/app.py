@@ -33,6 +33,7 @@ from exporter.exports import routes as export_routes
 from exporter.exports.catalog import Catalog
 from exporter.exports.export import end_running_exports
 from exporter.files import routes as file_routes
+from exporter.files.deps import files_of
 from exporter.files.stream import ReadBudget
 from exporter.health import Health
 from exporter.server.logs import AccessLogOfLeavers
@@ -167,8 +168,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
             stored=stored,
-            resume_copies=ServedResumeCopies(stored) if settings.exports_resume else None,
         )
+        if settings.exports_resume:
+            app.state.exporter.resume_copies = ServedResumeCopies(
+                stored, files_of(app.state.exporter))
         await stored.start_cleanup()
         if replica is not None:
             log.info("exports read from the read replica (EXPORTER_REPLICA_URL)")

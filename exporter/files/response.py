@@ -1,4 +1,6 @@
-"""From a checked path and the request's headers to the answer: 200, 206, 304, 412 or 416."""
+"""The HTTP of the files feature: from what the service found (a file, a folder's
+listing, a folder asked without its slash) and the request's headers to the answer: 200,
+206, 301, 304, 412 or 416."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from urllib.parse import quote
 
 import aiofiles
 from fastapi import Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from exporter.access.principal import Principal
 from exporter.audit import PROXIED, Download
@@ -20,11 +22,12 @@ from exporter.compression import CODINGS, Coding, coded_etag, compressible, leve
 from exporter.config import Settings
 from exporter.errors import ApiError, unavailable
 from exporter.files import conditions, ranges
+from exporter.files.context import Files
 from exporter.files.digests import DigestStore, FileKey, legacy_digest, repr_digest
 from exporter.files.paths import Target, not_found, printable, storable
+from exporter.files.service import FILES_PATH, Found, Listing, ToFolder
 from exporter.files.stream import FileBody
 from exporter.http import content_disposition
-from exporter.state import State
 
 DISPOSITIONS = ("attachment", "inline")
 # The only types shown inline: none of them can run script in a browser (browsers show
@@ -46,6 +49,20 @@ SAFE_HEADERS = {
     "Content-Security-Policy": "sandbox; default-src 'none'",
     "X-Content-Type-Options": "nosniff",
 }
+
+
+async def answer(request: Request, files: Files, principal: Principal,
+                 found: Found) -> Response:
+    if isinstance(found, ToFolder):
+        # As nginx does: relative links in the listing need the trailing slash.
+        root_path = request.scope.get("root_path", "")
+        return RedirectResponse(f"{root_path}{FILES_PATH}{found.path}/", status_code=301)
+    if isinstance(found, Listing):
+        return JSONResponse(found.body, headers={"Cache-Control": "no-cache"})
+    try:
+        return await serve_file(request, files, found, principal)
+    finally:
+        found.close()  # unless serve_file took the descriptor
 
 
 def effective_disposition(asked: str, kind: str) -> str:
@@ -81,16 +98,16 @@ async def open_file(target: Target) -> tuple[Any, os.stat_result]:
     return f, target.stat  # the fstat of this very descriptor, taken by the walk
 
 
-async def serve_file(request: Request, st: State, target: Target,
+async def serve_file(request: Request, files: Files, target: Target,
                      principal: Principal) -> Response:
     disposition = request.query_params.get("disposition", "attachment")
     if disposition not in DISPOSITIONS:
         raise ApiError(400, "disposition is attachment or inline", parameter="disposition")
-    if st.settings.files_accel_redirect:
-        return await _hand_to_proxy(request, st, target, disposition, principal)
+    if files.settings.files_accel_redirect:
+        return await _hand_to_proxy(request, files, target, disposition, principal)
     f, fst = await open_file(target)
     try:
-        return await _respond(request, st, target, disposition, f, fst, principal)
+        return await _respond(request, files, target, disposition, f, fst, principal)
     except BaseException:
         with contextlib.suppress(Exception):
             await f.close()
@@ -112,19 +129,19 @@ def _coding(request: Request, varies: bool) -> Coding | None:
     return negotiate(request.headers.get("accept-encoding"))
 
 
-async def _respond(request: Request, st: State, target: Target, disposition: str,
+async def _respond(request: Request, files: Files, target: Target, disposition: str,
                    f: Any, fst: os.stat_result, principal: Principal) -> Response:
     key = FileKey.of(storable(target.relative), fst)
-    digests = DigestStore(st.engine)
+    digests = DigestStore(files.engine)
     sha256 = await digests.lookup(key)
     return await respond_with_file(
-        request, st, f, fst, name=printable(target.name), kind=content_type(target.name),
+        request, files, f, fst, name=printable(target.name), kind=content_type(target.name),
         key=key, sha256=sha256, disposition=disposition, digests=digests,
-        start_download=lambda: _start_audit(request, st, target, principal),
+        start_download=lambda: _start_audit(request, files, target, principal),
         headers=SAFE_HEADERS)
 
 
-async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_result, *,
+async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat_result, *,
                             name: str, kind: str, key: FileKey, sha256: bytes | None,
                             disposition: str, digests: DigestStore,
                             start_download: Callable[[], Awaitable[Download]],
@@ -139,7 +156,7 @@ async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_re
     of a file that never changes under its name (a stored export's id), instead of one
     made of its size, mtime and inode. `compress`: False for a file whose length and
     digest are its promise (a stored export: its manifest names both)."""
-    settings = st.settings
+    settings = files.settings
     v = conditions.Validators.of(fst)
     if etag is not None:
         v = replace(v, etag=etag)
@@ -201,34 +218,34 @@ async def respond_with_file(request: Request, st: State, f: Any, fst: os.stat_re
 
     download = await start_download()
     level = level_of(coding, settings.gzip_level, settings.zstd_level) if coding else None
-    body = FileBody(f, key, layout, st.read_budget, download, st.audit, digests,
+    body = FileBody(f, key, layout, files.read_budget, download, files.audit, digests,
                     digest_known=sha256 is not None, coding=coding, level=level)
     return StreamingResponse(body, status_code=layout.status, headers=headers)
 
 
-async def _start_audit(request: Request, st: State, target: Target,
+async def _start_audit(request: Request, files: Files, target: Target,
                        principal: Principal) -> Download:
     """The audit row of a file download that is about to send its body (or hand it on)."""
-    return await start_audit(request, st, principal, "file", storable(target.relative))
+    return await start_audit(request, files, principal, "file", storable(target.relative))
 
 
-async def start_audit(request: Request, st: State, principal: Principal, kind: str,
+async def start_audit(request: Request, files: Files, principal: Principal, kind: str,
                       target: str, format: str | None = None) -> Download:
     """The audit row of a download of a file (any served with respond_with_file) about to
     send its body: its range, client and principal."""
     client = request.client.host if request.client else None
     download = Download(kind, target, client, format=format,
                         range=ranges.recorded(request.headers.get("range"),
-                                              st.settings.max_ranges),
+                                              files.settings.max_ranges),
                         principal=principal.label, link_expires=principal.link_expires)
     try:
-        await st.audit.start(download)
+        await files.audit.start(download)
     except Exception as error:
         raise unavailable(error) from error
     return download
 
 
-async def _hand_to_proxy(request: Request, st: State, target: Target, disposition: str,
+async def _hand_to_proxy(request: Request, files: Files, target: Target, disposition: str,
                          principal: Principal) -> Response:
     """EXPORTER_FILES_ACCEL_REDIRECT: checked, audited, and sent by nginx.
 
@@ -249,18 +266,18 @@ async def _hand_to_proxy(request: Request, st: State, target: Target, dispositio
             user_agent=request.headers.get("user-agent"),
         ),
         # Where the walk ended, links resolved: nginx (disable_symlinks) follows none.
-        "X-Accel-Redirect": st.settings.files_accel_redirect
+        "X-Accel-Redirect": files.settings.files_accel_redirect
         + quote(os.fsencode(target.real_relative)),
     }
-    sha256 = await DigestStore(st.engine).lookup(
+    sha256 = await DigestStore(files.engine).lookup(
         FileKey.of(storable(target.relative), target.stat))
     if sha256 is not None:
         headers["Repr-Digest"] = repr_digest(sha256)
         headers["Digest"] = legacy_digest(sha256)
-    if st.settings.max_bytes_per_second:
-        headers["X-Accel-Limit-Rate"] = str(st.settings.max_bytes_per_second)
+    if files.settings.max_bytes_per_second:
+        headers["X-Accel-Limit-Rate"] = str(files.settings.max_bytes_per_second)
     if request.method == "GET":
-        download = await _start_audit(request, st, target, principal)
+        download = await _start_audit(request, files, target, principal)
         # What nginx then sends (bytes, status, a client that leaves) is in its access log.
-        await st.audit.finish(download, PROXIED)
+        await files.audit.finish(download, PROXIED)
     return Response(status_code=200, headers=headers)

@@ -1,4 +1,5 @@
-"""GET/HEAD /files/{path}: a file, or a folder's listing; the work is in exporter/files/."""
+"""GET/HEAD /files/{path}: a file, or a folder's listing; the work is in service.py, the
+answer made in response.py."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from urllib.parse import unquote_to_bytes
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 
-from exporter.access.deps import PrincipalDep, StateDep
+from exporter.access.deps import ClientDep, PrincipalDep
 from exporter.errors import ApiError
-from exporter.files import openapi, service
+from exporter.files import openapi, response, service
+from exporter.files.deps import FilesDep
 from exporter.files.paths import bad_path
 from exporter.files.response import SAFE_HEADERS
 from exporter.server.prefix import app_path, app_raw_path
@@ -63,6 +65,10 @@ def file_path(request: Request, path: str) -> str:
 
 
 @router.api_route("/files/{path:path}", methods=["GET", "HEAD"], openapi_extra=openapi.FILES)
-async def files(request: Request, fs_path: Annotated[str, Depends(file_path)], st: StateDep,
-                principal: PrincipalDep) -> Response:
-    return await service.serve_path(request, st, principal, fs_path)
+async def files(request: Request, fs_path: Annotated[str, Depends(file_path)],
+                files: FilesDep, client: ClientDep, principal: PrincipalDep) -> Response:
+    query = request.query_params
+    found = await service.serve_path(files, client, principal, fs_path, request.method,
+                                     query.get("limit"), query.get("offset"),
+                                     str(request.base_url))
+    return await response.answer(request, files, principal, found)

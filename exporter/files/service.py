@@ -1,27 +1,42 @@
-"""What GET/HEAD /files/{path} does, out of the route module: a file, a folder's listing,
-or the redirect that gives a folder its trailing slash."""
+"""What GET/HEAD /files/{path} does, out of the route module: find the file or folder
+the path names, a folder's listing, or that a folder was asked without its trailing
+slash. No HTTP here: files/response.py makes the answers."""
 
 from __future__ import annotations
 
-from fastapi import Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse
+from dataclasses import dataclass
+from typing import Any
 
 from exporter.access.admission import admit
-from exporter.access.deps import client_of
 from exporter.access.principal import Principal
 from exporter.errors import bad_parameter
+from exporter.files.context import Files
 from exporter.files.listing import url_path
-from exporter.files.response import serve_file
+from exporter.files.paths import Target
 from exporter.files.visible import folder_listing, open_path
-from exporter.state import State
-from exporter.streaming import ClientLeft
+from exporter.streaming import Client
 
 MAX_LIMIT = 10_000
 FILES_PATH = "/files/"
 
 
-def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
+@dataclass(frozen=True)
+class ToFolder:
+    """A folder asked without its trailing slash: `path` (URL-encoded) with one."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    body: dict[str, Any]
+
+
+# A file is found as its Target, open (the caller closes it).
+Found = ToFolder | Listing | Target
+
+
+def _int(raw: str | None, name: str, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
     digits = raw.removeprefix("-")
@@ -34,26 +49,25 @@ def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-async def serve_path(request: Request, st: State, principal: Principal, path: str) -> Response:
-    """The answer for `path` (as `os.fsdecode` names files) under the files root."""
-    root, target = await open_path(st, principal, path)
+async def serve_path(files: Files, client: Client, principal: Principal, path: str,
+                     method: str, limit: str | None, offset: str | None,
+                     base_url: str) -> Found:
+    """What `path` (as `os.fsdecode` names files) under the files root is; a file's
+    download admitted (GET). `limit` and `offset` page a listing, as the query gives them."""
+    root, target = await open_path(files.settings, principal, path)
+    found = False
     try:
         if target.is_dir and not target.wants_folder:
-            # As nginx does: relative links in the listing need the trailing slash.
-            root_path = request.scope.get("root_path", "")
-            return RedirectResponse(f"{root_path}{FILES_PATH}{url_path(target.relative)}/",
-                                    status_code=301)
+            return ToFolder(url_path(target.relative))
         if target.is_dir:
-            limit = _int(request, "limit", 1000, 1, MAX_LIMIT)
-            offset = _int(request, "offset", 0, 0, 2**62)
-            body = await folder_listing(st, principal, root, target, str(request.base_url),
-                                        limit, offset)
-            return JSONResponse(body, headers={"Cache-Control": "no-cache"})
-        if request.method == "GET":
-            try:
-                await admit(client_of(request), st.limiter, principal.limit_key, export=False)
-            except ClientLeft:
-                return Response(status_code=499)  # nobody is listening; uvicorn drops it
-        return await serve_file(request, st, target, principal)
+            body = await folder_listing(files.engine, principal, root, target, base_url,
+                                        _int(limit, "limit", 1000, 1, MAX_LIMIT),
+                                        _int(offset, "offset", 0, 0, 2**62))
+            return Listing(body)
+        if method == "GET":
+            await admit(client, files.limiter, principal.limit_key, export=False)
+        found = True
+        return target
     finally:
-        target.close()  # unless serve_file took the descriptor
+        if not found:
+            target.close()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from exporter.access.principal import Principal
+from exporter.config import Settings
 from exporter.files.digests import DigestStore
 from exporter.files.listing import in_thread_owned, listing
 from exporter.files.paths import FilesRoot, Target
-from exporter.state import State
 
 
 def may_see(principal: Principal, real_relative: str, is_dir: bool) -> bool:
@@ -23,7 +25,8 @@ def may_see(principal: Principal, real_relative: str, is_dir: bool) -> bool:
     return principal.may_read_file(real_relative)
 
 
-async def open_path(st: State, principal: Principal, path: str) -> tuple[FilesRoot, Target]:
+async def open_path(settings: Settings, principal: Principal, path: str
+                    ) -> tuple[FilesRoot, Target]:
     """The file or folder at `path`, open, if the principal may see it; else the refusal.
 
     The caller owns the target's descriptor (`target.close()`).
@@ -32,7 +35,7 @@ async def open_path(st: State, principal: Principal, path: str) -> tuple[FilesRo
     # exists; then the path as resolved, since a link inside the root may lead elsewhere.
     if not (principal.may_read_file(path) or principal.may_list_folder(path)):
         raise principal.denied()
-    root, target = await in_thread_owned(functools.partial(_open, st, path),
+    root, target = await in_thread_owned(functools.partial(_open, settings, path),
                                          lambda opened: opened[1].close())
     if not may_see(principal, target.real_relative, target.is_dir):
         target.close()
@@ -40,17 +43,18 @@ async def open_path(st: State, principal: Principal, path: str) -> tuple[FilesRo
     return root, target
 
 
-def _open(st: State, path: str) -> tuple[FilesRoot, Target]:
-    root = FilesRoot(st.settings.files_root, serve_hidden=st.settings.serve_hidden)
+def _open(settings: Settings, path: str) -> tuple[FilesRoot, Target]:
+    root = FilesRoot(settings.files_root, serve_hidden=settings.serve_hidden)
     return root, root.open(path)
 
 
-async def folder_listing(st: State, principal: Principal, root: FilesRoot, folder: Target,
+async def folder_listing(engine: AsyncEngine, principal: Principal, root: FilesRoot,
+                         folder: Target,
                          base_url: str, limit: int, offset: int,
                          dirs_first: bool = False) -> dict[str, Any]:
     """The folder's entries that the principal may download, with their digests
     (folders before files with `dirs_first`, as the page shows them)."""
     return await listing(root, folder, base_url.rstrip("/"), limit, offset,
-                         DigestStore(st.engine), lambda real, is_dir: may_see(principal, real,
+                         DigestStore(engine), lambda real, is_dir: may_see(principal, real,
                                                                               is_dir),
                          dirs_first)

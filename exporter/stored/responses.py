@@ -14,9 +14,9 @@ from exporter.access.principal import Principal
 from exporter.audit import Download
 from exporter.exports import cursor
 from exporter.exports.resume_copies import Continuation
+from exporter.files.context import Files
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
-from exporter.state import State, get_state
 from exporter.stored.resume_copies import StoredResumeCopies
 from exporter.stored.service import EXPORTS_PATH, StoredService, describe
 from exporter.stored.store import COMPLETE, RUNNING
@@ -41,7 +41,7 @@ def listing(request: Request, rows: list[sa.Row[Any]]) -> Response:
                         headers={"Cache-Control": "no-store"})
 
 
-async def file(request: Request, st: State, stored: StoredService, principal: Principal,
+async def file(request: Request, files: Files, stored: StoredService, principal: Principal,
                export_id: str) -> Response:
     disposition = request.query_params.get("disposition", "attachment")
     row, f, fst = await stored.open_file(principal, export_id, disposition)
@@ -57,29 +57,34 @@ async def file(request: Request, st: State, stored: StoredService, principal: Pr
         # Never compressed on the fly: its Content-Length and digest are what the
         # manifest promises (a compressed one is asked for as .csv.gz, say).
         return await respond_with_file(
-            request, st, f, fst, name=row.filename, kind=row.content_type,
+            request, files, f, fst, name=row.filename, kind=row.content_type,
             key=FileKey.of(f"{EXPORTS_PATH}/{row.id}", fst), sha256=sha256,
-            disposition=disposition, digests=DigestStore(st.engine),
-            start_download=lambda: _start_audit(request, st, row, principal),
+            disposition=disposition, digests=DigestStore(files.engine),
+            start_download=lambda: _start_audit(request, files, row, principal),
             headers=headers, etag=f'"{row.id}"', compress=False)
     except BaseException:
         await f.close()
         raise
 
 
-async def _start_audit(request: Request, st: State, row: sa.Row[Any],
+async def _start_audit(request: Request, files: Files, row: sa.Row[Any],
                        principal: Principal) -> Download:
-    return await start_audit(request, st, principal, "stored", f"{row.id} {row.url}"[:1000],
+    return await start_audit(request, files, principal, "stored", f"{row.id} {row.url}"[:1000],
                              format=row.format)
 
 
 class ServedResumeCopies(StoredResumeCopies):
-    """State.resume_copies (exports/responses.py's `ServedCopies`)."""
+    """State.resume_copies (exports/responses.py's `ServedCopies`): a copy's file is
+    served as any stored export's, with `files`."""
+
+    def __init__(self, service: StoredService, files: Files) -> None:
+        super().__init__(service)
+        self._files = files
 
     async def answer(self, request: Request, found: Continuation) -> Response:
         # The request holds its lease already: the export's admission took it before
         # the lookup (exporter/exports/service.py).
-        response = await file(request, get_state(request), self._service, found.principal,
+        response = await file(request, self._files, self._service, found.principal,
                               found.copy_id)
         if response.status_code == 206 and found.offset is not None:
             body: Any = getattr(response, "body_iterator", None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from exporter.access.deps import ClientDep, PrincipalDep, StateDep
+from exporter.access.deps import ClientDep, PrincipalDep
 from exporter.exports.deps import ExportsDep
 from exporter.exports.responses import started
+from exporter.files.deps import FilesDep
 from exporter.stored import openapi, responses, service
 from exporter.stored.deps import StoredDep
 
@@ -44,6 +45,6 @@ async def delete(export_id: str, stored: StoredDep, principal: PrincipalDep) -> 
 
 @router.api_route("/exports/{export_id}/file", methods=["GET", "HEAD"],
                   openapi_extra=openapi.FILE)
-async def file(request: Request, export_id: str, st: StateDep, stored: StoredDep,
+async def file(request: Request, export_id: str, files: FilesDep, stored: StoredDep,
                principal: PrincipalDep) -> Response:
-    return await responses.file(request, st, stored, principal, export_id)
+    return await responses.file(request, files, stored, principal, export_id)

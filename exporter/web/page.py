@@ -200,11 +200,11 @@ async def _folder(st: State, principal: Principal, path: str, base_url: str,
     if not principal.may_list_folder(path) and not path:
         return None, None  # no files for this caller: the page has no files section
     try:
-        root, target = await open_path(st, principal, path)
+        root, target = await open_path(st.settings, principal, path)
         try:
             if not target.is_dir:
                 raise not_found(path)
-            listing = await folder_listing(st, principal, root, target, base_url,
+            listing = await folder_listing(st.engine, principal, root, target, base_url,
                                            FOLDER_ENTRIES, (number - 1) * FOLDER_ENTRIES,
                                            dirs_first=True)
         finally:
