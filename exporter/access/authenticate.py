@@ -14,6 +14,7 @@ from fastapi import Request
 from exporter.access.links import (
     INVALID,
     OPERATOR,
+    LinkKeys,
     expiry,
     read_link,
     signature,
@@ -21,9 +22,10 @@ from exporter.access.links import (
     token_identity,
 )
 from exporter.access.principal import ADMIN, CHALLENGES, LINK, Principal, anonymous
+from exporter.access.tokens import TokenStore
+from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.server.prefix import app_path, app_raw_path
-from exporter.state import State
 
 COOKIE = "exporter_token"
 # The cookie is the server's own page's credential. It counts for reads only: a form on
@@ -69,7 +71,8 @@ def _credential(header: str) -> str:
     raise _bad_credentials("use Authorization: Bearer TOKEN, or Basic with the token as password")
 
 
-async def authenticate(request: Request, st: State, *, page: bool = False) -> Principal:
+async def authenticate(request: Request, tokens: TokenStore, links: LinkKeys,
+                       settings: Settings, *, page: bool = False) -> Principal:
     """Authorization header, else a signed link, else the `exporter_token` cookie (GET and
     HEAD, and the page's DELETE /exports/ID), else the anonymous client.
 
@@ -78,7 +81,7 @@ async def authenticate(request: Request, st: State, *, page: bool = False) -> Pr
     """
     header = request.headers.get("authorization")
     if header is not None:
-        principal = await st.tokens.principal(_credential(header))
+        principal = await tokens.principal(_credential(header))
         if principal is None:
             raise _bad_credentials("unknown, revoked or expired token")
         return principal
@@ -86,22 +89,22 @@ async def authenticate(request: Request, st: State, *, page: bool = False) -> Pr
     if "~" in query or "%7" in query:  # ~ as itself or percent-encoded
         rest, link = split_query(query)
         if link:  # even one of the link's parameters: never ignored in silence
-            return await _link_principal(request, st, rest, link)
+            return await _link_principal(request, tokens, links, rest, link)
     cookie = request.cookies.get(COOKIE) if _cookie_counts(request) else None
     if cookie:
-        principal = await st.tokens.principal(cookie)
+        principal = await tokens.principal(cookie)
         if principal is not None:
             return principal
         if not page:
             raise _bad_credentials("the exporter_token cookie holds an unknown, revoked or"
                                    " expired token: sign in again")
     client = request.client.host if request.client else "unknown"
-    s = st.settings
-    return anonymous(client, s.public_datasets, s.public_files)
+    return anonymous(client, settings.public_datasets, settings.public_files)
 
 
-async def _link_principal(request: Request, st: State, rest: list[tuple[str, str]],
-                          link: dict[str, list[str]]) -> Principal:
+async def _link_principal(request: Request, tokens: TokenStore, links: LinkKeys,
+                          rest: list[tuple[str, str]], link: dict[str, list[str]]
+                          ) -> Principal:
     try:
         params = read_link(link)
     except ValueError as error:
@@ -109,7 +112,7 @@ async def _link_principal(request: Request, st: State, rest: list[tuple[str, str
     if params.by == OPERATOR:
         maker, identity = None, OPERATOR
     else:
-        maker = await st.tokens.by_name(params.by)
+        maker = await tokens.by_name(params.by)
         # An unknown, revoked or expired maker is verified all the same, against an
         # identity that no token has: the same answer after the same work as a wrong
         # signature, so that links tell nobody which token names exist.
@@ -117,7 +120,7 @@ async def _link_principal(request: Request, st: State, rest: list[tuple[str, str
                     else token_identity(maker.token_id))
     # Signed without EXPORTER_ROOT_PATH: valid whether the proxy strips it or not.
     raw_path = app_raw_path(request.scope) or app_path(request.scope).encode()
-    expected = signature(await st.links.key(), request.method, raw_path.decode("latin-1"),
+    expected = signature(await links.key(), request.method, raw_path.decode("latin-1"),
                          rest, params.expires, params.by, identity)
     signed = hmac.compare_digest(expected.encode(), params.signature.encode())
     if not signed or identity == NO_MAKER:

@@ -22,7 +22,7 @@ StateDep = Annotated[State, Depends(get_state)]
 
 
 async def _principal(request: Request, st: StateDep) -> Principal:
-    return await authenticate(request, st)
+    return await authenticate(request, st.tokens, st.links, st.settings)
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]

@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from exporter.access.links import LINKABLE, check_link_path, link_lifetime, sign, token_identity
+from exporter.access.links import (
+    LINKABLE,
+    LinkKeys,
+    check_link_path,
+    link_lifetime,
+    sign,
+    token_identity,
+)
 from exporter.access.principal import ANONYMOUS, TOKEN, Principal
-from exporter.access.tokens import TokenInfo
+from exporter.access.tokens import TokenInfo, TokenStore
+from exporter.config import Settings
 from exporter.errors import ApiError, bad_parameter
 from exporter.export_names import dataset_names
 from exporter.server.prefix import strip_root
-from exporter.state import State
+
+
+class StoredExportsSeen(Protocol):
+    """The stored exports (exporter/stored/, above this feature), as a link to one asks."""
+
+    async def visible(self, principal: Principal, export_id: str) -> bool:
+        """Whether the principal may see the export now."""
 
 
 def may_link(principal: Principal, path: str) -> bool:
@@ -36,16 +50,18 @@ def may_link(principal: Principal, path: str) -> bool:
     return True
 
 
-async def _may_link_export(st: State, principal: Principal, path: str) -> bool:
+async def _may_link_export(stored: StoredExportsSeen | None, principal: Principal,
+                           path: str) -> bool:
     """A stored export (/exports/ID, /exports/ID/file) is linked only if its maker may see
     it now: its own, of a dataset it may still read. Absent or not: the same 403."""
     parts = path.split("/")
     if len(parts) not in (3, 4) or parts[1] != "exports" or parts[3:] not in ([], ["file"]):
         return True
-    return st.stored is None or await st.stored.visible(principal, parts[2])
+    return stored is None or await stored.visible(principal, parts[2])
 
 
-async def create_link(st: State, principal: Principal, raw_body: bytes, netloc: str,
+async def create_link(settings: Settings, links: LinkKeys, stored: StoredExportsSeen | None,
+                      principal: Principal, raw_body: bytes, netloc: str,
                       base_url: str) -> dict[str, str]:
     """POST /links: `{"url": path, "expires_in": duration}` signed for `principal`, as
     `{"url": full URL, "expires_at": ISO time}`."""
@@ -69,20 +85,20 @@ async def create_link(st: State, principal: Principal, raw_body: bytes, netloc: 
         url = urlsplit(body["url"])
     except ValueError as error:  # such as an unclosed [ of an IPv6 address
         raise bad_parameter("url", f"not a URL: {error}") from None
-    if url.scheme or (url.netloc and url.netloc not in (netloc, st.settings.public_netloc)):
+    if url.scheme or (url.netloc and url.netloc not in (netloc, settings.public_netloc)):
         raise bad_parameter("url", "links point at this server: give the path")
     # A path as the listings give it carries EXPORTER_ROOT_PATH; links sign the rest.
-    path = strip_root(url.path, st.settings.root_path)
-    if not may_link(principal, path) or not await _may_link_export(st, principal, path):
+    path = strip_root(url.path, settings.root_path)
+    if not may_link(principal, path) or not await _may_link_export(stored, principal, path):
         raise ApiError(403, f"{principal.label} may not download {path}")
     expires_at = datetime.now(UTC) + lifetime
     try:
-        signed = sign(await st.links.key(), path, url.query, expires_at, principal.name,
+        signed = sign(await links.key(), path, url.query, expires_at, principal.name,
                       token_identity(principal.token_id))
     except ValueError as error:
         raise bad_parameter("url", str(error)) from None
     # EXPORTER_PUBLIC_URL, as `exporter link` makes them; else the host the client asked.
-    base = st.settings.public_base or base_url.rstrip("/")
+    base = settings.public_base or base_url.rstrip("/")
     return {"url": base + signed,
             "expires_at": expires_at.isoformat(timespec="seconds")}
 
@@ -95,11 +111,11 @@ def describe_token(t: TokenInfo) -> dict[str, Any]:
             "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None}
 
 
-async def list_tokens(st: State) -> list[dict[str, Any]]:
-    return [describe_token(t) for t in await st.tokens.list()]
+async def list_tokens(tokens: TokenStore) -> list[dict[str, Any]]:
+    return [describe_token(t) for t in await tokens.list()]
 
 
-async def revoke_token(st: State, name: str) -> dict[str, str]:
-    if not await st.tokens.revoke(name):
+async def revoke_token(tokens: TokenStore, name: str) -> dict[str, str]:
+    if not await tokens.revoke(name):
         raise ApiError(404, f"no active token named {name!r}")
     return {"name": name, "state": "revoked"}

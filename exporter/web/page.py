@@ -75,7 +75,7 @@ KEYWORD_LABELS = {"null": "empty (null)", "not_null": "not empty", "true": "true
 @router.get("/")
 async def page(request: Request, st: StateDep) -> Response:
     path = _query_path(request)
-    principal = await authenticate(request, st, page=True)
+    principal = await authenticate(request, st.tokens, st.links, st.settings, page=True)
     known = st.settings.demo_token_file
     demo_token = str(known) if known is not None else None
     base_url = str(request.base_url)
