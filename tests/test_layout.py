@@ -218,3 +218,105 @@ def test_a_checkout_migrates_from_the_top_level_folder() -> None:
     ini.read(PACKAGE.parent / "alembic.ini")
     location = ini.get("alembic", "script_location", raw=True)
     assert Path(location.replace("%(here)s", str(PACKAGE.parent))) == MIGRATIONS
+
+
+# --- one rule about HTTP: services take plain values, and only routes see State whole -------
+
+HTTP_LIBRARIES = ("fastapi", "starlette")
+# The modules of a feature that speak HTTP: routes (`downloads` and `page` hold routes
+# too), what routes take as parameters (`deps`), the one module that makes a feature's
+# answers into responses, OpenAPI declarations, authentication (it reads the request's
+# credentials), and limits.py's middleware (it holds a lease while a response is sent).
+# Every other module of a feature is domain code.
+HTTP_MODULES = {"routes", "downloads", "page", "deps", "response", "responses", "openapi",
+                "authenticate", "limits"}
+DOMAIN_FEATURES = ("access", "exports", "files", "stored")  # web is all HTTP
+# The only modules that see State whole: the app and the state, what routes take, the
+# routes (health.py holds one beside its probe).
+STATE_MODULES = {"exporter.app", "exporter.state", "exporter.health"}
+STATE_TYPES = {"State", "StateDep"}
+
+
+def _all_imports(name: str) -> set[str]:
+    """Every module `name` imports, outside the package too, TYPE_CHECKING's included
+    (a type in a signature is as much HTTP as a call)."""
+    path = MODULES[name]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def is_domain(name: str) -> bool:
+    parts = name.split(".")
+    return (parts[-1] == "service" or (
+        len(parts) > 2 and parts[1] in DOMAIN_FEATURES and parts[-1] not in HTTP_MODULES))
+
+
+def http_imports(name: str) -> list[str]:
+    return sorted(m for m in _all_imports(name) if m.split(".")[0] in HTTP_LIBRARIES)
+
+
+def test_the_http_rule_knows_the_modules() -> None:
+    # A rule that matched nothing would pass.
+    for name in ("exporter.exports.service", "exporter.stored.service",
+                 "exporter.files.service", "exporter.access.service",
+                 "exporter.exports.request", "exporter.stored.resume_copies"):
+        assert is_domain(name), name
+    assert not is_domain("exporter.exports.responses")
+    assert not is_domain("exporter.web.page")
+    assert http_imports("exporter.exports.responses") and http_imports("exporter.state")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if is_domain(n)))
+def test_services_and_domain_modules_are_http_free(name: str) -> None:
+    """A service takes plain values (an ExportRequest, a Principal, the parts of the
+    state it uses) and returns domain results or raises domain errors (errors.py); the
+    request is read, and responses made, in routes.py and the feature's responses
+    module."""
+    assert not http_imports(name), f"{name} imports {http_imports(name)}"
+
+
+def _names_state(annotation: ast.expr | None) -> bool:
+    if annotation is None:
+        return False
+    if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+        return _names_state(ast.parse(annotation.value, mode="eval").body)
+    return any((isinstance(n, ast.Name) and n.id in STATE_TYPES)
+               or (isinstance(n, ast.Attribute) and n.attr in STATE_TYPES)
+               for n in ast.walk(annotation))
+
+
+def takes_state(name: str) -> list[str]:
+    """The functions of module `name` with a parameter of type State (or StateDep)."""
+    path = MODULES[name]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                     *([args.vararg] if args.vararg else []),
+                     *([args.kwarg] if args.kwarg else [])]
+            if any(_names_state(a.annotation) for a in every):
+                found.append(f"{node.name} (line {node.lineno})")
+    return found
+
+
+def sees_state(name: str) -> bool:
+    last = name.rpartition(".")[2]
+    return name in STATE_MODULES or last in ("deps", "routes", "downloads", "page")
+
+
+def test_the_state_rule_knows_the_functions() -> None:
+    assert takes_state("exporter.access.deps"), "the dependencies do take the state"
+    assert not sees_state("exporter.exports.service")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if not sees_state(n)))
+def test_only_routes_see_the_state_whole(name: str) -> None:
+    """Routes hand services the parts of the state they use (the catalog, the limiter,
+    a feature's record such as exports/context.py's Exports), never State whole."""
+    assert not takes_state(name), f"{name}: {takes_state(name)} take State"

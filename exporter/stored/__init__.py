@@ -7,7 +7,13 @@ Owns `exporter.stored_exports`, the storage of their files (`storage.py`: a fold
 now, an object store later, behind one small interface) and the writer other code fills
 a stored export through (`store.py`: the stored copies of streamed exports use it too).
 
+HTTP (the package's rule: exporter/__init__.py) in `routes.py`, `deps.py` and
+`responses.py` (with the resume copies' 206); `service.py` returns rows, files and
+`Started`.
+
 Sits above exports and files (it runs the exports' own COPY and serves its files with
 the files' machinery) and below web: imports the core, access, exports and files. The
-exports feature reaches it only through `State.stored`.
+exports feature reaches it only through the interfaces it defines for it
+(`exports/context.py`'s `StoredStarts`, `exports/resume_copies.py`, and
+`exports/responses.py`'s `ServedCopies`), which the app fills from `State`.
 """
