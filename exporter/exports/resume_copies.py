@@ -6,7 +6,7 @@ if its client leaves, the COPY goes on into the copy to the end (at COPY speed, 
 the storage quota and the export's time limit): exports/resume_writer.py. A later
 `Range` request for the same URL is answered from that copy when it provably continues
 it (exporter.stored decides and serves; this feature only asks). The store sits above
-this feature and is reached through `State.resume_copies`.
+this feature and is reached through `Exports.resume_copies` (exports/context.py).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class StoredResumeCopy:
 
 
 class StoredResumeCopies:
-    """State.resume_copies: what the exports feature asks of the stored exports for resuming."""
+    """What the exports feature asks of the stored exports for resuming."""
 
     def __init__(self, service: StoredService) -> None:
         self._service = service
