@@ -199,13 +199,14 @@ def test_a_stored_export_has_the_same_deadline(short: Server, database_url: str)
 
 def test_a_stored_export_stops_when_its_token_is_revoked(short: Server,
                                                          database_url: str) -> None:
-    # Rows for hours, a trickle of them (the stored file stays small).
-    run_sql(database_url, "CREATE OR REPLACE VIEW exports.trickle AS SELECT g AS id"
+    # Rows for hours, a trickle of them (the stored file stays small); a view of its own:
+    # test_stored_exports makes `trickle` with other columns in the same database.
+    run_sql(database_url, "CREATE OR REPLACE VIEW exports.hours_of_trickle AS SELECT g AS id"
             " FROM generate_series(1, 1000000000) AS g, LATERAL pg_sleep(0.01) AS s")
     name = f"revoked-while-stored-{os.getpid()}-{random.randrange(10**6)}"
     secret = new_token(database_url, name, "datasets:*")
     s = short
-    r = httpx.get(s.url + "/datasets/trickle.csv", timeout=20,
+    r = httpx.get(s.url + "/datasets/hours_of_trickle.csv", timeout=20,
                   headers={"Prefer": "respond-async", **bearer(secret)})
     assert r.status_code == 202, r.text
     status = s.url + r.json()["status_url"]
@@ -219,4 +220,4 @@ def test_a_stored_export_stops_when_its_token_is_revoked(short: Server,
 
     assert wait_until(stopped, 10)
     assert "revoked" in httpx.get(status, headers=bearer(admin)).json()["error"]
-    assert wait_until(lambda: not running(database_url, "trickle"), 5)
+    assert wait_until(lambda: not running(database_url, "hours_of_trickle"), 5)
