@@ -130,6 +130,8 @@ MODULE_GROUPS = {
     "test_stored_exports.py": "stored-exports",
     "test_links.py": "links",
     "test_web.py": "web",
+    # A virtualenv of the newest postgrest-py and an npm install of postgrest-js.
+    "test_postgrest_clients.py": "postgrest-clients",
 }
 
 
