@@ -143,10 +143,3 @@ def test_a_stored_tsv_export(server: Server, database_url: str) -> None:
         database_url, "SELECT * FROM exports.orders WHERE id <= 500 ORDER BY id",
         "WITH (FORMAT text, HEADER)")
 
-
-def test_the_page_offers_tsv(app: InProcess) -> None:
-    import re
-
-    page = app.get("/").text
-    assert re.search(r'data-format="tsv" href="[^"]*/datasets/orders\.tsv"', page)
-    assert '"tsv"' in page  # the builder's format choice (page data)

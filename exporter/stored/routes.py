@@ -37,3 +37,12 @@ async def delete(export_id: str, st: StateDep, principal: PrincipalDep) -> Respo
 async def file(request: Request, export_id: str, st: StateDep,
                principal: PrincipalDep) -> Response:
     return await service.file(request, st, principal, export_id)
+
+
+# The same file under its own name (`/exports/ID/orders-20261205T111900Z.csv.gz`), the
+# URL the manifest gives.
+@router.api_route("/exports/{export_id}/{name}", methods=["GET", "HEAD"],
+                  openapi_extra=openapi.FILE)
+async def named_file(request: Request, export_id: str, name: str, st: StateDep,
+                     principal: PrincipalDep) -> Response:
+    return await service.file(request, st, principal, export_id, name)
