@@ -59,6 +59,9 @@ def psql_text(database_url: str, query: str, options: str = "") -> bytes:
                                                 " LIMIT 300"),
     ("/datasets/orders.tsv?select=key:id,note&order=id.desc&limit=50",
      "SELECT id AS key, note FROM exports.orders ORDER BY id DESC LIMIT 50"),
+    # The same name twice: the header keeps both, as COPY's.
+    ("/datasets/orders.tsv?select=a:id,a:note&order=id&limit=3",
+     "SELECT id AS a, note AS a FROM exports.orders ORDER BY id LIMIT 3"),
     ("/datasets/daily_revenue.tsv?order=day", "SELECT * FROM exports.daily_revenue"
                                               " ORDER BY day"),
 ])
