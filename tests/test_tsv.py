@@ -34,7 +34,7 @@ def odd(database_url: str) -> str:
         database_url,
         "DROP TABLE IF EXISTS exports.tsv_odd",
         'CREATE TABLE exports.tsv_odd (id int PRIMARY KEY, "tab\tname" text,'
-        ' "back\\slash" text, "new\nline" text, "Zoë \u2028 \x01\x02\x08\x0c" text,'
+        ' "back\\slash" text, "new\nline" text, "Zoë \u2028 \x01\x02\x08\x0b\x0c v" text,'
         ' "quote""d" text, j json, b bytea, a text[], at timestamptz, n numeric, ok boolean)',
         "INSERT INTO exports.tsv_odd VALUES"
         " (1, E'tab\\there', E'back\\\\slash \\\\N', E'lf\\ncr\\r',"
@@ -82,7 +82,7 @@ def test_tsv_is_what_psql_copy_writes(app: InProcess, database_url: str, odd: st
 def test_names_and_values_are_escaped_as_copy_escapes_them(app: InProcess, odd: str) -> None:
     body = app.get("/datasets/tsv_odd.tsv?order=id").content
     lines = body.split(b"\n")
-    names = ("id\ttab\\tname\tback\\\\slash\tnew\\nline\tZoë \u2028 \x01\x02\\b\\f\t"
+    names = ("id\ttab\\tname\tback\\\\slash\tnew\\nline\tZoë \u2028 \x01\x02\\b\\v\\f v\t"
              'quote"d\tj\t')
     assert lines[0].startswith(names.encode())
     assert len(lines) == 5 and lines[-1] == b""  # a header, three rows, a final line break

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 from exporter.exports.renderers.base import CopyStatement, Renderer, register
 
-# COPY's text format escapes these bytes of a value (backslash first), names included.
-_ESCAPES = [("\\\\", "\\\\\\\\"), ("\\b", "\\\\b"), ("\\f", "\\\\f"), ("\\n", "\\\\n"),
-            ("\\r", "\\\\r"), ("\\t", "\\\\t"), ("\\v", "\\\\v")]
+# COPY's text format escapes these bytes of a value (backslash first), names included:
+# the byte's code, and what it becomes. (By code: PostgreSQL's E'' strings know no \v.)
+_ESCAPES = [(92, "\\\\"), (8, "\\b"), (12, "\\f"), (10, "\\n"), (13, "\\r"), (9, "\\t"),
+            (11, "\\v")]
 
 
 def _escaped(expression: str) -> str:
-    for raw, escaped in _ESCAPES:
-        expression = f"replace({expression}, E'{raw}', E'{escaped}')"
+    for code, escaped in _ESCAPES:
+        literal = escaped.replace("\\", "\\\\")  # as an E'' string spells it
+        expression = f"replace({expression}, chr({code}), E'{literal}')"
     return expression
 
 
