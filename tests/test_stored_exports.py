@@ -579,6 +579,10 @@ def test_the_file_url_ends_with_the_file_name(server: Server, alice: str, bob: s
     # Someone else's export, by its right name: 404 as any id they cannot see.
     other = httpx.get(m["file_url"], headers=bearer(bob))
     assert other.status_code == 404 and m["filename"] not in other.text
+    # Nor may they link it (403, as for an id that does not exist).
+    r = httpx.post(server.url + "/links", headers=bearer(bob),
+                   json={"url": f"/exports/{m['id']}/{m['filename']}"})
+    assert r.status_code == 403, r.text
 
 
 @pytest.mark.needs("wget", "curl")
