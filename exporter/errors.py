@@ -1,4 +1,10 @@
-"""Errors that become a clear HTTP answer with a JSON body."""
+"""Errors that become a clear HTTP answer with a JSON body.
+
+The body carries PostgREST's fields (`code`, `message`, `details`, `hint`) at the top
+level, which PostgREST's clients read, beside the `error` object this API always had.
+The codes are PostgREST's where one means the same, else PostgreSQL's SQLSTATE, else our
+own `EXP` + the status (docs/api.md, "Errors").
+"""
 
 from __future__ import annotations
 
@@ -14,17 +20,47 @@ from sqlalchemy import exc as sa_exc
 log = logging.getLogger(__name__)
 
 
+# PostgREST's code for what a status means in this API, where one matches
+# (docs.postgrest.org, references/errors): a query string it cannot parse, a bad token,
+# insufficient privilege (PostgreSQL's own 42501), an unsupported verb, a media type it
+# cannot produce, a range past the end, the database unreachable, a statement cancelled.
+POSTGREST_CODES = {400: "PGRST100", 401: "PGRST301", 403: "42501", 405: "PGRST117",
+                   406: "PGRST107", 416: "PGRST103", 500: "PGRSTX00", 503: "PGRST000",
+                   504: "57014"}
+NO_TOKEN = "PGRST302"  # PostgREST's "anonymous access is disabled"
+NO_TABLE = "PGRST205"  # PostgREST's "could not find the table in the schema cache"
+POOL_TIMEOUT = "PGRST003"
+
+
+def default_code(status: int) -> str:
+    return POSTGREST_CODES.get(status, f"EXP{status}")
+
+
+def error_body(status: int, message: str, *, code: str | None = None,
+               parameter: str | None = None, details: str | None = None,
+               hint: str | None = None) -> dict[str, Any]:
+    """PostgREST's four fields, and our `error` object beside them."""
+    error: dict[str, Any] = {"status": status, "message": message}
+    if parameter is not None:
+        error["parameter"] = parameter
+    return {"code": code or default_code(status), "message": message, "details": details,
+            "hint": hint, "error": error}
+
+
 class ApiError(Exception):
     """A failure the client should hear about, with the status that describes it."""
 
     def __init__(
         self, status: int, message: str, *, parameter: str | None = None,
         headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        code: str | None = None, hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.parameter = parameter
+        self.code = code or default_code(status)
+        self.hint = hint
         # A list of pairs may repeat a name (two WWW-Authenticate challenges, say).
         items = headers.items() if isinstance(headers, Mapping) else headers or []
         self.headers: list[tuple[str, str]] = list(items)
@@ -36,10 +72,10 @@ class ApiError(Exception):
         return response
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"status": self.status, "message": self.message}
-        if self.parameter is not None:
-            error["parameter"] = self.parameter
-        return {"error": error}
+        # PostgREST's `details` say where the problem is: here, the parameter.
+        details = f"parameter: {self.parameter}" if self.parameter is not None else None
+        return error_body(self.status, self.message, code=self.code,
+                          parameter=self.parameter, details=details, hint=self.hint)
 
 
 def bad_parameter(parameter: str, message: str) -> ApiError:
@@ -50,8 +86,9 @@ def unavailable(error: BaseException, what: str = "the database") -> ApiError:
     """503; `what` names the server that failed ("the read replica")."""
     # The driver's own text may name the database user, host or query: it goes to the log.
     log.warning("%s unavailable: %s: %s", what, type(error).__name__, error)
+    waited = isinstance(_driver_error(error), sa_exc.TimeoutError)
     return ApiError(503, f"{what} is unavailable: {describe(error)}",
-                    headers={"Retry-After": "5"})
+                    headers={"Retry-After": "5"}, code=POOL_TIMEOUT if waited else None)
 
 
 # What SQLAlchemy and asyncpg raise when the database is down, slow or refuses a query;
@@ -136,8 +173,8 @@ def database_error(error: BaseException, what: str = "the database") -> ApiError
     error = _driver_error(error)
     if isinstance(error, asyncpg.QueryCanceledError):
         return ApiError(504, f"the query was cancelled by the database: "
-                             f"{postgres_message(error)}")
+                             f"{postgres_message(error)}", code=sqlstate(error))
     if isinstance(error, asyncpg.PostgresError) and not isinstance(error, _NOT_CONNECTED):
         return ApiError(502, f"the database could not run the query: "
-                             f"{postgres_message(error)}")
+                             f"{postgres_message(error)}", code=sqlstate(error))
     return unavailable(error, what)

@@ -254,7 +254,8 @@ def _identity(app: InProcess, path: str, headers: dict[str, str] | None = None) 
     ("*", "zstd"),
 ])
 @pytest.mark.parametrize("path", [ORDERS + "?limit=500", "/datasets/orders.ndjson?limit=500",
-                                  "/datasets/orders?limit=500", "/downloads.csv?limit=5"])
+                                  "/datasets/orders?limit=500", "/downloads.csv?limit=5",
+                                  "/datasets/orders.tsv?limit=500"])
 def test_exports_negotiate_their_coding(app: InProcess, admin: dict[str, str], path: str,
                                         accept_encoding: str | None,
                                         coding: str | None) -> None:
@@ -360,7 +361,7 @@ def test_the_listing_names_the_compressed_urls(app: InProcess) -> None:
     orders = {d["name"]: d for d in app.get("/datasets").json()["datasets"]}["orders"]
     assert orders["compressed_exports"] == {
         f"{fmt}.{ext}": f"{app.url}/datasets/orders.{fmt}.{ext}"
-        for fmt in ("csv", "json", "ndjson") for ext in ("zst", "gz")
+        for fmt in ("csv", "json", "ndjson", "tsv") for ext in ("zst", "gz")
     }
 
 

@@ -134,7 +134,11 @@ def reader_folder(folder: Path, site: Site) -> None:
     (folder / "var").symlink_to(site.data)
     bin_ = folder / ".venv" / "bin"
     bin_.mkdir(parents=True)
-    (bin_ / "python").symlink_to(sys.executable)
+    # A script, not a link: a linked python finds no pyvenv.cfg beside the link and
+    # starts without the virtualenv's packages.
+    python = bin_ / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     exporter = bin_ / "exporter"
     exporter.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m exporter.cli "$@"\n')
     exporter.chmod(0o755)

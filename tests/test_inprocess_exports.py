@@ -42,8 +42,14 @@ def app(database_url: str) -> Iterator[InProcess]:
         ("text/csv", 200, CSV_TYPE),
         ("application/x-ndjson", 200, "application/x-ndjson"),
         ("application/x-ndjson;q=0.9, text/csv;q=0.5", 200, "application/x-ndjson"),
-        ("*/*", 200, CSV_TYPE),
-        (None, 200, CSV_TYPE),
+        # As PostgREST answers: `*/*` (curl, wget, postgrest-js) and no Accept get JSON.
+        ("*/*", 200, "application/json; charset=utf-8"),
+        (None, 200, "application/json; charset=utf-8"),
+        ("", 200, "application/json; charset=utf-8"),
+        ("application/*", 200, "application/json; charset=utf-8"),
+        ("text/*", 200, CSV_TYPE),
+        ("text/csv, */*;q=0.8", 200, CSV_TYPE),
+        ("text/html, */*;q=0.8", 200, "application/json; charset=utf-8"),
         # PostgREST's default answer: a JSON array (exports/renderers/json.py).
         ("application/json", 200, "application/json; charset=utf-8"),
         ("text/html, image/png", 406, "application/json"),
@@ -52,7 +58,7 @@ def app(database_url: str) -> Iterator[InProcess]:
 def test_format_from_accept(
     app: InProcess, accept: str | None, status: int, content_type: str
 ) -> None:
-    headers = {"Accept": accept} if accept else {}
+    headers = {"Accept": accept} if accept is not None else {}
     r = app.get("/datasets/orders?limit=2", headers=headers)
     assert r.status_code == status
     assert r.headers["content-type"] == content_type
@@ -159,7 +165,9 @@ def test_400_messages(app: InProcess, query: str, parameter: str, message: str) 
     r = app.get("/datasets/orders.ndjson?" + query)
     assert r.status_code == 400
     assert r.headers["content-type"] == "application/json"
-    assert r.json() == {"error": {"status": 400, "message": message, "parameter": parameter}}
+    assert r.json() == {"code": "PGRST100", "message": message,
+                        "details": f"parameter: {parameter}", "hint": None,
+                        "error": {"status": 400, "message": message, "parameter": parameter}}
 
 
 @pytest.mark.parametrize("path", [  # moved from tests/test_exports.py
@@ -249,4 +257,5 @@ def test_the_catalog_lists_the_export_urls_of_this_server(app: InProcess) -> Non
     orders = {d["name"]: d for d in r.json()["datasets"]}["orders"]
     assert orders["exports"] == {"csv": app.url + "/datasets/orders.csv",
                                  "json": app.url + "/datasets/orders.json",
-                                 "ndjson": app.url + "/datasets/orders.ndjson"}
+                                 "ndjson": app.url + "/datasets/orders.ndjson",
+                                 "tsv": app.url + "/datasets/orders.tsv"}

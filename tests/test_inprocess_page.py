@@ -197,3 +197,11 @@ def test_every_command_on_the_page_is_shell_quoted(app: InProcess, database_url:
             "wget", ["--content-disposition", f"--header={header}", link])
     finally:
         run_sql(database_url, f"DROP VIEW exports.{quoted_ident(HOSTILE_VIEW)}")
+
+
+def test_the_page_offers_tsv(app: InProcess) -> None:
+    import re
+
+    page = app.get("/").text
+    assert re.search(r'data-format="tsv" href="[^"]*/datasets/orders\.tsv"', page)
+    assert '"tsv"' in page  # the builder's format choice (page data)

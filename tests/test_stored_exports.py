@@ -551,3 +551,87 @@ def test_the_copy_of_a_download_sent_whole_is_kept_a_minute(server: Server, alic
         fetch(database_url, query, copy_id)
     row = fetch(database_url, query, copy_id)[0]
     assert row["delivered"] == row["bytes"] == len(r.content)
+
+
+# --- the file's URL names the file (issue 23) ---------------------------------------------
+
+
+def test_the_file_url_ends_with_the_file_name(server: Server, alice: str, bob: str) -> None:
+    """`/exports/ID/orders-...csv.gz`: what the manifest gives; `/exports/ID/file` stays an
+    alias (links signed for it, scripts that saved it); another name is a 404 naming the
+    right one."""
+    m = finished(server, alice, "/datasets/orders.csv.gz?order=id&limit=300")
+    assert m["file_url"] == f"{server.url}/exports/{m['id']}/{m['filename']}"
+    named = httpx.get(m["file_url"], headers=bearer(alice), timeout=30)
+    alias = httpx.get(f"{server.url}/exports/{m['id']}/file", headers=bearer(alice), timeout=30)
+    assert named.status_code == alias.status_code == 200
+    assert named.content == alias.content and len(named.content) == m["bytes"]
+    assert named.headers["content-length"] == str(m["bytes"])
+    assert named.headers["etag"] == alias.headers["etag"]
+    head = httpx.head(m["file_url"], headers=bearer(alice), timeout=30)
+    assert head.status_code == 200 and head.headers["content-length"] == str(m["bytes"])
+    # The listing's status documents name it too.
+    listed = httpx.get(server.url + "/exports?kind=async&limit=100", headers=bearer(alice),
+                       timeout=30).json()["exports"]
+    assert {x["id"]: x for x in listed}[m["id"]]["file_url"] == m["file_url"]
+    wrong = httpx.get(f"{server.url}/exports/{m['id']}/orders.csv", headers=bearer(alice))
+    assert wrong.status_code == 404 and m["filename"] in wrong.json()["message"]
+    # Someone else's export, by its right name: 404 as any id they cannot see.
+    other = httpx.get(m["file_url"], headers=bearer(bob))
+    assert other.status_code == 404 and m["filename"] not in other.text
+    # Nor may they link it (403, as for an id that does not exist).
+    r = httpx.post(server.url + "/links", headers=bearer(bob),
+                   json={"url": f"/exports/{m['id']}/{m['filename']}"})
+    assert r.status_code == 403, r.text
+
+
+@pytest.mark.needs("wget", "curl")
+def test_wget_and_curl_o_save_the_file_under_its_name(server: Server, alice: str,
+                                                      tmp_path: Path) -> None:
+    m = finished(server, alice, "/datasets/orders.csv.gz?order=id&limit=50")
+    auth = f"Authorization: Bearer {alice}"
+    for folder, command in (("wget", ["wget", "-q", "--header", auth, m["file_url"]]),
+                            ("curl", ["curl", "-fsSO", "-H", auth, m["file_url"]])):
+        (tmp_path / folder).mkdir()
+        subprocess.run(command, cwd=tmp_path / folder, check=True, timeout=60)
+        saved = tmp_path / folder / m["filename"]
+        assert saved.exists(), list((tmp_path / folder).iterdir())
+        assert hashlib.sha256(saved.read_bytes()).hexdigest() == m["sha256"]
+
+
+@pytest.mark.parametrize("url", ["/datasets/orders.csv.gz?order=id&limit=700",
+                                 "/datasets/orders.csv?order=id&limit=700"])
+def test_readers_open_a_signed_link_to_the_file(server: Server, alice: str,
+                                                database_url: str, url: str) -> None:
+    """polars, pandas and DuckDB read the signed link as it is (no headers), gzip or not:
+    the URL ends with the file's name and the answer has a Content-Length."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    m = finished(server, alice, url)
+    link = make_link(server, alice, f"/exports/{m['id']}/{m['filename']}")
+    expected = [r["id"] for r in fetch(database_url,
+                                       "SELECT id FROM exports.orders ORDER BY id LIMIT 700")]
+    assert pl.read_csv(link)["id"].to_list() == expected
+    connection = duckdb.connect()
+    try:
+        _load_httpfs(connection)
+        rows = connection.sql(f"SELECT id FROM read_csv('{link}') ORDER BY id").fetchall()
+    finally:
+        connection.close()
+    assert [r[0] for r in rows] == expected
+    # pandas goes by the URL's ending, which a link's signature follows: told the coding.
+    coding = "gzip" if m["filename"].endswith(".gz") else None
+    assert pd.read_csv(link, compression=coding)["id"].to_list() == expected
+    # With a token as a header, the URL ends with the file's name: pandas sees it.
+    assert pd.read_csv(m["file_url"], storage_options=bearer(alice))["id"].to_list() == expected
+
+
+def _load_httpfs(connection: Any) -> None:
+    """DuckDB's httpfs from its wheel (duckdb-extension-httpfs), never downloaded."""
+    import duckdb_extension_httpfs
+
+    found = next(Path(duckdb_extension_httpfs.__file__).parent.glob(
+        "extensions/*/httpfs.duckdb_extension"))
+    connection.sql(f"LOAD '{found}'")

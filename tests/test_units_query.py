@@ -188,7 +188,8 @@ def test_mistakes_name_the_parameter(params: list[tuple[str, str]], parameter: s
                                      message: str) -> None:
     error = refused(*params)
     assert (error.parameter, error.message) == (parameter, message)
-    assert error.body() == {"error": {"status": 400, "message": message, "parameter": parameter}}
+    assert error.body()["error"] == {"status": 400, "message": message, "parameter": parameter}
+    assert error.body()["code"] == "PGRST100" and error.body()["message"] == message
 
 
 def test_the_first_mistake_is_the_one_told() -> None:

@@ -48,6 +48,9 @@ TOOLS = {t.name: t for t in (
     # The file-serving reference of the benchmarks, and docs/deploy.md's proxy.
     Tool("nginx", "nginx", ("/usr/sbin/nginx",)),
     Tool("chromium", "chromium", ("/usr/bin/chromium",), on_path=False),
+    # postgrest-js, as supabase-js runs it (tests/test_postgrest_clients.py); npm installs it.
+    Tool("node", "nodejs"),
+    Tool("npm", "npm"),
     # The version-dependent tests run on a throwaway cluster of it too (tests/conftest.py
     # skips or fails those itself: they are parametrized, not marked).
     Tool("postgresql-15", "postgresql-15", ("/usr/lib/postgresql/15/bin/pg_ctl",),

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from exporter.errors import ApiError
+from exporter.errors import NO_TOKEN, ApiError
 
 # The scopes, here only: the checks below, token creation and the CLI's help use these.
 ADMIN = "admin"
@@ -85,7 +85,8 @@ class Principal:
         """
         if self.kind == ANONYMOUS:
             return ApiError(401, "authentication required: a token as Bearer or as the Basic"
-                            " password, or a signed link", headers=CHALLENGES)
+                            " password, or a signed link", headers=CHALLENGES,
+                            code=NO_TOKEN)
         return ApiError(403, f"{self.label} may not download this")
 
 

@@ -52,10 +52,11 @@ def may_link(principal: Principal, path: str) -> bool:
 
 async def _may_link_export(stored: StoredExportsSeen | None, principal: Principal,
                            path: str) -> bool:
-    """A stored export (/exports/ID, /exports/ID/file) is linked only if its maker may see
-    it now: its own, of a dataset it may still read. Absent or not: the same 403."""
+    """A stored export (/exports/ID, /exports/ID/file, /exports/ID/{its file name}) is
+    linked only if its maker may see it now: its own, of a dataset it may still read.
+    Absent or not: the same 403."""
     parts = path.split("/")
-    if len(parts) not in (3, 4) or parts[1] != "exports" or parts[3:] not in ([], ["file"]):
+    if len(parts) not in (3, 4) or parts[1] != "exports" or parts[3:] == [""]:
         return True
     return stored is None or await stored.visible(principal, parts[2])
 

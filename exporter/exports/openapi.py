@@ -6,6 +6,7 @@ from typing import Any
 
 from exporter.access.openapi import SIGNED_LINK
 from exporter.exports.operators import NAMES
+from exporter.exports.renderers import all_renderers
 from exporter.openapi import header, query
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
@@ -31,8 +32,9 @@ EXPORT: dict[str, Any] = {"parameters": [
           " rows inserted or updated since its snapshot (tables and materialized views)",
           {"type": "string", "maxLength": 1024}),
     *SIGNED_LINK,
-    header("Accept", "text/csv, application/json (a JSON array) or application/x-ndjson "
-                     "when the name has no extension"),
+    header("Accept", "when the name has no extension: "
+           + ", ".join(r.media_type for r in all_renderers())
+           + "; */* or none is application/json (a JSON array), as PostgREST answers"),
     # PostgREST's pages and counts (exports/pages.py, docs/postgrest.md).
     header("Range", "rows first-last or first- (from 0), as PostgREST; or bytes=N- to "
                     "resume a download"),
@@ -40,5 +42,12 @@ EXPORT: dict[str, Any] = {"parameters": [
     header("Prefer", "count=exact|planned|estimated (total in Content-Range), "
                      "respond-async (a stored export)"),
 ]}
+
+# Every format the registry holds, and the compressed files (`orders.csv.gz`).
+EXPORT["responses"] = {"200": {
+    "description": "the rows, in the format of the name's extension or of Accept",
+    "content": {**{r.media_type: {"schema": {}} for r in all_renderers()},
+                "application/gzip": {"schema": {}}, "application/zstd": {"schema": {}}},
+}}
 
 DOWNLOADS: dict[str, Any] = {"parameters": _EXPORT_QUERY}

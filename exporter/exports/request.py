@@ -17,7 +17,7 @@ from urllib.parse import quote
 from exporter.access.links import LINK_PARAMETERS, canonical_query
 from exporter.access.principal import LINK, Principal
 from exporter.compression import Coding, accepted
-from exporter.errors import ApiError
+from exporter.errors import NO_TABLE, ApiError
 from exporter.export_names import coding_hint, readings
 from exporter.exports import pages, renderers
 from exporter.exports.catalog import Catalog, Dataset
@@ -98,8 +98,12 @@ class ExportRequest:
 def negotiate(accept: str | None) -> Renderer:
     """The format `Accept` asks for; 406 when none is offered."""
     for media_type in parse_accept(accept):
-        if media_type in ("*/*", "text/*"):
+        # `*/*` (curl, wget, postgrest-js, no Accept at all) is JSON, as PostgREST answers;
+        # `text/*` asks for text, and CSV is the text format.
+        if media_type in ("*/*", "application/*"):
             return renderers.DEFAULT
+        if media_type == "text/*":
+            return renderers.TEXT_DEFAULT
         renderer: Renderer | None = renderers.by_media_type(media_type)
         if renderer is not None:
             return renderer
@@ -134,7 +138,7 @@ async def find(catalog: Catalog, principal: Principal, name: str, accept: str | 
             assert renderer is not None  # readings() knows only registered formats
             return ds, Representation(renderer, reading.coding)
     raise ApiError(404, f"no dataset named '{name}' in schema '{catalog.schema}'"
-                        f"{coding_hint(name)}")
+                        f"{coding_hint(name)}", code=NO_TABLE)
 
 
 def read(dataset: Dataset, representation: Representation, principal: Principal,

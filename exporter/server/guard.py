@@ -20,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from exporter.config import get_settings
+from exporter.errors import error_body
 from exporter.server.protocol import tune_transport
 
 # After a refusal the client may still be sending (a 100 MB header, say): closing at once
@@ -119,7 +120,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # An answer now would land inside the body of the response being sent.
             self.transport.close()
             return
-        body = json.dumps({"error": {"status": status, "message": message}}).encode()
+        body = json.dumps(error_body(status, message)).encode()
         self.transport.write(b"".join([
             b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
             b"content-type: application/json\r\n",

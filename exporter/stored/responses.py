@@ -18,7 +18,7 @@ from exporter.files.context import Files
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
 from exporter.stored.resume_copies import StoredResumeCopies
-from exporter.stored.service import EXPORTS_PATH, StoredService, describe
+from exporter.stored.service import EXPORTS_PATH, FILE_ALIAS, StoredService, describe
 from exporter.stored.store import COMPLETE, RUNNING
 
 
@@ -42,9 +42,9 @@ def listing(request: Request, rows: list[sa.Row[Any]]) -> Response:
 
 
 async def file(request: Request, files: Files, stored: StoredService, principal: Principal,
-               export_id: str) -> Response:
+               export_id: str, name: str = FILE_ALIAS) -> Response:
     disposition = request.query_params.get("disposition", "attachment")
-    row, f, fst = await stored.open_file(principal, export_id, disposition)
+    row, f, fst = await stored.open_file(principal, export_id, disposition, name)
     try:
         sha256 = bytes(row.sha256)
         headers = {**SAFE_HEADERS, "Cache-Control": "private"}

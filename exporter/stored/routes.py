@@ -48,3 +48,12 @@ async def delete(export_id: str, stored: StoredDep, principal: PrincipalDep) -> 
 async def file(request: Request, export_id: str, files: FilesDep, stored: StoredDep,
                principal: PrincipalDep) -> Response:
     return await responses.file(request, files, stored, principal, export_id)
+
+
+# The same file under its own name (`/exports/ID/orders-20261205T111900Z.csv.gz`), the
+# URL the manifest gives.
+@router.api_route("/exports/{export_id}/{name}", methods=["GET", "HEAD"],
+                  openapi_extra=openapi.FILE)
+async def named_file(request: Request, export_id: str, name: str, files: FilesDep,
+                     stored: StoredDep, principal: PrincipalDep) -> Response:
+    return await responses.file(request, files, stored, principal, export_id, name)

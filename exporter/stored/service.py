@@ -17,7 +17,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -64,6 +64,21 @@ log = logging.getLogger(__name__)
 
 ID = re.compile(r"[A-Za-z0-9_-]{22}")
 EXPORTS_PATH = "/exports"
+# The file's first URL, kept as an alias of the one named after the file (links signed
+# for it and scripts that saved it go on working, without a redirect to follow).
+FILE_ALIAS = "file"
+
+
+def url_name(filename: str) -> str:
+    """The file's name as the last segment of its URL (a dataset's name may hold a slash,
+    which a path segment cannot)."""
+    return filename.replace("/", "_")
+
+
+def file_path(row: sa.Row[Any]) -> str:
+    """`/exports/ID/orders-20261205T111900Z.csv.gz`: readers that go by the URL's ending
+    (pandas, DuckDB, `wget`, `curl -O`) see what the file is."""
+    return f"{EXPORTS_PATH}/{row.id}/{quote(url_name(row.filename), safe='')}"
 RUN_SHUT_DOWN = "the server shut down while it ran"
 DEFAULT_LIST = 100
 # GET /exports?kind=: the names a client asks by, and the rows' kinds.
@@ -248,11 +263,13 @@ class StoredService(StoredExports):
             await conn.execute(sa.delete(t).where(t.c.id == export_id))
         await self.storage.delete(row.storage_key)
 
-    async def open_file(self, principal: Principal, export_id: str,
-                        disposition: str) -> tuple[sa.Row[Any], Any, os.stat_result]:
+    async def open_file(self, principal: Principal, export_id: str, disposition: str,
+                        name: str = FILE_ALIAS) -> tuple[sa.Row[Any], Any, os.stat_result]:
         """The complete export's row and its file, open (the caller closes it), and its
         stat; 409 while it runs, 410 once it failed or its file is gone."""
         row = await self._row(principal, export_id)
+        if name not in (FILE_ALIAS, url_name(row.filename)):
+            raise ApiError(404, f"this export's file is {file_path(row)}")
         if row.status == RUNNING:
             raise ApiError(409, "the export is still running: see its status",
                            headers={"Retry-After": self.retry_after()})
@@ -349,7 +366,7 @@ def describe(base_url: str, row: sa.Row[Any]) -> dict[str, Any]:
             # A table's: `since=` this cursor in a later export gives what changed after.
             "cursor": row.cursor,
             "sha256": sha256.hex(), "sha256_base64": base64.b64encode(sha256).decode(),
-            "file_url": f"{status_url}/file",
+            "file_url": f"{base}{file_path(row)}",
         })
     else:
         body["error"] = row.error

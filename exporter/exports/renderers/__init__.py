@@ -5,7 +5,7 @@ the response body. A new format is one new module here that calls `register`, an
 one import below.
 """
 
-from exporter.exports.renderers import csv, json, ndjson
+from exporter.exports.renderers import csv, json, ndjson, tsv
 from exporter.exports.renderers.base import (
            CopyStatement,
            Renderer,
@@ -14,7 +14,8 @@ from exporter.exports.renderers.base import (
            by_media_type,
 )
 
-DEFAULT: Renderer = csv.CSV  # what `Accept: */*` gets
+DEFAULT: Renderer = json.JSON  # what `Accept: */*` (or none) gets, as from PostgREST
+TEXT_DEFAULT: Renderer = csv.CSV  # what `Accept: text/*` gets
 
-__all__ = ["DEFAULT", "CopyStatement", "Renderer", "all_renderers", "by_extension", "by_media_type",
-           "json", "ndjson"]
+__all__ = ["DEFAULT", "TEXT_DEFAULT", "CopyStatement", "Renderer", "all_renderers",
+           "by_extension", "by_media_type", "json", "ndjson", "tsv"]
