@@ -187,14 +187,13 @@ async def _stream(request: Request, st: State, req: ExportRequest, job: Export,
         headers[cursor.HEADER] = token
     chunks: AsyncGenerator[bytes, None] | None = None
     if st.resume_copies is not None and _copied(req):
-        copy = await _begin_copy(st.resume_copies, req, job, token)
-        if copy is not None:
-            # Each chunk written into the copy before it is sent; the rest after the
-            # client left, the snapshot held meanwhile (exports/resume_writer.py).
-            writer = ResumeWriter(copy, job, lease, s.exports_resume_finish)
-            job.hold(writer)
-            chunks = writer.chunks()
-            headers.update(_copy_headers(request, st.resume_copies, copy))
+        copy = _begin_copy(st.resume_copies, req, job, token)
+        # Each chunk written into the copy as it is sent; the rest after the client
+        # left, the snapshot held meanwhile (exports/resume_writer.py).
+        writer = ResumeWriter(copy, job, lease, s.exports_resume_finish)
+        job.hold(writer)
+        chunks = writer.chunks()
+        headers.update(_copy_headers(request, st.resume_copies, copy))
     return StreamingResponse(job.body(body_coding, level, chunks=chunks), status_code=status,
                              headers=headers)
 
@@ -229,12 +228,12 @@ async def _cursor_key(st: State) -> bytes:
     return cursor.cursor_key(key)
 
 
-async def _begin_copy(copies: ResumeCopies, req: ExportRequest, job: Export,
-                      token: str | None) -> ResumeCopy | None:
+def _begin_copy(copies: ResumeCopies, req: ExportRequest, job: Export,
+                token: str | None) -> ResumeCopy:
     """Start the export's stored copy, found later by the request's representation URL.
     The export goes on without one if it cannot be had (the reason is logged by the
     store)."""
-    return await copies.begin(
+    return copies.begin(
         req.principal, url=req.url, dataset=job.query.dataset.name, format=job.renderer.name,
         content_type=job.renderer.content_type, filename=job.filename,
         snapshot_time=job.snapshot_time, cursor=token)

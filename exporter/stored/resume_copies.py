@@ -48,17 +48,41 @@ def _cut_after(row: Any, offset: int) -> bool:
 
 
 class StoredResumeCopy:
-    def __init__(self, copies: StoredResumeCopies, writer: Writer, snapshot_time: datetime,
+    """A copy whose id (its ETag) is known at once; its row and file are made by `start`,
+    which every method waits for (the first write, while the first chunk leaves)."""
+
+    def __init__(self, copies: StoredResumeCopies, export_id: str,
+                 start: asyncio.Task[Writer], dataset: str, snapshot_time: datetime,
                  cursor: str | None = None) -> None:
-        self.id = writer.id
+        self.id = export_id
         self._copies = copies
-        self._writer = writer
+        self._start = start
+        self._dataset = dataset
         self._snapshot_time = snapshot_time
         self._cursor = cursor
+        self._told = False  # why there is no copy, logged once
+
+    async def _writer(self) -> Writer | None:
+        """The copy's writer, once its row and file exist; None if they could not be
+        made (the export goes on without a copy)."""
+        try:
+            # Shielded: a client that leaves meanwhile does not leave a row half made.
+            return await asyncio.shield(self._start)
+        except ApiError as error:  # the quota is full, the storage or database refuses
+            reason = error.message
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+        if not self._told:
+            self._told = True
+            log.info("a streamed export of %s goes without a copy: %s", self._dataset, reason)
+        return None
 
     async def write(self, chunk: bytes) -> None:
+        writer = await self._writer()
+        if writer is None:
+            raise ResumeCopyStopped("the copy could not be begun")
         try:
-            await self._writer.write(chunk)
+            await writer.write(chunk)
         except WriterStopped as stop:
             raise ResumeCopyStopped(str(stop)) from None
         except OSError as error:
@@ -68,11 +92,15 @@ class StoredResumeCopy:
                               ) from None
 
     async def left(self, delivered: int) -> None:
-        await self._copies.record_delivered(self.id, delivered)
+        if await self._writer() is not None:
+            await self._copies.record_delivered(self.id, delivered)
 
     async def finish(self, rows: int | None) -> None:
+        writer = await self._writer()
+        if writer is None:
+            return
         try:
-            await self._writer.finish(rows, self._snapshot_time, self._cursor)
+            await writer.finish(rows, self._snapshot_time, self._cursor)
         except WriterStopped as stop:
             log.info("copy %s: %s", self.id, stop)
             return
@@ -81,12 +109,14 @@ class StoredResumeCopy:
             # itself is done.
             log.warning("copy %s could not be kept: %s", self.id, error)
             with contextlib.suppress(Exception):
-                await self._writer.fail(f"the copy could not be kept: {without_paths(error)}")
+                await writer.fail(f"the copy could not be kept: {without_paths(error)}")
             return
         await self._copies.keep_for_resuming(self.id)
 
     async def fail(self, reason: str) -> None:
-        await self._writer.fail(reason)
+        writer = await self._writer()
+        if writer is not None:
+            await writer.fail(reason)
 
 
 class StoredResumeCopies:
@@ -98,17 +128,15 @@ class StoredResumeCopies:
         self._retention = parse_duration(settings.exports_resume_retention)
         self._whole_retention = parse_duration(settings.exports_resume_complete_retention)
 
-    async def begin(self, principal: Principal, *, url: str, dataset: str,
-                    format: str, content_type: str, filename: str,
-                    snapshot_time: datetime, cursor: str | None = None) -> StoredResumeCopy | None:
-        try:
-            writer = await self._service.begin(
-                principal, url=url, dataset=dataset, format=format,
-                coding=None, content_type=content_type, filename=filename, kind=STREAMED)
-        except ApiError as error:  # the quota is full, the storage refuses
-            log.info("a streamed export of %s goes without a copy: %s", dataset, error.message)
-            return None
-        return StoredResumeCopy(self, writer, snapshot_time, cursor)
+    def begin(self, principal: Principal, *, url: str, dataset: str,
+              format: str, content_type: str, filename: str,
+              snapshot_time: datetime, cursor: str | None = None) -> StoredResumeCopy:
+        # Its row and file are made while the export's first chunk leaves: a quota
+        # check, an insert and a file are no part of the time to the first byte.
+        export_id, start = self._service.begin_soon(
+            principal, url=url, dataset=dataset, format=format, coding=None,
+            content_type=content_type, filename=filename, kind=STREAMED)
+        return StoredResumeCopy(self, export_id, start, dataset, snapshot_time, cursor)
 
     def location(self, request: Request, copy: Any) -> str:
         return f"{request.scope.get('root_path', '')}/exports/{copy.id}/file"
@@ -166,6 +194,8 @@ class StoredResumeCopies:
                       ) -> tuple[str, int | None] | None:
         """The copy to answer from, and the offset asked (None: an If-Range answer)."""
         owner = owner_of(principal)
+        # A copy of this URL promised here a moment ago has its row once this returns.
+        await self._service.started(owner=owner, url=url)
         if_range = request.headers.get("if-range")
         if if_range is not None:
             match = STRONG_ETAG.fullmatch(if_range.strip())

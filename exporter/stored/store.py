@@ -113,6 +113,9 @@ class StoredExports:
         self.retention: timedelta = parse_duration(settings.exports_retention)
         self.interval = settings.exports_progress_interval
         self._cleanup: asyncio.Task[None] | None = None
+        # Exports whose id is promised while their row and file are still being made
+        # (`begin_soon`), with their owner and URL: readers in this process wait for them.
+        self._starting: dict[str, tuple[str, str, asyncio.Task[Writer]]] = {}
 
     # --- writing -----------------------------------------------------------------------
 
@@ -217,10 +220,11 @@ class StoredExports:
     async def begin(self, principal: Principal, *, url: str, dataset: str, format: str,
                     coding: str | None, content_type: str, filename: str, kind: str,
                     estimated_rows: int | None = None,
-                    on_stop: Callable[[str], None] | None = None) -> Writer:
+                    on_stop: Callable[[str], None] | None = None,
+                    export_id: str | None = None) -> Writer:
         """A new running export and its writer; 507 when the quota is full."""
         room = await self.check_quota(principal, kind)
-        export_id = new_id()
+        export_id = export_id or new_id()
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(sa.insert(t).values(
@@ -246,6 +250,34 @@ class StoredExports:
         writer.room = room
         writer.start()
         return writer
+
+    def begin_soon(self, principal: Principal, **arguments: Any
+                   ) -> tuple[str, asyncio.Task[Writer]]:
+        """`begin` in a task of its own, and the id it will have, known now: a streamed
+        export promises its copy's ETag before the copy's row and file exist, and makes
+        them while its first chunk leaves. Until they are made (or refused), readers in
+        this process wait for them (`started`)."""
+        export_id = new_id()
+        task = asyncio.get_running_loop().create_task(
+            self.begin(principal, export_id=export_id, **arguments))
+        self._starting[export_id] = (owner_of(principal), arguments["url"], task)
+
+        def done(task: asyncio.Task[Writer]) -> None:
+            self._starting.pop(export_id, None)
+            if not task.cancelled():
+                task.exception()  # retrieved: its owner logs why, if it awaits it at all
+
+        task.add_done_callback(done)
+        return export_id, task
+
+    async def started(self, export_id: str | None = None, *, owner: str | None = None,
+                      url: str | None = None) -> None:
+        """Once the rows `begin_soon` is making here for `export_id`, or for the
+        owner's `url`, are written (or refused): a reader then finds them."""
+        tasks = [task for key, (by, at, task) in self._starting.items()
+                 if key == export_id or (by == owner and at == url)]
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _close_row(self, export_id: str, status: str, error: str | None,
                          **values: Any) -> str | None:
