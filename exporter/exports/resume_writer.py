@@ -1,5 +1,5 @@
 """The writer of a resume copy: a body wrapper around a streamed export's chunks, which
-writes each chunk into the copy before it leaves and, when the client leaves, reads the
+writes each chunk into the copy while it leaves and, when the client leaves, reads the
 rest of the export into the copy."""
 
 from __future__ import annotations
