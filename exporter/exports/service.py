@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 from fastapi import Request, Response
@@ -150,6 +151,7 @@ async def answer(request: Request, st: State, req: ExportRequest, *,
     job = Export(engine, st.audit, st.settings, req.query, req.renderer, download,
                  replica=engine is st.replica, window=req.window, url_query=req.query_string,
                  head=head)
+    signing = None if head else _cursor_key_soon(st, req)
     try:
         await unless_disconnected(job.open(), request.receive)
     except ClientLeft:
@@ -157,7 +159,7 @@ async def answer(request: Request, st: State, req: ExportRequest, *,
     if head:
         await lease.aclose()  # its work is done: a GET that follows finds the slots free
         return _head_response(request, req, job)
-    return await _stream(request, st, req, job, lease)
+    return await _stream(request, st, req, job, lease, signing)
 
 
 def _head_response(request: Request, req: ExportRequest, job: Export) -> Response:
@@ -171,7 +173,7 @@ def _head_response(request: Request, req: ExportRequest, job: Export) -> Respons
 
 
 async def _stream(request: Request, st: State, req: ExportRequest, job: Export,
-                  lease: Lease) -> Response:
+                  lease: Lease, key: asyncio.Task[bytes] | None = None) -> Response:
     lease.on_request_end = job.request_ended
     lease.watch = ExportWatch(st.settings.export_idle_timeout, job.deadline, job.cut)
     body_coding = req.representation.file_coding or req.content_coding
@@ -182,7 +184,7 @@ async def _stream(request: Request, st: State, req: ExportRequest, job: Export,
     if job.answer is not None:
         status = job.answer.status
         headers.update(job.answer.headers)
-    token = await export_cursor(st, job)
+    token = await export_cursor(st, job, key)
     if token is not None:
         headers[cursor.HEADER] = token
     chunks: AsyncGenerator[bytes, None] | None = None
@@ -209,13 +211,28 @@ async def read_since(st: State, query: ExportQuery) -> None:
     query.changed_since = cursor.decode(query.since, await _cursor_key(st))
 
 
-async def export_cursor(st: State, job: Export) -> str | None:
-    """The Export-Cursor of an export's snapshot, signed; none for a dataset without xmin,
-    or for a part of the rows (a limit, an offset, a page: the cursor would claim the
-    rows left out, and a pull by pages would lose them)."""
+async def export_cursor(st: State, job: Export, key: Awaitable[bytes] | None = None
+                        ) -> str | None:
+    """The Export-Cursor of an export's snapshot, signed (with `key` if it is being read
+    already); none for a dataset without xmin, or for a part of the rows (a limit, an
+    offset, a page: the cursor would claim the rows left out, and a pull by pages would
+    lose them)."""
     if job.cursor is None or job.query.partial:
         return None
-    return cursor.encode(job.cursor, await _cursor_key(st))
+    return cursor.encode(job.cursor, await (key or _cursor_key(st)))
+
+
+def _cursor_key_soon(st: State, req: ExportRequest) -> asyncio.Task[bytes] | None:
+    """The cursor's key, read while the export opens (on a connection of its own: its
+    round trips are off the way to the first byte), when the export will sign a cursor.
+    Its failure is raised where it is awaited; unawaited (the export failed first), it
+    is dropped."""
+    query = req.query
+    if query.dataset.kind not in cursor.KINDS_WITH_XMIN or query.partial:
+        return None
+    task = asyncio.get_running_loop().create_task(_cursor_key(st))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 async def _cursor_key(st: State) -> bytes:
