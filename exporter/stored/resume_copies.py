@@ -23,7 +23,15 @@ from exporter.errors import ApiError, without_paths
 from exporter.exports.resume_copies import ResumeCopyStopped
 from exporter.state import get_state
 from exporter.stored.service import StoredService
-from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Writer, WriterStopped, owner_of
+from exporter.stored.store import (
+    COMPLETE,
+    RUNNING,
+    STREAMED,
+    Promised,
+    Writer,
+    WriterStopped,
+    owner_of,
+)
 from exporter.streaming import ClientLeft, run_detached, unless_disconnected
 from exporter.tables import stored_exports as t
 
@@ -48,15 +56,15 @@ def _cut_after(row: Any, offset: int) -> bool:
 
 
 class StoredResumeCopy:
-    """A copy whose id (its ETag) is known at once; its row and file are made by `start`,
-    which every method waits for (the first write, while the first chunk leaves)."""
+    """A copy whose id (its ETag) is known at once; its row and file are made when first
+    needed (the first write, once the first chunk is on its way), and every method waits
+    for them."""
 
-    def __init__(self, copies: StoredResumeCopies, export_id: str,
-                 start: asyncio.Task[Writer], dataset: str, snapshot_time: datetime,
-                 cursor: str | None = None) -> None:
-        self.id = export_id
+    def __init__(self, copies: StoredResumeCopies, promised: Promised, dataset: str,
+                 snapshot_time: datetime, cursor: str | None = None) -> None:
+        self.id = promised.id
         self._copies = copies
-        self._start = start
+        self._promised = promised
         self._dataset = dataset
         self._snapshot_time = snapshot_time
         self._cursor = cursor
@@ -67,7 +75,7 @@ class StoredResumeCopy:
         made (the export goes on without a copy)."""
         try:
             # Shielded: a client that leaves meanwhile does not leave a row half made.
-            return await asyncio.shield(self._start)
+            return await asyncio.shield(self._promised.task())
         except ApiError as error:  # the quota is full, the storage or database refuses
             reason = error.message
         except Exception as error:
@@ -131,12 +139,13 @@ class StoredResumeCopies:
     def begin(self, principal: Principal, *, url: str, dataset: str,
               format: str, content_type: str, filename: str,
               snapshot_time: datetime, cursor: str | None = None) -> StoredResumeCopy:
-        # Its row and file are made while the export's first chunk leaves: a quota
-        # check, an insert and a file are no part of the time to the first byte.
-        export_id, start = self._service.begin_soon(
+        # Its row and file are made once the export's first chunk is on its way (its
+        # first write): a quota check, an insert and a file are no part of the time to
+        # the first byte.
+        promised = self._service.begin_soon(
             principal, url=url, dataset=dataset, format=format, coding=None,
             content_type=content_type, filename=filename, kind=STREAMED)
-        return StoredResumeCopy(self, export_id, start, dataset, snapshot_time, cursor)
+        return StoredResumeCopy(self, promised, dataset, snapshot_time, cursor)
 
     def location(self, request: Request, copy: Any) -> str:
         return f"{request.scope.get('root_path', '')}/exports/{copy.id}/file"
