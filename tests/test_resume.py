@@ -355,6 +355,27 @@ def test_copies_make_room_for_stored_exports_and_stay_refused_for_resuming(
     assert r.status_code == 200
 
 
+def test_a_copy_the_quota_refuses_costs_the_download_nothing(
+    make_server: type[Server], token: str
+) -> None:
+    """The copy's room, row and file are made while the first chunk leaves, after its ETag
+    is promised (the time to the first byte): a copy that cannot be begun leaves the
+    download whole, and a resume that names it gets the whole export, never a splice."""
+    s = make_server({"EXPORTER_EXPORTS_MAX_BYTES": "1"}).start()
+    path = "/datasets/orders.csv?select=id,customer&order=id&limit=2000"
+    auth = {**IDENTITY, "Authorization": f"Bearer {token}"}
+    r = httpx.get(s.url + path, headers=auth, timeout=60)
+    assert r.status_code == 200
+    assert r.content.count(b"\n") == 2001
+    etag, location = r.headers["etag"], r.headers["content-location"]
+    assert wait_until(lambda: "goes without a copy" in s.log(), 30)
+    assert httpx.get(s.url + location, headers=auth, timeout=30).status_code == 404
+    rest = httpx.get(s.url + path, headers={**auth, "Range": "bytes=100-", "If-Range": etag},
+                     timeout=60)
+    assert rest.status_code == 200
+    assert rest.content == r.content
+
+
 def test_a_resume_never_splices_two_formats(server: Server, table: str) -> None:
     """A copy is found by its representation, not by its URL alone: the suffix-less URL
     negotiated as NDJSON and cut is no copy of the same URL asked for as CSV."""

@@ -199,9 +199,11 @@ def refuse_without_xmin(kind: str, dataset: str) -> ApiError:
 _SNAPSHOT_SQL = """
 WITH s AS MATERIALIZED (
     SELECT now() AS at, pg_current_snapshot() AS snap, pg_is_in_recovery() AS standby,
-           (SELECT system_identifier FROM pg_control_system()) AS system
+           (SELECT system_identifier FROM pg_control_system()) AS system,
+           set_config('statement_timeout',
+                      coalesce($1, current_setting('statement_timeout')), true) AS timeout
 )
-SELECT s.at, pg_snapshot_xmin(s.snap)::text::bigint AS xmin,
+SELECT s.at, s.timeout, pg_snapshot_xmin(s.snap)::text::bigint AS xmin,
        pg_snapshot_xmax(s.snap)::text::bigint AS xmax, s.standby, s.system,
        age(xid(pg_snapshot_xmax(s.snap))) AS ahead,
        ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s.snap) AS x ORDER BY 1) AS xip,
@@ -218,12 +220,15 @@ _ENDED_SQL = ("SELECT coalesce(min(x), -1) FROM unnest($1::bigint[]) AS x"
               " WHERE pg_xact_status(x::text::xid8) IS DISTINCT FROM 'in progress'")
 
 
-async def take(conn: AsyncConnection) -> Snapshot | None:
-    """As the first statement of a REPEATABLE READ transaction: its snapshot and cursor.
-    None, with the transaction rolled back, if the role may not read the cluster's
-    identity (EXECUTE on pg_control_system() revoked from PUBLIC): no cursor then."""
+async def take(conn: AsyncConnection, statement_timeout: str | None = None
+               ) -> Snapshot | None:
+    """As the first statement of a REPEATABLE READ transaction: its snapshot and cursor,
+    and (the same round trip) the transaction's `statement_timeout` for the statements
+    after it, if given. None, with the transaction rolled back, if the role may not read
+    the cluster's identity (EXECUTE on pg_control_system() revoked from PUBLIC): no
+    cursor then, nor timeout."""
     try:
-        row = await probe(conn)
+        row = await probe(conn, statement_timeout)
     except DRIVER_ERRORS as error:
         if sqlstate(error) != INSUFFICIENT_PRIVILEGE:
             raise
@@ -233,9 +238,11 @@ async def take(conn: AsyncConnection) -> Snapshot | None:
     return await settle(conn, row)
 
 
-async def probe(conn: AsyncConnection) -> Any:
-    """The first statement: the snapshot and its window's xids in progress."""
-    return (await conn.exec_driver_sql(_SNAPSHOT_SQL.format(limit=int(PROBE_LIMIT)))).one()
+async def probe(conn: AsyncConnection, statement_timeout: str | None = None) -> Any:
+    """The first statement: the snapshot and its window's xids in progress (and the
+    timeout of the statements after it, if given)."""
+    return (await conn.exec_driver_sql(_SNAPSHOT_SQL.format(limit=int(PROBE_LIMIT)),
+                                       (statement_timeout,))).one()
 
 
 async def settle(conn: AsyncConnection, row: Any) -> Snapshot:

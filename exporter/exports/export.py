@@ -197,10 +197,16 @@ class Export:
             # The first statement opens the transaction; now() is its start, the snapshot's
             # time. A table's export also reads the snapshot itself, its change cursor.
             # A HEAD gives no cursor: it reads the snapshot only to count changes `since`.
+            # The server cancels the checks and counts that run past the timeout too,
+            # should this process not: set by that first statement (a plain export has
+            # no check: it sets none).
+            timeout = self._settings.statement_timeout
+            bounded = self._window is not None or sql.runs_checks(self.query)
+            limit = sql.timeout_setting(timeout) if bounded else None
             snapshot = None
             if self.query.dataset.kind in cursor.KINDS_WITH_XMIN and (
                     not self._head or self.query.changed_since is not None):
-                snapshot = await cursor.take(conn)
+                snapshot = await cursor.take(conn, limit)
             if snapshot is not None:
                 self.snapshot_time, self.cursor = snapshot.time, snapshot.cursor
                 if self.query.changed_since is not None:
@@ -209,13 +215,13 @@ class Export:
             else:
                 if self.query.changed_since is not None:
                     raise ApiError(503, cursor.NO_IDENTITY)
-                self.snapshot_time = (await conn.execute(text("SELECT now()"))).scalar_one()
-            # The server cancels the checks and counts that run past the timeout too,
-            # should this process not (a plain export has none: no round trip for it).
-            timeout = self._settings.statement_timeout
-            bounded = self._window is not None or sql.runs_checks(self.query)
-            if bounded:
-                await sql.limit_statements(conn, timeout)
+                if limit is None:
+                    first = await conn.execute(text("SELECT now()"))
+                else:
+                    first = await conn.execute(text(
+                        "SELECT now(), set_config('statement_timeout', :limit, true)"),
+                        {"limit": limit})
+                self.snapshot_time = first.one()[0]
             await sql.check_values(conn, self.query, timeout)
             if self._window is not None:
                 self.answer = await pages.answer(conn, self.query, self._window,

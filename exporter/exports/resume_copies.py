@@ -52,12 +52,14 @@ class Continuation:
 
 
 class ResumeCopies(Protocol):
-    async def begin(self, principal: Principal, *, url: str, dataset: str,
-                    format: str, content_type: str, filename: str,
-                    snapshot_time: datetime, cursor: str | None = None) -> ResumeCopy | None:
+    def begin(self, principal: Principal, *, url: str, dataset: str,
+              format: str, content_type: str, filename: str,
+              snapshot_time: datetime, cursor: str | None = None) -> ResumeCopy:
         """A copy of the export of `url` (its representation's canonical URL,
-        exports/request.py) as the principal streams it; None when there is to be none
-        (the setting is off, the quota is full). `cursor`: its Export-Cursor, if any."""
+        exports/request.py) as the principal streams it, its id known at once: what it
+        needs (room in the quota, a row, a file) is made while the first chunk leaves,
+        and a copy that cannot have them stops at its first write. `cursor`: its
+        Export-Cursor, if any."""
 
     async def find(self, client: Client, principal: Principal, url: str, byte_range: str,
                    if_range: str | None) -> Continuation | None:

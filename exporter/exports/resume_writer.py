@@ -1,5 +1,5 @@
 """The writer of a resume copy: a body wrapper around a streamed export's chunks, which
-writes each chunk into the copy before it leaves and, when the client leaves, reads the
+writes each chunk into the copy while it leaves and, when the client leaves, reads the
 rest of the export into the copy."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ResumeWriter:
         self._export = export
         self._lease = lease
         self._finish_within = finish_within
-        # A write under way, shielded: a client that leaves must not cut a chunk in two.
+        # The write of the chunk last sent, under way while it leaves.
         self._writing: asyncio.Future[None] | None = None
         # How the response ended, and whether the copy is completed after it.
         self._status: str | None = None
@@ -56,24 +56,35 @@ class ResumeWriter:
         self._rest: ResumeCopy | None = None
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
-        """The export's chunks, each written into the copy before it is sent."""
+        """The export's chunks, each written into the copy while it is sent: a chunk is
+        yielded once the previous one is in the copy, so the first leaves at once (the
+        copy's row and file are made meanwhile) and the copy is never more than one
+        chunk behind (`settle` waits for that one)."""
         async with aclosing(self._export.chunks()) as chunks:
-            async for chunk in chunks:
+            while True:
+                # Before the next chunk is taken: a client that leaves during this wait
+                # must not leave a chunk taken from the export and in neither place.
+                await self._written()
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
                 if self._copy is not None:
-                    await self._write(chunk)
+                    self._writing = asyncio.ensure_future(self._copy.write(chunk))
                 yield chunk
 
-    async def _write(self, chunk: bytes) -> None:
-        assert self._copy is not None
-        self._writing = asyncio.ensure_future(self._copy.write(chunk))
+    async def _written(self) -> None:
+        """The write under way, done: shielded, so a client that leaves never cuts a
+        chunk in two; a copy that cannot go on is dropped, and the export goes on."""
+        if self._writing is None:
+            return
         try:
             await asyncio.shield(self._writing)
         except ResumeCopyStopped as stop:
-            # The export goes on; only its resumption is lost.
-            copy, self._copy = self._copy, None
-            log.info("export %s goes on without its copy %s: %s", self._export.download.id,
-                     copy.id, stop)
-            run_detached(copy.fail(str(stop)))
+            copy, self._copy, self._writing = self._copy, None, None
+            if copy is not None:
+                log.info("export %s goes on without its copy %s: %s",
+                         self._export.download.id, copy.id, stop)
+                run_detached(copy.fail(str(stop)))
 
     def ended(self, status: str, error: str | None) -> None:
         self._status, self._error = status, error

@@ -7,7 +7,8 @@ exports/responses.py makes into a response.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,30 +145,31 @@ async def answer(exports: Exports, client: Client, req: ExportRequest, *,
     job = Export(engine, exports.audit, exports.settings, req.query, req.renderer, download,
                  replica=engine is exports.replica, window=req.window,
                  url_query=req.query_string, head=head)
+    signing = None if head else _cursor_key_soon(exports.links, req)
     await unless_disconnected(job.open(), client.receive)
     if head:
         await lease.aclose()  # its work is done: a GET that follows finds the slots free
         return Head(req, job)
-    return await _stream(exports, req, job, lease)
+    return await _stream(exports, req, job, lease, signing)
 
 
-async def _stream(exports: Exports, req: ExportRequest, job: Export, lease: Lease) -> Stream:
+async def _stream(exports: Exports, req: ExportRequest, job: Export, lease: Lease,
+                  key: asyncio.Task[bytes] | None = None) -> Stream:
     s = exports.settings
     lease.on_request_end = job.request_ended
     lease.watch = ExportWatch(s.export_idle_timeout, job.deadline, job.cut)
     body_coding = req.representation.file_coding or req.content_coding
     level = level_of(body_coding, s.gzip_level, s.zstd_level) if body_coding else None
-    token = await export_cursor(exports.links, job)
+    token = await export_cursor(exports.links, job, key)
     chunks: AsyncGenerator[bytes, None] | None = None
     copy = None
     if exports.resume_copies is not None and _copied(req):
-        copy = await _begin_copy(exports.resume_copies, req, job, token)
-        if copy is not None:
-            # Each chunk written into the copy before it is sent; the rest after the
-            # client left, the snapshot held meanwhile (exports/resume_writer.py).
-            writer = ResumeWriter(copy, job, lease, s.exports_resume_finish)
-            job.hold(writer)
-            chunks = writer.chunks()
+        copy = _begin_copy(exports.resume_copies, req, job, token)
+        # Each chunk written into the copy as it is sent; the rest after the client
+        # left, the snapshot held meanwhile (exports/resume_writer.py).
+        writer = ResumeWriter(copy, job, lease, s.exports_resume_finish)
+        job.hold(writer)
+        chunks = writer.chunks()
     return Stream(req, job, job.body(body_coding, level, chunks=chunks), token, copy)
 
 
@@ -182,13 +184,28 @@ async def read_since(links: LinkKeys, query: ExportQuery) -> None:
     query.changed_since = cursor.decode(query.since, await _cursor_key(links))
 
 
-async def export_cursor(links: LinkKeys, job: Export) -> str | None:
-    """The Export-Cursor of an export's snapshot, signed; none for a dataset without xmin,
-    or for a part of the rows (a limit, an offset, a page: the cursor would claim the
-    rows left out, and a pull by pages would lose them)."""
+async def export_cursor(links: LinkKeys, job: Export, key: Awaitable[bytes] | None = None
+                        ) -> str | None:
+    """The Export-Cursor of an export's snapshot, signed (with `key` if it is being read
+    already); none for a dataset without xmin, or for a part of the rows (a limit, an
+    offset, a page: the cursor would claim the rows left out, and a pull by pages would
+    lose them)."""
     if job.cursor is None or job.query.partial:
         return None
-    return cursor.encode(job.cursor, await _cursor_key(links))
+    return cursor.encode(job.cursor, await (key or _cursor_key(links)))
+
+
+def _cursor_key_soon(links: LinkKeys, req: ExportRequest) -> asyncio.Task[bytes] | None:
+    """The cursor's key, read while the export opens (on a connection of its own: its
+    round trips are off the way to the first byte), when the export will sign a cursor.
+    Its failure is raised where it is awaited; unawaited (the export failed first), it
+    is dropped."""
+    query = req.query
+    if query.dataset.kind not in cursor.KINDS_WITH_XMIN or query.partial:
+        return None
+    task = asyncio.get_running_loop().create_task(_cursor_key(links))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 async def _cursor_key(links: LinkKeys) -> bytes:
@@ -201,12 +218,12 @@ async def _cursor_key(links: LinkKeys) -> bytes:
     return cursor.cursor_key(key)
 
 
-async def _begin_copy(copies: ResumeCopies, req: ExportRequest, job: Export,
-                      token: str | None) -> ResumeCopy | None:
+def _begin_copy(copies: ResumeCopies, req: ExportRequest, job: Export,
+                token: str | None) -> ResumeCopy:
     """Start the export's stored copy, found later by the request's representation URL.
     The export goes on without one if it cannot be had (the reason is logged by the
     store)."""
-    return await copies.begin(
+    return copies.begin(
         req.principal, url=req.url, dataset=job.query.dataset.name, format=job.renderer.name,
         content_type=job.renderer.content_type, filename=job.filename,
         snapshot_time=job.snapshot_time, cursor=token)

@@ -176,12 +176,16 @@ MAX_PATTERN_LENGTH = 1000
 COMPILE_TIMEOUT = 1.0
 
 
+def timeout_setting(seconds: float) -> str:
+    """`seconds` (0: never) as the `statement_timeout` setting, in milliseconds."""
+    return str(0 if seconds <= 0 else max(1, math.ceil(seconds * 1000)))
+
+
 async def limit_statements(conn: AsyncConnection, seconds: float) -> None:
     """PostgreSQL cancels every later statement of the transaction on `conn` that runs
     longer than `seconds` (0: never), whatever this process does meanwhile."""
-    ms = 0 if seconds <= 0 else max(1, math.ceil(seconds * 1000))
     await conn.exec_driver_sql("SELECT set_config('statement_timeout', $1, true)",
-                               (str(ms),))
+                               (timeout_setting(seconds),))
 
 
 @dataclass(frozen=True)

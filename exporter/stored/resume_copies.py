@@ -21,7 +21,15 @@ from exporter.access.principal import Principal
 from exporter.errors import ApiError, without_paths
 from exporter.exports.resume_copies import Continuation, ResumeCopyStopped
 from exporter.stored.service import StoredService
-from exporter.stored.store import COMPLETE, RUNNING, STREAMED, Writer, WriterStopped, owner_of
+from exporter.stored.store import (
+    COMPLETE,
+    RUNNING,
+    STREAMED,
+    Promised,
+    Writer,
+    WriterStopped,
+    owner_of,
+)
 from exporter.streaming import Client, run_detached, unless_disconnected
 from exporter.tables import stored_exports as t
 
@@ -46,17 +54,41 @@ def _cut_after(row: Any, offset: int) -> bool:
 
 
 class StoredResumeCopy:
-    def __init__(self, copies: StoredResumeCopies, writer: Writer, snapshot_time: datetime,
-                 cursor: str | None = None) -> None:
-        self.id = writer.id
+    """A copy whose id (its ETag) is known at once; its row and file are made when first
+    needed (the first write, once the first chunk is on its way), and every method waits
+    for them."""
+
+    def __init__(self, copies: StoredResumeCopies, promised: Promised, dataset: str,
+                 snapshot_time: datetime, cursor: str | None = None) -> None:
+        self.id = promised.id
         self._copies = copies
-        self._writer = writer
+        self._promised = promised
+        self._dataset = dataset
         self._snapshot_time = snapshot_time
         self._cursor = cursor
+        self._told = False  # why there is no copy, logged once
+
+    async def _writer(self) -> Writer | None:
+        """The copy's writer, once its row and file exist; None if they could not be
+        made (the export goes on without a copy)."""
+        try:
+            # Shielded: a client that leaves meanwhile does not leave a row half made.
+            return await asyncio.shield(self._promised.task())
+        except ApiError as error:  # the quota is full, the storage or database refuses
+            reason = error.message
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+        if not self._told:
+            self._told = True
+            log.info("a streamed export of %s goes without a copy: %s", self._dataset, reason)
+        return None
 
     async def write(self, chunk: bytes) -> None:
+        writer = await self._writer()
+        if writer is None:
+            raise ResumeCopyStopped("the copy could not be begun")
         try:
-            await self._writer.write(chunk)
+            await writer.write(chunk)
         except WriterStopped as stop:
             raise ResumeCopyStopped(str(stop)) from None
         except OSError as error:
@@ -66,11 +98,15 @@ class StoredResumeCopy:
                               ) from None
 
     async def left(self, delivered: int) -> None:
-        await self._copies.record_delivered(self.id, delivered)
+        if await self._writer() is not None:
+            await self._copies.record_delivered(self.id, delivered)
 
     async def finish(self, rows: int | None) -> None:
+        writer = await self._writer()
+        if writer is None:
+            return
         try:
-            await self._writer.finish(rows, self._snapshot_time, self._cursor)
+            await writer.finish(rows, self._snapshot_time, self._cursor)
         except WriterStopped as stop:
             log.info("copy %s: %s", self.id, stop)
             return
@@ -79,12 +115,14 @@ class StoredResumeCopy:
             # itself is done.
             log.warning("copy %s could not be kept: %s", self.id, error)
             with contextlib.suppress(Exception):
-                await self._writer.fail(f"the copy could not be kept: {without_paths(error)}")
+                await writer.fail(f"the copy could not be kept: {without_paths(error)}")
             return
         await self._copies.keep_for_resuming(self.id)
 
     async def fail(self, reason: str) -> None:
-        await self._writer.fail(reason)
+        writer = await self._writer()
+        if writer is not None:
+            await writer.fail(reason)
 
 
 class StoredResumeCopies:
@@ -96,17 +134,16 @@ class StoredResumeCopies:
         self._retention = parse_duration(settings.exports_resume_retention)
         self._whole_retention = parse_duration(settings.exports_resume_complete_retention)
 
-    async def begin(self, principal: Principal, *, url: str, dataset: str,
-                    format: str, content_type: str, filename: str,
-                    snapshot_time: datetime, cursor: str | None = None) -> StoredResumeCopy | None:
-        try:
-            writer = await self._service.begin(
-                principal, url=url, dataset=dataset, format=format,
-                coding=None, content_type=content_type, filename=filename, kind=STREAMED)
-        except ApiError as error:  # the quota is full, the storage refuses
-            log.info("a streamed export of %s goes without a copy: %s", dataset, error.message)
-            return None
-        return StoredResumeCopy(self, writer, snapshot_time, cursor)
+    def begin(self, principal: Principal, *, url: str, dataset: str,
+              format: str, content_type: str, filename: str,
+              snapshot_time: datetime, cursor: str | None = None) -> StoredResumeCopy:
+        # Its row and file are made once the export's first chunk is on its way (its
+        # first write): a quota check, an insert and a file are no part of the time to
+        # the first byte.
+        promised = self._service.begin_soon(
+            principal, url=url, dataset=dataset, format=format, coding=None,
+            content_type=content_type, filename=filename, kind=STREAMED)
+        return StoredResumeCopy(self, promised, dataset, snapshot_time, cursor)
 
     def location(self, copy: Any) -> str:
         return f"/exports/{copy.id}/file"
@@ -152,6 +189,8 @@ class StoredResumeCopies:
                       if_range: str | None) -> tuple[str, int | None] | None:
         """The copy to answer from, and the offset asked (None: an If-Range answer)."""
         owner = owner_of(principal)
+        # A copy of this URL promised here a moment ago has its row once this returns.
+        await self._service.started(owner=owner, url=url)
         if if_range is not None:
             match = STRONG_ETAG.fullmatch(if_range.strip())
             if match is None:

@@ -197,6 +197,7 @@ class StoredService(StoredExports):
         """The export if the principal may see it; 404 alike for absent and others'."""
         if not ID.fullmatch(export_id):
             raise ApiError(404, "no such export")
+        await self.started(export_id)  # a streamed export's copy, promised before its row
         try:
             async with self.engine.connect() as conn:
                 row = (await conn.execute(sa.select(t).where(t.c.id == export_id))).first()

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -103,6 +103,35 @@ def _usage(exclude: str | None, owner: str) -> sa.Select[Any]:
                      total(t.c.kind == STREAMED, t.c.status == COMPLETE)).where(*where)
 
 
+class Promised:
+    """A stored export whose id is known before its row and file exist: `task` makes them
+    (once, on the first call) and gives its writer."""
+
+    def __init__(self, export_id: str, begin: Callable[[], Coroutine[Any, Any, Writer]]
+                 ) -> None:
+        self.id = export_id
+        self._begin: Callable[[], Coroutine[Any, Any, Writer]] | None = begin
+        self._task: asyncio.Task[Writer] | None = None
+        self._done: list[Callable[[], object]] = []
+
+    def whenever_done(self, callback: Callable[[], object]) -> None:
+        self._done.append(callback)
+
+    def task(self) -> asyncio.Task[Writer]:
+        if self._task is None:
+            assert self._begin is not None
+            begin, self._begin = self._begin, None
+            self._task = asyncio.get_running_loop().create_task(begin())
+            self._task.add_done_callback(self._finished)
+        return self._task
+
+    def _finished(self, task: asyncio.Task[Writer]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: its owner logs why, if it awaits it at all
+        for callback in self._done:
+            callback()
+
+
 class StoredExports:
     def __init__(self, engine: AsyncEngine, settings: Settings, storage: Storage,
                  instance_id: str) -> None:
@@ -113,6 +142,9 @@ class StoredExports:
         self.retention: timedelta = parse_duration(settings.exports_retention)
         self.interval = settings.exports_progress_interval
         self._cleanup: asyncio.Task[None] | None = None
+        # Exports whose id is promised while their row and file are still being made
+        # (`begin_soon`), with their owner and URL: readers in this process wait for them.
+        self._starting: dict[str, tuple[str, str, Promised]] = {}
 
     # --- writing -----------------------------------------------------------------------
 
@@ -217,10 +249,11 @@ class StoredExports:
     async def begin(self, principal: Principal, *, url: str, dataset: str, format: str,
                     coding: str | None, content_type: str, filename: str, kind: str,
                     estimated_rows: int | None = None,
-                    on_stop: Callable[[str], None] | None = None) -> Writer:
+                    on_stop: Callable[[str], None] | None = None,
+                    export_id: str | None = None) -> Writer:
         """A new running export and its writer; 507 when the quota is full."""
         room = await self.check_quota(principal, kind)
-        export_id = new_id()
+        export_id = export_id or new_id()
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(sa.insert(t).values(
@@ -246,6 +279,28 @@ class StoredExports:
         writer.room = room
         writer.start()
         return writer
+
+    def begin_soon(self, principal: Principal, **arguments: Any) -> Promised:
+        """`begin`, promised: the id it will have, known now, and its row and file made
+        once first asked for (`Promised.task`), in a task of their own. A streamed export
+        promises its copy's ETag this way and makes the copy once its first chunk is on
+        its way. Until they are made (or refused), readers in this process wait for them
+        (`started`)."""
+        export_id = new_id()
+        promised = Promised(export_id, lambda: self.begin(principal, export_id=export_id,
+                                                          **arguments))
+        self._starting[export_id] = (owner_of(principal), arguments["url"], promised)
+        promised.whenever_done(lambda: self._starting.pop(export_id, None))
+        return promised
+
+    async def started(self, export_id: str | None = None, *, owner: str | None = None,
+                      url: str | None = None) -> None:
+        """Once the rows `begin_soon` promised here for `export_id`, or for the owner's
+        `url`, are written (or refused): a reader then finds them."""
+        tasks = [promised.task() for key, (by, at, promised) in list(self._starting.items())
+                 if key == export_id or (by == owner and at == url)]
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _close_row(self, export_id: str, status: str, error: str | None,
                          **values: Any) -> str | None:
