@@ -130,12 +130,19 @@ async def _readable(driver: Any, select: str) -> str:
         kind = attribute.type
         element = None
         if kind.kind == _ARRAY:
-            element = kind.name[1:] if kind.name.startswith("_") else kind.name
+            element = kind.name.removesuffix("[]")  # asyncpg's `int4[]`
         name = f"s.{_quoted(attribute.name)}"
         how = arrow_types.needs_text(kind.name, element)
         if how is not None:
             cast = True
-            name = f"{name}::{how} AS {_quoted(attribute.name)}"
+            # The type's output function, as psql shows it: a cast to text may differ
+            # (inet's adds the netmask). An array's text, read back as text[], keeps
+            # each element's.
+            if element is not None:
+                value = f"{name}::text::text[]"
+            else:
+                value = f"CASE WHEN {name} IS NULL THEN NULL ELSE format('%s', {name}) END"
+            name = f"{value} AS {_quoted(attribute.name)}"
         columns.append(name)
     if not cast:
         return select

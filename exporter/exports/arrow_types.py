@@ -91,6 +91,18 @@ def _interval(array: Any, target: Any) -> Any:
     return pa.StructArray.from_arrays(children, fields=list(target), mask=mask)
 
 
+# The driver writes numeric's special values as C does; PostgreSQL's own spelling instead.
+_SPECIAL = (("^nan$", "NaN"), ("^inf$", "Infinity"), ("^-inf$", "-Infinity"))
+
+
+def _numeric_text(array: Any) -> Any:
+    import pyarrow.compute as pc
+
+    for pattern, spelling in _SPECIAL:
+        array = pc.replace_substring_regex(array, pattern, spelling)
+    return array
+
+
 def convert(array: Any, target: Any) -> Any:
     """One column of a driver's batch, as `target`."""
     pa = _pa()
@@ -98,6 +110,8 @@ def convert(array: Any, target: Any) -> Any:
         return array
     if isinstance(array.type, pa.BaseExtensionType):
         array = array.storage
+        if pa.types.is_string(array.type):
+            array = _numeric_text(array)
         return array if array.type == target else array.cast(target)
     if array.type == pa.month_day_nano_interval():
         return _interval(array, target)
