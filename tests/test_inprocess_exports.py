@@ -249,4 +249,6 @@ def test_the_catalog_lists_the_export_urls_of_this_server(app: InProcess) -> Non
     orders = {d["name"]: d for d in r.json()["datasets"]}["orders"]
     assert orders["exports"] == {"csv": app.url + "/datasets/orders.csv",
                                  "json": app.url + "/datasets/orders.json",
-                                 "ndjson": app.url + "/datasets/orders.ndjson"}
+                                 "ndjson": app.url + "/datasets/orders.ndjson",
+                                 "parquet": app.url + "/datasets/orders.parquet",
+                                 "arrow": app.url + "/datasets/orders.arrow"}
