@@ -401,3 +401,15 @@ def test_a_client_that_leaves_ends_the_drivers_query(server: Server, database_ur
         next(r.iter_raw())
         assert fetch(database_url, backend)
     assert wait_until(lambda: not fetch(database_url, backend), 30)
+
+
+def test_nan_in_a_decimal_column_is_a_clear_error(server: Server, database_url: str,
+                                                 token: str) -> None:
+    run_sql(database_url, "CREATE OR REPLACE VIEW exports.arrow_nan AS"
+                          " SELECT 'NaN'::numeric(5,2) AS x")
+    r = httpx.get(f"{server.url}/datasets/arrow_nan.parquet", headers=bearer(token), timeout=60)
+    assert r.status_code == 422, r.text
+    assert "select=...,x::text" in r.text
+    r = httpx.get(f"{server.url}/datasets/arrow_nan.parquet?select=x::text",
+                  headers=bearer(token), timeout=60)
+    assert pq.read_table(io.BytesIO(r.content)).to_pylist() == [{"x": "NaN"}]

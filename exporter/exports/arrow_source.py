@@ -157,6 +157,8 @@ def _api_error(error: Exception) -> Exception:
     """The driver's errors as the export's (its others as they are)."""
     import adbc_driver_manager
 
+    if isinstance(error, arrow_types.Unrepresentable):
+        return ApiError(422, str(error))
     if not isinstance(error, adbc_driver_manager.Error):
         return error
     message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -126,6 +126,17 @@ def convert(array: Any, target: Any) -> Any:
 def convert_batch(batch: Any, schema: Any) -> Any:
     """A driver's record batch in the export's `schema` (target_schema)."""
     pa = _pa()
-    columns = [convert(column, field.type) for column, field in zip(batch.columns, schema,
-                                                                    strict=True)]
+    columns = []
+    for column, field in zip(batch.columns, schema, strict=True):
+        try:
+            columns.append(convert(column, field.type))
+        except pa.ArrowInvalid as error:
+            # NaN or infinity in a numeric(p,s) column: a decimal cannot hold them.
+            raise Unrepresentable(f"column {field.name!r} holds a value {field.type} cannot"
+                                  f" hold ({str(error).splitlines()[0]}); select it as text:"
+                                  f" select=...,{field.name}::text") from error
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+class Unrepresentable(ValueError):
+    """A value the column's Arrow type cannot hold."""
