@@ -157,6 +157,8 @@ def test_catalog_lists_tables_and_views(server: Server) -> None:
         "csv": server.url + "/datasets/orders.csv",
         "json": server.url + "/datasets/orders.json",
         "ndjson": server.url + "/datasets/orders.ndjson",
+        "parquet": server.url + "/datasets/orders.parquet",
+        "arrow": server.url + "/datasets/orders.arrow",
     }
     assert get(server, "/datasets/orders.csv?limit=1").status_code == 200
 
