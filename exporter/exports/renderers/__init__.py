@@ -1,11 +1,16 @@
 """Output formats of exports, as a small registry.
 
 A renderer turns the SELECT of an export into the COPY statements whose output is
-the response body. A new format is one new module here that calls `register`, and
-one import below.
+the response body (`header`, `body`, `rows`), or produces the body itself from the
+export's Source (`produce`: Parquet and Arrow read typed record batches). A new format
+is one new module here that calls `register`, and one import below.
 """
 
-from exporter.exports.renderers import arrow, csv, json, ndjson, parquet
+# Registered in the order the catalog and the page list the formats: the text ones first.
+from exporter.exports.renderers import csv, json, ndjson
+
+# isort: split
+from exporter.exports.renderers import arrow, parquet
 from exporter.exports.renderers.base import (
            CopyStatement,
            Renderer,
