@@ -413,3 +413,27 @@ def test_nan_in_a_decimal_column_is_a_clear_error(server: Server, database_url: 
     r = httpx.get(f"{server.url}/datasets/arrow_nan.parquet?select=x::text",
                   headers=bearer(token), timeout=60)
     assert pq.read_table(io.BytesIO(r.content)).to_pylist() == [{"x": "NaN"}]
+
+
+def test_head_cursor_since_and_audit_as_for_csv(server: Server, database_url: str, table: None,
+                                                token: str) -> None:
+    head = httpx.head(f"{server.url}/datasets/{TABLE}.parquet", headers=bearer(token),
+                      timeout=60)
+    assert head.status_code == 200
+    assert head.headers["content-type"] == "application/vnd.apache.parquet"
+    r = httpx.get(f"{server.url}/datasets/{TABLE}.arrow?order=id", headers=bearer(token),
+                  timeout=60)
+    cursor = r.headers["export-cursor"]
+    run_sql(database_url, f"UPDATE exports.{TABLE} SET note = 'changed' WHERE id = 2")
+    try:
+        changed = arrow_table(signed(server, token, f"/datasets/{TABLE}.parquet"
+                                     f"?select=id,note&since={cursor}"), "parquet")
+        assert changed.to_pylist() == [{"id": 2, "note": "changed"}]
+    finally:
+        run_sql(database_url, f"UPDATE exports.{TABLE} SET note = NULL WHERE id = 2")
+    rows = fetch(database_url, "SELECT format, rows, status FROM exporter.downloads"
+                               " WHERE target = $1 AND format = 'arrow' ORDER BY id DESC LIMIT 1",
+                 TABLE)
+    assert wait_until(lambda: fetch(database_url, "SELECT 1 FROM exporter.downloads WHERE"
+                                    " target = $1 AND format = 'arrow' AND status = 'complete'"
+                                    " AND rows = 4", TABLE), 30), rows
