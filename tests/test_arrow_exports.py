@@ -363,8 +363,9 @@ def test_a_stored_parquet_export(server: Server, table: None, token: str,
 
 def test_a_cut_arrow_stream_looks_broken(server: Server, database_url: str,
                                          token: str) -> None:
-    """The database fails mid-stream: the body stops without its last chunk, and what
-    arrived is no whole Arrow stream."""
+    """The first record batch arrives while the query runs; then the database fails
+    mid-stream: the body stops without its last chunk, and what arrived is no whole Arrow
+    stream."""
     run_sql(database_url, "CREATE OR REPLACE VIEW exports.arrow_endless AS SELECT g AS id,"
                           " repeat('x', 1000) AS pad FROM generate_series(1, 100000000) AS g")
     received = bytearray()
@@ -375,7 +376,14 @@ def test_a_cut_arrow_stream_looks_broken(server: Server, database_url: str,
                       timeout=60) as r:
         assert r.status_code == 200
         chunks = r.iter_raw()
-        received += next(chunks)
+        first = None
+        while first is None:  # the first record batch, whole, while the query still runs
+            received += next(chunks)
+            try:
+                first = pa.ipc.open_stream(bytes(received)).read_next_batch()
+            except (OSError, pa.ArrowInvalid, StopIteration):
+                continue
+        assert first.num_rows > 0 and first.column("id")[0].as_py() == 1
         assert wait_until(lambda: fetch(database_url, backend), 30)
         for row in fetch(database_url, backend):
             run_sql(database_url, f"SELECT pg_terminate_backend({row['pid']})")
@@ -437,3 +445,22 @@ def test_head_cursor_since_and_audit_as_for_csv(server: Server, database_url: st
     assert wait_until(lambda: fetch(database_url, "SELECT 1 FROM exporter.downloads WHERE"
                                     " target = $1 AND format = 'arrow' AND status = 'complete'"
                                     " AND rows = 4", TABLE), 30), rows
+
+
+def test_parquet_row_groups_are_bounded_in_bytes(make_module_server: type[Server],
+                                                 database_url: str) -> None:
+    """EXPORTER_PARQUET_ROW_GROUP_BYTES (1 MiB, its least) cuts the demo table's 20,000 rows
+    (several MiB as Arrow) into several groups, each about that size."""
+    limit = 1024 * 1024
+    with make_module_server({"EXPORTER_PARQUET_ROW_GROUP_BYTES": str(limit),
+                             "EXPORTER_PUBLIC_DATASETS": '["*"]'}) as s:
+        r = httpx.get(f"{s.url}/datasets/orders.parquet?order=id", timeout=60)
+    assert r.status_code == 200
+    parquet = pq.ParquetFile(io.BytesIO(r.content))
+    meta = parquet.metadata
+    assert meta.num_rows == 20_000 and meta.num_row_groups >= 3
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    # A group is written once it reaches the limit: at most the limit and one batch more.
+    sizes = [parquet.read_row_group(i).nbytes for i in range(meta.num_row_groups)]
+    assert max(sizes) <= limit * 1.5, sizes
+    assert parquet.read(columns=["id"]).column("id").to_pylist() == list(range(1, 20_001))

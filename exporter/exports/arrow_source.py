@@ -26,9 +26,9 @@ from exporter.exports import arrow_types
 
 log = logging.getLogger(__name__)
 
-# What the driver gathers into one record batch (its own default is 16 MiB): the first
-# batch of an Arrow stream leaves after this much, and a Parquet row group is made of
-# several.
+# What the driver gathers into one record batch at most (its own default is 16 MiB): the
+# first batch of an Arrow stream leaves after this much, and a Parquet row group is made
+# of several (a quarter of EXPORTER_PARQUET_ROW_GROUP_BYTES, when that is less).
 BATCH_BYTES = 8 << 20
 # asyncpg's Type.kind of an array column.
 _ARRAY = "array"
@@ -37,8 +37,9 @@ _ARRAY = "array"
 class ArrowReader:
     """One export's rows through the driver; every driver call runs in its one thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, batch_bytes: int) -> None:
         self._url = url
+        self._batch_bytes = batch_bytes
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="arrow-export")
         self._connection: Any = None
         self._cursor: Any = None
@@ -67,7 +68,7 @@ class ArrowReader:
         self._connection = dbapi.connect(self._url, autocommit=True)
         cursor = self._cursor = self._connection.cursor()
         cursor.adbc_statement.set_options(
-            **{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
+            **{"adbc.postgresql.batch_size_hint_bytes": str(self._batch_bytes)})
         cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         cursor.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
         # As the export's own COPY: bounded by EXPORTER_EXPORT_MAX_DURATION on the server
@@ -107,13 +108,13 @@ class ArrowReader:
 
 
 @contextlib.asynccontextmanager
-async def reading(driver: Any, url: str, select: str, *,
-                  max_duration: float) -> AsyncIterator[ArrowReader]:
+async def reading(driver: Any, url: str, select: str, *, max_duration: float,
+                  row_group_bytes: int) -> AsyncIterator[ArrowReader]:
     """The rows of `select` in the snapshot of `driver`'s transaction (the export's
     asyncpg connection), read through the driver at `url`."""
     select = await _readable(driver, select)
     snapshot = await driver.fetchval("SELECT pg_export_snapshot()")
-    reader = ArrowReader(url)
+    reader = ArrowReader(url, min(BATCH_BYTES, row_group_bytes // 4))
     try:
         await reader.open(snapshot, select, max_duration)
         yield reader

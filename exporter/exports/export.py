@@ -103,8 +103,9 @@ class _Source:
         return status
 
     def arrow(self, select: str) -> AbstractAsyncContextManager[Any]:
-        return arrow_source.reading(self._driver, self._url, select,
-                                    max_duration=self.settings.export_max_duration)
+        return arrow_source.reading(
+            self._driver, self._url, select, max_duration=self.settings.export_max_duration,
+            row_group_bytes=self.settings.parquet_row_group_bytes)
 
 
 class Export:
