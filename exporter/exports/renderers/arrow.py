@@ -57,6 +57,8 @@ async def send(output: Output, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class ArrowRenderer(Renderer):
+    reads_arrow: bool = True
+
     async def produce(self, source: Source, select: str, prelude: Output,
                       output: Output) -> int | None:
         import pyarrow  # a heavy import, only when an Arrow export runs

@@ -48,6 +48,9 @@ class Renderer:
     content_type: str  # what the response says
     # Compressed inside (Parquet): no content coding is negotiated on top of it.
     compressed: bool = False
+    # Its rows are read through `Source.arrow`, on a connection of their own in the
+    # export's snapshot: its SELECT may not depend on the export's own transaction.
+    reads_arrow: bool = False
 
     def header(self, select: str) -> CopyStatement | None:
         """A COPY whose output goes before the rows (sent even when there are none)."""

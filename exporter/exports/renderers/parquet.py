@@ -28,6 +28,7 @@ def _write_group(writer: Any, batches: list[Any]) -> None:
 class ParquetRenderer(Renderer):
     # Compressed inside: an HTTP content coding on top would cost CPU for nothing.
     compressed: bool = True
+    reads_arrow: bool = True
 
     async def produce(self, source: Source, select: str, prelude: Output,
                       output: Output) -> int | None:
