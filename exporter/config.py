@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     # fast ends compression, not the link or COPY, sets the pace.
     gzip_level: int = Field(default=1, ge=1, le=9)
     zstd_level: int = Field(default=1, ge=1, le=19)
+    # Parquet exports (exporter/exports/renderers/parquet.py): a row group is written
+    # once its rows hold this many bytes in memory (as Arrow), so an export's memory is
+    # bounded by it, whatever the number of rows; and the codec of its pages.
+    parquet_row_group_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
+    parquet_compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
     # Files whose type matches one of these (a `type/*` or a full media type) are
     # compressed on the fly when the client accepts it and asks no Range; archives,
     # images and video are not (already compressed). JSON list.

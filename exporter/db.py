@@ -7,7 +7,9 @@ import asyncio
 import shlex
 import ssl
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
@@ -200,6 +202,23 @@ def libpq_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+# Each engine's URL as libpq takes it, with its libpq parameters (sslmode, options...),
+# which the engine's own URL has lost to asyncpg's arguments.
+_libpq_urls: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def libpq_url_of(engine: AsyncEngine) -> str:
+    """The URL a libpq client (the ADBC driver of Arrow exports) reaches `engine`'s
+    database with, as `exporter` by default in pg_stat_activity."""
+    url = _libpq_urls.get(engine.sync_engine)
+    if url is None:
+        url = libpq_url(engine.url.render_as_string(hide_password=False))
+    if "application_name=" not in url:
+        separator = "&" if "?" in url else "?"
+        url += f"{separator}application_name={quote(SESSION_SETTINGS['application_name'])}"
+    return url
+
+
 def create_engine(settings: Settings, url: str, *, instance: str | None = None) -> AsyncEngine:
     """`instance`: the server process's id, which every connection carries as the setting
     `exporter.instance` (the audit rows' default for their `instance` column)."""
@@ -215,6 +234,7 @@ def create_engine(settings: Settings, url: str, *, instance: str | None = None) 
         connect_args=arguments,
     )
     event.listen(engine.sync_engine, "connect", _set_version_dependent_settings)
+    _libpq_urls[engine.sync_engine] = libpq_url(url)
     # SQLAlchemy's asyncpg ping is BEGIN, `;`, ROLLBACK (for pgbouncer's transaction
     # mode): three round trips at every check-out, several on each export's way to its
     # first byte. One is enough to find a connection the server closed.

@@ -361,8 +361,8 @@ def test_the_listing_names_the_compressed_urls(app: InProcess) -> None:
     orders = {d["name"]: d for d in app.get("/datasets").json()["datasets"]}["orders"]
     assert orders["compressed_exports"] == {
         f"{fmt}.{ext}": f"{app.url}/datasets/orders.{fmt}.{ext}"
-        for fmt in ("csv", "json", "ndjson", "tsv") for ext in ("zst", "gz")
-    }
+        for fmt in ("csv", "json", "ndjson", "tsv", "arrow") for ext in ("zst", "gz")
+    }  # not Parquet, compressed inside
 
 
 # --- in process: files ---------------------------------------------------------------

@@ -158,6 +158,8 @@ def test_catalog_lists_tables_and_views(server: Server) -> None:
         "json": server.url + "/datasets/orders.json",
         "ndjson": server.url + "/datasets/orders.ndjson",
         "tsv": server.url + "/datasets/orders.tsv",
+        "parquet": server.url + "/datasets/orders.parquet",
+        "arrow": server.url + "/datasets/orders.arrow",
     }
     assert get(server, "/datasets/orders.csv?limit=1").status_code == 200
 

@@ -258,4 +258,6 @@ def test_the_catalog_lists_the_export_urls_of_this_server(app: InProcess) -> Non
     assert orders["exports"] == {"csv": app.url + "/datasets/orders.csv",
                                  "json": app.url + "/datasets/orders.json",
                                  "ndjson": app.url + "/datasets/orders.ndjson",
-                                 "tsv": app.url + "/datasets/orders.tsv"}
+                                 "tsv": app.url + "/datasets/orders.tsv",
+                                 "parquet": app.url + "/datasets/orders.parquet",
+                                 "arrow": app.url + "/datasets/orders.arrow"}

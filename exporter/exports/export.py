@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -16,7 +18,7 @@ from exporter.access.admission import OVER_MAX_DURATION
 from exporter.audit import ABORTED, COMPLETE, FAILED, Audit, Download
 from exporter.compression import Coding, compressed
 from exporter.config import Settings
-from exporter.db import driver_connection
+from exporter.db import driver_connection, libpq_url_of
 from exporter.errors import (
     DATABASE_ERRORS,
     ApiError,
@@ -25,11 +27,11 @@ from exporter.errors import (
     sqlstate,
     unavailable,
 )
-from exporter.exports import cursor, pages, sql
+from exporter.exports import arrow_source, cursor, pages, sql
 from exporter.exports.copy import CopyStream, Output
 from exporter.exports.filenames import filename
 from exporter.exports.query import ExportQuery
-from exporter.exports.renderers import Renderer
+from exporter.exports.renderers import CopyStatement, Renderer
 from exporter.streaming import ResponseCut, audited, run_detached
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,25 @@ class Tail(Protocol):
 
     def done(self) -> None:
         """The snapshot and the connection are let go."""
+
+
+class _Source:
+    """The export's rows, on its connection (COPY) or in its snapshot (Arrow)."""
+
+    def __init__(self, driver: Any, url: str, settings: Settings) -> None:
+        self._driver = driver
+        self._url = url
+        self.settings = settings
+
+    async def copy(self, statement: CopyStatement, output: Output) -> str:
+        status: str = await self._driver.copy_from_query(statement.query, output=output,
+                                                         **statement.options)
+        return status
+
+    def arrow(self, select: str) -> AbstractAsyncContextManager[Any]:
+        return arrow_source.reading(
+            self._driver, self._url, select, max_duration=self.settings.export_max_duration,
+            row_group_bytes=self.settings.parquet_row_group_bytes)
 
 
 class Export:
@@ -239,20 +260,17 @@ class Export:
         except DATABASE_ERRORS as error:
             raise self._database_error(error) from error
 
-        select = sql.select_sql(self.query)
-        header = self.renderer.header(select)
-        body = self.renderer.body(select)
-        log.debug("export %s: %s", self.download.id, body.query)
+        query = self.query
+        if self.renderer.reads_arrow and query.since_reference is not None:
+            # `since` compares age(xmin), which counts from an xid of the transaction
+            # that asks: the driver's is another one, so the test on xmin's text instead.
+            query = dataclasses.replace(query, since_reference=None)
+        select = sql.select_sql(query)
+        log.debug("export %s: %s", self.download.id, select)
+        source = _Source(driver, libpq_url_of(self._engine), self._settings)
 
         async def produce(prelude: Output, output: Output) -> int | None:
-            rows = self.renderer.rows(prelude, output)
-            await rows.begin()
-            if header is not None:
-                await driver.copy_from_query(header.query, output=prelude, **header.options)
-            status: str = await driver.copy_from_query(body.query, output=rows.write,
-                                                       **body.options)
-            await rows.end()  # not after a failure: the body ends broken
-            return int(status.split()[-1]) if status.startswith("COPY") else None
+            return await self.renderer.produce(source, select, prelude, output)
 
         s = self._settings
         self._stream = CopyStream(produce, chunk_size=s.export_chunk_size,

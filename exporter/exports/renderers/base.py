@@ -3,9 +3,11 @@ docstring)."""
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from exporter.config import Settings
 from exporter.export_names import register_format
 from exporter.exports.copy import Output
 
@@ -18,12 +20,37 @@ class CopyStatement:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class Source(Protocol):
+    """Where an export's rows come from, inside its snapshot (exports/export.py)."""
+
+    async def copy(self, statement: CopyStatement, output: Output) -> str:
+        """Run a COPY into `output`; its status (`COPY 42`)."""
+
+    def arrow(self, select: str) -> AbstractAsyncContextManager[Any]:
+        """The rows of `select` as Arrow (exports/arrow_source.py's ArrowReader: its
+        `schema`, then `await reader.next()` for each record batch, None at the end)."""
+
+    @property
+    def settings(self) -> Settings:
+        """The server's settings (a format's own: EXPORTER_PARQUET_*)."""
+
+
+def copied_rows(status: str) -> int | None:
+    """The row count of a COPY's status."""
+    return int(status.split()[-1]) if status.startswith("COPY") else None
+
+
 @dataclass(frozen=True)
 class Renderer:
     name: str
     extension: str  # the suffix of `/datasets/{name}.{extension}`
     media_type: str  # what `Accept` asks for
     content_type: str  # what the response says
+    # Compressed inside (Parquet): no content coding is negotiated on top of it.
+    compressed: bool = False
+    # Its rows are read through `Source.arrow`, on a connection of their own in the
+    # export's snapshot: its SELECT may not depend on the export's own transaction.
+    reads_arrow: bool = False
 
     def header(self, select: str) -> CopyStatement | None:
         """A COPY whose output goes before the rows (sent even when there are none)."""
@@ -36,6 +63,20 @@ class Renderer:
         """Where the body COPY's output goes on its way to the response (`prelude`
         waits for the first row, as the header's output does)."""
         return Rows(prelude, output)
+
+    async def produce(self, source: Source, select: str, prelude: Output,
+                      output: Output) -> int | None:
+        """Write the export of `select` (how many rows, once all are written). Most
+        formats are COPY output (`header`, `body`, `rows`); a format built from typed
+        values (Arrow) reads `source.arrow` instead."""
+        header = self.header(select)
+        rows = self.rows(prelude, output)
+        await rows.begin()
+        if header is not None:
+            await source.copy(header, prelude)
+        status = await source.copy(self.body(select), rows.write)
+        await rows.end()  # not after a failure: the body ends broken
+        return copied_rows(status)
 
 
 class Rows:
