@@ -234,12 +234,13 @@ class Export:
             raise self._database_error(error) from error
 
         select = sql.select_sql(self.query)
-        header = self.renderer.header(select)
-        body = self.renderer.body(select)
+        renderer = self.renderer.for_query(self.query)
+        header = renderer.header(select)
+        body = renderer.body(select)
         log.debug("export %s: %s", self.download.id, body.query)
 
         async def produce(prelude: Output, output: Output) -> int | None:
-            rows = self.renderer.rows(prelude, output)
+            rows = renderer.rows(prelude, output)
             await rows.begin()
             if header is not None:
                 await driver.copy_from_query(header.query, output=prelude, **header.options)

@@ -165,7 +165,8 @@ def read(dataset: Dataset, representation: Representation, principal: Principal,
                        "answers")
     byte_range = raw_range if items is None else None
     content_coding = None
-    if representation.file_coding is None and raw_range is None:
+    if (representation.file_coding is None and raw_range is None
+            and representation.renderer.compressible):
         content_coding = accepted(compression, headers.accept_encoding)
     return ExportRequest(
         dataset=dataset, representation=representation, query=query, params=list(params),

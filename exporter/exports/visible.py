@@ -32,6 +32,6 @@ def compressed_export_urls(base_url: str, dataset: Dataset) -> dict[str, str]:
     urls = export_urls(base_url, dataset)
     return {
         f"{r.name}.{c.extension}": f"{urls[r.name]}.{c.extension}"
-        for r in renderers.all_renderers()
+        for r in renderers.all_renderers() if r.compressible
         for c in CODINGS
     }

@@ -5,7 +5,7 @@ the response body. A new format is one new module here that calls `register`, an
 one import below.
 """
 
-from exporter.exports.renderers import csv, json, ndjson
+from exporter.exports.renderers import csv, json, ndjson, xlsx
 from exporter.exports.renderers.base import (
            CopyStatement,
            Renderer,
@@ -17,4 +17,4 @@ from exporter.exports.renderers.base import (
 DEFAULT: Renderer = csv.CSV  # what `Accept: */*` gets
 
 __all__ = ["DEFAULT", "CopyStatement", "Renderer", "all_renderers", "by_extension", "by_media_type",
-           "json", "ndjson"]
+           "json", "ndjson", "xlsx"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from exporter.export_names import register_format
 from exporter.exports.copy import Output
+from exporter.exports.query import ExportQuery
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,15 @@ class Renderer:
     extension: str  # the suffix of `/datasets/{name}.{extension}`
     media_type: str  # what `Accept` asks for
     content_type: str  # what the response says
+
+    # Whether a content coding (gzip, zstd) is worth it: not for a format compressed
+    # inside (XLSX is a ZIP).
+    compressible: bool = True
+
+    def for_query(self, query: ExportQuery) -> Renderer:
+        """The renderer of one export: a format that types its cells by the result's
+        columns (query.result_columns()) returns one that knows them."""
+        return self
 
     def header(self, select: str) -> CopyStatement | None:
         """A COPY whose output goes before the rows (sent even when there are none)."""
