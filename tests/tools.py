@@ -48,6 +48,8 @@ TOOLS = {t.name: t for t in (
     # The file-serving reference of the benchmarks, and docs/deploy.md's proxy.
     Tool("nginx", "nginx", ("/usr/sbin/nginx",)),
     Tool("chromium", "chromium", ("/usr/bin/chromium",), on_path=False),
+    # XLSX exports are opened by LibreOffice, headless, converted to CSV (tests/test_xlsx.py).
+    Tool("soffice", "libreoffice-calc-nogui"),
     # The version-dependent tests run on a throwaway cluster of it too (tests/conftest.py
     # skips or fails those itself: they are parametrized, not marked).
     Tool("postgresql-15", "postgresql-15", ("/usr/lib/postgresql/15/bin/pg_ctl",),
