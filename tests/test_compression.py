@@ -361,7 +361,7 @@ def test_the_listing_names_the_compressed_urls(app: InProcess) -> None:
     assert orders["compressed_exports"] == {
         f"{fmt}.{ext}": f"{app.url}/datasets/orders.{fmt}.{ext}"
         for fmt in ("csv", "json", "ndjson") for ext in ("zst", "gz")
-    }
+    }  # not .xlsx: a ZIP, compressed inside
 
 
 # --- in process: files ---------------------------------------------------------------

@@ -157,6 +157,7 @@ def test_catalog_lists_tables_and_views(server: Server) -> None:
         "csv": server.url + "/datasets/orders.csv",
         "json": server.url + "/datasets/orders.json",
         "ndjson": server.url + "/datasets/orders.ndjson",
+        "xlsx": server.url + "/datasets/orders.xlsx",
     }
     assert get(server, "/datasets/orders.csv?limit=1").status_code == 200
 

@@ -163,7 +163,7 @@ def test_400_messages(app: InProcess, query: str, parameter: str, message: str) 
 
 
 @pytest.mark.parametrize("path", [  # moved from tests/test_exports.py
-    "/datasets/nope.csv", "/datasets/nope", "/datasets/orders.xlsx",
+    "/datasets/nope.csv", "/datasets/nope", "/datasets/orders.xls",
     "/datasets/..%2F..%2Fetc%2Fpasswd.csv", "/datasets/pg_class.csv",
 ])
 def test_unknown_dataset_is_404(app: InProcess, path: str) -> None:
@@ -249,4 +249,5 @@ def test_the_catalog_lists_the_export_urls_of_this_server(app: InProcess) -> Non
     orders = {d["name"]: d for d in r.json()["datasets"]}["orders"]
     assert orders["exports"] == {"csv": app.url + "/datasets/orders.csv",
                                  "json": app.url + "/datasets/orders.json",
-                                 "ndjson": app.url + "/datasets/orders.ndjson"}
+                                 "ndjson": app.url + "/datasets/orders.ndjson",
+                                 "xlsx": app.url + "/datasets/orders.xlsx"}

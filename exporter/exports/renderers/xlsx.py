@@ -260,6 +260,11 @@ class Layout:
                 ).encode()
 
 
+# How each of the COPY's rows ends (its line break included, so that what follows a
+# sheet's last row end is the next row's).
+_ROW_END = b"</row>\n"
+
+
 class Workbook:
     """The archive's bytes, synchronously (run in a worker thread): the sheets' rows in,
     the ZIP out, a new sheet every `rows_per_sheet` rows."""
@@ -270,6 +275,7 @@ class Workbook:
         self._sheets = 0
         self._rows = 0  # in the current sheet
         self._deflater = Deflater()
+        self._held = b""
 
     def start(self) -> bytes:
         return (self._zip.whole("[Content_Types].xml", CONTENT_TYPES.encode())
@@ -290,27 +296,39 @@ class Workbook:
 
     def rows(self, data: bytes) -> bytes:
         """Whole or partial rows of sheet XML (each row ends with `</row>`, which text
-        never holds: its `<` is escaped)."""
+        never holds: its `<` is escaped). A piece that ends inside a row's end keeps
+        those bytes for the next one, so that every row end is counted."""
         out = []
         limit = self._layout.rows_per_sheet
+        data = self._held + data
+        self._held = b""
+        for k in range(len(_ROW_END) - 1, 0, -1):
+            if data.endswith(_ROW_END[:k]):
+                data, self._held = data[:-k], data[-k:]
+                break
         while data:
-            count = data.count(b"</row>")
-            if self._rows + count <= limit:
+            if self._rows == limit:
+                # Bytes after the sheet's last row end begin a row: it goes on a new sheet.
+                out.append(self._end_sheet())
+                out.append(self._new_sheet())
+            room = limit - self._rows
+            count = data.count(_ROW_END)
+            if count < room or (count == room and data.endswith(_ROW_END)):
                 self._rows += count
                 out.append(self._zip.data(self._deflater.feed(data)))
                 break
             at = -1
-            for _ in range(limit - self._rows):
-                at = data.index(b"</row>", at + 1)
-            cut = at + len(b"</row>") if at >= 0 else 0
+            for _ in range(room):
+                at = data.index(_ROW_END, at + 1)
+            cut = at + len(_ROW_END)
             out.append(self._zip.data(self._deflater.feed(data[:cut])))
-            out.append(self._end_sheet())
-            out.append(self._new_sheet())
+            self._rows = limit
             data = data[cut:]
         return b"".join(out)
 
     def finish(self) -> bytes:
-        return (self._end_sheet()
+        held, self._held = self._held, b""
+        return (self._zip.data(self._deflater.feed(held)) + self._end_sheet()
                 + self._zip.whole("xl/workbook.xml", self._layout.workbook(self._sheets))
                 + self._zip.whole("xl/_rels/workbook.xml.rels",
                                   Layout.workbook_rels(self._sheets))
