@@ -31,8 +31,9 @@ EXPORT: dict[str, Any] = {"parameters": [
           " rows inserted or updated since its snapshot (tables and materialized views)",
           {"type": "string", "maxLength": 1024}),
     *SIGNED_LINK,
-    header("Accept", "text/csv, application/json (a JSON array) or application/x-ndjson "
-                     "when the name has no extension"),
+    header("Accept", "text/csv, application/json (a JSON array), application/x-ndjson or "
+                     "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet "
+                     "(XLSX) when the name has no extension"),
     # PostgREST's pages and counts (exports/pages.py, docs/postgrest.md).
     header("Range", "rows first-last or first- (from 0), as PostgREST; or bytes=N- to "
                     "resume a download"),
