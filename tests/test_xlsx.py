@@ -159,6 +159,21 @@ def test_text_is_never_a_formula(server: Server, types_table: str) -> None:
     assert set(kinds) <= {"s", "n"}  # strings, and the NULL's empty cell
 
 
+def test_select_types_cells_by_what_it_gives(server: Server, database_url: str) -> None:
+    """Casts, JSON paths and repeated names: cells by the type of the result's column."""
+    raw = get_xlsx(server, "select=a:id,a:note,src:details->>source,amount::text,"
+                   "day:created_at::date&id=lte.3&order=id", table="orders")
+    rows = list(openpyxl.load_workbook(io.BytesIO(raw)).active.iter_rows(values_only=True))
+    assert rows[0] == ("a", "a", "src", "amount", "day")
+    want = fetch(database_url, "SELECT id, note, details->>'source' AS src, amount::text AS"
+                 " amount, (created_at AT TIME ZONE 'UTC')::date AS day FROM exports.orders"
+                 " WHERE id <= 3 ORDER BY id")
+    assert [r[:4] for r in rows[1:]] == [
+        (w["id"], w["note"], w["src"], w["amount"]) for w in want]
+    assert [r[4] for r in rows[1:]] == [datetime.combine(w["day"], datetime.min.time())
+                                        for w in want]
+
+
 def test_an_empty_result_is_a_sheet_with_its_header(server: Server, types_table: str) -> None:
     book = openpyxl.load_workbook(io.BytesIO(get_xlsx(server, "id=lt.0&select=id,d")))
     assert list(book.active.iter_rows(values_only=True)) == [("id", "d")]
@@ -224,6 +239,24 @@ def test_a_database_failure_mid_export_leaves_a_zip_no_reader_opens(
             openpyxl.load_workbook(io.BytesIO(bytes(body)))
     finally:
         run_sql(database_url, "DROP VIEW IF EXISTS exports.xlsx_breaks")
+
+
+def test_the_first_rows_leave_while_the_query_still_runs(server: Server,
+                                                         database_url: str) -> None:
+    """The workbook's first bytes go as soon as the first rows come, not with the next
+    batch: a query that then works for long is still answered at once."""
+    run_sql(database_url, "CREATE OR REPLACE VIEW exports.xlsx_slow AS SELECT i,"
+            " md5(i::text) AS note FROM generate_series(1, 3000) AS i"
+            " WHERE i < 3000 OR (SELECT true FROM pg_sleep(20) WHERE i > 0)")
+    try:
+        started = time.monotonic()
+        with httpx.stream("GET", f"{server.url}/datasets/xlsx_slow.xlsx", timeout=60) as r:
+            assert r.status_code == 200
+            first = next(r.iter_raw())
+            assert time.monotonic() - started < 10  # the query sleeps 20 s at its end
+            assert first.startswith(b"PK\x03\x04")
+    finally:
+        run_sql(database_url, "DROP VIEW IF EXISTS exports.xlsx_slow")
 
 
 def test_rows_continue_on_a_next_sheet_with_its_header(database_url: str,

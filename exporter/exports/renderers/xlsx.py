@@ -355,10 +355,15 @@ class SheetRows(Rows):
         self._pending.append(data)
         self._size += len(data)
         now = time.monotonic()
-        # The first rows go at once: until the first bytes leave, the answer waits (and
-        # the first row's deadline runs).
-        if self._first or self._size >= BATCH or now - self._last >= BATCH_SECONDS:
+        if self._first:
+            # The first rows leave at once: until the first bytes do, the answer waits
+            # (and the first row's deadline, EXPORTER_STATEMENT_TIMEOUT, runs).
             self._first = False
+            self._last = now
+            await self._submit()
+            # Even if deflate gave nothing yet: the ZIP's first entries are waiting.
+            await self._drain(always=True)
+        elif self._size >= BATCH or now - self._last >= BATCH_SECONDS:
             self._last = now
             await self._submit()
 
@@ -369,11 +374,11 @@ class SheetRows(Rows):
         await self._drain()
         self._job = asyncio.ensure_future(asyncio.to_thread(self._workbook.rows, batch))
 
-    async def _drain(self) -> None:
+    async def _drain(self, *, always: bool = False) -> None:
         job, self._job = self._job, None
         if job is not None:
             out = await job
-            if out:
+            if out or always:
                 await self.output(out)
 
     async def end(self) -> None:
