@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import html
 import io
 import math
+import re
 import subprocess
 import time
 import zipfile
@@ -32,6 +34,7 @@ from exporter.exports.renderers.xlsx import (
     Layout,
     Workbook,
     kind_of,
+    sheet_name,
     unescape,
 )
 from exporter.exports.sql import select_sql
@@ -318,3 +321,11 @@ def _dataset(url: str) -> Dataset:
             await engine.dispose()
 
     return asyncio.run(load())
+
+
+def test_sheet_names_are_what_excel_allows() -> None:
+    layout = Layout("a&b<c>'d\x01[x]:*?/\\ and a name longer than thirty-one", ())
+    names = re.findall(r'<sheet name="([^"]*)"', layout.workbook(2).decode())
+    assert [html.unescape(n) for n in names] == [
+        "a&b<c>'d__x______ and a name lo", "a&b<c>'d__x______ and a nam (2)"]
+    assert sheet_name("'quoted'", 1) == "quoted" and sheet_name("", 3) == "export (3)"

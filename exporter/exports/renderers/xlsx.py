@@ -213,9 +213,9 @@ def header_name(column: ResultColumn) -> str:
 
 def sheet_name(dataset: str, number: int) -> str:
     """`orders`, then `orders (2)`, `orders (3)`...: at most 31 characters, none of
-    `[]:*?/\\`, as Excel requires."""
+    `[]:*?/\\` nor control characters (each such one an `_`), as Excel requires."""
     suffix = f" ({number})" if number > 1 else ""
-    base = re.sub(r"[\[\]:*?/\\]", "_", dataset).strip("'") or "export"
+    base = re.sub(r"[\[\]:*?/\\\x00-\x1f]", "_", dataset).strip("'") or "export"
     return base[:31 - len(suffix)] + suffix
 
 
@@ -245,7 +245,7 @@ class Layout:
 
     def workbook(self, sheets: int) -> bytes:
         entries = "".join(
-            f"<sheet name={quoteattr(escape(sheet_name(self.dataset, n)))} sheetId=\"{n}\""
+            f"<sheet name={quoteattr(sheet_name(self.dataset, n))} sheetId=\"{n}\""
             f' r:id="rId{n}"/>' for n in range(1, sheets + 1))
         return (_XML + f'<workbook xmlns="{_MAIN}" xmlns:r="{_RELS}"><sheets>{entries}'
                 "</sheets></workbook>").encode()
