@@ -362,7 +362,7 @@ def test_the_listing_names_the_compressed_urls(app: InProcess) -> None:
     assert orders["compressed_exports"] == {
         f"{fmt}.{ext}": f"{app.url}/datasets/orders.{fmt}.{ext}"
         for fmt in ("csv", "json", "ndjson", "tsv", "arrow") for ext in ("zst", "gz")
-    }  # not Parquet, compressed inside
+    }  # not Parquet or XLSX (a ZIP): compressed inside
 
 
 # --- in process: files ---------------------------------------------------------------

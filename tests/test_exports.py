@@ -160,6 +160,7 @@ def test_catalog_lists_tables_and_views(server: Server) -> None:
         "tsv": server.url + "/datasets/orders.tsv",
         "parquet": server.url + "/datasets/orders.parquet",
         "arrow": server.url + "/datasets/orders.arrow",
+        "xlsx": server.url + "/datasets/orders.xlsx",
     }
     assert get(server, "/datasets/orders.csv?limit=1").status_code == 200
 

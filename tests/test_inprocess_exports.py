@@ -171,7 +171,7 @@ def test_400_messages(app: InProcess, query: str, parameter: str, message: str) 
 
 
 @pytest.mark.parametrize("path", [  # moved from tests/test_exports.py
-    "/datasets/nope.csv", "/datasets/nope", "/datasets/orders.xlsx",
+    "/datasets/nope.csv", "/datasets/nope", "/datasets/orders.xls",
     "/datasets/..%2F..%2Fetc%2Fpasswd.csv", "/datasets/pg_class.csv",
 ])
 def test_unknown_dataset_is_404(app: InProcess, path: str) -> None:
@@ -260,4 +260,5 @@ def test_the_catalog_lists_the_export_urls_of_this_server(app: InProcess) -> Non
                                  "ndjson": app.url + "/datasets/orders.ndjson",
                                  "tsv": app.url + "/datasets/orders.tsv",
                                  "parquet": app.url + "/datasets/orders.parquet",
-                                 "arrow": app.url + "/datasets/orders.arrow"}
+                                 "arrow": app.url + "/datasets/orders.arrow",
+                                 "xlsx": app.url + "/datasets/orders.xlsx"}

@@ -633,6 +633,11 @@ def test_one_format_choice_and_the_token_of_each_card(site: tuple[Server, str],
     assert (visible.get_attribute("href") or "").endswith("/datasets/orders.ndjson")
     assert "orders.ndjson" in c.locator("pre.curl").inner_text()
     assert c.locator("button.prepare").inner_text() == "Prepare NDJSON download"
+    c.locator("select.cmd-format").select_option("xlsx")  # a spreadsheet, streamed too
+    assert visible.inner_text() == "Download XLSX"
+    assert (visible.get_attribute("href") or "").endswith("/datasets/orders.xlsx")
+    assert "orders.xlsx" in c.locator("pre.curl").inner_text()
+    c.locator("select.cmd-format").select_option("ndjson")
     # The token itself never (HttpOnly): its name, for a token other than the demo's.
     hint = page.inner_text(".token-hint")
     assert token not in page.content()

@@ -51,6 +51,8 @@ TOOLS = {t.name: t for t in (
     # postgrest-js, as supabase-js runs it (tests/test_postgrest_clients.py); npm installs it.
     Tool("node", "nodejs"),
     Tool("npm", "npm"),
+    # XLSX exports are opened by LibreOffice, headless, converted to CSV (tests/test_xlsx.py).
+    Tool("soffice", "libreoffice-calc-nogui"),
     # The version-dependent tests run on a throwaway cluster of it too (tests/conftest.py
     # skips or fails those itself: they are parametrized, not marked).
     Tool("postgresql-15", "postgresql-15", ("/usr/lib/postgresql/15/bin/pg_ctl",),

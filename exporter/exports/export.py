@@ -266,11 +266,12 @@ class Export:
             # that asks: the driver's is another one, so the test on xmin's text instead.
             query = dataclasses.replace(query, since_reference=None)
         select = sql.select_sql(query)
+        renderer = self.renderer.for_query(self.query)
         log.debug("export %s: %s", self.download.id, select)
         source = _Source(driver, libpq_url_of(self._engine), self._settings)
 
         async def produce(prelude: Output, output: Output) -> int | None:
-            return await self.renderer.produce(source, select, prelude, output)
+            return await renderer.produce(source, select, prelude, output)
 
         s = self._settings
         self._stream = CopyStream(produce, chunk_size=s.export_chunk_size,

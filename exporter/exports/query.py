@@ -144,6 +144,15 @@ class Item:
         return not self.path and self.alias is None and self.cast is None
 
 
+@dataclass(frozen=True)
+class ResultColumn:
+    """One column of the export's result: its name, and the type PostgreSQL gives its
+    values (format_type's spelling; a cast's own modifier included)."""
+
+    name: str
+    type: str
+
+
 @dataclass
 class ExportQuery:
     dataset: Dataset
@@ -172,6 +181,16 @@ class ExportQuery:
         """Whether `limit`/`offset` (or a page of items) leave out rows of the snapshot:
         such an export gets no change cursor, which would claim the rows it left out."""
         return self.limit is not None or bool(self.offset)
+
+    def result_columns(self) -> list[ResultColumn]:
+        """The result's columns, in order (a cast's type once check_values resolved it)."""
+        if not self.items:
+            # The column's own type where it is its base type with a modifier
+            # (numeric(12,2)): a domain's is its base type's name.
+            return [ResultColumn(c.name, c.type if c.type.partition("(")[0] == c.base_type
+                                 else c.base_type) for c in self.columns]
+        return [ResultColumn(i.name, self.types.get(i.cast, i.cast) if i.cast is not None
+                       else path_types(i.column, i.path)[1]) for i in self.items]
 
     def all_filters(self) -> list[Filter]:
         """The filters, those inside logic trees included."""

@@ -33,6 +33,6 @@ def compressed_export_urls(base_url: str, dataset: Dataset) -> dict[str, str]:
     return {
         f"{r.name}.{c.extension}": f"{urls[r.name]}.{c.extension}"
         for r in renderers.all_renderers()
-        if not r.compressed  # Parquet: compressed inside already
+        if not r.compressed  # Parquet, XLSX: compressed inside already
         for c in CODINGS
     }

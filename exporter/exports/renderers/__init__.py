@@ -7,7 +7,7 @@ is one new module here that calls `register`, and one import below.
 """
 
 # Registered in the order the catalog and the page list the formats: the text ones first.
-from exporter.exports.renderers import csv, json, ndjson, tsv
+from exporter.exports.renderers import csv, json, ndjson, tsv, xlsx
 
 # isort: split
 from exporter.exports.renderers import arrow, parquet
@@ -23,4 +23,4 @@ DEFAULT: Renderer = json.JSON  # what `Accept: */*` (or none) gets, as from Post
 TEXT_DEFAULT: Renderer = csv.CSV  # what `Accept: text/*` gets
 
 __all__ = ["DEFAULT", "TEXT_DEFAULT", "CopyStatement", "Renderer", "all_renderers", "arrow",
-           "by_extension", "by_media_type", "json", "ndjson", "parquet", "tsv"]
+           "by_extension", "by_media_type", "json", "ndjson", "parquet", "tsv", "xlsx"]

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from exporter.config import Settings
 from exporter.export_names import register_format
 from exporter.exports.copy import Output
+from exporter.exports.query import ExportQuery
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,17 @@ class Renderer:
     extension: str  # the suffix of `/datasets/{name}.{extension}`
     media_type: str  # what `Accept` asks for
     content_type: str  # what the response says
-    # Compressed inside (Parquet): no content coding is negotiated on top of it.
+    # Compressed inside (Parquet, XLSX: a ZIP): no content coding is negotiated on top
+    # of it, and the catalog lists no compressed files of it.
     compressed: bool = False
     # Its rows are read through `Source.arrow`, on a connection of their own in the
     # export's snapshot: its SELECT may not depend on the export's own transaction.
     reads_arrow: bool = False
+
+    def for_query(self, query: ExportQuery) -> Renderer:
+        """The renderer of one export: a format that types its cells by the result's
+        columns (query.result_columns()) returns one that knows them."""
+        return self
 
     def header(self, select: str) -> CopyStatement | None:
         """A COPY whose output goes before the rows (sent even when there are none)."""
