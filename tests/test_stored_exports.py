@@ -180,6 +180,22 @@ def test_progress_is_seen_growing(server: Server, alice: str) -> None:
     assert seen == sorted(seen)
 
 
+def test_progress_of_a_binary_format_is_its_bytes(server: Server, alice: str) -> None:
+    """A ZIP (XLSX) has no line per row: while it runs, its progress says bytes, never a
+    count of line breaks taken for rows (whatever the deflated bytes held)."""
+    r = start(server, alice, "/datasets/trickle.xlsx")
+    location = r.headers["location"]
+    seen = 0
+    while (s := httpx.get(server.url + location, headers=bearer(alice))).status_code == 202:
+        p = s.json()["progress"]
+        assert p["rows"] is None and p["percent"] is None, p
+        assert s.headers["x-progress"] == f"{p['bytes']} bytes"
+        seen += 1
+        time.sleep(0.2)
+    assert s.status_code == 200 and s.json()["rows"] == 2000
+    assert seen >= 2
+
+
 def test_errors_are_those_of_the_streamed_export(server: Server, alice: str,
                                                  database_url: str) -> None:
     # Rows made since then, not all rows: another server's clean-up may remove expired

@@ -29,7 +29,8 @@ def status(request: Request, row: sa.Row[Any], retry_after: str) -> Response:
         progress = body["progress"]
         headers["Retry-After"] = retry_after
         headers["X-Progress"] = (f"{progress['percent']}%" if progress["percent"] is not None
-                                 else f"{row.rows} rows")
+                                 else f"{progress['rows']} rows" if progress["rows"] is not None
+                                 else f"{progress['bytes']} bytes")
         return JSONResponse(body, status_code=202, headers=headers)
     if row.status == COMPLETE:
         return JSONResponse(body, headers=headers)

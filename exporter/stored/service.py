@@ -35,7 +35,7 @@ from exporter.errors import (
     unavailable,
     without_paths,
 )
-from exporter.exports import sql
+from exporter.exports import renderers, sql
 from exporter.exports.context import Exports, Started
 from exporter.exports.export import Export, source_name
 from exporter.exports.filenames import filename
@@ -293,7 +293,12 @@ def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 async def _counting(body: AsyncIterator[bytes], job: Export,
                     writer: Writer) -> AsyncGenerator[bytes, None]:
     """The body, its rows counted on the way by newlines (a CSV value may hold one, so
-    this is a running estimate; the COPY's own count is the final one)."""
+    this is a running estimate; the COPY's own count is the final one). A binary format
+    (Parquet, Arrow, XLSX) has no such count: its progress is its bytes."""
+    if not job.renderer.rows_by_line:
+        async for chunk in body:
+            yield chunk
+        return
     lines = 0
     header = 1 if job.renderer.header("") is not None else 0
     async for chunk in body:
@@ -351,10 +356,14 @@ def describe(base_url: str, row: sa.Row[Any]) -> dict[str, Any]:
     }
     if row.status == RUNNING:
         estimated = row.estimated_rows
-        percent = (min(99, int(100 * row.rows / estimated)) if estimated else None)
+        renderer = renderers.by_extension(row.format)
+        counted = renderer is None or renderer.rows_by_line
+        percent = (min(99, int(100 * row.rows / estimated)) if estimated and counted
+                   else None)
         now = datetime.now(UTC)
         body["progress"] = {
-            "rows": row.rows, "bytes": row.bytes, "estimated_rows": estimated,
+            "rows": row.rows if counted else None, "bytes": row.bytes,
+            "estimated_rows": estimated,
             "percent": percent, "started": _iso(row.created),
             "elapsed": round((now - row.created).total_seconds(), 3),
         }

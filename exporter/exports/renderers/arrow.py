@@ -58,6 +58,7 @@ async def send(output: Output, data: bytes) -> None:
 @dataclass(frozen=True)
 class ArrowRenderer(Renderer):
     reads_arrow: bool = True
+    rows_by_line: bool = False
 
     async def produce(self, source: Source, select: str, prelude: Output,
                       output: Output) -> int | None:

@@ -53,6 +53,9 @@ class Renderer:
     # Its rows are read through `Source.arrow`, on a connection of their own in the
     # export's snapshot: its SELECT may not depend on the export's own transaction.
     reads_arrow: bool = False
+    # Each row ends with a line break (CSV, JSON, TSV...): a stored export counts its rows
+    # as they go by; of a binary format only the COPY's final count is known.
+    rows_by_line: bool = True
 
     def for_query(self, query: ExportQuery) -> Renderer:
         """The renderer of one export: a format that types its cells by the result's

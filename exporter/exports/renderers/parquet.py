@@ -29,6 +29,7 @@ class ParquetRenderer(Renderer):
     # Compressed inside: an HTTP content coding on top would cost CPU for nothing.
     compressed: bool = True
     reads_arrow: bool = True
+    rows_by_line: bool = False
 
     async def produce(self, source: Source, select: str, prelude: Output,
                       output: Output) -> int | None:

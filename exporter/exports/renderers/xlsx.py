@@ -420,4 +420,5 @@ class XlsxRenderer(Renderer):
         return SheetRows(prelude, output, self.layout)
 
 
-XLSX = register(XlsxRenderer("xlsx", "xlsx", MEDIA_TYPE, MEDIA_TYPE, compressed=True))
+XLSX = register(XlsxRenderer("xlsx", "xlsx", MEDIA_TYPE, MEDIA_TYPE, compressed=True,
+                                  rows_by_line=False))
