@@ -133,10 +133,24 @@ MODULE_GROUPS = {
 }
 
 
+# The tests on another PostgreSQL than the embedded one (`--postgres`): one group per
+# version, so that one worker starts that cluster (initdb, the database, the demo rows, a
+# server) instead of every worker, and no worker switches between versions back and forth
+# (a session fixture parametrized by version is torn down and made again at each switch).
+# The group has the most tests: xdist hands it out first, so it starts at once.
+def _version_group(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    version = callspec.params.get("server_url_root", EMBEDDED) if callspec else EMBEDDED
+    return None if version == EMBEDDED else f"postgres-{version}"
+
+
 def _group_the_heavy_ones(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
-        if name in RUN_ONE_AT_A_TIME:
+        version_group = _version_group(item)
+        if version_group is not None:
+            item.add_marker(pytest.mark.xdist_group(version_group))
+        elif name in RUN_ONE_AT_A_TIME:
             item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
         elif item.path.name in MODULE_GROUPS:
             item.add_marker(pytest.mark.xdist_group(MODULE_GROUPS[item.path.name]))
@@ -156,6 +170,9 @@ def _name_the_groups(items: list[pytest.Item]) -> None:
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                          for m in item.iter_markers("xdist_group")})
+        # A test on another version runs with that version's group only (a module's own
+        # group, as test_resume's pytestmark, is for its embedded tests).
+        groups = [g for g in groups if g.startswith("postgres-")] or groups
         if groups and "@" not in item.nodeid:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
 # --- end: parallel runs ---------------------------------------------------------------
