@@ -277,6 +277,12 @@ def run(*args: str, env: dict[str, str], cwd: Path = ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def link(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`exporter link ARGS` in this process, as `run` would run it (exporter_cli): the link
+    is what these tests check, not the start of a process (the tests above do that)."""
+    return exporter_cli("link", *args, env=env, as_process=True)
+
+
 def refused_in_one_line(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert done.stdout == ""
@@ -376,13 +382,13 @@ def test_links_live_at_most_30_days_whoever_makes_them(server: Server, database_
         assert api.status_code == 400, api.text
         message = api.json()["error"]["message"]
         assert "at most 30 days" in message
-        line = refused_in_one_line(run("link", "/files/README.txt", "--expires", expires,
-                                       env=env))
+        line = refused_in_one_line(link("/files/README.txt", "--expires", expires,
+                                        env=env))
         assert line == f"exporter link: --expires: {message}"
     api = httpx.post(server.url + "/links", headers=bearer(linker),
                      json={"url": "/files/README.txt", "expires_in": "30d"})
     assert api.status_code == 201, api.text
-    made = run("link", "/files/README.txt", "--expires", "30d", env=env)
+    made = link("/files/README.txt", "--expires", "30d", env=env)
     assert made.returncode == 0, made.stderr
     until = datetime.strptime(made.stderr.strip(), "valid until %Y-%m-%d %H:%M:%SZ")
     in_30_days = datetime.now(UTC).replace(tzinfo=None) + timedelta(days=30)
@@ -418,7 +424,7 @@ def test_the_cli_and_the_api_make_the_same_links(public: bool, make_server: type
         api = httpx.post(server.url + PREFIX + "/links", headers=bearer(linker),
                          json={"url": path, "expires_in": "5m"})
         assert api.status_code == 201, (path, api.text)
-        made = run("link", path, "--expires", "5m", env=cli_env)
+        made = link(path, "--expires", "5m", env=cli_env)
         assert made.returncode == 0, (path, made.stderr)
         by_api, by_cli = api.json()["url"], made.stdout.strip()
         unsigned = base + path.removeprefix(PREFIX)
@@ -442,6 +448,6 @@ def test_the_cli_and_the_api_make_the_same_links(public: bool, make_server: type
 ], ids=lambda v: v if isinstance(v, str) else "|".join(v.values()))
 def test_a_link_the_cli_cannot_place_is_refused_before_the_database(
         settings: dict[str, str], target: str) -> None:
-    line = refused_in_one_line(run("link", target, env={**settings,
-                                                        "EXPORTER_DATABASE_URL": NO_DATABASE}))
+    line = refused_in_one_line(link(target, env={**settings,
+                                                 "EXPORTER_DATABASE_URL": NO_DATABASE}))
     assert "EXPORTER_PUBLIC_URL" in line or "http(s) URL" in line, line

@@ -37,15 +37,11 @@ def exporter(*args: str, env: dict[str, str], cwd: Path = ROOT,
                           timeout=timeout, check=False)
 
 
-def in_process(*args: str, env: dict[str, str], cwd: Path,
-               monkeypatch: pytest.MonkeyPatch) -> subprocess.CompletedProcess[str]:
-    """The same command run in this process (tests.support.exporter_cli, with a process's
-    logging), in `cwd`, with only the EXPORTER_ variables of `env`: the same stdout, stderr
-    and status without a Python start-up (about 0.8 s each quiet, 15-20 s on a loaded
-    machine)."""
-    monkeypatch.chdir(cwd)
-    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("EXPORTER_")}
-    return exporter_cli(*args, env={**unset, "EXPORTER_PORT": str(free_port()), **env},
+def in_process(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`exporter` as above, run in this process as a process of its own would run it
+    (tests.support.exporter_cli): the same stdout, stderr and status without a Python
+    start-up."""
+    return exporter_cli(*args, env={"EXPORTER_PORT": str(free_port()), **env}, cwd=cwd,
                         as_process=True)
 
 
@@ -83,10 +79,9 @@ UNREACHABLE = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/db"
      "EXPORTER_DATABASE_URL"),
 ])
 def test_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(
-        env: dict[str, str], variable: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        env: dict[str, str], variable: str, tmp_path: Path) -> None:
     check_one_line(in_process("serve", env={"EXPORTER_DATA_DIR": str(tmp_path / "var"),
-                                            **env}, cwd=tmp_path, monkeypatch=monkeypatch),
+                                            **env}, cwd=tmp_path),
                    variable, tmp_path)
 
 
@@ -101,10 +96,9 @@ def test_a_bad_setting_stops_the_real_process_in_one_line(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("command", [["migrate"], ["token", "list"], ["downloads"],
                                      ["digest"], ["demo"], ["link", "/files/a"]])
-def test_every_command_checks_the_settings_first(command: list[str], tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_command_checks_the_settings_first(command: list[str], tmp_path: Path) -> None:
     env = {"EXPORTER_DATA_DIR": str(tmp_path / "var"), "EXPORTER_SCHEMA": "exporter"}
-    check_one_line(in_process(*command, env=env, cwd=tmp_path, monkeypatch=monkeypatch),
+    check_one_line(in_process(*command, env=env, cwd=tmp_path),
                    "EXPORTER_SCHEMA", tmp_path)
 
 
@@ -129,10 +123,9 @@ def test_settings_in_range_are_accepted() -> None:
 @pytest.mark.parametrize("command", [["serve"], ["migrate"], ["token", "list"],
                                      ["downloads"], ["digest"], ["demo", "--rows", "1"]])
 def test_an_unreachable_database_is_one_line_and_a_non_zero_exit(
-        command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        command: list[str], tmp_path: Path) -> None:
     # In process; test_a_database_that_does_not_exist_is_one_line runs `serve` for real.
-    done = in_process(*command, env={"EXPORTER_DATABASE_URL": UNREACHABLE}, cwd=tmp_path,
-                      monkeypatch=monkeypatch)
+    done = in_process(*command, env={"EXPORTER_DATABASE_URL": UNREACHABLE}, cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -215,8 +208,7 @@ def test_sslmode_require_and_sslrootcert_build_a_verifying_context(tmp_path: Pat
     assert context.verify_mode == ssl.CERT_REQUIRED and not context.check_hostname
 
 
-def test_demo_leaves_a_chosen_files_root_alone(server_url_root: str, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_leaves_a_chosen_files_root_alone(server_url_root: str, tmp_path: Path) -> None:
     chosen = tmp_path / "their-files"
     chosen.mkdir()
     (chosen / "keep.txt").write_text("theirs\n")
@@ -225,7 +217,7 @@ def test_demo_leaves_a_chosen_files_root_alone(server_url_root: str, tmp_path: P
 
         def demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             return in_process("demo", "--rows", "10", "--file-size", "1K", *args, env=env,
-                              cwd=tmp_path, monkeypatch=monkeypatch)
+                              cwd=tmp_path)
 
         done = demo(env=env)
         assert done.returncode == 0, done.stderr
