@@ -130,6 +130,7 @@ MODULE_GROUPS = {
     "test_stored_exports.py": "stored-exports",
     "test_links.py": "links",
     "test_web.py": "web",
+    "test_http_guard.py": "http-guard",
 }
 
 
