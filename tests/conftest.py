@@ -119,8 +119,9 @@ RUN_ONE_AT_A_TIME = {
 
 
 # Modules whose module-scoped fixtures are dear (a primary and its standby, Chromium and a
-# closed server, an installed wheel, a 2,000,000-row table): all their tests on one worker,
-# so that they are made once per run instead of once per worker that gets a test of them.
+# closed server, an installed wheel, a 2,000,000-row table, servers with settings of their
+# own): all their tests on one worker, so that they are made once per run instead of once
+# per worker that gets a test of them (a server start is about 1 s of a core quiet).
 MODULE_GROUPS = {
     "test_replica.py": "replica",
     "test_page.py": "browser", "test_browser.py": "browser",
@@ -131,6 +132,9 @@ MODULE_GROUPS = {
     "test_links.py": "links",
     "test_web.py": "web",
     "test_http_guard.py": "http-guard",
+    "test_access.py": "access", "test_admission.py": "admission", "test_corpus.py": "corpus",
+    "test_disclosure.py": "disclosure", "test_docs_commands.py": "docs",
+    "test_files_hardening.py": "files-hardening", "test_fuzz_api.py": "fuzz-api",
 }
 
 
