@@ -277,6 +277,12 @@ def run(*args: str, env: dict[str, str], cwd: Path = ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def in_process(*args: str, env: dict[str, str], cwd: Path = ROOT
+               ) -> subprocess.CompletedProcess[str]:
+    """`run`'s command in this process, as a process of its own runs it (exporter_cli)."""
+    return exporter_cli(*args, env=env, cwd=cwd, as_process=True)
+
+
 def link(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`exporter link ARGS` in this process, as `run` would run it (exporter_cli): the link
     is what these tests check, not the start of a process (the tests above do that)."""
@@ -310,8 +316,11 @@ def test_an_option_is_checked_as_its_setting(command: list[str], option: str, va
     was refused: the same value now gets the same one line from both, naming each its
     own way, with status 2 before any database is used."""
     env = {"EXPORTER_DATABASE_URL": NO_DATABASE, "EXPORTER_DATA_DIR": str(tmp_path / "var")}
-    by_option = refused_in_one_line(run(*command, f"{option}={value}", env=env,
-                                        cwd=tmp_path))
+    # The reproduction in a real process; the other values in this one, as a process runs
+    # them (with NO_DATABASE, a value let through fails to connect: nothing starts here).
+    given = (run if (option, value) == ("--port", "99999") else in_process)
+    by_option = refused_in_one_line(given(*command, f"{option}={value}", env=env,
+                                          cwd=tmp_path))
     # The variable's line, as ever (in process: a real one costs a Python start-up).
     by_variable = refused_in_one_line(exporter_cli(*command, env={**env, variable: value}))
     assert by_option.startswith(f"exporter: {option}: "), by_option
@@ -325,8 +334,8 @@ def test_an_option_is_checked_as_its_setting(command: list[str], option: str, va
 ], ids=" ".join)
 def test_options_without_a_setting_are_checked_before_anything_starts(
         args: list[str], tmp_path: Path) -> None:
-    done = run(*args, env={"EXPORTER_DATABASE_URL": NO_DATABASE,
-                           "EXPORTER_DATA_DIR": str(tmp_path / "var")}, cwd=tmp_path)
+    done = in_process(*args, env={"EXPORTER_DATABASE_URL": NO_DATABASE,
+                                  "EXPORTER_DATA_DIR": str(tmp_path / "var")}, cwd=tmp_path)
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert f"Invalid value for '{args[1]}'" in done.stderr
     assert "Traceback" not in done.stderr
