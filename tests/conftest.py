@@ -178,7 +178,11 @@ def _name_the_groups(items: list[pytest.Item]) -> None:
         # A test on another version runs with that version's group only (a module's own
         # group, as test_resume's pytestmark, is for its embedded tests).
         groups = [g for g in groups if g.startswith("postgres-")] or groups
-        if groups and "@" not in item.nodeid:
+        # Already named: an `@` after the parameters' `]`, as xdist's scheduler reads it. An
+        # `@` inside them (`<@`, `@@` of test_inprocess_postgrest's filters) is no group:
+        # those tests went without theirs, and each started a PostgreSQL 15 of its own.
+        named = item.nodeid.rfind("@") > item.nodeid.rfind("]")
+        if groups and not named:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
 # --- end: parallel runs ---------------------------------------------------------------
 
