@@ -124,8 +124,9 @@ RUN_ONE_AT_A_TIME = {
 
 
 # Modules whose module-scoped fixtures are dear (a primary and its standby, Chromium and a
-# closed server, an installed wheel, a 2,000,000-row table): all their tests on one worker,
-# so that they are made once per run instead of once per worker that gets a test of them.
+# closed server, an installed wheel, a 2,000,000-row table, servers with settings of their
+# own): all their tests on one worker, so that they are made once per run instead of once
+# per worker that gets a test of them (a server start is about 1 s of a core quiet).
 MODULE_GROUPS = {
     "test_replica.py": "replica",
     "test_page.py": "browser", "test_browser.py": "browser",
@@ -137,13 +138,31 @@ MODULE_GROUPS = {
     "test_web.py": "web",
     # A virtualenv of the newest postgrest-py and an npm install of postgrest-js.
     "test_postgrest_clients.py": "postgrest-clients",
+    "test_http_guard.py": "http-guard",
+    "test_access.py": "access", "test_admission.py": "admission", "test_corpus.py": "corpus",
+    "test_disclosure.py": "disclosure", "test_docs_commands.py": "docs",
+    "test_files_hardening.py": "files-hardening", "test_fuzz_api.py": "fuzz-api",
 }
+
+
+# The tests on another PostgreSQL than the embedded one (`--postgres`): one group per
+# version, so that one worker starts that cluster (initdb, the database, the demo rows, a
+# server) instead of every worker, and no worker switches between versions back and forth
+# (a session fixture parametrized by version is torn down and made again at each switch).
+# The group has the most tests: xdist hands it out first, so it starts at once.
+def _version_group(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    version = callspec.params.get("server_url_root", EMBEDDED) if callspec else EMBEDDED
+    return None if version == EMBEDDED else f"postgres-{version}"
 
 
 def _group_the_heavy_ones(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
-        if name in RUN_ONE_AT_A_TIME:
+        version_group = _version_group(item)
+        if version_group is not None:
+            item.add_marker(pytest.mark.xdist_group(version_group))
+        elif name in RUN_ONE_AT_A_TIME:
             item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
         elif item.path.name in MODULE_GROUPS:
             item.add_marker(pytest.mark.xdist_group(MODULE_GROUPS[item.path.name]))
@@ -163,7 +182,14 @@ def _name_the_groups(items: list[pytest.Item]) -> None:
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                          for m in item.iter_markers("xdist_group")})
-        if groups and "@" not in item.nodeid:
+        # A test on another version runs with that version's group only (a module's own
+        # group, as test_resume's pytestmark, is for its embedded tests).
+        groups = [g for g in groups if g.startswith("postgres-")] or groups
+        # Already named: an `@` after the parameters' `]`, as xdist's scheduler reads it. An
+        # `@` inside them (`<@`, `@@` of test_inprocess_postgrest's filters) is no group:
+        # those tests went without theirs, and each started a PostgreSQL 15 of its own.
+        named = item.nodeid.rfind("@") > item.nodeid.rfind("]")
+        if groups and not named:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
 # --- end: parallel runs ---------------------------------------------------------------
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -149,17 +151,35 @@ def stop_group(process: subprocess.Popen[bytes] | None, grace: float) -> None:
 
 
 def exporter_cli(*args: str, env: Mapping[str, str | None] | None = None,
-                 check: bool = False) -> subprocess.CompletedProcess[str]:
+                 check: bool = False, as_process: bool = False, cwd: Path | None = None
+                 ) -> subprocess.CompletedProcess[str]:
     """`exporter ARGS` run in this process by Typer's runner, answered as a finished
     subprocess: the same stdout, stderr and exit status, without starting a Python (about
-    0.8 s each). Tests of the installed command itself spawn it for real. `env` adds to
-    this process's environment for the call (None removes a variable)."""
+    0.8 s each quiet, 15-20 s seen on a loaded machine). Tests of the installed command
+    itself spawn it for real. `env` adds to this process's environment for the call (None
+    removes a variable), in the folder `cwd`. `as_process`: as `python -m exporter.cli` in
+    a process of its own would run it: only the EXPORTER_ variables of `env`, and the
+    logging `exporter.cli.main` sets up, its lines in stderr (this process's logging is put
+    back afterwards)."""
     from typer.testing import CliRunner
 
+    from exporter import clikit
     from exporter.cli import app
 
+    if as_process:
+        env = {**{k: None for k in os.environ if k.startswith("EXPORTER_")}, **(env or {})}
+
     def invoke() -> Any:
-        return CliRunner().invoke(app, list(args), env=env, prog_name="exporter")
+        with contextlib.chdir(cwd or os.getcwd()):
+            if not as_process:
+                return CliRunner().invoke(app, list(args), env=env, prog_name="exporter")
+            with _logging_put_back():
+                own = clikit._own_process
+                clikit.own_process()
+                try:
+                    return CliRunner().invoke(app, list(args), env=env, prog_name="exporter")
+                finally:
+                    clikit._own_process = own
 
     try:
         asyncio.get_running_loop()
@@ -177,6 +197,35 @@ def exporter_cli(*args: str, env: Mapping[str, str | None] | None = None,
     if check:
         done.check_returncode()
     return done
+
+
+@contextlib.contextmanager
+def _logging_put_back() -> Iterator[None]:
+    """Every logger's level, handlers, filters and propagation as they were before (a
+    command's dictConfig replaces the root's handlers: pytest's capture among them)."""
+    def state(logger: logging.Logger) -> tuple[Any, ...]:
+        return (logger.level, logger.handlers[:], logger.filters[:], logger.propagate,
+                logger.disabled)
+
+    def loggers() -> dict[str, logging.Logger]:
+        return {name: logger for name, logger in logging.Logger.manager.loggerDict.items()
+                if isinstance(logger, logging.Logger)}
+
+    root = logging.getLogger()
+    before = {name: state(logger) for name, logger in loggers().items()}
+    root_before = state(root)
+    try:
+        yield
+    finally:
+        fresh = (logging.NOTSET, [], [], True, False)
+        for logger, (level, handlers, filters, propagate, disabled) in [
+                (root, root_before),
+                *((logger, before.get(name, fresh)) for name, logger in loggers().items())]:
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.filters[:] = filters
+            logger.propagate = propagate
+            logger.disabled = disabled
 
 
 class PortTaken(RuntimeError):

@@ -277,6 +277,18 @@ def run(*args: str, env: dict[str, str], cwd: Path = ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def in_process(*args: str, env: dict[str, str], cwd: Path = ROOT
+               ) -> subprocess.CompletedProcess[str]:
+    """`run`'s command in this process, as a process of its own runs it (exporter_cli)."""
+    return exporter_cli(*args, env=env, cwd=cwd, as_process=True)
+
+
+def link(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`exporter link ARGS` in this process, as `run` would run it (exporter_cli): the link
+    is what these tests check, not the start of a process (the tests above do that)."""
+    return exporter_cli("link", *args, env=env, as_process=True)
+
+
 def refused_in_one_line(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert done.stdout == ""
@@ -304,8 +316,11 @@ def test_an_option_is_checked_as_its_setting(command: list[str], option: str, va
     was refused: the same value now gets the same one line from both, naming each its
     own way, with status 2 before any database is used."""
     env = {"EXPORTER_DATABASE_URL": NO_DATABASE, "EXPORTER_DATA_DIR": str(tmp_path / "var")}
-    by_option = refused_in_one_line(run(*command, f"{option}={value}", env=env,
-                                        cwd=tmp_path))
+    # The reproduction in a real process; the other values in this one, as a process runs
+    # them (with NO_DATABASE, a value let through fails to connect: nothing starts here).
+    given = (run if (option, value) == ("--port", "99999") else in_process)
+    by_option = refused_in_one_line(given(*command, f"{option}={value}", env=env,
+                                          cwd=tmp_path))
     # The variable's line, as ever (in process: a real one costs a Python start-up).
     by_variable = refused_in_one_line(exporter_cli(*command, env={**env, variable: value}))
     assert by_option.startswith(f"exporter: {option}: "), by_option
@@ -319,8 +334,8 @@ def test_an_option_is_checked_as_its_setting(command: list[str], option: str, va
 ], ids=" ".join)
 def test_options_without_a_setting_are_checked_before_anything_starts(
         args: list[str], tmp_path: Path) -> None:
-    done = run(*args, env={"EXPORTER_DATABASE_URL": NO_DATABASE,
-                           "EXPORTER_DATA_DIR": str(tmp_path / "var")}, cwd=tmp_path)
+    done = in_process(*args, env={"EXPORTER_DATABASE_URL": NO_DATABASE,
+                                  "EXPORTER_DATA_DIR": str(tmp_path / "var")}, cwd=tmp_path)
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert f"Invalid value for '{args[1]}'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -376,13 +391,13 @@ def test_links_live_at_most_30_days_whoever_makes_them(server: Server, database_
         assert api.status_code == 400, api.text
         message = api.json()["error"]["message"]
         assert "at most 30 days" in message
-        line = refused_in_one_line(run("link", "/files/README.txt", "--expires", expires,
-                                       env=env))
+        line = refused_in_one_line(link("/files/README.txt", "--expires", expires,
+                                        env=env))
         assert line == f"exporter link: --expires: {message}"
     api = httpx.post(server.url + "/links", headers=bearer(linker),
                      json={"url": "/files/README.txt", "expires_in": "30d"})
     assert api.status_code == 201, api.text
-    made = run("link", "/files/README.txt", "--expires", "30d", env=env)
+    made = link("/files/README.txt", "--expires", "30d", env=env)
     assert made.returncode == 0, made.stderr
     until = datetime.strptime(made.stderr.strip(), "valid until %Y-%m-%d %H:%M:%SZ")
     in_30_days = datetime.now(UTC).replace(tzinfo=None) + timedelta(days=30)
@@ -418,7 +433,7 @@ def test_the_cli_and_the_api_make_the_same_links(public: bool, make_server: type
         api = httpx.post(server.url + PREFIX + "/links", headers=bearer(linker),
                          json={"url": path, "expires_in": "5m"})
         assert api.status_code == 201, (path, api.text)
-        made = run("link", path, "--expires", "5m", env=cli_env)
+        made = link(path, "--expires", "5m", env=cli_env)
         assert made.returncode == 0, (path, made.stderr)
         by_api, by_cli = api.json()["url"], made.stdout.strip()
         unsigned = base + path.removeprefix(PREFIX)
@@ -442,6 +457,6 @@ def test_the_cli_and_the_api_make_the_same_links(public: bool, make_server: type
 ], ids=lambda v: v if isinstance(v, str) else "|".join(v.values()))
 def test_a_link_the_cli_cannot_place_is_refused_before_the_database(
         settings: dict[str, str], target: str) -> None:
-    line = refused_in_one_line(run("link", target, env={**settings,
-                                                        "EXPORTER_DATABASE_URL": NO_DATABASE}))
+    line = refused_in_one_line(link(target, env={**settings,
+                                                 "EXPORTER_DATABASE_URL": NO_DATABASE}))
     assert "EXPORTER_PUBLIC_URL" in line or "http(s) URL" in line, line

@@ -435,9 +435,16 @@ def test_pulls_while_writers_commit_in_any_order_lose_nothing(
 
         for t in threads:
             t.start()
+        def enough() -> bool:
+            with lock:
+                return len(committed) > 50 and pulls > 10
+
         try:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
+            # 5 s of pulls among the writers, and on until they have written what the checks
+            # below need: a loaded machine wrote 49 rows in 5 s.
+            started = time.monotonic()
+            while time.monotonic() - started < 5 or (
+                    not enough() and time.monotonic() - started < 60):
                 pull_once()
                 time.sleep(random.random() * 0.2)
         finally:

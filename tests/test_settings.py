@@ -19,13 +19,15 @@ from sqlalchemy.engine import make_url
 
 from exporter.config import Settings
 from exporter.db import connect_arguments, create_engine
-from tests.support import ROOT, FreshDatabase, fetch, free_port, wait_until
+from tests.support import ROOT, FreshDatabase, exporter_cli, fetch, free_port, wait_until
 
 PASSWORD = "Pa55-never-printed-7c1e"
 
 
 def exporter(*args: str, env: dict[str, str], cwd: Path = ROOT,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -m exporter.cli ARGS`, a real process, with only the EXPORTER_ variables of
+    `env`: for what only a process shows (its logging set up, writing to its stderr)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
     # A port of its own: `serve` checks its port before anything else, and 8000 may be
     # another program's on this machine.
@@ -33,6 +35,14 @@ def exporter(*args: str, env: dict[str, str], cwd: Path = ROOT,
     return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=cwd,
                           env={**clean, **env}, capture_output=True, text=True,
                           timeout=timeout, check=False)
+
+
+def in_process(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`exporter` as above, run in this process as a process of its own would run it
+    (tests.support.exporter_cli): the same stdout, stderr and status without a Python
+    start-up."""
+    return exporter_cli(*args, env={"EXPORTER_PORT": str(free_port()), **env}, cwd=cwd,
+                        as_process=True)
 
 
 def with_password(url: str) -> str:
@@ -70,19 +80,30 @@ UNREACHABLE = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/db"
 ])
 def test_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(
         env: dict[str, str], variable: str, tmp_path: Path) -> None:
-    check_one_line(["serve"], env, variable, tmp_path)
+    check_one_line(in_process("serve", env={"EXPORTER_DATA_DIR": str(tmp_path / "var"),
+                                            **env}, cwd=tmp_path),
+                   variable, tmp_path)
+
+
+def test_a_bad_setting_stops_the_real_process_in_one_line(tmp_path: Path) -> None:
+    """The cases above run in this process: once as the process a user starts, whose
+    stderr and exit status these are."""
+    env = {"EXPORTER_DATA_DIR": str(tmp_path / "var"),
+           "EXPORTER_DATABASE_URL": f"postgresql://app:{PASSWORD}@localhost/db?sslmode=maybe"}
+    check_one_line(exporter("serve", env=env, cwd=tmp_path, timeout=30),
+                   "EXPORTER_DATABASE_URL", tmp_path)
 
 
 @pytest.mark.parametrize("command", [["migrate"], ["token", "list"], ["downloads"],
                                      ["digest"], ["demo"], ["link", "/files/a"]])
 def test_every_command_checks_the_settings_first(command: list[str], tmp_path: Path) -> None:
-    check_one_line(command, {"EXPORTER_SCHEMA": "exporter"}, "EXPORTER_SCHEMA", tmp_path)
+    env = {"EXPORTER_DATA_DIR": str(tmp_path / "var"), "EXPORTER_SCHEMA": "exporter"}
+    check_one_line(in_process(*command, env=env, cwd=tmp_path),
+                   "EXPORTER_SCHEMA", tmp_path)
 
 
-def check_one_line(command: list[str], env: dict[str, str], variable: str,
+def check_one_line(done: subprocess.CompletedProcess[str], variable: str,
                    tmp_path: Path) -> None:
-    done = exporter(*command, env={"EXPORTER_DATA_DIR": str(tmp_path / "var"), **env},
-                    cwd=tmp_path, timeout=30)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -101,8 +122,10 @@ def test_settings_in_range_are_accepted() -> None:
 
 @pytest.mark.parametrize("command", [["serve"], ["migrate"], ["token", "list"],
                                      ["downloads"], ["digest"], ["demo", "--rows", "1"]])
-def test_an_unreachable_database_is_one_line_and_a_non_zero_exit(command: list[str]) -> None:
-    done = exporter(*command, env={"EXPORTER_DATABASE_URL": UNREACHABLE}, timeout=60)
+def test_an_unreachable_database_is_one_line_and_a_non_zero_exit(
+        command: list[str], tmp_path: Path) -> None:
+    # In process; test_a_database_that_does_not_exist_is_one_line runs `serve` for real.
+    done = in_process(*command, env={"EXPORTER_DATABASE_URL": UNREACHABLE}, cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -191,18 +214,21 @@ def test_demo_leaves_a_chosen_files_root_alone(server_url_root: str, tmp_path: P
     (chosen / "keep.txt").write_text("theirs\n")
     with FreshDatabase(server_url_root) as url:
         env = {"EXPORTER_DATABASE_URL": url, "EXPORTER_FILES_ROOT": str(chosen)}
-        done = exporter("demo", "--rows", "10", "--file-size", "1K", env=env, cwd=tmp_path)
+
+        def demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            return in_process("demo", "--rows", "10", "--file-size", "1K", *args, env=env,
+                              cwd=tmp_path)
+
+        done = demo(env=env)
         assert done.returncode == 0, done.stderr
         assert sorted(p.name for p in chosen.iterdir()) == ["keep.txt"]
         assert "--files" in done.stdout
         assert fetch(url, "SELECT count(*) AS n FROM exports.orders")[0]["n"] == 10
         # Asked to, it does write there (and leaves the other files alone).
-        done = exporter("demo", "--rows", "10", "--file-size", "1K", "--files", env=env,
-                        cwd=tmp_path)
+        done = demo("--files", env=env)
         assert done.returncode == 0, done.stderr
         assert (chosen / "README.txt").exists() and (chosen / "keep.txt").exists()
         # The default root (var/files under the working directory) is the demo's own.
-        done = exporter("demo", "--rows", "10", "--file-size", "1K",
-                        env={"EXPORTER_DATABASE_URL": url}, cwd=tmp_path)
+        done = demo(env={"EXPORTER_DATABASE_URL": url})
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "var" / "files" / "README.txt").exists()

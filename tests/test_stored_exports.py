@@ -279,7 +279,9 @@ def test_the_snapshot_goes_when_the_copy_ends(server: Server, alice: str,
     slow = subprocess.Popen(["curl", "-sS", "--limit-rate", "20k", "-o", str(tmp_path / "o"),
                              "-H", f"Authorization: Bearer {alice}", m["file_url"]])
     try:
-        time.sleep(1.0)
+        # Bytes have arrived, and more are to come: the download is under way.
+        got = tmp_path / "o"
+        assert wait_until(lambda: got.exists() and got.stat().st_size > 0, 30)
         assert slow.poll() is None  # still downloading
         open_snapshots = fetch(database_url, "SELECT pid FROM pg_stat_activity"
                                " WHERE backend_xmin IS NOT NULL AND state LIKE 'idle in%'"
