@@ -21,6 +21,7 @@ from exporter.stored.store import (
     ASYNC,
     COPIES_EXCEEDED,
     EVICTED,
+    EXPIRED,
     QUOTA_EXCEEDED,
     SERVER_STOPPED,
     SHARE_EXCEEDED,
@@ -283,6 +284,13 @@ def _check_clean_up(app: InProcess, database_url: str, tmp_path: Path, done: str
     assert app.state.stored is not None
     counts = app.run(app.state.stored.clean_up())
     assert counts == {"stale": 1, "expired": 1, "orphans": 2}
+    # A resume copy's file goes; its row stays, failed, for as long as a download may be
+    # resumed (a resume must know every response of its URL), then goes too.
+    gone = row(database_url, done)
+    assert gone["status"] == "failed" and gone["error"] == EXPIRED
+    run_sql(database_url, "UPDATE exporter.stored_exports SET expires = now() - interval '1s'"
+            f" WHERE id = '{done}'")
+    app.run(app.state.stored.clean_up())
     assert row(database_url, done) == {}
     r = row(database_url, dead)
     assert r["status"] == "failed" and r["error"] == SERVER_STOPPED

@@ -23,6 +23,7 @@ from exporter.exports.resume_copies import Continuation, ResumeCopyStopped
 from exporter.stored.service import StoredService
 from exporter.stored.store import (
     COMPLETE,
+    EXPIRED,
     RUNNING,
     STREAMED,
     Promised,
@@ -41,16 +42,15 @@ STRONG_ETAG = re.compile(r'"([A-Za-z0-9_-]{1,64})"')
 # far it got, then for the copy's completion (at COPY speed, usually seconds).
 LEFT_WAIT = 10.0
 COMPLETE_WAIT = 120.0
-CANDIDATES = 10
+CANDIDATES = 100
 COMPARE_CHUNK = 1024 * 1024
 
 
-def _cut_after(row: Any, offset: int) -> bool:
-    """Whether the copy's response was cut (or not yet known to be whole) after sending
-    at least `offset` bytes."""
-    if row.delivered is None or row.delivered < offset:
-        return False
-    return not (row.status == COMPLETE and row.delivered >= row.bytes)
+def _may_hold(row: Any, offset: int) -> bool:
+    """Whether the client's first `offset` bytes may be this response's: it sent at least
+    that many. Sent whole counts too: sent is written to the socket, not received, and a
+    client killed with the rest in its buffers holds a part of a response sent whole."""
+    return row.delivered is not None and row.delivered >= offset
 
 
 class StoredResumeCopy:
@@ -213,12 +213,19 @@ class StoredResumeCopies:
                 # The client's bytes may be that response's, which said nothing yet: no
                 # proof either way, so the whole export (never a splice).
                 return None
-        # The copies whose response was cut after at least `offset` bytes: the client's
-        # partial file can only be one of theirs.
-        candidates = [r.id for r in rows if _cut_after(r, offset)]
+        if len(rows) == CANDIDATES:
+            return None  # more responses of this URL than are compared: no proof
+        # The responses that sent at least `offset` bytes: the client's partial file can
+        # only be one of theirs.
+        held = [r for r in rows if _may_hold(r, offset)]
+        # A copy whose file expired, of the same bytes as one still here, proves nothing
+        # either way: that one stands for it.
+        here = {bytes(r.sha256) for r in held if r.status == COMPLETE and r.sha256}
+        candidates = [r.id for r in held
+                      if not (r.error == EXPIRED and r.sha256 and bytes(r.sha256) in here)]
         if not candidates or not all([await self._completed(c) for c in candidates]):
             return None  # one failed, or is not done: nothing to prove against
-        rows = [r for r in await self._rows(t.c.id.in_(candidates)) if _cut_after(r, offset)]
+        rows = [r for r in await self._rows(t.c.id.in_(candidates)) if _may_hold(r, offset)]
         if len(rows) != len(candidates):
             return None
         if len(rows) > 1 and not await self._same_prefix([r.storage_key for r in rows],
@@ -232,7 +239,8 @@ class StoredResumeCopies:
         """This URL's copies, newest first, whatever their status."""
         async with self._service.engine.connect() as conn:
             result = await conn.execute(
-                sa.select(t.c.id, t.c.status, t.c.delivered, t.c.bytes, t.c.storage_key)
+                sa.select(t.c.id, t.c.status, t.c.error, t.c.delivered, t.c.bytes,
+                          t.c.storage_key, t.c.sha256)
                 .where(t.c.kind == STREAMED, *where)
                 .order_by(t.c.created.desc()).limit(CANDIDATES))
             return list(result)

@@ -39,6 +39,7 @@ SHARE_EXCEEDED = ("the export exceeds its principal's share of the storage quota
 COPIES_EXCEEDED = ("the copy exceeds the copies' share of the storage quota"
                    " (EXPORTER_EXPORTS_RESUME_SHARE)")
 SERVER_STOPPED = "the server stopped while it ran"
+EXPIRED = "its file expired (a copy kept only for resuming)"
 EVICTED = "removed to make room in the storage quota (a copy kept only for resuming)"
 # What counts against the quota: every file there is or is being written.
 _HOLDING = (RUNNING, COMPLETE)
@@ -140,6 +141,7 @@ class StoredExports:
         self.storage = storage
         self.instance_id = instance_id
         self.retention: timedelta = parse_duration(settings.exports_retention)
+        self.resume_retention: timedelta = parse_duration(settings.exports_resume_retention)
         self.interval = settings.exports_progress_interval
         self._cleanup: asyncio.Task[None] | None = None
         # Exports whose id is promised while their row and file are still being made
@@ -330,10 +332,19 @@ class StoredExports:
                 .values(status=FAILED, error=SERVER_STOPPED, finished=sa.func.now(),
                         expires=sa.func.now() + self.retention)
                 .returning(t.c.id))).scalars().all()
+            # A copy's file goes when it expires, but its row stays, failed, as long as a
+            # client may resume any download: a resume must know every response of its
+            # URL to prove which one the client's bytes are (resume_copies.py).
+            gone_copies = (await conn.execute(
+                sa.update(t).where(t.c.kind == STREAMED, t.c.status == COMPLETE,
+                                   t.c.expires < sa.func.now())
+                .values(status=FAILED, error=EXPIRED,
+                        expires=sa.func.now() + self.resume_retention)
+                .returning(t.c.storage_key))).scalars().all()
             expired = (await conn.execute(
                 sa.delete(t).where(t.c.expires < sa.func.now())
                 .returning(t.c.storage_key))).scalars().all()
-        for key in expired:
+        for key in [*gone_copies, *expired]:
             await self.storage.delete(key)
         # Listed first, then the rows: a row is written before its file is created, so a
         # file listed here whose row is missing was never going to get one.
@@ -356,7 +367,8 @@ class StoredExports:
         if dead:
             log.warning("%d stored exports were running on a server that stopped: failed",
                         len(dead))
-        return {"stale": len(dead), "expired": len(expired), "orphans": orphans}
+        return {"stale": len(dead), "expired": len(gone_copies) + len(expired),
+                "orphans": orphans}
 
     async def start_cleanup(self) -> None:
         """At start-up: one clean-up now (exports left running by a stopped server),
