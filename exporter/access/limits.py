@@ -287,8 +287,12 @@ class Limiter:
         k, e, i = _literal(key), _literal(EXPORTS), _literal(self.instance_id)
         count = ("(SELECT count(*) FROM exporter.slots s JOIN exporter.instances i ON"
                  " i.id = s.instance WHERE s.key = {} AND i.expires_at > now())")
+        # Its commit does not wait for the WAL to reach the disk (the slots are
+        # bookkeeping of live requests: after a crash the leases lapse anyway): a disk busy
+        # with another download's tail would otherwise delay this one's first byte.
         statement = (
-            f"SELECT pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({k})),"
+            "SELECT set_config('synchronous_commit', 'off', true),"
+            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({k})),"
             f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({e}));"
             f" INSERT INTO exporter.slots (id, key, instance)"
             f" SELECT v.id, v.key, {i} FROM (VALUES ({ids[0]}::bigint, {k}),"
