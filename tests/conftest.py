@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -279,8 +280,12 @@ def checkout_state() -> set[str] | None:
             if not any(part in line for part in CHECKOUT_MAY_CHANGE)}
 
 
+PASSED = pytest.StashKey[bool]()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if a test wrote into the checkout."""
+    session.config.stash[PASSED] = session.exitstatus == pytest.ExitCode.OK
     before = session.config.stash.get(CHECKOUT_BEFORE, None)
     if before is None or hasattr(session.config, "workerinput"):
         return
@@ -294,6 +299,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(message)
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        session.config.stash[PASSED] = False
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After a run that passed, its folders go (PostgreSQL clusters and stored exports: 3
+    to 4 GB, which fresh clones would pile up in the temporary folder); after a failure
+    they stay, to look at. Here, not at the session's end: xdist's workers and their
+    servers have stopped by now."""
+    if hasattr(config, "workerinput") or not config.stash.get(PASSED, False):
+        return
+    if config.option.basetemp == str(TEST_TMP / "pytest"):  # ours, not one given
+        shutil.rmtree(TEST_TMP / "pytest", ignore_errors=True)
+        shutil.rmtree(TEST_TMP / "exports", ignore_errors=True)
 # --- end: nothing written into the checkout ------------------------------------------
 
 
