@@ -80,6 +80,18 @@ def _whole(url: str) -> bytes:
     return r.content
 
 
+def _cut_early(url: str, after: int, headers: dict[str, str] = IDENTITY) -> str:
+    """A download of `url` whose client leaves once it has `after` bytes; its ETag."""
+    with httpx.stream("GET", url, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        got = 0
+        for chunk in r.iter_raw():
+            got += len(chunk)
+            if got > after:
+                break
+        return r.headers["etag"]
+
+
 def _cut_at_half(command: list[str], out: Path, size: int, cwd: Path) -> None:
     """Run a download and kill it (SIGKILL: no goodbye) once it has half the bytes."""
     p = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -228,13 +240,7 @@ def test_a_resume_that_cannot_be_proved_gets_the_whole_export(
     for change in ("", f"UPDATE exports.{table} SET note = 'first row changed' WHERE id = 1"):
         if change:
             run_sql(database_url, change)
-        with httpx.stream("GET", url, headers=IDENTITY, timeout=60) as r:
-            assert r.status_code == 200
-            got = 0
-            for chunk in r.iter_raw():
-                got += len(chunk)
-                if got > 5000:
-                    break
+        _cut_early(url, 5000)
     out = tmp_path / "out.csv"
     out.write_bytes(first[:1000])
     done = subprocess.run(["curl", "-sS", "-C", "-", "-o", str(out), url], cwd=tmp_path,
@@ -257,13 +263,7 @@ def test_a_response_sent_whole_may_be_what_the_client_holds(
     url = f"{server.url}/datasets/{table}.csv?order=id&note=neq.sentwhole&limit={SOME}"
     first = _whole(url)  # its copy: sent whole
     run_sql(database_url, f"UPDATE exports.{table} SET note = 'changed after' WHERE id = 1")
-    with httpx.stream("GET", url, headers=IDENTITY, timeout=60) as r:
-        assert r.status_code == 200
-        got = 0
-        for chunk in r.iter_raw():
-            got += len(chunk)
-            if got > 5000:
-                break  # cut: its copy is the only one left cut after the offset
+    _cut_early(url, 5000)  # cut: its copy is the only one left cut after the offset
     out = tmp_path / "out.csv"
     out.write_bytes(first[:1000])  # the part of the first response this client got
     done = subprocess.run(["curl", "-sS", "-C", "-", "-o", str(out), url], cwd=tmp_path,

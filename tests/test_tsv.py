@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -128,17 +127,10 @@ def test_catalog_and_openapi_name_tsv(app: InProcess) -> None:
 
 def test_a_stored_tsv_export(server: Server, database_url: str) -> None:
     from tests.test_access import bearer, new_token
+    from tests.test_stored_exports import finished
 
     token = new_token(database_url, f"tsv-{os.urandom(3).hex()}", "datasets:*")
-    r = httpx.post(server.url + "/exports", headers=bearer(token), timeout=30,
-                   json={"url": "/datasets/orders.tsv.gz?order=id&id=lte.500"})
-    assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 60
-    while (m := httpx.get(server.url + r.headers["location"], headers=bearer(token),
-                          timeout=30)).status_code == 202 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert m.status_code == 200, m.text
-    manifest = m.json()
+    manifest = finished(server, token, "/datasets/orders.tsv.gz?order=id&id=lte.500")
     assert manifest["format"] == "tsv" and manifest["rows"] == 500
     body = httpx.get(manifest["file_url"], headers=bearer(token), timeout=30)
     assert body.headers["content-type"] == "application/gzip"
