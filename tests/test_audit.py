@@ -221,8 +221,10 @@ def test_a_refused_audit_row_is_an_error_healthz_shows(
             f" CHECK (target <> '{name}') NOT VALID")
     try:
         assert httpx.get(f"{s.url}/files/{name}").content == b"unaudited\n"
-        assert wait_until(lambda: httpx.get(s.url + "/healthz").json()["audit"]["refused"]
-                          == 1, 15)
+        # A look that gets another answer (seen twice in full runs: a body without
+        # "audit") is one more try, not the end; what is asserted is the same.
+        assert wait_until(lambda: httpx.get(s.url + "/healthz").json()
+                          .get("audit", {}).get("refused") == 1, 15)
     finally:
         run_sql(database_url, "ALTER TABLE exporter.downloads DROP CONSTRAINT test_refused")
     r = httpx.get(s.url + "/healthz")
