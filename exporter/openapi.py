@@ -9,7 +9,23 @@ them changes no behaviour: it documents the API and lets a schema-driven fuzzer
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def get_and_head(router: APIRouter, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """One endpoint for GET and HEAD, as two routes: one route with both methods gives
+    both operations one operationId in the schema (FastAPI warns, and clients generated
+    from it clash)."""
+    def register(endpoint: Endpoint) -> Endpoint:
+        for method in ("GET", "HEAD"):
+            router.add_api_route(path, endpoint, methods=[method], **options)
+        return endpoint
+    return register
 
 
 def query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:

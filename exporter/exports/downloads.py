@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 from exporter.access.deps import AdminDep, ClientDep, StateDep
 from exporter.exports import openapi, responses, service
 from exporter.exports.deps import ExportsDep, headers_of
+from exporter.openapi import get_and_head
 
 router = APIRouter()
 
@@ -20,8 +21,7 @@ async def list_downloads(request: Request, st: StateDep, exports: ExportsDep,
     return await responses.respond(request, answer, st.resume_copies)
 
 
-@router.api_route("/downloads.{extension}", methods=["GET", "HEAD"],
-                  openapi_extra=openapi.DOWNLOADS)
+@get_and_head(router, "/downloads.{extension}", openapi_extra=openapi.DOWNLOADS)
 async def export_downloads(request: Request, extension: str, st: StateDep,
                            exports: ExportsDep, client: ClientDep,
                            admin: AdminDep) -> Response:

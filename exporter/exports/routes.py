@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from exporter.access.deps import ClientDep, PrincipalDep, StateDep
 from exporter.exports import openapi, responses, service
 from exporter.exports.deps import ExportsDep, headers_of
+from exporter.openapi import get_and_head
 
 router = APIRouter()
 
@@ -20,7 +21,7 @@ async def list_datasets(request: Request, exports: ExportsDep,
                                                     str(request.base_url)))
 
 
-@router.api_route("/datasets/", methods=["GET", "HEAD"], include_in_schema=False)
+@get_and_head(router, "/datasets/", include_in_schema=False)
 async def datasets_slash(request: Request) -> Response:
     # What Starlette did before the route below took slashes: to the listing (a redirect
     # whatever the credentials, as then).
@@ -29,8 +30,7 @@ async def datasets_slash(request: Request) -> Response:
 
 # `:path`: a dataset's name may hold a slash, listed as %2F, which the server decodes
 # before routing (so `a%2Fb.csv` arrives as `a/b.csv`); a plain slash means the same.
-@router.api_route("/datasets/{name:path}", methods=["GET", "HEAD"],
-                  openapi_extra=openapi.EXPORT)
+@get_and_head(router, "/datasets/{name:path}", openapi_extra=openapi.EXPORT)
 async def export(request: Request, name: str, st: StateDep, exports: ExportsDep,
                  client: ClientDep, principal: PrincipalDep) -> Response:
     answer = await service.export_by_name(exports, client, principal, name,

@@ -17,6 +17,7 @@ from exporter.files import openapi, response, service
 from exporter.files.deps import FilesDep
 from exporter.files.paths import bad_path
 from exporter.files.response import SAFE_HEADERS
+from exporter.openapi import get_and_head
 from exporter.server.prefix import app_path, app_raw_path
 
 FILES_PATH = service.FILES_PATH
@@ -64,7 +65,7 @@ def file_path(request: Request, path: str) -> str:
     return os.fsdecode(unquote_to_bytes(raw[len(FILES_PATH):]))
 
 
-@router.api_route("/files/{path:path}", methods=["GET", "HEAD"], openapi_extra=openapi.FILES)
+@get_and_head(router, "/files/{path:path}", openapi_extra=openapi.FILES)
 async def files(request: Request, fs_path: Annotated[str, Depends(file_path)],
                 files: FilesDep, client: ClientDep, principal: PrincipalDep) -> Response:
     query = request.query_params

@@ -9,6 +9,7 @@ from exporter.access.deps import ClientDep, PrincipalDep
 from exporter.exports.deps import ExportsDep
 from exporter.exports.responses import started
 from exporter.files.deps import FilesDep
+from exporter.openapi import get_and_head
 from exporter.stored import openapi, responses, service
 from exporter.stored.deps import StoredDep
 
@@ -43,8 +44,7 @@ async def delete(export_id: str, stored: StoredDep, principal: PrincipalDep) -> 
     return Response(status_code=204)
 
 
-@router.api_route("/exports/{export_id}/file", methods=["GET", "HEAD"],
-                  openapi_extra=openapi.FILE)
+@get_and_head(router, "/exports/{export_id}/file", openapi_extra=openapi.FILE)
 async def file(request: Request, export_id: str, files: FilesDep, stored: StoredDep,
                principal: PrincipalDep) -> Response:
     return await responses.file(request, files, stored, principal, export_id)
@@ -52,8 +52,7 @@ async def file(request: Request, export_id: str, files: FilesDep, stored: Stored
 
 # The same file under its own name (`/exports/ID/orders-20261205T111900Z.csv.gz`), the
 # URL the manifest gives.
-@router.api_route("/exports/{export_id}/{name}", methods=["GET", "HEAD"],
-                  openapi_extra=openapi.FILE)
+@get_and_head(router, "/exports/{export_id}/{name}", openapi_extra=openapi.FILE)
 async def named_file(request: Request, export_id: str, name: str, files: FilesDep,
                      stored: StoredDep, principal: PrincipalDep) -> Response:
     return await responses.file(request, files, stored, principal, export_id, name)
