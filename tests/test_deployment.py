@@ -233,12 +233,15 @@ def test_sigterm_lets_downloads_finish_within_the_grace_and_cuts_the_rest_curl(
     finishing = subprocess.Popen(["curl", "-sS", "--limit-rate", "30M", "-o", "large.bin",
                                   s.url + "/files/large.bin"], cwd=tmp_path,
                                  stderr=subprocess.PIPE)
-    endless_curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", "out.csv",
+    # The two cut at the grace read at 4 MB/s: what the loopback buffers hold when the
+    # server closes (up to 36 MB: curl's receive window grows to tcp_rmem's 32 MB under
+    # load) is still read before curl sees the end, and at 1 MB/s that took over 20 s.
+    endless_curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "4M", "-o", "out.csv",
                                      s.url + "/datasets/endless.csv"], cwd=tmp_path,
                                     stderr=subprocess.PIPE)
     # A file download too slow to end within the grace: cut, and its audit row closed
     # (a body waiting to send when cut is not run to its end by anyone else).
-    slow_file = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", "slow.bin",
+    slow_file = subprocess.Popen(["curl", "-sS", "--limit-rate", "4M", "-o", "slow.bin",
                                   s.url + "/files/large.bin"], cwd=tmp_path,
                                  stderr=subprocess.PIPE)
     try:
