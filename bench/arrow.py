@@ -13,8 +13,6 @@ machine may be loaded: compare ratios, not seconds).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -26,18 +24,19 @@ from bench.database import database, psql_command, psql_env
 from bench.exports import exporter_service
 from bench.harness import (
     MB,
-    ROOT,
     Contender,
-    Plan,
     Result,
     RssSampler,
     Run,
     Service,
+    arguments,
     curl,
     fmt_bytes,
     fmt_seconds,
     interleaved,
-    machine,
+    log,
+    measured_by,
+    plan_of,
 )
 from exporter.db import libpq_url
 
@@ -124,19 +123,10 @@ def table(results: list[Result], reference: Result, csv: Result) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="bench.arrow", description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rows", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--work", type=Path, help="where the database is kept")
-    args = parser.parse_args(argv)
-    work = args.work or ROOT / "var" / ("bench-arrow-quick" if args.quick else "bench-arrow")
-    plan = dataclasses.replace(
-        Plan.make(args.quick, out=work, work=work),
-        demo_rows=args.rows or (20_000 if args.quick else 2_000_000),
-        generated_rows=1000, repetitions=args.rounds or (2 if args.quick else 3))
+    args = arguments("bench.arrow", __doc__).parse_args(argv)
+    plan = plan_of(args, "arrow", rows=2_000_000, quick_rows=20_000, rounds=3,
+                   quick_rounds=2)
     started = time.monotonic()
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     with database(plan, log) as url, exporter_service(plan, url, "arrow") as server:
         server.start("/healthz")
         contenders = [psql_contender(url), exporter_contender(server, "csv"),
@@ -146,11 +136,9 @@ def main(argv: list[str]) -> None:
         results = interleaved(contenders, plan.repetitions, log)
     reference, csv = results[0], results[1]
     parquet, duckdb = results[2], results[4]
+    command = " ".join([".venv/bin/python -m bench.arrow", *argv])
     print("\n".join([
-        f"Measured by `.venv/bin/python -m bench.arrow"
-        f"{' --quick' if args.quick else ''}{f' --rows {args.rows}' if args.rows else ''}` "
-        f"on {time.strftime('%Y-%m-%d')}, {machine()}, in "
-        f"{(time.monotonic() - started) / 60:.1f} minutes: {plan.demo_rows:,} demo rows, "
+        f"{measured_by(command, started)}: {plan.demo_rows:,} demo rows, "
         f"{plan.repetitions} interleaved rounds, median; peak RSS of the exporter's server"
         " process (sampled) for its contenders, of psql or DuckDB's own process for theirs.",
         "",

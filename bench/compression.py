@@ -103,6 +103,38 @@ def levels(sample: bytes) -> list[str]:
     return rows
 
 
+def threads(sample: bytes, counts: tuple[int, ...] = (1, 2, 4), rounds: int = 3
+            ) -> list[str]:
+    """zstd at the server's level in 1, 2, 4 threads (compression.py's `threads`), fed the
+    sample in an export's 64 KiB chunks: wall and CPU time, median of interleaved rounds."""
+    import resource
+
+    from exporter.compression import ZSTD
+
+    def once(n: int) -> tuple[float, float, int]:
+        compressor = ZSTD.compressor(threads=n)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime
+        started = time.perf_counter()
+        size = sum(len(compressor.compress(sample[at:at + 65536], False))
+                   for at in range(0, len(sample), 65536)) + len(compressor.finish())
+        seconds = time.perf_counter() - started
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return seconds, usage.ru_utime + usage.ru_stime - cpu, size
+
+    runs: dict[int, list[tuple[float, float, int]]] = {n: [] for n in counts}
+    for turn in range(rounds):
+        for n in counts[turn % len(counts):] + counts[:turn % len(counts)]:
+            runs[n].append(once(n))
+    rows = ["| threads | compress speed (wall) | CPU seconds | ratio |", "|---|---|---|---|"]
+    for n, found in runs.items():
+        seconds = statistics.median(r[0] for r in found)
+        rows.append(f"| {n} | {len(sample) / seconds / MB:,.0f} MB/s | "
+                    f"{statistics.median(r[1] for r in found):.2f} s | "
+                    f"{len(sample) / found[0][2]:.2f}× |")
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench.compression", description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -185,6 +217,10 @@ def main(argv: list[str]) -> None:
         "worker thread):",
         "",
         *levels(sample),
+        "",
+        "zstd in several threads (a parallel export's), on the same CSV:",
+        "",
+        *threads(sample),
     ]))
 
 

@@ -7,14 +7,18 @@ spread (min to max) next to it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -217,6 +221,8 @@ class Run:
     bytes: int
     peak_rss: int = 0  # of the server, bytes; 0 when it does not apply (psql)
     first_byte: float | None = None
+    # CPU seconds by process ("server", "postgres", "client"), when measured (CpuMeter).
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -255,6 +261,11 @@ class Result:
         values = [r.first_byte for r in self.runs if r.first_byte is not None]
         return statistics.median(values) if values else None
 
+    def cpu(self, process: str) -> float | None:
+        """Median CPU seconds of one process over the runs (None: not measured)."""
+        values = [r.cpu[process] for r in self.runs if process in r.cpu]
+        return statistics.median(values) if values else None
+
 
 def interleaved(contenders: Sequence[Contender], repetitions: int,
                 log: Callable[[str], None] = print, warmup: bool = True) -> list[Result]:
@@ -283,6 +294,106 @@ def interleaved(contenders: Sequence[Contender], repetitions: int,
             log(f"  {c.name}: {run.seconds:.3f} s, {run.bytes / MB:.1f} MB"
                 + (f", server RSS {run.peak_rss / MiB:.0f} MiB" if run.peak_rss else ""))
     return results
+
+
+# --- CPU time ------------------------------------------------------------------------
+
+
+def _cpu_seconds(process: psutil.Process, reaped: bool = False) -> float:
+    """User and system CPU of a process; with `reaped`, also of its children that exited
+    and were waited for (PostgreSQL's backends that ended during a run)."""
+    try:
+        t = process.cpu_times()
+    except psutil.NoSuchProcess:  # it ended meanwhile: its time is its parent's now
+        return 0.0
+    own = float(t.user + t.system)
+    return own + float(t.children_user + t.children_system) if reaped else own
+
+
+def postmaster_pid(data_directory: Path) -> int | None:
+    """The PID of the PostgreSQL server running in `data_directory` (the first line of
+    its postmaster.pid); None when it cannot be read (a server on another machine)."""
+    try:
+        return int((data_directory / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class CpuTimes:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class CpuMeter:
+    """CPU seconds spent during a run by each process of an export's path: the server
+    (all its threads), PostgreSQL (every process of the cluster, the backends that ended
+    during the run included: their time is the postmaster's children's once it reaped
+    them), and the client (the children of this process that were waited for: curl,
+    psql)."""
+
+    def __init__(self, postmaster: int | None) -> None:
+        self._postmaster = psutil.Process(postmaster) if postmaster is not None else None
+
+    def _backends(self) -> list[psutil.Process]:
+        assert self._postmaster is not None
+        try:
+            return list(self._postmaster.children(recursive=True))
+        except psutil.NoSuchProcess:
+            return []
+
+    def _postgres(self, started: set[int]) -> float:
+        if self._postmaster is None:
+            return 0.0
+        # A backend that began in the run and is ending (psql's, after psql exited) is
+        # waited for: until the postmaster reaps it, its time is in neither place.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and self._unreaped(started):
+            time.sleep(0.01)
+        return _cpu_seconds(self._postmaster, reaped=True) + sum(
+            _cpu_seconds(p) for p in self._backends())
+
+    def _unreaped(self, started: set[int]) -> bool:
+        for backend in self._backends():
+            if backend.pid in started:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if backend.status() == psutil.STATUS_ZOMBIE:
+                    return True
+        return False
+
+    @staticmethod
+    def _client() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    @contextlib.contextmanager
+    def measure(self, server_pid: int | None) -> Iterator[CpuTimes]:
+        server = psutil.Process(server_pid) if server_pid is not None else None
+        times = CpuTimes()
+        started = {p.pid for p in self._backends()} if self._postmaster else set()
+        before = (_cpu_seconds(server) if server else 0.0, self._postgres(started),
+                  self._client())
+        yield times
+        after = (_cpu_seconds(server) if server else 0.0, self._postgres(started),
+                 self._client())
+        names = ("server", "postgres", "client")
+        times.seconds = {name: b - a for name, a, b in zip(names, before, after, strict=True)
+                         if (name != "server" or server) and
+                         (name != "postgres" or self._postmaster)}
+
+
+def with_cpu(contender: Contender, meter: CpuMeter) -> Contender:
+    """The contender, its runs also measuring the CPU time of each process (Run.cpu)."""
+    inner = contender.run
+
+    def run() -> Run:
+        pid = contender.server_pid() if contender.server_pid is not None else None
+        with meter.measure(pid) as times:
+            result = inner()
+        result.cpu = times.seconds
+        return result
+
+    return dataclasses.replace(contender, run=run)
 
 
 # --- reports -------------------------------------------------------------------------
@@ -430,3 +541,41 @@ class Plan:
 
     def chart(self, name: str) -> Path:
         return self.out / "benchmarks" / f"{name}.png"
+
+
+# --- a benchmark's command -----------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """Progress, on stderr: the report alone goes to stdout."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def arguments(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """What a benchmark run by hand takes (--quick, --rows, --rounds, --work); it adds
+    its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small data, few rounds")
+    parser.add_argument("--rows", type=int, help="rows of exports.orders")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds")
+    parser.add_argument("--work", type=Path,
+                        help="where the database is kept (default var/bench-NAME/)")
+    return parser
+
+
+def plan_of(args: argparse.Namespace, name: str, *, rows: int, quick_rows: int, rounds: int,
+            quick_rounds: int) -> Plan:
+    """The plan of a benchmark run by hand: its own folder and database (var/bench-NAME/,
+    or --work), exports.orders of --rows, --rounds rounds."""
+    work = args.work or ROOT / "var" / (f"bench-{name}-quick" if args.quick else f"bench-{name}")
+    return dataclasses.replace(
+        Plan.make(args.quick, out=work, work=work),
+        demo_rows=args.rows or (quick_rows if args.quick else rows), generated_rows=1000,
+        repetitions=args.rounds or (quick_rounds if args.quick else rounds))
+
+
+def measured_by(command: str, started: float) -> str:
+    """The report's first words: the command as run, when, on what, how long."""
+    return (f"Measured by `{command}` on {time.strftime('%Y-%m-%d')}, {machine()}, in "
+            f"{(time.monotonic() - started) / 60:.1f} minutes")

@@ -6,6 +6,7 @@ It checks the harness, not the numbers (timed assertions would fail on a busy ma
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,36 @@ def test_quick_benchmark_writes_tables_and_charts(tmp_path: Path) -> None:
     for chart in EXPECTED_CHARTS:
         png = tmp_path / "benchmarks" / f"{chart}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
+
+
+@pytest.mark.needs("curl")
+def test_parallel_benchmark_reports_the_goals_and_cpu(database_url: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m bench.parallel --quick` on the session's database: every goal against
+    its psql reference for each setting, checked downloads (a length unlike psql's
+    fails the run), and the CPU of each process."""
+    from bench import parallel
+
+    for key in [k for k in os.environ if k.startswith("EXPORTER_")]:
+        monkeypatch.delenv(key)
+    parallel.main(["--quick", "--database-url", database_url, "--work", str(tmp_path),
+                   "--parallel", "1,2"])
+    report = capsys.readouterr().out
+    for row in ["| whole table, CSV |", "| NDJSON |", "| JSON array |",
+                "| filtered (`amount < 1000.01`), CSV |"]:
+        line = next(x for x in report.splitlines() if x.startswith(row))
+        # The reference, one ratio per setting, the goal.
+        assert len(re.findall(r"\*\*[0-9.]+\u00d7\*\*", line)) == 2, line
+    assert "`EXPORTER_EXPORT_PARALLEL=1` | `EXPORTER_EXPORT_PARALLEL=2` |" in report
+    cpu = {x.split(" | ")[0]: x.split(" | ") for x in report.splitlines()
+           if x.startswith(("| psql", "| csv, ", "| json, "))}
+    # psql: PostgreSQL (when it runs on this machine) and the client measured, no
+    # server; the exporter: all three.
+    local = parallel.postmaster(database_url) is not None
+    assert cpu["| psql csv"][4] == "\u2013"
+    assert cpu["| psql csv"][5].endswith(" s") == local
+    exporter = cpu["| json, EXPORTER_EXPORT_PARALLEL=2"]
+    assert exporter[4].endswith(" s") and exporter[6].endswith(" s")
+    assert exporter[5].endswith(" s") == local
+    assert "Server peak RSS" not in report  # not measured in --quick

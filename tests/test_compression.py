@@ -141,6 +141,31 @@ def test_compressed_round_trip(coding: Coding, data: list[bytes]) -> None:
     assert decode(coding.name, b"".join(out)) == b"".join(data)
 
 
+# Several zstd jobs (JOB_SIZE each) and a tail, in an export's 64 KiB chunks.
+_CSV = b"".join(b"%d,customer %d,%d.%02d,2026-01-01 00:00:%02d+00\n"
+                % (i, i % 1000, i % 9973, i % 100, i % 60) for i in range(100_000))
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_zstd_in_several_threads_decodes_to_the_same_bytes(threads: int) -> None:
+    """A body compressed by zstd's own threads (a parallel export's) is another zstd
+    stream than one thread's, and decodes to the same bytes; gzip ignores `threads`."""
+    data = [_CSV[at:at + 65536] for at in range(0, len(_CSV), 65536)]
+    assert len(_CSV) > 3 * compression.JOB_SIZE
+
+    def run(coding: Coding, n: int) -> bytes:
+        out = asyncio.run(_collect(compressed(_source(data), coding, threads=n)))
+        assert all(out), "no empty chunk is yielded"
+        return b"".join(out)
+
+    several = run(ZSTD, threads)
+    assert decode("zstd", several) == _CSV
+    # Not one thread's stream under another name: the threads were used (on one core
+    # there is one, and so the same stream).
+    assert (several != run(ZSTD, 1)) == ((os.cpu_count() or 1) > 1)
+    assert run(GZIP, threads) == run(GZIP, 1)
+
+
 @pytest.mark.parametrize("coding", [GZIP, ZSTD], ids=lambda c: c.name)
 def test_compressed_flushes_a_trickling_body(coding: Coding,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,9 +189,11 @@ def test_compressed_flushes_a_trickling_body(coding: Coding,
     assert so_far.startswith(b"".join(rows[:-1])) and len(so_far) >= len(b"".join(rows[:4]))
 
 
-@pytest.mark.parametrize("coding", [GZIP, ZSTD], ids=lambda c: c.name)
-def test_compressed_sends_a_short_chunk_at_once(coding: Coding) -> None:
-    """A short chunk (a trickling export) is sent before the next one is asked for."""
+@pytest.mark.parametrize(("coding", "threads"), [(GZIP, 1), (ZSTD, 1), (ZSTD, 2)],
+                         ids=["gzip", "zstd", "zstd-threads"])
+def test_compressed_sends_a_short_chunk_at_once(coding: Coding, threads: int) -> None:
+    """A short chunk (a trickling export) is sent before the next one is asked for, also
+    while zstd's threads hold a job open."""
     rows = b"1,first rows\n2,before a long pause\n"
 
     async def stalls() -> AsyncIterator[bytes]:
@@ -175,7 +202,7 @@ def test_compressed_sends_a_short_chunk_at_once(coding: Coding) -> None:
         yield b"late"
 
     async def first() -> bytes:
-        gen = compressed(stalls(), coding, flush_below=65536)
+        gen = compressed(stalls(), coding, flush_below=65536, threads=threads)
         try:
             return await asyncio.wait_for(gen.__anext__(), 5)
         finally:
