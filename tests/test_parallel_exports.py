@@ -120,12 +120,36 @@ def test_a_whole_table_csv_is_psqls_copy(parallel_server: Server, tables: str) -
                         " WITH (FORMAT csv, HEADER)")
 
 
-def test_ordered_limited_and_small_exports_stay_one_copy(parallel_server: Server) -> None:
+def test_ordered_limited_and_indexed_exports_stay_one_copy(parallel_server: Server) -> None:
     before = _ranges_logged(parallel_server)
+    # An order, a part of the rows, formats made of typed values, a HEAD, a page of items,
+    # and a filter PostgreSQL reads through an index (its order is the index's).
     for path in ("/datasets/par_rows.csv?order=id.desc", "/datasets/par_rows.csv?offset=5",
-                 "/datasets/par_rows.xlsx", "/datasets/par_rows.parquet"):
+                 "/datasets/par_rows.xlsx", "/datasets/par_rows.parquet",
+                 "/datasets/par_rows.csv?id=lt.20"):
         _get(parallel_server, path)
+    assert httpx.head(parallel_server.url + "/datasets/par_rows.csv").status_code == 200
+    paged = httpx.get(parallel_server.url + "/datasets/par_rows",
+                      headers={"Range-Unit": "items", "Range": "0-9"})
+    assert paged.status_code in (200, 206) and len(paged.json()) == 10
     assert _ranges_logged(parallel_server) == before
+
+
+def test_since_in_ranges_gives_what_one_copy_gives(parallel_server: Server,
+                                                   tables: str) -> None:
+    """Each range's transaction counts `since` from its own age() reference."""
+    cursor = _get(parallel_server, "/datasets/par_rows.csv").headers["export-cursor"]
+    run_sql(tables, "UPDATE exports.par_rows SET n = n + 1 WHERE id % 1000 IN (1, 999)")
+    try:
+        before = _ranges_logged(parallel_server)
+        path = f"/datasets/par_rows.ndjson?since={cursor}"
+        parallel = _get(parallel_server, path).content
+        assert _ranges_logged(parallel_server) == before + 1
+        assert parallel == _get(parallel_server, path + "&limit=1000000").content
+        ids = sorted(int(line.split(b",")[0].split(b":")[1]) for line in parallel.splitlines())
+        assert ids == sorted(i for i in range(1, ROWS + 1) if i % 1000 in (1, 999))
+    finally:
+        run_sql(tables, "UPDATE exports.par_rows SET n = n - 1 WHERE id % 1000 IN (1, 999)")
 
 
 def test_the_snapshot_holds_against_writers(parallel_server: Server, tables: str) -> None:

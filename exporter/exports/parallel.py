@@ -77,6 +77,8 @@ class Spool:
         self._read = 0
         self._end = 0
         self._pending = bytearray()
+        # What gathers in memory before it is written to the file, in one call.
+        self._flush_at = min(FILE_BLOCK, max(1, disk // 4))
         self._flushing = 0  # bytes being written to the file
         self._on_disk = 0  # unread bytes of the file path
         self._ended = False
@@ -104,7 +106,7 @@ class Spool:
                 self._pending += data
                 self._on_disk += size
                 self._readable.set()
-                if len(self._pending) >= FILE_BLOCK and not self._flushing:
+                if len(self._pending) >= self._flush_at and not self._flushing:
                     await self._flush()
                 return
             await self._writable.wait()
@@ -337,20 +339,31 @@ async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngi
     bounds = [pages * i // n for i in range(n)]
     blocks: list[sql.Blocks] = [(bounds[i], bounds[i + 1] if i + 1 < n else None)
                                 for i in range(n)]
-    joined = await asyncio.gather(
-        *(_join(engine, settings, snapshot, query, xmax) for _ in range(n - 1)),
-        return_exceptions=True)
-    workers = [w for w in joined if isinstance(w, _Worker)]
-    failures = [e for e in joined if not isinstance(e, _Worker)]
+    joining = [asyncio.ensure_future(_join(engine, settings, snapshot, query, xmax))
+               for _ in range(n - 1)]
+    try:
+        await asyncio.wait(joining)
+    except BaseException:
+        # Cancelled (the client left, the first row's deadline): what joined goes back.
+        await _abandon(joining)
+        raise
+    failures = [t.exception() for t in joining if t.exception() is not None]
     if failures:
         log.warning("export %s: one COPY, a connection could not join its snapshot: %s",
                     label, failures[0])
-        await asyncio.gather(*(_let_go(w, True) for w in workers))
-        if any(not isinstance(e, Exception) for e in failures):
-            raise failures[0]  # cancelled: the request is over
+        await _abandon(joining)
         return None
+    workers = [t.result() for t in joining]
     log.info("export %s: %d ctid ranges of %d blocks", label, n, pages)
     return Ranges(engine, settings, main_driver, query, blocks, workers, label)
+
+
+async def _abandon(joining: list[asyncio.Task[_Worker]]) -> None:
+    for task in joining:
+        task.cancel()
+    await asyncio.gather(*joining, return_exceptions=True)
+    await asyncio.gather(*(_let_go(t.result(), True) for t in joining
+                           if not t.cancelled() and t.exception() is None))
 
 
 async def _heap_ordered(conn: AsyncConnection, query: ExportQuery) -> bool:
