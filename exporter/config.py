@@ -81,10 +81,11 @@ class Settings(BaseSettings):
     # of `max_exports` stays free, never more than a principal's download cap: under load
     # the export is one COPY, as with 1 here. The ranges ahead of the one being sent wait
     # in memory (`export_chunk_size` x `export_buffer_chunks` each), then in temporary
-    # files of at most `export_parallel_spool` bytes per export, in the exports folder.
+    # files of at most `export_parallel_spool` bytes per export, in the exports folder
+    # (what lets them read ahead: with less, they wait for the range being sent).
     export_parallel: int = Field(default=4, ge=1, le=64)
     export_parallel_min_pages: int = Field(default=1024, ge=1)
-    export_parallel_spool: int = Field(default=256 * 1024 * 1024, ge=0)
+    export_parallel_spool: int = Field(default=1024**3, ge=0)
 
     # Files: served from this folder (relative paths are taken from the working directory);
     # unset, `data_dir`/files, the demo's own folder.

@@ -114,8 +114,8 @@ class Spool:
     async def _flush(self) -> None:
         if self._fd is None:
             self._fd = await asyncio.to_thread(_temporary_file, self._folder)
-        data, offset = bytes(self._pending), self._end
-        self._pending.clear()
+        data, offset = self._pending, self._end
+        self._pending = bytearray()  # the writer waits for this flush: nothing to copy
         self._flushing = len(data)
         try:
             await asyncio.to_thread(os.pwrite, self._fd, data, offset)
@@ -151,14 +151,13 @@ class Spool:
                                                 self._read)
                 self._read += len(block)
                 self._consumed_from_disk(len(block))
-                for start in range(0, len(block), self._piece):
-                    yield block[start:start + self._piece]
+                for piece in _pieces(block, self._piece):
+                    yield piece
             elif self._pending and not self._flushing:
-                data = bytes(self._pending)
-                self._pending.clear()
+                data, self._pending = self._pending, bytearray()
                 self._consumed_from_disk(len(data))
-                for start in range(0, len(data), self._piece):
-                    yield data[start:start + self._piece]
+                for piece in _pieces(data, self._piece):
+                    yield piece
             elif self._ended and not self._flushing and self._on_disk == 0:
                 return
             else:
@@ -185,6 +184,11 @@ class Spool:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _pieces(data: bytes | bytearray, size: int) -> list[bytes]:
+    view = memoryview(data)
+    return [bytes(view[start:start + size]) for start in range(0, len(data), size)]
 
 
 def _temporary_file(folder: Path) -> int:
