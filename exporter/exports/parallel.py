@@ -278,9 +278,6 @@ class Ranges:
         spool.end()
         return copied_rows(status)
 
-    def running(self) -> bool:
-        return any(not t.done() for t in self._tasks)
-
     async def release(self, *, clean: bool) -> None:
         """Let the extra connections go: back to the pool after a complete export, else
         their queries cancelled on the server and their sockets closed at once."""
