@@ -325,7 +325,13 @@ async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngi
         return None
     if (query.filters or query.trees) and not await _heap_ordered(conn, query):
         return None
-    extra = await take_slots(wanted_ranges - 1)
+    # This process's pool too, with two connections left for the app's own queries (as
+    # Settings.export_cap): a check-out that would wait is one COPY instead.
+    room = (settings.pool_size + settings.pool_max_overflow - 2
+            - int(getattr(engine.pool, "checkedout", lambda: 0)()))
+    if min(wanted_ranges - 1, room) < 1:
+        return None
+    extra = await take_slots(min(wanted_ranges - 1, room))
     if extra < 1:
         return None
     ds = query.dataset
