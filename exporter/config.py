@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     # `Prefer: count=estimated` (PostgREST's): an exact count(*) while the planner
     # expects at most this many rows, its estimate above (a count costs a full scan).
     count_estimated_above: int = Field(default=100_000, ge=0)
+    # A whole-table export (a table or materialized view of at least
+    # `export_parallel_min_pages` pages by the catalog's estimate, its plan a scan) is read
+    # as this many ctid ranges, each by a PostgreSQL backend of its own, all in the export's
+    # snapshot (exports/parallel.py). The extra backends take export slots only while half
+    # of `max_exports` stays free, never more than a principal's download cap: under load
+    # the export is one COPY, as with 1 here. The ranges ahead of the one being sent wait
+    # in memory (`export_chunk_size` x `export_buffer_chunks` each), then in temporary
+    # files of at most `export_parallel_spool` bytes per export, in the exports folder
+    # (what lets them read ahead: with less, they wait for the range being sent).
+    export_parallel: int = Field(default=4, ge=1, le=64)
+    export_parallel_min_pages: int = Field(default=1024, ge=1)
+    export_parallel_spool: int = Field(default=1024**3, ge=0)
 
     # Files: served from this folder (relative paths are taken from the working directory);
     # unset, `data_dir`/files, the demo's own folder.

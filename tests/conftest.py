@@ -55,6 +55,8 @@ EVERY_VERSION_MODULES = {
     "test_cursor.py",
     # TSV's header line is made in SQL, to be what COPY's own HEADER writes from 15 on.
     "test_tsv.py",
+    # Snapshots exported and imported, TID range scans (PostgreSQL 14+).
+    "test_parallel_exports.py",
 }
 EVERY_VERSION_TESTS = {
     "test_access.py::test_revoke_from_the_command_line",

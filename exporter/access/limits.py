@@ -307,6 +307,51 @@ class Limiter:
             raise unavailable(error) from error
         return str(status) == "INSERT 0 2"
 
+    async def extra_exports(self, lease: Lease, wanted: int) -> int:
+        """Up to `wanted` more export slots for `lease` (the extra backends of a parallel
+        export, exports/parallel.py), without waiting: only as many as leave half of the
+        export cap free, so that they never make another export wait. How many it got
+        (0 when the database cannot say: the export is then one COPY)."""
+        if wanted <= 0:
+            return 0
+        ids = [_random_slot_id() for _ in range(wanted)]
+        task = asyncio.ensure_future(self._insert_extra(ids))
+        try:
+            got = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def give_back(t: asyncio.Task[int]) -> None:
+                if not t.cancelled() and t.exception() is None:
+                    for slot in ids[:t.result()]:
+                        self._give_back(EXPORTS, slot)
+
+            task.add_done_callback(give_back)
+            raise
+        for slot in ids[:got]:
+            lease.add(lambda slot=slot: self._give_back(EXPORTS, slot))  # type: ignore[misc]
+        return got
+
+    async def _insert_extra(self, ids: list[int]) -> int:
+        # As _insert_both: one message, the lock first, no wait for the WAL flush.
+        e, i = _literal(EXPORTS), _literal(self.instance_id)
+        room = int(self.exports.limit) // 2
+        statement = (
+            "SELECT set_config('synchronous_commit', 'off', true),"
+            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({e}));"
+            " INSERT INTO exporter.slots (id, key, instance)"
+            f" SELECT v.id, {e}, {i} FROM unnest(ARRAY[{', '.join(map(str, ids))}]::bigint[])"
+            " WITH ORDINALITY AS v(id, n)"
+            f" WHERE v.n <= {room} - (SELECT count(*) FROM exporter.slots s JOIN"
+            " exporter.instances i ON i.id = s.instance"
+            f" WHERE s.key = {e} AND i.expires_at > now())")
+        try:
+            async with self._engine.connect() as conn:
+                driver: Any = await driver_connection(conn)
+                status = str(await driver.execute(statement))
+        except DATABASE_ERRORS as error:
+            log.warning("no extra export slots (one COPY then): %s", error)
+            return 0
+        return int(status.split()[-1]) if status.startswith("INSERT") else 0
+
     async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
         slot = await self._try(key, cap)

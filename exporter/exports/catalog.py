@@ -9,6 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.errors import unavailable
 
+# Relation kinds whose rows lie in one heap of their own, addressed by ctid.
+HEAPS = ("r", "m")
 KINDS = {"r": "table", "p": "table", "v": "view", "m": "materialized view", "f": "foreign table"}
 
 # `base_type` is the type SQL itself gives a quoted literal compared with the column
@@ -25,6 +27,7 @@ _CATALOG_SQL = text(
         FROM domains d JOIN pg_type t ON t.oid = d.base AND t.typtype = 'd'
     )
     SELECT c.relname, c.relkind::text AS relkind, c.reltuples::bigint AS reltuples,
+           c.relpages,
            a.attname, format_type(a.atttypid, a.atttypmod) AS type,
            format_type(coalesce(
                (SELECT d.base FROM domains d JOIN pg_type bt ON bt.oid = d.base
@@ -69,6 +72,10 @@ class Dataset:
     # The primary key's columns in the key's order (none for views): the page's builder
     # orders a limited download by them, so that it is the same rows every time.
     primary_key: list[str] = field(default_factory=list)
+    # The pages of a table's or materialized view's heap, as last counted by VACUUM or
+    # ANALYZE (none for views, foreign and partitioned tables): whether an export of it
+    # is worth reading in ctid ranges (exports/parallel.py).
+    pages: int | None = None
 
 
 class Catalog:
@@ -94,7 +101,8 @@ class Catalog:
                 estimate = int(row.reltuples) if row.reltuples >= 0 else None
                 if row.relkind == "v":
                     estimate = None
-                ds = Dataset(self.schema, row.relname, KINDS[row.relkind], estimate)
+                ds = Dataset(self.schema, row.relname, KINDS[row.relkind], estimate,
+                             pages=int(row.relpages) if row.relkind in HEAPS else None)
                 datasets[row.relname] = ds
             ds.columns[row.attname] = Column(
                 row.attname, row.type, row.base_type, row.typcategory, row.nullable

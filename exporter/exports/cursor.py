@@ -266,9 +266,20 @@ async def settle(conn: AsyncConnection, row: Any) -> Snapshot:
         conservative, invisible = invisible[MAX_LISTED], invisible[:MAX_LISTED]
     cursor = Cursor(int(row.system) % 2**64, xmin, xmax, conservative, tuple(invisible),
                     bool(row.standby))
+    return Snapshot(row.at, cursor, reference_of(xmax, int(row.ahead)))
+
+
+# In a transaction that imported the snapshot (exports/parallel.py): what `reference_of`
+# reads there, with the statement timeout of its statements after it.
+AHEAD_SQL = ("SELECT set_config('statement_timeout', $1, true),"
+             " age(xid(pg_snapshot_xmax(pg_current_snapshot())))")
+
+
+def reference_of(xmax: int, ahead: int) -> int | None:
+    """The xid a transaction's age() counts from, given its snapshot's xmax and the age
+    of that xmax in it; None where that says nothing (below)."""
     # age() of a special xid (xmax's low half 0 to 2 at a wraparound) says nothing.
-    reference = xmax + int(row.ahead) if xmax % _WRAP > 2 and row.ahead >= 0 else None
-    return Snapshot(row.at, cursor, reference)
+    return xmax + ahead if xmax % _WRAP > 2 and ahead >= 0 else None
 
 
 def check(since: Cursor, now: Snapshot) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,11 +27,12 @@ from exporter.errors import (
     sqlstate,
     unavailable,
 )
-from exporter.exports import arrow_source, cursor, pages, sql
+from exporter.exports import arrow_source, cursor, pages, parallel, sql
 from exporter.exports.copy import CopyStream, Output
 from exporter.exports.filenames import filename
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers import CopyStatement, Renderer
+from exporter.exports.renderers.base import copied_rows
 from exporter.streaming import ResponseCut, audited, run_detached
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,23 @@ class Tail(Protocol):
 class _Source:
     """The export's rows, on its connection (COPY) or in its snapshot (Arrow)."""
 
-    def __init__(self, driver: Any, url: str, settings: Settings) -> None:
+    def __init__(self, driver: Any, url: str, settings: Settings,
+                 ranges: parallel.Ranges | None = None) -> None:
         self._driver = driver
         self._url = url
         self.settings = settings
+        self._ranges = ranges
 
     async def copy(self, statement: CopyStatement, output: Output) -> str:
         status: str = await self._driver.copy_from_query(statement.query, output=output,
                                                          **statement.options)
         return status
+
+    async def copy_rows(self, body: Callable[[str], CopyStatement], select: str,
+                        output: Output) -> int | None:
+        if self._ranges is not None:
+            return await self._ranges.copy(body, output)
+        return copied_rows(await self.copy(body(select), output))
 
     def arrow(self, select: str) -> AbstractAsyncContextManager[Any]:
         return arrow_source.reading(
@@ -115,10 +124,15 @@ class Export:
     def __init__(self, engine: AsyncEngine, audit: Audit, settings: Settings,
                  query: ExportQuery, renderer: Renderer, download: Download, *,
                  replica: bool = False, window: pages.Window | None = None,
-                 url_query: str = "", head: bool = False) -> None:
+                 url_query: str = "", head: bool = False,
+                 take_slots: parallel.TakeSlots | None = None, per_principal: int = 1
+                 ) -> None:
         # `engine` is where the export reads (the read replica's if `replica`); the audit
         # row is written through `audit`'s engine, the primary's. `url_query`: the URL's
         # canonical query, which the file's name tells apart (exports/filenames.py).
+        # `take_slots`: more export slots for the request's lease, for the extra
+        # backends of a parallel export (exports/parallel.py; None: one COPY), at most
+        # `per_principal` in all.
         self._engine = engine
         self._replica = replica
         self._source = source_name(replica)
@@ -148,6 +162,15 @@ class Export:
         self._head = head
         # Loop time by which the first row (a HEAD's answer) must be there.
         self._first_row_by = 0.0
+        self._take_slots = take_slots
+        self._per_principal = per_principal
+        self._ranges: parallel.Ranges | None = None
+
+    @property
+    def ranges(self) -> int:
+        """How many backends read the export at once (1: one COPY), once it is open:
+        what a compressor may size its threads by."""
+        return 1 if self._ranges is None else self._ranges.count
 
     @property
     def filename(self) -> str:
@@ -255,6 +278,16 @@ class Export:
             if bounded:
                 await sql.limit_statements(conn, self._settings.export_max_duration)
             driver: Any = self._driver
+            wanted = 1 if self._take_slots is None else parallel.wanted(
+                self.query, self._settings, per_principal=self._per_principal,
+                splits=self.renderer.splits and not self.renderer.reads_arrow,
+                replica=self._replica)
+            if wanted > 1:
+                assert self._take_slots is not None
+                self._ranges = await parallel.open_ranges(
+                    conn, driver, self._engine, self._settings, self.query, wanted,
+                    self._take_slots, None if self.cursor is None else self.cursor.xmax,
+                    f"of {self.download.target}")
         except ApiError:
             raise
         except DATABASE_ERRORS as error:
@@ -268,7 +301,7 @@ class Export:
         select = sql.select_sql(query)
         renderer = self.renderer.for_query(self.query)
         log.debug("export %s: %s", self.download.id, select)
-        source = _Source(driver, libpq_url_of(self._engine), self._settings)
+        source = _Source(driver, libpq_url_of(self._engine), self._settings, self._ranges)
 
         async def produce(prelude: Output, output: Output) -> int | None:
             return await renderer.produce(source, select, prelude, output)
@@ -420,6 +453,9 @@ class Export:
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""
         copying = self._stream is not None and await self._stream.cancel()
+        ranges, self._ranges = self._ranges, None
+        if ranges is not None:
+            await ranges.release(clean=clean)
         conn, self._conn = self._conn, None
         if conn is None:
             return

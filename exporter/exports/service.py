@@ -8,6 +8,7 @@ exports/responses.py makes into a response.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -142,9 +143,14 @@ async def answer(exports: Exports, client: Client, req: ExportRequest, *,
     download = Download("export", req.dataset.name, client.host,
                         format=req.renderer.name, params=recorded, principal=principal.label,
                         link_expires=principal.link_expires)
+    # The audit trail and pages of items are read as one COPY; a whole export may read in
+    # ranges, on export slots of this request's lease (exports/parallel.py).
+    take_slots = None if from_primary or req.window is not None else functools.partial(
+        exports.limiter.extra_exports, lease)
     job = Export(engine, exports.audit, exports.settings, req.query, req.renderer, download,
                  replica=engine is exports.replica, window=req.window,
-                 url_query=req.query_string, head=head)
+                 url_query=req.query_string, head=head, take_slots=take_slots,
+                 per_principal=exports.limiter.per_principal)
     signing = None if head else _cursor_key_soon(exports.links, req)
     await unless_disconnected(job.open(), client.receive)
     if head:

@@ -125,7 +125,23 @@ def _output(query: ExportQuery, sql: str, name: str) -> str:
             f" ELSE {text} END AS {quote_ident(name)}")
 
 
-def select_sql(query: ExportQuery) -> str:
+# Heap blocks [first, end) of a table (end None: to the table's end), one ctid range.
+Blocks = tuple[int, int | None]
+
+
+def blocks_condition(blocks: Blocks) -> str:
+    """The rows of heap blocks [first, end): PostgreSQL 14+ reads only those (a TID Range
+    Scan), in block order, as a sequential scan would."""
+    first, end = blocks
+    parts = [f"ctid >= '({int(first)},0)'::tid"] if first > 0 else []
+    if end is not None:
+        parts.append(f"ctid < '({int(end)},0)'::tid")
+    return "(" + " AND ".join(parts or ["true"]) + ")"
+
+
+def select_sql(query: ExportQuery, blocks: Blocks | None = None) -> str:
+    """The export's SELECT; with `blocks`, of the rows in those heap blocks only (a part
+    of a parallel export: exports/parallel.py)."""
     ds = query.dataset
     columns = ([_item(query, i) for i in query.items] if query.items
                else [_output(query, quote_ident(c.name), c.name) for c in query.columns])
@@ -136,6 +152,8 @@ def select_sql(query: ExportQuery) -> str:
     conditions = [_condition(f) for f in query.filters] + [_tree(t) for t in query.trees]
     if query.changed_since is not None:
         conditions.append(cursor.condition(query.changed_since, query.since_reference))
+    if blocks is not None:
+        conditions.append(blocks_condition(blocks))
     if conditions:
         parts.append("WHERE " + " AND ".join(conditions))
     if query.order:

@@ -3,6 +3,7 @@ docstring)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,11 @@ class Source(Protocol):
         """The rows of `select` as Arrow (exports/arrow_source.py's ArrowReader: its
         `schema`, then `await reader.next()` for each record batch, None at the end)."""
 
+    async def copy_rows(self, body: Callable[[str], CopyStatement], select: str,
+                        output: Output) -> int | None:
+        """The COPY of `body(select)` into `output` (read in ranges, in their order, when
+        the export is parallel: exports/parallel.py); how many rows it wrote."""
+
     @property
     def settings(self) -> Settings:
         """The server's settings (a format's own: EXPORTER_PARQUET_*)."""
@@ -56,6 +62,9 @@ class Renderer:
     # Each row ends with a line break (CSV, JSON, TSV...): a stored export counts its rows
     # as they go by; of a binary format only the COPY's final count is known.
     rows_by_line: bool = True
+    # Its body may be read in ctid ranges at once (exports/parallel.py): a COPY whose
+    # output is made in order of the rows, whatever reads them.
+    splits: bool = True
 
     def for_query(self, query: ExportQuery) -> Renderer:
         """The renderer of one export: a format that types its cells by the result's
@@ -84,9 +93,9 @@ class Renderer:
         await rows.begin()
         if header is not None:
             await source.copy(header, prelude)
-        status = await source.copy(self.body(select), rows.write)
+        count = await source.copy_rows(self.body, select, rows.write)
         await rows.end()  # not after a failure: the body ends broken
-        return copied_rows(status)
+        return count
 
 
 class Rows:

@@ -420,5 +420,6 @@ class XlsxRenderer(Renderer):
         return SheetRows(prelude, output, self.layout)
 
 
+# One COPY: its rows are made into cells here, in Python, slower than one backend reads.
 XLSX = register(XlsxRenderer("xlsx", "xlsx", MEDIA_TYPE, MEDIA_TYPE, compressed=True,
-                                  rows_by_line=False))
+                                  rows_by_line=False, splits=False))

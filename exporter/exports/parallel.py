@@ -1,0 +1,415 @@
+"""One export read as several ctid ranges, each by a PostgreSQL backend of its own, all in
+the export's snapshot, sent in block order: the bytes of one COPY, read faster.
+
+Why and how (docs/internals.md, `exports/parallel.py`): the export's own connection exports
+its snapshot (`pg_export_snapshot`), pool connections import it (`SET TRANSACTION
+SNAPSHOT`, REPEATABLE READ READ ONLY) and each reads a range of heap blocks (a TID Range
+Scan, PostgreSQL 14+). The range being sent goes straight to the response; those ahead wait
+in a `Spool` (memory, then a temporary file), whose bound makes their COPY wait in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from exporter.config import Settings
+from exporter.db import driver_connection
+from exporter.exports import cursor, sql
+from exporter.exports.copy import Output
+from exporter.exports.query import ExportQuery
+from exporter.exports.renderers.base import CopyStatement, copied_rows
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL scans a ctid range without reading the rest from version 14 on.
+TID_RANGE_SCANS_FROM = (14,)
+# Bytes moved to or from a spool's file in one call (in a worker thread).
+FILE_BLOCK = 1 << 20
+# Plans whose order is an index's, not the heap's: such an export stays one COPY.
+_INDEX_ORDER = {"Index Scan", "Index Only Scan"}
+
+# Asks for `n` more export slots for the request's lease, returns how many it got.
+TakeSlots = Callable[[int], Any]
+
+
+def wanted(query: ExportQuery, settings: Settings, *, splits: bool, per_principal: int,
+           replica: bool) -> int:
+    """How many ranges an export asks for, from what is known before any round trip (1:
+    one COPY): a table or materialized view whose heap is large enough, the whole of its
+    rows in no order but the heap's (`limit`, `offset`, `order` and pages of items keep
+    one COPY), and not on the read replica."""
+    n = min(settings.export_parallel, per_principal)
+    pages = query.dataset.pages
+    if (n < 2 or not splits or replica or pages is None
+            or pages < settings.export_parallel_min_pages
+            or query.order or query.limit is not None or query.offset):
+        return 1
+    return n
+
+
+class Spool:
+    """One range's output on its way: in memory up to `memory` bytes, then in an unlinked
+    temporary file up to `disk` bytes; past both, its writer (the range's COPY) waits.
+    Read once, in the order written."""
+
+    def __init__(self, memory: int, disk: int, folder: Path, piece: int) -> None:
+        self._memory_cap = memory
+        self._disk_cap = disk
+        self._folder = folder
+        self._piece = piece  # the most one read gives (a response chunk)
+        self._memory: deque[bytes] = deque()
+        self._in_memory = 0
+        # The file path: what is in the file ([read, end)), then what waits to be written.
+        self._fd: int | None = None
+        self._read = 0
+        self._end = 0
+        self._pending = bytearray()
+        # What gathers in memory before it is written to the file, in one call.
+        self._flush_at = min(FILE_BLOCK, max(1, disk // 4))
+        self._flushing = 0  # bytes being written to the file
+        self._on_disk = 0  # unread bytes of the file path
+        self._ended = False
+        self._failure: BaseException | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+
+    def _file_path_empty(self) -> bool:
+        return self._on_disk == 0
+
+    async def write(self, data: bytes) -> None:
+        """The COPY's output callback: waits while the spool is full."""
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            self._writable.clear()
+            size = len(data)
+            if self._file_path_empty() and self._in_memory < self._memory_cap:
+                self._memory.append(bytes(data))
+                self._in_memory += size
+                self._readable.set()
+                return
+            if self._disk_cap > 0 and (self._on_disk == 0
+                                       or self._on_disk + size <= self._disk_cap):
+                self._pending += data
+                self._on_disk += size
+                self._readable.set()
+                if len(self._pending) >= self._flush_at and not self._flushing:
+                    await self._flush()
+                return
+            await self._writable.wait()
+
+    async def _flush(self) -> None:
+        if self._fd is None:
+            self._fd = await asyncio.to_thread(_temporary_file, self._folder)
+        data, offset = self._pending, self._end
+        self._pending = bytearray()  # the writer waits for this flush: nothing to copy
+        self._flushing = len(data)
+        try:
+            await asyncio.to_thread(os.pwrite, self._fd, data, offset)
+        finally:
+            self._flushing = 0
+        self._end += len(data)
+        self._readable.set()
+
+    def end(self) -> None:
+        """The range's COPY ran out."""
+        self._ended = True
+        self._readable.set()
+
+    def fail(self, error: BaseException) -> None:
+        """A range failed: the reader and the writer raise `error` when they next look."""
+        if self._failure is None:
+            self._failure = error
+        self._readable.set()
+        self._writable.set()
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """What was written, in order, until the writer ends (or anything fails)."""
+        while True:
+            self._readable.clear()
+            if self._failure is not None:
+                raise self._failure
+            if self._memory:
+                yield self._from_memory()
+            elif self._read < self._end:
+                assert self._fd is not None
+                block = await asyncio.to_thread(os.pread, self._fd,
+                                                min(FILE_BLOCK, self._end - self._read),
+                                                self._read)
+                self._read += len(block)
+                self._consumed_from_disk(len(block))
+                for piece in _pieces(block, self._piece):
+                    yield piece
+            elif self._pending and not self._flushing:
+                data, self._pending = self._pending, bytearray()
+                self._consumed_from_disk(len(data))
+                for piece in _pieces(data, self._piece):
+                    yield piece
+            elif self._ended and not self._flushing and self._on_disk == 0:
+                return
+            else:
+                await self._readable.wait()
+
+    def _from_memory(self) -> bytes:
+        taken: list[bytes] = []
+        size = 0
+        while self._memory and (not taken or size + len(self._memory[0]) <= self._piece):
+            piece = self._memory.popleft()
+            taken.append(piece)
+            size += len(piece)
+        self._in_memory -= size
+        self._writable.set()
+        return taken[0] if len(taken) == 1 else b"".join(taken)
+
+    def _consumed_from_disk(self, size: int) -> None:
+        self._on_disk -= size
+        if self._read == self._end and not self._flushing:
+            self._read = self._end = 0  # all read: the file is written from its start again
+        self._writable.set()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _pieces(data: bytes | bytearray, size: int) -> list[bytes]:
+    view = memoryview(data)
+    return [bytes(view[start:start + size]) for start in range(0, len(data), size)]
+
+
+def _temporary_file(folder: Path) -> int:
+    """A file with no name: gone with its descriptor, whatever happens to the process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, path = tempfile.mkstemp(dir=folder, prefix="spool-")
+    os.unlink(path)
+    return descriptor
+
+
+@dataclasses.dataclass
+class _Worker:
+    """A pool connection in the export's snapshot, reading one range."""
+
+    conn: AsyncConnection
+    driver: Any
+    query: ExportQuery  # the export's query, with this transaction's `since` reference
+
+
+class Ranges:
+    """An export's ranges, its connections open in its snapshot: `copy` reads them all,
+    `release` lets the extra connections go."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings, main_driver: Any,
+                 query: ExportQuery, blocks: list[sql.Blocks], workers: list[_Worker],
+                 label: str) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._main = main_driver
+        self._query = query
+        self.blocks = blocks
+        self._workers = workers
+        self._label = label
+        self._tasks: list[asyncio.Task[int | None]] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.blocks)
+
+    async def copy(self, body: Callable[[str], CopyStatement], output: Output) -> int | None:
+        """Every range's COPY of `body` at once, written to `output` in block order; the
+        rows in all. The first failure of any range cancels them all and is raised."""
+        s = self._settings
+        memory = s.export_chunk_size * s.export_buffer_chunks
+        ahead = max(1, self.count - 1)
+        spools = [Spool(memory, 0 if i == 0 else s.export_parallel_spool // ahead,
+                        s.exports_folder, s.export_chunk_size) for i in range(self.count)]
+        drivers = [self._main, *(w.driver for w in self._workers)]
+        queries = [self._query, *(w.query for w in self._workers)]
+        statements = [body(sql.select_sql(q, b))
+                      for q, b in zip(queries, self.blocks, strict=True)]
+        self._tasks = [asyncio.ensure_future(self._read(d, st, sp))
+                       for d, st, sp in zip(drivers, statements, spools, strict=True)]
+
+        def failed(task: asyncio.Task[int | None]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            error = task.exception()
+            assert error is not None
+            for spool in spools:
+                spool.fail(error)
+            for other in self._tasks:
+                other.cancel()
+
+        for task in self._tasks:
+            task.add_done_callback(failed)
+        try:
+            rows: int | None = 0
+            for task, spool in zip(self._tasks, spools, strict=True):
+                async for piece in spool.pieces():
+                    await output(piece)
+                count = await task
+                rows = None if rows is None or count is None else rows + count
+            return rows
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            for spool in spools:
+                spool.close()
+
+    @staticmethod
+    async def _read(driver: Any, statement: CopyStatement, spool: Spool) -> int | None:
+        status = await driver.copy_from_query(statement.query, output=spool.write,
+                                              **statement.options)
+        spool.end()
+        return copied_rows(status)
+
+    async def release(self, *, clean: bool) -> None:
+        """Let the extra connections go: back to the pool after a complete export, else
+        their queries cancelled on the server and their sockets closed at once."""
+        workers, self._workers = self._workers, []
+        for task in self._tasks:
+            task.cancel()
+        if not workers:
+            return
+        if not clean:
+            await self._cancel_backends([w.driver.get_server_pid() for w in workers])
+        await asyncio.gather(*(_let_go(w, clean) for w in workers))
+
+    async def _cancel_backends(self, pids: list[int]) -> None:
+        # As exports/export.py's _cancel_backend: the cancel request asyncpg sends for a
+        # cancelled COPY dies with the connection.
+        try:
+            async with asyncio.timeout(2), self._engine.connect() as conn:
+                await conn.execute(text("SELECT pg_cancel_backend(p) FROM unnest("
+                                        "CAST(:pids AS int[])) AS p"), {"pids": pids})
+        except Exception as error:
+            log.info("export %s: could not cancel its backends %s: %s", self._label, pids,
+                     error)
+
+
+async def _let_go(worker: _Worker, clean: bool) -> None:
+    try:
+        if not clean:
+            raise RuntimeError("export did not finish")
+        await asyncio.wait_for(worker.conn.rollback(), 5)
+        await worker.conn.close()
+    except BaseException:
+        worker.driver.terminate()
+        with contextlib.suppress(Exception):
+            await worker.conn.invalidate()
+            await worker.conn.close()
+
+
+async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngine,
+                      settings: Settings, query: ExportQuery, wanted_ranges: int,
+                      take_slots: TakeSlots, xmax: int | None, label: str) -> Ranges | None:
+    """The export's ranges (its own connection reads the first), or None for one COPY:
+    PostgreSQL before 14, a plan in an index's order, no slot to spare, a heap of fewer
+    blocks than ranges, or a connection that could not join the snapshot."""
+    if (conn.dialect.server_version_info or (0,)) < TID_RANGE_SCANS_FROM:
+        return None
+    if (query.filters or query.trees) and not await _heap_ordered(conn, query):
+        return None
+    # This process's pool too, with two connections left for the app's own queries (as
+    # Settings.export_cap): a check-out that would wait is one COPY instead.
+    room = (settings.pool_size + settings.pool_max_overflow - 2
+            - int(getattr(engine.pool, "checkedout", lambda: 0)()))
+    if min(wanted_ranges - 1, room) < 1:
+        return None
+    extra = await take_slots(min(wanted_ranges - 1, room))
+    if extra < 1:
+        return None
+    ds = query.dataset
+    row: Any = (await conn.exec_driver_sql(
+        "SELECT pg_export_snapshot(), pg_relation_size(CAST($1 AS regclass))"
+        " / current_setting('block_size')::bigint",
+        (f"{sql.quote_ident(ds.schema)}.{sql.quote_ident(ds.name)}",))).one()
+    snapshot, pages = str(row[0]), int(row[1])
+    n = min(extra + 1, pages)
+    if n < 2:
+        return None
+    bounds = [pages * i // n for i in range(n)]
+    blocks: list[sql.Blocks] = [(bounds[i], bounds[i + 1] if i + 1 < n else None)
+                                for i in range(n)]
+    joining = [asyncio.ensure_future(_join(engine, settings, snapshot, query, xmax))
+               for _ in range(n - 1)]
+    try:
+        await asyncio.wait(joining)
+    except BaseException:
+        # Cancelled (the client left, the first row's deadline): what joined goes back.
+        await _abandon(joining)
+        raise
+    failures = [t.exception() for t in joining if t.exception() is not None]
+    if failures:
+        log.warning("export %s: one COPY, a connection could not join its snapshot: %s",
+                    label, failures[0])
+        await _abandon(joining)
+        return None
+    workers = [t.result() for t in joining]
+    log.info("export %s: %d ctid ranges of %d blocks", label, n, pages)
+    return Ranges(engine, settings, main_driver, query, blocks, workers, label)
+
+
+async def _abandon(joining: list[asyncio.Task[_Worker]]) -> None:
+    for task in joining:
+        task.cancel()
+    await asyncio.gather(*joining, return_exceptions=True)
+    await asyncio.gather(*(_let_go(t.result(), True) for t in joining
+                           if not t.cancelled() and t.exception() is None))
+
+
+async def _heap_ordered(conn: AsyncConnection, query: ExportQuery) -> bool:
+    """Whether PostgreSQL reads the export in heap order (a sequential or bitmap scan), so
+    that its ranges in block order give the bytes of one COPY: not an index's order."""
+    plan = (await conn.exec_driver_sql(
+        f"EXPLAIN (FORMAT JSON, COSTS OFF) {sql.select_sql(query)}")).scalar_one()
+    nodes = json.loads(plan) if isinstance(plan, str) else plan
+    found: set[str] = set()
+    stack: list[Any] = [n["Plan"] for n in nodes]
+    while stack:
+        node = stack.pop()
+        found.add(str(node.get("Node Type")))
+        stack.extend(node.get("Plans", []))
+    return not found & _INDEX_ORDER
+
+
+async def _join(engine: AsyncEngine, settings: Settings, snapshot: str, query: ExportQuery,
+                xmax: int | None) -> _Worker:
+    """A pool connection in a REPEATABLE READ READ ONLY transaction with the export's
+    snapshot, bounded as the export's own COPY (EXPORTER_EXPORT_MAX_DURATION)."""
+    conn = await engine.connect()
+    try:
+        conn = await conn.execution_options(isolation_level="REPEATABLE READ",
+                                            postgresql_readonly=True)
+        driver = await driver_connection(conn)
+        # The snapshot's name is PostgreSQL's own (hex digits and dashes).
+        await conn.exec_driver_sql(
+            f"SET TRANSACTION SNAPSHOT {sql.quote_literal(snapshot)}")
+        row: Any = (await conn.exec_driver_sql(cursor.AHEAD_SQL, (
+            sql.timeout_setting(settings.export_max_duration),))).one()
+        if query.since_reference is not None:
+            # `since` counts from this transaction's own age() reference.
+            reference = None if xmax is None else cursor.reference_of(xmax, int(row[1]))
+            query = dataclasses.replace(query, since_reference=reference)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+            await conn.close()
+        raise
+    return _Worker(conn, driver, query)
+

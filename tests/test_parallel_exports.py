@@ -1,0 +1,257 @@
+"""Exports read as ctid ranges by several backends in one snapshot (issue 25,
+exporter/exports/parallel.py): the bytes of one COPY, the snapshot held against writers,
+every backend gone when the client leaves or a range fails."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Iterator
+
+import asyncpg
+import httpx
+import pytest
+import zstandard
+
+from tests.support import (
+    Server,
+    asyncpg_dsn,
+    audited,
+    fetch,
+    last_audit_id,
+    psql,
+    run_async,
+    run_sql,
+    wait_until,
+)
+
+pytestmark = pytest.mark.xdist_group("parallel-exports")
+
+RANGES = 3
+ROWS = 6000
+# The wide table's rows compress in the heap (a few pages) but not in the export (48 MB,
+# asked for uncompressed): more than socket buffers (TCP to PostgreSQL 15) and spools
+# hold, so a paused download keeps every range's backend at work.
+WIDE_ROWS = 12000
+IDENTITY = {"Accept-Encoding": "identity"}
+RANGES_LOGGED = "ctid ranges"
+
+
+@pytest.fixture(scope="module")
+def tables(database_url: str) -> str:
+    run_sql(
+        database_url,
+        "DROP TABLE IF EXISTS exports.par_rows, exports.par_wide, exports.par_bank",
+        # Line breaks in text (CSV quotes them) and in json (NDJSON's quoted rows, the
+        # JSON array's framing) on every side of the ranges' bounds.
+        "CREATE TABLE exports.par_rows (id int PRIMARY KEY, note text, j json,"
+        " at timestamptz, n numeric, flag boolean)",
+        "INSERT INTO exports.par_rows SELECT g,"
+        " CASE WHEN g % 11 = 0 THEN E'line\\nbreak \"q\", \\\\ tab\\t' ELSE 'n' || g END,"
+        " CASE WHEN g % 7 = 0 THEN E'{\"a\":\\n [1, 2]}'::json"
+        "  ELSE json_build_object('g', g) END,"
+        " timestamptz '2026-01-01' + g * interval '1 minute', g / 7.0, g % 3 = 0"
+        f" FROM generate_series(1, {ROWS}) AS g",
+        "CREATE TABLE exports.par_wide (id int, pad text)",
+        "INSERT INTO exports.par_wide SELECT g, repeat(md5(g::text), 125)"
+        f" FROM generate_series(1, {WIDE_ROWS}) AS g",
+        "CREATE TABLE exports.par_bank (id int PRIMARY KEY, balance int, pad text)",
+        "INSERT INTO exports.par_bank SELECT g, 100, repeat('x', 150)"
+        f" FROM generate_series(1, {ROWS}) AS g",
+        "VACUUM ANALYZE exports.par_rows, exports.par_wide, exports.par_bank",
+    )
+    return database_url
+
+
+@pytest.fixture(scope="module")
+def parallel_server(tables: str, make_module_server: type[Server]) -> Iterator[Server]:
+    with make_module_server({
+        "EXPORTER_EXPORT_PARALLEL": str(RANGES),
+        "EXPORTER_EXPORT_PARALLEL_MIN_PAGES": "1",
+        # 256 KiB of file for each range ahead (and 512 KiB of memory): the spools fill.
+        "EXPORTER_EXPORT_PARALLEL_SPOOL": str(512 * 1024),
+        # A client that leaves cancels the export at once (no copy completed).
+        "EXPORTER_EXPORTS_RESUME": "false",
+    }) as server:
+        yield server
+
+
+def _ranges_logged(server: Server) -> int:
+    return server.log().count(RANGES_LOGGED)
+
+
+def _get(server: Server, path: str) -> httpx.Response:
+    response = httpx.get(server.url + path, timeout=60)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _decoded(path: str, body: bytes) -> bytes:
+    if ".gz" in path:
+        return gzip.decompress(body)
+    if ".zst" in path:
+        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    return body
+
+
+@pytest.mark.parametrize("path", [
+    "/datasets/par_rows.csv",
+    "/datasets/par_rows.ndjson",
+    "/datasets/par_rows.json",
+    "/datasets/par_rows.tsv",
+    "/datasets/par_rows.csv.gz",
+    "/datasets/par_rows.ndjson.zst",
+    "/datasets/par_rows.csv?flag=is.true&select=id,j,note",
+])
+def test_ranges_give_the_bytes_of_one_copy(parallel_server: Server, path: str) -> None:
+    before = _ranges_logged(parallel_server)
+    parallel = _get(parallel_server, path)
+    assert _ranges_logged(parallel_server) == before + 1
+    # `limit` keeps one COPY, of the same rows in the same order.
+    single = _get(parallel_server, path + ("&" if "?" in path else "?") + "limit=1000000")
+    assert _ranges_logged(parallel_server) == before + 1
+    assert _decoded(path, parallel.content) == _decoded(path, single.content)
+    assert len(_decoded(path, parallel.content)) > 50_000
+    assert parallel.headers.get("export-cursor")
+
+
+def test_a_whole_table_csv_is_psqls_copy(parallel_server: Server, tables: str) -> None:
+    body = _get(parallel_server, "/datasets/par_rows.csv").content
+    assert body == psql(tables, "-c", "\\copy (SELECT * FROM exports.par_rows) TO STDOUT"
+                        " WITH (FORMAT csv, HEADER)")
+
+
+def test_ordered_limited_and_indexed_exports_stay_one_copy(parallel_server: Server) -> None:
+    before = _ranges_logged(parallel_server)
+    # An order, a part of the rows, XLSX (made cell by cell in Python), a HEAD, a page of
+    # items, and a filter PostgreSQL reads through an index (its order is the index's).
+    for path in ("/datasets/par_rows.csv?order=id.desc", "/datasets/par_rows.csv?offset=5",
+                 "/datasets/par_rows.xlsx", "/datasets/par_rows.csv?id=lt.20"):
+        _get(parallel_server, path)
+    assert httpx.head(parallel_server.url + "/datasets/par_rows.csv").status_code == 200
+    paged = httpx.get(parallel_server.url + "/datasets/par_rows",
+                      headers={"Range-Unit": "items", "Range": "0-9"})
+    assert paged.status_code in (200, 206) and len(paged.json()) == 10
+    assert _ranges_logged(parallel_server) == before
+
+
+def test_under_load_fewer_ranges_then_one_copy(parallel_server: Server, tables: str) -> None:
+    """The extra backends take export slots only while half the cap (20: 10) stays free:
+    with 8 exports running elsewhere this one gets 1 extra, with 9 none."""
+    run_sql(tables, "INSERT INTO exporter.instances (id, host, pid, expires_at)"
+            " VALUES ('par-load', 'elsewhere', 0, now() + interval '1 hour')")
+    try:
+        whole = None
+        for held, ranges in ((8, 2), (9, 0)):
+            run_sql(tables, "DELETE FROM exporter.slots WHERE instance = 'par-load'",
+                    "INSERT INTO exporter.slots (key, instance) SELECT 'exports', 'par-load'"
+                    f" FROM generate_series(1, {held})")
+            logged = len(parallel_server.log())
+            body = _get(parallel_server, "/datasets/par_rows.csv").content
+            new = parallel_server.log()[logged:]
+            assert new.count(RANGES_LOGGED) == (1 if ranges else 0), new
+            assert not ranges or f"{ranges} {RANGES_LOGGED}" in new
+            assert whole is None or body == whole
+            whole = body
+    finally:
+        run_sql(tables, "DELETE FROM exporter.instances WHERE id = 'par-load'")
+
+
+def test_since_in_ranges_gives_what_one_copy_gives(parallel_server: Server,
+                                                   tables: str) -> None:
+    """Each range's transaction counts `since` from its own age() reference."""
+    cursor = _get(parallel_server, "/datasets/par_rows.csv").headers["export-cursor"]
+    run_sql(tables, "UPDATE exports.par_rows SET n = n + 1 WHERE id % 1000 IN (1, 999)")
+    try:
+        before = _ranges_logged(parallel_server)
+        path = f"/datasets/par_rows.ndjson?since={cursor}"
+        parallel = _get(parallel_server, path).content
+        assert _ranges_logged(parallel_server) == before + 1
+        assert parallel == _get(parallel_server, path + "&limit=1000000").content
+        ids = sorted(int(line.split(b",")[0].split(b":")[1]) for line in parallel.splitlines())
+        assert ids == sorted(i for i in range(1, ROWS + 1) if i % 1000 in (1, 999))
+    finally:
+        run_sql(tables, "UPDATE exports.par_rows SET n = n - 1 WHERE id % 1000 IN (1, 999)")
+
+
+def test_the_snapshot_holds_against_writers(parallel_server: Server, tables: str) -> None:
+    """Transfers between the first and the last rows commit all along the export: each
+    range must see the balances of the export's one snapshot (each row once, the total
+    unchanged), whichever block a row's new version went to."""
+    stop = threading.Event()
+    transfers = [0]
+
+    async def write() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(tables))
+        try:
+            while not stop.is_set():
+                await conn.execute(
+                    "UPDATE exports.par_bank SET balance = balance"
+                    " + CASE WHEN id = $1 THEN -1 ELSE 1 END WHERE id IN ($1, $2)",
+                    1 + transfers[0] % 50, ROWS - transfers[0] % 50)
+                transfers[0] += 1
+        finally:
+            await conn.close()
+
+    writer = threading.Thread(target=run_async, args=(write,))
+    writer.start()
+    try:
+        assert wait_until(lambda: transfers[0] > 20, 10)
+        for _ in range(3):
+            before = _ranges_logged(parallel_server)
+            lines = _get(parallel_server, "/datasets/par_bank.csv?select=id,balance"
+                         ).content.splitlines()[1:]
+            assert _ranges_logged(parallel_server) == before + 1
+            rows = [tuple(map(int, line.split(b","))) for line in lines]
+            assert sorted(i for i, _ in rows) == list(range(1, ROWS + 1))
+            assert sum(b for _, b in rows) == 100 * ROWS
+    finally:
+        stop.set()
+        writer.join()
+    assert transfers[0] > 20
+
+
+def _wide_backends(url: str) -> list[int]:
+    return [r["pid"] for r in fetch(
+        url, "SELECT pid FROM pg_stat_activity WHERE application_name = 'exporter'"
+        " AND state = 'active' AND query LIKE 'COPY%par_wide%'")]
+
+
+def test_a_client_that_leaves_cancels_every_range(parallel_server: Server,
+                                                  tables: str) -> None:
+    with httpx.Client(timeout=30) as client, client.stream(
+            "GET", parallel_server.url + "/datasets/par_wide.csv", headers=IDENTITY
+    ) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw()  # held: its end closes the response
+        next(chunks)
+        # Every range at work: the first one waits on the client, the others on their
+        # spools.
+        assert wait_until(lambda: len(_wide_backends(tables)) == RANGES, 10)
+    assert wait_until(lambda: not _wide_backends(tables), 5), _wide_backends(tables)
+
+
+def test_a_range_that_fails_breaks_the_download(parallel_server: Server,
+                                                tables: str) -> None:
+    before = last_audit_id(tables)
+    with httpx.Client(timeout=30) as client, client.stream(
+            "GET", parallel_server.url + "/datasets/par_wide.csv", headers=IDENTITY
+    ) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw()
+        received = len(next(chunks))
+        assert wait_until(lambda: len(_wide_backends(tables)) == RANGES, 10)
+        # The last range's backend dies mid-way.
+        last = fetch(tables, "SELECT pid FROM pg_stat_activity WHERE application_name ="
+                     " 'exporter' AND query LIKE 'COPY%par_wide%ctid >=%'"
+                     " AND query NOT LIKE '%ctid <%'")
+        assert len(last) == 1
+        run_sql(tables, f"SELECT pg_terminate_backend({last[0]['pid']})")
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in chunks:
+                received += len(chunk)
+    assert received < WIDE_ROWS * 4000  # cut, not the whole export
+    assert wait_until(lambda: not _wide_backends(tables), 5), _wide_backends(tables)
+    [row] = audited(tables, "id > $1 AND target = 'par_wide'", before)
+    assert row["status"] == "failed"
+
