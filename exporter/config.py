@@ -206,6 +206,22 @@ class Settings(BaseSettings):
     # dropped (a download given up early on a huge export is not worth finishing).
     exports_resume_finish: float = Field(default=300.0, ge=0)
 
+    # Object storage (exporter/objects.py), for the `s3://bucket/prefix` settings. The
+    # endpoint and credentials are the standard variables every S3 client reads
+    # (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION); these are
+    # ours. A plain-http endpoint (a store on the same host or network) must be allowed.
+    s3_allow_http: bool = False
+    # Buckets addressed as bucket.endpoint (AWS's own style) rather than endpoint/bucket
+    # (the path style MinIO, SeaweedFS and most self-hosted stores expect).
+    s3_virtual_hosted_style: bool = False
+    # Seconds one request to the store may take, its retries included (a body streamed to
+    # a client is bounded by its idle time instead).
+    s3_timeout: float = Field(default=30.0, gt=0)
+    # Objects written as they come (stored exports, resume copies) are uploaded in parts of
+    # this many bytes (S3's smallest is 5 MiB); about two parts per upload are in memory.
+    s3_part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024,
+                              le=5 * 1024 * 1024 * 1024)
+
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.
     cors_origins: list[str] = []
