@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from exporter.objects import StoreUrl, is_store_url
 from exporter.tables import APP_SCHEMA
 
 # The first path segments the app's routes use (see exporter/server/prefix.py).
@@ -76,8 +77,9 @@ class Settings(BaseSettings):
     count_estimated_above: int = Field(default=100_000, ge=0)
 
     # Files: served from this folder (relative paths are taken from the working directory);
-    # unset, `data_dir`/files, the demo's own folder.
-    files_root: Path = Path("var/files")
+    # unset, `data_dir`/files, the demo's own folder. Or from object storage:
+    # `s3://bucket/prefix` (the `s3_*` settings below; files_store/files_folder say which).
+    files_root: Path | str = Path("var/files")
     # Bytes per file read, and so per body chunk. The downloads in progress (per process)
     # share `file_read_budget`, counted in bytes read and not yet taken by their sockets:
     # a read gets a fair share of it, at most `file_chunk_size_max` and no more than
@@ -260,6 +262,11 @@ class Settings(BaseSettings):
     # audit row, with `X-Accel-Redirect: <this><real path>` and no body: nginx sends the
     # bytes from an `internal` location (with sendfile, Range and conditions of its own).
     files_accel_redirect: str = ""
+    # With files in object storage: "presigned" answers a file's GET, after the checks and
+    # the audit row, with a 302 to a pre-signed URL of the store, valid this many seconds
+    # (the store sends the bytes, Range and all; for stores the clients can reach).
+    files_redirect: Literal["", "presigned"] = ""
+    files_redirect_expiry: int = Field(default=300, ge=1, le=7 * 24 * 3600)
 
     @field_validator("root_path")
     @classmethod
@@ -279,6 +286,15 @@ class Settings(BaseSettings):
         if value.split("/")[1] in ROUTE_NAMES:
             raise ValueError(f"EXPORTER_ROOT_PATH may not start with a route's name ({value})")
         return value
+
+    @field_validator("files_root", mode="before")
+    @classmethod
+    def _folder_or_store(cls, value: object) -> object:
+        # A folder stays a Path; only an s3:// URL is kept as text (a Path would fold its
+        # `//`).
+        if isinstance(value, str) and is_store_url(value.strip()):
+            return str(StoreUrl.parse(value.strip()))  # its ValueError says what is wrong
+        return Path(value) if isinstance(value, str) else value
 
     @field_validator("host")
     @classmethod
@@ -357,6 +373,18 @@ class Settings(BaseSettings):
             # Past pydantic's __setattr__, which would count it as set.
             self.__dict__["files_root"] = self.data_dir / "files"
         return self
+
+    @property
+    def files_store(self) -> str | None:
+        """The `s3://bucket/prefix` the files are served from, if not a folder."""
+        return self.files_root if isinstance(self.files_root, str) else None
+
+    @property
+    def files_folder(self) -> Path:
+        """The folder the files are served from; RuntimeError where they are in a store."""
+        if isinstance(self.files_root, str):
+            raise RuntimeError(f"the files are in object storage ({self.files_root})")
+        return self.files_root
 
     @property
     def files_root_is_default(self) -> bool:

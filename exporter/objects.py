@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -203,7 +203,7 @@ class ObjectStore:
 
     async def read(self, key: str, start: int = 0, end: int | None = None, *,
                    chunk_size: int = 1024 * 1024, etag: str | None = None
-                   ) -> AsyncIterator[bytes]:
+                   ) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) of the object (to its end if None), in chunks of about
         `chunk_size`, read from the network only as they are taken (memory stays about one
         chunk). With `etag`, ObjectChanged if the object is another one by now."""
@@ -238,7 +238,8 @@ class ObjectStore:
         folders = [p.rstrip("/") + "/" for p in result["common_prefixes"]]
         return Listing([ObjectInfo.of(m) for m in result["objects"]], folders)
 
-    async def walk(self, folder: str = "", page: int = 1000) -> AsyncIterator[list[ObjectInfo]]:
+    async def walk(self, folder: str = "", page: int = 1000
+                   ) -> AsyncGenerator[list[ObjectInfo], None]:
         """Every object under `folder`, at any depth, a page at a time."""
         prefix = check_folder(folder)
         stream = obstore.list(self._store, prefix or None, chunk_size=page)
@@ -249,6 +250,16 @@ class ObjectStore:
                 except StopAsyncIteration:
                     return
             yield [ObjectInfo.of(m) for m in metas]
+
+    async def folder_exists(self, folder: str) -> bool:
+        """Whether any object lies under `folder` (S3 has no folders, only keys)."""
+        prefix = check_folder(folder)
+        stream = obstore.list(self._store, prefix or None, chunk_size=1)
+        with _errors(folder):
+            try:
+                return bool(await stream.__anext__())
+            except StopAsyncIteration:
+                return False
 
     async def put(self, key: str, data: bytes) -> str | None:
         """One request, for what fits in memory; the new ETag."""

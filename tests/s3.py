@@ -34,7 +34,9 @@ class Seaweed:
     folder: Path
     port: Callable[[], int]
     bucket: str = "exporter"
-    s3_port: int = 0
+    s3_port: int = 0  # 0: one of `port()`
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -44,8 +46,8 @@ class Seaweed:
     @property
     def env(self) -> dict[str, str]:
         """The standard variables every S3 client reads (obstore, the AWS CLI, boto3)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": REGION,
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": REGION,
                 "EXPORTER_S3_ALLOW_HTTP": "true"}
 
     def url(self, prefix: str = "") -> str:
@@ -60,9 +62,10 @@ class Seaweed:
         data.mkdir(parents=True, exist_ok=True)
         config = self.folder / "s3.json"
         config.write_text(json.dumps({"identities": [{
-            "name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "name": "admin",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        self.s3_port = self.port()
+        self.s3_port = self.s3_port or self.port()
         # Every port it would open is named: its defaults (8080, 8888, 9333, gRPC at
         # port + 10000, Iceberg 8181, Lance 9101) collide between workers and checkouts.
         ports = {name: self.port() for name in (
@@ -104,8 +107,8 @@ class Seaweed:
         import obstore
         from obstore.store import S3Store
 
-        store = S3Store(self.bucket, endpoint=self.endpoint, access_key_id=ACCESS_KEY,
-                        secret_access_key=SECRET_KEY, region=REGION, allow_http=True,
+        store = S3Store(self.bucket, endpoint=self.endpoint, access_key_id=self.access_key,
+                        secret_access_key=self.secret_key, region=REGION, allow_http=True,
                         virtual_hosted_style_request=False)
         # SeaweedFS makes the bucket on the first put; the marker is removed again.
         try:

@@ -19,6 +19,7 @@ from exporter.db import create_engine
 from exporter.errors import ApiError
 from exporter.files.digests import DigestStore, FileKey, hash_file
 from exporter.files.paths import FilesRoot
+from exporter.objects import ObjectStore, StoreOptions
 
 log = logging.getLogger("exporter")
 
@@ -83,7 +84,11 @@ def _walk(root: FilesRoot, start: Path) -> list[tuple[str, Path]]:
 
 
 async def compute_missing(settings: Settings, url: str, path: str) -> int:
-    root = FilesRoot(settings.files_root, serve_hidden=settings.serve_hidden)
+    if settings.files_store is not None:
+        print(f"exporter digest: the files are in object storage ({settings.files_store});"
+              " their digests are computed as they are downloaded whole", file=sys.stderr)
+        return 2
+    root = FilesRoot(settings.files_folder, serve_hidden=settings.serve_hidden)
     try:
         start = root.resolve(path.strip("/") + ("/" if path.endswith("/") else ""))
     except ApiError as error:
@@ -131,11 +136,39 @@ def default_root(settings: Settings) -> bool:
 def demo_files(settings: Settings, size: str, *, only_if_empty: bool) -> None:
     from exporter.files import demo
 
-    root = settings.files_root
+    if settings.files_store is not None:
+        asyncio.run(_demo_into_store(settings, demo.parse_size(size), only_if_empty))
+        return
+    root = settings.files_folder
     if only_if_empty and not demo.is_empty(root):
         return
     log.info("creating the demo files in %s (large file: %s)", root, size)
     demo.create(root, demo.parse_size(size))
+
+
+async def _demo_into_store(settings: Settings, size: int, only_if_empty: bool) -> None:
+    """The demo files, made in a temporary folder and uploaded as they are read."""
+    import tempfile
+
+    from exporter.files import demo
+
+    assert settings.files_store is not None
+    store = ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
+    if only_if_empty and await store.folder_exists(""):
+        return
+    log.info("creating the demo files in %s (large file: %s)", store.url, size)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for path in await asyncio.to_thread(demo.create, root, size):
+            writer = store.writer(path.relative_to(root).as_posix())
+            try:
+                with path.open("rb") as f:
+                    while chunk := await asyncio.to_thread(f.read, 1024 * 1024):
+                        await writer.write(chunk)
+                await writer.complete()
+            except BaseException:
+                await writer.abort()
+                raise
 
 
 def register(app: typer.Typer) -> None:
