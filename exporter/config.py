@@ -392,6 +392,17 @@ class Settings(BaseSettings):
         return "files_root" not in self.model_fields_set
 
     @model_validator(mode="after")
+    def _redirects_fit_the_root(self) -> Settings:
+        if self.files_redirect and self.files_store is None:
+            raise ValueError("EXPORTER_FILES_REDIRECT=presigned needs the files in object"
+                             " storage (EXPORTER_FILES_ROOT=s3://bucket/prefix)")
+        if self.files_accel_redirect and self.files_store is not None:
+            raise ValueError("EXPORTER_FILES_ACCEL_REDIRECT serves files from a folder nginx"
+                             " reads; with files in object storage, use"
+                             " EXPORTER_FILES_REDIRECT=presigned")
+        return self
+
+    @model_validator(mode="after")
     def _chunk_sizes_in_order(self) -> Settings:
         if self.file_chunk_size > self.file_chunk_size_max:
             raise ValueError(

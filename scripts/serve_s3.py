@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -54,13 +55,18 @@ def main() -> int:
         print(f"files from {settings.files_root}; the store's credentials for other clients:"
               f"\n  AWS_ENDPOINT_URL={seaweed.endpoint} AWS_ACCESS_KEY_ID={seaweed.access_key}"
               f" AWS_SECRET_ACCESS_KEY=$(cat {secret_file})", flush=True)
-        server = subprocess.Popen([sys.executable, "-m", "exporter.cli", "serve", *sys.argv[1:]])
-        try:
-            return server.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the server too: it is stopping
-            return server.wait()
+        # In a session of its own: Ctrl-C (or SIGTERM) reaches this process only, which
+        # hands it on once (uvicorn takes a second Ctrl-C for "quit now").
+        server = subprocess.Popen([sys.executable, "-m", "exporter.cli", "serve", *sys.argv[1:]],
+                                  start_new_session=True)
+        signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
+        while True:
+            try:
+                return server.wait()
+            except KeyboardInterrupt:
+                server.send_signal(signal.SIGINT)
     finally:
-        seaweed.stop(grace=10)
+        seaweed.stop(grace=5)
 
 
 if __name__ == "__main__":

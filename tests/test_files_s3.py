@@ -24,6 +24,8 @@ from exporter.objects import StoreUrl
 from tests.inprocess import InProcess
 from tests.s3 import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
 from tests.support import Server, audited, wait_until
+from tests.test_access import new_token
+from tests.test_corpus import ENTRIES, HTML, SVG, send
 
 ONE = os.urandom(300 * 1024)
 LARGE = os.urandom(6 * 1024 * 1024 + 17)  # a multipart object (its ETag ends in -2)
@@ -35,6 +37,8 @@ OBJECTS = {
     ".secret": b"SECRET",
     "we ird n\u00e4me %41.txt": b"weird\n",
     "large.bin": LARGE,
+    "page.html": HTML, "image.svg": SVG,
+    "notes.txt": b"compressible text, " * 200,
 }
 
 
@@ -147,7 +151,8 @@ def test_listings(app: InProcess) -> None:
     top = app.get("/files/")
     assert top.status_code == 200
     entries = {e["name"]: e for e in top.json()["entries"]}
-    assert set(entries) == {"README.txt", "data", "large.bin", "we ird n\u00e4me %41.txt"}
+    assert set(entries) == {"README.txt", "data", "large.bin", "we ird n\u00e4me %41.txt",
+                            "page.html", "image.svg", "notes.txt"}
     assert entries["data"]["kind"] == "dir" and entries["data"]["mtime"] is None
     assert entries["README.txt"]["size"] == len(OBJECTS["README.txt"])
     assert entries["README.txt"]["url"].endswith("/files/README.txt")
@@ -266,3 +271,43 @@ def test_store_objects_run_on_asyncio(app: InProcess) -> None:
         return [a.status_code for a in answers]
 
     assert app.run(many()) == [206] * 20
+
+
+def test_the_corpus_files_requests_against_the_store(server: Server, database_url: str) -> None:
+    """tests/corpus/requests.http's /files/ entries, against files in the store."""
+    token = new_token(database_url, f"corpus-s3-{os.urandom(4).hex()}", "admin", "files:*")
+    entries = [e for e in ENTRIES if e.request_line.split(" ")[1].startswith("/files/")]
+    assert len(entries) > 20
+    for entry in entries:
+        answer = send(server.url, entry, token)
+        assert answer.status < 500, (entry.label, answer.status, answer.body[:500])
+        assert b"SECRET" not in answer.body, entry.label
+        if "safe-inline" in entry.expect and answer.status == 200:
+            assert answer.headers["content-disposition"].startswith("attachment") \
+                or "sandbox" in answer.headers["content-security-policy"], entry.label
+
+
+def test_compressed_on_the_fly_from_the_store(app: InProcess) -> None:
+    text = OBJECTS["notes.txt"]
+    gzipped = app.get("/files/notes.txt", headers={"Accept-Encoding": "gzip"})
+    assert gzipped.headers["content-encoding"] == "gzip"
+    assert gzipped.content == text  # httpx decodes it
+    assert gzipped.headers["vary"] == "Accept-Encoding"
+    ranged = app.get("/files/notes.txt", headers={"Accept-Encoding": "gzip",
+                                                  "Range": "bytes=0-9"})
+    assert "content-encoding" not in ranged.headers and ranged.content == text[:10]
+
+
+@pytest.mark.parametrize(("settings", "says"), [
+    ({"files_root": "s3://Bad_Bucket/x"}, "not a bucket name"),
+    ({"files_root": "s3://bucket/a/../b"}, "not a prefix"),
+    ({"files_root": "/srv/files", "files_redirect": "presigned"}, "needs the files in object"),
+    ({"files_root": "s3://bucket/x", "files_accel_redirect": "/internal/"},
+     "EXPORTER_FILES_REDIRECT=presigned"),
+    ({"files_redirect": "sometimes"}, "presigned"),
+])
+def test_settings_that_do_not_fit(settings: dict[str, str], says: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=says):
+        Settings(database_url="postgresql://x@localhost/x", **settings)  # type: ignore[arg-type]
