@@ -311,3 +311,28 @@ def test_settings_that_do_not_fit(settings: dict[str, str], says: str) -> None:
 
     with pytest.raises(ValidationError, match=says):
         Settings(database_url="postgresql://x@localhost/x", **settings)  # type: ignore[arg-type]
+
+
+def test_signed_links_and_a_second_host(database_url: str, files_url: str, s3_env: None,
+                                        app: InProcess) -> None:
+    """A link made on one host serves the object on another host of the same store, which
+    gives the same ETag, so a download started on one resumes on the other."""
+    settings = Settings(database_url=database_url, files_root=files_url, public_datasets=[],
+                        public_files=[], s3_allow_http=True)
+    token = new_token(database_url, f"s3-links-{os.urandom(4).hex()}", "files:data/")
+    with InProcess(settings) as closed:
+        auth = {"Authorization": f"Bearer {token}"}
+        made = closed.request("POST", "/links", headers=auth,
+                              json={"url": "/files/data/one.bin", "expires_in": "15m"})
+        assert made.status_code in (200, 201), made.text
+        link = made.json()["url"]
+        path = link[link.index("/files/"):]
+        assert closed.get("/files/data/one.bin").status_code == 401
+        first = closed.get(path, headers={"Range": "bytes=0-99"})
+        assert first.status_code == 206 and first.content == ONE[:100]
+        rest = app.get(path, headers={"Range": "bytes=100-",
+                                      "If-Range": first.headers["etag"]})
+        assert rest.status_code == 206 and first.content + rest.content == ONE
+        refused = closed.request("POST", "/links", headers=auth,
+                                 json={"url": "/files/README.txt"})
+        assert refused.status_code == 403
