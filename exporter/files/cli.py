@@ -4,6 +4,7 @@ yet; and the demo files that `exporter demo` and `serve` create."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from exporter.db import create_engine
 from exporter.errors import ApiError
 from exporter.files.digests import DigestStore, FileKey, hash_file
 from exporter.files.paths import FilesRoot
-from exporter.objects import ObjectStore, StoreOptions
+from exporter.objects import ObjectChanged, ObjectStore, StoreOptions
 
 log = logging.getLogger("exporter")
 
@@ -85,9 +86,7 @@ def _walk(root: FilesRoot, start: Path) -> list[tuple[str, Path]]:
 
 async def compute_missing(settings: Settings, url: str, path: str) -> int:
     if settings.files_store is not None:
-        print(f"exporter digest: the files are in object storage ({settings.files_store});"
-              " their digests are computed as they are downloaded whole", file=sys.stderr)
-        return 2
+        return await _compute_missing_in_store(settings, url, path)
     root = FilesRoot(settings.files_folder, serve_hidden=settings.serve_hidden)
     try:
         start = root.resolve(path.strip("/") + ("/" if path.endswith("/") else ""))
@@ -110,6 +109,51 @@ async def compute_missing(settings: Settings, url: str, path: str) -> int:
             # Stored only if the file did not change while it was read.
             if FileKey.of(rel, real.stat()) == keys[rel]:
                 await store.put(keys[rel], sha256)
+        progress.close()
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def _compute_missing_in_store(settings: Settings, url: str, path: str) -> int:
+    """The same for files in object storage: every object under `path` that a request
+    could name (files/store.py's rules), read through the store."""
+    from exporter.files.store import object_key, open_store_path, servable
+
+    assert settings.files_store is not None
+    store = ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
+    try:
+        start = await open_store_path(store, path.strip("/") + (
+            "/" if path.endswith("/") else ""), settings.serve_hidden)
+    except ApiError as error:
+        print(f"exporter digest: {error.message} under {store.url}", file=sys.stderr)
+        return 2
+    if start.info is not None:
+        objects = [start.info]
+    else:
+        objects = [o async for page in store.walk(start.relative) for o in page
+                   if servable(o.key, settings.serve_hidden)]
+    engine = create_engine(settings, url)
+    digests = DigestStore(engine)
+    try:
+        keys = {o.key: object_key(o.key, o) for o in objects}
+        known = await digests.get_many(keys.values())
+        todo = [o for o in objects if o.key not in known]
+        print(f"{len(objects)} files, {len(known)} digests known, {len(todo)} to compute",
+              file=sys.stderr)
+        progress = Progress(sum(o.size for o in todo), len(todo))
+        for o in todo:
+            progress.next_file(o.key)
+            h = hashlib.sha256()
+            try:
+                async for chunk in store.read(o.key, 0, o.size,
+                                              chunk_size=settings.file_chunk_size_max,
+                                              etag=o.etag):
+                    h.update(chunk)
+                    progress.advance(len(chunk))
+            except ObjectChanged:
+                continue  # replaced while read: its next download computes it
+            await digests.put(keys[o.key], h.digest())
         progress.close()
     finally:
         await engine.dispose()

@@ -95,6 +95,11 @@ async def open_store_path(store: ObjectStore, path: str, serve_hidden: bool) -> 
     raise not_found(path)
 
 
+def servable(key: str, serve_hidden: bool) -> bool:
+    """Whether a request could name this key (each of its names passes)."""
+    return all(_visible(name, serve_hidden) for name in key.split("/"))
+
+
 def _visible(name: str, serve_hidden: bool) -> bool:
     if not name or (name.startswith(".") and not serve_hidden):
         return False
