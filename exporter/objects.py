@@ -156,10 +156,12 @@ class Listing:
 
 
 @contextlib.contextmanager
-def _errors(key: str) -> Iterator[None]:
+def _errors(key: str, *, listing: bool = False) -> Iterator[None]:
     try:
         yield
-    except (FileNotFoundError, NotFoundError):
+    except (FileNotFoundError, NotFoundError) as e:
+        if listing:  # a prefix is never missing, only its bucket
+            raise StoreUnavailable(f"no such bucket: {str(e).splitlines()[0][:300]}") from e
         raise ObjectMissing(key) from None
     except PreconditionError:
         raise ObjectChanged(key) from None
@@ -233,7 +235,7 @@ class ObjectStore:
     async def list_folder(self, folder: str = "") -> Listing:
         """What is directly in `folder` ("" the top, or a key): its objects and folders."""
         prefix = check_folder(folder)
-        with _errors(folder):
+        with _errors(folder, listing=True):
             result = await obstore.list_with_delimiter_async(self._store, prefix or None)
         folders = [p.rstrip("/") + "/" for p in result["common_prefixes"]]
         return Listing([ObjectInfo.of(m) for m in result["objects"]], folders)
@@ -244,7 +246,7 @@ class ObjectStore:
         prefix = check_folder(folder)
         stream = obstore.list(self._store, prefix or None, chunk_size=page)
         while True:
-            with _errors(folder):
+            with _errors(folder, listing=True):
                 try:
                     metas = await stream.__anext__()
                 except StopAsyncIteration:
@@ -255,7 +257,7 @@ class ObjectStore:
         """Whether any object lies under `folder` (S3 has no folders, only keys)."""
         prefix = check_folder(folder)
         stream = obstore.list(self._store, prefix or None, chunk_size=1)
-        with _errors(folder):
+        with _errors(folder, listing=True):
             try:
                 return bool(await stream.__anext__())
             except StopAsyncIteration:

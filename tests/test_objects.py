@@ -234,6 +234,25 @@ def test_a_store_that_is_down(s3: Seaweed, monkeypatch: pytest.MonkeyPatch) -> N
     run(go)
 
 
+def test_a_bucket_that_does_not_exist(s3: Seaweed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing it is the store failing (a setting is wrong), not an empty folder."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    nowhere = ObjectStore("s3://no-such-bucket-here/x", OPTIONS)
+
+    async def go() -> None:
+        with pytest.raises(StoreUnavailable):
+            await nowhere.list_folder()
+        with pytest.raises(StoreUnavailable):
+            await nowhere.folder_exists("a")
+        with pytest.raises(StoreUnavailable):
+            [p async for p in nowhere.walk()]
+        with pytest.raises(ObjectMissing):
+            await nowhere.head("a.txt")
+
+    run(go)
+
+
 def test_wrong_credentials_are_unavailable_not_missing(
         s3: Seaweed, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in s3.env.items():
