@@ -36,6 +36,7 @@ from exporter.files import routes as file_routes
 from exporter.files.deps import files_of
 from exporter.files.stream import ReadBudget
 from exporter.health import Health
+from exporter.objects import ObjectStore, StoreOptions
 from exporter.server.logs import AccessLogOfLeavers
 from exporter.server.prefix import RootPath
 from exporter.state import State
@@ -168,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
             stored=stored,
+            files_store=ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
+            if settings.files_store else None,
         )
         if settings.exports_resume:
             app.state.exporter.resume_copies = ServedResumeCopies(

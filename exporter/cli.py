@@ -188,7 +188,7 @@ def first_start(settings: Settings) -> str:
 
     written = _CLUSTER_BYTES + _DEMO_ROW_BYTES * settings.demo_rows
     what = f"the embedded PostgreSQL with {settings.demo_rows:,} demo rows"
-    if files_cli.default_root(settings) and demo.is_empty(settings.files_root):
+    if files_cli.default_root(settings) and demo.is_empty(settings.files_folder):
         files = demo.parse_size(settings.demo_file_size)
         written += files
         what += f" and {human_size(files)} of demo files"

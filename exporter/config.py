@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from exporter.objects import StoreUrl, is_store_url
 from exporter.tables import APP_SCHEMA
 
 # The first path segments the app's routes use (see exporter/server/prefix.py).
@@ -88,8 +89,9 @@ class Settings(BaseSettings):
     export_parallel_spool: int = Field(default=1024**3, ge=0)
 
     # Files: served from this folder (relative paths are taken from the working directory);
-    # unset, `data_dir`/files, the demo's own folder.
-    files_root: Path = Path("var/files")
+    # unset, `data_dir`/files, the demo's own folder. Or from object storage:
+    # `s3://bucket/prefix` (the `s3_*` settings below; files_store/files_folder say which).
+    files_root: Path | str = Path("var/files")
     # Bytes per file read, and so per body chunk. The downloads in progress (per process)
     # share `file_read_budget`, counted in bytes read and not yet taken by their sockets:
     # a read gets a fair share of it, at most `file_chunk_size_max` and no more than
@@ -218,6 +220,22 @@ class Settings(BaseSettings):
     # dropped (a download given up early on a huge export is not worth finishing).
     exports_resume_finish: float = Field(default=300.0, ge=0)
 
+    # Object storage (exporter/objects.py), for the `s3://bucket/prefix` settings. The
+    # endpoint and credentials are the standard variables every S3 client reads
+    # (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION); these are
+    # ours. A plain-http endpoint (a store on the same host or network) must be allowed.
+    s3_allow_http: bool = False
+    # Buckets addressed as bucket.endpoint (AWS's own style) rather than endpoint/bucket
+    # (the path style MinIO, SeaweedFS and most self-hosted stores expect).
+    s3_virtual_hosted_style: bool = False
+    # Seconds one request to the store may take, its retries included (a body streamed to
+    # a client is bounded by its idle time instead).
+    s3_timeout: float = Field(default=30.0, gt=0)
+    # Objects written as they come (stored exports, resume copies) are uploaded in parts of
+    # this many bytes (S3's smallest is 5 MiB); about two parts per upload are in memory.
+    s3_part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024,
+                              le=5 * 1024 * 1024 * 1024)
+
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.
     cors_origins: list[str] = []
@@ -256,6 +274,11 @@ class Settings(BaseSettings):
     # audit row, with `X-Accel-Redirect: <this><real path>` and no body: nginx sends the
     # bytes from an `internal` location (with sendfile, Range and conditions of its own).
     files_accel_redirect: str = ""
+    # With files in object storage: "presigned" answers a file's GET, after the checks and
+    # the audit row, with a 302 to a pre-signed URL of the store, valid this many seconds
+    # (the store sends the bytes, Range and all; for stores the clients can reach).
+    files_redirect: Literal["", "presigned"] = ""
+    files_redirect_expiry: int = Field(default=300, ge=1, le=7 * 24 * 3600)
 
     @field_validator("root_path")
     @classmethod
@@ -275,6 +298,15 @@ class Settings(BaseSettings):
         if value.split("/")[1] in ROUTE_NAMES:
             raise ValueError(f"EXPORTER_ROOT_PATH may not start with a route's name ({value})")
         return value
+
+    @field_validator("files_root", mode="before")
+    @classmethod
+    def _folder_or_store(cls, value: object) -> object:
+        # A folder stays a Path; only an s3:// URL is kept as text (a Path would fold its
+        # `//`).
+        if isinstance(value, str) and is_store_url(value.strip()):
+            return str(StoreUrl.parse(value.strip()))  # its ValueError says what is wrong
+        return Path(value) if isinstance(value, str) else value
 
     @field_validator("host")
     @classmethod
@@ -355,9 +387,32 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def files_store(self) -> str | None:
+        """The `s3://bucket/prefix` the files are served from, if not a folder."""
+        return self.files_root if isinstance(self.files_root, str) else None
+
+    @property
+    def files_folder(self) -> Path:
+        """The folder the files are served from; RuntimeError where they are in a store."""
+        if isinstance(self.files_root, str):
+            raise RuntimeError(f"the files are in object storage ({self.files_root})")
+        return self.files_root
+
+    @property
     def files_root_is_default(self) -> bool:
         """Unset: the demo's own folder under `data_dir`, where it may write its files."""
         return "files_root" not in self.model_fields_set
+
+    @model_validator(mode="after")
+    def _redirects_fit_the_root(self) -> Settings:
+        if self.files_redirect and self.files_store is None:
+            raise ValueError("EXPORTER_FILES_REDIRECT=presigned needs the files in object"
+                             " storage (EXPORTER_FILES_ROOT=s3://bucket/prefix)")
+        if self.files_accel_redirect and self.files_store is not None:
+            raise ValueError("EXPORTER_FILES_ACCEL_REDIRECT serves files from a folder nginx"
+                             " reads; with files in object storage, use"
+                             " EXPORTER_FILES_REDIRECT=presigned")
+        return self
 
     @model_validator(mode="after")
     def _chunk_sizes_in_order(self) -> Settings:

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.audit import Audit
 from exporter.config import Settings
+from exporter.objects import ObjectStore
 
 if TYPE_CHECKING:
     from exporter.access.limits import Limiter
@@ -47,6 +48,9 @@ class State:
     # The stored copies of streamed exports, for resuming them (exporter/stored/, seen
     # through the exports feature's own interface); None: EXPORTER_EXPORTS_RESUME is off.
     resume_copies: ServedCopies | None = None
+    # The object store the files are served from (EXPORTER_FILES_ROOT=s3://...); None:
+    # they are in a folder.
+    files_store: ObjectStore | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:

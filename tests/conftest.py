@@ -28,7 +28,8 @@ from exporter.exports.demo import load
 from exporter.files.demo import create as create_demo_files
 from tests import tools
 from tests.debian_postgres import DebianPostgres, missing
-from tests.support import ROOT, TEST_TMP, Server, run_sql
+from tests.s3 import Seaweed
+from tests.support import ROOT, TEST_TMP, Server, free_port, run_sql
 
 DEMO_ROWS = 20_000
 # The servers of the tests that are not about access serve everything to anyone;
@@ -145,6 +146,8 @@ MODULE_GROUPS = {
     "test_access.py": "access", "test_admission.py": "admission", "test_corpus.py": "corpus",
     "test_disclosure.py": "disclosure", "test_docs_commands.py": "docs",
     "test_files_hardening.py": "files-hardening", "test_fuzz_api.py": "fuzz-api",
+    # One SeaweedFS (the `s3` fixture) for the tests on object storage.
+    "test_objects.py": "s3", "test_files_s3.py": "s3",
 }
 
 
@@ -533,3 +536,23 @@ def _server_factory(database_url: str, logs_dir: Path, files_root: Path
     yield Started
     for s in started:
         s.stop()
+
+
+# --- Object storage: one SeaweedFS per worker that asks ----------------------------------
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """A real S3 server (tests/s3.py), started by the first test that needs it (about 4 s,
+    115 MB) and stopped at the end; tests keep apart by prefix (`s3_prefix`). The modules
+    that use it are one xdist group (MODULE_GROUPS), so one worker starts it."""
+    seaweed = Seaweed(tmp_path_factory.mktemp("s3"), free_port)
+    seaweed.start()
+    try:
+        yield seaweed
+    finally:
+        seaweed.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3: Seaweed) -> str:
+    """An s3:// URL of a prefix no other test uses."""
+    return s3.url(f"t-{uuid.uuid4().hex[:10]}")

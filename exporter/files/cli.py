@@ -4,6 +4,7 @@ yet; and the demo files that `exporter demo` and `serve` create."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from exporter.db import create_engine
 from exporter.errors import ApiError
 from exporter.files.digests import DigestStore, FileKey, hash_file
 from exporter.files.paths import FilesRoot
+from exporter.objects import ObjectChanged, ObjectStore, StoreOptions
 
 log = logging.getLogger("exporter")
 
@@ -83,7 +85,9 @@ def _walk(root: FilesRoot, start: Path) -> list[tuple[str, Path]]:
 
 
 async def compute_missing(settings: Settings, url: str, path: str) -> int:
-    root = FilesRoot(settings.files_root, serve_hidden=settings.serve_hidden)
+    if settings.files_store is not None:
+        return await _compute_missing_in_store(settings, url, path)
+    root = FilesRoot(settings.files_folder, serve_hidden=settings.serve_hidden)
     try:
         start = root.resolve(path.strip("/") + ("/" if path.endswith("/") else ""))
     except ApiError as error:
@@ -111,6 +115,51 @@ async def compute_missing(settings: Settings, url: str, path: str) -> int:
     return 0
 
 
+async def _compute_missing_in_store(settings: Settings, url: str, path: str) -> int:
+    """The same for files in object storage: every object under `path` that a request
+    could name (files/store.py's rules), read through the store."""
+    from exporter.files.store import object_key, open_store_path, servable
+
+    assert settings.files_store is not None
+    store = ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
+    try:
+        start = await open_store_path(store, path.strip("/") + (
+            "/" if path.endswith("/") else ""), settings.serve_hidden)
+    except ApiError as error:
+        print(f"exporter digest: {error.message} under {store.url}", file=sys.stderr)
+        return 2
+    if start.info is not None:
+        objects = [start.info]
+    else:
+        objects = [o async for page in store.walk(start.relative) for o in page
+                   if servable(o.key, settings.serve_hidden)]
+    engine = create_engine(settings, url)
+    digests = DigestStore(engine)
+    try:
+        keys = {o.key: object_key(o.key, o) for o in objects}
+        known = await digests.get_many(keys.values())
+        todo = [o for o in objects if o.key not in known]
+        print(f"{len(objects)} files, {len(known)} digests known, {len(todo)} to compute",
+              file=sys.stderr)
+        progress = Progress(sum(o.size for o in todo), len(todo))
+        for o in todo:
+            progress.next_file(o.key)
+            h = hashlib.sha256()
+            try:
+                async for chunk in store.read(o.key, 0, o.size,
+                                              chunk_size=settings.file_chunk_size_max,
+                                              etag=o.etag):
+                    h.update(chunk)
+                    progress.advance(len(chunk))
+            except ObjectChanged:
+                continue  # replaced while read: its next download computes it
+            await digests.put(keys[o.key], h.digest())
+        progress.close()
+    finally:
+        await engine.dispose()
+    return 0
+
+
 def digest(
     path: Annotated[str, typer.Argument(
         metavar="PATH", help="a file or folder under the files root (default: all of it)")] = "",
@@ -131,11 +180,39 @@ def default_root(settings: Settings) -> bool:
 def demo_files(settings: Settings, size: str, *, only_if_empty: bool) -> None:
     from exporter.files import demo
 
-    root = settings.files_root
+    if settings.files_store is not None:
+        asyncio.run(_demo_into_store(settings, demo.parse_size(size), only_if_empty))
+        return
+    root = settings.files_folder
     if only_if_empty and not demo.is_empty(root):
         return
     log.info("creating the demo files in %s (large file: %s)", root, size)
     demo.create(root, demo.parse_size(size))
+
+
+async def _demo_into_store(settings: Settings, size: int, only_if_empty: bool) -> None:
+    """The demo files, made in a temporary folder and uploaded as they are read."""
+    import tempfile
+
+    from exporter.files import demo
+
+    assert settings.files_store is not None
+    store = ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
+    if only_if_empty and await store.folder_exists(""):
+        return
+    log.info("creating the demo files in %s (large file: %s)", store.url, size)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for path in await asyncio.to_thread(demo.create, root, size):
+            writer = store.writer(path.relative_to(root).as_posix())
+            try:
+                with path.open("rb") as f:
+                    while chunk := await asyncio.to_thread(f.read, 1024 * 1024):
+                        await writer.write(chunk)
+                await writer.complete()
+            except BaseException:
+                await writer.abort()
+                raise
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ from exporter.access.limits import Limiter
 from exporter.audit import Audit
 from exporter.config import Settings
 from exporter.files.stream import ReadBudget
+from exporter.objects import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,5 @@ class Files:
     audit: Audit
     limiter: Limiter
     read_budget: ReadBudget
+    # Where the files are when not in a folder (EXPORTER_FILES_ROOT=s3://...).
+    store: ObjectStore | None = None

@@ -13,7 +13,8 @@ from exporter.state import State
 
 
 def files_of(st: State) -> Files:
-    return Files(st.settings, st.engine, st.audit, st.limiter, st.read_budget)
+    return Files(st.settings, st.engine, st.audit, st.limiter, st.read_budget,
+                 st.files_store)
 
 
 async def _files(st: StateDep) -> Files:

@@ -47,6 +47,28 @@ def bad_path(reason: str) -> ApiError:
     return ApiError(400, f"not a valid path: {reason}", parameter="path")
 
 
+def segments(path: str, serve_hidden: bool) -> tuple[list[str], bool]:
+    """The path's names, and whether it ended with a slash; raises on anything odd. The
+    rules of every files source: a folder's (FilesRoot) and a store's (files/store.py)."""
+    if any(c == "\x00" or ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise bad_path("control characters or NUL")
+    if "\\" in path:
+        raise bad_path("backslash")
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise bad_path("too long")
+    wants_folder = path == "" or path.endswith("/")
+    names = path[:-1].split("/") if path.endswith("/") else path.split("/")
+    if path == "":
+        return [], True
+    for name in names:
+        if len(os.fsencode(name)) > MAX_NAME_BYTES:
+            raise bad_path("a name is longer than 255 bytes")
+        # An empty name is an absolute path or `//`; `.` and `..` walk the tree.
+        if name in ("", ".", "..") or (name.startswith(".") and not serve_hidden):
+            raise not_found(path)
+    return names, wants_folder
+
+
 class Outside(Exception):
     """The walk would leave the root, meet a hidden name, or cannot go on: a 404."""
 
@@ -112,23 +134,7 @@ class FilesRoot:
 
     def segments(self, path: str) -> tuple[list[str], bool]:
         """The path's names, and whether it ended with a slash; raises on anything odd."""
-        if any(c == "\x00" or ord(c) < 0x20 or c == "\x7f" for c in path):
-            raise bad_path("control characters or NUL")
-        if "\\" in path:
-            raise bad_path("backslash")
-        if len(os.fsencode(path)) > MAX_PATH_BYTES:
-            raise bad_path("too long")
-        wants_folder = path == "" or path.endswith("/")
-        names = path[:-1].split("/") if path.endswith("/") else path.split("/")
-        if path == "":
-            return [], True
-        for name in names:
-            if len(os.fsencode(name)) > MAX_NAME_BYTES:
-                raise bad_path("a name is longer than 255 bytes")
-            # An empty name is an absolute path or `//`; `.` and `..` walk the tree.
-            if name in ("", ".", "..") or (name.startswith(".") and not self.serve_hidden):
-                raise not_found(path)
-        return names, wants_folder
+        return segments(path, self.serve_hidden)
 
     def resolve(self, path: str) -> Target:
         """The target at `path`, checked and closed (for callers that only need to know)."""

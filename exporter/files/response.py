@@ -9,6 +9,7 @@ import mimetypes
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -26,8 +27,10 @@ from exporter.files.context import Files
 from exporter.files.digests import DigestStore, FileKey, legacy_digest, repr_digest
 from exporter.files.paths import Target, not_found, printable, storable
 from exporter.files.service import FILES_PATH, Found, Listing, ToFolder
-from exporter.files.stream import FileBody
+from exporter.files.source import LocalFile, OpenFile, StoreFile
+from exporter.files.store import StoreTarget, object_key, store_unavailable
 from exporter.http import content_disposition
+from exporter.objects import ObjectStore, StoreUnavailable
 
 DISPOSITIONS = ("attachment", "inline")
 # The only types shown inline: none of them can run script in a browser (browsers show
@@ -59,6 +62,8 @@ async def answer(request: Request, files: Files, principal: Principal,
         return RedirectResponse(f"{root_path}{FILES_PATH}{found.path}/", status_code=301)
     if isinstance(found, Listing):
         return JSONResponse(found.body, headers={"Cache-Control": "no-cache"})
+    if isinstance(found, StoreTarget):
+        return await serve_object(request, files, found, principal)
     try:
         return await serve_file(request, files, found, principal)
     finally:
@@ -98,11 +103,16 @@ async def open_file(target: Target) -> tuple[Any, os.stat_result]:
     return f, target.stat  # the fstat of this very descriptor, taken by the walk
 
 
-async def serve_file(request: Request, files: Files, target: Target,
-                     principal: Principal) -> Response:
+def _disposition(request: Request) -> str:
     disposition = request.query_params.get("disposition", "attachment")
     if disposition not in DISPOSITIONS:
         raise ApiError(400, "disposition is attachment or inline", parameter="disposition")
+    return disposition
+
+
+async def serve_file(request: Request, files: Files, target: Target,
+                     principal: Principal) -> Response:
+    disposition = _disposition(request)
     if files.settings.files_accel_redirect:
         return await _hand_to_proxy(request, files, target, disposition, principal)
     f, fst = await open_file(target)
@@ -112,6 +122,43 @@ async def serve_file(request: Request, files: Files, target: Target,
         with contextlib.suppress(Exception):
             await f.close()
         raise
+
+
+async def serve_object(request: Request, files: Files, target: StoreTarget,
+                       principal: Principal) -> Response:
+    """A file in the store (EXPORTER_FILES_ROOT=s3://...): served as a file on disk is,
+    or handed to the store with a pre-signed URL (EXPORTER_FILES_REDIRECT=presigned)."""
+    disposition = _disposition(request)
+    if target.info is None or files.store is None:
+        raise not_found(target.relative)
+    if files.settings.files_redirect == "presigned":
+        return await _redirect_to_store(request, files, files.store, target, principal)
+    key = object_key(target.relative, target.info)
+    digests = DigestStore(files.engine)
+    return await respond_with_file(
+        request, files, StoreFile(files.store, target.info, key), name=target.name,
+        kind=content_type(target.name), sha256=await digests.lookup(key),
+        disposition=disposition, digests=digests,
+        start_download=lambda: start_audit(request, files, principal, "file", target.relative),
+        headers=SAFE_HEADERS)
+
+
+async def _redirect_to_store(request: Request, files: Files, store: ObjectStore,
+                             target: StoreTarget, principal: Principal) -> Response:
+    """302 to a pre-signed URL, after the checks; the audit row says `proxied`, as for
+    X-Accel-Redirect: what the store then sends is in its own logs. HEAD gets the same
+    redirect (a client follows it to the store's own HEAD) and no audit row."""
+    try:
+        url = await store.presigned_get(
+            target.relative, timedelta(seconds=files.settings.files_redirect_expiry))
+    except StoreUnavailable as error:
+        raise store_unavailable(error) from None
+    if request.method == "GET":
+        download = await start_audit(request, files, principal, "file", target.relative)
+        await files.audit.finish(download, PROXIED)
+    # The link is a bearer credential for its lifetime: no cache keeps it.
+    return RedirectResponse(url, status_code=302,
+                            headers={**SAFE_HEADERS, "Cache-Control": "no-store"})
 
 
 def _varies(settings: Settings, kind: str, size: int) -> bool:
@@ -135,19 +182,20 @@ async def _respond(request: Request, files: Files, target: Target, disposition: 
     digests = DigestStore(files.engine)
     sha256 = await digests.lookup(key)
     return await respond_with_file(
-        request, files, f, fst, name=printable(target.name), kind=content_type(target.name),
-        key=key, sha256=sha256, disposition=disposition, digests=digests,
+        request, files, LocalFile(f, fst, key), name=printable(target.name),
+        kind=content_type(target.name), sha256=sha256, disposition=disposition,
+        digests=digests,
         start_download=lambda: _start_audit(request, files, target, principal),
         headers=SAFE_HEADERS)
 
 
-async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat_result, *,
-                            name: str, kind: str, key: FileKey, sha256: bytes | None,
+async def respond_with_file(request: Request, files: Files, opened: OpenFile, *,
+                            name: str, kind: str, sha256: bytes | None,
                             disposition: str, digests: DigestStore,
                             start_download: Callable[[], Awaitable[Download]],
                             headers: Mapping[str, str], etag: str | None = None,
                             compress: bool = True) -> Response:
-    """The answer for an open file (an aiofiles binary file, taken over) and its stat:
+    """The answer for an open file (files/source.py: on disk or in the store; taken over):
     validators, conditions, ranges, the body. For files under the root and for any other
     file served the same way (stored exports). `name` is the download's name, `kind` its
     Content-Type; `sha256`, if known, is sent as Repr-Digest and not computed again (else
@@ -157,10 +205,11 @@ async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat
     made of its size, mtime and inode. `compress`: False for a file whose length and
     digest are its promise (a stored export: its manifest names both)."""
     settings = files.settings
-    v = conditions.Validators.of(fst)
+    size = opened.size
+    v = opened.validators()
     if etag is not None:
         v = replace(v, etag=etag)
-    varies = compress and _varies(settings, kind, fst.st_size)
+    varies = compress and _varies(settings, kind, size)
     coding = _coding(request, varies)
     headers = {"ETag": coded_etag(v.etag, coding), "Last-Modified": v.last_modified,
                **headers}
@@ -175,25 +224,25 @@ async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat
     variants = tuple(coded_etag(v.etag, c) for c in CODINGS) if varies else ()
     outcome = conditions.evaluate(method, dict(request.headers), v, variants)
     if outcome == conditions.NOT_MODIFIED:
-        await f.close()
+        await opened.close()
         return Response(status_code=304, headers=headers)
     if outcome == conditions.PRECONDITION_FAILED:
         raise ApiError(412, "the file does not meet the request's preconditions",
                        headers=headers)
 
-    layout = ranges.whole(fst.st_size, kind)
+    layout = ranges.whole(size, kind)
     range_header = request.headers.get("range")
     # Range applies to GET only (RFC 9110 §14.2); HEAD shows what a plain GET would get.
     if (range_header is not None and method == "GET"
             and conditions.if_range_allows(request.headers.get("if-range"), v)):
         try:
-            wanted = ranges.parse_range(range_header, fst.st_size, settings.max_ranges)
+            wanted = ranges.parse_range(range_header, size, settings.max_ranges)
         except ranges.Unsatisfiable:
-            raise ApiError(416, f"no part of the range lies within the {fst.st_size} bytes",
-                           headers={**headers, "Content-Range": f"bytes */{fst.st_size}",
+            raise ApiError(416, f"no part of the range lies within the {size} bytes",
+                           headers={**headers, "Content-Range": f"bytes */{size}",
                                     "Accept-Ranges": "bytes"}) from None
         if wanted is not None:
-            layout = ranges.partial(wanted, fst.st_size, kind)
+            layout = ranges.partial(wanted, size, kind)
 
     headers.update({
         "Content-Type": layout.content_type,
@@ -210,7 +259,7 @@ async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat
     else:
         headers["Content-Encoding"] = coding.name  # length unknown: sent chunked
     if method == "HEAD":
-        await f.close()
+        await opened.close()
         response = Response(status_code=layout.status, headers=headers)
         if coding is not None:
             del response.headers["content-length"]  # Response's own 0: the GET streams
@@ -218,8 +267,7 @@ async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat
 
     download = await start_download()
     level = level_of(coding, settings.gzip_level, settings.zstd_level) if coding else None
-    body = FileBody(f, key, layout, files.read_budget, download, files.audit, digests,
-                    digest_known=sha256 is not None, coding=coding, level=level)
+    body = opened.body(files, layout, download, digests, sha256 is not None, coding, level)
     return StreamingResponse(body, status_code=layout.status, headers=headers)
 
 

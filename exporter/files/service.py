@@ -13,6 +13,7 @@ from exporter.errors import bad_parameter
 from exporter.files.context import Files
 from exporter.files.listing import url_path
 from exporter.files.paths import Target
+from exporter.files.store import StoreTarget
 from exporter.files.visible import folder_listing, open_path
 from exporter.streaming import Client
 
@@ -32,8 +33,8 @@ class Listing:
     body: dict[str, Any]
 
 
-# A file is found as its Target, open (the caller closes it).
-Found = ToFolder | Listing | Target
+# A file is found as its Target, open (the caller closes it), or in a store.
+Found = ToFolder | Listing | Target | StoreTarget
 
 
 def _int(raw: str | None, name: str, default: int, low: int, high: int) -> int:
@@ -54,7 +55,7 @@ async def serve_path(files: Files, client: Client, principal: Principal, path: s
                      base_url: str) -> Found:
     """What `path` (as `os.fsdecode` names files) under the files root is; a file's
     download admitted (GET). `limit` and `offset` page a listing, as the query gives them."""
-    root, target = await open_path(files.settings, principal, path)
+    root, target = await open_path(files.settings, principal, path, files.store)
     found = False
     try:
         if target.is_dir and not target.wants_folder:

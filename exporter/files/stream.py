@@ -7,6 +7,7 @@ Why it works this way: docs/internals.md, section `files/stream.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -18,6 +19,7 @@ from exporter.audit import COMPLETE, Audit, Download
 from exporter.compression import Coding, compressed
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.ranges import Layout
+from exporter.objects import ObjectChanged, ObjectStore
 from exporter.streaming import audited, run_detached
 
 log = logging.getLogger(__name__)
@@ -78,14 +80,17 @@ class FileChanged(Exception):
     """The file was changed (written, truncated, replaced in place) while it was sent."""
 
 
-class FileBody:
-    def __init__(self, file: Any, key: FileKey, layout: Layout, sizes: ReadBudget,
+class Body:
+    """A file's answer body: the layout's parts, hashed on the way when whole, with the
+    audit row and the digest written at its end. Each source reads its own bytes
+    (`_part`): FileBody from an open file, ObjectBody from the object store."""
+
+    def __init__(self, key: FileKey, layout: Layout, sizes: ReadBudget,
                  download: Download, audit: Audit, digests: DigestStore,
                  digest_known: bool = False, coding: Coding | None = None,
                  level: int | None = None) -> None:
         self._coding = coding  # compressed on the fly (a whole file only)
         self._level = level
-        self._file = file  # an aiofiles binary file, owned (and closed) by this body
         self._key = key
         self._layout = layout
         self._sizes = sizes
@@ -96,8 +101,6 @@ class FileBody:
         # Once the digest is known for this very file (same size, mtime, inode) it is
         # not computed again: at 600 MB/s the hash took about 40% of the loop's core.
         self._hash = hashlib.sha256() if layout.whole_file and not digest_known else None
-        self._fd: int = file.fileno()
-        self._links: tuple[int, int] | None = None  # (st_nlink, st_ctime_ns) at the first read
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._coding is not None:
@@ -118,31 +121,77 @@ class FileBody:
         (`audited` with `drain` asks for the next chunk only then)."""
         sizes = self._sizes
         sizes.active += 1
-        held = 0  # this body's part of `sizes.held`
         try:
             for part in self._layout.parts:
                 if part.range is None:
                     yield part.literal
                     continue
-                offset, remaining = part.range.start, part.range.length
-                while remaining:
-                    held = min(sizes.chunk_size(), remaining)
-                    sizes.held += held
-                    chunk = await asyncio.get_running_loop().run_in_executor(
-                        None, self._read, offset, held)
-                    if not chunk:
-                        raise FileChanged(f"{remaining} bytes missing at the end")
-                    if self._hash is not None:
-                        self._hash.update(chunk)
-                    yield chunk
-                    offset += len(chunk)
-                    remaining -= len(chunk)
-                    del chunk
-                    sizes.held -= held
-                    held = 0
+                async with contextlib.aclosing(
+                        self._part(part.range.start, part.range.length)) as chunks:
+                    async for chunk in chunks:
+                        if self._hash is not None:
+                            self._hash.update(chunk)
+                        yield chunk
+        finally:
+            sizes.ended()
+
+    def _part(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        """`length` bytes from `offset`, in chunks of the read budget's size, each counted
+        in `self._sizes.held` until the next is asked for."""
+        raise NotImplementedError
+
+    async def _finish(self, status: str, error: str | None) -> None:
+        try:
+            if status == COMPLETE and self._hash is not None and await self._unchanged():
+                await self._digests.put(self._key, self._hash.digest())
+        except Exception:
+            log.exception("could not store the digest of %s", self._key.path)
+        finally:
+            await self._close()
+            await self._audit.finish(self.download, status, http_status=self._layout.status,
+                                     error=error)
+
+    async def _unchanged(self) -> bool:
+        """Whether the file is still what it was when the response began."""
+        return True
+
+    async def _close(self) -> None:
+        pass
+
+
+class FileBody(Body):
+    """Read from an open file (`os.pread` in a worker thread), one chunk at a time."""
+
+    def __init__(self, file: Any, key: FileKey, layout: Layout, sizes: ReadBudget,
+                 download: Download, audit: Audit, digests: DigestStore,
+                 digest_known: bool = False, coding: Coding | None = None,
+                 level: int | None = None) -> None:
+        super().__init__(key, layout, sizes, download, audit, digests, digest_known, coding,
+                         level)
+        self._file = file  # an aiofiles binary file, owned (and closed) by this body
+        self._fd: int = file.fileno()
+        self._links: tuple[int, int] | None = None  # (st_nlink, st_ctime_ns) at the first read
+
+    async def _part(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        sizes = self._sizes
+        held = 0  # this body's part of `sizes.held`
+        remaining = length
+        try:
+            while remaining:
+                held = min(sizes.chunk_size(), remaining)
+                sizes.held += held
+                chunk = await asyncio.get_running_loop().run_in_executor(
+                    None, self._read, offset, held)
+                if not chunk:
+                    raise FileChanged(f"{remaining} bytes missing at the end")
+                yield chunk
+                offset += len(chunk)
+                remaining -= len(chunk)
+                del chunk
+                sizes.held -= held
+                held = 0
         finally:
             sizes.held -= held
-            sizes.ended()
 
     def _read(self, offset: int, size: int) -> bytes:
         """In a worker thread: `size` bytes at `offset`, if the file is still the one the
@@ -171,18 +220,46 @@ class FileBody:
                 f"ctime_ns {ctime_ns} -> {st.st_ctime_ns})")
         return data
 
-    async def _finish(self, status: str, error: str | None) -> None:
-        try:
-            if status == COMPLETE and self._hash is not None and self._unchanged():
-                await self._digests.put(self._key, self._hash.digest())
-        except Exception:
-            log.exception("could not store the digest of %s", self._key.path)
-        finally:
-            await self._file.close()
-            await self._audit.finish(self.download, status, http_status=self._layout.status,
-                                     error=error)
-
-    def _unchanged(self) -> bool:
-        """Whether the open file still is what it was when the response began."""
+    async def _unchanged(self) -> bool:
         st = os.fstat(self._file.fileno())
         return FileKey.of(self._key.path, st) == self._key
+
+    async def _close(self) -> None:
+        await self._file.close()
+
+
+class ObjectBody(Body):
+    """Read from the object store: one ranged GET per part, streamed as the client takes
+    it, and only while the object is the one whose ETag the headers carried (else the
+    answer is cut, as for a file changed on disk)."""
+
+    def __init__(self, store: ObjectStore, etag: str | None, key: FileKey, layout: Layout,
+                 sizes: ReadBudget, download: Download, audit: Audit, digests: DigestStore,
+                 digest_known: bool = False, coding: Coding | None = None,
+                 level: int | None = None) -> None:
+        super().__init__(key, layout, sizes, download, audit, digests, digest_known, coding,
+                         level)
+        self._store = store
+        self._etag = etag
+
+    async def _part(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        sizes = self._sizes
+        held = 0
+        got = 0
+        try:
+            async with contextlib.aclosing(self._store.read(
+                    self._key.path, offset, offset + length, chunk_size=sizes.chunk_size(),
+                    etag=self._etag)) as chunks:
+                async for chunk in chunks:
+                    held = len(chunk)
+                    sizes.held += held
+                    got += held
+                    yield chunk
+                    sizes.held -= held
+                    held = 0
+        except ObjectChanged:
+            raise FileChanged(f"{self._key.path} changed while it was sent") from None
+        finally:
+            sizes.held -= held
+        if got != length:
+            raise FileChanged(f"{length - got} bytes missing at the end")

@@ -16,6 +16,12 @@ from exporter.config import Settings
 from exporter.files.digests import DigestStore
 from exporter.files.listing import in_thread_owned, listing
 from exporter.files.paths import FilesRoot, Target
+from exporter.files.store import StoreTarget, open_store_path, store_listing
+from exporter.objects import ObjectStore
+
+# Where the files are (a folder or a store), and a path checked in it.
+Root = FilesRoot | ObjectStore
+AnyTarget = Target | StoreTarget
 
 
 def may_see(principal: Principal, real_relative: str, is_dir: bool) -> bool:
@@ -25,9 +31,10 @@ def may_see(principal: Principal, real_relative: str, is_dir: bool) -> bool:
     return principal.may_read_file(real_relative)
 
 
-async def open_path(settings: Settings, principal: Principal, path: str
-                    ) -> tuple[FilesRoot, Target]:
-    """The file or folder at `path`, open, if the principal may see it; else the refusal.
+async def open_path(settings: Settings, principal: Principal, path: str,
+                    store: ObjectStore | None = None) -> tuple[Root, AnyTarget]:
+    """The file or folder at `path` (in `store` if the files are there), open, if the
+    principal may see it; else the refusal.
 
     The caller owns the target's descriptor (`target.close()`).
     """
@@ -35,8 +42,13 @@ async def open_path(settings: Settings, principal: Principal, path: str
     # exists; then the path as resolved, since a link inside the root may lead elsewhere.
     if not (principal.may_read_file(path) or principal.may_list_folder(path)):
         raise principal.denied()
-    root, target = await in_thread_owned(functools.partial(_open, settings, path),
-                                         lambda opened: opened[1].close())
+    root: Root
+    target: AnyTarget
+    if store is not None:
+        root, target = store, await open_store_path(store, path, settings.serve_hidden)
+    else:
+        root, target = await in_thread_owned(functools.partial(_open, settings, path),
+                                             lambda opened: opened[1].close())
     if not may_see(principal, target.real_relative, target.is_dir):
         target.close()
         raise principal.denied()
@@ -44,17 +56,23 @@ async def open_path(settings: Settings, principal: Principal, path: str
 
 
 def _open(settings: Settings, path: str) -> tuple[FilesRoot, Target]:
-    root = FilesRoot(settings.files_root, serve_hidden=settings.serve_hidden)
+    root = FilesRoot(settings.files_folder, serve_hidden=settings.serve_hidden)
     return root, root.open(path)
 
 
-async def folder_listing(engine: AsyncEngine, principal: Principal, root: FilesRoot,
-                         folder: Target,
+async def folder_listing(engine: AsyncEngine, principal: Principal, root: Root,
+                         folder: AnyTarget,
                          base_url: str, limit: int, offset: int,
                          dirs_first: bool = False) -> dict[str, Any]:
     """The folder's entries that the principal may download, with their digests
     (folders before files with `dirs_first`, as the page shows them)."""
+    def allowed(real: str, is_dir: bool) -> bool:
+        return may_see(principal, real, is_dir)
+
+    if isinstance(root, ObjectStore):
+        assert isinstance(folder, StoreTarget)
+        return await store_listing(root, folder, base_url.rstrip("/"), limit, offset,
+                                   DigestStore(engine), allowed, dirs_first)
+    assert isinstance(folder, Target)
     return await listing(root, folder, base_url.rstrip("/"), limit, offset,
-                         DigestStore(engine), lambda real, is_dir: may_see(principal, real,
-                                                                              is_dir),
-                         dirs_first)
+                         DigestStore(engine), allowed, dirs_first)

@@ -17,6 +17,7 @@ from exporter.exports.resume_copies import Continuation
 from exporter.files.context import Files
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
+from exporter.files.source import LocalFile
 from exporter.stored.resume_copies import StoredResumeCopies
 from exporter.stored.service import EXPORTS_PATH, FILE_ALIAS, StoredService, describe
 from exporter.stored.store import COMPLETE, RUNNING
@@ -58,8 +59,8 @@ async def file(request: Request, files: Files, stored: StoredService, principal:
         # Never compressed on the fly: its Content-Length and digest are what the
         # manifest promises (a compressed one is asked for as .csv.gz, say).
         return await respond_with_file(
-            request, files, f, fst, name=row.filename, kind=row.content_type,
-            key=FileKey.of(f"{EXPORTS_PATH}/{row.id}", fst), sha256=sha256,
+            request, files, LocalFile(f, fst, FileKey.of(f"{EXPORTS_PATH}/{row.id}", fst)),
+            name=row.filename, kind=row.content_type, sha256=sha256,
             disposition=disposition, digests=DigestStore(files.engine),
             start_download=lambda: _start_audit(request, files, row, principal),
             headers=headers, etag=f'"{row.id}"', compress=False)

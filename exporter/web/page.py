@@ -200,7 +200,7 @@ async def _folder(st: State, principal: Principal, path: str, base_url: str,
     if not principal.may_list_folder(path) and not path:
         return None, None  # no files for this caller: the page has no files section
     try:
-        root, target = await open_path(st.settings, principal, path)
+        root, target = await open_path(st.settings, principal, path, st.files_store)
         try:
             if not target.is_dir:
                 raise not_found(path)

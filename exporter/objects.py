@@ -1,0 +1,375 @@
+"""Object storage: one S3 bucket and prefix (`s3://bucket/prefix`) as the features use it.
+
+A thin async layer over obstore (Rust's object_store): head, a streamed ranged get with
+bounded memory, listings, put, a multipart writer that completes atomically or not at all,
+delete and pre-signed GET URLs. Endpoint and credentials come from the standard variables
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, which
+obstore reads itself), what is ours from `EXPORTER_S3_*` (config.py).
+
+Every key is checked before it reaches the client (`check_key`): no empty, `.` or `..`
+segment, no leading slash, no backslash (SeaweedFS takes it for a separator), no control
+character; so nothing names an object outside the prefix. Errors come out as three kinds:
+`ObjectMissing`, `ObjectChanged` (an ETag precondition failed) and `StoreUnavailable`
+(everything else: the network, the server, the credentials), never obstore's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.exceptions import NotFoundError, PreconditionError
+from obstore.store import S3Store
+
+if TYPE_CHECKING:
+    from obstore import GetOptions, ObjectMeta
+
+    from exporter.config import Settings
+
+SCHEME = "s3://"
+# S3's limit on a key, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+# S3's smallest part but the last.
+MIN_PART_SIZE = 5 * 1024 * 1024
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class BadKey(ValueError):
+    """A key or prefix that could name something outside the store's prefix."""
+
+
+class ObjectMissing(LookupError):
+    pass
+
+
+class ObjectChanged(Exception):
+    """The object is no longer the one asked for (its ETag differs)."""
+
+
+class StoreUnavailable(Exception):
+    """The store failed: unreachable, an error of its own, credentials refused."""
+
+
+def is_store_url(value: str) -> bool:
+    return value.startswith(SCHEME)
+
+
+def check_key(key: str) -> str:
+    """`key` if it names an object under the prefix and nothing else, else BadKey."""
+    if not key:
+        raise BadKey("an empty key")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise BadKey(f"a key longer than {MAX_KEY_BYTES} bytes")
+    if key.startswith("/"):
+        raise BadKey("a key starting with /")
+    if "\\" in key:
+        raise BadKey("a backslash in a key")
+    if _CONTROL.search(key):
+        raise BadKey("a control character in a key")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise BadKey(f"a key with a segment {segment!r}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadKey("a key that is not UTF-8") from None
+    return key
+
+
+def check_folder(folder: str) -> str:
+    """A folder as a listing prefix: "" for the top, else its key ending with "/"."""
+    if folder == "":
+        return ""
+    return check_key(folder.removesuffix("/")) + "/"
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    bucket: str
+    prefix: str  # "" or a valid key, without its trailing "/"
+
+    @classmethod
+    def parse(cls, url: str) -> StoreUrl:
+        """`s3://bucket` or `s3://bucket/prefix`; ValueError says what is wrong."""
+        if not is_store_url(url):
+            raise ValueError(f"not an s3:// URL: {url!r}")
+        parts = urlsplit(url)
+        if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
+            raise ValueError("an s3:// URL is s3://bucket/prefix (no user, port, query)")
+        if not _BUCKET.fullmatch(parts.netloc):
+            raise ValueError(f"not a bucket name: {parts.netloc!r}")
+        prefix = parts.path.strip("/")
+        if prefix:
+            try:
+                check_key(prefix)
+            except BadKey as e:
+                raise ValueError(f"not a prefix: {e}") from None
+        return cls(parts.netloc, prefix)
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """What is ours to set (EXPORTER_S3_*); the rest is the standard AWS variables."""
+
+    allow_http: bool = False
+    virtual_hosted_style: bool = False
+    # Seconds one request (a head, a listing page, a part) may take, its retries included.
+    timeout: float = 30.0
+    part_size: int = 8 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StoreOptions:
+        return cls(allow_http=settings.s3_allow_http,
+                   virtual_hosted_style=settings.s3_virtual_hosted_style,
+                   timeout=settings.s3_timeout, part_size=settings.s3_part_size)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's prefix
+    size: int
+    etag: str | None  # as S3 gives it, quoted
+    modified: datetime
+
+    @classmethod
+    def of(cls, meta: ObjectMeta) -> ObjectInfo:
+        return cls(meta["path"], meta["size"], meta["e_tag"], meta["last_modified"])
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A folder's direct content: its objects and its sub-folders (keys ending in "/")."""
+
+    objects: list[ObjectInfo]
+    folders: list[str]
+
+
+@contextlib.contextmanager
+def _errors(key: str, *, listing: bool = False) -> Iterator[None]:
+    try:
+        yield
+    except (FileNotFoundError, NotFoundError) as e:
+        if listing:  # a prefix is never missing, only its bucket
+            raise StoreUnavailable(f"no such bucket: {str(e).splitlines()[0][:300]}") from e
+        raise ObjectMissing(key) from None
+    except PreconditionError:
+        raise ObjectChanged(key) from None
+    except (BadKey, ObjectMissing, ObjectChanged, StoreUnavailable):
+        raise
+    except Exception as e:  # obstore's errors, the network's: the store failed
+        raise StoreUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+
+
+class ObjectStore:
+    """One bucket and prefix. Two clients: one with a deadline for every request, one
+    for bodies, which may stream for hours to a slow client (object_store's default
+    deadline of 30 s covers a whole response, its body included)."""
+
+    def __init__(self, url: str | StoreUrl, options: StoreOptions | None = None) -> None:
+        self.url = url if isinstance(url, StoreUrl) else StoreUrl.parse(url)
+        self.options = options or StoreOptions()
+        config: dict[str, Any] = {
+            "virtual_hosted_style_request": self.options.virtual_hosted_style}
+        deadline = timedelta(seconds=self.options.timeout)
+        retry: dict[str, Any] = {"max_retries": 3, "retry_timeout": deadline}
+        prefix = self.url.prefix or None
+        self._store = S3Store(
+            self.url.bucket, prefix=prefix, config=config, retry_config=retry,  # type: ignore[arg-type]
+            client_options={"allow_http": self.options.allow_http, "timeout": deadline,
+                            "connect_timeout": deadline})
+        self._bodies = S3Store(
+            self.url.bucket, prefix=prefix, config=config, retry_config=retry,  # type: ignore[arg-type]
+            client_options={"allow_http": self.options.allow_http,
+                            "timeout": timedelta(days=7), "connect_timeout": deadline,
+                            # A body that stops coming (not one the client is slow to
+                            # take: nothing is read then) is cut.
+                            "read_timeout": deadline})
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({str(self.url)!r})"
+
+    async def head(self, key: str) -> ObjectInfo:
+        with _errors(key):
+            return ObjectInfo.of(await obstore.head_async(self._store, check_key(key)))
+
+    async def read(self, key: str, start: int = 0, end: int | None = None, *,
+                   chunk_size: int = 1024 * 1024, etag: str | None = None
+                   ) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end) of the object (to its end if None), in chunks of about
+        `chunk_size`, read from the network only as they are taken (memory stays about one
+        chunk). With `etag`, ObjectChanged if the object is another one by now."""
+        check_key(key)
+        if end is not None and end <= start:
+            return
+        options: GetOptions = {"range": (start, end) if end is not None else {"offset": start}}
+        if etag is not None:
+            options["if_match"] = etag
+        with _errors(key):
+            result = await obstore.get_async(self._bodies, key, options=options)
+        stream = result.stream(min_chunk_size=chunk_size)
+        while True:
+            with _errors(key):
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield bytes(chunk)
+
+    async def get(self, key: str) -> bytes:
+        """A small object whole (a marker, a manifest): never a file to serve."""
+        with _errors(key):
+            result = await obstore.get_async(self._store, check_key(key))
+            return bytes(await result.bytes_async())
+
+    async def list_folder(self, folder: str = "") -> Listing:
+        """What is directly in `folder` ("" the top, or a key): its objects and folders."""
+        prefix = check_folder(folder)
+        with _errors(folder, listing=True):
+            result = await obstore.list_with_delimiter_async(self._store, prefix or None)
+        folders = [p.rstrip("/") + "/" for p in result["common_prefixes"]]
+        return Listing([ObjectInfo.of(m) for m in result["objects"]], folders)
+
+    async def walk(self, folder: str = "", page: int = 1000
+                   ) -> AsyncGenerator[list[ObjectInfo], None]:
+        """Every object under `folder`, at any depth, a page at a time."""
+        prefix = check_folder(folder)
+        stream = obstore.list(self._store, prefix or None, chunk_size=page)
+        while True:
+            with _errors(folder, listing=True):
+                try:
+                    metas = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield [ObjectInfo.of(m) for m in metas]
+
+    async def folder_exists(self, folder: str) -> bool:
+        """Whether any object lies under `folder` (S3 has no folders, only keys)."""
+        prefix = check_folder(folder)
+        stream = obstore.list(self._store, prefix or None, chunk_size=1)
+        with _errors(folder, listing=True):
+            try:
+                return bool(await stream.__anext__())
+            except StopAsyncIteration:
+                return False
+
+    async def put(self, key: str, data: bytes) -> str | None:
+        """One request, for what fits in memory; the new ETag."""
+        with _errors(key):
+            result = await obstore.put_async(self._store, check_key(key), data,
+                                             use_multipart=False)
+        return result["e_tag"]
+
+    def writer(self, key: str) -> ObjectWriter:
+        return ObjectWriter(self._bodies, check_key(key), self.options.part_size)
+
+    async def delete(self, key: str) -> None:
+        """Gone, or was never there (S3 answers both alike)."""
+        with _errors(key):
+            await obstore.delete_async(self._store, check_key(key))
+
+    async def presigned_get(self, key: str, expires: timedelta) -> str:
+        """A URL anyone may GET the object with until `expires` from now (no request)."""
+        with _errors(key):
+            return await obstore.sign_async(self._store, "GET", check_key(key), expires)
+
+
+class ObjectWriter:
+    """An object written as it comes, in bounded memory, seen whole or not at all.
+
+    Up to one part is kept here; an object that ends within it is one plain put. A larger
+    one becomes a multipart upload (obstore's, fed from a small queue): about two parts in
+    memory, and visible only once `complete` returns. `abort` (or an error) leaves no
+    object; S3 keeps the parts of an upload never completed until the bucket's lifecycle
+    rule (AbortIncompleteMultipartUpload) removes them, as obstore advises.
+    """
+
+    def __init__(self, store: S3Store, key: str, part_size: int) -> None:
+        self.key = key
+        self.size = 0
+        self._store = store
+        self._part_size = max(part_size, MIN_PART_SIZE)
+        self._head: list[bytes] = []
+        self._head_size = 0
+        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=2)
+        self._upload: asyncio.Task[Any] | None = None
+        self._done = False
+
+    async def write(self, data: bytes) -> None:
+        if self._done:
+            raise RuntimeError("write after complete or abort")
+        if not data:
+            return
+        self.size += len(data)
+        if self._upload is None:
+            self._head.append(data)
+            self._head_size += len(data)
+            if self._head_size < self._part_size:
+                return
+            self._upload = asyncio.create_task(self._multipart())
+            data, self._head, self._head_size = b"".join(self._head), [], 0
+        await self._send(data)
+
+    async def _send(self, item: bytes | BaseException | None) -> None:
+        """Into the upload's queue; if the upload failed meanwhile, its error."""
+        assert self._upload is not None
+        put = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait({put, self._upload}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            with _errors(self.key):
+                self._upload.result()
+            raise StoreUnavailable("the upload ended early")
+
+    async def _multipart(self) -> Any:
+        async def parts() -> AsyncIterator[bytes]:
+            while (item := await self._queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        return await obstore.put_async(self._store, self.key, parts(), use_multipart=True,
+                                       chunk_size=self._part_size, max_concurrency=2)
+
+    async def complete(self) -> str | None:
+        """The object is there, whole; its ETag."""
+        if self._done:
+            raise RuntimeError("complete after complete or abort")
+        self._done = True
+        with _errors(self.key):
+            if self._upload is None:
+                data, self._head = b"".join(self._head), []
+                result = await obstore.put_async(self._store, self.key, data,
+                                                 use_multipart=False)
+            else:
+                await self._send(None)
+                result = await self._upload
+        return result["e_tag"]
+
+    async def abort(self) -> None:
+        """No object is made; safe to call at any time, and again."""
+        self._done = True
+        self._head = []
+        upload, self._upload = self._upload, None
+        if upload is None or upload.done():
+            return
+        put = asyncio.ensure_future(self._queue.put(_Aborted()))
+        await asyncio.wait({put, upload}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await upload
+
+
+class _Aborted(Exception):
+    pass
