@@ -261,33 +261,33 @@ def main(argv: list[str]) -> None:
             runs = [with_cpu(c, meter) for c in contenders(found, started_servers, url)]
             log(f"{plan.repetitions} interleaved rounds of {len(runs)} contenders")
             results = interleaved(runs, plan.repetitions, log, warmup=not plan.quick)
-        memory = (memory_lines(plan, url, settings, memory_rows, env) if memory_rows
-                  else [])
-    by_name = {r.contender.name: r for r in results}
-    command = " ".join([".venv/bin/python -m bench.parallel", *argv])
-    lines = [
-        f"{measured_by(command, started)}: {rows:,} rows of `exports.orders` "
-        f"({found[0].size / MB:,.0f} MB of CSV, {found[1].size / MB:,.0f} MB of NDJSON), "
-        f"{plan.repetitions} interleaved rounds, median. Each exporter contender against "
-        "its psql reference (its median time over the contender's: above 1 is faster than "
-        "psql), with the goal of issue 25:",
-        "",
-        *goals_table(found, by_name, settings),
-        "",
-        "The references: "
-        + "; ".join(f"`psql -c \"{c}\"`" for c in dict.fromkeys(
-            s.reference.copy for s in found))
-        + ". The exporter's: `curl -o /dev/null` of "
-        + ", ".join(f"`{s.path}`" for s in found) + ".",
-        "",
-        "CPU time of each process (median over the rounds):",
-        "",
-        *cpu_table(results),
-    ]
-    if memory:
-        lines += ["", "Server peak RSS (VmHWM of a fresh server, one CSV export of a table "
-                  "of generated rows; idle: started and the catalog read):", "", *memory]
-    print("\n".join(lines))
+        by_name = {r.contender.name: r for r in results}
+        command = " ".join([".venv/bin/python -m bench.parallel", *argv])
+        # Printed before the memory comparison, which loads a large table and takes a while.
+        print("\n".join([
+            f"{measured_by(command, started)}: {rows:,} rows of `exports.orders` "
+            f"({found[0].size / MB:,.0f} MB of CSV, {found[1].size / MB:,.0f} MB of "
+            f"NDJSON), {plan.repetitions} interleaved rounds, median. Each exporter contender"
+            " against its psql reference (its median time over the contender's: above 1 is "
+            "faster than psql), with the goal of issue 25:",
+            "",
+            *goals_table(found, by_name, settings),
+            "",
+            "The references: "
+            + "; ".join(f"`psql -c \"{c}\"`" for c in dict.fromkeys(
+                s.reference.copy for s in found))
+            + ". The exporter's: `curl -o /dev/null` of "
+            + ", ".join(f"`{s.path}`" for s in found) + ".",
+            "",
+            "CPU time of each process (median over the rounds):",
+            "",
+            *cpu_table(results),
+        ]), flush=True)
+        if memory_rows:
+            print("\n".join([
+                "", "Server peak RSS (VmHWM of a fresh server, one CSV export of a table "
+                "of generated rows; idle: started and the catalog read):", "",
+                *memory_lines(plan, url, settings, memory_rows, env)]))
 
 
 if __name__ == "__main__":

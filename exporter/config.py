@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from exporter.objects import StoreUrl, is_store_url
 from exporter.tables import APP_SCHEMA
 
 # The first path segments the app's routes use (see exporter/server/prefix.py).
@@ -304,7 +303,10 @@ class Settings(BaseSettings):
     def _folder_or_store(cls, value: object) -> object:
         # A folder stays a Path; only an s3:// URL is kept as text (a Path would fold its
         # `//`).
-        if isinstance(value, str) and is_store_url(value.strip()):
+        if isinstance(value, str) and value.strip().startswith("s3://"):
+            # Imported here: obstore's client (about 0.1 s) only where a store is used.
+            from exporter.objects import StoreUrl
+
             return str(StoreUrl.parse(value.strip()))  # its ValueError says what is wrong
         return Path(value) if isinstance(value, str) else value
 

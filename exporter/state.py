@@ -15,7 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.audit import Audit
 from exporter.config import Settings
-from exporter.objects import ObjectStore
 
 if TYPE_CHECKING:
     from exporter.access.limits import Limiter
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     from exporter.exports.responses import ServedCopies
     from exporter.files.stream import ReadBudget
     from exporter.health import Health
+    from exporter.objects import ObjectStore
     from exporter.stored.service import StoredService
 
 

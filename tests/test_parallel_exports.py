@@ -135,6 +135,24 @@ def test_ordered_limited_and_indexed_exports_stay_one_copy(parallel_server: Serv
     assert _ranges_logged(parallel_server) == before
 
 
+def test_a_stored_export_reads_in_ranges_too(parallel_server: Server) -> None:
+    before = _ranges_logged(parallel_server)
+    started = httpx.get(parallel_server.url + "/datasets/par_rows.ndjson",
+                        headers={"Prefer": "respond-async"}, timeout=30)
+    assert started.status_code == 202, started.text
+
+    def done() -> bool:
+        return httpx.get(parallel_server.url + started.headers["location"],
+                         timeout=30).status_code != 202
+
+    assert wait_until(done, 30)
+    manifest = httpx.get(parallel_server.url + started.headers["location"], timeout=30).json()
+    assert manifest["status"] == "complete", manifest
+    stored = httpx.get(manifest["file_url"], timeout=30).content
+    assert _ranges_logged(parallel_server) == before + 1
+    assert stored == _get(parallel_server, "/datasets/par_rows.ndjson?limit=1000000").content
+
+
 def test_under_load_fewer_ranges_then_one_copy(parallel_server: Server, tables: str) -> None:
     """The extra backends take export slots only while half the cap (20: 10) stays free:
     with 8 exports running elsewhere this one gets 1 extra, with 9 none."""

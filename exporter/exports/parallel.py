@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import tempfile
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 # PostgreSQL scans a ctid range without reading the rest from version 14 on.
 TID_RANGE_SCANS_FROM = (14,)
 # Bytes moved to or from a spool's file in one call (in a worker thread).
-FILE_BLOCK = 1 << 20
+FILE_BLOCK = 256 << 10
 # Plans whose order is an index's, not the heap's: such an export stays one COPY.
 _INDEX_ORDER = {"Index Scan", "Index Only Scan"}
 
@@ -74,6 +76,11 @@ class Spool:
         self._in_memory = 0
         # The file path: what is in the file ([read, end)), then what waits to be written.
         self._fd: int | None = None
+        # The file's calls run in worker threads, which a cancelled export does not stop:
+        # the descriptor is closed under this lock, never under a call still using it
+        # (its number could already name another export's file or socket).
+        self._lock = threading.Lock()
+        self._closed = False
         self._read = 0
         self._end = 0
         self._pending = bytearray()
@@ -112,13 +119,11 @@ class Spool:
             await self._writable.wait()
 
     async def _flush(self) -> None:
-        if self._fd is None:
-            self._fd = await asyncio.to_thread(_temporary_file, self._folder)
         data, offset = self._pending, self._end
         self._pending = bytearray()  # the writer waits for this flush: nothing to copy
         self._flushing = len(data)
         try:
-            await asyncio.to_thread(os.pwrite, self._fd, data, offset)
+            await asyncio.to_thread(self._write_file, data, offset)
         finally:
             self._flushing = 0
         self._end += len(data)
@@ -145,10 +150,8 @@ class Spool:
             if self._memory:
                 yield self._from_memory()
             elif self._read < self._end:
-                assert self._fd is not None
-                block = await asyncio.to_thread(os.pread, self._fd,
-                                                min(FILE_BLOCK, self._end - self._read),
-                                                self._read)
+                block = await asyncio.to_thread(
+                    self._read_file, min(FILE_BLOCK, self._end - self._read), self._read)
                 self._read += len(block)
                 self._consumed_from_disk(len(block))
                 for piece in _pieces(block, self._piece):
@@ -180,10 +183,30 @@ class Spool:
             self._read = self._end = 0  # all read: the file is written from its start again
         self._writable.set()
 
+    def _write_file(self, data: bytearray, offset: int) -> None:
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "the spool is closed")
+            if self._fd is None:
+                self._fd = _temporary_file(self._folder)
+            os.pwrite(self._fd, data, offset)
+
+    def _read_file(self, size: int, offset: int) -> bytes:
+        with self._lock:
+            if self._closed or self._fd is None:
+                raise OSError(errno.EBADF, "the spool is closed")
+            return os.pread(self._fd, size, offset)
+
+    def _close_file(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Close the file in a worker thread (once no call uses it), without waiting."""
+        asyncio.get_running_loop().run_in_executor(None, self._close_file)
 
 
 def _pieces(data: bytes | bytearray, size: int) -> list[bytes]:

@@ -1,5 +1,5 @@
 """A response body read from an open file (`os.pread` in a worker thread, as aiofiles
-would), one chunk at a time.
+would), or from an object in the store (one ranged GET per part), one chunk at a time.
 
 Why it works this way: docs/internals.md, section `files/stream.py`.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
@@ -130,7 +131,9 @@ class StoredService(StoredExports):
                             params=_recorded(client, url), principal=principal.label,
                             link_expires=principal.link_expires)
         job = Export(engine, exports.audit, self.settings, query, renderer, download,
-                     replica=engine is exports.replica)
+                     replica=engine is exports.replica,
+                     take_slots=functools.partial(exports.limiter.extra_exports, lease),
+                     per_principal=exports.limiter.per_principal)
         task = asyncio.get_running_loop().create_task(
             self._run(writer, job, coding, lease, exports.links))
         run.append(task)
