@@ -286,10 +286,10 @@ class ObjectStore:
         with _errors(key):
             return await obstore.sign_async(self._store, "GET", check_key(key), expires)
 
-    async def uploads(self, folder: str = "") -> list[Upload]:
-        """The incomplete multipart uploads under `folder` (a writer that was aborted
-        leaves none; one whose process died leaves its parts)."""
-        prefix = check_folder(folder)
+    async def uploads(self, folder: str = "", *, key: str | None = None) -> list[Upload]:
+        """The incomplete multipart uploads under `folder`, or of `key` only (a writer
+        that was aborted leaves none; one whose process died leaves its parts)."""
+        prefix = check_folder(folder) if key is None else check_key(key)
         full = f"{self.url.prefix}/{prefix}" if self.url.prefix else prefix
         found: list[Upload] = []
         query = {"uploads": "", "prefix": full}
@@ -297,13 +297,13 @@ class ObjectStore:
             answer = await _signed(self, "GET", "", query)
             root = ElementTree.fromstring(answer.content)
             for upload in root.iter(f"{_XMLNS}Upload"):
-                key = upload.findtext(f"{_XMLNS}Key") or ""
-                relative = key.removeprefix(f"{self.url.prefix}/") if self.url.prefix else key
+                name = upload.findtext(f"{_XMLNS}Key") or ""
+                relative = name.removeprefix(f"{self.url.prefix}/") if self.url.prefix else name
                 initiated = upload.findtext(f"{_XMLNS}Initiated") or ""
                 found.append(Upload(relative, upload.findtext(f"{_XMLNS}UploadId") or "",
                                     datetime.fromisoformat(initiated.replace("Z", "+00:00"))))
             if root.findtext(f"{_XMLNS}IsTruncated") != "true":
-                return found
+                return [u for u in found if key is None or u.key == key]
             query = {"uploads": "", "prefix": full,
                      "key-marker": root.findtext(f"{_XMLNS}NextKeyMarker") or "",
                      "upload-id-marker": root.findtext(f"{_XMLNS}NextUploadIdMarker") or ""}

@@ -270,10 +270,12 @@ def test_incomplete_uploads_listed_and_aborted(s3: Seaweed, store: ObjectStore) 
             return False
 
         await aborted.abort()
-        assert await listed({"a/left b+%.bin"})
+        assert await listed({"a/left b+%.bin"}), await store.uploads()
         assert await listed({"left.bin"}, other)
         [upload] = await store.uploads("a")
         assert await store.uploads("b") == []
+        assert await store.uploads(key="a/left b+%.bin") == [upload]
+        assert await store.uploads(key="a/left b") == []
         await store.abort_upload(upload)
         await store.abort_upload(upload)  # gone already: no error
         assert await store.uploads() == []
