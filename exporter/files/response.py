@@ -24,6 +24,7 @@ from exporter.errors import ApiError, unavailable
 from exporter.files import conditions, ranges
 from exporter.files.context import Files
 from exporter.files.digests import DigestStore, FileKey, legacy_digest, repr_digest
+from exporter.files.object_body import ObjectBody, OpenObject
 from exporter.files.paths import Target, not_found, printable, storable
 from exporter.files.service import FILES_PATH, Found, Listing, ToFolder
 from exporter.files.stream import FileBody
@@ -147,7 +148,8 @@ async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat
                             start_download: Callable[[], Awaitable[Download]],
                             headers: Mapping[str, str], etag: str | None = None,
                             compress: bool = True) -> Response:
-    """The answer for an open file (an aiofiles binary file, taken over) and its stat:
+    """The answer for an open file (an aiofiles binary file, or an OpenObject of the
+    store: taken over) and its stat:
     validators, conditions, ranges, the body. For files under the root and for any other
     file served the same way (stored exports). `name` is the download's name, `kind` its
     Content-Type; `sha256`, if known, is sent as Repr-Digest and not computed again (else
@@ -218,8 +220,9 @@ async def respond_with_file(request: Request, files: Files, f: Any, fst: os.stat
 
     download = await start_download()
     level = level_of(coding, settings.gzip_level, settings.zstd_level) if coding else None
-    body = FileBody(f, key, layout, files.read_budget, download, files.audit, digests,
-                    digest_known=sha256 is not None, coding=coding, level=level)
+    kind_of_body = ObjectBody if isinstance(f, OpenObject) else FileBody
+    body = kind_of_body(f, key, layout, files.read_budget, download, files.audit, digests,
+                        digest_known=sha256 is not None, coding=coding, level=level)
     return StreamingResponse(body, status_code=layout.status, headers=headers)
 
 

@@ -1,0 +1,108 @@
+"""Stored exports' bytes in an object store (EXPORTER_EXPORTS_DIR=s3://bucket/prefix):
+storage.py's `Storage` over exporter/objects.py, for hosts that share no disk.
+
+A writer is a multipart upload fed as the export streams (about two parts in memory),
+visible under its key only once completed: a half-written export is never an object.
+An upload whose writer stopped (abort) is aborted; one whose process died stays
+incomplete in the store until the clean-up finds it (`list` shows it as partial) and
+aborts it (`discard`). The store's errors come out as the folder's would: a missing
+object as FileNotFoundError, any other failure as OSError, which the callers already
+answer (503, a download without its copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from typing import Any
+
+from exporter.files.object_body import OpenObject
+from exporter.objects import (
+    ObjectChanged,
+    ObjectMissing,
+    ObjectStore,
+    ObjectWriter,
+    StoreUnavailable,
+)
+from exporter.stored.storage import Stored, check_key
+
+
+@contextlib.contextmanager
+def _as_os_errors(key: str) -> Iterator[None]:
+    try:
+        yield
+    except ObjectMissing:
+        raise FileNotFoundError(errno.ENOENT, "no such stored export", key) from None
+    except (StoreUnavailable, ObjectChanged) as error:
+        raise OSError(errno.EIO, f"the object store failed: {error}") from error
+
+
+class BucketWriter:
+    def __init__(self, writer: ObjectWriter) -> None:
+        self._writer = writer
+
+    async def write(self, data: bytes) -> None:
+        with _as_os_errors(self._writer.key):
+            await self._writer.write(data)
+
+    async def commit(self) -> None:
+        with _as_os_errors(self._writer.key):
+            await self._writer.complete()
+
+    async def abort(self) -> None:
+        await self._writer.abort()
+
+
+class BucketStorage:
+    """Objects named by their keys, right under the store's prefix."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"BucketStorage({str(self.store.url)!r})"
+
+    async def create(self, key: str) -> BucketWriter:
+        return BucketWriter(self.store.writer(check_key(key)))
+
+    async def open(self, key: str) -> tuple[Any, Any]:
+        with _as_os_errors(key):
+            opened = OpenObject(self.store, await self.store.head(check_key(key)))
+        return opened, opened.stat
+
+    async def size(self, key: str) -> int | None:
+        try:
+            with _as_os_errors(key):
+                return (await self.store.head(check_key(key))).size
+        except FileNotFoundError:
+            return None
+
+    async def delete(self, key: str) -> None:
+        with _as_os_errors(key):
+            await self.store.delete(check_key(key))
+        await self.discard(key)
+
+    async def discard(self, key: str) -> None:
+        check_key(key)
+        with _as_os_errors(key):
+            for upload in await self.store.uploads(key=key):
+                await self.store.abort_upload(upload)
+
+    async def list(self) -> list[Stored]:
+        found: list[Stored] = []
+        with _as_os_errors(""):
+            async for page in self.store.walk():
+                found.extend(Stored(o.key, o.size, False, o.modified.timestamp())
+                             for o in page if _ours(o.key))
+            found.extend(Stored(u.key, 0, True, u.initiated.timestamp())
+                         for u in await self.store.uploads() if _ours(u.key))
+        return found
+
+
+def _ours(key: str) -> bool:
+    try:
+        check_key(key)
+    except ValueError:
+        return False  # not a stored export's: left alone
+    return True

@@ -1,0 +1,258 @@
+"""Stored exports and resume copies in an object store (EXPORTER_EXPORTS_DIR=s3://...),
+served by two hosts: two exporter processes with local folders of their own, one
+PostgreSQL and one store (a real SeaweedFS, tests/s3.py), as docs/deploy.md lays out.
+
+A stored export started on host A is polled and fetched from host B (Range, multi-range,
+`curl -C -`, digests); a streamed export cut on A is resumed with `curl -C -` on B,
+byte-identical; an export that fails mid-write (over its quota) leaves no object and no
+upload; host A killed with SIGKILL mid-export: its client sees a broken download, B's
+clean-up marks the exports failed and aborts the upload it left."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from exporter.objects import ObjectMissing, ObjectStore, StoreOptions, Upload
+from tests.s3 import Seaweed
+from tests.support import Server, fetch, run_async, run_sql, wait_until
+from tests.test_access import bearer, new_token
+from tests.test_stored_exports import start, wait_done
+
+pytestmark = pytest.mark.needs("curl")
+
+PART = 5 * 1024 * 1024
+# About 6.6 MB of CSV: more than one part, so that its copy is a multipart upload.
+ROWS = 160_000
+VIEW = "s3_rows"
+IDENTITY = {"Accept-Encoding": "identity"}
+# A principal's share: 24 MiB of 96 MiB. The copies' share is half of it.
+QUOTA = {"EXPORTER_EXPORTS_MAX_BYTES": str(96 * 1024 * 1024)}
+FAST = {"EXPORTER_EXPORTS_PROGRESS_INTERVAL": "0.2", "EXPORTER_EXPORTS_CLEANUP_INTERVAL": "1",
+        "EXPORTER_EXPORTS_RESUME_FINISH": "60", "EXPORTER_S3_PART_SIZE": str(PART)}
+
+
+@pytest.fixture(scope="module")
+def views(database_url: str) -> None:
+    run_sql(database_url,
+            f"CREATE OR REPLACE VIEW exports.{VIEW} AS SELECT g AS id, md5(g::text) AS note"
+            f" FROM generate_series(1, {ROWS}) AS g",
+            "CREATE OR REPLACE VIEW exports.s3_endless AS"
+            " SELECT generate_series(1, 1000000000) AS id, repeat('x', 200) AS pad")
+
+
+@pytest.fixture(scope="module")
+def prefix(s3: Seaweed) -> str:
+    return s3.url(f"hosts-{uuid.uuid4().hex[:8]}")
+
+
+class Hosts:
+    def __init__(self, make: type[Server], s3: Seaweed, prefix: str, folder: Path,
+                 database_url: str) -> None:
+        self._make, self._s3, self.prefix, self._folder = make, s3, prefix, folder
+        self.database_url = database_url
+
+    def host(self, name: str) -> Server:
+        """A host: its own data folder and files root, the shared database and store."""
+        local = self._folder / f"{name}-{uuid.uuid4().hex[:6]}"
+        (local / "files").mkdir(parents=True)
+        return self._make({**self._s3.env, **FAST, **QUOTA,
+                           "EXPORTER_EXPORTS_DIR": self.prefix,
+                           "EXPORTER_DATA_DIR": str(local),
+                           "EXPORTER_FILES_ROOT": str(local / "files")})
+
+    def store(self) -> ObjectStore:
+        for name, value in self._s3.env.items():
+            os.environ.setdefault(name, value)
+        return ObjectStore(self.prefix, StoreOptions(allow_http=True, timeout=10))
+
+
+@pytest.fixture(scope="module")
+def hosts(make_module_server: type[Server], s3: Seaweed, prefix: str, database_url: str,
+          tmp_path_factory: pytest.TempPathFactory, views: None) -> Hosts:
+    return Hosts(make_module_server, s3, prefix, tmp_path_factory.mktemp("hosts"),
+                 database_url)
+
+
+@pytest.fixture(scope="module")
+def a(hosts: Hosts) -> Iterator[Server]:
+    with hosts.host("a") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def b(hosts: Hosts) -> Iterator[Server]:
+    with hosts.host("b") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def token(database_url: str) -> str:
+    return new_token(database_url, f"s3-{uuid.uuid4().hex[:8]}", "datasets:*")
+
+
+def head(hosts: Hosts, key: str) -> int | None:
+    async def go() -> int | None:
+        try:
+            return (await hosts.store().head(key)).size
+        except ObjectMissing:
+            return None
+
+    return run_async(go)
+
+
+def uploads(hosts: Hosts) -> list[Upload]:
+    async def go() -> list[Upload]:
+        return await hosts.store().uploads()
+
+    return run_async(go)
+
+
+def status(database_url: str, export_id: str) -> dict[str, Any]:
+    rows = fetch(database_url, "SELECT status, error, bytes FROM exporter.stored_exports"
+                 " WHERE id = $1", export_id)
+    return dict(rows[0])
+
+
+def test_a_stored_export_started_on_a_is_fetched_from_b(
+        a: Server, b: Server, hosts: Hosts, token: str, tmp_path: Path) -> None:
+    r = start(a, token, f"/datasets/{VIEW}.csv?order=id")
+    assert r.status_code == 202, r.text
+    export_id = r.json()["id"]
+    done = wait_done(b, token, r.headers["location"])
+    assert done.status_code == 200, done.text
+    m = done.json()
+    whole = httpx.get(m["file_url"], headers=bearer(token), timeout=60)
+    assert whole.status_code == 200 and len(whole.content) == m["bytes"] > PART
+    assert whole.content == httpx.get(f"{b.url}/datasets/{VIEW}.csv?order=id",
+                                      headers={**bearer(token), **IDENTITY}).content
+    assert m["file_url"].startswith(b.url) and m["sha256"] == \
+        hashlib.sha256(whole.content).hexdigest()
+    assert whole.headers["repr-digest"] == f"sha-256=:{m['sha256_base64']}:"
+    assert whole.headers["etag"] == f'"{export_id}"'
+    assert head(hosts, export_id) == m["bytes"]  # the object, under its id
+    # Ranges across parts, several at once, conditions; a HEAD.
+    data = whole.content
+    r = httpx.get(m["file_url"], headers={**bearer(token), "Range": f"bytes={PART - 5}-{PART + 4}"})
+    assert r.status_code == 206 and r.content == data[PART - 5:PART + 5]
+    assert r.headers["content-range"] == f"bytes {PART - 5}-{PART + 4}/{len(data)}"
+    r = httpx.get(m["file_url"], headers={**bearer(token), "Range": "bytes=0-9,-10"})
+    assert r.status_code == 206 and data[:10] in r.content and data[-10:] in r.content
+    assert httpx.get(m["file_url"], headers={**bearer(token), "If-None-Match": f'"{export_id}"'}
+                     ).status_code == 304
+    r = httpx.head(m["file_url"], headers=bearer(token))
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(data)
+    # curl resumes a partial file from B (host A made it).
+    out = tmp_path / "resumed.csv"
+    out.write_bytes(data[:12345])
+    subprocess.run(["curl", "-sS", "-f", "-C", "-", "-o", str(out), "-H",
+                    f"Authorization: Bearer {token}", m["file_url"]], check=True, timeout=60)
+    assert out.read_bytes() == data
+    # Removed from A: the object goes too, and B answers 404.
+    assert httpx.delete(f"{a.url}/exports/{export_id}", headers=bearer(token)).status_code == 204
+    assert head(hosts, export_id) is None
+    assert httpx.get(m["file_url"], headers=bearer(token)).status_code == 404
+
+
+def test_a_streamed_export_cut_on_a_is_resumed_on_b(
+        a: Server, b: Server, hosts: Hosts, token: str, tmp_path: Path) -> None:
+    path = f"/datasets/{VIEW}.csv?order=id&note=neq.cut"
+    headers = {**bearer(token), **IDENTITY}
+    with httpx.stream("GET", a.url + path, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        etag = r.headers["etag"]
+        held = b""
+        for chunk in r.iter_raw():
+            held += chunk
+            if len(held) > 200_000:
+                break
+    copy_id = etag.strip('"')
+    # A finishes the copy after its client left: a multipart upload, then an object.
+    assert wait_until(lambda: status(hosts.database_url, copy_id)["status"] != "running", 60)
+    out = tmp_path / "out.csv"
+    out.write_bytes(held[:150_000])
+    done = subprocess.run(["curl", "-sS", "-f", "-C", "-", "-o", str(out), "-H",
+                           f"Authorization: Bearer {token}", b.url + path],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    whole = httpx.get(b.url + path, headers=headers, timeout=60).content
+    assert len(whole) > PART and out.read_bytes() == whole
+    assert head(hosts, copy_id) == len(whole)
+
+
+def test_an_export_that_fails_mid_write_leaves_no_object(
+        a: Server, b: Server, hosts: Hosts, token: str) -> None:
+    """Over its principal's share at about 24 MiB: parts were uploaded, the upload is
+    aborted, and the export looks failed from either host."""
+    r = start(a, token, "/datasets/s3_endless.csv")
+    assert r.status_code == 202, r.text
+    export_id = r.json()["id"]
+    done = wait_done(b, token, r.headers["location"])
+    assert done.status_code == 410, done.text
+    m = done.json()
+    assert m["status"] == "failed" and "share of the storage quota" in m["error"], m
+    assert m["bytes"] > 4 * PART
+    assert head(hosts, export_id) is None
+    assert [u for u in uploads(hosts) if u.key == export_id] == []
+    file = httpx.get(f"{b.url}/exports/{export_id}/file", headers=bearer(token))
+    assert file.status_code == 410
+
+
+def test_the_clean_up_removes_objects_no_row_names(b: Server, hosts: Hosts) -> None:
+    orphan = uuid.uuid4().hex[:22]
+    run_async(lambda: hosts.store().put(orphan, b"left by nobody"))
+    assert head(hosts, orphan) is not None
+    assert wait_until(lambda: head(hosts, orphan) is None, 30)
+
+
+def test_a_host_killed_mid_export(hosts: Hosts, b: Server, database_url: str) -> None:
+    """SIGKILL on host C while it writes a stored export and streams an export (with its
+    copy): the client's download is broken; B's clean-up marks both failed (nothing stays
+    running) and aborts the uploads C left."""
+    token = new_token(database_url, f"s3-kill-{uuid.uuid4().hex[:8]}", "datasets:*")
+    c = hosts.host("c").start()
+    r = start(c, token, "/datasets/s3_endless.csv")
+    assert r.status_code == 202, r.text
+    export_id = r.json()["id"]
+    assert wait_until(lambda: status(database_url, export_id)["bytes"] > 2 * PART, 60)
+    broken = False
+    got = 0
+    with httpx.stream("GET", f"{c.url}/datasets/s3_endless.csv?id=gt.5",
+                      headers={**bearer(token), **IDENTITY}, timeout=60) as streamed:
+        copy_id = streamed.headers["etag"].strip('"')
+        try:
+            for chunk in streamed.iter_raw():
+                got += len(chunk)
+                if got > 2 * PART and c.process is not None and c.process.poll() is None:
+                    assert uploads_of(hosts, copy_id), "no upload under way yet"
+                    os.killpg(c.pid, signal.SIGKILL)
+                    c.process.wait(10)
+        except httpx.HTTPError:
+            broken = True
+    assert broken and got > 2 * PART  # chunked, never ended: curl would exit with 18
+    assert uploads_of(hosts, export_id) and uploads_of(hosts, copy_id)
+
+    def settled() -> bool:
+        rows = [status(database_url, i) for i in (export_id, copy_id)]
+        return all(row["status"] == "failed" for row in rows)
+
+    assert wait_until(settled, 30), [status(database_url, i) for i in (export_id, copy_id)]
+    assert status(database_url, export_id)["error"] == "the server stopped while it ran"
+    assert wait_until(lambda: not uploads_of(hosts, export_id)
+                      and not uploads_of(hosts, copy_id), 30)
+    assert head(hosts, export_id) is None and head(hosts, copy_id) is None
+    r = httpx.get(f"{b.url}/exports/{export_id}", headers=bearer(token))
+    assert r.status_code == 410 and r.json()["status"] == "failed"
+
+
+def uploads_of(hosts: Hosts, key: str) -> list[Upload]:
+    return [u for u in uploads(hosts) if u.key == key]
