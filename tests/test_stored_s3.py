@@ -22,11 +22,16 @@ from typing import Any
 import httpx
 import pytest
 
+from exporter.config import Settings
 from exporter.objects import ObjectMissing, ObjectStore, StoreOptions, Upload
+from exporter.state import State
+from exporter.stored.store import ASYNC
+from tests.inprocess import InProcess
 from tests.s3 import Seaweed
 from tests.support import Server, fetch, run_async, run_sql, wait_until
 from tests.test_access import bearer, new_token
 from tests.test_stored_exports import start, wait_done
+from tests.test_stored_store import begin
 
 pytestmark = pytest.mark.needs("curl")
 
@@ -121,6 +126,53 @@ def status(database_url: str, export_id: str) -> dict[str, Any]:
     rows = fetch(database_url, "SELECT status, error, bytes FROM exporter.stored_exports"
                  " WHERE id = $1", export_id)
     return dict(rows[0])
+
+
+def test_eviction_and_the_clean_up_delete_objects(
+        database_url: str, files_root: Path, s3: Seaweed, s3_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, the quota's rules over the store: a copy removed to make room, an
+    expired one and an object no row names go from the store; what is not ours stays."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(database_url=database_url, files_root=files_root,
+                        exports_dir=s3_prefix, exports_max_bytes=1_000_000,
+                        exports_quota_per_principal=1.0, exports_resume_share=1.0,
+                        exports_progress_interval=0.1, exports_cleanup_interval=3600,
+                        s3_allow_http=True)
+    store = ObjectStore(s3_prefix, StoreOptions(allow_http=True, timeout=10))
+    run_sql(database_url, "DELETE FROM exporter.stored_exports")
+
+    async def fill(st: State) -> list[str]:
+        assert st.stored is not None
+        ids = []
+        for size in (300_000, 300_000, 400_000):  # the quota, full of copies
+            writer = await begin(st)
+            await writer.write(b"x" * size)
+            await writer.finish(1, None)
+            ids.append(writer.id)
+        assert [(await store.head(i)).size for i in ids] == [300_000, 300_000, 400_000]
+        new = await begin(st, kind=ASYNC)  # the oldest copy goes, its object with it
+        await new.fail("done")
+        await store.put("orphan1234", b"nobody's")
+        await store.put("not-ours.txt", b"left alone")
+        return ids
+
+    try:
+        with InProcess(settings) as app:
+            evicted, expired, kept = app.call(fill)
+            assert "make room" in str(status(database_url, evicted)["error"])
+            run_sql(database_url, "UPDATE exporter.stored_exports SET expires = now()"
+                    f" - interval '1s' WHERE id = '{expired}'")
+            assert app.state.stored is not None
+            assert app.run(app.state.stored.clean_up())["orphans"] == 1
+
+            async def left() -> list[str]:
+                return sorted([o.key async for page in store.walk() for o in page])
+
+            assert app.run(left()) == sorted([kept, "not-ours.txt"])
+    finally:
+        run_sql(database_url, "DELETE FROM exporter.stored_exports")
 
 
 def test_a_stored_export_started_on_a_is_fetched_from_b(
