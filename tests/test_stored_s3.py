@@ -328,3 +328,30 @@ def test_the_setting_takes_a_folder_or_a_store(tmp_path: Path) -> None:
     for bad in ("s3://B/x", "s3://bucket/a/../x", "s3://bucket:9000/x", "s3://bucket/x?y=1"):
         with pytest.raises(ValidationError):
             Settings(exports_dir=bad)
+
+
+def test_a_store_that_is_down_is_503_never_500(
+        database_url: str, files_root: Path, s3: Seaweed, monkeypatch: pytest.MonkeyPatch,
+        s3_prefix: str) -> None:
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens
+    settings = Settings(database_url=database_url, files_root=files_root,
+                        exports_dir=s3_prefix, s3_allow_http=True, s3_timeout=2,
+                        exports_cleanup_interval=3600)
+    export_id = uuid.uuid4().hex[:22]
+    run_sql(database_url,
+            "INSERT INTO exporter.stored_exports (id, owner, principal, kind, url, dataset,"
+            " format, content_type, filename, status, storage_key, sha256, bytes, expires)"
+            f" VALUES ('{export_id}', 'nobody', 'nobody', 'async', '/datasets/orders.csv',"
+            " 'orders', 'csv', 'text/csv', 'orders.csv', 'complete',"
+            f" '{export_id}', sha256(''), 0, now() + interval '1h')")
+    try:
+        with InProcess(settings) as app:
+            token = app.call(lambda st: st.tokens.create(f"down-{uuid.uuid4().hex[:6]}",
+                                                         ["admin"], None))
+            r = app.get(f"/exports/{export_id}/file", headers=bearer(token))
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+            assert "cannot be read" in r.json()["message"]
+    finally:
+        run_sql(database_url, f"DELETE FROM exporter.stored_exports WHERE id = '{export_id}'")
