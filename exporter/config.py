@@ -404,7 +404,8 @@ class Settings(BaseSettings):
     @property
     def exports_store(self) -> str | None:
         """EXPORTER_EXPORTS_DIR when it is an object store (`s3://bucket/prefix`)."""
-        dir = self.exports_dir
+        # str(): a copy of the settings (model_copy) may hold a Path, unvalidated.
+        dir = None if self.exports_dir is None else str(self.exports_dir)
         return dir if dir is not None and dir.startswith("s3://") else None
 
     @property

@@ -35,7 +35,7 @@ from tests.test_access import bearer, cli, new_token
 from tests.test_stored_exports import start, wait_done
 from tests.test_stored_store import begin
 
-pytestmark = pytest.mark.needs("curl")
+pytestmark = pytest.mark.needs("curl", "wget")
 
 PART = 5 * 1024 * 1024
 # About 6.6 MB of CSV: more than one part, so that its copy is a multipart upload.
@@ -206,10 +206,14 @@ def test_a_stored_export_started_on_a_is_fetched_from_b(
                      ).status_code == 304
     r = httpx.head(m["file_url"], headers=bearer(token))
     assert r.status_code == 200 and int(r.headers["content-length"]) == len(data)
-    # curl resumes a partial file from B (host A made it).
+    # curl and wget resume a partial file from B (host A made it).
     out = tmp_path / "resumed.csv"
     out.write_bytes(data[:12345])
     subprocess.run(["curl", "-sS", "-f", "-C", "-", "-o", str(out), "-H",
+                    f"Authorization: Bearer {token}", m["file_url"]], check=True, timeout=60)
+    assert out.read_bytes() == data
+    out.write_bytes(data[:PART + 3])
+    subprocess.run(["wget", "-q", "-c", "-O", str(out), "--header",
                     f"Authorization: Bearer {token}", m["file_url"]], check=True, timeout=60)
     assert out.read_bytes() == data
     # Removed from A: the object goes too, and B answers 404.

@@ -44,8 +44,8 @@ class OpenObject:
         """What the HTTP validators read of a file's stat (size, modification time), for
         respond_with_file; no inode: its ETag is the caller's (stored exports) or made
         of size and time."""
-        ns = int(self.info.modified.timestamp()) * 1_000_000_000
-        seconds = ns // 1_000_000_000
+        seconds = int(self.info.modified.timestamp())
+        ns = seconds * 1_000_000_000
         return os.stat_result((stat.S_IFREG | 0o440, 0, 0, 1, 0, 0, self.info.size,
                                seconds, seconds, seconds, float(seconds), float(seconds),
                                float(seconds), ns, ns, ns))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Iterator
-from typing import Any
 
 from exporter.files.object_body import OpenObject
 from exporter.objects import (
@@ -66,7 +66,7 @@ class BucketStorage:
     async def create(self, key: str) -> BucketWriter:
         return BucketWriter(self.store.writer(check_key(key)))
 
-    async def open(self, key: str) -> tuple[Any, Any]:
+    async def open(self, key: str) -> tuple[OpenObject, os.stat_result]:
         with _as_os_errors(key):
             opened = OpenObject(self.store, await self.store.head(check_key(key)))
         return opened, opened.stat
