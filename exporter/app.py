@@ -43,7 +43,7 @@ from exporter.state import State
 from exporter.stored import routes as stored_routes
 from exporter.stored.responses import ServedResumeCopies
 from exporter.stored.service import StoredService
-from exporter.stored.storage import LocalStorage
+from exporter.stored.storages import storage_for
 from exporter.streaming import ClientLeft, wait_detached
 from exporter.web import page
 from exporter.web.cors import add_cors
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         instance = Instance(engine, instance_id, settings.slot_lease)
         await instance.start()
         await _close_abandoned(engine, instance)
-        stored = StoredService(engine, settings, LocalStorage(settings.exports_folder),
+        stored = StoredService(engine, settings, storage_for(settings),
                                instance_id)
         app.state.exporter = State(
             settings, engine, catalog,

@@ -182,9 +182,10 @@ class Settings(BaseSettings):
     slot_lease: float = Field(default=15.0, ge=1)
 
     # Stored exports (POST /exports, `Prefer: respond-async`): their files go into this
-    # folder (unset: `data_dir`/exports). Several hosts may share it (NFS): any host then
-    # answers for any stored export (docs/deploy.md).
-    exports_dir: Path | None = None
+    # folder (unset: `data_dir`/exports), or into an object store, `s3://bucket/prefix`
+    # (the EXPORTER_S3_* settings below). Several hosts may share it (NFS, or the store):
+    # any host then answers for any stored export (docs/deploy.md).
+    exports_dir: str | None = None
     # Bytes all stored exports may take together, running ones included: a kick-off that
     # finds it full gets 507, a running export that crosses it fails. Copies of streamed
     # exports (for resuming) are removed, oldest first, whenever an export needs room.
@@ -348,6 +349,17 @@ class Settings(BaseSettings):
                              " as /internal/ (starting and ending with /)")
         return value
 
+    @field_validator("exports_dir", mode="before")
+    @classmethod
+    def _exports_dir(cls, value: object) -> object:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, str) and value.startswith("s3://"):
+            from exporter.objects import StoreUrl  # obstore, only for those who use it
+
+            return str(StoreUrl.parse(value))  # ValueError says what is wrong
+        return value
+
     @field_validator("exports_retention", "exports_resume_retention",
                      "exports_resume_complete_retention")
     @classmethod
@@ -443,8 +455,17 @@ class Settings(BaseSettings):
         return max(1, min(self.max_exports, self.pool_size + self.pool_max_overflow - 2))
 
     @property
+    def exports_store(self) -> str | None:
+        """EXPORTER_EXPORTS_DIR when it is an object store (`s3://bucket/prefix`)."""
+        # str(): a copy of the settings (model_copy) may hold a Path, unvalidated.
+        dir = None if self.exports_dir is None else str(self.exports_dir)
+        return dir if dir is not None and dir.startswith("s3://") else None
+
+    @property
     def exports_folder(self) -> Path:
-        return self.exports_dir if self.exports_dir is not None else self.data_dir / "exports"
+        """The stored exports' folder (not used when they go to an object store)."""
+        return Path(self.exports_dir) if self.exports_dir is not None \
+            else self.data_dir / "exports"
 
     @property
     def pgdata(self) -> Path:

@@ -2,9 +2,11 @@
 
 A thin async layer over obstore (Rust's object_store): head, a streamed ranged get with
 bounded memory, listings, put, a multipart writer that completes atomically or not at all,
-delete and pre-signed GET URLs. Endpoint and credentials come from the standard variables
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, which
-obstore reads itself), what is ours from `EXPORTER_S3_*` (config.py).
+delete and pre-signed GET URLs, and the multipart uploads left incomplete (listed and
+aborted with requests signed here: obstore has no call for them). Endpoint and
+credentials come from the standard variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, which obstore reads itself), what is ours from
+`EXPORTER_S3_*` (config.py).
 
 Every key is checked before it reaches the client (`check_key`): no empty, `.` or `..`
 segment, no leading slash, no backslash (SeaweedFS takes it for a separator), no control
@@ -17,13 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
+from xml.etree import ElementTree
 
+import httpx
 import obstore
 from obstore.exceptions import NotFoundError, PreconditionError
 from obstore.store import S3Store
@@ -155,6 +162,15 @@ class Listing:
     folders: list[str]
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A multipart upload begun and neither completed nor aborted (its parts take room)."""
+
+    key: str  # relative to the store's prefix
+    upload_id: str
+    initiated: datetime
+
+
 @contextlib.contextmanager
 def _errors(key: str, *, listing: bool = False) -> Iterator[None]:
     try:
@@ -282,6 +298,99 @@ class ObjectStore:
         """A URL anyone may GET the object with until `expires` from now (no request)."""
         with _errors(key):
             return await obstore.sign_async(self._store, "GET", check_key(key), expires)
+
+    async def uploads(self, folder: str = "", *, key: str | None = None) -> list[Upload]:
+        """The incomplete multipart uploads under `folder`, or of `key` only (a writer
+        that was aborted leaves none; one whose process died leaves its parts)."""
+        prefix = check_folder(folder) if key is None else check_key(key)
+        full = f"{self.url.prefix}/{prefix}" if self.url.prefix else prefix
+        found: list[Upload] = []
+        query = {"uploads": "", "prefix": full}
+        while True:
+            answer = await _signed(self, "GET", "", query)
+            root = ElementTree.fromstring(answer.content)
+            for upload in root.iter(f"{_XMLNS}Upload"):
+                name = upload.findtext(f"{_XMLNS}Key") or ""
+                relative = name.removeprefix(f"{self.url.prefix}/") if self.url.prefix else name
+                initiated = upload.findtext(f"{_XMLNS}Initiated") or ""
+                found.append(Upload(relative, upload.findtext(f"{_XMLNS}UploadId") or "",
+                                    datetime.fromisoformat(initiated.replace("Z", "+00:00"))))
+            if root.findtext(f"{_XMLNS}IsTruncated") != "true":
+                return [u for u in found if key is None or u.key == key]
+            query = {"uploads": "", "prefix": full,
+                     "key-marker": root.findtext(f"{_XMLNS}NextKeyMarker") or "",
+                     "upload-id-marker": root.findtext(f"{_XMLNS}NextUploadIdMarker") or ""}
+
+    async def abort_upload(self, upload: Upload) -> None:
+        """Its parts gone; gone already is fine."""
+        await _signed(self, "DELETE", check_key(upload.key), {"uploadId": upload.upload_id},
+                      missing_ok=True)
+
+
+_XMLNS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def _quote(value: str) -> str:
+    return quote(value, safe="-_.~")
+
+
+async def _signed(store: ObjectStore, method: str, key: str, query: dict[str, str],
+                  missing_ok: bool = False) -> httpx.Response:
+    """One request of S3's API that obstore does not make, signed with AWS Signature
+    Version 4 from the same standard variables obstore reads (static credentials only:
+    instance roles are not looked up here)."""
+    environ = os.environ
+    access = environ.get("AWS_ACCESS_KEY_ID")
+    secret = environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        raise StoreUnavailable("listing incomplete uploads needs AWS_ACCESS_KEY_ID and"
+                               " AWS_SECRET_ACCESS_KEY")
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint = (environ.get("AWS_ENDPOINT_URL") or environ.get("AWS_ENDPOINT")
+                or f"https://s3.{region}.amazonaws.com").rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme != "https" and not store.options.allow_http:
+        raise StoreUnavailable("a plain-http endpoint needs EXPORTER_S3_ALLOW_HTTP")
+    bucket = store.url.bucket
+    full = f"{store.url.prefix}/{key}" if store.url.prefix and key else key
+    path = parts.path + "/" + _quote(full).replace("%2F", "/")
+    host = parts.netloc
+    if store.options.virtual_hosted_style:
+        host = f"{bucket}.{host}"
+    else:
+        path = f"{parts.path}/{bucket}" + (f"/{_quote(full).replace('%2F', '/')}" if full
+                                           else "")
+    canonical_query = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
+    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    payload = hashlib.sha256(b"").hexdigest()
+    headers = {"host": host, "x-amz-content-sha256": payload, "x-amz-date": now}
+    if token := environ.get("AWS_SESSION_TOKEN"):
+        headers["x-amz-security-token"] = token
+    names = ";".join(sorted(headers))
+    canonical = "\n".join([method, path, canonical_query,
+                           "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
+                           names, payload])
+    scope = f"{now[:8]}/{region}/s3/aws4_request"
+    signing = f"AWS4{secret}".encode()
+    for part in (now[:8], region, "s3", "aws4_request"):
+        signing = hmac.new(signing, part.encode(), hashlib.sha256).digest()
+    text = "\n".join(["AWS4-HMAC-SHA256", now, scope,
+                      hashlib.sha256(canonical.encode()).hexdigest()])
+    signature = hmac.new(signing, text.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access}/{scope}, "
+                                f"SignedHeaders={names}, Signature={signature}")
+    url = f"{parts.scheme}://{host}{path}?{canonical_query}"
+    try:
+        async with httpx.AsyncClient(timeout=store.options.timeout) as client:
+            answer = await client.request(method, url, headers=headers)
+    except httpx.HTTPError as error:
+        raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+    if answer.status_code == 404 and missing_ok:
+        return answer
+    if answer.status_code >= 300:
+        raise StoreUnavailable(f"{method} ?{next(iter(query))}: {answer.status_code}"
+                               f" {answer.text[:300]}")
+    return answer
 
 
 class ObjectWriter:

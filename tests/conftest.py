@@ -147,7 +147,7 @@ MODULE_GROUPS = {
     "test_disclosure.py": "disclosure", "test_docs_commands.py": "docs",
     "test_files_hardening.py": "files-hardening", "test_fuzz_api.py": "fuzz-api",
     # One SeaweedFS (the `s3` fixture) for the tests on object storage.
-    "test_objects.py": "s3", "test_files_s3.py": "s3",
+    "test_objects.py": "s3", "test_files_s3.py": "s3", "test_stored_s3.py": "s3",
 }
 
 

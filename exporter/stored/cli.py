@@ -10,7 +10,7 @@ import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.clikit import fail, print_table, start, when, with_engine
-from exporter.stored.storage import LocalStorage
+from exporter.stored.storages import storage_for
 from exporter.tables import stored_exports as t
 
 exports = typer.Typer(help="stored exports (POST /exports): list, delete",
@@ -62,7 +62,7 @@ def listing(
                  " cancelled)")
 def delete(export_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     settings = start()
-    storage = LocalStorage(settings.exports_folder)
+    storage = storage_for(settings)
 
     async def remove(engine: AsyncEngine) -> str | None:
         async with engine.begin() as conn:

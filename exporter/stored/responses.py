@@ -17,7 +17,8 @@ from exporter.exports.resume_copies import Continuation
 from exporter.files.context import Files
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.response import SAFE_HEADERS, respond_with_file, start_audit
-from exporter.files.source import LocalFile
+from exporter.files.source import LocalFile, OpenFile, StoreFile
+from exporter.stored.bucket import OpenObject
 from exporter.stored.resume_copies import StoredResumeCopies
 from exporter.stored.service import EXPORTS_PATH, FILE_ALIAS, StoredService, describe
 from exporter.stored.store import COMPLETE, RUNNING
@@ -58,8 +59,11 @@ async def file(request: Request, files: Files, stored: StoredService, principal:
         # streamed export it copies (if any) carried, so If-Range works across both.
         # Never compressed on the fly: its Content-Length and digest are what the
         # manifest promises (a compressed one is asked for as .csv.gz, say).
+        key = FileKey.of(f"{EXPORTS_PATH}/{row.id}", fst)
+        opened: OpenFile = (StoreFile(f.store, f.info, key) if isinstance(f, OpenObject)
+                            else LocalFile(f, fst, key))
         return await respond_with_file(
-            request, files, LocalFile(f, fst, FileKey.of(f"{EXPORTS_PATH}/{row.id}", fst)),
+            request, files, opened,
             name=row.filename, kind=row.content_type, sha256=sha256,
             disposition=disposition, digests=DigestStore(files.engine),
             start_download=lambda: _start_audit(request, files, row, principal),

@@ -284,7 +284,7 @@ class StoredResumeCopies:
                     return False
                 left -= size
             return True
-        except FileNotFoundError:
+        except OSError:  # gone, or the storage fails now: no proof, the whole export
             return False
         finally:
             for f in files:

@@ -285,6 +285,10 @@ class StoredService(StoredExports):
             f, fst = await self.storage.open(row.storage_key)
         except FileNotFoundError:
             raise ApiError(410, "the export's file is gone (expired or removed)") from None
+        except OSError as error:  # a disk that fails, an object store that is down
+            log.error("stored export %s: cannot open its file: %s", export_id, error)
+            raise ApiError(503, "the export storage cannot be read now",
+                           headers={"Retry-After": "5"}) from error
         return row, f, fst
 
 

@@ -1,7 +1,7 @@
-"""Where stored exports' bytes live: a small interface, and a folder that implements it.
+"""Where stored exports' bytes live: a small interface, and a folder that implements it
+(an object store implements it too: bucket.py; storages.py picks one from the settings).
 
-Everything else (routes, the service, the clean-up) goes through `Storage`, so that an
-S3-compatible store can be added beside `LocalStorage` without touching them. A writer
+Everything else (routes, the service, the clean-up) goes through `Storage`. A writer
 writes under a temporary name and only `commit` makes the file visible under its key:
 a half-written file is never taken for a whole one, by this host or by another one
 sharing the folder (NFS renames are atomic on the server).
@@ -49,6 +49,8 @@ class Stored:
     mtime: float
 
 
+# Failures of the protocols below are OSError (FileNotFoundError: absent), whatever the
+# storage: the callers answer them so (503, a download without its copy).
 class StorageWriter(Protocol):
     async def write(self, data: bytes) -> None:
         """Append `data` (in a worker thread)."""
@@ -65,8 +67,10 @@ class Storage(Protocol):
         """A writer of a new object `key`."""
 
     async def open(self, key: str) -> tuple[Any, os.stat_result]:
-        """The committed object as an open aiofiles binary file (the caller closes it),
-        with its stat; FileNotFoundError if there is none."""
+        """The committed object open (an aiofiles binary file, or stored/bucket.py's
+        OpenObject: both `read` on and `close`; the caller closes it, or hands it to
+        files/response.py's `respond_with_file`), with its stat; FileNotFoundError if
+        there is none."""
 
     async def size(self, key: str) -> int | None:
         """The committed object's size, None if it is absent."""

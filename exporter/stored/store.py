@@ -526,14 +526,17 @@ class Writer:
         if self.stopped.is_set():
             raise WriterStopped(self.reason)
         self._closed = True
-        await self._stop_beating()
         if rows is not None:
             self.rows = rows
         try:
+            # Beating on meanwhile: an object store's last part and the upload's completion
+            # take seconds, and another host's clean-up takes a silent export for dead.
             await self._out.commit()
         except BaseException:
+            await self._stop_beating()
             await self._out.abort()
             raise
+        await self._stop_beating()
         status = await self._store._close_row(
             self.id, COMPLETE, None, rows=self.rows, bytes=self.bytes,
             sha256=self._hash.digest(), snapshot_time=snapshot_time, cursor=cursor)
