@@ -85,7 +85,7 @@ class StoreFile:
 
     def body(self, files: Files, layout: Layout, download: Download, digests: DigestStore,
              digest_known: bool, coding: Coding | None, level: int | None) -> Body:
-        return ObjectBody(self.store, self.info.etag, self.key, layout, files.read_budget,
+        return ObjectBody(self.store, self.info, self.key, layout, files.read_budget,
                           download, files.audit, digests, digest_known=digest_known,
                           coding=coding, level=level)
 

@@ -19,7 +19,7 @@ from exporter.audit import COMPLETE, Audit, Download
 from exporter.compression import Coding, compressed
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.ranges import Layout
-from exporter.objects import ObjectChanged, ObjectStore
+from exporter.objects import ObjectChanged, ObjectInfo, ObjectStore
 from exporter.streaming import audited, run_detached
 
 log = logging.getLogger(__name__)
@@ -233,14 +233,16 @@ class ObjectBody(Body):
     it, and only while the object is the one whose ETag the headers carried (else the
     answer is cut, as for a file changed on disk)."""
 
-    def __init__(self, store: ObjectStore, etag: str | None, key: FileKey, layout: Layout,
+    def __init__(self, store: ObjectStore, info: ObjectInfo, key: FileKey, layout: Layout,
                  sizes: ReadBudget, download: Download, audit: Audit, digests: DigestStore,
                  digest_known: bool = False, coding: Coding | None = None,
                  level: int | None = None) -> None:
         super().__init__(key, layout, sizes, download, audit, digests, digest_known, coding,
                          level)
         self._store = store
-        self._etag = etag
+        # The object as its head found it: read by its key in the store (`key` is what
+        # digests know it by, which for a stored export is its URL path), at its ETag.
+        self._object = info
 
     async def _part(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         sizes = self._sizes
@@ -248,8 +250,8 @@ class ObjectBody(Body):
         got = 0
         try:
             async with contextlib.aclosing(self._store.read(
-                    self._key.path, offset, offset + length, chunk_size=sizes.chunk_size(),
-                    etag=self._etag)) as chunks:
+                    self._object.key, offset, offset + length, chunk_size=sizes.chunk_size(),
+                    etag=self._object.etag)) as chunks:
                 async for chunk in chunks:
                     held = len(chunk)
                     sizes.held += held
