@@ -167,6 +167,15 @@ class Settings(BaseSettings):
     # database). Seconds the slots of a server process that died (kill -9, a lost host)
     # still count; a live process renews its lease every third of it.
     slot_lease: float = Field(default=15.0, ge=1)
+    # Seconds a process keeps download slots it took beyond what its downloads use now
+    # (its peak of the last this many seconds): a stream of downloads then takes none
+    # from the database. Another process may wait this long for them at the cap; 0 gives
+    # them back at once.
+    slot_linger: float = Field(default=1.0, ge=0, le=60)
+    # Seconds a token checked once is trusted from memory. Revocations and scope
+    # changes reach every process at once through LISTEN/NOTIFY; this bounds what a
+    # lost notification could cost. 0: every request reads the database.
+    token_cache_ttl: float = Field(default=10.0, ge=0, le=3600)
 
     # Stored exports (POST /exports, `Prefer: respond-async`): their files go into this
     # folder (unset: `data_dir`/exports). Several hosts may share it (NFS): any host then

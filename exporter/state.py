@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.audit import Audit
 from exporter.config import Settings
+from exporter.notices import Notices
 
 if TYPE_CHECKING:
     from exporter.access.limits import Limiter
@@ -47,6 +48,9 @@ class State:
     # The stored copies of streamed exports, for resuming them (exporter/stored/, seen
     # through the exports feature's own interface); None: EXPORTER_EXPORTS_RESUME is off.
     resume_copies: ServedCopies | None = None
+    # What other processes changed (tokens): the caches on the hot path trust
+    # themselves only while it listens.
+    notices: Notices | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:
