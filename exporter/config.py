@@ -157,11 +157,11 @@ class Settings(BaseSettings):
     # Seconds an export may stream in all before it is cut the same way; 0 (the default)
     # means no limit: a 100 GB export may take hours.
     export_max_duration: float = Field(default=0.0, ge=0)
-    # The audit rows of downloads are written in batches, by one task per process, every
-    # this many seconds: a row shows up (and is closed) this much later than its event.
+    # The audit rows of downloads are written in batches, by one task per process, this
+    # many seconds after their event (and at most two batches a second).
     audit_flush_interval: float = Field(default=0.05, gt=0, le=60)
     # Audit rows waiting to be written (the database down or slow) beyond which new
-    # downloads get 503 rather than go unrecorded.
+    # downloads get 503 rather than go unrecorded; below it, downloads go on.
     audit_max_pending: int = Field(default=10_000, ge=1)
     # The caps above hold for the whole deployment (every worker and host on the same
     # database). Seconds the slots of a server process that died (kill -9, a lost host)
