@@ -243,17 +243,23 @@ def main(argv: list[str] | None = None) -> None:
         # A first download learns the token and the slots; the burst is the steady state.
         burst(one, f"/files/{burst_file.name}", token, dataclasses.replace(shape, connections=1),
               burst_file)
-        ours = burst(one, f"/files/{burst_file.name}", token, shape, burst_file)
-        spread = burst(one, f"/files/{burst_file.name}", token, shape, burst_file, SPREAD)
-        theirs = burst(ref, f"/files/{burst_file.name}", token, shape, burst_file)
+        path = f"/files/{burst_file.name}"
+        ours = burst(one, path, token, shape, burst_file)
+        at_cap = dataclasses.replace(shape, connections=shape.max_connections)
+        capped = burst(one, path, token, at_cap, burst_file)
+        spread = burst(one, path, token, shape, burst_file, SPREAD)
+        theirs = burst(ref, path, token, shape, burst_file)
         report += burst_lines("exporter, all at once", shape, ours)
+        report += burst_lines("exporter, as many as its connection cap, all at once", at_cap,
+                              capped)
         report += burst_lines(f"exporter, their starts spread over {SPREAD:g} s", shape, spread)
         report += burst_lines("nginx (one worker), all at once", shape, theirs)
         report += ["uvicorn's cap (`limit_concurrency`) counts open connections: a request"
                    " that arrives while more than EXPORTER_MAX_CONNECTIONS are open gets its"
                    " 503, so how many are admitted depends on how fast the connections"
                    " come, not on what the app does with them.", ""]
-        for label, o in (("all at once", ours), ("spread", spread)):
+        for label, o in (("all at once", ours), ("as many as the cap", capped),
+                         ("spread", spread)):
             least = ADMITTED_OK * shape.max_connections
             report += [f"Goal ({label}): every admitted connection its 206 with the right"
                        f" bytes: {o.right} of {o.admitted} admitted,"
