@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -274,17 +275,23 @@ def table_locked(url: str, table: str) -> Iterator[None]:
         holder.join(30)
 
 
-def test_a_busy_database_refuses_no_download_until_the_audit_queue_is_full(
+def test_a_busy_database_refuses_no_download_and_lapses_no_lease(
         hot: tuple[str, Server, Server], tmp_path: Path) -> None:
+    """The audit's table locked (its writes wait), the pool's only connection held by the
+    waiting write: downloads go on until the bounded queue is full, then are refused
+    visibly; the lease is renewed all the while, on its own connection."""
     url, a, _ = hot
     pending = 10
-    with Server(url, tmp_path / "c.log", {**a.env, "EXPORTER_AUDIT_MAX_PENDING": str(pending)}
-                ) as c, httpx.Client(base_url=c.url, timeout=30) as client:
+    env = {**a.env, "EXPORTER_AUDIT_MAX_PENDING": str(pending), "EXPORTER_SLOT_LEASE": "3",
+           "EXPORTER_POOL_SIZE": "1", "EXPORTER_POOL_MAX_OVERFLOW": "0"}
+    with Server(url, tmp_path / "c.log", env) as c, \
+            httpx.Client(base_url=c.url, timeout=30) as client:
         secret = token(url, _name(), "files:*")
         client.headers.update(bearer(secret))
         assert client.get("/files/small.bin").content == SMALL  # token, slot, digest known
         served = 0
         with table_locked(url, "exporter.downloads"):
+            lease = _lease_of(url, c.pid)
             # The audit's writes wait for the lock; the downloads do not.
             while (r := client.get("/files/small.bin")).status_code == 200:
                 assert r.content == SMALL
@@ -296,13 +303,24 @@ def test_a_busy_database_refuses_no_download_until_the_audit_queue_is_full(
             assert r.status_code == 503 and "audit rows wait" in r.text
             health = client.get("/healthz").json()
             assert health["status"] == "degraded" and health["audit"]["overflowed"] == 1
+            # Renewed every second (a third of the lease), though no pool connection is
+            # free: before, the renewal waited for one and the slots lapsed.
+            assert wait_until(lambda: _lease_of(url, c.pid) > lease, 5)
         assert re.search(r" ERROR .*download refused: \d+ audit rows wait", c.log())
         # Written once the database is free again, every one of them.
         assert wait_until(lambda: client.get("/healthz").json()["audit"]["pending"] == 0, 10)
         assert client.get("/files/small.bin").status_code == 200
+        assert "could not renew" not in c.log()
     rows = fetch(url, "SELECT count(*) AS n FROM exporter.downloads WHERE principal LIKE $1",
                  f"token {_token_name_of(url, secret)}")
     assert rows[0]["n"] == served + 2
+
+
+def _lease_of(url: str, pid: int) -> datetime:
+    rows = fetch(url, "SELECT expires_at FROM exporter.instances WHERE pid = $1", pid)
+    assert len(rows) == 1, rows
+    expires: datetime = rows[0]["expires_at"]
+    return expires
 
 
 def _token_name_of(url: str, secret: str) -> str:
