@@ -1,6 +1,8 @@
-"""What deployment-wide download slots cost: the transaction that takes a slot (advisory
-lock, count, insert) and the one that gives it back (delete), one after the other and
-with many takers of one key or of different keys at once.
+"""What deployment-wide download slots cost when a process takes them from the database
+(its first, or a block more; a download then uses them from memory): the transaction
+that takes a slot (advisory lock, count, insert) and the one that gives it back
+(delete), one after the other and with many takers of one key or of different keys at
+once.
 
     .venv/bin/python -m bench.slots [DATABASE_URL] [REPETITIONS]
 
@@ -43,10 +45,10 @@ async def run(url: str, repetitions: int) -> None:
         takes, gives = [], []
         for _ in range(repetitions):
             started = time.perf_counter()
-            slot = await limiter._insert("principal bench", 4)
+            slots = await limiter._insert_block("principal bench", 4, 1)
             took = time.perf_counter()
-            assert slot is not None
-            await limiter._delete("principal bench", slot)
+            assert slots
+            await limiter._delete("principal bench", slots)
             takes.append(took - started)
             gives.append(time.perf_counter() - took)
         print(f"one after the other ({repetitions}): take median"
@@ -62,11 +64,11 @@ async def run(url: str, repetitions: int) -> None:
                 nonlocal refused
                 done = 0
                 for _ in range(repetitions // 8):
-                    slot = await limiter._insert(key, 4)
-                    if slot is None:
+                    slots = await limiter._insert_block(key, 4, 1)
+                    if not slots:
                         refused += 1
                         continue
-                    await limiter._delete(key, slot)
+                    await limiter._delete(key, slots)
                     done += 1
                 return done
 

@@ -172,12 +172,12 @@ def ranges_at_once(name: str, server: Service, plan: Plan, token: str) -> Conten
                      f"-r a-b '/files/{FILE_NAME}'", run, server_pid=lambda: server.pid)
 
 
-def new_token(url: str) -> str:
+def new_token(url: str, scopes: list[str] | None = None) -> str:
     async def go() -> str:
         engine = create_engine(Settings(database_url=url), url)
         try:
             return await TokenStore(engine).create(f"bench-{secrets.token_hex(4)}",
-                                                   ["files:*"], None)
+                                                   scopes or ["files:*"], None)
         finally:
             await engine.dispose()
 

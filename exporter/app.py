@@ -18,6 +18,7 @@ from exporter import __version__, health
 from exporter.access import routes as access_routes
 from exporter.access.limits import DownloadLimits, Instance, Limiter, new_instance_id
 from exporter.access.links import LinkKeys, redact_query
+from exporter.access.token_cache import TokenCache
 from exporter.access.tokens import TokenStore
 from exporter.audit import Audit, close_abandoned
 from exporter.config import Settings
@@ -26,6 +27,7 @@ from exporter.db import (
     check_server_version,
     create_engine,
     create_replica_engine,
+    libpq_url_of,
 )
 from exporter.errors import DRIVER_ERRORS, ApiError, database_error
 from exporter.exports import downloads
@@ -36,6 +38,7 @@ from exporter.files import routes as file_routes
 from exporter.files.deps import files_of
 from exporter.files.stream import ReadBudget
 from exporter.health import Health
+from exporter.notices import Notices
 from exporter.objects import ObjectStore, StoreOptions
 from exporter.server.logs import AccessLogOfLeavers
 from exporter.server.prefix import RootPath
@@ -152,6 +155,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("could not read the catalog at start-up: %s", error)
         instance = Instance(engine, instance_id, settings.slot_lease)
         await instance.start()
+        notices = Notices(libpq_url_of(engine))
+        token_cache = TokenCache(notices, settings.token_cache_ttl)
+        limiter = Limiter(engine, instance_id, settings.max_downloads_per_principal,
+                          settings.limit_wait, settings.export_cap, settings.max_exports_wait,
+                          linger=settings.slot_linger, notices=notices)
+        await notices.start()
         await _close_abandoned(engine, instance)
         stored = StoredService(engine, settings, storage_for(settings),
                                instance_id)
@@ -159,10 +168,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, engine, catalog,
             Audit(engine, flush_interval=settings.audit_flush_interval,
                   max_pending=settings.audit_max_pending),
-            TokenStore(engine),
+            TokenStore(engine, token_cache),
             LinkKeys(engine, settings.link_secret),
-            Limiter(engine, instance_id, settings.max_downloads_per_principal,
-                    settings.limit_wait, settings.export_cap, settings.max_exports_wait),
+            limiter,
             ReadBudget(settings.file_read_budget, settings.file_chunk_size,
                        settings.file_chunk_size_max),
             Health(database_url),
@@ -171,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stored=stored,
             files_store=ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
             if settings.files_store else None,
+            notices=notices,
         )
         if settings.exports_resume:
             app.state.exporter.resume_copies = ServedResumeCopies(
@@ -193,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # After the clean-ups (they queue the last rows), before the pool goes.
         await app.state.exporter.audit.close()
         await instance.stop()
+        await notices.stop()
         await app.state.exporter.health.close()
         if app.state.exporter.replica_health is not None:
             await app.state.exporter.replica_health.close()

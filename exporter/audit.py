@@ -1,7 +1,8 @@
 """The audit trail: one row per download, written when it starts and when it ends.
 
 Writes are batched: `start` and `finish` only queue, and one flusher task per process
-writes what was queued every `flush_interval` seconds in one transaction (starts as one
+writes what was queued `flush_interval` seconds after it came (and at least BUSY_GAP
+after the last batch) in one transaction (starts as one
 multi-row INSERT, ends of rows already written as one executemany UPDATE; a download
 that started and ended between two flushes is one INSERT). Each download used to cost
 two transactions of its own, with a pool check-out each, on the event loop's time.
@@ -10,9 +11,12 @@ Ids come from the table's identity sequence at flush time, so they still grow wi
 across processes (a download's row has a larger id than any row written before it
 started). `Download.id` is None until its row is written.
 
-If the database cannot be written, the rows stay queued and are retried; meanwhile
-`start` refuses new downloads (the caller answers 503, as before batching), and so it
-does when `max_pending` rows wait. At shutdown `close` writes what is left.
+If the database cannot be written (down, or slow), the rows stay queued and are
+retried, and downloads go on: a database that is merely busy never refuses one. The
+queue is bounded: once `max_pending` rows wait, `start` refuses new downloads (the
+caller answers 503) rather than let them go unrecorded; each refusal is counted
+(`overflowed`, for /healthz and metrics) and logged at ERROR (the first of a run of
+them, then every OVERFLOW_LOG_EVERY seconds). At shutdown `close` writes what is left.
 
 A row the database refuses (a CHECK, a NUL byte) is dropped, not retried for ever: it
 would hold back every other row. That is an error someone must see: logged at ERROR,
@@ -45,9 +49,14 @@ PROXIED = "proxied"
 # after the last of them, what is still queued is given up (and logged).
 FINISH_RETRIES = (0.5, 1.0, 2.0)
 FLUSH_INTERVAL = 0.05
+# The shortest time between two batches of one process: under a steady stream of
+# downloads, at most two batches a second for their audit.
+BUSY_GAP = 0.5
 MAX_PENDING = 10_000
 # Seconds /healthz stays `degraded` after the database refused an audit row.
 REFUSED_WINDOW = 600.0
+# Seconds between the ERROR lines while downloads are refused for a full queue.
+OVERFLOW_LOG_EVERY = 10.0
 
 _NEXT_IDS = sa.text(
     f"SELECT nextval(pg_get_serial_sequence('{APP_SCHEMA}.downloads', 'id')) AS id"
@@ -87,6 +96,8 @@ class _End:
 class AuditUnavailable(ConnectionError):
     """The audit trail cannot be written now: the download is refused (503)."""
 
+    readable = True  # its words are the client's (errors.describe)
+
 
 def _start_values(d: Download) -> dict[str, Any]:
     return {"kind": d.kind, "target": d.target, "format": d.format, "params": d.params,
@@ -118,6 +129,9 @@ class Audit:
         self.last_refused: datetime | None = None
         self.last_refused_error: str | None = None
         self._last_refused_at: float | None = None  # monotonic
+        # Downloads refused because `max_pending` rows waited, since the process started.
+        self.overflowed = 0
+        self._overflow_logged: float | None = None  # monotonic; None: not refusing
 
     @property
     def pending(self) -> int:
@@ -129,6 +143,11 @@ class Audit:
         return (self._last_refused_at is not None
                 and time.monotonic() - self._last_refused_at < REFUSED_WINDOW)
 
+    @property
+    def overflowing(self) -> bool:
+        """Whether the last download asked for was refused for a full queue."""
+        return self._overflow_logged is not None
+
     def _dropped(self, error: BaseException) -> None:
         self.refused += 1
         self.last_refused = datetime.now(UTC)
@@ -138,14 +157,30 @@ class Audit:
                   self.refused, error)
 
     async def start(self, d: Download) -> None:
-        """Queue the download's row; raises AuditUnavailable while rows cannot be written."""
-        if self._failure is not None:
-            raise AuditUnavailable("the audit trail cannot be written") from self._failure
-        if self.pending >= self._max_pending or self._closing.is_set():
+        """Queue the download's row; raises AuditUnavailable when `max_pending` rows
+        wait (or at shutdown)."""
+        if self._closing.is_set():
+            raise AuditUnavailable("the server is shutting down")
+        if self.pending >= self._max_pending:
+            self._overflow()
             raise AuditUnavailable(f"{self.pending} audit rows wait to be written")
+        if self._overflow_logged is not None:
+            self._overflow_logged = None
+            log.warning("downloads are audited again (%d refused since start)",
+                        self.overflowed)
         d.started_at = datetime.now(UTC)
         self._starts.append(d)
         self._kick()
+
+    def _overflow(self) -> None:
+        self.overflowed += 1
+        now = time.monotonic()
+        if self._overflow_logged is None or now - self._overflow_logged >= OVERFLOW_LOG_EVERY:
+            self._overflow_logged = now
+            log.error("download refused: %d audit rows wait to be written"
+                      " (EXPORTER_AUDIT_MAX_PENDING), the database is down or too slow"
+                      " (%d refused since start): %s", self.pending, self.overflowed,
+                      self._failure or "no error yet")
 
     async def finish(
         self, d: Download, status: str, *, http_status: int | None = None,
@@ -182,12 +217,18 @@ class Audit:
 
     async def _run(self) -> None:
         retries = 0
+        loop = asyncio.get_running_loop()
+        flushed = -BUSY_GAP
         while True:
             await self._wake.wait()
-            # Let a batch gather; at shutdown, write at once.
+            # Let a batch gather, and no sooner than BUSY_GAP after the last one (a
+            # steady stream of downloads then costs a few transactions a second, not one
+            # per interval); at shutdown, write at once.
+            gather = max(self._interval, flushed + BUSY_GAP - loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._interval)
+                await asyncio.wait_for(self._closing.wait(), gather)
             self._wake.clear()
+            flushed = loop.time()
             try:
                 await self._flush()
             except Exception as error:

@@ -170,16 +170,25 @@ class Settings(BaseSettings):
     # Seconds an export may stream in all before it is cut the same way; 0 (the default)
     # means no limit: a 100 GB export may take hours.
     export_max_duration: float = Field(default=0.0, ge=0)
-    # The audit rows of downloads are written in batches, by one task per process, every
-    # this many seconds: a row shows up (and is closed) this much later than its event.
+    # The audit rows of downloads are written in batches, by one task per process, this
+    # many seconds after their event (and at most two batches a second).
     audit_flush_interval: float = Field(default=0.05, gt=0, le=60)
     # Audit rows waiting to be written (the database down or slow) beyond which new
-    # downloads get 503 rather than go unrecorded.
+    # downloads get 503 rather than go unrecorded; below it, downloads go on.
     audit_max_pending: int = Field(default=10_000, ge=1)
     # The caps above hold for the whole deployment (every worker and host on the same
     # database). Seconds the slots of a server process that died (kill -9, a lost host)
     # still count; a live process renews its lease every third of it.
     slot_lease: float = Field(default=15.0, ge=1)
+    # Seconds a process keeps download slots it took beyond what its downloads use now
+    # (its peak of the last this many seconds): a stream of downloads then takes none
+    # from the database. Another process may wait this long for them at the cap; 0 gives
+    # them back at once.
+    slot_linger: float = Field(default=1.0, ge=0, le=60)
+    # Seconds a token checked once is trusted from memory. Revocations and scope
+    # changes reach every process at once through LISTEN/NOTIFY; this bounds what a
+    # lost notification could cost. 0: every request reads the database.
+    token_cache_ttl: float = Field(default=10.0, ge=0, le=3600)
 
     # Stored exports (POST /exports, `Prefer: respond-async`): their files go into this
     # folder (unset: `data_dir`/exports), or into an object store, `s3://bucket/prefix`

@@ -148,6 +148,8 @@ def describe(error: BaseException) -> str:
         return "it is shutting down or starting up"
     if isinstance(error, TimeoutError):
         return "it did not answer in time"
+    if getattr(error, "readable", False):
+        return str(error)  # the app's own words (audit.AuditUnavailable)
     if isinstance(error, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
                   | sa_exc.DBAPIError):
         return "it cannot be reached"

@@ -100,8 +100,13 @@ async def report(st: State) -> JSONResponse:
     body["exports"] = {"active": exports.active, "max": exports.limit,
                        "waiting": exports.waiting}
     busy = busy or exports.active >= exports.limit
+    if st.notices is not None:
+        # Off, tokens are read from the database on every request (slower, as exact).
+        body["caches"] = "on" if st.notices.live else "off"
     audit = st.audit
     body["audit"] = {"pending": audit.pending, "refused": audit.refused}
+    if audit.overflowed:
+        body["audit"]["overflowed"] = audit.overflowed
     if audit.last_refused is not None:
         body["audit"].update(last_refused=audit.last_refused.isoformat(timespec="seconds"),
                              last_refused_error=audit.last_refused_error)
@@ -119,6 +124,10 @@ async def report(st: State) -> JSONResponse:
     # host sharing the replica out of service would stop those too. Exports answer 503.
     if replica_problem is not None:
         body["status"] = "degraded"
+    elif audit.overflowing:
+        body["status"] = "degraded"
+        body["error"] = (f"{audit.pending} audit rows wait to be written: new downloads"
+                         " are refused until they are (see the log)")
     elif audit.refusing:
         # Downloads go on, but some go unaudited: an operator must look (the log has
         # each refused row at ERROR).

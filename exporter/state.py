@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.audit import Audit
 from exporter.config import Settings
+from exporter.notices import Notices
 
 if TYPE_CHECKING:
     from exporter.access.limits import Limiter
@@ -51,6 +52,9 @@ class State:
     # The object store the files are served from (EXPORTER_FILES_ROOT=s3://...); None:
     # they are in a folder.
     files_store: ObjectStore | None = None
+    # What other processes changed (tokens): the caches on the hot path trust
+    # themselves only while it listens.
+    notices: Notices | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:

@@ -148,6 +148,8 @@ MODULE_GROUPS = {
     "test_files_hardening.py": "files-hardening", "test_fuzz_api.py": "fuzz-api",
     # One SeaweedFS (the `s3` fixture) for the tests on object storage.
     "test_objects.py": "s3", "test_files_s3.py": "s3", "test_stored_s3.py": "s3",
+    # Two servers on a database of their own.
+    "test_hotpath.py": "hotpath",
 }
 
 

@@ -183,7 +183,7 @@ def test_basic_and_bearer_with_curl_and_wget(
     assert wget_refused.returncode == 6  # wget: authentication failure
 
 
-def test_revoke_takes_effect_at_once_in_every_server_process(
+def test_revoke_takes_effect_within_a_second_in_every_server_process(
     closed: Server, make_server: type[Server], database_url: str
 ) -> None:
     secret = new_token(database_url, f"short-lived-{os.getpid()}", "datasets:*")
@@ -194,8 +194,11 @@ def test_revoke_takes_effect_at_once_in_every_server_process(
         admin = new_token(database_url, f"revoker-{os.getpid()}", "admin")
         r = httpx.delete(closed.url + f"/tokens/{name}", headers=bearer(admin))
         assert r.status_code == 200 and r.json()["state"] == "revoked"
-        for s in (closed, second):
-            assert get(s, "/datasets/orders.csv?limit=1", secret).status_code == 401
+        # At once in the process that revoked it; in the other when the database's
+        # notification arrives (tokens are cached: access/token_cache.py).
+        assert get(closed, "/datasets/orders.csv?limit=1", secret).status_code == 401
+        assert wait_until(lambda: get(second, "/datasets/orders.csv?limit=1",
+                                      secret).status_code == 401, 1)
     listing = cli(database_url, "token", "list").stdout
     assert re.search(rf"^{name}\s.*revoked\s*$", listing, re.M), listing
     assert secret not in listing and "exp_" not in listing
@@ -206,7 +209,9 @@ def test_revoke_from_the_command_line(closed: Server, database_url: str) -> None
     secret = new_token(database_url, name, "datasets:orders")
     assert get(closed, "/datasets/orders.csv?limit=1", secret).status_code == 200
     cli(database_url, "token", "revoke", name)
-    assert get(closed, "/datasets/orders.csv?limit=1", secret).status_code == 401
+    # The server hears of it from the database (LISTEN/NOTIFY) within a second.
+    assert wait_until(
+        lambda: get(closed, "/datasets/orders.csv?limit=1", secret).status_code == 401, 1)
     # the name is free again
     again = new_token(database_url, name, "datasets:orders")
     assert get(closed, "/datasets/orders.csv?limit=1", again).status_code == 200

@@ -93,3 +93,25 @@ def test_parallel_benchmark_reports_the_goals_and_cpu(database_url: str, tmp_pat
     assert exporter[4].endswith(" s") and exporter[6].endswith(" s")
     assert exporter[5].endswith(" s") == local
     assert "Server peak RSS" not in report  # not measured in --quick
+
+
+# nginx is the reference and the X-Accel-Redirect proxy; curl the range clients.
+@pytest.mark.needs("nginx", "curl")
+def test_quick_burst_checks_every_byte_and_reports_the_goals(
+        tmp_path: Path, database_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    report = tmp_path / "burst.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.burst", "--quick", "--database-url", database_url,
+         "--work", str(tmp_path / "work"), "--out", str(report)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = report.read_text()
+    assert "## A burst of 60 connections for one 8 MiB file" in text
+    # Below its connection cap, every connection is admitted and gets its bytes.
+    assert "**exporter, as many as its connection cap, all at once**: 32 connections" in text
+    assert "32 admitted, 32 of them got their 206 with the right bytes" in text
+    assert "## 10 concurrent ranges of 256 KiB" in text
+    for goal in ("exporter against nginx (one worker)", "X-Accel-Redirect against nginx direct",
+                 "`--workers 2` against one worker", "server RSS at most 300 MB"):
+        assert goal in text, goal

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -17,13 +18,15 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter.access.admission import ExportWatch, held
-from exporter.db import driver_connection
+from exporter.db import driver_connection, libpq_url_of
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
+from exporter.notices import Notices
 from exporter.streaming import ResponseCut, run_detached, unless_disconnected
 
 log = logging.getLogger(__name__)
@@ -51,34 +54,46 @@ def new_instance_id() -> str:
 # First argument of the two-key advisory locks: other users of advisory locks in the
 # database (the migrations, say) do not collide with the slots' keys.
 _LOCK_SPACE = 0x5E0F
-_TAKE = sa.text(
-    "INSERT INTO exporter.slots (key, instance) SELECT :key, :instance"
-    " WHERE (SELECT count(*) FROM exporter.slots s JOIN exporter.instances i"
-    "        ON i.id = s.instance WHERE s.key = :key AND i.expires_at > now()) < :cap"
-    " RETURNING id")
 
 
 class Instance:
     """This process in the deployment: its row in `exporter.instances`, whose lease a
     heartbeat renews every third of `lease` seconds with one UPDATE, whatever the
     number of its slots. Its slots go with the row (at shutdown, or when another
-    process finds the lease expired)."""
+    process finds the lease expired).
+
+    The heartbeat has a connection of its own, outside the pool: a pool that every
+    download and export holds (a burst) made it wait, and the slots of a loaded
+    process lapsed under it."""
 
     def __init__(self, engine: AsyncEngine, instance_id: str, lease: float) -> None:
         self.id = instance_id
         self.lease = lease
         self._engine = engine
+        self._dsn = libpq_url_of(engine)
+        self._conn: Any = None  # asyncpg.Connection, the heartbeat's
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def renew(self) -> None:
         """Register or extend the lease (in the database's time: hosts' clocks differ)."""
-        async with self._engine.begin() as conn:
-            await conn.execute(sa.text(
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(
+                    self._dsn, server_settings={"application_name": "exporter lease"})
+            await self._conn.execute(
                 "INSERT INTO exporter.instances (id, host, pid, expires_at)"
-                " VALUES (:id, :host, :pid, now() + make_interval(secs => :lease))"
-                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"),
-                {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-                 "lease": self.lease})
+                " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
+                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at",
+                self.id, socket.gethostname(), os.getpid(), float(self.lease))
+        except BaseException:
+            # Cut mid-statement (a deadline), or broken: the next try starts afresh.
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def prune(self) -> int:
         """Forget the processes whose lease ran out, and their slots; how many."""
@@ -89,7 +104,7 @@ class Instance:
 
     async def start(self) -> None:
         try:
-            await self.renew()
+            await asyncio.wait_for(self.renew(), self.lease / 3)
         except Exception as error:
             # Serve anyway: /healthz says the database is down, the heartbeat retries.
             log.error("could not register this server process: %s", error)
@@ -110,6 +125,7 @@ class Instance:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        self._drop()
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(sa.text("DELETE FROM exporter.instances WHERE id = :id"),
@@ -120,10 +136,16 @@ class Instance:
 
 
 EXPORTS = "exports"
+# Seconds a process keeps the slots it took beyond what it uses now: its peak use of the
+# last LINGER seconds stays held, so that a stream of downloads takes and gives back
+# nothing in the database (EXPORTER_SLOT_LINGER).
+LINGER = 1.0
+# The channel on which a process that found no room for a key says so (the key's md5).
+WANTED = "exporter_slots_wanted"
 
 
 def _random_slot_id() -> int:
-    """An id for a slot taken by `_take_both`: above any the table's identity gives."""
+    """An id for a slot taken by `_insert_block`: above any the table's identity gives."""
     return (1 << 62) + secrets.randbits(61)
 
 
@@ -132,6 +154,25 @@ def _literal(text: str) -> str:
     if "\x00" in text:
         raise ValueError("PostgreSQL text cannot hold NUL bytes")
     return "'" + text.replace("'", "''") + "'"
+
+
+def _key_digest(key: str) -> str:
+    """As PostgreSQL's md5() of the key's text."""
+    return hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()
+
+
+class _Grant:
+    """The slots of one key that this process holds in the database, and how many of
+    them its downloads use: a download takes one of these with no round trip."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []  # the rows' ids
+        self.used = 0
+        self.peak = 0  # the most used at once since the last trim
+        self.taking: asyncio.Future[None] | None = None  # a block being taken
+        self.trim: asyncio.TimerHandle | None = None
+
+
 # The longest pause between two tries of a waiting request: a slot freed by another
 # process is seen within this.
 MAX_POLL = 0.5
@@ -198,19 +239,45 @@ class Lease:
 
 
 class Limiter:
-    """The deployment's slots: per principal (`limit_key`) and for exports."""
+    """The deployment's slots: per principal (`limit_key`) and for exports.
+
+    A key's slots are taken from the database in blocks (one, then doubling what this
+    process holds, within the cap, under the key's advisory lock) and used from memory:
+    a download takes and gives back one of them with no round trip. What is not used is
+    given back once it has not been needed for `linger` seconds. The cap holds exactly
+    (a slot is used only while its row counts); a process may hold up to its peak of the
+    last `linger` seconds unused, which others then wait for."""
 
     def __init__(self, engine: AsyncEngine, instance_id: str, per_principal: int,
-                 wait: float, max_exports: int, exports_wait: float) -> None:
+                 wait: float, max_exports: int, exports_wait: float, *,
+                 linger: float = LINGER, notices: Notices | None = None) -> None:
         self._engine = engine
         self.instance_id = instance_id
         self.per_principal = per_principal
         self.wait = wait
         self.exports_wait = exports_wait
+        self.linger = linger
         self.exports = LocalSlots(max_exports)
+        self._grants: dict[str, _Grant] = {}
         self._waiting: dict[str, int] = {}
         # Set (and replaced) when a slot of the key is given back here.
         self._freed: dict[str, asyncio.Event] = {}
+        if notices is not None:
+            notices.on(WANTED, self._wanted)
+
+    def _wanted(self, digest: str) -> None:
+        """Another process found no room for a key: what this one holds of it unused
+        goes back now, not after its linger."""
+        for key, grant in list(self._grants.items()):
+            if _key_digest(key) == digest:
+                grant.peak = grant.used
+                if grant.trim is not None:
+                    grant.trim.cancel()
+                self._trim(key, grant)
+
+    def held(self) -> int:
+        """Slots this process holds in the database, used or not (for /healthz)."""
+        return sum(len(g.held) for g in self._grants.values())
 
     async def acquire(self, receive: Receive, key: str, *, export: bool = False) -> Lease:
         """Take the principal's slot (and an export slot), waiting a little if need be,
@@ -220,8 +287,6 @@ class Limiter:
         went away meanwhile. Nothing is held then.
         """
         lease = Lease()
-        if export and await self._take_both(lease, f"principal {key}"):
-            return lease
         try:
             if not await self._take(lease, receive, f"principal {key}", self.per_principal,
                                     self.wait, WAITERS_PER_SLOT * self.per_principal):
@@ -255,154 +320,108 @@ class Limiter:
 
         lease.add(done)
 
-    async def _take_both(self, lease: Lease, key: str) -> bool:
-        """Both slots of an export in one round trip, when both caps have room (the
-        usual case); False, holding nothing, otherwise (then each is taken on its own,
-        with the waits that go with it)."""
-        ids = [_random_slot_id(), _random_slot_id()]
-        task = asyncio.ensure_future(self._insert_both(key, ids))
-        try:
-            taken = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            def give_back(t: asyncio.Task[bool]) -> None:
-                if not t.cancelled() and t.exception() is None and t.result():
-                    self._give_back(EXPORTS, ids[1])
-                    self._give_back(key, ids[0])
-
-            task.add_done_callback(give_back)
-            raise
-        if not taken:
-            return False
-        lease.add(lambda: self._give_back(key, ids[0]))
-        lease.add(lambda: self._give_back(EXPORTS, ids[1]))
-        self._count_export(lease)
-        return True
-
-    async def _insert_both(self, key: str, ids: list[int]) -> bool:
-        # One simple-protocol message of two statements: PostgreSQL runs them as one
-        # transaction (the locks held to its end), the second with a snapshot taken after
-        # the locks were granted, so that it counts every slot taken before. Literals,
-        # since the simple protocol takes no parameters: the keys are quoted, the rest
-        # are numbers. The principal's lock first, as every taker does.
-        k, e, i = _literal(key), _literal(EXPORTS), _literal(self.instance_id)
-        count = ("(SELECT count(*) FROM exporter.slots s JOIN exporter.instances i ON"
-                 " i.id = s.instance WHERE s.key = {} AND i.expires_at > now())")
-        # Its commit does not wait for the WAL to reach the disk (the slots are
-        # bookkeeping of live requests: after a crash the leases lapse anyway): a disk busy
-        # with another download's tail would otherwise delay this one's first byte.
-        statement = (
-            "SELECT set_config('synchronous_commit', 'off', true),"
-            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({k})),"
-            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({e}));"
-            f" INSERT INTO exporter.slots (id, key, instance)"
-            f" SELECT v.id, v.key, {i} FROM (VALUES ({ids[0]}::bigint, {k}),"
-            f" ({ids[1]}::bigint, {e})) AS v(id, key)"
-            f" WHERE {count.format(k)} < {int(self.per_principal)}"
-            f" AND {count.format(e)} < {int(self.exports.limit)}")
-        try:
-            async with self._engine.connect() as conn:
-                driver: Any = await driver_connection(conn)
-                status = await driver.execute(statement)
-        except DATABASE_ERRORS as error:
-            raise unavailable(error) from error
-        return str(status) == "INSERT 0 2"
-
     async def extra_exports(self, lease: Lease, wanted: int) -> int:
         """Up to `wanted` more export slots for `lease` (the extra backends of a parallel
-        export, exports/parallel.py), without waiting: only as many as leave half of the
+        export, exports/parallel.py), without waiting: only while they leave half of the
         export cap free, so that they never make another export wait. How many it got
         (0 when the database cannot say: the export is then one COPY)."""
-        if wanted <= 0:
-            return 0
-        ids = [_random_slot_id() for _ in range(wanted)]
-        task = asyncio.ensure_future(self._insert_extra(ids))
-        try:
-            got = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            def give_back(t: asyncio.Task[int]) -> None:
-                if not t.cancelled() and t.exception() is None:
-                    for slot in ids[:t.result()]:
-                        self._give_back(EXPORTS, slot)
-
-            task.add_done_callback(give_back)
-            raise
-        for slot in ids[:got]:
-            lease.add(lambda slot=slot: self._give_back(EXPORTS, slot))  # type: ignore[misc]
-        return got
-
-    async def _insert_extra(self, ids: list[int]) -> int:
-        # As _insert_both: one message, the lock first, no wait for the WAL flush.
-        e, i = _literal(EXPORTS), _literal(self.instance_id)
         room = int(self.exports.limit) // 2
-        statement = (
-            "SELECT set_config('synchronous_commit', 'off', true),"
-            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({e}));"
-            " INSERT INTO exporter.slots (id, key, instance)"
-            f" SELECT v.id, {e}, {i} FROM unnest(ARRAY[{', '.join(map(str, ids))}]::bigint[])"
-            " WITH ORDINALITY AS v(id, n)"
-            f" WHERE v.n <= {room} - (SELECT count(*) FROM exporter.slots s JOIN"
-            " exporter.instances i ON i.id = s.instance"
-            f" WHERE s.key = {e} AND i.expires_at > now())")
+        got = 0
         try:
-            async with self._engine.connect() as conn:
-                driver: Any = await driver_connection(conn)
-                status = str(await driver.execute(statement))
-        except DATABASE_ERRORS as error:
-            log.warning("no extra export slots (one COPY then): %s", error)
-            return 0
-        return int(status.split()[-1]) if status.startswith("INSERT") else 0
+            while got < wanted and await self._try(EXPORTS, room):
+                lease.add(lambda: self._give_back(EXPORTS))
+                got += 1
+        except ApiError as error:
+            log.warning("no extra export slots (one COPY then): %s", error.message)
+        return got
 
     async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
-        slot = await self._try(key, cap)
-        if slot is None:
+        taken = await self._try(key, cap)
+        if not taken:
             waiting = self._waiting.get(key, 0)
             if wait <= 0 or waiting >= max_waiting:
                 return False
             self._waiting[key] = waiting + 1
             try:
-                slot = await unless_disconnected(self._wait_for(key, cap, wait), receive)
+                taken = await unless_disconnected(self._wait_for(key, cap, wait), receive)
             finally:
                 self._waiting[key] -= 1
                 if not self._waiting[key]:
                     del self._waiting[key]
                     self._freed.pop(key, None)
-            if slot is None:
+            if not taken:
                 return False
-        taken = slot
-        lease.add(lambda: self._give_back(key, taken))
+        lease.add(lambda: self._give_back(key))
         return True
 
-    async def _try(self, key: str, cap: int) -> int | None:
-        """A slot's id, or None if `cap` are taken. Cancelling the caller never leaks a
-        slot: a take already under way finishes, and what it took is given back."""
-        task = asyncio.ensure_future(self._insert(key, cap))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            def give_back(t: asyncio.Task[int | None]) -> None:
-                if not t.cancelled() and t.exception() is None and (slot := t.result()):
-                    self._give_back(key, slot)
+    async def _try(self, key: str, cap: int) -> bool:
+        """One of the key's slots: one this process holds, else a block more from the
+        database. False if `cap` are taken. Cancelling the caller never leaks a slot: a
+        block being taken still comes, and is given back if unused."""
+        grant = self._grants.setdefault(key, _Grant())
+        tried = False
+        while True:
+            if grant.used < len(grant.held):
+                grant.used += 1
+                grant.peak = max(grant.peak, grant.used)
+                return True
+            if grant.taking is None:
+                want = min(max(1, len(grant.held)), cap - len(grant.held))
+                if tried or want <= 0:
+                    self._forget_if_idle(key, grant)
+                    return False
+                tried = True
+                grant.taking = asyncio.ensure_future(self._grow(key, grant, cap, want))
+                # Its failure is every waiter's 503; none left to hear it is no warning.
+                grant.taking.add_done_callback(
+                    lambda t: None if t.cancelled() else t.exception())
+            # Shared by every request that finds no room meanwhile (one round trip).
+            await asyncio.shield(grant.taking)
 
-            task.add_done_callback(give_back)
-            raise
-
-    async def _insert(self, key: str, cap: int) -> int | None:
+    async def _grow(self, key: str, grant: _Grant, cap: int, want: int) -> None:
         try:
-            async with self._engine.begin() as conn:
-                # Takers of one key one after the other (the count then the insert).
-                await conn.execute(
-                    sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
-                    {"space": _LOCK_SPACE, "key": key})
-                slot = await conn.scalar(_TAKE, {"key": key, "instance": self.instance_id,
-                                                 "cap": cap})
+            grant.held += await self._insert_block(key, cap, want)
+        finally:
+            grant.taking = None
+            self._arm_trim(key, grant)
+
+    async def _insert_block(self, key: str, cap: int, want: int) -> list[int]:
+        """Up to `want` slots of `key`, as many as the cap leaves room for: their ids.
+
+        One simple-query message of three statements, run by PostgreSQL as one
+        transaction (the lock held to its end), the others with snapshots taken after the
+        lock was granted, so that they count every slot taken before. Literals, since the simple
+        protocol takes no parameters: the keys are quoted, the rest are numbers."""
+        ids = [_random_slot_id() for _ in range(want)]
+        k, i = _literal(key), _literal(self.instance_id)
+        count = ("(SELECT count(*) FROM exporter.slots s JOIN exporter.instances i"
+                 f" ON i.id = s.instance WHERE s.key = {k} AND i.expires_at > now())")
+        # Its commit does not wait for the WAL to reach the disk (the slots are
+        # bookkeeping of live requests: after a crash the leases lapse anyway): a disk
+        # busy with another download's tail would otherwise delay this one's first byte.
+        statement = (
+            "SELECT set_config('synchronous_commit', 'off', true),"
+            f" pg_advisory_xact_lock({_LOCK_SPACE}, hashtext({k}));"
+            # No room: the processes that hold slots of the key unused give them back
+            # (delivered at the commit, to every process but the ones that hold none).
+            f" SELECT pg_notify('{WANTED}', md5({k})) WHERE {count} >= {int(cap)};"
+            f" INSERT INTO exporter.slots (id, key, instance)"
+            f" SELECT v.id, {k}, {i} FROM unnest(ARRAY[{','.join(map(str, ids))}]::bigint[])"
+            f" WITH ORDINALITY AS v(id, n)"
+            f" WHERE v.n <= {int(cap)} - {count}")
+        try:
+            async with self._engine.connect() as conn:
+                driver: Any = await driver_connection(conn)
+                status = await driver.execute(statement)
         except DATABASE_ERRORS as error:
             # A vanished unix socket is a plain OSError, which the app's handlers leave
             # alone (a file that cannot be read is no database failure): say it here.
             raise unavailable(error) from error
-        return None if slot is None else int(slot)
+        # The first n of the ordinality: "INSERT 0 n", the last statement's status.
+        return ids[:int(str(status).rsplit(" ", 1)[-1])]
 
-    async def _wait_for(self, key: str, cap: int, wait: float) -> int | None:
+    async def _wait_for(self, key: str, cap: int, wait: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         pause = 0.05
@@ -412,21 +431,48 @@ class Limiter:
                 async with asyncio.timeout(min(pause, remaining)):
                     await freed.wait()
             pause = min(2 * pause, MAX_POLL)
-            if (slot := await self._try(key, cap)) is not None:
-                return slot
-        return None
+            if await self._try(key, cap):
+                return True
+        return False
 
-    def _give_back(self, key: str, slot: int) -> asyncio.Task[None]:
-        return run_detached(self._delete(key, slot))
+    def _give_back(self, key: str) -> None:
+        grant = self._grants[key]
+        grant.used -= 1
+        if (freed := self._freed.pop(key, None)) is not None:
+            freed.set()
+        self._arm_trim(key, grant)
 
-    async def _delete(self, key: str, slot: int) -> None:
+    def _arm_trim(self, key: str, grant: _Grant) -> None:
+        if grant.trim is None and grant.used < len(grant.held):
+            grant.trim = asyncio.get_running_loop().call_later(
+                self.linger, self._trim, key, grant)
+
+    def _trim(self, key: str, grant: _Grant) -> None:
+        """Give back what the last `linger` seconds did not need."""
+        grant.trim = None
+        keep = len(grant.held) if grant.taking is not None else max(grant.used, grant.peak)
+        grant.peak = grant.used
+        if (surplus := len(grant.held) - keep) > 0:
+            ids = grant.held[-surplus:]
+            del grant.held[-surplus:]
+            run_detached(self._delete(key, ids))
+        self._forget_if_idle(key, grant)
+        self._arm_trim(key, grant)
+
+    def _forget_if_idle(self, key: str, grant: _Grant) -> None:
+        if (not grant.held and not grant.used and grant.taking is None
+                and self._grants.get(key) is grant):
+            del self._grants[key]
+
+    async def _delete(self, key: str, ids: list[int]) -> None:
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(sa.text("DELETE FROM exporter.slots WHERE id = :id"),
-                                   {"id": slot})
+                await conn.execute(sa.text("DELETE FROM exporter.slots WHERE id = ANY(:ids)"),
+                                   {"ids": ids})
         except Exception as error:
             # Held until this process stops: a cap a little lower, never a higher one.
-            log.warning("could not give back download slot %s of %s: %s", slot, key, error)
+            log.warning("could not give back %d download slots of %s: %s", len(ids), key,
+                        error)
         finally:
             if (freed := self._freed.pop(key, None)) is not None:
                 freed.set()

@@ -1,13 +1,15 @@
 """API tokens: shown once, kept only as a SHA-256 hash, checked on every request.
 
-Checked in the database each time (no cache), so a revoked or expired token stops
-working at once in every server process.
+Checked from memory once known (access/token_cache.py: a revoked token, or a narrowed
+scope, stops working in every server process as soon as the database's notification
+arrives); in the database while the process cannot hear the notifications.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -19,7 +21,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.access.principal import TOKEN, Principal, check_scope, token_limit_key
+from exporter.access.token_cache import TokenCache
+from exporter.streaming import run_detached
 from exporter.tables import tokens
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "exp_"
 USED_EVERY = 60.0  # seconds between the writes of a token's last_used_at
@@ -54,9 +60,10 @@ class TokenInfo:
 
 
 class TokenStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, cache: TokenCache | None = None) -> None:
         self._engine = engine
         self._used: dict[int, float] = {}  # token id: when this process last wrote it
+        self._cache = cache or TokenCache(None, 0)
 
     async def create(self, name: str, scopes: list[str], expires_in: timedelta | None) -> str:
         if not is_token_name(name):
@@ -86,6 +93,8 @@ class TokenStore:
                 sa.update(tokens).where(tokens.c.name == name, tokens.c.revoked_at.is_(None))
                 .values(revoked_at=sa.func.now())
             )
+        # This process at once; the others when the trigger's notification arrives.
+        self._cache.forget()
         return bool(result.rowcount)
 
     async def list(self) -> list[TokenInfo]:
@@ -101,44 +110,74 @@ class TokenStore:
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
             return None
         digest = hash_secret(secret)
+        known = self._cache.get(digest)
+        if isinstance(known, Principal):
+            self._mark_used(known)
+            return known
+        generation = self._cache.generation
         async with self._engine.connect() as conn:
             # One statement, no transaction around it: BEGIN and COMMIT were two of the
             # five round trips every request with a token paid.
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             row = (await conn.execute(
-                sa.select(tokens.c.id, tokens.c.name, tokens.c.scopes, tokens.c.secret_hash)
+                sa.select(tokens.c.id, tokens.c.name, tokens.c.scopes, tokens.c.secret_hash,
+                          tokens.c.expires_at)
                 .where(tokens.c.secret_hash == digest, tokens.c.revoked_at.is_(None),
                        sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > sa.func.now()))
             )).first()
-            if row is None or not hmac.compare_digest(row.secret_hash, digest):
-                return None
-            # Written at most once a minute per token (the WHERE, for every process), and
-            # tried at most once a minute per token by this process, not on every request.
-            now = time.monotonic()
-            if now - self._used.get(row.id, -USED_EVERY) >= USED_EVERY:
-                self._used[row.id] = now
+        if row is None or not hmac.compare_digest(row.secret_hash, digest):
+            return None
+        principal = _principal(row)
+        # Unknown secrets are not kept: guessing them must not fill the memory.
+        self._cache.put(digest, principal, row.expires_at, generation)
+        self._mark_used(principal)
+        return principal
+
+    def _mark_used(self, principal: Principal) -> None:
+        """Write last_used_at at most once a minute per token (the WHERE, for every
+        process), tried at most once a minute per token by this process, beside the
+        request rather than on its way."""
+        token_id = principal.token_id
+        now = time.monotonic()
+        if token_id is None or now - self._used.get(token_id, -USED_EVERY) < USED_EVERY:
+            return
+        self._used[token_id] = now
+        run_detached(self._write_used(token_id))
+
+    async def _write_used(self, token_id: int) -> None:
+        try:
+            async with self._engine.begin() as conn:
                 await conn.execute(
                     sa.update(tokens).where(
-                        tokens.c.id == row.id,
+                        tokens.c.id == token_id,
                         sa.or_(tokens.c.last_used_at.is_(None),
                                tokens.c.last_used_at
                                < sa.func.now() - sa.text("interval '1 minute'")),
                     ).values(last_used_at=sa.func.now())
                 )
-        return _principal(row)
+        except Exception as error:
+            log.warning("could not write when token #%s was last used: %s", token_id, error)
 
     async def by_name(self, name: str) -> Principal | None:
         """The active token of that name (a signed link acts with its maker's scopes, and
         checks that its maker is still this very token by `token_id`)."""
         if not is_token_name(name):
             return None
+        known = self._cache.get(("name", name))
+        if isinstance(known, Principal):
+            return known
+        generation = self._cache.generation
         async with self._engine.connect() as conn:
             row: Any = (await conn.execute(
-                sa.select(tokens.c.id, tokens.c.name, tokens.c.scopes)
+                sa.select(tokens.c.id, tokens.c.name, tokens.c.scopes, tokens.c.expires_at)
                 .where(tokens.c.name == name, tokens.c.revoked_at.is_(None),
                        sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > sa.func.now()))
             )).first()
-        return None if row is None else _principal(row)
+        if row is None:
+            return None
+        principal = _principal(row)
+        self._cache.put(("name", name), principal, row.expires_at, generation)
+        return principal
 
 
 def _principal(row: Any) -> Principal:

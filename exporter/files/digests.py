@@ -1,7 +1,9 @@
 """The SHA-256 of each file, kept in the database and served as `Repr-Digest` (RFC 9530).
 
 An entry names the file's size, mtime and inode; it is used only while all three
-still match, so a file changed since is never described by its old digest.
+still match, so a file changed since is never described by its old digest. A download
+reads it from memory: what the database said of a file's key, digest or none, is kept
+in this process (a digest for as long as the key holds, none for MISS_TTL seconds).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import base64
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,17 +60,41 @@ def hash_file(path: Path, chunk_size: int, progress: Callable[[int], None]) -> b
 
 # Digests known in this process, by database and file key: a hit saves a pool check-out
 # and a query on every request for a file already hashed. As safe as the table itself,
-# whose rows are valid only for this very key; misses are not kept, so a digest computed
-# by another process (or `exporter digest`) is seen at once.
+# whose rows are valid only for this very key.
 _KNOWN: OrderedDict[tuple[str, FileKey], bytes] = OrderedDict()
 KNOWN_MAX = 4096
+# Keys the database had no digest for, and when it said so: range requests never hash
+# their file, and asked the database on every request. A digest computed by another
+# process (or `exporter digest`) is seen after at most MISS_TTL seconds; one computed
+# here at once.
+_MISSED: OrderedDict[tuple[str, FileKey], float] = OrderedDict()
+MISS_TTL = 5.0
 
 
 def _remember(where: str, key: FileKey, sha256: bytes) -> None:
+    _MISSED.pop((where, key), None)
     _KNOWN[where, key] = sha256
     _KNOWN.move_to_end((where, key))
     while len(_KNOWN) > KNOWN_MAX:
         _KNOWN.popitem(last=False)
+
+
+def _missed(where: str, key: FileKey) -> bool:
+    """Whether the database had no digest for this key less than MISS_TTL seconds ago."""
+    said = _MISSED.get((where, key))
+    if said is None:
+        return False
+    if time.monotonic() - said < MISS_TTL:
+        return True
+    del _MISSED[where, key]
+    return False
+
+
+def _remember_miss(where: str, key: FileKey) -> None:
+    _MISSED[where, key] = time.monotonic()
+    _MISSED.move_to_end((where, key))
+    while len(_MISSED) > KNOWN_MAX:
+        _MISSED.popitem(last=False)
 
 
 class DigestStore:
@@ -96,9 +123,13 @@ class DigestStore:
         known = _KNOWN.get((self._where, key))
         if known is not None:
             return known
+        if _missed(self._where, key):
+            return None
         found = (await self.get_many([key])).get(key.path)
         if found is not None:
             _remember(self._where, key, found)
+        else:
+            _remember_miss(self._where, key)
         return found
 
     async def lookup(self, key: FileKey) -> bytes | None:
