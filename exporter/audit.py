@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter import metrics
 from exporter.tables import APP_SCHEMA, downloads
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Audit:
             raise AuditUnavailable(f"{self.pending} audit rows wait to be written")
         d.started_at = datetime.now(UTC)
         self._starts.append(d)
+        metrics.download_started(d.kind)
         self._kick()
 
     async def finish(
@@ -154,6 +156,7 @@ class Audit:
         if d.started_at is None:  # never queued (refused, or no start at all)
             return
         log_finished(d, status, http_status)
+        metrics.download_ended(d.kind, status, d.target, d.rows)
         self._ends[id(d)] = (d, _End(status, http_status, error, d.rows, d.bytes,
                                      datetime.now(UTC)))
         self._kick()

@@ -15,7 +15,7 @@ from exporter.tables import APP_SCHEMA
 
 # The first path segments the app's routes use (see exporter/server/prefix.py).
 ROUTE_NAMES = frozenset({"datasets", "files", "links", "downloads", "tokens", "session",
-                         "healthz", "docs", "redoc", "openapi.json", "exports"})
+                         "healthz", "docs", "redoc", "openapi.json", "exports", "metrics"})
 
 
 class Settings(BaseSettings):
@@ -245,6 +245,27 @@ class Settings(BaseSettings):
     # bytes from an `internal` location (with sendfile, Range and conditions of its own).
     files_accel_redirect: str = ""
 
+    # Metrics for Prometheus (docs/deploy.md, "Metrics"): GET /metrics answers admins'
+    # tokens; false turns it off (and the counting per request with it).
+    metrics: bool = True
+    # An address ("127.0.0.1:9100", "[::1]:9100") where `exporter serve` answers /metrics
+    # without authentication, for a Prometheus that reaches it and no one else (as Caddy's
+    # admin endpoint). With --workers N it gives every worker's values added up.
+    metrics_bind: str = ""
+    # Seconds between two readings of what the metrics sample (the pool, the audit queue,
+    # the stored exports' states and bytes, one small query) in each server process.
+    metrics_interval: float = Field(default=5.0, gt=0, le=3600)
+    # Export counts and rows per dataset name (exporter_dataset_*): one series per
+    # dataset, so only where the datasets are few and their names no secret.
+    metrics_dataset_labels: bool = False
+    # OpenTelemetry traces, one span per request (not one per chunk: a streamed download
+    # has thousands): "otlp" sends them where OTEL_EXPORTER_OTLP_ENDPOINT says (the
+    # `tracing` extra), "console" writes one JSON object per span and line to
+    # `tracing_file` (unset: standard output). OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER
+    # and the other OTEL_* variables apply.
+    tracing: Literal["off", "otlp", "console"] = "off"
+    tracing_file: Path | None = None
+
     @field_validator("root_path")
     @classmethod
     def _root_path(cls, value: str) -> str:
@@ -300,6 +321,18 @@ class Settings(BaseSettings):
         if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", value):
             raise ValueError("EXPORTER_FILES_ACCEL_REDIRECT is nginx's internal location, such"
                              " as /internal/ (starting and ending with /)")
+        return value
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _metrics_bind(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        found = re.fullmatch(r"(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9._-]*):([0-9]{1,5})", value)
+        if not found or not 1 <= int(found[2]) <= 65535:
+            raise ValueError("EXPORTER_METRICS_BIND is an address and a port, such as"
+                             " 127.0.0.1:9100 or [::1]:9100")
         return value
 
     @field_validator("exports_retention", "exports_resume_retention",

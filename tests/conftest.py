@@ -143,6 +143,7 @@ MODULE_GROUPS = {
     "test_access.py": "access", "test_admission.py": "admission", "test_corpus.py": "corpus",
     "test_disclosure.py": "disclosure", "test_docs_commands.py": "docs",
     "test_files_hardening.py": "files-hardening", "test_fuzz_api.py": "fuzz-api",
+    "test_metrics.py": "metrics",
 }
 
 

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from exporter import metrics
 from exporter.access.admission import ExportWatch, held
 from exporter.db import driver_connection
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
@@ -120,6 +121,11 @@ class Instance:
 
 
 EXPORTS = "exports"
+
+
+def _cap(key: str) -> str:
+    """A slot's cap, as the metrics name it."""
+    return EXPORTS if key == EXPORTS else "principal"
 
 
 def _random_slot_id() -> int:
@@ -227,7 +233,7 @@ class Limiter:
                                     self.wait, WAITERS_PER_SLOT * self.per_principal):
                 raise ApiError(
                     429, f"at most {self.per_principal} downloads at a time; try again shortly",
-                    headers={"Retry-After": RETRY_AFTER})
+                    headers={"Retry-After": RETRY_AFTER}, reason="principal_cap")
             if not export:
                 return lease
             exports = self.exports
@@ -239,7 +245,8 @@ class Limiter:
                 exports.waiting -= 1
             if not got:
                 raise ApiError(503, "the server is running as many exports as it may;"
-                               " try again shortly", headers={"Retry-After": RETRY_AFTER})
+                               " try again shortly", headers={"Retry-After": RETRY_AFTER},
+                               reason="export_cap")
         except BaseException:
             lease.release()
             raise
@@ -305,7 +312,11 @@ class Limiter:
                 status = await driver.execute(statement)
         except DATABASE_ERRORS as error:
             raise unavailable(error) from error
-        return str(status) == "INSERT 0 2"
+        if str(status) == "INSERT 0 2":
+            metrics.slot_taken(_cap(key))
+            metrics.slot_taken(_cap(EXPORTS))
+            return True
+        return False
 
     async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
@@ -355,7 +366,10 @@ class Limiter:
             # A vanished unix socket is a plain OSError, which the app's handlers leave
             # alone (a file that cannot be read is no database failure): say it here.
             raise unavailable(error) from error
-        return None if slot is None else int(slot)
+        if slot is None:
+            return None
+        metrics.slot_taken(_cap(key))
+        return int(slot)
 
     async def _wait_for(self, key: str, cap: int, wait: float) -> int | None:
         loop = asyncio.get_running_loop()
@@ -383,6 +397,7 @@ class Limiter:
             # Held until this process stops: a cap a little lower, never a higher one.
             log.warning("could not give back download slot %s of %s: %s", slot, key, error)
         finally:
+            metrics.slot_given_back(_cap(key))
             if (freed := self._freed.pop(key, None)) is not None:
                 freed.set()
 
