@@ -392,7 +392,12 @@ def registry() -> CollectorRegistry:
 def exposition(accept: str | None) -> tuple[bytes, str]:
     """The text format (or OpenMetrics, if `accept` asks for it) and its media type.
     Reads files in multiprocess mode: run it in a thread."""
-    encoder, media_type = choose_encoder(accept or "")
+    try:
+        encoder, media_type = choose_encoder(accept or "")
+    except (TypeError, ValueError):
+        # prometheus-client compares an OpenMetrics `version=abc` as a number and fails:
+        # such an Accept gets the text format, as one that asks for nothing.
+        encoder, media_type = choose_encoder("")
     return encoder(registry()), media_type
 
 

@@ -92,6 +92,11 @@ def test_metrics_are_for_admins_and_say_what_one_process_did(server: Server, adm
             - value(before, "exporter_http_requests_total", **route)) == 1
     assert (value(after, "exporter_sent_bytes_total", kind="file")
             - value(before, "exporter_sent_bytes_total", kind="file")) == len(body)
+    # An OpenMetrics version that is no number: the text format (it was a 500).
+    odd = httpx.get(server.url + "/metrics", headers={
+        "Authorization": f"Bearer {admin}", "Accept": "application/openmetrics-text;version=abc"})
+    assert odd.status_code == 200, odd.status_code
+    assert odd.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     # One process: its own values, and the process collector's beside them.
     assert value(after, "process_cpu_seconds_total") > 0
     assert value(after, "exporter_db_pool_connections_max", pool="primary") == 30
