@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Settings
-from tests.support import Server, fetch, free_port, wait_until
+from tests.support import ROOT, Server, fetch, free_port, wait_until
 from tests.test_access import new_token
 
 MiB = 1024 * 1024
@@ -208,3 +210,13 @@ def test_counters_move_by_what_was_sent_across_two_workers(
     assert wait_until(lambda: len(spans()) >= done, 10)
     time.sleep(0.2)  # the test is that no more come: a flush interval and more
     assert len(spans()) == done, [span["name"] for span in spans()]
+
+    # The workers' folder: a temporary one of `exporter serve`'s, gone once it stopped.
+    folders = {child.environ().get("PROMETHEUS_MULTIPROC_DIR")
+               for child in psutil.Process(workers.pid).children()}
+    assert len(folders) == 1
+    folder = Path(str(folders.pop()))
+    assert folder.is_dir() and folder.is_relative_to(tempfile.gettempdir())
+    assert not folder.is_relative_to(ROOT)
+    workers.stop()
+    assert not folder.exists()
