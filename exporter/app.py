@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter import __version__, health
+from exporter import __version__, health, metrics, tracing
 from exporter.access import routes as access_routes
 from exporter.access.limits import DownloadLimits, Instance, Limiter, new_instance_id
 from exporter.access.links import LinkKeys, redact_query
@@ -49,6 +49,7 @@ from exporter.stored.service import StoredService
 from exporter.stored.storages import storage_for
 from exporter.streaming import ClientLeft, wait_detached
 from exporter.web import page
+from exporter.web import routes as web_routes
 from exporter.web.cors import add_cors
 
 log = logging.getLogger(__name__)
@@ -185,9 +186,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.exporter.resume_copies = ServedResumeCopies(
                 stored, files_of(app.state.exporter))
         await stored.start_cleanup()
+        sampler = metrics.Sampler(
+            metrics.Sources(engine, replica, app.state.exporter.audit,
+                            settings.exports_max_bytes), settings.metrics_interval)
+        if settings.metrics:
+            sampler.start()
         if replica is not None:
             log.info("exports read from the read replica (EXPORTER_REPLICA_URL)")
         yield
+        await sampler.stop()
         # Exports cut by the shutdown end in detached tasks that still need the pool
         # (connections to let go, audit rows to close). uvicorn starts this before the
         # requests it cancelled have run their clean-up: those are ended here.
@@ -209,14 +216,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await engine.dispose()
         if replica is not None:
             await replica.dispose()
+        if end_tracing is not None:
+            end_tracing()
 
     redact_secrets_in_access_log()
+    metrics.configure(dataset_labels=settings.metrics_dataset_labels)
     app = FastAPI(title="exporter", version=__version__, lifespan=lifespan)
     app.add_middleware(DownloadLimits, bytes_per_second=lambda: settings.max_bytes_per_second)
     app.add_middleware(OneLineStartupRefusal)
     # Outermost, so that preflights never take a download slot and every answer of the
     # routes, errors included, gets its CORS headers.
     add_cors(app, settings.cors_origins)
+    if settings.metrics:
+        # Inside RootPath, which copies the scope: the route the router notes is seen.
+        app.add_middleware(metrics.RequestMetrics)
     # Outermost of all: every layer inside sees the prefix in place.
     app.add_middleware(RootPath, root_path=settings.root_path)
     # Around that, so that its lines name the path as uvicorn's own do.
@@ -224,6 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        metrics.refused(error.status, error.reason)
         return error.response()
 
     @app.exception_handler(ClientLeft)
@@ -248,7 +262,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         @app.exception_handler(kind)
         async def database_failed(request: Request, error: Exception) -> JSONResponse:
             log.warning("%s %s: database error: %s", request.method, request.url.path, error)
-            return database_error(error).response()
+            answer = database_error(error)
+            metrics.refused(answer.status, answer.reason)
+            return answer.response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -263,4 +279,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(downloads.router)
     app.include_router(file_routes.router)
     app.include_router(stored_routes.router)
+    if settings.metrics:
+        app.include_router(web_routes.router)
+    # Last: the instrumentation wraps the whole app, middleware included.
+    end_tracing = tracing.instrument(app, settings)
     return app

@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter import metrics
 from exporter.tables import APP_SCHEMA, downloads
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class Audit:
                         self.overflowed)
         d.started_at = datetime.now(UTC)
         self._starts.append(d)
+        metrics.download_started(d.kind)
         self._kick()
 
     def _overflow(self) -> None:
@@ -189,6 +191,7 @@ class Audit:
         if d.started_at is None:  # never queued (refused, or no start at all)
             return
         log_finished(d, status, http_status)
+        metrics.download_ended(d.kind, status, d.target, d.rows)
         self._ends[id(d)] = (d, _End(status, http_status, error, d.rows, d.bytes,
                                      datetime.now(UTC)))
         self._kick()

@@ -5,6 +5,7 @@ module: it imports them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import logging
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -110,7 +112,7 @@ def serve(
     if (settings.embedded and embedded.installed()
             and not (settings.pgdata / "PG_VERSION").exists()):
         log.info("%s", first_start(settings))
-    with database(settings, "serve") as url:
+    with served_metrics(settings, workers), database(settings, "serve") as url:
         migrate(url)
         if settings.embedded:
             asyncio.run(exports_cli.load_demo(settings, url, settings.demo_rows,
@@ -149,6 +151,31 @@ def serve(
             timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
             **server_limits(settings),
         )
+
+
+@contextlib.contextmanager
+def served_metrics(settings: Settings, workers: int) -> Iterator[None]:
+    """The workers' shared metrics folder (several workers) and EXPORTER_METRICS_BIND,
+    for as long as the server runs."""
+    from exporter.server.metrics import MULTIPROC_DIR, multiprocess_folder, start_bind
+
+    if not settings.metrics:
+        yield
+        return
+    given = os.environ.get(MULTIPROC_DIR)
+    if given and not os.path.isdir(given):
+        fail(f"exporter serve: {MULTIPROC_DIR} ({given}) is not a folder")
+    with multiprocess_folder(workers):
+        try:
+            stop = start_bind(settings.metrics_bind)
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            fail(f"exporter serve: cannot serve the metrics on {settings.metrics_bind}"
+                 f" ({reason.lower()}): choose another EXPORTER_METRICS_BIND")
+        try:
+            yield
+        finally:
+            stop()
 
 
 def listenable(host: str, port: int, *, given: bool) -> None:

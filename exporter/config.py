@@ -15,7 +15,7 @@ from exporter.tables import APP_SCHEMA
 
 # The first path segments the app's routes use (see exporter/server/prefix.py).
 ROUTE_NAMES = frozenset({"datasets", "files", "links", "downloads", "tokens", "session",
-                         "healthz", "docs", "redoc", "openapi.json", "exports"})
+                         "healthz", "docs", "redoc", "openapi.json", "exports", "metrics"})
 
 
 class Settings(BaseSettings):
@@ -289,6 +289,27 @@ class Settings(BaseSettings):
     files_redirect: Literal["", "presigned"] = ""
     files_redirect_expiry: int = Field(default=300, ge=1, le=7 * 24 * 3600)
 
+    # Metrics for Prometheus (docs/deploy.md, "Metrics"): GET /metrics answers admins'
+    # tokens; false turns it off (and the counting per request with it).
+    metrics: bool = True
+    # An address ("127.0.0.1:9100", "[::1]:9100") where `exporter serve` answers /metrics
+    # without authentication, for a Prometheus that reaches it and no one else (as Caddy's
+    # admin endpoint). With --workers N it gives every worker's values added up.
+    metrics_bind: str = ""
+    # Seconds between two readings of what the metrics sample (the pool, the audit queue,
+    # the stored exports' states and bytes, one small query) in each server process.
+    metrics_interval: float = Field(default=5.0, gt=0, le=3600)
+    # Export counts and rows per dataset name (exporter_dataset_*): one series per
+    # dataset, so only where the datasets are few and their names no secret.
+    metrics_dataset_labels: bool = False
+    # OpenTelemetry traces, one span per request (not one per chunk: a streamed download
+    # has thousands): "otlp" sends them where OTEL_EXPORTER_OTLP_ENDPOINT says (the
+    # `tracing` extra), "console" writes one JSON object per span and line to
+    # `tracing_file` (unset: standard output). OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER
+    # and the other OTEL_* variables apply.
+    tracing: Literal["off", "otlp", "console"] = "off"
+    tracing_file: Path | None = None
+
     @field_validator("root_path")
     @classmethod
     def _root_path(cls, value: str) -> str:
@@ -367,6 +388,18 @@ class Settings(BaseSettings):
             from exporter.objects import StoreUrl  # obstore, only for those who use it
 
             return str(StoreUrl.parse(value))  # ValueError says what is wrong
+        return value
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _metrics_bind(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        found = re.fullmatch(r"(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9._-]*):([0-9]{1,5})", value)
+        if not found or not 1 <= int(found[2]) <= 65535:
+            raise ValueError("EXPORTER_METRICS_BIND is an address and a port, such as"
+                             " 127.0.0.1:9100 or [::1]:9100")
         return value
 
     @field_validator("exports_retention", "exports_resume_retention",

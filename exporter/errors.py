@@ -17,6 +17,8 @@ import asyncpg
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
+from exporter.audit import AuditUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -53,11 +55,13 @@ class ApiError(Exception):
     def __init__(
         self, status: int, message: str, *, parameter: str | None = None,
         headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
-        code: str | None = None, hint: str | None = None,
+        code: str | None = None, hint: str | None = None, reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        # Why a 429 or 503 refused the request, in one word (exporter_refused_total).
+        self.reason = reason
         self.parameter = parameter
         self.code = code or default_code(status)
         self.hint = hint
@@ -87,8 +91,11 @@ def unavailable(error: BaseException, what: str = "the database") -> ApiError:
     # The driver's own text may name the database user, host or query: it goes to the log.
     log.warning("%s unavailable: %s: %s", what, type(error).__name__, error)
     waited = isinstance(_driver_error(error), sa_exc.TimeoutError)
+    reason = ("pool" if waited else "audit" if isinstance(error, AuditUnavailable)
+              else "replica" if "replica" in what else "database")
     return ApiError(503, f"{what} is unavailable: {describe(error)}",
-                    headers={"Retry-After": "5"}, code=POOL_TIMEOUT if waited else None)
+                    headers={"Retry-After": "5"}, code=POOL_TIMEOUT if waited else None,
+                    reason=reason)
 
 
 # What SQLAlchemy and asyncpg raise when the database is down, slow or refuses a query;

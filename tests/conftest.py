@@ -150,6 +150,7 @@ MODULE_GROUPS = {
     "test_objects.py": "s3", "test_files_s3.py": "s3", "test_stored_s3.py": "s3",
     # Two servers on a database of their own.
     "test_hotpath.py": "hotpath",
+    "test_metrics.py": "metrics",
 }
 
 

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from exporter import metrics
 from exporter.access.admission import ExportWatch, held
 from exporter.db import driver_connection, libpq_url_of
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
@@ -142,6 +143,11 @@ EXPORTS = "exports"
 LINGER = 1.0
 # The channel on which a process that found no room for a key says so (the key's md5).
 WANTED = "exporter_slots_wanted"
+
+
+def _cap(key: str) -> str:
+    """A slot's cap, as the metrics name it."""
+    return EXPORTS if key == EXPORTS else "principal"
 
 
 def _random_slot_id() -> int:
@@ -292,7 +298,7 @@ class Limiter:
                                     self.wait, WAITERS_PER_SLOT * self.per_principal):
                 raise ApiError(
                     429, f"at most {self.per_principal} downloads at a time; try again shortly",
-                    headers={"Retry-After": RETRY_AFTER})
+                    headers={"Retry-After": RETRY_AFTER}, reason="principal_cap")
             if not export:
                 return lease
             exports = self.exports
@@ -304,7 +310,8 @@ class Limiter:
                 exports.waiting -= 1
             if not got:
                 raise ApiError(503, "the server is running as many exports as it may;"
-                               " try again shortly", headers={"Retry-After": RETRY_AFTER})
+                               " try again shortly", headers={"Retry-After": RETRY_AFTER},
+                               reason="export_cap")
         except BaseException:
             lease.release()
             raise
@@ -365,6 +372,7 @@ class Limiter:
             if grant.used < len(grant.held):
                 grant.used += 1
                 grant.peak = max(grant.peak, grant.used)
+                metrics.slot_taken(_cap(key))
                 return True
             if grant.taking is None:
                 want = min(max(1, len(grant.held)), cap - len(grant.held))
@@ -438,6 +446,7 @@ class Limiter:
     def _give_back(self, key: str) -> None:
         grant = self._grants[key]
         grant.used -= 1
+        metrics.slot_given_back(_cap(key))
         if (freed := self._freed.pop(key, None)) is not None:
             freed.set()
         self._arm_trim(key, grant)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from exporter import metrics
 
 Output = Callable[[bytes], Awaitable[None]]
 # Called with (prelude, output): what goes to `prelude` (a CSV header, say) waits and
@@ -67,13 +70,16 @@ class CopyStream:
         return chunk
 
     async def _run(self) -> None:
+        started = time.monotonic()
         try:
             self.result = await self._producer(self._prelude, self._output)
+            metrics.copy_ended(self.result, time.monotonic() - started)
             self._first_sent = True
             if self._pending:
                 await self._queue.put(self._take())
             await self._queue.put(_END)
         except Exception as error:  # handed to the consumer, which decides what it means
+            metrics.copy_ended(None, time.monotonic() - started)
             await self._queue.put(_Failure(error))
 
     async def next_chunk(self) -> bytes | None:

@@ -330,7 +330,7 @@ class Export:
             log.warning("export %s on the read replica: %s", self.download.id,
                         postgres_message(error))
             return ApiError(503, f"the read replica {REPLICA_RETRY[code]}; try again",
-                            headers={"Retry-After": "5"})
+                            headers={"Retry-After": "5"}, reason="replica")
         return database_error(error, self._source)
 
     def hold(self, tail: Tail) -> None:

@@ -19,6 +19,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from exporter import metrics
 from exporter.config import get_settings
 from exporter.errors import error_body
 from exporter.server.protocol import tune_transport
@@ -78,6 +79,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_pending = False
         self._cancel_head_timer()
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            # uvicorn's own test, after which it answers 503 outside the app.
+            metrics.refused(503, "connections")
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -274,7 +274,7 @@ class StoredExports:
             if isinstance(error, OSError):
                 log.error("stored export %s: cannot create its file: %s", export_id, error)
                 raise ApiError(503, "the export storage cannot be written now",
-                               headers={"Retry-After": "5"}) from error
+                               headers={"Retry-After": "5"}, reason="storage") from error
             raise
         writer = Writer(self, export_id, out, on_stop, kind=kind, owner=owner_of(principal),
                         token_id=principal.token_id)
