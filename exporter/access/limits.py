@@ -332,15 +332,35 @@ class Limiter:
         export, exports/parallel.py), without waiting: only while they leave half of the
         export cap free, so that they never make another export wait. How many it got
         (0 when the database cannot say: the export is then one COPY)."""
-        room = int(self.exports.limit) // 2
-        got = 0
+        if wanted <= 0:
+            return 0
+        grant = self._grants.setdefault(EXPORTS, _Grant())
+        # New rows only, counted against half the cap with this process's unused slots
+        # (held for their linger) left out: those are in no one's use.
+        spare = len(grant.held) - grant.used
+        task = asyncio.ensure_future(
+            self._insert_block(EXPORTS, int(self.exports.limit) // 2 + spare, wanted))
         try:
-            while got < wanted and await self._try(EXPORTS, room):
-                lease.add(lambda: self._give_back(EXPORTS))
-                got += 1
+            ids = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def keep_unused(t: asyncio.Task[list[int]]) -> None:
+                if not t.cancelled() and t.exception() is None:
+                    grant.held += t.result()  # given back after their linger
+                    self._arm_trim(EXPORTS, grant)
+
+            task.add_done_callback(keep_unused)
+            raise
         except ApiError as error:
             log.warning("no extra export slots (one COPY then): %s", error.message)
-        return got
+            ids = []
+        grant.held += ids
+        for _ in ids:
+            grant.used += 1
+            metrics.slot_taken(_cap(EXPORTS))
+            lease.add(lambda: self._give_back(EXPORTS))
+        grant.peak = max(grant.peak, grant.used)
+        self._forget_if_idle(EXPORTS, grant)
+        return len(ids)
 
     async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
