@@ -181,6 +181,17 @@ def test_eviction_and_the_clean_up_delete_objects(
                 return sorted([o.key async for page in store.walk() for o in page])
 
             assert app.run(left()) == sorted([kept, "not-ours.txt"])
+
+            async def read_on(st: State) -> list[int]:
+                # As a resume compares two copies' first bytes: read on, a part at a time.
+                assert st.stored is not None
+                opened, stat = await st.stored.storage.open(kept)
+                assert stat.st_size == 400_000
+                sizes = [len(await opened.read(150_000)) for _ in range(4)]
+                await opened.close()
+                return sizes
+
+            assert app.call(read_on) == [150_000, 150_000, 100_000, 0]
     finally:
         run_sql(database_url, "DELETE FROM exporter.stored_exports")
 
