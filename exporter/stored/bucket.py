@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,8 @@ from exporter.objects import (
     StoreUnavailable,
 )
 from exporter.stored.storage import Stored, check_key
+
+log = logging.getLogger(__name__)
 
 
 class OpenObject:
@@ -141,8 +144,16 @@ class BucketStorage:
             async for page in self.store.walk():
                 found.extend(Stored(o.key, o.size, False, o.modified.timestamp())
                              for o in page if _ours(o.key))
-            found.extend(Stored(u.key, 0, True, u.initiated.timestamp())
-                         for u in await self.store.uploads() if _ours(u.key))
+        try:
+            uploads = await self.store.uploads()
+        except StoreUnavailable as error:
+            # Credentials from an instance role, a store without the call: the objects
+            # are still cleaned up; the bucket's lifecycle rule takes the uploads.
+            log.warning("the incomplete uploads of the stored exports cannot be listed"
+                        " (left to the bucket's lifecycle rule): %s", error)
+            return found
+        found.extend(Stored(u.key, 0, True, u.initiated.timestamp())
+                     for u in uploads if _ours(u.key))
         return found
 
 
