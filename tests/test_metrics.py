@@ -8,6 +8,7 @@ separate bind, tracing to a file. The session server checks the one-process case
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -17,10 +18,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Settings
@@ -220,3 +223,57 @@ def test_counters_move_by_what_was_sent_across_two_workers(
     assert not folder.is_relative_to(ROOT)
     workers.stop()
     assert not folder.exists()
+
+
+def test_the_pool_sampled_counts_who_waits_for_a_connection(database_url: str) -> None:
+    """SQLAlchemy counts no waiters: the sampler reads them under its queue. A pool of
+    one, held, and a second check-out waiting for it."""
+    from exporter import metrics
+    from exporter.db import create_engine
+
+    async def go() -> tuple[float, float, float]:
+        engine = create_engine(Settings(pool_size=1, pool_max_overflow=0), database_url)
+        try:
+            async with engine.connect():
+                waiter = asyncio.ensure_future(engine.connect().__aenter__())
+                # No event says a check-out waits: looked for, for up to 5 s.
+                for _ in range(500):
+                    if _getters(engine):
+                        break
+                    await asyncio.sleep(0.01)
+                metrics._pool("test", engine)
+                found = (metrics.POOL_IN_USE.labels("test")._value.get(),
+                         metrics.POOL_WAITING.labels("test")._value.get(),
+                         metrics.POOL_MAX.labels("test")._value.get())
+            conn = await waiter
+            await conn.close()
+            metrics._pool("test", engine)
+            assert metrics.POOL_WAITING.labels("test")._value.get() == 0
+            return found
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(go()) == (1, 1, 1)
+
+
+def _getters(engine: Any) -> Any:
+    return engine.pool._pool.__dict__.get("_queue") and engine.pool._pool._queue._getters
+
+
+def test_dataset_names_are_labels_only_when_the_setting_allows() -> None:
+    from exporter import metrics
+
+    def rows(dataset: str) -> float | None:
+        return REGISTRY.get_sample_value("exporter_dataset_export_rows_total",
+                                         {"dataset": dataset})
+
+    try:
+        metrics.download_started("export")
+        metrics.download_ended("export", "complete", "secret_a", 5)
+        assert rows("secret_a") is None
+        metrics.configure(dataset_labels=True)
+        metrics.download_started("export")
+        metrics.download_ended("export", "complete", "named_b", 7)
+        assert rows("named_b") == 7
+    finally:
+        metrics.configure(dataset_labels=False)
