@@ -68,7 +68,10 @@ def parallel_server(tables: str, make_module_server: type[Server]) -> Iterator[S
     with make_module_server({
         "EXPORTER_EXPORT_PARALLEL": str(RANGES),
         "EXPORTER_EXPORT_PARALLEL_MIN_PAGES": "1",
-        # 256 KiB of file for each range ahead (and 512 KiB of memory): the spools fill.
+        # 32 KiB of memory and 256 KiB of file for each range ahead: every range of
+        # par_rows (about 350 KB each) goes through its spool's file, and fills it.
+        "EXPORTER_EXPORT_CHUNK_SIZE": "16384",
+        "EXPORTER_EXPORT_BUFFER_CHUNKS": "2",
         "EXPORTER_EXPORT_PARALLEL_SPOOL": str(512 * 1024),
         # A client that leaves cancels the export at once (no copy completed).
         "EXPORTER_EXPORTS_RESUME": "false",
