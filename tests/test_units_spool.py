@@ -55,17 +55,18 @@ def test_a_full_spool_makes_its_writer_wait(tmp_path: Path) -> None:
     async def go() -> int:
         spool = Spool(32 * 1024, 64 * 1024, tmp_path, PIECE)
         written = 0
+        full = asyncio.Event()
 
         async def write() -> None:
             nonlocal written
             while True:
                 await spool.write(b"x" * 4096)
                 written += 4096
+                if written >= BOUND:
+                    full.set()
 
         writer = asyncio.ensure_future(write())
-        deadline = asyncio.get_running_loop().time() + 20
-        while written < BOUND and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.005)
+        await asyncio.wait_for(full.wait(), 20)
         await asyncio.sleep(0.1)  # nothing reads: it stays there
         assert not writer.done()
         writer.cancel()
