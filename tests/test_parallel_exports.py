@@ -41,6 +41,7 @@ RANGES_LOGGED = "ctid ranges"
 def tables(database_url: str) -> str:
     run_sql(
         database_url,
+        "DROP MATERIALIZED VIEW IF EXISTS exports.par_mat",
         "DROP TABLE IF EXISTS exports.par_rows, exports.par_wide, exports.par_bank",
         # Line breaks in text (CSV quotes them) and in json (NDJSON's quoted rows, the
         # JSON array's framing) on every side of the ranges' bounds.
@@ -58,7 +59,8 @@ def tables(database_url: str) -> str:
         "CREATE TABLE exports.par_bank (id int PRIMARY KEY, balance int, pad text)",
         "INSERT INTO exports.par_bank SELECT g, 100, repeat('x', 150)"
         f" FROM generate_series(1, {ROWS}) AS g",
-        "VACUUM ANALYZE exports.par_rows, exports.par_wide, exports.par_bank",
+        "CREATE MATERIALIZED VIEW exports.par_mat AS SELECT * FROM exports.par_rows",
+        "VACUUM ANALYZE exports.par_rows, exports.par_wide, exports.par_bank, exports.par_mat",
     )
     return database_url
 
@@ -105,6 +107,7 @@ def _decoded(path: str, body: bytes) -> bytes:
     "/datasets/par_rows.csv.gz",
     "/datasets/par_rows.ndjson.zst",
     "/datasets/par_rows.csv?flag=is.true&select=id,j,note",
+    "/datasets/par_mat.json",
 ])
 def test_ranges_give_the_bytes_of_one_copy(parallel_server: Server, path: str) -> None:
     before = _ranges_logged(parallel_server)
