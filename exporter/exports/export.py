@@ -165,12 +165,9 @@ class Export:
         self._take_slots = take_slots
         self._per_principal = per_principal
         self._ranges: parallel.Ranges | None = None
-
-    @property
-    def ranges(self) -> int:
-        """How many backends read the export at once (1: one COPY), once it is open:
-        what a compressor may size its threads by."""
-        return 1 if self._ranges is None else self._ranges.count
+        # How many backends read the export at once (1: one COPY), once it is open: what
+        # a compressor may size its threads by.
+        self.ranges = 1
 
     @property
     def filename(self) -> str:
@@ -288,6 +285,8 @@ class Export:
                     conn, driver, self._engine, self._settings, self.query, wanted,
                     self._take_slots, None if self.cursor is None else self.cursor.xmax,
                     f"of {self.download.target}")
+                if self._ranges is not None:
+                    self.ranges = self._ranges.count
         except ApiError:
             raise
         except DATABASE_ERRORS as error:
