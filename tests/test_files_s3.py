@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -357,3 +358,32 @@ def test_exporter_digest_over_the_store(app: InProcess, database_url: str, files
         "EXPORTER_DATABASE_URL": database_url, "EXPORTER_FILES_ROOT": files_url,
         "EXPORTER_S3_ALLOW_HTTP": "true"})
     assert "1 files, 1 digests known, 0 to compute" in again.stderr
+
+
+def test_an_object_replaced_between_two_parts_cuts_the_answer(
+        server: Server, s3: Seaweed, files_url: str, database_url: str) -> None:
+    """Each part is a GET with If-Match of the ETag the headers carried: a multi-range
+    answer whose object is replaced before its last part is cut, never a splice."""
+    store = raw_store(s3, StoreUrl.parse(files_url).prefix)
+    # The first part larger than what the kernel buffers (a send buffer grows to 4 MiB):
+    # the server is still in it while this reads nothing.
+    old = os.urandom(12 * 1024 * 1024)
+    obstore.put(store, "scratch/cut.bin", old)
+    first, last = f"0-{len(old) - 100}", f"{len(old) - 10}-{len(old) - 1}"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET /files/scratch/cut.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     f"Range: bytes={first},{last}\r\n\r\n".encode())
+        data = sock.recv(16 * 1024)
+        assert data.startswith(b"HTTP/1.1 206")
+        obstore.put(store, "scratch/cut.bin", os.urandom(len(old)))
+        while chunk := sock.recv(1024 * 1024):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    assert len(body) < length  # cut: the client sees a broken download
+    assert old[-10:] not in body
+    rows = audited(database_url, "target = $1", "scratch/cut.bin")
+    assert rows[-1]["status"] == "failed"
