@@ -160,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         token_cache = TokenCache(notices, settings.token_cache_ttl)
         limiter = Limiter(engine, instance_id, settings.max_downloads_per_principal,
                           settings.limit_wait, settings.export_cap, settings.max_exports_wait,
-                          linger=settings.slot_linger, notices=notices)
+                          linger=settings.slot_linger, notices=notices, instance=instance)
         await notices.start()
         await _close_abandoned(engine, instance)
         stored = StoredService(engine, settings, storage_for(settings),

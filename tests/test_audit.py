@@ -141,9 +141,9 @@ def test_audit_rows_of_an_outage_are_written_when_the_database_is_back(
             # waits in memory for the next write, which the outage makes fail.
             assert httpx.get(s.url + "/files/a.txt", timeout=30).content == b"hello\n"
             pg.stop()
-            # A download the process can admit from memory (its slot still held, within
-            # EXPORTER_SLOT_LINGER) is served and its row queued; one that needs the
-            # database (a slot to take) is refused, never left uncounted.
+            # A download the process can admit from memory (its slot still held, and its
+            # lease renewed within half its length) is served and its row queued; one that
+            # needs the database (a slot to take) is refused, never left uncounted.
             served = 0
 
             def refused() -> bool:
@@ -153,7 +153,7 @@ def test_audit_rows_of_an_outage_are_written_when_the_database_is_back(
                 return r.status_code == 503 and r.json()["error"]["message"].startswith(
                     "the database is unavailable")
 
-            assert wait_until(refused, 10, interval=0.2)
+            assert wait_until(refused, 20, interval=0.2)
             assert pg.start() == url
             assert wait_until(lambda: len(fetch(url, rows)) == 2 + served, 15, interval=0.2)
             assert [tuple(r) for r in fetch(url, rows)] == [("complete", 6)] * (2 + served)

@@ -32,6 +32,7 @@ from tests.support import (
     exporter_cli,
     fetch,
     run_async,
+    run_sql,
     wait_until,
 )
 
@@ -311,9 +312,16 @@ def test_a_busy_database_refuses_no_download_and_lapses_no_lease(
         assert wait_until(lambda: client.get("/healthz").json()["audit"]["pending"] == 0, 10)
         assert client.get("/files/small.bin").status_code == 200
         assert "could not renew" not in c.log()
+        # Its lease forgotten by hand (as another process does once it ran out): the
+        # next renewal finds its slots gone, and its downloads take new ones.
+        run_sql(url, f"DELETE FROM exporter.instances WHERE pid = {c.pid}")
+        assert wait_until(lambda: "lease had lapsed" in c.log(), 5)
+        assert client.get("/files/small.bin").status_code == 200
+        assert fetch(url, "SELECT count(*) AS n FROM exporter.slots s JOIN exporter.instances"
+                     " i ON i.id = s.instance WHERE i.pid = $1", c.pid)[0]["n"] >= 1
     rows = fetch(url, "SELECT count(*) AS n FROM exporter.downloads WHERE principal LIKE $1",
                  f"token {_token_name_of(url, secret)}")
-    assert rows[0]["n"] == served + 2
+    assert rows[0]["n"] == served + 3  # and the first, the one after, the one after that
 
 
 def _lease_of(url: str, pid: int) -> datetime:

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -74,18 +75,39 @@ class Instance:
         self._dsn = libpq_url_of(engine)
         self._conn: Any = None  # asyncpg.Connection, the heartbeat's
         self._heartbeat: asyncio.Task[None] | None = None
+        self._renewed: float | None = None  # monotonic, of the last renewal that worked
+        # Told when the row was found gone (the slots with it) and made again.
+        self.on_lapsed: list[Callable[[], None]] = []
+
+    @property
+    def sure(self) -> bool:
+        """Whether this process's slots surely still count: its lease was renewed within
+        two thirds of its length (one renewal may fail; a lease that may have lapsed lets
+        other processes take the slots this one holds)."""
+        renewed = self._renewed
+        return renewed is not None and time.monotonic() - renewed < self.lease * 2 / 3
 
     async def renew(self) -> None:
         """Register or extend the lease (in the database's time: hosts' clocks differ)."""
         try:
+            asked = time.monotonic()
             if self._conn is None or self._conn.is_closed():
                 self._conn = await asyncpg.connect(
                     self._dsn, server_settings={"application_name": "exporter lease"})
-            await self._conn.execute(
+            inserted = await self._conn.fetchval(
                 "INSERT INTO exporter.instances (id, host, pid, expires_at)"
                 " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
-                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at",
+                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"
+                " RETURNING xmax = 0",
                 self.id, socket.gethostname(), os.getpid(), float(self.lease))
+            if inserted and self._renewed is not None:
+                # Its lease ran out and another process forgot it, with its slots: what
+                # this one held is gone (its downloads in flight count no more).
+                log.error("this server process's lease had lapsed: its download slots"
+                          " were given up")
+                for forget in self.on_lapsed:
+                    forget()
+            self._renewed = asked
         except BaseException:
             # Cut mid-statement (a deadline), or broken: the next try starts afresh.
             self._drop()
@@ -256,8 +278,13 @@ class Limiter:
 
     def __init__(self, engine: AsyncEngine, instance_id: str, per_principal: int,
                  wait: float, max_exports: int, exports_wait: float, *,
-                 linger: float = LINGER, notices: Notices | None = None) -> None:
+                 linger: float = LINGER, notices: Notices | None = None,
+                 instance: Instance | None = None) -> None:
         self._engine = engine
+        # Slots are used from memory only while this process's lease surely runs.
+        self._instance = instance
+        if instance is not None:
+            instance.on_lapsed.append(self._lapsed)
         self.instance_id = instance_id
         self.per_principal = per_principal
         self.wait = wait
@@ -280,6 +307,13 @@ class Limiter:
                 if grant.trim is not None:
                     grant.trim.cancel()
                 self._trim(key, grant)
+
+    def _lapsed(self) -> None:
+        """The rows of every grant are gone: nothing is held; what is in use is let go
+        of as it ends, and new downloads take rows again."""
+        for grant in self._grants.values():
+            grant.held.clear()
+            grant.peak = grant.used
 
     def held(self) -> int:
         """Slots this process holds in the database, used or not (for /healthz)."""
@@ -386,6 +420,10 @@ class Limiter:
         """One of the key's slots: one this process holds, else a block more from the
         database. False if `cap` are taken. Cancelling the caller never leaks a slot: a
         block being taken still comes, and is given back if unused."""
+        if self._instance is not None and not self._instance.sure:
+            # Its slots may count no more: none is used until the database says again.
+            error = ConnectionError("this server process could not renew its lease")
+            raise unavailable(error)
         grant = self._grants.setdefault(key, _Grant())
         tried = False
         while True:
@@ -470,6 +508,7 @@ class Limiter:
         if (freed := self._freed.pop(key, None)) is not None:
             freed.set()
         self._arm_trim(key, grant)
+        self._forget_if_idle(key, grant)
 
     def _arm_trim(self, key: str, grant: _Grant) -> None:
         if grant.trim is None and grant.used < len(grant.held):
