@@ -346,8 +346,10 @@ class Export:
         if chunks is None:
             chunks = self.chunks()
         if coding is not None:
+            # Read by several backends, the export comes faster than one thread compresses.
             chunks = compressed(chunks, coding, level,
-                                flush_below=self._settings.export_chunk_size)
+                                flush_below=self._settings.export_chunk_size,
+                                threads=self.ranges)
         return audited(chunks, self.download,
                        lambda status, error: self._end_detached(status, error, http_status=200))
 

@@ -162,7 +162,8 @@ class StoredService(StoredExports):
                 if coding is not None:
                     s = self.settings
                     chunks = compressed(chunks, coding, level_of(coding, s.gzip_level,
-                                                                 s.zstd_level))
+                                                                 s.zstd_level),
+                                        threads=job.ranges)
                 async for chunk in chunks:
                     await writer.write(chunk)
                 token = await export_cursor(links, job)
