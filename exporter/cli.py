@@ -243,8 +243,8 @@ def server_limits(settings: Settings) -> dict[str, Any]:
     trusted = settings.forwarded_allow_ips.strip()
     return {
         "http": GuardedHttpToolsProtocol,
-        # uvicorn answers 503 once `limit_concurrency` connections exist, the one asking
-        # included: one more, so that the setting is the number served.
+        # The cap is the protocol's (guard.py: the first come are served); uvicorn's own
+        # test stays for a protocol without it, one above (it counts the one asking).
         "limit_concurrency": settings.max_connections + 1,
         "timeout_keep_alive": settings.keep_alive_timeout,
         # uvicorn believes 127.0.0.1 by default: a local process could pose as any client.

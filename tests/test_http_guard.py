@@ -258,6 +258,21 @@ def test_connections_beyond_max_connections_get_503(few_connections: Server) -> 
         lambda: raw_request(s.url, "GET /healthz HTTP/1.1").status == 200, 5)
 
 
+def test_a_burst_over_max_connections_serves_the_first_come(few_connections: Server) -> None:
+    """Five connections opened before any asks: the first three are served, the other
+    two refused (uvicorn's own test counted all five at each request: every one got 503,
+    and a burst of 1,000 at once on a cap of 512 was served none)."""
+    s = few_connections
+    assert wait_until(lambda: raw_request(s.url, "GET /healthz HTTP/1.1").status == 200, 5)
+    with idle_connections(s, 5) as socks:
+        # The last two ask first: by their answers every one of the five is accepted.
+        statuses = {}
+        for i in (3, 4, 0, 1, 2):
+            socks[i].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            statuses[i] = status_of(socks[i].recv(65536))
+    assert statuses == {0: 200, 1: 200, 2: 200, 3: 503, 4: 503}
+
+
 # --- absurd header values ------------------------------------------------------------------
 
 

@@ -32,6 +32,15 @@ LINGER_SECONDS = 2.0
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
+def _admitted(state: ServerState) -> set[HttpToolsProtocol]:
+    """The connections served, of this process's server."""
+    admitted: set[HttpToolsProtocol] | None = getattr(state, "exporter_admitted", None)
+    if admitted is None:
+        admitted = set()
+        state.exporter_admitted = admitted  # type: ignore[attr-defined]
+    return admitted
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -43,16 +52,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_pending = True  # between requests, the next head is awaited
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self.max_connections = settings.max_connections
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         tune_transport(transport)
+        self._admit()
         # A connection that never sends a byte is bounded too.
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        _admitted(self.server_state).discard(self)
         super().connection_lost(exc)
+
+    def _admit(self) -> bool:
+        """Whether this connection is one of the `max_connections` served. uvicorn's own
+        test counts every open connection when a request arrives, so a burst of more than
+        the cap opened before its first request got 503 on every one; as nginx's
+        worker_connections, the first come are served and only the rest refused (a
+        refused one is admitted at its next request if room was made)."""
+        admitted = _admitted(self.server_state)
+        if self not in admitted and len(admitted) < self.max_connections:
+            admitted.add(self)
+        return self in admitted
 
     def data_received(self, data: bytes) -> None:
         while data:
@@ -79,9 +102,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_pending = False
         self._cancel_head_timer()
-        limit = self.limit_concurrency
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            # uvicorn's own test, after which it answers 503 outside the app.
+        if self._admit():
+            self.limit_concurrency = None
+        else:
+            # uvicorn's 503 (its test, with a limit of 0, always true), outside the app.
+            self.limit_concurrency = 0
             metrics.refused(503, "connections")
         super().on_headers_complete()
 
