@@ -292,6 +292,9 @@ class ObjectWriter:
     memory, and visible only once `complete` returns. `abort` (or an error) leaves no
     object; S3 keeps the parts of an upload never completed until the bucket's lifecycle
     rule (AbortIncompleteMultipartUpload) removes them, as obstore advises.
+
+    Used as `async with store.writer(key) as w:`, leaving the block without `complete`
+    (an error, a cancellation) aborts; otherwise call `abort` in a `finally`.
     """
 
     def __init__(self, store: S3Store, key: str, part_size: int) -> None:
@@ -304,6 +307,14 @@ class ObjectWriter:
         self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=2)
         self._upload: asyncio.Task[Any] | None = None
         self._done = False
+        self._completed = False
+
+    async def __aenter__(self) -> ObjectWriter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._completed:
+            await asyncio.shield(self.abort())
 
     async def write(self, data: bytes) -> None:
         if self._done:
@@ -324,7 +335,11 @@ class ObjectWriter:
         """Into the upload's queue; if the upload failed meanwhile, its error."""
         assert self._upload is not None
         put = asyncio.ensure_future(self._queue.put(item))
-        await asyncio.wait({put, self._upload}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({put, self._upload}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            put.cancel()
+            raise
         if not put.done():
             put.cancel()
             with _errors(self.key):
@@ -354,6 +369,7 @@ class ObjectWriter:
             else:
                 await self._send(None)
                 result = await self._upload
+        self._completed = True
         return result["e_tag"]
 
     async def abort(self) -> None:
