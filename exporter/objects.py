@@ -209,22 +209,25 @@ class ObjectStore:
         """Bytes [start, end) of the object (to its end if None), in chunks of about
         `chunk_size`, read from the network only as they are taken (memory stays about one
         chunk). With `etag`, ObjectChanged if the object is another one by now."""
+        chunks = await self.open_read(key, start, end, chunk_size=chunk_size, etag=etag)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def open_read(self, key: str, start: int = 0, end: int | None = None, *,
+                        chunk_size: int = 1024 * 1024, etag: str | None = None
+                        ) -> AsyncGenerator[bytes, None]:
+        """`read`, with its GET made now: ObjectMissing, ObjectChanged or StoreUnavailable
+        come from here, before anything was promised to a client."""
         check_key(key)
         if end is not None and end <= start:
-            return
+            return _nothing()
         options: GetOptions = {"range": (start, end) if end is not None else {"offset": start}}
         if etag is not None:
             options["if_match"] = etag
         with _errors(key):
             result = await obstore.get_async(self._bodies, key, options=options)
-        stream = result.stream(min_chunk_size=chunk_size)
-        while True:
-            with _errors(key):
-                try:
-                    chunk = await stream.__anext__()
-                except StopAsyncIteration:
-                    return
-            yield bytes(chunk)
+        return _chunks(key, result.stream(min_chunk_size=chunk_size))
 
     async def get(self, key: str) -> bytes:
         """A small object whole (a marker, a manifest): never a file to serve."""
@@ -282,6 +285,21 @@ class ObjectStore:
         """A URL anyone may GET the object with until `expires` from now (no request)."""
         with _errors(key):
             return await obstore.sign_async(self._store, "GET", check_key(key), expires)
+
+
+async def _nothing() -> AsyncGenerator[bytes, None]:
+    return
+    yield
+
+
+async def _chunks(key: str, stream: Any) -> AsyncGenerator[bytes, None]:
+    while True:
+        with _errors(key):
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+        yield bytes(chunk)
 
 
 class ObjectWriter:
