@@ -225,22 +225,25 @@ class ObjectStore:
         """Bytes [start, end) of the object (to its end if None), in chunks of about
         `chunk_size`, read from the network only as they are taken (memory stays about one
         chunk). With `etag`, ObjectChanged if the object is another one by now."""
+        chunks = await self.open_read(key, start, end, chunk_size=chunk_size, etag=etag)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def open_read(self, key: str, start: int = 0, end: int | None = None, *,
+                        chunk_size: int = 1024 * 1024, etag: str | None = None
+                        ) -> AsyncGenerator[bytes, None]:
+        """`read`, with its GET made now: ObjectMissing, ObjectChanged or StoreUnavailable
+        come from here, before anything was promised to a client."""
         check_key(key)
         if end is not None and end <= start:
-            return
+            return _nothing()
         options: GetOptions = {"range": (start, end) if end is not None else {"offset": start}}
         if etag is not None:
             options["if_match"] = etag
         with _errors(key):
             result = await obstore.get_async(self._bodies, key, options=options)
-        stream = result.stream(min_chunk_size=chunk_size)
-        while True:
-            with _errors(key):
-                try:
-                    chunk = await stream.__anext__()
-                except StopAsyncIteration:
-                    return
-            yield bytes(chunk)
+        return _chunks(key, result.stream(min_chunk_size=chunk_size))
 
     async def get(self, key: str) -> bytes:
         """A small object whole (a marker, a manifest): never a file to serve."""
@@ -393,6 +396,21 @@ async def _signed(store: ObjectStore, method: str, key: str, query: dict[str, st
     return answer
 
 
+async def _nothing() -> AsyncGenerator[bytes, None]:
+    return
+    yield
+
+
+async def _chunks(key: str, stream: Any) -> AsyncGenerator[bytes, None]:
+    while True:
+        with _errors(key):
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+        yield bytes(chunk)
+
+
 class ObjectWriter:
     """An object written as it comes, in bounded memory, seen whole or not at all.
 
@@ -401,6 +419,9 @@ class ObjectWriter:
     memory, and visible only once `complete` returns. `abort` (or an error) leaves no
     object; S3 keeps the parts of an upload never completed until the bucket's lifecycle
     rule (AbortIncompleteMultipartUpload) removes them, as obstore advises.
+
+    Used as `async with store.writer(key) as w:`, leaving the block without `complete`
+    (an error, a cancellation) aborts; otherwise call `abort` in a `finally`.
     """
 
     def __init__(self, store: S3Store, key: str, part_size: int) -> None:
@@ -413,6 +434,14 @@ class ObjectWriter:
         self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=2)
         self._upload: asyncio.Task[Any] | None = None
         self._done = False
+        self._completed = False
+
+    async def __aenter__(self) -> ObjectWriter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._completed:
+            await asyncio.shield(self.abort())
 
     async def write(self, data: bytes) -> None:
         if self._done:
@@ -433,7 +462,11 @@ class ObjectWriter:
         """Into the upload's queue; if the upload failed meanwhile, its error."""
         assert self._upload is not None
         put = asyncio.ensure_future(self._queue.put(item))
-        await asyncio.wait({put, self._upload}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({put, self._upload}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            put.cancel()
+            raise
         if not put.done():
             put.cancel()
             with _errors(self.key):
@@ -463,6 +496,7 @@ class ObjectWriter:
             else:
                 await self._send(None)
                 result = await self._upload
+        self._completed = True
         return result["e_tag"]
 
     async def abort(self) -> None:

@@ -387,3 +387,36 @@ def test_an_object_replaced_between_two_parts_cuts_the_answer(
     assert old[-10:] not in body
     rows = audited(database_url, "target = $1", "scratch/cut.bin")
     assert rows[-1]["status"] == "failed"
+
+
+def test_an_object_gone_or_replaced_after_its_head_is_an_http_error(
+        app: InProcess, s3: Seaweed, files_url: str) -> None:
+    """The first part's GET is made before the answer starts: what happened to the
+    object since its HEAD is a 404 or a 503 to ask again, not a broken 200."""
+    from exporter.errors import ApiError
+    from exporter.files import ranges
+    from exporter.files.source import StoreFile
+    from exporter.files.store import object_key
+
+    store = raw_store(s3, StoreUrl.parse(files_url).prefix)
+    obstore.put(store, "scratch/moving.txt", b"first")
+    files_store = app.state.files_store
+    assert files_store is not None
+    info = app.run(files_store.head("scratch/moving.txt"))
+    layout = ranges.whole(info.size, "text/plain")
+    obstore.put(store, "scratch/moving.txt", b"other")
+    with pytest.raises(ApiError) as changed:
+        app.run(StoreFile(files_store, info, object_key(info.key, info)).prepare(layout, 1024))
+    assert changed.value.status == 503
+    obstore.delete(store, "scratch/moving.txt")
+    with pytest.raises(ApiError) as gone:
+        app.run(StoreFile(files_store, info, object_key(info.key, info)).prepare(layout, 1024))
+    assert gone.value.status == 404
+    # Prepared and then let go (HEAD, an error before the body): its GET is closed.
+    obstore.put(store, "scratch/moving.txt", b"third")
+    fresh = app.run(files_store.head("scratch/moving.txt"))
+    opened = StoreFile(files_store, fresh, object_key(fresh.key, fresh))
+    app.run(opened.prepare(ranges.whole(fresh.size, "text/plain"), 1024))
+    assert opened.first is not None
+    app.run(opened.close())
+    assert opened.first is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -196,6 +197,46 @@ def test_writer_small_large_and_aborted(store: ObjectStore) -> None:
         await again.write(piece * 100)
         await again.abort()
         assert await store.get("small.bin") == b"abcdef"
+
+    run(go)
+
+
+def test_writer_as_a_context_aborts_unless_completed(store: ObjectStore) -> None:
+    piece = os.urandom(1024 * 1024)
+
+    async def go() -> None:
+        with pytest.raises(ZeroDivisionError):
+            async with store.writer("failed.bin") as w:
+                for _ in range(7):  # a part is up
+                    await w.write(piece)
+                1 / 0  # noqa: B018
+        with pytest.raises(ObjectMissing):
+            await store.head("failed.bin")
+
+        a_part_is_up = asyncio.Event()
+
+        async def endless() -> None:
+            async with store.writer("cancelled.bin") as w:
+                for n in itertools.count():
+                    await w.write(piece)
+                    if n == 7:
+                        a_part_is_up.set()
+
+        task = asyncio.create_task(endless())
+        await a_part_is_up.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(ObjectMissing):
+            await store.head("cancelled.bin")
+
+        async with store.writer("done.bin") as w:
+            await w.write(piece)
+            await w.complete()
+        assert (await store.head("done.bin")).size == len(piece)
+        # No task is left behind waiting for chunks.
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert left == []
 
     run(go)
 

@@ -265,7 +265,12 @@ async def respond_with_file(request: Request, files: Files, opened: OpenFile, *,
             del response.headers["content-length"]  # Response's own 0: the GET streams
         return response
 
-    download = await start_download()
+    await opened.prepare(layout, files.read_budget.chunk_size())
+    try:
+        download = await start_download()
+    except BaseException:
+        await opened.close()
+        raise
     level = level_of(coding, settings.gzip_level, settings.zstd_level) if coding else None
     body = opened.body(files, layout, download, digests, sha256 is not None, coding, level)
     return StreamingResponse(body, status_code=layout.status, headers=headers)

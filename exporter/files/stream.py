@@ -236,20 +236,28 @@ class ObjectBody(Body):
     def __init__(self, store: ObjectStore, info: ObjectInfo, key: FileKey, layout: Layout,
                  sizes: ReadBudget, download: Download, audit: Audit, digests: DigestStore,
                  digest_known: bool = False, coding: Coding | None = None,
-                 level: int | None = None) -> None:
+                 level: int | None = None,
+                 first: tuple[int, AsyncGenerator[bytes, None]] | None = None) -> None:
         super().__init__(key, layout, sizes, download, audit, digests, digest_known, coding,
                          level)
         self._store = store
         # The object as its head found it: read by its key in the store (`key` is what
         # digests know it by, which for a stored export is its URL path), at its ETag.
         self._object = info
+        # The first part's GET, made before the answer started (files/source.py), owned
+        # here: by where it starts.
+        self._first = first
 
     async def _part(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         sizes = self._sizes
         held = 0
         got = 0
+        opened, self._first = self._first, None
+        if opened is not None and opened[0] != offset:
+            await opened[1].aclose()
+            opened = None
         try:
-            async with contextlib.aclosing(self._store.read(
+            async with contextlib.aclosing(opened[1] if opened is not None else self._store.read(
                     self._object.key, offset, offset + length, chunk_size=sizes.chunk_size(),
                     etag=self._object.etag)) as chunks:
                 async for chunk in chunks:
@@ -265,3 +273,9 @@ class ObjectBody(Body):
             sizes.held -= held
         if got != length:
             raise FileChanged(f"{length - got} bytes missing at the end")
+
+    async def _close(self) -> None:
+        """The first part's GET, if the body never got to it (the client left)."""
+        opened, self._first = self._first, None
+        if opened is not None:
+            await opened[1].aclose()
