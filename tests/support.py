@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import hashlib
@@ -24,6 +25,7 @@ import httpx
 
 from exporter.db import libpq_url
 from exporter.embedded import psql_path
+from tests.forkserver import ForkedProcess, ForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Everything the tests write lives here, never in the checkout: one folder per checkout
@@ -121,8 +123,8 @@ def spawn(command: Sequence[str], env: dict[str, str], log_path: Path) -> subpro
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_answering(url: str, process: subprocess.Popen[bytes], deadline: float, name: str,
-                   log: Callable[[], str], interval: float = 0.1) -> None:
+def wait_answering(url: str, process: subprocess.Popen[bytes] | ForkedProcess, deadline: float,
+                   name: str, log: Callable[[], str], interval: float = 0.1) -> None:
     """Until `url` gets any HTTP answer; RuntimeError with the log if the process exits
     first or the deadline (time.monotonic()) passes. The tests' servers and the
     benchmark's (bench/harness.py) wait the same way."""
@@ -137,7 +139,7 @@ def wait_answering(url: str, process: subprocess.Popen[bytes], deadline: float, 
     raise RuntimeError(f"{name} did not answer in time:\n{log()}")
 
 
-def stop_group(process: subprocess.Popen[bytes] | None, grace: float) -> None:
+def stop_group(process: subprocess.Popen[bytes] | ForkedProcess | None, grace: float) -> None:
     """SIGTERM to the process's whole group (uvicorn's workers, nginx's), SIGKILL after
     `grace` seconds; nothing if it never started or has ended."""
     if process is None or process.poll() is not None:
@@ -228,6 +230,19 @@ def _logging_put_back() -> Iterator[None]:
             logger.disabled = disabled
 
 
+def _start_process(command: Sequence[str], env: dict[str, str], log_path: Path
+                   ) -> subprocess.Popen[bytes] | ForkedProcess:
+    """A server of the tests: forked from this worker's fork server where it can run the
+    command as given (tests/forkserver.py), spawned otherwise."""
+    if _FORKS.can_run(command, env, ROOT):
+        return _FORKS.start(command, env, ROOT, log_path)
+    return spawn(command, env, log_path)
+
+
+_FORKS = ForkServer()
+atexit.register(_FORKS.close)
+
+
 class PortTaken(RuntimeError):
     pass
 
@@ -264,7 +279,7 @@ class Server:
         self._default_command: Callable[[int], list[str]] | None = (
             None if command else _serve_command)
         self.command = list(command or _serve_command(self.port))
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | ForkedProcess | None = None
 
     def start(self, wait_for: str = "/healthz", timeout: float = 30) -> Server:
         # free_port() gives the port back before the server binds it: another process
@@ -283,7 +298,7 @@ class Server:
 
     def _start(self, wait_for: str, timeout: float) -> Server:
         logged = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.process = spawn(self.command, self.env, self.log_path)
+        self.process = _start_process(self.command, self.env, self.log_path)
         try:
             wait_answering(self.url + wait_for, self.process, time.monotonic() + timeout,
                            "server", self.log)

@@ -1,0 +1,265 @@
+"""A fork server for the tests' `exporter serve` processes: one Python per xdist worker that
+has imported the command, the app, uvicorn and Alembic once, and forks a server from there.
+
+A server started with `python -m exporter.cli serve` spent about 1.0-1.7 s of a core before
+it answered, over 80 % of it importing (FastAPI, SQLAlchemy, pydantic, Alembic), and the
+suite starts about a hundred of them. A forked one runs the same `exporter.cli` module as
+`__main__` (runpy, as `python -m` does), in a process of its own: its own session, its
+environment, folder and arguments as asked, stdout and stderr into its log, exit status and
+signals as a spawned one's. Only the imports happened earlier, in the fork server.
+
+tests/support.py's Server asks it for `python -m MODULE ...` commands in the checkout whose
+environment gives the interpreter nothing else to do (PYTHON* variables as the fork
+server's); anything else is spawned as before. The benchmark (bench/) spawns its servers:
+it measures their start-up.
+
+The protocol, over a socket pair: one JSON line per request, {"module", "args", "env",
+"cwd", "log"}, answered {"pid"} (or {"error"}); when a child ends, {"exited", "status"}."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import runpy
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# What `exporter serve` imports before it answers (the command, the app uvicorn loads, the
+# migrations it runs), and the protocol uvicorn picks.
+PRELOAD = ["exporter.cli", "exporter.app", "uvicorn.main", "uvicorn.server",
+           "uvicorn.lifespan.on", "uvicorn.loops.uvloop", "uvicorn.protocols.http.httptools_impl",
+           "uvicorn.protocols.websockets.websockets_sansio_impl", "alembic.command",
+           "alembic.runtime.migration", "alembic.runtime.environment", "alembic.script"]
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the fork server's side ---------------------------------------------------------------
+
+def _serve(channel: socket.socket) -> Callable[[], None] | None:
+    """Answer requests until the worker closes its end; in a forked child, return what the
+    child runs instead (the caller runs it outside every block of this function)."""
+    reaped, wake = os.pipe()
+    os.set_blocking(reaped, False)
+    os.set_blocking(wake, False)
+    signal.set_wakeup_fd(wake)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: set[int] = set()
+    selector = selectors.DefaultSelector()
+    selector.register(channel, selectors.EVENT_READ)
+    selector.register(reaped, selectors.EVENT_READ)
+    reader = channel.makefile("rb")
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj == reaped:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(reaped, 4096)
+                _report_exits(channel, children)
+                continue
+            line = reader.readline()
+            if not line:
+                return None
+            request = json.loads(line)
+            try:
+                pid = os.fork()
+            except OSError as error:
+                _send(channel, {"error": str(error)})
+                continue
+            if pid == 0:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                selector.close()
+                for fd in (reaped, wake):
+                    os.close(fd)
+                reader.close()
+                channel.close()
+                return lambda: _child(request)
+            children.add(pid)
+            _send(channel, {"pid": pid})
+
+
+def _report_exits(channel: socket.socket, children: set[int]) -> None:
+    for pid in list(children):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            children.discard(pid)
+            _send(channel, {"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+
+
+def _send(channel: socket.socket, message: dict[str, Any]) -> None:
+    channel.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _child(request: dict[str, Any]) -> None:
+    """Become `python -m MODULE ARGS` as asked: a session of its own (the tests stop a
+    server's whole group), its log as stdout and stderr, nothing on stdin."""
+    os.setsid()
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.close(null)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = [request["module"], *request["args"]]
+    # As `python -m` finds the module it runs (a package's __main__): not imported yet
+    # (runpy warns otherwise); what it imports is.
+    spec = importlib.util.find_spec(request["module"])
+    package = spec is not None and spec.submodule_search_locations is not None
+    sys.modules.pop(request["module"] + (".__main__" if package else ""), None)
+    # SystemExit leaves through the interpreter's own exit, as the spawned process's would.
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+
+
+def main() -> None:
+    channel = socket.socket(fileno=int(sys.argv[1]))
+    for name in PRELOAD:
+        importlib.import_module(name)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = _serve(channel)
+    if child is not None:
+        try:
+            child()
+        except SystemExit:
+            raise
+        except BaseException:
+            traceback.print_exc()
+            sys.exit(1)
+
+
+# --- the worker's side --------------------------------------------------------------------
+
+class ForkedProcess:
+    """What tests/support.py asks of a subprocess.Popen, for a process the fork server
+    made (it is that server's child: the server reports its exit status)."""
+
+    def __init__(self, forks: ForkServer, pid: int, args: Sequence[str]) -> None:
+        self._forks = forks
+        self.pid = pid
+        self.args = list(args)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._forks.status(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._forks.status(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ForkServer:
+    """This worker's fork server, started at its first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Condition()
+        self._exits: dict[int, int] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: socket.socket | None = None
+        self._answers: list[dict[str, Any]] = []
+        self.interpreter_env = {k: v for k, v in os.environ.items() if k.startswith("PYTHON")}
+
+    def can_run(self, command: Sequence[str], env: Mapping[str, str], cwd: Path) -> bool:
+        """Whether `command` is `python -m MODULE ...` of this interpreter, from the
+        checkout, with an environment that asks the interpreter for nothing else."""
+        return (len(command) >= 3 and command[0] == sys.executable and command[1] == "-m"
+                and cwd == _ROOT
+                and {k: v for k, v in env.items() if k.startswith("PYTHON")
+                     and k != "PYTHONUNBUFFERED"} == {
+                         k: v for k, v in self.interpreter_env.items()
+                         if k != "PYTHONUNBUFFERED"}
+                and env.get("PYTHONUNBUFFERED") == "1")
+
+    def start(self, command: Sequence[str], env: Mapping[str, str], cwd: Path,
+              log_path: Path) -> ForkedProcess:
+        with self._lock:
+            channel = self._started()
+            with self._done:
+                _send(channel, {"module": command[2], "args": list(command[3:]),
+                                "env": dict(env), "cwd": str(cwd), "log": str(log_path)})
+                while not self._answers:
+                    if not self._done.wait(60):
+                        raise RuntimeError("the fork server did not answer")
+                answer = self._answers.pop(0)
+        if "error" in answer:
+            raise OSError(answer["error"])
+        return ForkedProcess(self, int(answer["pid"]), command)
+
+    def status(self, pid: int, timeout: float | None) -> int | None:
+        with self._done:
+            self._done.wait_for(lambda: pid in self._exits, timeout)
+            return self._exits.get(pid)
+
+    def _started(self) -> socket.socket:
+        if self._channel is not None:
+            return self._channel
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tests.forkserver", str(theirs.fileno())],
+            cwd=_ROOT, env=env, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        theirs.close()
+        self._channel = ours
+        threading.Thread(target=self._read, args=(ours,), daemon=True,
+                         name="fork-server").start()
+        return ours
+
+    def _read(self, channel: socket.socket) -> None:
+        for line in channel.makefile("rb"):
+            message = json.loads(line)
+            with self._done:
+                if "exited" in message:
+                    self._exits[int(message["exited"])] = int(message["status"])
+                else:
+                    self._answers.append(message)
+                self._done.notify_all()
+        with self._done:  # the fork server is gone: no answer will come
+            self._answers.append({"error": "the fork server exited"})
+            self._done.notify_all()
+
+    def close(self) -> None:
+        """Stop the fork server (its children, the servers, are stopped by their owners)."""
+        channel, process, self._channel, self._process = (
+            self._channel, self._process, None, None)
+        if channel is not None:
+            channel.close()
+        if process is not None:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+if __name__ == "__main__":
+    main()
