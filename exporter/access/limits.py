@@ -164,6 +164,9 @@ EXPORTS = "exports"
 # nothing in the database (EXPORTER_SLOT_LINGER).
 LINGER = 1.0
 # The channel on which a process that found no room for a key says so (the key's md5).
+# Seconds any request at the cap waits for other processes' unused slots (EXPORTER_LIMIT_WAIT=0
+# included): without it, a principal's slots lingering in one process got it 429 from another.
+GIVE_BACK_WAIT = 0.5
 WANTED = "exporter_slots_wanted"
 
 
@@ -401,8 +404,12 @@ class Limiter:
         taken = await self._try(key, cap)
         if not taken:
             waiting = self._waiting.get(key, 0)
-            if wait <= 0 or waiting >= max_waiting:
+            if waiting >= max_waiting:
                 return False
+            # Other processes may hold slots of the key unused (their linger): told so by
+            # the failed take (WANTED), they give them back within moments. So even a
+            # request that may not wait for a download to end waits for that.
+            wait = max(wait, GIVE_BACK_WAIT)
             self._waiting[key] = waiting + 1
             try:
                 taken = await unless_disconnected(self._wait_for(key, cap, wait), receive)
