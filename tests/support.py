@@ -383,10 +383,14 @@ def audited(database_url: str, where: str = "true", *args: Any, count: int = 1,
         time.sleep(0.05)
 
 
-def last_audit_id(database_url: str) -> int:
+def last_audit_id(database_url: str, server_url: str | None = None) -> int:
     """The newest audit row's id: `audited("id > $1 AND target = ...", before)` then finds
     the new ones. Filter on the target too: an earlier test's download that just ended is
-    written in the server's next batch, with an id above this one."""
+    written in the server's next batch, with an id above this one; with `server_url`, that
+    server's queued rows are written first (its /healthz counts them)."""
+    if server_url is not None:
+        assert wait_until(lambda: httpx.get(server_url + "/healthz", timeout=10).json()
+                          .get("audit", {}).get("pending") == 0, 20)
     return int(fetch(database_url, "SELECT coalesce(max(id), 0) AS n FROM exporter.downloads")
                [0]["n"])
 

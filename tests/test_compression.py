@@ -701,7 +701,7 @@ def test_chromium_link_and_fetch_decode_to_identity(server: Server, database_url
     from tests.test_browser import ARGS, CHROMIUM
 
     identity = _identity_export(server, ORDERS)
-    before = last_audit_id(database_url)
+    before = last_audit_id(database_url, server.url)  # the identity export's row written
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=30_000)
         try:
