@@ -149,8 +149,9 @@ SHADOWED = [  # id, by, expires, signature, limit, ~by, select
 
 
 @pytest.fixture(scope="module")
-def shadowed(database_url: str) -> str:
-    """A dataset whose columns are named like the grammar's and the links' parameters."""
+def shadowed(database_url: str) -> Iterator[str]:
+    """A dataset whose columns are named like the grammar's and the links' parameters;
+    dropped after the module (the page's test lists the datasets of the same database)."""
     name = f"shadowed_{uuid.uuid4().hex[:6]}"
     values = ", ".join(f"({i}, '{b}', {e}, '{s}', {li}, '{t}', '{sel}')"
                        for i, b, e, s, li, t, sel in SHADOWED)
@@ -158,7 +159,8 @@ def shadowed(database_url: str) -> str:
             f'CREATE TABLE exports.{name} (id int, "by" text, expires int, signature text,'
             f' "limit" int, "~by" text, "select" text)',
             f"INSERT INTO exports.{name} VALUES {values}")
-    return name
+    yield name
+    run_sql(database_url, f"DROP TABLE exports.{name}")
 
 
 def ids(body: bytes) -> list[int]:
