@@ -75,7 +75,9 @@ def download(page: Page, selector: str) -> tuple[str, bytes]:
 def test_page_signs_in_and_downloads(closed: Server, context: BrowserContext,
                                      database_url: str, files_root: Path) -> None:
     server = closed
-    token = new_token(database_url, unique("browser"), "datasets:*", "files:*")
+    # The two datasets by name: the database is shared with tests that add their own.
+    token = new_token(database_url, unique("browser"), "datasets:orders",
+                      "datasets:daily_revenue", "files:*")
     page = context.new_page()
 
     page.goto(server.url + "/")
