@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -82,7 +83,18 @@ def test_clean_shutdown_writes_the_queued_audit_rows(
 ) -> None:
     # A flush interval far longer than the test: only the shutdown's flush writes them.
     s = make_server({"EXPORTER_AUDIT_FLUSH_INTERVAL": "60"}).start()
-    before = _max_id(database_url)
+    # The mark once no other server's batch is on its way (at most two a second each):
+    # rows of earlier tests' servers came after it.
+    seen = [_max_id(database_url), time.monotonic()]
+
+    def quiet() -> bool:
+        now = _max_id(database_url)
+        if now != seen[0]:
+            seen[:] = [now, time.monotonic()]
+        return time.monotonic() - seen[1] > 1.5
+
+    assert wait_until(quiet, 30, interval=0.25)
+    before = seen[0]
     for i in range(5):
         r = httpx.get(s.url + f"/files/{LARGE_NAME}", headers={"Range": f"bytes={i}-{i + 9}"})
         assert r.status_code == 206 and len(r.content) == 10
