@@ -137,6 +137,15 @@ _NOT_CONNECTED = (asyncpg.PostgresConnectionError, asyncpg.InvalidAuthorizationS
                   asyncpg.CannotConnectNowError)
 
 
+def answered_with_error(error: BaseException) -> bool:
+    """Whether PostgreSQL itself answered the statement with an error (a cast that failed,
+    a bad pattern, a timeout it enforced): the connection is then as good as before, unlike
+    after a lost or refused connection, which has no SQLSTATE or one of `_NOT_CONNECTED`."""
+    driver = _driver_error(error)
+    return (isinstance(driver, asyncpg.PostgresError)
+            and not isinstance(driver, _NOT_CONNECTED) and sqlstate(driver) is not None)
+
+
 def describe(error: BaseException) -> str:
     """What is wrong with the database, in words that name no user, host or SQL."""
     error = _driver_error(error)

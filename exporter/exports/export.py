@@ -22,6 +22,7 @@ from exporter.db import driver_connection, libpq_url_of
 from exporter.errors import (
     DATABASE_ERRORS,
     ApiError,
+    answered_with_error,
     database_error,
     postgres_message,
     sqlstate,
@@ -148,6 +149,8 @@ class Export:
         self._conn: AsyncConnection | None = None
         self._driver: Any = None  # the asyncpg connection under _conn
         self._stream: CopyStream | None = None
+        # PostgreSQL refused a statement of this export (see `_release`).
+        self._refused = False
         self._first: bytes | None = None
         self._ran_out = False  # the COPY's last chunk was taken
         self._deadline: float | None = None
@@ -290,6 +293,7 @@ class Export:
         except ApiError:
             raise
         except DATABASE_ERRORS as error:
+            self._refused = answered_with_error(error)
             raise self._database_error(error) from error
 
         query = self.query
@@ -314,6 +318,7 @@ class Export:
             self._first = await self._stream.next_chunk()
             self._ran_out = self._first is None
         except DATABASE_ERRORS as error:
+            self._refused = answered_with_error(error)
             raise self._database_error(error) from error
 
     def _database_error(self, error: BaseException) -> ApiError:
@@ -461,7 +466,10 @@ class Export:
         if conn is None:
             return
         try:
-            if not clean:
+            # A statement PostgreSQL refused (a cast failing on a row, a bad regular
+            # expression) left the protocol where it was: the rollback gives the connection
+            # back, and a client's mistake costs no new backend.
+            if not clean and not (self._refused and not copying):
                 raise RuntimeError("export did not finish")
             await asyncio.wait_for(conn.rollback(), 5)
             await conn.close()
