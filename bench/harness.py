@@ -528,7 +528,7 @@ class Plan:
             return cls(quick=True, work=work or ROOT / "var" / "bench-quick",
                        out=out or ROOT / "var" / "bench-quick", repetitions=2,
                        demo_rows=20_000, generated_rows=200_000, small_rows=10_000,
-                       concurrent_exports=4, slow_client_seconds=3, file_size=32 * MiB,
+                       concurrent_exports=4, slow_client_seconds=1, file_size=32 * MiB,
                        range_clients=20, range_size=1 * MiB)
         return cls(quick=False, work=work or ROOT / "var" / "bench", out=out or ROOT / "docs",
                    repetitions=5, demo_rows=2_000_000, generated_rows=10_000_000,

@@ -84,7 +84,9 @@ def run(plan: Plan, url: str, first_byte: list[str], log: Log) -> list[Section]:
             max_runs=2))
     log("startup: time to the first answered request")
     # No warm-up round: every run is a new process anyway, and a start is what we measure.
-    results = interleaved(contenders, plan.repetitions, log, warmup=False)
+    # One round in --quick (a test of the harness): each run is a whole server's start.
+    results = interleaved(contenders, 1 if plan.quick else plan.repetitions, log,
+                          warmup=False)
     section = Section("Start-up and latency")
     section.add(
         f"From spawning `exporter serve` to the first answered `GET {READY_PATH}` (polled "
