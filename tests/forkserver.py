@@ -18,17 +18,21 @@ The protocol, over a socket pair: one JSON line per request, {"module", "args", 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import importlib
 import importlib.util
 import json
 import os
 import runpy
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -46,34 +50,47 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 # --- the fork server's side ---------------------------------------------------------------
 
-def _serve(channel: socket.socket) -> Callable[[], None] | None:
+def _serve(channel: socket.socket, commands: socket.socket | None
+           ) -> Callable[[], None] | None:
     """Answer requests until the worker closes its end; in a forked child, return what the
-    child runs instead (the caller runs it outside every block of this function)."""
+    child runs instead (the caller runs it outside every block of this function).
+    `commands`: a listening socket for tests/forkclient.py, whose requests bring the
+    client's standard streams and are answered on their own connection."""
     reaped, wake = os.pipe()
     os.set_blocking(reaped, False)
     os.set_blocking(wake, False)
     signal.set_wakeup_fd(wake)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    children: set[int] = set()
+    # Each child, where its exit is reported (the worker's channel or a client's
+    # connection) and whether that is a client's.
+    children: dict[int, tuple[socket.socket, bool]] = {}
     selector = selectors.DefaultSelector()
     selector.register(channel, selectors.EVENT_READ)
     selector.register(reaped, selectors.EVENT_READ)
+    if commands is not None:
+        selector.register(commands, selectors.EVENT_READ)
     reader = channel.makefile("rb")
     while True:
         for key, _ in selector.select():
+            streams: list[int] = []
             if key.fileobj == reaped:
                 with contextlib.suppress(BlockingIOError):
                     os.read(reaped, 4096)
-                _report_exits(channel, children)
+                _report_exits(children)
                 continue
-            line = reader.readline()
-            if not line:
-                return None
-            request = json.loads(line)
+            if key.fileobj == commands:
+                assert commands is not None
+                answer_to, _ = commands.accept()
+                request, streams = _command_request(answer_to)
+            else:
+                line = reader.readline()
+                if not line:
+                    return None
+                answer_to, request = channel, json.loads(line)
             try:
                 pid = os.fork()
             except OSError as error:
-                _send(channel, {"error": str(error)})
+                _send(answer_to, {"error": str(error)})
                 continue
             if pid == 0:
                 signal.set_wakeup_fd(-1)
@@ -82,35 +99,60 @@ def _serve(channel: socket.socket) -> Callable[[], None] | None:
                 for fd in (reaped, wake):
                     os.close(fd)
                 reader.close()
-                channel.close()
-                return lambda: _child(request)
-            children.add(pid)
-            _send(channel, {"pid": pid})
+                for other in {channel, commands, answer_to, *(c for c, _ in children.values())}:
+                    if other is not None:
+                        other.close()
+                return lambda: _child(request, streams)
+            for fd in streams:
+                os.close(fd)
+            children[pid] = (answer_to, answer_to is not channel)
+            with contextlib.suppress(OSError):
+                _send(answer_to, {"pid": pid})
 
 
-def _report_exits(channel: socket.socket, children: set[int]) -> None:
+def _command_request(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """A client's request line and the three streams that came with it."""
+    data, streams, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+    while not data.endswith(b"\n"):
+        more = connection.recv(1 << 16)
+        if not more:
+            break
+        data += more
+    return json.loads(data), list(streams)
+
+
+def _report_exits(children: dict[int, tuple[socket.socket, bool]]) -> None:
     for pid in list(children):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            children.discard(pid)
-            _send(channel, {"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+            answer_to, client = children.pop(pid)
+            with contextlib.suppress(OSError):  # a client that was killed
+                _send(answer_to, {"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+            if client:
+                answer_to.close()
 
 
 def _send(channel: socket.socket, message: dict[str, Any]) -> None:
     channel.sendall(json.dumps(message).encode() + b"\n")
 
 
-def _child(request: dict[str, Any]) -> None:
-    """Become `python -m MODULE ARGS` as asked: a session of its own (the tests stop a
-    server's whole group), its log as stdout and stderr, nothing on stdin."""
-    os.setsid()
-    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    os.close(null)
+def _child(request: dict[str, Any], streams: Sequence[int]) -> None:
+    """Become `python -m MODULE ARGS` as asked. A server: a session of its own (the tests
+    stop a server's whole group), its log as stdout and stderr, nothing on stdin. A
+    client's command: the client's three streams."""
+    if streams:
+        for target, fd in enumerate(streams):
+            os.dup2(fd, target)
+            os.close(fd)
+    else:
+        os.setsid()
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.close(null)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -126,19 +168,47 @@ def _child(request: dict[str, Any]) -> None:
 
 def main() -> None:
     channel = socket.socket(fileno=int(sys.argv[1]))
+    commands = None
+    if len(sys.argv) > 2:
+        commands = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        commands.bind(sys.argv[2])
+        commands.listen(16)
     for name in PRELOAD:
         importlib.import_module(name)
+    # What was imported stays out of the collector's scans: a child's collections would
+    # otherwise touch, and so copy, every page the fork shares with it.
+    gc.freeze()
     sys.stdout.flush()
     sys.stderr.flush()
-    child = _serve(channel)
+    child = _serve(channel, commands)
     if child is not None:
         try:
             child()
-        except SystemExit:
-            raise
+            status = 0
+        except SystemExit as done:
+            status = _exit_status(done.code)
         except BaseException:
             traceback.print_exc()
-            sys.exit(1)
+            status = 1
+        # What an exit does (join the other threads, atexit, flush the streams), then out
+        # without freeing every object the fork server imported, one by one: that was
+        # over half of a short command's CPU.
+        getattr(threading, "_shutdown", lambda: None)()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+
+def _exit_status(code: object) -> int:
+    """The status `sys.exit(code)` gives (its message printed, as Python prints it)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 # --- the worker's side --------------------------------------------------------------------
@@ -187,6 +257,18 @@ class ForkServer:
         self._channel: socket.socket | None = None
         self._answers: list[dict[str, Any]] = []
         self.interpreter_env = {k: v for k, v in os.environ.items() if k.startswith("PYTHON")}
+        # Where tests/forkclient.py asks for commands (a short path: a unix socket's is
+        # at most 107 bytes).
+        self._folder = Path(tempfile.mkdtemp(prefix="forks-"))
+        self.commands_socket = self._folder / "commands"
+
+    def client(self, module: str) -> list[str]:
+        """The command line that runs `python -m MODULE` (arguments to follow) as a child
+        of this fork server, with the caller's streams, folder and environment."""
+        with self._lock:
+            self._started()
+        return [sys.executable, "-I", "-S", str(_ROOT / "tests" / "forkclient.py"),
+                str(self.commands_socket), module]
 
     def can_run(self, command: Sequence[str], env: Mapping[str, str], cwd: Path) -> bool:
         """Whether `command` is `python -m MODULE ...` of this interpreter, from the
@@ -225,7 +307,8 @@ class ForkServer:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.forkserver", str(theirs.fileno())],
+            [sys.executable, "-m", "tests.forkserver", str(theirs.fileno()),
+             str(self.commands_socket)],
             cwd=_ROOT, env=env, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
             start_new_session=True)
         theirs.close()
@@ -259,6 +342,7 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
