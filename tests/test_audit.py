@@ -12,7 +12,6 @@ import io
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ import httpx
 
 from exporter.embedded import EmbeddedPostgres
 from exporter.files.demo import LARGE_NAME
-from tests.support import ROOT, Server, fetch, run_sql, wait_until
+from tests.support import ROOT, Server, fetch, forked, run_sql, wait_until
 
 RANGE = 64 * 1024
 
@@ -190,7 +189,7 @@ def test_the_audit_trail_as_csv_runs_no_formula(
     s = make_server({"EXPORTER_FORWARDED_ALLOW_IPS": "127.0.0.1",
                      "EXPORTER_AUDIT_FLUSH_INTERVAL": "0.2"}).start()
     admin = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "token", "create", "--name",
+        [*forked("exporter.cli"), "token", "create", "--name",
          f"formula-{uuid.uuid4().hex[:6]}", "--scope", "admin"],
         cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": database_url},
         capture_output=True, text=True, check=True, timeout=60).stdout.strip()

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import exporter
-from tests.support import ROOT, Server, exporter_cli, free_port
+from tests.support import ROOT, Server, exporter_cli, forked, free_port
 from tests.test_access import CLOSED, bearer, new_token
 
 DEMO_ROWS = 20_000
@@ -273,7 +273,7 @@ def run(*args: str, env: dict[str, str], cwd: Path = ROOT,
     EXPORTER_ variables of `env`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
     clean.update(PYTHONPATH=str(ROOT), **env)
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=cwd, env=clean,
+    return subprocess.run([*forked("exporter.cli"), *args], cwd=cwd, env=clean,
                           capture_output=True, text=True, timeout=timeout)
 
 

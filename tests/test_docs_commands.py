@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import uuid
@@ -39,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from exporter.files.demo import create as create_demo_files
-from tests.support import ROOT, Server
+from tests.support import ROOT, Server, forked
 from tests.test_access import new_token
 
 pytestmark = [pytest.mark.needs("curl"), pytest.mark.needs("wget")]
@@ -140,7 +141,9 @@ def reader_folder(folder: Path, site: Site) -> None:
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     python.chmod(0o755)
     exporter = bin_ / "exporter"
-    exporter.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m exporter.cli "$@"\n')
+    # Run by the fork server (tests/forkclient.py): the same module, in this folder, with
+    # this environment and streams, without importing the app again for each command.
+    exporter.write_text(f'#!/bin/sh\nexec {shlex.join(forked("exporter.cli"))} "$@"\n')
     exporter.chmod(0o755)
 
 

@@ -7,7 +7,6 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,7 +15,7 @@ import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
 from tests.conftest import LARGE_FILE_SIZE
-from tests.support import ROOT, Server, audited, fetch, last_audit_id, sha256, wait_until
+from tests.support import ROOT, Server, audited, fetch, forked, last_audit_id, sha256, wait_until
 
 
 def url(server: Server, name: str) -> str:
@@ -302,13 +301,13 @@ def test_digest_command(server: Server, files_root: Path, database_url: str) -> 
 def _check_digest_command(server: Server, files_root: Path, database_url: str) -> None:
     env = {**os.environ, "EXPORTER_DATABASE_URL": database_url,
            "EXPORTER_FILES_ROOT": str(files_root)}
-    done = subprocess.run([sys.executable, "-m", "exporter.cli", "digest", "nested"],
+    done = subprocess.run([*forked("exporter.cli"), "digest", "nested"],
                           cwd=ROOT, env=env, capture_output=True, timeout=60, check=True)
     assert b"files" in done.stderr and b"100.0%" in done.stderr
     expected = base64.b64encode(hashlib.sha256(b"known ahead of time\n").digest()).decode()
     r = httpx.head(url(server, "nested/precomputed.txt"))
     assert r.headers["repr-digest"] == f"sha-256=:{expected}:"
-    again = subprocess.run([sys.executable, "-m", "exporter.cli", "digest", "nested"],
+    again = subprocess.run([*forked("exporter.cli"), "digest", "nested"],
                            cwd=ROOT, env=env, capture_output=True, timeout=60, check=True)
     assert b"0 to compute" in again.stderr
 

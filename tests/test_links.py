@@ -10,7 +10,6 @@ import io
 import os
 import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, sync_playwright
 
-from tests.support import ROOT, Server, fetch, run_sql, wait_until
+from tests.support import ROOT, Server, fetch, forked, run_sql, wait_until
 from tests.test_access import CLOSED, bearer, cli, make_link, new_token
 from tests.test_browser import ARGS, CHROMIUM, download, sign_in
 
@@ -300,7 +299,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     # No database is needed to refuse these: no EXPORTER_DATABASE_URL, and none starts.
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
     env["EXPORTER_DATA_DIR"] = "/nonexistent/exporter-must-not-start-a-database"
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([*forked("exporter.cli"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

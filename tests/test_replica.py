@@ -12,7 +12,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pytest
 from exporter.cli import migrate
 from exporter.embedded import psql_path
 from tests.conftest import _load_demo
-from tests.support import ROOT, Server, fetch, run_sql, wait_until
+from tests.support import ROOT, Server, fetch, forked, run_sql, wait_until
 
 DATABASE = "exporter_replica"
 # A view of many rows whose export takes a while: held open by a client that stops
@@ -150,7 +149,7 @@ def audit_rows(url: str, target: str) -> list[dict[str, object]]:
 
 def make_token(pair: Pair) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "token", "create", "--name", "replica-test",
+        [*forked("exporter.cli"), "token", "create", "--name", "replica-test",
          "--scope", "datasets:*"],
         cwd=ROOT, env={**os.environ, "EXPORTER_DATABASE_URL": pair.primary.url()},
         check=True, capture_output=True, text=True)

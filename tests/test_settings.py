@@ -9,7 +9,6 @@ import csv
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from exporter.config import Settings
 from exporter.db import connect_arguments, create_engine
-from tests.support import ROOT, FreshDatabase, exporter_cli, fetch, free_port, wait_until
+from tests.support import ROOT, FreshDatabase, exporter_cli, fetch, forked, free_port, wait_until
 
 PASSWORD = "Pa55-never-printed-7c1e"
 
@@ -32,7 +31,7 @@ def exporter(*args: str, env: dict[str, str], cwd: Path = ROOT,
     # A port of its own: `serve` checks its port before anything else, and 8000 may be
     # another program's on this machine.
     clean["EXPORTER_PORT"] = str(free_port())
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], cwd=cwd,
+    return subprocess.run([*forked("exporter.cli"), *args], cwd=cwd,
                           env={**clean, **env}, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
