@@ -356,6 +356,10 @@ def server_url_root(
     # A short path: the server's unix socket lives in it.
     pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     url = pg.start()
+    # A throwaway cluster, as the Debian ones (tests/debian_postgres.py): nothing in it
+    # needs to survive a crash of the machine, so no commit waits for the disk.
+    run_sql(url, "ALTER SYSTEM SET fsync = off", "ALTER SYSTEM SET synchronous_commit = off",
+            "ALTER SYSTEM SET full_page_writes = off", "SELECT pg_reload_conf()")
     try:
         yield url
     finally:
