@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
+import logging
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from obstore import GetOptions, ObjectMeta
 
     from exporter.config import Settings
+
+log = logging.getLogger(__name__)
 
 SCHEME = "s3://"
 # S3's limit on a key, in UTF-8 bytes.
@@ -297,10 +301,24 @@ class ObjectStore:
         with _errors(key):
             await obstore.delete_async(self._store, check_key(key))
 
-    async def presigned_get(self, key: str, expires: timedelta) -> str:
-        """A URL anyone may GET the object with until `expires` from now (no request)."""
+    async def presigned_get(self, key: str, expires: timedelta,
+                            headers: Mapping[str, str] | None = None) -> str:
+        """A URL anyone may GET the object with until `expires` from now (no request).
+
+        `headers`: what the store's answer should carry instead of the object's own
+        (Content-Disposition, Content-Type, ...: S3's `response-*` parameters, signed into
+        the URL). obstore signs no query parameters, so such a URL is signed here, from
+        static credentials; without them (an instance role), obstore's URL, without them.
+        """
+        check_key(key)
+        overrides = {_OVERRIDES[name.lower()]: value
+                     for name, value in (headers or {}).items()}
+        if overrides and (credentials := _Credentials.from_environ(self)) is not None:
+            return credentials.presign(key, expires, overrides)
+        if overrides:
+            _log_unsigned_overrides()
         with _errors(key):
-            return await obstore.sign_async(self._store, "GET", check_key(key), expires)
+            return await obstore.sign_async(self._store, "GET", key, expires)
 
     async def uploads(self, folder: str = "", *, key: str | None = None) -> list[Upload]:
         """The incomplete multipart uploads under `folder`, or of `key` only (a writer
@@ -337,52 +355,122 @@ def _quote(value: str) -> str:
     return quote(value, safe="-_.~")
 
 
+# The headers of a GET's answer that a request may set (S3's `response-*` parameters).
+_OVERRIDES = {name: f"response-{name}" for name in (
+    "content-type", "content-disposition", "content-language", "content-encoding",
+    "cache-control", "expires")}
+
+
+@functools.cache
+def _log_unsigned_overrides() -> None:
+    log.warning("pre-signed URLs carry no file name or type without static credentials"
+                " (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY): obstore signs none")
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """AWS Signature Version 4 for the requests obstore does not make, from the same
+    standard variables obstore reads (static credentials only: instance roles are not
+    looked up here), for one store's bucket."""
+
+    access: str
+    secret: str
+    token: str | None
+    region: str
+    scheme: str
+    host: str
+    base: str  # the path before the key: the endpoint's, and the bucket in path style
+    prefix: str
+
+    @classmethod
+    def from_environ(cls, store: ObjectStore) -> _Credentials | None:
+        environ = os.environ
+        access = environ.get("AWS_ACCESS_KEY_ID")
+        secret = environ.get("AWS_SECRET_ACCESS_KEY")
+        if not access or not secret:
+            return None
+        region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        endpoint = (environ.get("AWS_ENDPOINT_URL") or environ.get("AWS_ENDPOINT")
+                    or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        parts = urlsplit(endpoint)
+        if parts.scheme != "https" and not store.options.allow_http:
+            raise StoreUnavailable("a plain-http endpoint needs EXPORTER_S3_ALLOW_HTTP")
+        bucket = store.url.bucket
+        if store.options.virtual_hosted_style:
+            host, base = f"{bucket}.{parts.netloc}", parts.path
+        else:
+            host, base = parts.netloc, f"{parts.path}/{bucket}"
+        return cls(access, secret, environ.get("AWS_SESSION_TOKEN"), region, parts.scheme,
+                   host, base, store.url.prefix)
+
+    def path(self, key: str) -> str:
+        full = f"{self.prefix}/{key}" if self.prefix and key else key
+        return self.base + (f"/{_quote(full).replace('%2F', '/')}" if full else "")
+
+    def _signature(self, now: str, canonical: str) -> tuple[str, str]:
+        """The scope and the signature of a canonical request made at `now`."""
+        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
+        signing = f"AWS4{self.secret}".encode()
+        for part in (now[:8], self.region, "s3", "aws4_request"):
+            signing = hmac.new(signing, part.encode(), hashlib.sha256).digest()
+        text = "\n".join(["AWS4-HMAC-SHA256", now, scope,
+                          hashlib.sha256(canonical.encode()).hexdigest()])
+        return scope, hmac.new(signing, text.encode(), hashlib.sha256).hexdigest()
+
+    def authorization(self, method: str, key: str, query: dict[str, str]
+                      ) -> tuple[str, dict[str, str]]:
+        """The URL and headers of a request signed in its Authorization header."""
+        path = self.path(key)
+        canonical_query = _canonical_query(query)
+        now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        payload = hashlib.sha256(b"").hexdigest()
+        headers = {"host": self.host, "x-amz-content-sha256": payload, "x-amz-date": now}
+        if self.token:
+            headers["x-amz-security-token"] = self.token
+        names = ";".join(sorted(headers))
+        canonical = "\n".join([method, path, canonical_query,
+                               "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
+                               names, payload])
+        scope, signature = self._signature(now, canonical)
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access}/{scope}, "
+                                    f"SignedHeaders={names}, Signature={signature}")
+        return f"{self.scheme}://{self.host}{path}?{canonical_query}", headers
+
+    def presign(self, key: str, expires: timedelta, query: dict[str, str]) -> str:
+        """A GET URL signed in its query (S3's pre-signed URL), `query` signed with it."""
+        now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
+        query = {**query, "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+                 "X-Amz-Credential": f"{self.access}/{scope}", "X-Amz-Date": now,
+                 "X-Amz-Expires": str(int(expires.total_seconds())),
+                 "X-Amz-SignedHeaders": "host"}
+        if self.token:
+            query["X-Amz-Security-Token"] = self.token
+        path = self.path(key)
+        canonical_query = _canonical_query(query)
+        canonical = "\n".join(["GET", path, canonical_query, f"host:{self.host}\n", "host",
+                               "UNSIGNED-PAYLOAD"])
+        _, signature = self._signature(now, canonical)
+        return (f"{self.scheme}://{self.host}{path}?{canonical_query}"
+                f"&X-Amz-Signature={signature}")
+
+
+def _canonical_query(query: dict[str, str]) -> str:
+    # A header's value reaches us as ASGI spells it (latin-1 for its bytes): its bytes are
+    # what the store is to send.
+    pairs = sorted((_quote(k), quote(v.encode("latin-1", "replace"), safe="-_.~"))
+                   for k, v in query.items())
+    return "&".join(f"{k}={v}" for k, v in pairs)
+
+
 async def _signed(store: ObjectStore, method: str, key: str, query: dict[str, str],
                   missing_ok: bool = False) -> httpx.Response:
-    """One request of S3's API that obstore does not make, signed with AWS Signature
-    Version 4 from the same standard variables obstore reads (static credentials only:
-    instance roles are not looked up here)."""
-    environ = os.environ
-    access = environ.get("AWS_ACCESS_KEY_ID")
-    secret = environ.get("AWS_SECRET_ACCESS_KEY")
-    if not access or not secret:
+    """One request of S3's API that obstore does not make (`_Credentials`)."""
+    credentials = _Credentials.from_environ(store)
+    if credentials is None:
         raise StoreUnavailable("listing incomplete uploads needs AWS_ACCESS_KEY_ID and"
                                " AWS_SECRET_ACCESS_KEY")
-    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    endpoint = (environ.get("AWS_ENDPOINT_URL") or environ.get("AWS_ENDPOINT")
-                or f"https://s3.{region}.amazonaws.com").rstrip("/")
-    parts = urlsplit(endpoint)
-    if parts.scheme != "https" and not store.options.allow_http:
-        raise StoreUnavailable("a plain-http endpoint needs EXPORTER_S3_ALLOW_HTTP")
-    bucket = store.url.bucket
-    full = f"{store.url.prefix}/{key}" if store.url.prefix and key else key
-    path = parts.path + "/" + _quote(full).replace("%2F", "/")
-    host = parts.netloc
-    if store.options.virtual_hosted_style:
-        host = f"{bucket}.{host}"
-    else:
-        path = f"{parts.path}/{bucket}" + (f"/{_quote(full).replace('%2F', '/')}" if full
-                                           else "")
-    canonical_query = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
-    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    payload = hashlib.sha256(b"").hexdigest()
-    headers = {"host": host, "x-amz-content-sha256": payload, "x-amz-date": now}
-    if token := environ.get("AWS_SESSION_TOKEN"):
-        headers["x-amz-security-token"] = token
-    names = ";".join(sorted(headers))
-    canonical = "\n".join([method, path, canonical_query,
-                           "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
-                           names, payload])
-    scope = f"{now[:8]}/{region}/s3/aws4_request"
-    signing = f"AWS4{secret}".encode()
-    for part in (now[:8], region, "s3", "aws4_request"):
-        signing = hmac.new(signing, part.encode(), hashlib.sha256).digest()
-    text = "\n".join(["AWS4-HMAC-SHA256", now, scope,
-                      hashlib.sha256(canonical.encode()).hexdigest()])
-    signature = hmac.new(signing, text.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access}/{scope}, "
-                                f"SignedHeaders={names}, Signature={signature}")
-    url = f"{parts.scheme}://{host}{path}?{canonical_query}"
+    url, headers = credentials.authorization(method, key, query)
     try:
         async with httpx.AsyncClient(timeout=store.options.timeout) as client:
             answer = await client.request(method, url, headers=headers)

@@ -206,6 +206,49 @@ def test_presigned_redirect(database_url: str, files_url: str, s3_env: None) -> 
         assert rows[-1]["kind"] == "file"
 
 
+@pytest.mark.needs("curl")
+def test_presigned_downloads_carry_the_name_and_type(database_url: str, files_url: str,
+                                                    s3_env: None, tmp_path: Path) -> None:
+    """The store's answer to the pre-signed URL says what this server would: its name
+    (curl -OJ saves it so), its type, attachment unless inline was asked and allowed."""
+    settings = Settings(database_url=database_url, files_root=files_url, public_datasets=[],
+                        public_files=["*"], s3_allow_http=True, files_redirect="presigned")
+    with InProcess(settings) as app:
+        def location(path: str, user_agent: str = "curl/8.5.0") -> str:
+            answer = app.get(path, headers={"User-Agent": user_agent})
+            assert answer.status_code == 302, answer.text
+            return answer.headers["location"]
+
+        signed = location("/files/data/one.bin")
+        assert "response-content-disposition=" in signed
+        subprocess.run(["curl", "-sS", "--fail", "-OJ", signed], cwd=tmp_path, check=True,
+                       timeout=60)
+        assert [f.name for f in tmp_path.iterdir()] == ["one.bin"]
+        assert (tmp_path / "one.bin").read_bytes() == ONE
+        fetched = httpx.get(signed)
+        assert fetched.headers["content-disposition"] == 'attachment; filename="one.bin"'
+        assert fetched.headers["content-type"] == "application/octet-stream"
+        # A name curl cannot take from filename* gets its ASCII fallback; others read it.
+        weird = location(f"/files/{quote('we ird näme %41.txt')}")
+        subprocess.run(["curl", "-sS", "--fail", "-OJ", weird], cwd=tmp_path, check=True,
+                       timeout=60)
+        assert (tmp_path / "we ird name _41.txt").read_bytes() == b"weird\n"
+        answer = httpx.get(location(f"/files/{quote('we ird näme %41.txt')}", "Mozilla/5.0"))
+        assert answer.content == b"weird\n"
+        assert answer.headers["content-disposition"] == (
+            "attachment; filename=\"we ird name _41.txt\";"
+            " filename*=UTF-8''we%20ird%20n%C3%A4me%20%2541.txt")
+        assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+        inline = httpx.get(location("/files/notes.txt?disposition=inline"))
+        assert inline.headers["content-disposition"] == 'inline; filename="notes.txt"'
+        html = httpx.get(location("/files/page.html?disposition=inline"))
+        assert html.headers["content-disposition"] == 'attachment; filename="page.html"'
+        assert html.content == HTML
+        # The signature covers the parameters: another name is refused by the store.
+        forged = signed.replace("one.bin%22", "evil.exe%22")
+        assert forged != signed and httpx.get(forged).status_code == 403
+
+
 def test_a_store_that_is_down_is_503(database_url: str, s3: Seaweed) -> None:
     with pytest.MonkeyPatch.context() as patch:
         for name, value in s3.env.items():
