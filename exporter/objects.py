@@ -51,6 +51,8 @@ MAX_KEY_BYTES = 1024
 MIN_PART_SIZE = 5 * 1024 * 1024
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What a health check asks for when it cannot list one key (ObjectStore.ping).
+_PING_KEY = ".exporter-health"
 
 
 class BadKey(ValueError):
@@ -218,6 +220,22 @@ class ObjectStore:
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.url)!r})"
+
+    async def ping(self) -> None:
+        """One cheap request, for a health check: a one-key listing of the prefix (a
+        missing bucket, refused credentials or a store that fails it: StoreUnavailable).
+        Without static credentials, a HEAD of a key that need not exist (obstore lists
+        no fewer than a page)."""
+        credentials = _Credentials.from_environ(self)
+        if credentials is None:
+            try:
+                with _errors(_PING_KEY):
+                    await obstore.head_async(self._store, _PING_KEY)
+            except ObjectMissing:
+                pass  # the store answered
+            return
+        prefix = f"{self.url.prefix}/" if self.url.prefix else ""
+        await _signed(self, "GET", "", {"list-type": "2", "max-keys": "1", "prefix": prefix})
 
     async def head(self, key: str) -> ObjectInfo:
         with _errors(key):

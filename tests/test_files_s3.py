@@ -268,6 +268,49 @@ def test_a_store_that_is_down_is_503(database_url: str, s3: Seaweed) -> None:
             assert page.status_code == 200 and "file store is unavailable" in page.text
 
 
+def test_healthz_says_when_the_store_is_down(app: InProcess, s3: Seaweed) -> None:
+    """/healthz asks the store (at most once per STORE_TTL, however often it is asked),
+    says 503 while the store does not answer, and 200 again once it does."""
+    store_health = app.state.store_health
+    assert store_health is not None and set(store_health.stores) == {"files"}
+    first = app.get("/healthz")
+    assert first.status_code == 200, first.text
+    assert first.json()["store"] == {"status": "ok"}
+    checks = store_health.checks
+    for _ in range(20):
+        assert app.get("/healthz").status_code == 200
+    assert store_health.checks - checks <= 1  # one more at most, if the TTL ran out
+    store_health.ttl = 0.1  # from here on, what is said of a store that stops and starts
+    with s3.paused():
+        assert wait_until(lambda: app.get("/healthz").status_code == 503, 30)
+        down = app.get("/healthz")
+        assert down.headers["retry-after"] == "5"
+        body = down.json()
+        assert body["status"] == "unavailable" and body["store"]["status"] == "unavailable"
+        assert body["error"] == ("the object store is unavailable: the files store did not"
+                                 " answer within 1.5 s")
+        assert s3.endpoint.removeprefix("http://") not in down.text
+    assert wait_until(lambda: app.get("/healthz").status_code == 200, 30)
+    assert app.get("/healthz").json()["store"] == {"status": "ok"}
+
+
+def test_healthz_asks_both_stores(database_url: str, s3: Seaweed, s3_env: None) -> None:
+    from exporter.health import StoreHealth
+
+    both = StoreHealth.of(Settings(database_url=database_url, files_root=s3.url("a"),
+                                   exports_dir=s3.url("b"), s3_allow_http=True))
+    assert both is not None and {r: str(s.url) for r, s in both.stores.items()} == {
+        "files": s3.url("a"), "exports": s3.url("b")}
+    assert StoreHealth.of(Settings(database_url=database_url)) is None
+    # A bucket that is not there fails the check (a HEAD of an object could not tell).
+    missing = StoreHealth.of(Settings(database_url=database_url,
+                                      files_root="s3://no-such-bucket-here/x",
+                                      s3_allow_http=True))
+    assert missing is not None
+    assert asyncio.run(missing.problem()) == "the files store failed (see the log)"
+    assert asyncio.run(both.problem()) is None
+
+
 # --- Real clients through a real server -----------------------------------------------
 @pytest.fixture(scope="module")
 def server(make_module_server: type[Server], files_url: str, s3: Seaweed) -> Server:
