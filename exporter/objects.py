@@ -18,6 +18,7 @@ character; so nothing names an object outside the prefix. Errors come out as thr
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -25,7 +26,9 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -140,12 +143,15 @@ class StoreOptions:
     # Seconds one request (a head, a listing page, a part) may take, its retries included.
     timeout: float = 30.0
     part_size: int = 8 * 1024 * 1024
+    # Seconds a folder's listing is kept (`listings`); 0: every listing asks the store.
+    list_cache: float = 3.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreOptions:
         return cls(allow_http=settings.s3_allow_http,
                    virtual_hosted_style=settings.s3_virtual_hosted_style,
-                   timeout=settings.s3_timeout, part_size=settings.s3_part_size)
+                   timeout=settings.s3_timeout, part_size=settings.s3_part_size,
+                   list_cache=settings.s3_list_cache)
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,68 @@ class Listing:
 
     objects: list[ObjectInfo]
     folders: list[str]
+
+
+class ListingCache:
+    """The folders' listings of every store in this process, each kept for its store's
+    `list_cache` seconds: a folder's listing (and the page) asked again and again costs
+    one LIST per folder per period, not one per request.
+
+    Bounded: at most `max_items` objects and folders in all, the oldest listings dropped
+    first (a larger listing is not kept). A write through any store of this process (a
+    stored export, a resume copy, a put, a delete) drops the listings it changes at
+    once, so this process sees its own writes; other writers' show within the period.
+    """
+
+    def __init__(self, max_items: int = 50_000) -> None:
+        self.max_items = max_items
+        self.items = 0
+        # (bucket, the store's prefix, the folder) -> when listed, the listing
+        self._kept: collections.OrderedDict[tuple[str, str, str], tuple[float, Listing]] = \
+            collections.OrderedDict()
+        # Moves on every write: a listing asked before a write and answered after it may
+        # not show it, and is not kept.
+        self.generation = 0
+        # Apps on loops of their own in one process (the tests' in-process servers).
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str], ttl: float) -> Listing | None:
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is None:
+                return None
+            if time.monotonic() - kept[0] >= ttl:
+                self._drop(key)
+                return None
+            return kept[1]
+
+    def put(self, key: tuple[str, str, str], listing: Listing, generation: int) -> None:
+        size = len(listing.objects) + len(listing.folders) + 1
+        with self._lock:
+            if generation != self.generation or size > self.max_items:
+                return
+            self._drop(key)
+            self._kept[key] = (time.monotonic(), listing)
+            self.items += size
+            while self.items > self.max_items:
+                self._drop(next(iter(self._kept)))
+
+    def wrote(self, bucket: str, full_key: str) -> None:
+        """An object was written or deleted at `full_key` (with its store's prefix)."""
+        with self._lock:
+            self.generation += 1
+            for key in [k for k in self._kept if k[0] == bucket
+                        and full_key.startswith("/".join(p for p in k[1:] if p))]:
+                self._drop(key)
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            self.items -= len(kept[1].objects) + len(kept[1].folders) + 1
+
+
+# One for the process: the files' store and the stored exports' may share a bucket.
+listings = ListingCache()
 
 
 @dataclass(frozen=True)
@@ -201,6 +269,7 @@ class ObjectStore:
     def __init__(self, url: str | StoreUrl, options: StoreOptions | None = None) -> None:
         self.url = url if isinstance(url, StoreUrl) else StoreUrl.parse(url)
         self.options = options or StoreOptions()
+        self.lists = 0  # LIST requests made for folders (list_folder, folder_exists)
         config: dict[str, Any] = {
             "virtual_hosted_style_request": self.options.virtual_hosted_style}
         deadline = timedelta(seconds=self.options.timeout)
@@ -274,12 +343,21 @@ class ObjectStore:
             return bytes(await result.bytes_async())
 
     async def list_folder(self, folder: str = "") -> Listing:
-        """What is directly in `folder` ("" the top, or a key): its objects and folders."""
+        """What is directly in `folder` ("" the top, or a key): its objects and folders;
+        as listed up to `list_cache` seconds ago (`ListingCache`)."""
         prefix = check_folder(folder)
+        cache_key = (self.url.bucket, self.url.prefix, prefix)
+        if (kept := listings.get(cache_key, self.options.list_cache)) is not None:
+            return kept
+        generation = listings.generation
+        self.lists += 1
         with _errors(folder, listing=True):
             result = await obstore.list_with_delimiter_async(self._store, prefix or None)
         folders = [p.rstrip("/") + "/" for p in result["common_prefixes"]]
-        return Listing([ObjectInfo.of(m) for m in result["objects"]], folders)
+        found = Listing([ObjectInfo.of(m) for m in result["objects"]], folders)
+        if self.options.list_cache > 0:
+            listings.put(cache_key, found, generation)
+        return found
 
     async def walk(self, folder: str = "", page: int = 1000
                    ) -> AsyncGenerator[list[ObjectInfo], None]:
@@ -297,6 +375,10 @@ class ObjectStore:
     async def folder_exists(self, folder: str) -> bool:
         """Whether any object lies under `folder` (S3 has no folders, only keys)."""
         prefix = check_folder(folder)
+        kept = listings.get((self.url.bucket, self.url.prefix, prefix), self.options.list_cache)
+        if kept is not None:
+            return bool(kept.objects or kept.folders)
+        self.lists += 1
         stream = obstore.list(self._store, prefix or None, chunk_size=1)
         with _errors(folder, listing=True):
             try:
@@ -309,15 +391,23 @@ class ObjectStore:
         with _errors(key):
             result = await obstore.put_async(self._store, check_key(key), data,
                                              use_multipart=False)
+        self.wrote(key)
         return result["e_tag"]
 
     def writer(self, key: str) -> ObjectWriter:
-        return ObjectWriter(self._bodies, check_key(key), self.options.part_size)
+        return ObjectWriter(self._bodies, check_key(key), self.options.part_size,
+                            self.wrote)
 
     async def delete(self, key: str) -> None:
         """Gone, or was never there (S3 answers both alike)."""
         with _errors(key):
             await obstore.delete_async(self._store, check_key(key))
+        self.wrote(key)
+
+    def wrote(self, key: str) -> None:
+        """`key` was written or deleted: the listings it changes are not kept."""
+        listings.wrote(self.url.bucket, f"{self.url.prefix}/{key}" if self.url.prefix
+                       else key)
 
     async def presigned_get(self, key: str, expires: timedelta,
                             headers: Mapping[str, str] | None = None) -> str:
@@ -530,8 +620,10 @@ class ObjectWriter:
     (an error, a cancellation) aborts; otherwise call `abort` in a `finally`.
     """
 
-    def __init__(self, store: S3Store, key: str, part_size: int) -> None:
+    def __init__(self, store: S3Store, key: str, part_size: int,
+                 completed: Callable[[str], None] = lambda key: None) -> None:
         self.key = key
+        self._on_complete = completed
         self.size = 0
         self._store = store
         self._part_size = max(part_size, MIN_PART_SIZE)
@@ -603,6 +695,7 @@ class ObjectWriter:
                 await self._send(None)
                 result = await self._upload
         self._completed = True
+        self._on_complete(self.key)
         return result["e_tag"]
 
     async def abort(self) -> None:

@@ -173,6 +173,37 @@ def test_listings(app: InProcess) -> None:
     assert page.status_code == 200 and "one.bin" in page.text
 
 
+def test_listings_and_the_page_ask_the_store_once_per_period(
+        app: InProcess, database_url: str, files_url: str, s3: Seaweed, s3_env: None) -> None:
+    """Folder listings and the page within EXPORTER_S3_LIST_CACHE cost one LIST; what
+    another client adds shows once it has passed."""
+    folder = f"scratch/kept-{os.urandom(4).hex()}"
+    raw = raw_store(s3, StoreUrl.parse(files_url).prefix)
+    obstore.put(raw, f"{folder}/a.txt", b"a")
+    settings = Settings(database_url=database_url, files_root=files_url, public_datasets=[],
+                        public_files=["*"], s3_allow_http=True, s3_list_cache=60)
+
+    def names(running: InProcess) -> list[str]:
+        answer = running.get(f"/files/{folder}/")
+        assert answer.status_code == 200, answer.text
+        return [e["name"] for e in answer.json()["entries"]]
+
+    with InProcess(settings) as kept:
+        store = kept.state.files_store
+        assert store is not None
+        assert names(kept) == ["a.txt"]
+        lists = store.lists
+        assert names(kept) == ["a.txt"]
+        page = kept.get(f"/?path={folder}/")
+        assert page.status_code == 200 and "a.txt" in page.text
+        assert store.lists == lists  # the second listing and the page: no LIST
+        obstore.put(raw, f"{folder}/b.txt", b"b")
+        assert names(kept) == ["a.txt"]  # within the period
+    # The module's server keeps them the default 3 s (the listing above, kept for the
+    # process, included).
+    assert wait_until(lambda: names(app) == ["a.txt", "b.txt"], 20)
+
+
 @pytest.mark.parametrize("path", [
     ".secret", "data/.hidden.txt", "back%5Cslash.txt", "..%2Ftop-secret.txt",
     "%2E%2E/top-secret.txt", "../top-secret.txt", "data/../../top-secret.txt",
