@@ -237,9 +237,8 @@ def test_presigned_redirect(database_url: str, files_url: str, s3_env: None) -> 
         assert rows[-1]["kind"] == "file"
 
 
-@pytest.mark.needs("curl")
 def test_presigned_downloads_carry_the_name_and_type(database_url: str, files_url: str,
-                                                    s3_env: None, tmp_path: Path) -> None:
+                                                    s3_env: None) -> None:
     """The store's answer to the pre-signed URL says what this server would: its name
     (curl -OJ saves it so), its type, attachment unless inline was asked and allowed."""
     settings = Settings(database_url=database_url, files_root=files_url, public_datasets=[],
@@ -252,18 +251,10 @@ def test_presigned_downloads_carry_the_name_and_type(database_url: str, files_ur
 
         signed = location("/files/data/one.bin")
         assert "response-content-disposition=" in signed
-        subprocess.run(["curl", "-sS", "--fail", "-OJ", signed], cwd=tmp_path, check=True,
-                       timeout=60)
-        assert [f.name for f in tmp_path.iterdir()] == ["one.bin"]
-        assert (tmp_path / "one.bin").read_bytes() == ONE
         fetched = httpx.get(signed)
+        assert fetched.content == ONE
         assert fetched.headers["content-disposition"] == 'attachment; filename="one.bin"'
         assert fetched.headers["content-type"] == "application/octet-stream"
-        # A name curl cannot take from filename* gets its ASCII fallback; others read it.
-        weird = location(f"/files/{quote('we ird näme %41.txt')}")
-        subprocess.run(["curl", "-sS", "--fail", "-OJ", weird], cwd=tmp_path, check=True,
-                       timeout=60)
-        assert (tmp_path / "we ird name _41.txt").read_bytes() == b"weird\n"
         answer = httpx.get(location(f"/files/{quote('we ird näme %41.txt')}", "Mozilla/5.0"))
         assert answer.content == b"weird\n"
         assert answer.headers["content-disposition"] == (
@@ -346,6 +337,22 @@ def test_healthz_asks_both_stores(database_url: str, s3: Seaweed, s3_env: None) 
 @pytest.fixture(scope="module")
 def server(make_module_server: type[Server], files_url: str, s3: Seaweed) -> Server:
     return make_module_server({**s3.env, "EXPORTER_FILES_ROOT": files_url}).start()
+
+
+@pytest.mark.needs("curl")
+def test_curl_follows_a_presigned_redirect_to_the_file_name(
+        make_server: type[Server], files_url: str, s3: Seaweed, tmp_path: Path) -> None:
+    """`curl -L -OJ` through the server's 302 to the store saves under the file's name
+    (the URL's last segment would be `we%20ird%20n%C3%A4me%20%2541.txt`): a name that is
+    not ASCII in its fallback, as curl reads `filename=` only."""
+    server = make_server({**s3.env, "EXPORTER_FILES_ROOT": files_url,
+                          "EXPORTER_FILES_REDIRECT": "presigned"}).start()
+    for path in ("data/one.bin", quote("we ird näme %41.txt")):
+        subprocess.run(["curl", "-sS", "--fail", "-L", "-OJ", f"{server.url}/files/{path}"],
+                       cwd=tmp_path, check=True, timeout=60)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["one.bin", "we ird name _41.txt"]
+    assert (tmp_path / "one.bin").read_bytes() == ONE
+    assert (tmp_path / "we ird name _41.txt").read_bytes() == b"weird\n"
 
 
 @pytest.mark.needs("curl", "wget")
