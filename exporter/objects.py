@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
@@ -410,8 +410,10 @@ class ObjectStore:
                        else key)
 
     async def presigned_get(self, key: str, expires: timedelta,
-                            headers: Mapping[str, str] | None = None) -> str:
-        """A URL anyone may GET the object with until `expires` from now (no request).
+                            headers: Mapping[str, str] | None = None,
+                            method: Literal["GET", "HEAD"] = "GET") -> str:
+        """A URL anyone may GET the object with until `expires` from now (no request);
+        HEAD with `method` (the method is signed: a GET's URL answers a HEAD 403).
 
         `headers`: what the store's answer should carry instead of the object's own
         (Content-Disposition, Content-Type, ...: S3's `response-*` parameters, signed into
@@ -422,11 +424,11 @@ class ObjectStore:
         overrides = {_OVERRIDES[name.lower()]: value
                      for name, value in (headers or {}).items()}
         if overrides and (credentials := _Credentials.from_environ(self)) is not None:
-            return credentials.presign(key, expires, overrides)
+            return credentials.presign(key, expires, overrides, method)
         if overrides:
             _log_unsigned_overrides()
         with _errors(key):
-            return await obstore.sign_async(self._store, "GET", key, expires)
+            return await obstore.sign_async(self._store, method, key, expires)
 
     async def uploads(self, folder: str = "", *, key: str | None = None) -> list[Upload]:
         """The incomplete multipart uploads under `folder`, or of `key` only (a writer
@@ -544,8 +546,9 @@ class _Credentials:
                                     f"SignedHeaders={names}, Signature={signature}")
         return f"{self.scheme}://{self.host}{path}?{canonical_query}", headers
 
-    def presign(self, key: str, expires: timedelta, query: dict[str, str]) -> str:
-        """A GET URL signed in its query (S3's pre-signed URL), `query` signed with it."""
+    def presign(self, key: str, expires: timedelta, query: dict[str, str],
+                method: str = "GET") -> str:
+        """A URL signed in its query (S3's pre-signed URL), `query` signed with it."""
         now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         scope = f"{now[:8]}/{self.region}/s3/aws4_request"
         query = {**query, "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
@@ -556,7 +559,7 @@ class _Credentials:
             query["X-Amz-Security-Token"] = self.token
         path = self.path(key)
         canonical_query = _canonical_query(query)
-        canonical = "\n".join(["GET", path, canonical_query, f"host:{self.host}\n", "host",
+        canonical = "\n".join([method, path, canonical_query, f"host:{self.host}\n", "host",
                                "UNSIGNED-PAYLOAD"])
         _, signature = self._signature(now, canonical)
         return (f"{self.scheme}://{self.host}{path}?{canonical_query}"

@@ -261,6 +261,13 @@ def test_presigned_downloads_carry_the_name_and_type(database_url: str, files_ur
             "attachment; filename=\"we ird name _41.txt\";"
             " filename*=UTF-8''we%20ird%20n%C3%A4me%20%2541.txt")
         assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+        # A HEAD's redirect is signed for HEAD (a GET's URL answers it 403).
+        head = app.head("/files/data/one.bin")
+        assert head.status_code == 302
+        followed = httpx.head(head.headers["location"])
+        assert followed.status_code == 200, followed.status_code
+        assert followed.headers["content-length"] == str(len(ONE))
+        assert followed.headers["content-disposition"] == 'attachment; filename="one.bin"'
         inline = httpx.get(location("/files/notes.txt?disposition=inline"))
         assert inline.headers["content-disposition"] == 'inline; filename="notes.txt"'
         html = httpx.get(location("/files/page.html?disposition=inline"))

@@ -155,8 +155,8 @@ async def _redirect_to_store(request: Request, files: Files, store: ObjectStore,
                              target: StoreTarget, principal: Principal,
                              disposition: str) -> Response:
     """302 to a pre-signed URL, after the checks; the audit row says `proxied`, as for
-    X-Accel-Redirect: what the store then sends is in its own logs. HEAD gets the same
-    redirect (a client follows it to the store's own HEAD) and no audit row.
+    X-Accel-Redirect: what the store then sends is in its own logs. HEAD gets a redirect
+    signed for HEAD (a client follows it to the store's own HEAD) and no audit row.
 
     The URL has the store send the download's name and type, as this server would: an
     object's own answer has no Content-Disposition (a browser would save it under its
@@ -170,7 +170,8 @@ async def _redirect_to_store(request: Request, files: Files, store: ObjectStore,
             target.relative, timedelta(seconds=files.settings.files_redirect_expiry),
             headers={"Content-Type": kind,
                      "Content-Disposition": disposition_header(target.name, kind,
-                                                               disposition, None)})
+                                                               disposition, None)},
+            method="HEAD" if request.method == "HEAD" else "GET")
     except StoreUnavailable as error:
         raise store_unavailable(error) from None
     if request.method == "GET":
