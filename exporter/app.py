@@ -37,7 +37,7 @@ from exporter.exports.export import end_running_exports
 from exporter.files import routes as file_routes
 from exporter.files.deps import files_of
 from exporter.files.stream import ReadBudget
-from exporter.health import Health
+from exporter.health import Health, StoreHealth
 from exporter.notices import Notices
 from exporter.objects import ObjectStore, StoreOptions
 from exporter.server.logs import AccessLogOfLeavers
@@ -181,6 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             files_store=ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
             if settings.files_store else None,
             notices=notices,
+            store_health=StoreHealth.of(settings),
         )
         if settings.exports_resume:
             app.state.exporter.resume_copies = ServedResumeCopies(

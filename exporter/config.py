@@ -244,6 +244,10 @@ class Settings(BaseSettings):
     # this many bytes (S3's smallest is 5 MiB); about two parts per upload are in memory.
     s3_part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024,
                               le=5 * 1024 * 1024 * 1024)
+    # Seconds a folder's listing from the store is kept in each process (the listings and
+    # the page ask again within it without a LIST); what this process writes shows at
+    # once, what others write within this time. 0: every listing asks the store.
+    s3_list_cache: float = Field(default=3.0, ge=0, le=3600)
 
     # Web apps on these origins (JSON list, e.g. ["https://ui.example.com"]) may fetch
     # exports and files with a token; other origins get no CORS headers.

@@ -8,6 +8,10 @@ waited for one would hang and then call a healthy database down. So the probe ke
 one dedicated connection, gives up after `timeout`, and its answer is shared by the
 requests that come while it runs. So /healthz answers within about a second also when
 every connection is taken: "busy" (200) then, not "down".
+
+With files or stored exports in object storage, the store is asked too (`StoreHealth`):
+one cheap request per store, its answer kept STORE_TTL seconds, since a load balancer
+asks /healthz often and each probe must not cost a request to S3.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import asyncpg
@@ -22,8 +27,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.pool import QueuePool
 
+from exporter.config import Settings
 from exporter.db import libpq_url
 from exporter.errors import describe
+from exporter.objects import ObjectStore, StoreOptions, StoreUnavailable
 from exporter.state import State, get_state
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,65 @@ class Health:
                 await asyncio.wait_for(conn.close(), 2)
 
 
+# Seconds a store's answer stands for the probes that follow, and that it may take.
+STORE_TTL = 2.0
+STORE_TIMEOUT = 1.5
+
+
+class StoreHealth:
+    """Whether the object stores answer (EXPORTER_FILES_ROOT, EXPORTER_EXPORTS_DIR when
+    they are `s3://`): at most one check per STORE_TTL seconds, shared by the probes that
+    come meanwhile."""
+
+    def __init__(self, stores: dict[str, ObjectStore], *, ttl: float = STORE_TTL,
+                 timeout: float = STORE_TIMEOUT) -> None:
+        self.stores = stores  # by what they hold: "files", "exports"
+        self.ttl, self.timeout = ttl, timeout
+        self.checks = 0  # requests made (each is one per store)
+        self._answer: str | None = None
+        self._answered = -float("inf")
+        self._running: asyncio.Task[str | None] | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> StoreHealth | None:
+        options = StoreOptions.from_settings(settings)
+        stores = {role: ObjectStore(url, options) for role, url in (
+            ("files", settings.files_store), ("exports", settings.exports_store))
+            if url is not None}
+        return cls(stores) if stores else None
+
+    async def problem(self) -> str | None:
+        """None if every store answered, else which did not (their words go to the log)."""
+        if time.monotonic() - self._answered < self.ttl:
+            return self._answer
+        if self._running is None or self._running.done():
+            self._running = asyncio.get_running_loop().create_task(self._check())
+        return await asyncio.shield(self._running)
+
+    async def _check(self) -> str | None:
+        self.checks += 1
+        failed = await asyncio.gather(*(self._failed(role, store)
+                                        for role, store in self.stores.items()))
+        problems = [f for f in failed if f is not None]
+        self._answer = "; ".join(problems) if problems else None
+        self._answered = time.monotonic()
+        return self._answer
+
+    async def _failed(self, role: str, store: ObjectStore) -> str | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await store.ping()
+            return None
+        except TimeoutError:
+            log.warning("health probe of the %s store (%s): no answer within %g s", role,
+                        store.url, self.timeout)
+            return f"the {role} store did not answer within {self.timeout:g} s"
+        except StoreUnavailable as error:
+            log.warning("health probe of the %s store (%s) failed: %s", role, store.url,
+                        error)
+            return f"the {role} store failed (see the log)"
+
+
 @router.get("/healthz")
 async def healthz(request: Request) -> JSONResponse:
     return await report(get_state(request))
@@ -110,15 +176,24 @@ async def report(st: State) -> JSONResponse:
     if audit.last_refused is not None:
         body["audit"].update(last_refused=audit.last_refused.isoformat(timespec="seconds"),
                              last_refused_error=audit.last_refused_error)
-    problem, replica_problem = await asyncio.gather(
+    problem, replica_problem, store_problem = await asyncio.gather(
         st.health.problem(),
-        st.replica_health.problem() if st.replica_health else asyncio.sleep(0, None))
+        st.replica_health.problem() if st.replica_health else asyncio.sleep(0, None),
+        st.store_health.problem() if st.store_health else asyncio.sleep(0, None))
+    if st.store_health is not None:
+        body["store"] = {"status": "ok"} if store_problem is None else {
+            "status": "unavailable",
+            "error": f"the object store is unavailable: {store_problem}"}
     if st.replica_health is not None:
         body["replica"] = {"status": "ok"} if replica_problem is None else {
             "status": "unavailable",
             "error": f"the read replica is unavailable: {replica_problem}"}
     if problem is not None:
         body.update(status="unavailable", error=f"the database is unavailable: {problem}")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    if store_problem is not None:
+        # As for the database: the files (or stored exports) this host serves are there.
+        body.update(status="unavailable", error=body["store"]["error"])
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     # Still 200: files and everything but exports work, and a balancer that took every
     # host sharing the replica out of service would stop those too. Exports answer 503.

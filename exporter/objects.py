@@ -18,15 +18,20 @@ character; so nothing names an object outside the prefix. Errors come out as thr
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hashlib
 import hmac
+import logging
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
@@ -40,6 +45,8 @@ if TYPE_CHECKING:
 
     from exporter.config import Settings
 
+log = logging.getLogger(__name__)
+
 SCHEME = "s3://"
 # S3's limit on a key, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
@@ -47,6 +54,8 @@ MAX_KEY_BYTES = 1024
 MIN_PART_SIZE = 5 * 1024 * 1024
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What a health check asks for when it cannot list one key (ObjectStore.ping).
+_PING_KEY = ".exporter-health"
 
 
 class BadKey(ValueError):
@@ -134,12 +143,15 @@ class StoreOptions:
     # Seconds one request (a head, a listing page, a part) may take, its retries included.
     timeout: float = 30.0
     part_size: int = 8 * 1024 * 1024
+    # Seconds a folder's listing is kept (`listings`); 0: every listing asks the store.
+    list_cache: float = 3.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreOptions:
         return cls(allow_http=settings.s3_allow_http,
                    virtual_hosted_style=settings.s3_virtual_hosted_style,
-                   timeout=settings.s3_timeout, part_size=settings.s3_part_size)
+                   timeout=settings.s3_timeout, part_size=settings.s3_part_size,
+                   list_cache=settings.s3_list_cache)
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,68 @@ class Listing:
 
     objects: list[ObjectInfo]
     folders: list[str]
+
+
+class ListingCache:
+    """The folders' listings of every store in this process, each kept for its store's
+    `list_cache` seconds: a folder's listing (and the page) asked again and again costs
+    one LIST per folder per period, not one per request.
+
+    Bounded: at most `max_items` objects and folders in all, the oldest listings dropped
+    first (a larger listing is not kept). A write through any store of this process (a
+    stored export, a resume copy, a put, a delete) drops the listings it changes at
+    once, so this process sees its own writes; other writers' show within the period.
+    """
+
+    def __init__(self, max_items: int = 50_000) -> None:
+        self.max_items = max_items
+        self.items = 0
+        # (bucket, the store's prefix, the folder) -> when listed, the listing
+        self._kept: collections.OrderedDict[tuple[str, str, str], tuple[float, Listing]] = \
+            collections.OrderedDict()
+        # Moves on every write: a listing asked before a write and answered after it may
+        # not show it, and is not kept.
+        self.generation = 0
+        # Apps on loops of their own in one process (the tests' in-process servers).
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str], ttl: float) -> Listing | None:
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is None:
+                return None
+            if time.monotonic() - kept[0] >= ttl:
+                self._drop(key)
+                return None
+            return kept[1]
+
+    def put(self, key: tuple[str, str, str], listing: Listing, generation: int) -> None:
+        size = len(listing.objects) + len(listing.folders) + 1
+        with self._lock:
+            if generation != self.generation or size > self.max_items:
+                return
+            self._drop(key)
+            self._kept[key] = (time.monotonic(), listing)
+            self.items += size
+            while self.items > self.max_items:
+                self._drop(next(iter(self._kept)))
+
+    def wrote(self, bucket: str, full_key: str) -> None:
+        """An object was written or deleted at `full_key` (with its store's prefix)."""
+        with self._lock:
+            self.generation += 1
+            for key in [k for k in self._kept if k[0] == bucket
+                        and full_key.startswith("/".join(p for p in k[1:] if p))]:
+                self._drop(key)
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            self.items -= len(kept[1].objects) + len(kept[1].folders) + 1
+
+
+# One for the process: the files' store and the stored exports' may share a bucket.
+listings = ListingCache()
 
 
 @dataclass(frozen=True)
@@ -195,6 +269,7 @@ class ObjectStore:
     def __init__(self, url: str | StoreUrl, options: StoreOptions | None = None) -> None:
         self.url = url if isinstance(url, StoreUrl) else StoreUrl.parse(url)
         self.options = options or StoreOptions()
+        self.lists = 0  # LIST requests made for folders (list_folder, folder_exists)
         config: dict[str, Any] = {
             "virtual_hosted_style_request": self.options.virtual_hosted_style}
         deadline = timedelta(seconds=self.options.timeout)
@@ -214,6 +289,22 @@ class ObjectStore:
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.url)!r})"
+
+    async def ping(self) -> None:
+        """One cheap request, for a health check: a one-key listing of the prefix (a
+        missing bucket, refused credentials or a store that fails it: StoreUnavailable).
+        Without static credentials, a HEAD of a key that need not exist (obstore lists
+        no fewer than a page)."""
+        credentials = _Credentials.from_environ(self)
+        if credentials is None:
+            try:
+                with _errors(_PING_KEY):
+                    await obstore.head_async(self._store, _PING_KEY)
+            except ObjectMissing:
+                pass  # the store answered
+            return
+        prefix = f"{self.url.prefix}/" if self.url.prefix else ""
+        await _signed(self, "GET", "", {"list-type": "2", "max-keys": "1", "prefix": prefix})
 
     async def head(self, key: str) -> ObjectInfo:
         with _errors(key):
@@ -252,12 +343,21 @@ class ObjectStore:
             return bytes(await result.bytes_async())
 
     async def list_folder(self, folder: str = "") -> Listing:
-        """What is directly in `folder` ("" the top, or a key): its objects and folders."""
+        """What is directly in `folder` ("" the top, or a key): its objects and folders;
+        as listed up to `list_cache` seconds ago (`ListingCache`)."""
         prefix = check_folder(folder)
+        cache_key = (self.url.bucket, self.url.prefix, prefix)
+        if (kept := listings.get(cache_key, self.options.list_cache)) is not None:
+            return kept
+        generation = listings.generation
+        self.lists += 1
         with _errors(folder, listing=True):
             result = await obstore.list_with_delimiter_async(self._store, prefix or None)
         folders = [p.rstrip("/") + "/" for p in result["common_prefixes"]]
-        return Listing([ObjectInfo.of(m) for m in result["objects"]], folders)
+        found = Listing([ObjectInfo.of(m) for m in result["objects"]], folders)
+        if self.options.list_cache > 0:
+            listings.put(cache_key, found, generation)
+        return found
 
     async def walk(self, folder: str = "", page: int = 1000
                    ) -> AsyncGenerator[list[ObjectInfo], None]:
@@ -275,6 +375,10 @@ class ObjectStore:
     async def folder_exists(self, folder: str) -> bool:
         """Whether any object lies under `folder` (S3 has no folders, only keys)."""
         prefix = check_folder(folder)
+        kept = listings.get((self.url.bucket, self.url.prefix, prefix), self.options.list_cache)
+        if kept is not None:
+            return bool(kept.objects or kept.folders)
+        self.lists += 1
         stream = obstore.list(self._store, prefix or None, chunk_size=1)
         with _errors(folder, listing=True):
             try:
@@ -287,20 +391,44 @@ class ObjectStore:
         with _errors(key):
             result = await obstore.put_async(self._store, check_key(key), data,
                                              use_multipart=False)
+        self.wrote(key)
         return result["e_tag"]
 
     def writer(self, key: str) -> ObjectWriter:
-        return ObjectWriter(self._bodies, check_key(key), self.options.part_size)
+        return ObjectWriter(self._bodies, check_key(key), self.options.part_size,
+                            self.wrote)
 
     async def delete(self, key: str) -> None:
         """Gone, or was never there (S3 answers both alike)."""
         with _errors(key):
             await obstore.delete_async(self._store, check_key(key))
+        self.wrote(key)
 
-    async def presigned_get(self, key: str, expires: timedelta) -> str:
-        """A URL anyone may GET the object with until `expires` from now (no request)."""
+    def wrote(self, key: str) -> None:
+        """`key` was written or deleted: the listings it changes are not kept."""
+        listings.wrote(self.url.bucket, f"{self.url.prefix}/{key}" if self.url.prefix
+                       else key)
+
+    async def presigned_get(self, key: str, expires: timedelta,
+                            headers: Mapping[str, str] | None = None,
+                            method: Literal["GET", "HEAD"] = "GET") -> str:
+        """A URL anyone may GET the object with until `expires` from now (no request);
+        HEAD with `method` (the method is signed: a GET's URL answers a HEAD 403).
+
+        `headers`: what the store's answer should carry instead of the object's own
+        (Content-Disposition, Content-Type, ...: S3's `response-*` parameters, signed into
+        the URL). obstore signs no query parameters, so such a URL is signed here, from
+        static credentials; without them (an instance role), obstore's URL, without them.
+        """
+        check_key(key)
+        overrides = {_OVERRIDES[name.lower()]: value
+                     for name, value in (headers or {}).items()}
+        if overrides and (credentials := _Credentials.from_environ(self)) is not None:
+            return credentials.presign(key, expires, overrides, method)
+        if overrides:
+            _log_unsigned_overrides()
         with _errors(key):
-            return await obstore.sign_async(self._store, "GET", check_key(key), expires)
+            return await obstore.sign_async(self._store, method, key, expires)
 
     async def uploads(self, folder: str = "", *, key: str | None = None) -> list[Upload]:
         """The incomplete multipart uploads under `folder`, or of `key` only (a writer
@@ -337,52 +465,123 @@ def _quote(value: str) -> str:
     return quote(value, safe="-_.~")
 
 
+# The headers of a GET's answer that a request may set (S3's `response-*` parameters).
+_OVERRIDES = {name: f"response-{name}" for name in (
+    "content-type", "content-disposition", "content-language", "content-encoding",
+    "cache-control", "expires")}
+
+
+@functools.cache
+def _log_unsigned_overrides() -> None:
+    log.warning("pre-signed URLs carry no file name or type without static credentials"
+                " (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY): obstore signs none")
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """AWS Signature Version 4 for the requests obstore does not make, from the same
+    standard variables obstore reads (static credentials only: instance roles are not
+    looked up here), for one store's bucket."""
+
+    access: str
+    secret: str
+    token: str | None
+    region: str
+    scheme: str
+    host: str
+    base: str  # the path before the key: the endpoint's, and the bucket in path style
+    prefix: str
+
+    @classmethod
+    def from_environ(cls, store: ObjectStore) -> _Credentials | None:
+        environ = os.environ
+        access = environ.get("AWS_ACCESS_KEY_ID")
+        secret = environ.get("AWS_SECRET_ACCESS_KEY")
+        if not access or not secret:
+            return None
+        region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        endpoint = (environ.get("AWS_ENDPOINT_URL") or environ.get("AWS_ENDPOINT")
+                    or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        parts = urlsplit(endpoint)
+        if parts.scheme != "https" and not store.options.allow_http:
+            raise StoreUnavailable("a plain-http endpoint needs EXPORTER_S3_ALLOW_HTTP")
+        bucket = store.url.bucket
+        if store.options.virtual_hosted_style:
+            host, base = f"{bucket}.{parts.netloc}", parts.path
+        else:
+            host, base = parts.netloc, f"{parts.path}/{bucket}"
+        return cls(access, secret, environ.get("AWS_SESSION_TOKEN"), region, parts.scheme,
+                   host, base, store.url.prefix)
+
+    def path(self, key: str) -> str:
+        full = f"{self.prefix}/{key}" if self.prefix and key else key
+        return self.base + (f"/{_quote(full).replace('%2F', '/')}" if full else "")
+
+    def _signature(self, now: str, canonical: str) -> tuple[str, str]:
+        """The scope and the signature of a canonical request made at `now`."""
+        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
+        signing = f"AWS4{self.secret}".encode()
+        for part in (now[:8], self.region, "s3", "aws4_request"):
+            signing = hmac.new(signing, part.encode(), hashlib.sha256).digest()
+        text = "\n".join(["AWS4-HMAC-SHA256", now, scope,
+                          hashlib.sha256(canonical.encode()).hexdigest()])
+        return scope, hmac.new(signing, text.encode(), hashlib.sha256).hexdigest()
+
+    def authorization(self, method: str, key: str, query: dict[str, str]
+                      ) -> tuple[str, dict[str, str]]:
+        """The URL and headers of a request signed in its Authorization header."""
+        path = self.path(key)
+        canonical_query = _canonical_query(query)
+        now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        payload = hashlib.sha256(b"").hexdigest()
+        headers = {"host": self.host, "x-amz-content-sha256": payload, "x-amz-date": now}
+        if self.token:
+            headers["x-amz-security-token"] = self.token
+        names = ";".join(sorted(headers))
+        canonical = "\n".join([method, path, canonical_query,
+                               "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
+                               names, payload])
+        scope, signature = self._signature(now, canonical)
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access}/{scope}, "
+                                    f"SignedHeaders={names}, Signature={signature}")
+        return f"{self.scheme}://{self.host}{path}?{canonical_query}", headers
+
+    def presign(self, key: str, expires: timedelta, query: dict[str, str],
+                method: str = "GET") -> str:
+        """A URL signed in its query (S3's pre-signed URL), `query` signed with it."""
+        now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
+        query = {**query, "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+                 "X-Amz-Credential": f"{self.access}/{scope}", "X-Amz-Date": now,
+                 "X-Amz-Expires": str(int(expires.total_seconds())),
+                 "X-Amz-SignedHeaders": "host"}
+        if self.token:
+            query["X-Amz-Security-Token"] = self.token
+        path = self.path(key)
+        canonical_query = _canonical_query(query)
+        canonical = "\n".join([method, path, canonical_query, f"host:{self.host}\n", "host",
+                               "UNSIGNED-PAYLOAD"])
+        _, signature = self._signature(now, canonical)
+        return (f"{self.scheme}://{self.host}{path}?{canonical_query}"
+                f"&X-Amz-Signature={signature}")
+
+
+def _canonical_query(query: dict[str, str]) -> str:
+    # A header's value reaches us as ASGI spells it (latin-1 for its bytes): its bytes are
+    # what the store is to send.
+    pairs = sorted((_quote(k), quote(v.encode("latin-1", "replace"), safe="-_.~"))
+                   for k, v in query.items())
+    return "&".join(f"{k}={v}" for k, v in pairs)
+
+
 async def _signed(store: ObjectStore, method: str, key: str, query: dict[str, str],
                   missing_ok: bool = False) -> httpx.Response:
-    """One request of S3's API that obstore does not make, signed with AWS Signature
-    Version 4 from the same standard variables obstore reads (static credentials only:
-    instance roles are not looked up here)."""
-    environ = os.environ
-    access = environ.get("AWS_ACCESS_KEY_ID")
-    secret = environ.get("AWS_SECRET_ACCESS_KEY")
-    if not access or not secret:
+    """One request of S3's API that obstore does not make (`_Credentials`)."""
+    credentials = _Credentials.from_environ(store)
+    if credentials is None:
         raise StoreUnavailable("listing incomplete uploads needs AWS_ACCESS_KEY_ID and"
                                " AWS_SECRET_ACCESS_KEY")
-    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    endpoint = (environ.get("AWS_ENDPOINT_URL") or environ.get("AWS_ENDPOINT")
-                or f"https://s3.{region}.amazonaws.com").rstrip("/")
-    parts = urlsplit(endpoint)
-    if parts.scheme != "https" and not store.options.allow_http:
-        raise StoreUnavailable("a plain-http endpoint needs EXPORTER_S3_ALLOW_HTTP")
-    bucket = store.url.bucket
-    full = f"{store.url.prefix}/{key}" if store.url.prefix and key else key
-    path = parts.path + "/" + _quote(full).replace("%2F", "/")
-    host = parts.netloc
-    if store.options.virtual_hosted_style:
-        host = f"{bucket}.{host}"
-    else:
-        path = f"{parts.path}/{bucket}" + (f"/{_quote(full).replace('%2F', '/')}" if full
-                                           else "")
-    canonical_query = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
-    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    payload = hashlib.sha256(b"").hexdigest()
-    headers = {"host": host, "x-amz-content-sha256": payload, "x-amz-date": now}
-    if token := environ.get("AWS_SESSION_TOKEN"):
-        headers["x-amz-security-token"] = token
-    names = ";".join(sorted(headers))
-    canonical = "\n".join([method, path, canonical_query,
-                           "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
-                           names, payload])
-    scope = f"{now[:8]}/{region}/s3/aws4_request"
-    signing = f"AWS4{secret}".encode()
-    for part in (now[:8], region, "s3", "aws4_request"):
-        signing = hmac.new(signing, part.encode(), hashlib.sha256).digest()
-    text = "\n".join(["AWS4-HMAC-SHA256", now, scope,
-                      hashlib.sha256(canonical.encode()).hexdigest()])
-    signature = hmac.new(signing, text.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access}/{scope}, "
-                                f"SignedHeaders={names}, Signature={signature}")
-    url = f"{parts.scheme}://{host}{path}?{canonical_query}"
+    url, headers = credentials.authorization(method, key, query)
     try:
         async with httpx.AsyncClient(timeout=store.options.timeout) as client:
             answer = await client.request(method, url, headers=headers)
@@ -424,8 +623,10 @@ class ObjectWriter:
     (an error, a cancellation) aborts; otherwise call `abort` in a `finally`.
     """
 
-    def __init__(self, store: S3Store, key: str, part_size: int) -> None:
+    def __init__(self, store: S3Store, key: str, part_size: int,
+                 completed: Callable[[str], None] = lambda key: None) -> None:
         self.key = key
+        self._on_complete = completed
         self.size = 0
         self._store = store
         self._part_size = max(part_size, MIN_PART_SIZE)
@@ -497,6 +698,7 @@ class ObjectWriter:
                 await self._send(None)
                 result = await self._upload
         self._completed = True
+        self._on_complete(self.key)
         return result["e_tag"]
 
     async def abort(self) -> None:

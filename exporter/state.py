@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from exporter.exports.catalog import Catalog
     from exporter.exports.responses import ServedCopies
     from exporter.files.stream import ReadBudget
-    from exporter.health import Health
+    from exporter.health import Health, StoreHealth
     from exporter.objects import ObjectStore
     from exporter.stored.service import StoredService
 
@@ -55,6 +55,8 @@ class State:
     # What other processes changed (tokens): the caches on the hot path trust
     # themselves only while it listens.
     notices: Notices | None = None
+    # Whether the object stores answer (for /healthz); None: no setting names one.
+    store_health: StoreHealth | None = None
 
     @property
     def export_engine(self) -> AsyncEngine:

@@ -9,13 +9,14 @@ tests/conftest.py (`s3`) starts one per xdist worker, lazily, for the tests that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,17 @@ class Seaweed:
         except Exception:  # not up yet (its filer, its volumes)
             return False
         return True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block, then going on (SIGCONT): a store
+        that takes connections and answers nothing, without the 10 s of a new start."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self.process.pid, signal.SIGCONT)
 
     def stop(self, grace: float = 0.0) -> None:
         """Ends it and waits for its process, so that its ports are free again. `weed

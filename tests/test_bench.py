@@ -113,5 +113,20 @@ def test_quick_burst_checks_every_byte_and_reports_the_goals(
     assert "32 admitted, 32 of them got their 206 with the right bytes" in text
     assert "## 10 concurrent ranges of 256 KiB" in text
     for goal in ("exporter against nginx (one worker)", "X-Accel-Redirect against nginx direct",
-                 "`--workers 2` against one worker", "server RSS at most 300 MB"):
+                 "`--workers 2` against one worker", "server RSS at most 300 MB",
+                 "`--workers 2` projected: not measured (--quick)"):
         assert goal in text, goal
+
+
+def test_burst_projects_two_workers_from_their_cpu_per_gib() -> None:
+    from bench.burst import CPU, MiB, cpu_per_gib, workers_projection
+
+    CPU["exporter"] = [0.5, 0.8, 0.7]
+    try:
+        assert cpu_per_gib("exporter", 512 * MiB) == pytest.approx(1.4)
+    finally:
+        del CPU["exporter"]
+    assert cpu_per_gib("exporter", 512 * MiB) is None
+    same, worse = workers_projection(0.8, 0.8)[0], workers_projection(0.8, 1.6)[0]
+    assert "1.00x the work per byte" in same and "2.00x one worker's" in same
+    assert "met" in same and "1.00x one worker's" in worse and "**not met**" in worse

@@ -173,6 +173,37 @@ def test_listings(app: InProcess) -> None:
     assert page.status_code == 200 and "one.bin" in page.text
 
 
+def test_listings_and_the_page_ask_the_store_once_per_period(
+        app: InProcess, database_url: str, files_url: str, s3: Seaweed, s3_env: None) -> None:
+    """Folder listings and the page within EXPORTER_S3_LIST_CACHE cost one LIST; what
+    another client adds shows once it has passed."""
+    folder = f"scratch/kept-{os.urandom(4).hex()}"
+    raw = raw_store(s3, StoreUrl.parse(files_url).prefix)
+    obstore.put(raw, f"{folder}/a.txt", b"a")
+    settings = Settings(database_url=database_url, files_root=files_url, public_datasets=[],
+                        public_files=["*"], s3_allow_http=True, s3_list_cache=60)
+
+    def names(running: InProcess) -> list[str]:
+        answer = running.get(f"/files/{folder}/")
+        assert answer.status_code == 200, answer.text
+        return [e["name"] for e in answer.json()["entries"]]
+
+    with InProcess(settings) as kept:
+        store = kept.state.files_store
+        assert store is not None
+        assert names(kept) == ["a.txt"]
+        lists = store.lists
+        assert names(kept) == ["a.txt"]
+        page = kept.get(f"/?path={folder}/")
+        assert page.status_code == 200 and "a.txt" in page.text
+        assert store.lists == lists  # the second listing and the page: no LIST
+        obstore.put(raw, f"{folder}/b.txt", b"b")
+        assert names(kept) == ["a.txt"]  # within the period
+    # The module's server keeps them the default 3 s (the listing above, kept for the
+    # process, included).
+    assert wait_until(lambda: names(app) == ["a.txt", "b.txt"], 20)
+
+
 @pytest.mark.parametrize("path", [
     ".secret", "data/.hidden.txt", "back%5Cslash.txt", "..%2Ftop-secret.txt",
     "%2E%2E/top-secret.txt", "../top-secret.txt", "data/../../top-secret.txt",
@@ -206,6 +237,47 @@ def test_presigned_redirect(database_url: str, files_url: str, s3_env: None) -> 
         assert rows[-1]["kind"] == "file"
 
 
+def test_presigned_downloads_carry_the_name_and_type(database_url: str, files_url: str,
+                                                    s3_env: None) -> None:
+    """The store's answer to the pre-signed URL says what this server would: its name
+    (curl -OJ saves it so), its type, attachment unless inline was asked and allowed."""
+    settings = Settings(database_url=database_url, files_root=files_url, public_datasets=[],
+                        public_files=["*"], s3_allow_http=True, files_redirect="presigned")
+    with InProcess(settings) as app:
+        def location(path: str, user_agent: str = "curl/8.5.0") -> str:
+            answer = app.get(path, headers={"User-Agent": user_agent})
+            assert answer.status_code == 302, answer.text
+            return answer.headers["location"]
+
+        signed = location("/files/data/one.bin")
+        assert "response-content-disposition=" in signed
+        fetched = httpx.get(signed)
+        assert fetched.content == ONE
+        assert fetched.headers["content-disposition"] == 'attachment; filename="one.bin"'
+        assert fetched.headers["content-type"] == "application/octet-stream"
+        answer = httpx.get(location(f"/files/{quote('we ird näme %41.txt')}", "Mozilla/5.0"))
+        assert answer.content == b"weird\n"
+        assert answer.headers["content-disposition"] == (
+            "attachment; filename=\"we ird name _41.txt\";"
+            " filename*=UTF-8''we%20ird%20n%C3%A4me%20%2541.txt")
+        assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+        # A HEAD's redirect is signed for HEAD (a GET's URL answers it 403).
+        head = app.head("/files/data/one.bin")
+        assert head.status_code == 302
+        followed = httpx.head(head.headers["location"])
+        assert followed.status_code == 200, followed.status_code
+        assert followed.headers["content-length"] == str(len(ONE))
+        assert followed.headers["content-disposition"] == 'attachment; filename="one.bin"'
+        inline = httpx.get(location("/files/notes.txt?disposition=inline"))
+        assert inline.headers["content-disposition"] == 'inline; filename="notes.txt"'
+        html = httpx.get(location("/files/page.html?disposition=inline"))
+        assert html.headers["content-disposition"] == 'attachment; filename="page.html"'
+        assert html.content == HTML
+        # The signature covers the parameters: another name is refused by the store.
+        forged = signed.replace("one.bin%22", "evil.exe%22")
+        assert forged != signed and httpx.get(forged).status_code == 403
+
+
 def test_a_store_that_is_down_is_503(database_url: str, s3: Seaweed) -> None:
     with pytest.MonkeyPatch.context() as patch:
         for name, value in s3.env.items():
@@ -225,10 +297,69 @@ def test_a_store_that_is_down_is_503(database_url: str, s3: Seaweed) -> None:
             assert page.status_code == 200 and "file store is unavailable" in page.text
 
 
+def test_healthz_says_when_the_store_is_down(app: InProcess, s3: Seaweed) -> None:
+    """/healthz asks the store (at most once per STORE_TTL, however often it is asked),
+    says 503 while the store does not answer, and 200 again once it does."""
+    store_health = app.state.store_health
+    assert store_health is not None and set(store_health.stores) == {"files"}
+    first = app.get("/healthz")
+    assert first.status_code == 200, first.text
+    assert first.json()["store"] == {"status": "ok"}
+    checks = store_health.checks
+    for _ in range(20):
+        assert app.get("/healthz").status_code == 200
+    assert store_health.checks - checks <= 1  # one more at most, if the TTL ran out
+    store_health.ttl = 0.1  # from here on, what is said of a store that stops and starts
+    with s3.paused():
+        assert wait_until(lambda: app.get("/healthz").status_code == 503, 30)
+        down = app.get("/healthz")
+        assert down.headers["retry-after"] == "5"
+        body = down.json()
+        assert body["status"] == "unavailable" and body["store"]["status"] == "unavailable"
+        assert body["error"] == ("the object store is unavailable: the files store did not"
+                                 " answer within 1.5 s")
+        assert s3.endpoint.removeprefix("http://") not in down.text
+    assert wait_until(lambda: app.get("/healthz").status_code == 200, 30)
+    assert app.get("/healthz").json()["store"] == {"status": "ok"}
+
+
+def test_healthz_asks_both_stores(database_url: str, s3: Seaweed, s3_env: None) -> None:
+    from exporter.health import StoreHealth
+
+    both = StoreHealth.of(Settings(database_url=database_url, files_root=s3.url("a"),
+                                   exports_dir=s3.url("b"), s3_allow_http=True))
+    assert both is not None and {r: str(s.url) for r, s in both.stores.items()} == {
+        "files": s3.url("a"), "exports": s3.url("b")}
+    assert StoreHealth.of(Settings(database_url=database_url)) is None
+    # A bucket that is not there fails the check (a HEAD of an object could not tell).
+    missing = StoreHealth.of(Settings(database_url=database_url,
+                                      files_root="s3://no-such-bucket-here/x",
+                                      s3_allow_http=True))
+    assert missing is not None
+    assert asyncio.run(missing.problem()) == "the files store failed (see the log)"
+    assert asyncio.run(both.problem()) is None
+
+
 # --- Real clients through a real server -----------------------------------------------
 @pytest.fixture(scope="module")
 def server(make_module_server: type[Server], files_url: str, s3: Seaweed) -> Server:
     return make_module_server({**s3.env, "EXPORTER_FILES_ROOT": files_url}).start()
+
+
+@pytest.mark.needs("curl")
+def test_curl_follows_a_presigned_redirect_to_the_file_name(
+        make_server: type[Server], files_url: str, s3: Seaweed, tmp_path: Path) -> None:
+    """`curl -L -OJ` through the server's 302 to the store saves under the file's name
+    (the URL's last segment would be `we%20ird%20n%C3%A4me%20%2541.txt`): a name that is
+    not ASCII in its fallback, as curl reads `filename=` only."""
+    server = make_server({**s3.env, "EXPORTER_FILES_ROOT": files_url,
+                          "EXPORTER_FILES_REDIRECT": "presigned"}).start()
+    for path in ("data/one.bin", quote("we ird näme %41.txt")):
+        subprocess.run(["curl", "-sS", "--fail", "-L", "-OJ", f"{server.url}/files/{path}"],
+                       cwd=tmp_path, check=True, timeout=60)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["one.bin", "we ird name _41.txt"]
+    assert (tmp_path / "one.bin").read_bytes() == ONE
+    assert (tmp_path / "we ird name _41.txt").read_bytes() == b"weird\n"
 
 
 @pytest.mark.needs("curl", "wget")

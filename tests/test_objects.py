@@ -8,16 +8,22 @@ import asyncio
 import hashlib
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import httpx
+import obstore
 import pytest
+from obstore.store import S3Store
 
 from exporter.objects import (
     BadKey,
+    ListingCache,
     ObjectChanged,
+    ObjectInfo,
     ObjectMissing,
     ObjectStore,
     StoreOptions,
@@ -26,7 +32,10 @@ from exporter.objects import (
     check_folder,
     check_key,
 )
-from tests.s3 import Seaweed
+from exporter.objects import Listing as FolderListing
+from exporter.stored.bucket import BucketStorage
+from tests.s3 import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
+from tests.support import wait_until
 
 T = TypeVar("T")
 OPTIONS = StoreOptions(allow_http=True, timeout=10, part_size=5 * 1024 * 1024)
@@ -347,3 +356,85 @@ def test_incomplete_uploads_listed_and_aborted(s3: Seaweed, store: ObjectStore) 
         assert await listed(set(), other)
 
     run(go)
+
+
+def _names(listing: FolderListing) -> list[str]:
+    return sorted(o.key for o in listing.objects) + listing.folders
+
+
+def test_listings_are_kept_and_dropped_by_this_process_writes(s3: Seaweed, s3_prefix: str,
+                                                              store: ObjectStore) -> None:
+    """Within `list_cache`, a folder is LISTed once; what another client puts shows only
+    after it, what any store of this process writes (a stored export's writer) at once."""
+    kept = ObjectStore(s3_prefix, replace(OPTIONS, list_cache=60))
+    other = ObjectStore(s3_prefix, OPTIONS)  # another store of this process (the exports')
+    outsider = S3Store(s3.bucket, prefix=StoreUrl.parse(s3_prefix).prefix,
+                       endpoint=s3.endpoint, access_key_id=ACCESS_KEY,
+                       secret_access_key=SECRET_KEY, region=REGION, allow_http=True,
+                       virtual_hosted_style_request=False)
+
+    async def go() -> None:
+        await other.put("f/a.txt", b"a")
+        first = await kept.list_folder("f")
+        assert _names(first) == ["f/a.txt"] and kept.lists == 1
+        assert await kept.list_folder("f") is first and await kept.folder_exists("f")
+        assert kept.lists == 1
+        await obstore.put_async(outsider, "f/b.txt", b"b")  # another host
+        assert _names(await kept.list_folder("f")) == ["f/a.txt"] and kept.lists == 1
+        await other.put("f/c.txt", b"c")  # this process: seen at once
+        assert _names(await kept.list_folder("f")) == ["f/a.txt", "f/b.txt", "f/c.txt"]
+        assert kept.lists == 2
+        # A stored export, its store's prefix inside this one's folder f/.
+        exports = BucketStorage(ObjectStore(f"{s3_prefix}/f", OPTIONS))
+        writer = await exports.create("stored")
+        await writer.write(b"x,y\n")
+        assert kept.lists == 2 and len((await kept.list_folder("f")).objects) == 3
+        await writer.commit()
+        assert "f/stored" in _names(await kept.list_folder("f")) and kept.lists == 3
+        await other.put("g/elsewhere.txt", b"g")  # another folder's listing only
+        await kept.list_folder("f")
+        assert kept.lists == 3
+        await exports.delete("stored")
+        assert "f/stored" not in _names(await kept.list_folder("f"))
+        assert kept.lists == 4
+
+    run(go)
+
+
+def test_listings_show_others_writes_after_their_time(s3: Seaweed, s3_prefix: str,
+                                                      store: ObjectStore) -> None:
+    short = ObjectStore(s3_prefix, replace(OPTIONS, list_cache=0.3))
+    raw = S3Store(s3.bucket, prefix=StoreUrl.parse(s3_prefix).prefix, endpoint=s3.endpoint,
+                  access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, region=REGION,
+                  allow_http=True, virtual_hosted_style_request=False)
+    obstore.put(raw, "t/one.txt", b"1")
+    assert _names(run(lambda: short.list_folder("t"))) == ["t/one.txt"]
+    obstore.put(raw, "t/two.txt", b"2")
+    started = time.monotonic()
+    assert wait_until(lambda: len(run(lambda: short.list_folder("t")).objects) == 2, 10)
+    assert time.monotonic() - started < 5
+    never = ObjectStore(s3_prefix, replace(OPTIONS, list_cache=0))
+    for _ in range(3):
+        run(lambda: never.list_folder("t"))
+    assert never.lists == 3
+
+
+def test_listing_cache_is_bounded() -> None:
+    cache = ListingCache(max_items=10)
+    info = ObjectInfo("k", 1, None, datetime.now(UTC))
+
+    def listing(n: int) -> FolderListing:
+        return FolderListing([info] * n, [])
+
+    cache.put(("b", "", "a/"), listing(4), cache.generation)
+    cache.put(("b", "", "b/"), listing(4), cache.generation)
+    assert cache.items == 10 and cache.get(("b", "", "a/"), 60) is not None
+    cache.put(("b", "", "c/"), listing(3), cache.generation)  # the oldest goes
+    assert cache.get(("b", "", "a/"), 60) is None and cache.items == 9
+    cache.put(("b", "", "huge/"), listing(50), cache.generation)  # never kept
+    assert cache.get(("b", "", "huge/"), 60) is None
+    stale = cache.generation
+    cache.wrote("b", "c/new.txt")
+    assert cache.get(("b", "", "c/"), 60) is None and cache.get(("b", "", "b/"), 60)
+    cache.put(("b", "", "c/"), listing(1), stale)  # listed before the write: not kept
+    assert cache.get(("b", "", "c/"), 60) is None

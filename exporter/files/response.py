@@ -76,6 +76,13 @@ def effective_disposition(asked: str, kind: str) -> str:
     return "inline" if asked == "inline" and media_type in INLINE_TYPES else "attachment"
 
 
+def disposition_header(name: str, kind: str, asked: str, user_agent: str | None) -> str:
+    """The Content-Disposition of a file's download, whoever sends it (this server, nginx
+    after X-Accel-Redirect, the store after a pre-signed redirect): `asked` is the
+    query's disposition, `kind` the file's Content-Type."""
+    return content_disposition(name, effective_disposition(asked, kind), user_agent=user_agent)
+
+
 def content_type(name: str) -> str:
     guessed, encoding = mimetypes.guess_type(name, strict=False)
     if guessed is None or encoding is not None:
@@ -132,7 +139,8 @@ async def serve_object(request: Request, files: Files, target: StoreTarget,
     if target.info is None or files.store is None:
         raise not_found(target.relative)
     if files.settings.files_redirect == "presigned":
-        return await _redirect_to_store(request, files, files.store, target, principal)
+        return await _redirect_to_store(request, files, files.store, target, principal,
+                                        disposition)
     key = object_key(target.relative, target.info)
     digests = DigestStore(files.engine)
     return await respond_with_file(
@@ -144,13 +152,26 @@ async def serve_object(request: Request, files: Files, target: StoreTarget,
 
 
 async def _redirect_to_store(request: Request, files: Files, store: ObjectStore,
-                             target: StoreTarget, principal: Principal) -> Response:
+                             target: StoreTarget, principal: Principal,
+                             disposition: str) -> Response:
     """302 to a pre-signed URL, after the checks; the audit row says `proxied`, as for
-    X-Accel-Redirect: what the store then sends is in its own logs. HEAD gets the same
-    redirect (a client follows it to the store's own HEAD) and no audit row."""
+    X-Accel-Redirect: what the store then sends is in its own logs. HEAD gets a redirect
+    signed for HEAD (a client follows it to the store's own HEAD) and no audit row.
+
+    The URL has the store send the download's name and type, as this server would: an
+    object's own answer has no Content-Disposition (a browser would save it under its
+    key's last name, or worse) and the type it was put with. The name is in its standard
+    form whatever the client: a store may not send a header's raw UTF-8 bytes, which
+    curl alone would need (so `curl -OJ` saves a non-ASCII name in its ASCII fallback).
+    """
+    kind = content_type(target.name)
     try:
         url = await store.presigned_get(
-            target.relative, timedelta(seconds=files.settings.files_redirect_expiry))
+            target.relative, timedelta(seconds=files.settings.files_redirect_expiry),
+            headers={"Content-Type": kind,
+                     "Content-Disposition": disposition_header(target.name, kind,
+                                                               disposition, None)},
+            method="HEAD" if request.method == "HEAD" else "GET")
     except StoreUnavailable as error:
         raise store_unavailable(error) from None
     if request.method == "GET":
@@ -247,10 +268,8 @@ async def respond_with_file(request: Request, files: Files, opened: OpenFile, *,
     headers.update({
         "Content-Type": layout.content_type,
         "Accept-Ranges": "bytes",  # of the identity bytes, which a Range request gets
-        "Content-Disposition": content_disposition(
-            name, effective_disposition(disposition, kind),
-            user_agent=request.headers.get("user-agent"),
-        ),
+        "Content-Disposition": disposition_header(name, kind, disposition,
+                                                  request.headers.get("user-agent")),
     })
     if layout.content_range is not None:
         headers["Content-Range"] = layout.content_range
@@ -314,10 +333,8 @@ async def _hand_to_proxy(request: Request, files: Files, target: Target, disposi
     headers = {
         **SAFE_HEADERS,
         "Content-Type": kind,
-        "Content-Disposition": content_disposition(
-            printable(target.name), effective_disposition(disposition, kind),
-            user_agent=request.headers.get("user-agent"),
-        ),
+        "Content-Disposition": disposition_header(printable(target.name), kind, disposition,
+                                                  request.headers.get("user-agent")),
         # Where the walk ended, links resolved: nginx (disable_symlinks) follows none.
         "X-Accel-Redirect": files.settings.files_accel_redirect
         + quote(os.fsencode(target.real_relative)),
