@@ -59,6 +59,9 @@ class Seaweed:
         return self.folder / "weed.log"
 
     def start(self, timeout: float = 90.0) -> None:
+        # weed runs in the folder: its paths must not be relative to ours (`var/s3` of
+        # ./scripts/serve --s3 became var/s3/var/s3/data).
+        self.folder = self.folder.resolve()
         data = self.folder / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.folder / "s3.json"

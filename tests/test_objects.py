@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -35,7 +36,7 @@ from exporter.objects import (
 from exporter.objects import Listing as FolderListing
 from exporter.stored.bucket import BucketStorage
 from tests.s3 import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 T = TypeVar("T")
 OPTIONS = StoreOptions(allow_http=True, timeout=10, part_size=5 * 1024 * 1024)
@@ -438,3 +439,17 @@ def test_listing_cache_is_bounded() -> None:
     assert cache.get(("b", "", "c/"), 60) is None and cache.get(("b", "", "b/"), 60)
     cache.put(("b", "", "c/"), listing(1), stale)  # listed before the write: not kept
     assert cache.get(("b", "", "c/"), 60) is None
+
+
+def test_a_store_in_a_folder_named_relatively_starts(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """./scripts/serve --s3 keeps SeaweedFS under `var/s3`, relative to the checkout (weed
+    runs in that folder: it looked for var/s3/var/s3/data and exited)."""
+    monkeypatch.chdir(tmp_path)
+    seaweed = Seaweed(Path("var") / "s3", free_port)
+    try:
+        seaweed.start()
+        assert (tmp_path / "var" / "s3" / "data").is_dir()
+        assert not (tmp_path / "var" / "s3" / "var").exists()
+    finally:
+        seaweed.stop()
