@@ -29,7 +29,7 @@ from exporter.files.demo import create as create_demo_files
 from tests import tools
 from tests.debian_postgres import DebianPostgres, missing
 from tests.s3 import Seaweed
-from tests.support import ROOT, TEST_TMP, Server, free_port, run_sql
+from tests.support import ROOT, RUN_TMP, TEST_TMP, Server, free_port, run_sql
 
 DEMO_ROWS = 20_000
 # The servers of the tests that are not about access serve everything to anyone;
@@ -249,7 +249,7 @@ os.environ["PYTEST_EXPORTER_TMP"] = str(TEST_TMP)
 # Stored exports, and the copies streamed exports keep: every server and command these
 # tests start inherits this folder unless it is given its own (tests/support.py gives one
 # per database); the default, var/exports, is in the checkout.
-os.environ.setdefault("EXPORTER_EXPORTS_DIR", str(TEST_TMP / "exports" / "default"))
+os.environ.setdefault("EXPORTER_EXPORTS_DIR", str(RUN_TMP / "exports" / "default"))
 # What the run may leave in the checkout: the virtualenv (scripts/install makes it) and
 # the interpreter's bytecode caches.
 CHECKOUT_MAY_CHANGE = (".venv/", "__pycache__/")
@@ -260,8 +260,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.option.basetemp:
         # pytest empties basetemp at the start of a run; xdist's workers each get a
         # folder of their own in it (popen-gwN).
-        TEST_TMP.mkdir(parents=True, exist_ok=True)
-        config.option.basetemp = str(TEST_TMP / "pytest")
+        if not hasattr(config, "workerinput"):
+            _remove_runs_that_ended()
+        RUN_TMP.mkdir(parents=True, exist_ok=True)
+        config.option.basetemp = str(RUN_TMP / "pytest")
     # Hypothesis writes some while collecting, before the temporary folder is made afresh.
     with contextlib.suppress(ImportError):
         from hypothesis import configuration
@@ -317,9 +319,27 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     servers have stopped by now."""
     if hasattr(config, "workerinput") or not config.stash.get(PASSED, False):
         return
-    if config.option.basetemp == str(TEST_TMP / "pytest"):  # ours, not one given
-        shutil.rmtree(TEST_TMP / "pytest", ignore_errors=True)
-        shutil.rmtree(TEST_TMP / "exports", ignore_errors=True)
+    if config.option.basetemp == str(RUN_TMP / "pytest"):  # ours, not one given
+        shutil.rmtree(RUN_TMP, ignore_errors=True)
+
+
+def _remove_runs_that_ended() -> None:
+    """The folders of earlier runs whose process is gone (a failed run's, kept to look
+    at until the next run starts, as pytest's own basetemp was)."""
+    for folder in TEST_TMP.glob("run-*"):
+        pid = folder.name.removeprefix("run-")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 # --- end: nothing written into the checkout ------------------------------------------
 
 

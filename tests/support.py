@@ -57,6 +57,11 @@ _one_default_tls_context()
 # (so that two clones never prune each other's), in the system's temporary folder.
 TEST_TMP = Path(tempfile.gettempdir()) / (
     "exporter-tests-" + hashlib.sha256(str(ROOT).encode()).hexdigest()[:10])
+# And in it, one folder per run (the controller's pid, which its xdist workers inherit):
+# two runs in one checkout, or a `--collect-only` beside a run, never empty or remove
+# each other's clusters and exports. tests/conftest.py removes it after a run that passed
+# and the folders of runs whose process is gone at the next start.
+RUN_TMP = TEST_TMP / f"run-{os.environ.setdefault('PYTEST_EXPORTER_RUN', str(os.getpid()))}"
 
 
 # Ports for the servers the tests start: a block of its own for each xdist worker (and
@@ -73,7 +78,7 @@ _port_turn = itertools.count()
 def exports_folder(database_url: str) -> Path:
     """Where the stored exports of the servers of a database go in the tests: out of the
     checkout, one folder per database (its servers share it, as hosts do)."""
-    return TEST_TMP / "exports" / hashlib.sha256(database_url.encode()).hexdigest()[:12]
+    return RUN_TMP / "exports" / hashlib.sha256(database_url.encode()).hexdigest()[:12]
 
 
 def free_port() -> int:
