@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -328,18 +329,8 @@ def _remove_runs_that_ended() -> None:
     at until the next run starts, as pytest's own basetemp was)."""
     for folder in TEST_TMP.glob("run-*"):
         pid = folder.name.removeprefix("run-")
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 # --- end: nothing written into the checkout ------------------------------------------
 
 
