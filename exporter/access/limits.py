@@ -392,12 +392,17 @@ class Limiter:
             ids = []
         grant.held += ids
         for _ in ids:
-            grant.used += 1
-            metrics.slot_taken(_cap(EXPORTS))
+            self._use(EXPORTS, grant)
             lease.add(lambda: self._give_back(EXPORTS))
-        grant.peak = max(grant.peak, grant.used)
         self._forget_if_idle(EXPORTS, grant)
         return len(ids)
+
+    @staticmethod
+    def _use(key: str, grant: _Grant) -> None:
+        """One more of the slots `grant` holds in use."""
+        grant.used += 1
+        grant.peak = max(grant.peak, grant.used)
+        metrics.slot_taken(_cap(key))
 
     async def _take(self, lease: Lease, receive: Receive, key: str, cap: int, wait: float,
                     max_waiting: int) -> bool:
@@ -435,9 +440,7 @@ class Limiter:
         tried = False
         while True:
             if grant.used < len(grant.held):
-                grant.used += 1
-                grant.peak = max(grant.peak, grant.used)
-                metrics.slot_taken(_cap(key))
+                self._use(key, grant)
                 return True
             if grant.taking is None:
                 want = min(max(1, len(grant.held)), cap - len(grant.held))
