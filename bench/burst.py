@@ -34,8 +34,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench.database import database
-from bench.exports import exporter_service
-from bench.files import FILE_NAME, check_exporter_files, make_file, nginx, ranges, warm
+from bench.files import FILE_NAME, check_exporter_files, make_file, ranges, warm
 from bench.harness import (
     ROOT,
     Contender,
@@ -51,7 +50,7 @@ from bench.harness import (
     machine,
     results_table,
 )
-from bench.throughput import CPU, accel_proxy, cpu_table, new_token, with_cpu
+from bench.throughput import CPU, cpu_table, file_servers, new_token, with_cpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,19 +243,11 @@ def main(argv: list[str] | None = None) -> None:
            "EXPORTER_MAX_CONNECTIONS": str(shape.max_connections)}
     with _database(plan, args.database_url) as url, ExitStack() as stack:
         token = new_token(url, ["admin"])
-        one = stack.enter_context(exporter_service(plan, url, "exporter-1", env)).start(
-            "/healthz")
-        # Not in --quick (a test): two more processes to start, nothing else to check.
-        two = None if args.quick else stack.enter_context(
-            exporter_service(plan, url, "exporter-2", env))
-        if two is not None:
-            two.command = [*two.command, "--workers", "2"]
-            two.start("/healthz")
-        accel = stack.enter_context(exporter_service(
-            plan, url, "exporter-accel", {**env, "EXPORTER_FILES_ACCEL_REDIRECT": "/internal/"}))
-        accel.start("/healthz")
-        proxied = stack.enter_context(accel_proxy(plan, root, accel))
-        ref = stack.enter_context(nginx(plan, root))
+        # Not in --quick (a test): `--workers 2` is two more processes to start, nothing
+        # else to check.
+        started = file_servers(stack, plan, url, root, env, two_workers=not args.quick)
+        ref, one, two = started.ref, started.one, started.two
+        accel, proxied = started.accel, started.proxied
         for s in (one, proxied) if two is None else (one, two, proxied):
             check_exporter_files(s, plan.file_size)
             # A whole download stores each file's digest, which range answers then carry.

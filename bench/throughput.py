@@ -127,6 +127,36 @@ def accel_proxy(plan: Plan, root: Path, upstream: Service) -> contextlib.Abstrac
                  http=ACCEL_UPSTREAM.format(port=upstream.port), name="nginx-accel")
 
 
+@dataclasses.dataclass(frozen=True)
+class FileServers:
+    """What the files are measured on, started: nginx alone (the reference), the exporter
+    with one worker and with two, and nginx in front of an exporter that answers with
+    X-Accel-Redirect (`accel`, whose CPU counts with nginx's)."""
+
+    ref: Service
+    one: Service
+    two: Service | None
+    accel: Service
+    proxied: Service
+
+
+def file_servers(stack: ExitStack, plan: Plan, url: str, root: Path, env: dict[str, str],
+                 *, two_workers: bool = True) -> FileServers:
+    """Start them on `stack` (stopped when it closes), the exporters with `env`."""
+    ref = stack.enter_context(nginx(plan, root))
+    one = stack.enter_context(exporter_service(plan, url, "exporter-1", env)).start("/healthz")
+    two = None
+    if two_workers:
+        two = stack.enter_context(exporter_service(plan, url, "exporter-2", env))
+        two.command = [*two.command, "--workers", "2"]
+        two.start("/healthz")
+    accel = stack.enter_context(exporter_service(
+        plan, url, "exporter-accel", {**env, "EXPORTER_FILES_ACCEL_REDIRECT": "/internal/"}))
+    accel.start("/healthz")
+    proxied = stack.enter_context(accel_proxy(plan, root, accel))
+    return FileServers(ref, one, two, accel, proxied)
+
+
 def baseline_service(plan: Plan, url: str, checkout: Path, env: dict[str, str],
                      workers: int) -> Service:
     """`exporter serve` from another checkout (the code before a change), measured in the
@@ -204,15 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     warm(root / FILE_NAME)
     env = {"EXPORTER_FILES_ROOT": str(root)}
     with database(plan, log) as url, ExitStack() as stack:
-        ref = stack.enter_context(nginx(plan, root))
-        one = stack.enter_context(exporter_service(plan, url, "exporter-1", env)).start("/healthz")
-        two = stack.enter_context(exporter_service(plan, url, "exporter-2", env))
-        two.command = [*two.command, "--workers", "2"]
-        two.start("/healthz")
-        accel = stack.enter_context(exporter_service(
-            plan, url, "exporter-accel", {**env, "EXPORTER_FILES_ACCEL_REDIRECT": "/internal/"}))
-        accel.start("/healthz")
-        proxied = stack.enter_context(accel_proxy(plan, root, accel))
+        started = file_servers(stack, plan, url, root, env)
+        ref, one, accel, proxied = started.ref, started.one, started.accel, started.proxied
+        assert started.two is not None
+        two = started.two
         servers = [one, two, proxied]
         old: Service | None = None
         if args.baseline is not None:
