@@ -109,6 +109,11 @@ class CopyStream:
             assert isinstance(item, bytes)
             return item
 
+    @property
+    def running(self) -> bool:
+        """Whether the producer is still at work."""
+        return self._task is not None and not self._task.done()
+
     def stop(self) -> None:
         """Cancel the producer without waiting; its consumer gets StreamStopped (within a
         flush interval)."""

@@ -147,6 +147,7 @@ class Export:
         self.cursor: cursor.Cursor | None = None
         self._conn: AsyncConnection | None = None
         self._driver: Any = None  # the asyncpg connection under _conn
+        self._pid: int | None = None  # its backend's (asyncpg forgets it once closed)
         self._stream: CopyStream | None = None
         self._first: bytes | None = None
         self._ran_out = False  # the COPY's last chunk was taken
@@ -235,6 +236,7 @@ class Export:
             )
             # Early, so that a query cancelled by this request's end can be cut at once.
             self._driver = await driver_connection(conn)
+            self._pid = self._driver.get_server_pid()
             # The first statement opens the transaction; now() is its start, the snapshot's
             # time. A table's export also reads the snapshot itself, its change cursor.
             # A HEAD gives no cursor: it reads the snapshot only to count changes `since`.
@@ -453,6 +455,15 @@ class Export:
 
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""
+        if (not clean and self._stream is not None and self._stream.running
+                and self._driver is not None):
+            # Closed before its COPY's task is cancelled: asyncpg's COPY cancelled while
+            # it awaits the next data can lose track of the statement (no cancel request
+            # sent), and the rest of the COPY's output then fails in its protocol
+            # ("Fatal error on transport ... 'NoneType' object has no attribute
+            # 'cancelled'", logged by asyncio at ERROR). The backend is cancelled by pid
+            # below, and fails its next write anyway.
+            self._driver.terminate()
         copying = self._stream is not None and await self._stream.cancel()
         ranges, self._ranges = self._ranges, None
         if ranges is not None:
@@ -482,9 +493,9 @@ class Export:
         request asyncpg sends when the COPY's task is cancelled dies with the connection,
         and a backend busy before its first row (a slow regular expression on
         PostgreSQL 15, say) may not notice the closed socket for as long as it works."""
-        if self._driver is None:
+        pid = self._pid
+        if pid is None:
             return
-        pid = self._driver.get_server_pid()
         try:
             async with asyncio.timeout(2), self._engine.connect() as conn:
                 await conn.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})

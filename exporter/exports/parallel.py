@@ -243,6 +243,7 @@ class _Worker:
     conn: AsyncConnection
     driver: Any
     query: ExportQuery  # the export's query, with this transaction's `since` reference
+    pid: int  # its backend's (asyncpg forgets it once the connection is closed)
 
 
 class Ranges:
@@ -297,6 +298,21 @@ class Ranges:
             return rows
 
         self._tasks = [asyncio.ensure_future(read(d, q)) for d, q in readers]
+        drivers = [d for d, _ in readers]
+
+        def stop() -> None:
+            # A reader's connection is closed before its task is cancelled: asyncpg's COPY
+            # cancelled while it awaits the next data can lose track of the statement
+            # (its waiter gone, no cancel request sent), and the rest of the COPY's
+            # output then fails in its protocol ("Fatal error on transport ...
+            # AttributeError: 'NoneType' object has no attribute 'cancelled'", logged
+            # by asyncio at ERROR). Closed first, no more of it is read; the backend
+            # fails its next write and is cancelled by pid besides (`release`,
+            # export.py's `_cancel_backend`).
+            for task, driver in zip(self._tasks, drivers, strict=True):
+                if not task.done():
+                    driver.terminate()
+                    task.cancel()
 
         def failed(task: asyncio.Task[int | None]) -> None:
             if task.cancelled() or task.exception() is None:
@@ -305,8 +321,7 @@ class Ranges:
             assert error is not None
             for spool in spools:
                 spool.fail(error)
-            for other in self._tasks:
-                other.cancel()
+            stop()
 
         for task in self._tasks:
             task.add_done_callback(failed)
@@ -321,8 +336,7 @@ class Ranges:
                 rows = None if rows is None or count is None else rows + count
             return rows
         finally:
-            for task in self._tasks:
-                task.cancel()
+            stop()
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             for spool in spools:
@@ -344,7 +358,7 @@ class Ranges:
         if not workers:
             return
         if not clean:
-            await self._cancel_backends([w.driver.get_server_pid() for w in workers])
+            await self._cancel_backends([w.pid for w in workers])
         await asyncio.gather(*(_let_go(w, clean) for w in workers))
 
     async def _cancel_backends(self, pids: list[int]) -> None:
@@ -481,7 +495,7 @@ async def _join(engine: AsyncEngine, settings: Settings, snapshot: str, query: E
     try:
         conn = await conn.execution_options(isolation_level="REPEATABLE READ",
                                             postgresql_readonly=True)
-        driver = await driver_connection(conn)
+        driver: Any = await driver_connection(conn)
         # The snapshot's name is PostgreSQL's own (hex digits and dashes).
         await conn.exec_driver_sql(
             f"SET TRANSACTION SNAPSHOT {sql.quote_literal(snapshot)}")
@@ -496,5 +510,5 @@ async def _join(engine: AsyncEngine, settings: Settings, snapshot: str, query: E
             await conn.invalidate()
             await conn.close()
         raise
-    return _Worker(conn, driver, query)
+    return _Worker(conn, driver, query, driver.get_server_pid())
 
