@@ -455,16 +455,11 @@ class Export:
 
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""
-        if (not clean and self._stream is not None and self._stream.running
-                and self._driver is not None):
-            # Closed before its COPY's task is cancelled: asyncpg's COPY cancelled while
-            # it awaits the next data can lose track of the statement (no cancel request
-            # sent), and the rest of the COPY's output then fails in its protocol
-            # ("Fatal error on transport ... 'NoneType' object has no attribute
-            # 'cancelled'", logged by asyncio at ERROR). The backend is cancelled by pid
-            # below, and fails its next write anyway.
-            self._driver.terminate()
-        copying = self._stream is not None and await self._stream.cancel()
+        copying = self._stream is not None and self._stream.running
+        if self._stream is not None:
+            if copying and not clean and self._driver is not None:
+                self._stream.cut(self._driver.terminate)  # (copy.py says why)
+            await self._stream.cancel()
         ranges, self._ranges = self._ranges, None
         if ranges is not None:
             await ranges.release(clean=clean)

@@ -301,18 +301,13 @@ class Ranges:
         drivers = [d for d, _ in readers]
 
         def stop() -> None:
-            # A reader's connection is closed before its task is cancelled: asyncpg's COPY
-            # cancelled while it awaits the next data can lose track of the statement
-            # (its waiter gone, no cancel request sent), and the rest of the COPY's
-            # output then fails in its protocol ("Fatal error on transport ...
-            # AttributeError: 'NoneType' object has no attribute 'cancelled'", logged
-            # by asyncio at ERROR). Closed first, no more of it is read; the backend
-            # fails its next write and is cancelled by pid besides (`release`,
-            # export.py's `_cancel_backend`).
             for task, driver in zip(self._tasks, drivers, strict=True):
                 if not task.done():
-                    driver.terminate()
+                    # Its connection closed in the same step (exports/copy.py's
+                    # `CopyStream.cut` says why); its backend is cancelled by pid besides
+                    # (`release`, export.py's `_cancel_backend`).
                     task.cancel()
+                    driver.terminate()
 
         def failed(task: asyncio.Task[int | None]) -> None:
             if task.cancelled() or task.exception() is None:
