@@ -4,8 +4,10 @@ the export's snapshot, sent in block order: the bytes of one COPY, read faster.
 Why and how (docs/internals.md, `exports/parallel.py`): the export's own connection exports
 its snapshot (`pg_export_snapshot`), pool connections import it (`SET TRANSACTION
 SNAPSHOT`, REPEATABLE READ READ ONLY) and each reads a range of heap blocks (a TID Range
-Scan, PostgreSQL 14+). The range being sent goes straight to the response; those ahead wait
-in a `Spool` (memory, then a temporary file), whose bound makes their COPY wait in turn.
+Scan, PostgreSQL 14+); a partitioned table's pieces are its partitions, in the order of
+one COPY's plan, the large ones cut in ranges too (exports/partitions.py). The piece being
+sent goes straight to the response; those ahead wait in a `Spool` (memory, then a
+temporary file), whose bound makes their COPY wait in turn.
 """
 
 from __future__ import annotations
@@ -384,9 +386,10 @@ async def _let_go(worker: _Worker, clean: bool) -> None:
 async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngine,
                       settings: Settings, query: ExportQuery, wanted_ranges: int,
                       take_slots: TakeSlots, xmax: int | None, label: str) -> Ranges | None:
-    """The export's ranges (its own connection reads the first), or None for one COPY:
-    PostgreSQL before 14, a plan in an index's order, no slot to spare, a heap of fewer
-    blocks than ranges, or a connection that could not join the snapshot."""
+    """The export's ranges (read by its own connection and the extra ones), or None for
+    one COPY: PostgreSQL before 14, a plan in an index's order (or, for a partitioned
+    table, not an Append of heap scans: exports/partitions.py), no slot to spare, a heap
+    of fewer blocks than ranges, or a connection that could not join the snapshot."""
     if (conn.dialect.server_version_info or (0,)) < TID_RANGE_SCANS_FROM:
         return None
     leaves: list[partitions.Partition] | None = None
