@@ -384,3 +384,17 @@ def test_a_partitioned_tables_csv_is_psqls_copy(parallel_server: Server, tables:
     assert body.count(b"\n") > PARTS_ROWS
 
 
+
+
+def test_row_security_on_a_partition_keeps_one_copy(parallel_server: Server,
+                                                    tables: str) -> None:
+    """Read alone, a partition gets its own row security policies, not the table's
+    (nor, through the table, would it get its own): such a table stays one COPY."""
+    run_sql(tables, "ALTER TABLE exports.par_parts_b_x ENABLE ROW LEVEL SECURITY")
+    try:
+        before = _ranges_logged(parallel_server)
+        body = _get(parallel_server, "/datasets/par_parts.csv").content
+        assert _ranges_logged(parallel_server) == before
+        assert body.count(b"\n") > PARTS_ROWS
+    finally:
+        run_sql(tables, "ALTER TABLE exports.par_parts_b_x DISABLE ROW LEVEL SECURITY")

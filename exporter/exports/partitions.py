@@ -32,7 +32,7 @@ async def leaves(conn: AsyncConnection, query: ExportQuery) -> list[Partition] |
     """The partitions one COPY of the export reads, in its order, or None if its plan
     is not an Append of heap scans in the partitions' bound order."""
     read = await _plan_leaves(conn, sql.select_sql(query))
-    if read is None or not read:
+    if read is None or not read or not await _readable_alone(conn, query, read):
         return None
     if query.filters or query.trees or query.changed_since is not None:
         # Pruning leaves some partitions out; what is left keeps the whole table's order
@@ -43,6 +43,26 @@ async def leaves(conn: AsyncConnection, query: ExportQuery) -> list[Partition] |
         if every is None or not _in_order(read, every):
             return None
     return read
+
+
+async def _readable_alone(conn: AsyncConnection, query: ExportQuery,
+                          read: list[Partition]) -> bool:
+    """Whether the partitions read alone give what the table gives: PostgreSQL checks the
+    privileges and applies the row security policies of the table named in the query
+    only (the parent's through the parent, a partition's through the partition), so a
+    partition this role may not read by itself, or row security on the table or on any
+    of them, keeps one COPY."""
+    ds = query.dataset
+    names = [_qualified(p) for p in [(ds.schema, ds.name), *read]]
+    row = (await conn.exec_driver_sql(
+        "SELECT bool_and(has_table_privilege(c.oid, 'SELECT') AND NOT c.relrowsecurity)"
+        " FROM unnest(CAST($1 AS text[])) AS r JOIN pg_class c"
+        " ON c.oid = CAST(r AS regclass)", (names,))).scalar_one()
+    return bool(row)
+
+
+def _qualified(partition: Partition) -> str:
+    return f"{sql.quote_ident(partition[0])}.{sql.quote_ident(partition[1])}"
 
 
 def _in_order(part: list[Partition], whole: list[Partition]) -> bool:
