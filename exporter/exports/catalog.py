@@ -27,7 +27,11 @@ _CATALOG_SQL = text(
         FROM domains d JOIN pg_type t ON t.oid = d.base AND t.typtype = 'd'
     )
     SELECT c.relname, c.relkind::text AS relkind, c.reltuples::bigint AS reltuples,
-           c.relpages,
+           CASE WHEN c.relkind = 'p' THEN
+               (SELECT sum(greatest(l.relpages, 0))::bigint
+                FROM pg_partition_tree(c.oid) AS p JOIN pg_class l ON l.oid = p.relid
+                WHERE p.isleaf AND l.relkind = 'r')
+           ELSE c.relpages END AS relpages,
            a.attname, format_type(a.atttypid, a.atttypmod) AS type,
            format_type(coalesce(
                (SELECT d.base FROM domains d JOIN pg_type bt ON bt.oid = d.base
@@ -73,9 +77,12 @@ class Dataset:
     # orders a limited download by them, so that it is the same rows every time.
     primary_key: list[str] = field(default_factory=list)
     # The pages of a table's or materialized view's heap, as last counted by VACUUM or
-    # ANALYZE (none for views, foreign and partitioned tables): whether an export of it
-    # is worth reading in ctid ranges (exports/parallel.py).
+    # ANALYZE (a partitioned table's: the sum of its leaf partitions'; none for views and
+    # foreign tables): whether an export of it is worth reading in ctid ranges
+    # (exports/parallel.py).
     pages: int | None = None
+    # A partitioned table: read per partition (exports/partitions.py).
+    partitioned: bool = False
 
 
 class Catalog:
@@ -101,8 +108,11 @@ class Catalog:
                 estimate = int(row.reltuples) if row.reltuples >= 0 else None
                 if row.relkind == "v":
                     estimate = None
+                heap = row.relkind in HEAPS or row.relkind == "p"
                 ds = Dataset(self.schema, row.relname, KINDS[row.relkind], estimate,
-                             pages=int(row.relpages) if row.relkind in HEAPS else None)
+                             pages=int(row.relpages)
+                             if heap and row.relpages is not None else None,
+                             partitioned=row.relkind == "p")
                 datasets[row.relname] = ds
             ds.columns[row.attname] = Column(
                 row.attname, row.type, row.base_type, row.typcategory, row.nullable

@@ -49,6 +49,7 @@ class CopyStream:
         self._first_sent = False
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._abandoned = False  # cut: nobody reads what the producer ends with
         self.result: int | None = None  # what the producer returned (rows)
 
     def start(self) -> None:
@@ -80,7 +81,8 @@ class CopyStream:
             await self._queue.put(_END)
         except Exception as error:  # handed to the consumer, which decides what it means
             metrics.copy_ended(None, time.monotonic() - started)
-            await self._queue.put(_Failure(error))
+            if not self._abandoned:  # else no consumer: a full queue would wait forever
+                await self._queue.put(_Failure(error))
 
     async def next_chunk(self) -> bytes | None:
         """The next chunk, or None at the end; re-raises the producer's failure.
@@ -109,6 +111,27 @@ class CopyStream:
             assert isinstance(item, bytes)
             return item
 
+    @property
+    def running(self) -> bool:
+        """Whether the producer is still at work."""
+        return self._task is not None and not self._task.done()
+
+    def cut(self, close: Callable[[], None]) -> None:
+        """Cancel the producer, its COPY's connection closed by `close` in the same step
+        of the loop; nobody reads its outcome any more (then `cancel` waits for it).
+
+        asyncpg 0.32's COPY, its task cancelled after the next data came in but before
+        the task took it, raises CancelledError with no cancel request sent and reads
+        its socket again: the rest of the COPY's output then fails in its protocol
+        ("Fatal error on transport ... AttributeError: 'NoneType' object has no
+        attribute 'cancelled'", logged by asyncio at ERROR). Closed in the same step, no
+        more of it is read. A closed connection may turn the cancellation into a
+        connection error: the producer, abandoned, then does not wait to hand it on."""
+        self._abandoned = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            close()
+
     def stop(self) -> None:
         """Cancel the producer without waiting; its consumer gets StreamStopped (within a
         flush interval)."""
@@ -119,6 +142,7 @@ class CopyStream:
     async def cancel(self) -> bool:
         """Stop the producer (asyncpg then asks PostgreSQL to cancel the query); whether
         it was still running."""
+        self._abandoned = True
         if self._task is None or self._task.done():
             return False
         self._task.cancel()

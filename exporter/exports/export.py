@@ -148,6 +148,7 @@ class Export:
         self.cursor: cursor.Cursor | None = None
         self._conn: AsyncConnection | None = None
         self._driver: Any = None  # the asyncpg connection under _conn
+        self._pid: int | None = None  # its backend's (asyncpg forgets it once closed)
         self._stream: CopyStream | None = None
         # PostgreSQL refused a statement of this export (see `_release`).
         self._refused = False
@@ -238,6 +239,7 @@ class Export:
             )
             # Early, so that a query cancelled by this request's end can be cut at once.
             self._driver = await driver_connection(conn)
+            self._pid = self._driver.get_server_pid()
             # The first statement opens the transaction; now() is its start, the snapshot's
             # time. A table's export also reads the snapshot itself, its change cursor.
             # A HEAD gives no cursor: it reads the snapshot only to count changes `since`.
@@ -458,7 +460,11 @@ class Export:
 
     async def _release(self, *, clean: bool) -> None:
         """End the snapshot and give the connection back; one in doubt is discarded."""
-        copying = self._stream is not None and await self._stream.cancel()
+        copying = self._stream is not None and self._stream.running
+        if self._stream is not None:
+            if copying and not clean and self._driver is not None:
+                self._stream.cut(self._driver.terminate)  # (copy.py says why)
+            await self._stream.cancel()
         ranges, self._ranges = self._ranges, None
         if ranges is not None:
             await ranges.release(clean=clean)
@@ -490,9 +496,9 @@ class Export:
         request asyncpg sends when the COPY's task is cancelled dies with the connection,
         and a backend busy before its first row (a slow regular expression on
         PostgreSQL 15, say) may not notice the closed socket for as long as it works."""
-        if self._driver is None:
+        pid = self._pid
+        if pid is None:
             return
-        pid = self._driver.get_server_pid()
         try:
             async with asyncio.timeout(2), self._engine.connect() as conn:
                 await conn.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})

@@ -4,8 +4,10 @@ the export's snapshot, sent in block order: the bytes of one COPY, read faster.
 Why and how (docs/internals.md, `exports/parallel.py`): the export's own connection exports
 its snapshot (`pg_export_snapshot`), pool connections import it (`SET TRANSACTION
 SNAPSHOT`, REPEATABLE READ READ ONLY) and each reads a range of heap blocks (a TID Range
-Scan, PostgreSQL 14+). The range being sent goes straight to the response; those ahead wait
-in a `Spool` (memory, then a temporary file), whose bound makes their COPY wait in turn.
+Scan, PostgreSQL 14+); a partitioned table's pieces are its partitions, in the order of
+one COPY's plan, the large ones cut in ranges too (exports/partitions.py). The piece being
+sent goes straight to the response; those ahead wait in a `Spool` (memory, then a
+temporary file), whose bound makes their COPY wait in turn.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.config import Settings
 from exporter.db import driver_connection
-from exporter.exports import cursor, sql
+from exporter.exports import cursor, partitions, sql
 from exporter.exports.copy import Output
 from exporter.exports.query import ExportQuery
 from exporter.exports.renderers.base import CopyStatement, copied_rows
@@ -87,6 +89,7 @@ class Spool:
         # What gathers in memory before it is written to the file, in one call.
         self._flush_at = min(FILE_BLOCK, max(1, disk // 4))
         self._flushing = 0  # bytes being written to the file
+        self._file_used = False  # a file call was ever started
         self._on_disk = 0  # unread bytes of the file path
         self._ended = False
         self._failure: BaseException | None = None
@@ -122,6 +125,7 @@ class Spool:
         data, offset = self._pending, self._end
         self._pending = bytearray()  # the writer waits for this flush: nothing to copy
         self._flushing = len(data)
+        self._file_used = True
         try:
             await asyncio.to_thread(self._write_file, data, offset)
         finally:
@@ -206,6 +210,9 @@ class Spool:
 
     def close(self) -> None:
         """Close the file in a worker thread (once no call uses it), without waiting."""
+        if not self._file_used:
+            self._closed = True  # no thread ever had the file: nothing to wait for
+            return
         asyncio.get_running_loop().run_in_executor(None, self._close_file)
 
 
@@ -222,49 +229,87 @@ def _temporary_file(folder: Path) -> int:
     return descriptor
 
 
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A part of an export read by one COPY: heap blocks of the dataset, or of one of its
+    partitions (`FROM ONLY`, exports/partitions.py)."""
+
+    blocks: sql.Blocks
+    partition: partitions.Partition | None = None
+
+
 @dataclasses.dataclass
 class _Worker:
-    """A pool connection in the export's snapshot, reading one range."""
+    """A pool connection in the export's snapshot, reading ranges."""
 
     conn: AsyncConnection
     driver: Any
     query: ExportQuery  # the export's query, with this transaction's `since` reference
+    pid: int  # its backend's (asyncpg forgets it once the connection is closed)
 
 
 class Ranges:
-    """An export's ranges, its connections open in its snapshot: `copy` reads them all,
-    `release` lets the extra connections go."""
+    """An export's pieces and the connections open in its snapshot that read them: `copy`
+    reads them all, `release` lets the extra connections go."""
 
     def __init__(self, engine: AsyncEngine, settings: Settings, main_driver: Any,
-                 query: ExportQuery, blocks: list[sql.Blocks], workers: list[_Worker],
+                 query: ExportQuery, pieces: list[Piece], workers: list[_Worker],
                  label: str) -> None:
         self._engine = engine
         self._settings = settings
         self._main = main_driver
         self._query = query
-        self.blocks = blocks
+        self.pieces = pieces
         self._workers = workers
         self._label = label
         self._tasks: list[asyncio.Task[int | None]] = []
 
     @property
     def count(self) -> int:
-        return len(self.blocks)
+        """How many backends read the export (its connection and the extra ones)."""
+        return 1 + len(self._workers)
 
     async def copy(self, body: Callable[[str], CopyStatement], output: Output) -> int | None:
-        """Every range's COPY of `body` at once, written to `output` in block order; the
-        rows in all. The first failure of any range cancels them all and is raised."""
+        """Every piece's COPY of `body`, on the export's backends at once, written to
+        `output` in the pieces' order; the rows in all. Pieces go to the backends in
+        order, a piece only once the one `count` places before it was sent, so that at
+        most `count` spools hold output at a time (the bound of one piece per backend).
+        The first failure of any piece cancels them all and is raised."""
         s = self._settings
         memory = s.export_chunk_size * s.export_buffer_chunks
-        ahead = max(1, self.count - 1)
-        spools = [Spool(memory, 0 if i == 0 else s.export_parallel_spool // ahead,
-                        s.exports_folder, s.export_chunk_size) for i in range(self.count)]
-        drivers = [self._main, *(w.driver for w in self._workers)]
-        queries = [self._query, *(w.query for w in self._workers)]
-        statements = [body(sql.select_sql(q, b))
-                      for q, b in zip(queries, self.blocks, strict=True)]
-        self._tasks = [asyncio.ensure_future(self._read(d, st, sp))
-                       for d, st, sp in zip(drivers, statements, spools, strict=True)]
+        # The spools that may hold a file at once: those ahead of the first piece, or, when
+        # backends take further pieces, as many as the backends.
+        files = self.count - 1 if len(self.pieces) <= self.count else self.count
+        spools = [Spool(memory, 0 if i == 0 else s.export_parallel_spool // max(1, files),
+                        s.exports_folder, s.export_chunk_size)
+                  for i in range(len(self.pieces))]
+        sent = [asyncio.Event() for _ in self.pieces]
+        taken = iter(range(len(self.pieces)))
+        readers = [(self._main, self._query), *((w.driver, w.query) for w in self._workers)]
+
+        async def read(driver: Any, query: ExportQuery) -> int | None:
+            rows: int | None = 0
+            for i in taken:
+                if i >= self.count:
+                    await sent[i - self.count].wait()
+                piece = self.pieces[i]
+                count = await self._read(
+                    driver, body(sql.select_sql(query, piece.blocks, piece.partition)),
+                    spools[i])
+                rows = None if rows is None or count is None else rows + count
+            return rows
+
+        self._tasks = [asyncio.ensure_future(read(d, q)) for d, q in readers]
+        drivers = [d for d, _ in readers]
+
+        def stop() -> None:
+            for task, driver in zip(self._tasks, drivers, strict=True):
+                if not task.done():
+                    # Its connection closed in the same step (exports/copy.py's
+                    # `CopyStream.cut` says why); its backend is cancelled by pid besides
+                    # (`release`, export.py's `_cancel_backend`).
+                    task.cancel()
+                    driver.terminate()
 
         def failed(task: asyncio.Task[int | None]) -> None:
             if task.cancelled() or task.exception() is None:
@@ -273,22 +318,22 @@ class Ranges:
             assert error is not None
             for spool in spools:
                 spool.fail(error)
-            for other in self._tasks:
-                other.cancel()
+            stop()
 
         for task in self._tasks:
             task.add_done_callback(failed)
         try:
-            rows: int | None = 0
-            for task, spool in zip(self._tasks, spools, strict=True):
+            for spool, done in zip(spools, sent, strict=True):
                 async for piece in spool.pieces():
                     await output(piece)
+                done.set()
+            rows: int | None = 0
+            for task in self._tasks:
                 count = await task
                 rows = None if rows is None or count is None else rows + count
             return rows
         finally:
-            for task in self._tasks:
-                task.cancel()
+            stop()
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             for spool in spools:
@@ -310,7 +355,7 @@ class Ranges:
         if not workers:
             return
         if not clean:
-            await self._cancel_backends([w.driver.get_server_pid() for w in workers])
+            await self._cancel_backends([w.pid for w in workers])
         await asyncio.gather(*(_let_go(w, clean) for w in workers))
 
     async def _cancel_backends(self, pids: list[int]) -> None:
@@ -341,12 +386,18 @@ async def _let_go(worker: _Worker, clean: bool) -> None:
 async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngine,
                       settings: Settings, query: ExportQuery, wanted_ranges: int,
                       take_slots: TakeSlots, xmax: int | None, label: str) -> Ranges | None:
-    """The export's ranges (its own connection reads the first), or None for one COPY:
-    PostgreSQL before 14, a plan in an index's order, no slot to spare, a heap of fewer
-    blocks than ranges, or a connection that could not join the snapshot."""
+    """The export's ranges (read by its own connection and the extra ones), or None for
+    one COPY: PostgreSQL before 14, a plan in an index's order (or, for a partitioned
+    table, not an Append of heap scans: exports/partitions.py), no slot to spare, a heap
+    of fewer blocks than ranges, or a connection that could not join the snapshot."""
     if (conn.dialect.server_version_info or (0,)) < TID_RANGE_SCANS_FROM:
         return None
-    if (query.filters or query.trees) and not await _heap_ordered(conn, query):
+    leaves: list[partitions.Partition] | None = None
+    if query.dataset.partitioned:
+        leaves = await partitions.leaves(conn, query)
+        if leaves is None:
+            return None
+    elif (query.filters or query.trees) and not await _heap_ordered(conn, query):
         return None
     # This process's pool too, with two connections left for the app's own queries (as
     # Settings.export_cap): a check-out that would wait is one COPY instead.
@@ -358,17 +409,20 @@ async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngi
     if extra < 1:
         return None
     ds = query.dataset
+    heaps: list[partitions.Partition] = leaves or [(ds.schema, ds.name)]
+    # The heaps' real sizes, read in the export's transaction (the catalog's estimate may
+    # be old).
     row: Any = (await conn.exec_driver_sql(
-        "SELECT pg_export_snapshot(), pg_relation_size(CAST($1 AS regclass))"
-        " / current_setting('block_size')::bigint",
-        (f"{sql.quote_ident(ds.schema)}.{sql.quote_ident(ds.name)}",))).one()
-    snapshot, pages = str(row[0]), int(row[1])
-    n = min(extra + 1, pages)
+        "SELECT pg_export_snapshot(), ARRAY(SELECT pg_relation_size(CAST(r AS regclass))"
+        " / current_setting('block_size')::bigint"
+        " FROM unnest(CAST($1 AS text[])) WITH ORDINALITY AS u(r, o) ORDER BY o)",
+        ([f"{sql.quote_ident(h[0])}.{sql.quote_ident(h[1])}" for h in heaps],))).one()
+    snapshot, sizes = str(row[0]), [int(p) for p in row[1]]
+    pieces = [Piece(blocks, None if leaves is None else leaves[heap])
+              for heap, blocks in split(sizes, extra + 1)]
+    n = min(extra + 1, len(pieces))
     if n < 2:
         return None
-    bounds = [pages * i // n for i in range(n)]
-    blocks: list[sql.Blocks] = [(bounds[i], bounds[i + 1] if i + 1 < n else None)
-                                for i in range(n)]
     joining = [asyncio.ensure_future(_join(engine, settings, snapshot, query, xmax))
                for _ in range(n - 1)]
     try:
@@ -384,8 +438,28 @@ async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngi
         await _abandon(joining)
         return None
     workers = [t.result() for t in joining]
-    log.info("export %s: %d ctid ranges of %d blocks", label, n, pages)
-    return Ranges(engine, settings, main_driver, query, blocks, workers, label)
+    if leaves is None:
+        log.info("export %s: %d ctid ranges of %d blocks", label, n, sizes[0])
+    else:
+        log.info("export %s: %d ctid ranges of %d partitions (%d blocks) on %d backends",
+                 label, len(pieces), len(leaves), sum(sizes), n)
+    return Ranges(engine, settings, main_driver, query, pieces, workers, label)
+
+
+def split(sizes: list[int], n: int) -> list[tuple[int, sql.Blocks]]:
+    """Heaps of `sizes` pages (a table's one, or a partitioned table's leaves in order)
+    cut into about `n` equal block ranges, each heap's in block order: a heap gets its
+    share of `n` (a heap alone gets `n`, never more than its pages), a small one one
+    range; the last range of a heap is open-ended (a heap that grew since is read whole:
+    what was written after the snapshot is not visible)."""
+    total = sum(sizes)
+    pieces: list[tuple[int, sql.Blocks]] = []
+    for heap, pages in enumerate(sizes):
+        k = max(1, min(pages, round(pages * n / total))) if total else 1
+        bounds = [pages * i // k for i in range(k)]
+        pieces += [(heap, (bounds[i], bounds[i + 1] if i + 1 < k else None))
+                   for i in range(k)]
+    return pieces
 
 
 async def _abandon(joining: list[asyncio.Task[_Worker]]) -> None:
@@ -419,7 +493,7 @@ async def _join(engine: AsyncEngine, settings: Settings, snapshot: str, query: E
     try:
         conn = await conn.execution_options(isolation_level="REPEATABLE READ",
                                             postgresql_readonly=True)
-        driver = await driver_connection(conn)
+        driver: Any = await driver_connection(conn)
         # The snapshot's name is PostgreSQL's own (hex digits and dashes).
         await conn.exec_driver_sql(
             f"SET TRANSACTION SNAPSHOT {sql.quote_literal(snapshot)}")
@@ -434,5 +508,5 @@ async def _join(engine: AsyncEngine, settings: Settings, snapshot: str, query: E
             await conn.invalidate()
             await conn.close()
         raise
-    return _Worker(conn, driver, query)
+    return _Worker(conn, driver, query, driver.get_server_pid())
 

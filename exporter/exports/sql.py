@@ -139,16 +139,19 @@ def blocks_condition(blocks: Blocks) -> str:
     return "(" + " AND ".join(parts or ["true"]) + ")"
 
 
-def select_sql(query: ExportQuery, blocks: Blocks | None = None) -> str:
-    """The export's SELECT; with `blocks`, of the rows in those heap blocks only (a part
-    of a parallel export: exports/parallel.py)."""
+def select_sql(query: ExportQuery, blocks: Blocks | None = None,
+               partition: tuple[str, str] | None = None) -> str:
+    """The export's SELECT; with `blocks`, of the rows in those heap blocks only, with
+    `partition` (schema, name), of that partition of the dataset only (parts of a
+    parallel export: exports/parallel.py)."""
     ds = query.dataset
     columns = ([_item(query, i) for i in query.items] if query.items
                else [_output(query, quote_ident(c.name), c.name) for c in query.columns])
-    parts = [
-        "SELECT " + ", ".join(columns),
-        f"FROM {quote_ident(ds.schema)}.{quote_ident(ds.name)}",
-    ]
+    # A partition has its parent's column names (its own column order does not matter:
+    # they are named); ONLY, so that a sub-partitioned one is never read twice.
+    source = (f"{quote_ident(ds.schema)}.{quote_ident(ds.name)}" if partition is None
+              else f"ONLY {quote_ident(partition[0])}.{quote_ident(partition[1])}")
+    parts = ["SELECT " + ", ".join(columns), f"FROM {source}"]
     conditions = [_condition(f) for f in query.filters] + [_tree(t) for t in query.trees]
     if query.changed_since is not None:
         conditions.append(cursor.condition(query.changed_since, query.since_reference))

@@ -12,12 +12,14 @@ answer (503, a download without its copy).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from exporter.objects import (
     ObjectChanged,
@@ -94,6 +96,10 @@ class BucketWriter:
     async def write(self, data: bytes) -> None:
         with _as_os_errors(self._writer.key):
             await self._writer.write(data)
+
+    async def write_hashed(self, data: bytes, digest: Any) -> None:
+        # The upload's parts are sent by the object store's client: hashed meanwhile.
+        await asyncio.gather(self.write(data), asyncio.to_thread(digest.update, data))
 
     async def commit(self) -> None:
         with _as_os_errors(self._writer.key):

@@ -55,6 +55,10 @@ class StorageWriter(Protocol):
     async def write(self, data: bytes) -> None:
         """Append `data` (in a worker thread)."""
 
+    async def write_hashed(self, data: bytes, digest: Any) -> None:
+        """Append `data` and add it to `digest` (a hashlib object), in as few worker
+        thread calls as the storage allows (each costs the event loop a hop)."""
+
     async def commit(self) -> None:
         """Make the bytes durable (fsync) and visible under the key, at once and whole."""
 
@@ -102,6 +106,15 @@ class LocalWriter:
         if self._fd is None:
             raise ValueError("the writer is closed")
         await asyncio.to_thread(self._write_all, data)
+
+    def _hash_and_write(self, data: bytes, digest: Any) -> None:
+        digest.update(data)  # releases the GIL on large buffers, as the write does
+        self._write_all(data)
+
+    async def write_hashed(self, data: bytes, digest: Any) -> None:
+        if self._fd is None:
+            raise ValueError("the writer is closed")
+        await asyncio.to_thread(self._hash_and_write, data, digest)
 
     def _commit(self) -> None:
         assert self._fd is not None

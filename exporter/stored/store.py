@@ -443,9 +443,10 @@ class Writer:
             await self._make_room(self.bytes + len(chunk))
             if self.stopped.is_set():
                 raise WriterStopped(self.reason)
-        # Both release the GIL on large buffers: the second core does the work.
-        await asyncio.gather(self._out.write(chunk),
-                             asyncio.to_thread(self._hash.update, chunk))
+        # Hashed and written in one worker thread call where the storage allows (a local
+        # file): each call is two hops of the event loop, which cost more CPU than the
+        # hash of a chunk (measured: docs/internals.md, `stored/store.py`).
+        await self._out.write_hashed(chunk, self._hash)
         self.bytes += len(chunk)
 
     async def progress(self, rows: int) -> None:
