@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -171,8 +172,10 @@ def main() -> None:
     commands = None
     if len(sys.argv) > 2:
         commands = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        commands.bind(sys.argv[2])
+        # Under its name only once it listens: a client that finds the name can connect.
+        commands.bind(sys.argv[2] + ".new")
         commands.listen(16)
+        os.rename(sys.argv[2] + ".new", sys.argv[2])
     for name in PRELOAD:
         importlib.import_module(name)
     # What was imported stays out of the collector's scans: a child's collections would
@@ -267,6 +270,12 @@ class ForkServer:
         of this fork server, with the caller's streams, folder and environment."""
         with self._lock:
             self._started()
+            deadline = time.monotonic() + 60
+            while not self.commands_socket.exists():
+                if self._process is None or self._process.poll() is not None \
+                        or time.monotonic() > deadline:
+                    raise RuntimeError("the fork server did not start")
+                time.sleep(0.01)
         return [sys.executable, "-I", "-S", str(_ROOT / "tests" / "forkclient.py"),
                 str(self.commands_socket), module]
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import exporter
-from tests.support import ROOT, FreshDatabase, fetch, free_port, run_sql
+from tests.support import ROOT, FreshDatabase, fetch, forked, free_port, run_sql
 
 # Built from a copy of the sources: building in place would leave build/ in the checkout.
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "var", "build", "dist", "*.egg-info",
@@ -183,7 +183,7 @@ def test_instances_starting_together_on_a_fresh_database_all_succeed(
     processes = []
     ports = []
     for i in range(4):
-        args = [sys.executable, "-m", "exporter.cli", command]
+        args = [*forked("exporter.cli"), command]
         if command == "serve":
             ports.append(free_port())
             args += ["--port", str(ports[-1]), "--no-access-log"]
@@ -241,7 +241,7 @@ def test_a_schema_from_a_newer_exporter_is_refused(fresh_database: str,
 
 def cli(command: list[str], url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = clean_env(EXPORTER_DATABASE_URL=url, EXPORTER_FILES_ROOT=str(tmp_path))
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *command], cwd=ROOT,
+    return subprocess.run([*forked("exporter.cli"), *command], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60, check=False)
 
 

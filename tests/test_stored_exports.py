@@ -40,7 +40,7 @@ def views(database_url: str) -> None:
         " SELECT generate_series(1, 1000000000) AS id, repeat('x', 200) AS pad",
         # Rows that come slowly: progress can be watched growing.
         "CREATE OR REPLACE VIEW exports.trickle AS"
-        " SELECT g AS id, pg_sleep(0.01) IS NULL AS slept FROM generate_series(1, 2000) AS g",
+        " SELECT g AS id, pg_sleep(0.0025) IS NULL AS slept FROM generate_series(1, 2000) AS g",
     )
 
 
