@@ -122,6 +122,19 @@ def safe_url(url: str) -> str:
         return "(not a URL)"
 
 
+def on_this_host(url: str | None) -> bool:
+    """Whether the database of `url` runs on this machine (None: the embedded one): a unix
+    socket, or a loopback address. Its backends then share this machine's cores."""
+    if url is None:
+        return True
+    try:
+        parsed = _parse(url)
+    except ValueError:
+        return False
+    host = _query_value(parsed, "host") or parsed.host or ""
+    return host == "" or host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")
+
+
 def _query_value(parsed: URL, name: str) -> str | None:
     value = parsed.query.get(name)
     if isinstance(value, tuple):  # repeated: libpq keeps the last one

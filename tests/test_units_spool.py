@@ -5,12 +5,15 @@ spool is full waits."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from pathlib import Path
 
 import pytest
 
-from exporter.exports.parallel import Spool
+from exporter.config import Settings
+from exporter.db import on_this_host
+from exporter.exports.parallel import Spool, _cores_to_spare
 
 PIECE = 16 * 1024
 BOUND = 32 * 1024 + 64 * 1024  # the memory and the file of the full spool below
@@ -76,3 +79,20 @@ def test_a_full_spool_makes_its_writer_wait(tmp_path: Path) -> None:
     written = asyncio.run(go())
     # Memory, then file, each at most one piece over its bound.
     assert BOUND <= written <= BOUND + 2 * 4096
+
+
+@pytest.mark.parametrize(("url", "here"), [
+    (None, True), ("postgresql://u@/db?host=/tmp/pg", True), ("postgresql://u@localhost/db", True),
+    ("postgresql://u@127.0.0.1:5433/db", True), ("postgresql://u@[::1]/db", True),
+    ("postgresql://u@db.internal/db", False), ("postgresql://u@10.0.0.5/db", False)])
+def test_ranges_leave_the_cores_to_a_database_on_this_host(
+        url: str | None, here: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On 2 cores two ranges made an export slower than one COPY when PostgreSQL ran on the
+    same machine: by default, half this machine's cores then; a set value is kept."""
+    assert on_this_host(url) is here
+    monkeypatch.delenv("EXPORTER_EXPORT_PARALLEL", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert _cores_to_spare(Settings(database_url=url)) == (1 if here else 4)
+    assert _cores_to_spare(Settings(database_url=url, export_parallel=4)) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert _cores_to_spare(Settings(database_url=url)) == (8 if here else 4)

@@ -30,7 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.config import Settings
-from exporter.db import driver_connection
+from exporter.db import driver_connection, on_this_host
 from exporter.exports import cursor, partitions, sql
 from exporter.exports.copy import Output
 from exporter.exports.query import ExportQuery
@@ -55,13 +55,23 @@ def wanted(query: ExportQuery, settings: Settings, *, splits: bool, per_principa
     one COPY): a table or materialized view whose heap is large enough, the whole of its
     rows in no order but the heap's (`limit`, `offset`, `order` and pages of items keep
     one COPY), and not on the read replica."""
-    n = min(settings.export_parallel, per_principal)
+    n = min(settings.export_parallel, per_principal, _cores_to_spare(settings))
     pages = query.dataset.pages
     if (n < 2 or not splits or replica or pages is None
             or pages < settings.export_parallel_min_pages
             or query.order or query.limit is not None or query.offset):
         return 1
     return n
+
+
+def _cores_to_spare(settings: Settings) -> int:
+    """Ranges this machine can feed. PostgreSQL on the same machine (the embedded one, a
+    unix socket, loopback) shares its cores with this server: on 2 cores, two ranges made a
+    CSV export 0.8x one COPY (docs/benchmarks.md, issue 25). Then half the cores, unless
+    EXPORTER_EXPORT_PARALLEL was set; a database elsewhere has its own."""
+    if "export_parallel" in settings.model_fields_set or not on_this_host(settings.database_url):
+        return settings.export_parallel
+    return max(1, (os.cpu_count() or 1) // 2)
 
 
 class Spool:
