@@ -33,7 +33,7 @@ from tests.s3 import Seaweed
 from tests.support import Server, fetch, run_async, run_sql, wait_until
 from tests.test_access import bearer, cli, new_token
 from tests.test_stored_exports import start, wait_done
-from tests.test_stored_store import begin
+from tests.test_stored_store import add_owners, begin
 
 pytestmark = pytest.mark.needs("curl", "wget")
 
@@ -152,6 +152,7 @@ def test_eviction_and_the_clean_up_delete_objects(
                         s3_allow_http=True)
     store = ObjectStore(s3_prefix, StoreOptions(allow_http=True, timeout=10))
     run_sql(database_url, "DELETE FROM exporter.stored_exports")
+    add_owners(database_url)  # whatever ran before on this database
 
     async def fill(st: State) -> list[str]:
         assert st.stored is not None

@@ -53,14 +53,21 @@ def app(database_url: str, files_root: Path, tmp_path: Path,
                             "share", 1.0),
                         exports_resume_share=getattr(request, "param", {}).get(
                             "copies", 1.0))
-    run_sql(database_url, "DELETE FROM exporter.stored_exports",
+    run_sql(database_url, "DELETE FROM exporter.stored_exports")
+    add_owners(database_url)
+    with InProcess(settings) as running:
+        yield running
+    run_sql(database_url, "DELETE FROM exporter.stored_exports")
+
+
+def add_owners(database_url: str) -> None:
+    """Alice's and Bob's tokens, whose rows a writer's heartbeat checks (a token that is
+    not there counts as revoked: the export stops)."""
+    run_sql(database_url,
             "INSERT INTO exporter.tokens (id, name, secret_hash, scopes) OVERRIDING SYSTEM"
             f" VALUE VALUES ({ALICE_ID}, 'stored-store-alice', 'alice-not-a-hash',"
             f" '{{datasets:*}}'), ({BOB_ID}, 'stored-store-bob', 'bob-not-a-hash',"
             " '{datasets:*}') ON CONFLICT (id) DO NOTHING")
-    with InProcess(settings) as running:
-        yield running
-    run_sql(database_url, "DELETE FROM exporter.stored_exports")
 
 
 BOB = Principal("token", "bob", frozenset({"datasets:*"}), limit_key="token bob #8",
