@@ -44,6 +44,7 @@ from exporter.server.logs import AccessLogOfLeavers
 from exporter.server.prefix import RootPath
 from exporter.state import State
 from exporter.stored import routes as stored_routes
+from exporter.stored.bucket import BucketStorage
 from exporter.stored.responses import ServedResumeCopies
 from exporter.stored.service import StoredService
 from exporter.stored.storages import storage_for
@@ -163,8 +164,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           linger=settings.slot_linger, notices=notices, instance=instance)
         await notices.start()
         await _close_abandoned(engine, instance)
-        stored = StoredService(engine, settings, storage_for(settings),
-                               instance_id)
+        storage = storage_for(settings)
+        stored = StoredService(engine, settings, storage, instance_id)
+        files_store = (ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
+                       if settings.files_store else None)
         app.state.exporter = State(
             settings, engine, catalog,
             Audit(engine, flush_interval=settings.audit_flush_interval,
@@ -178,10 +181,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             replica=replica,
             replica_health=Health(settings.replica_url) if settings.replica_url else None,
             stored=stored,
-            files_store=ObjectStore(settings.files_store, StoreOptions.from_settings(settings))
-            if settings.files_store else None,
+            files_store=files_store,
             notices=notices,
-            store_health=StoreHealth.of(settings),
+            store_health=StoreHealth.of(
+                settings, files=files_store,
+                exports=storage.store if isinstance(storage, BucketStorage) else None),
         )
         if settings.exports_resume:
             app.state.exporter.resume_copies = ServedResumeCopies(

@@ -108,9 +108,13 @@ class StoreHealth:
         self._running: asyncio.Task[str | None] | None = None
 
     @classmethod
-    def of(cls, settings: Settings) -> StoreHealth | None:
+    def of(cls, settings: Settings, *, files: ObjectStore | None = None,
+           exports: ObjectStore | None = None) -> StoreHealth | None:
+        """For the stores the settings name: those given (the app's own, so the probe goes
+        through the clients the downloads use), else made from the settings."""
         options = StoreOptions.from_settings(settings)
-        stores = {role: ObjectStore(url, options) for role, url in (
+        given = {"files": files, "exports": exports}
+        stores = {role: given[role] or ObjectStore(url, options) for role, url in (
             ("files", settings.files_store), ("exports", settings.exports_store))
             if url is not None}
         return cls(stores) if stores else None
