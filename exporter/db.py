@@ -4,6 +4,7 @@ configured), their pools, and the asyncpg connection below them."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import shlex
 import ssl
 import sys
@@ -122,6 +123,7 @@ def safe_url(url: str) -> str:
         return "(not a URL)"
 
 
+@functools.cache  # asked by every export (exports/parallel.py), of one URL or two
 def on_this_host(url: str | None) -> bool:
     """Whether the database of `url` runs on this machine (None: the embedded one): a unix
     socket, or a loopback address. Its backends then share this machine's cores."""
