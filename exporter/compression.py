@@ -20,6 +20,8 @@ from typing import Protocol
 
 import zstandard
 
+from exporter.streaming import Chunk
+
 # A body that produced no compressed byte for this long gets a flush: a query that
 # trickles rows still shows progress through a compressed answer.
 FLUSH_AFTER = 1.0
@@ -143,7 +145,7 @@ def negotiate(accept_encoding: str | None, offered: tuple[Coding, ...] = CODINGS
     return best
 
 
-async def compressed(chunks: AsyncIterator[bytes], coding: Coding,
+async def compressed(chunks: AsyncIterator[Chunk], coding: Coding,
                      level: int | None = None, flush_below: int = 0, threads: int = 1,
                      ) -> AsyncGenerator[bytes, None]:
     """`chunks` compressed with `coding`: the compressing runs in a worker thread while

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# A piece of a response body. Files read from the page cache are handed on in the
+# buffer they were read into (files/stream.py), which Starlette and uvicorn send as
+# they send bytes.
+Chunk = bytes | memoryview
+C = TypeVar("C", bytes, Chunk)
+
 
 class ResponseCut(Exception):
     """A response was cut on purpose (a stalled client, a time limit); its body is left
@@ -92,10 +98,10 @@ async def wait_detached(within: float) -> int:
     return len(pending)
 
 
-async def audited(chunks: AsyncGenerator[bytes, None], download: Download,
+async def audited(chunks: AsyncGenerator[C, None], download: Download,
                   end: Callable[[str, str | None], object], *,
                   complete: Callable[[], bool] | None = None,
-                  drain: bool = False) -> AsyncIterator[bytes]:
+                  drain: bool = False) -> AsyncIterator[C]:
     """`chunks` as a response body that counts the bytes sent into `download.bytes` and
     calls `end(status, error)` exactly once, however the body ends.
 

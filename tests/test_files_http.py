@@ -14,8 +14,11 @@ import httpx
 import pytest
 
 from exporter.files.demo import LARGE_NAME, UNICODE_NAME
+from exporter.files.stream import read_cached
 from tests.conftest import LARGE_FILE_SIZE
 from tests.support import ROOT, Server, audited, fetch, forked, last_audit_id, sha256, wait_until
+
+MiB = 1024 * 1024
 
 
 def url(server: Server, name: str) -> str:
@@ -130,6 +133,33 @@ def test_single_ranges(server: Server, files_root: Path) -> None:
             f"{LARGE_FILE_SIZE}")
     # HEAD ignores Range: it shows what a plain GET gets.
     assert httpx.head(target, headers={"Range": "bytes=0-9"}).status_code == 200
+
+
+def test_ranges_of_a_file_out_of_the_page_cache(server: Server, files_root: Path) -> None:
+    # Reads run on the event loop only for what the page cache holds (RWF_NOWAIT); the
+    # rest is read in a thread. Either way, and mixed within one answer, the same bytes.
+    path = files_root / LARGE_NAME
+    first, last = 100 * MiB + 7, 103 * MiB
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if read_cached(f.fileno(), first, MiB) is not None:
+            pytest.skip("this file system keeps its pages in memory (tmpfs)")
+        cold = os.pread(f.fileno(), last - first + 1, first)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        # A warm first half, a cold second half (past what readahead brings in).
+        os.pread(f.fileno(), MiB, 10 * MiB)
+        os.posix_fadvise(f.fileno(), 10 * MiB + MiB, 0, os.POSIX_FADV_DONTNEED)
+        mixed = os.pread(f.fileno(), 4 * MiB, 10 * MiB)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    r = httpx.get(url(server, LARGE_NAME), headers={"Range": f"bytes={first}-{last}"})
+    assert r.status_code == 206 and r.content == cold
+    with path.open("rb") as f:
+        os.pread(f.fileno(), MiB, 10 * MiB)
+        os.posix_fadvise(f.fileno(), 10 * MiB + MiB, 0, os.POSIX_FADV_DONTNEED)
+    r = httpx.get(url(server, LARGE_NAME),
+                  headers={"Range": f"bytes={10 * MiB}-{14 * MiB - 1}"})
+    assert r.status_code == 206 and r.content == mixed
 
 
 def test_unsatisfiable_and_malformed_ranges(server: Server) -> None:

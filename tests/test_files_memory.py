@@ -16,7 +16,7 @@ import pytest
 
 from bench.slow_files import check, client_ranges, raise_open_files, slow_clients, trickle
 from exporter.files.demo import write_large
-from exporter.files.stream import ReadBudget
+from exporter.files.stream import ReadBudget, read_cached
 from tests.support import Server, fetch, peak_rss_bytes, rss_bytes, wait_until
 
 KiB, MiB = 1024, 1024 * 1024
@@ -42,6 +42,29 @@ def test_read_budget_counts_what_is_held() -> None:
     assert b.chunk_size() == 4 * MiB // 100
     b.active = 10_000
     assert b.chunk_size() == 16 * KiB
+
+
+def test_read_cached_takes_only_what_the_page_cache_holds(tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
+    path = tmp_path / "cold.bin"
+    path.write_bytes(data)
+    with path.open("rb") as f:
+        fd = f.fileno()
+        os.fsync(fd)
+        got = read_cached(fd, 0, MiB)  # just written: in the cache
+        assert got is not None and bytes(got) == data[:MiB]
+        got = read_cached(fd, 4 * MiB - 100, MiB)  # a short read at the end
+        assert got is not None and bytes(got) == data[-100:]
+        assert read_cached(fd, 4 * MiB, MiB) is None  # past the end
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if read_cached(fd, 0, MiB) is not None:
+            pytest.skip("this file system keeps its pages in memory (tmpfs)")
+        # Out of the cache: nothing, at once (the body then reads it in a thread).
+        assert read_cached(fd, 2 * MiB, MiB) is None
+        os.pread(fd, 4096, 2 * MiB)
+        got = read_cached(fd, 2 * MiB, MiB)  # the first page at least
+        assert got is not None and len(got) >= 4096
+        assert bytes(got) == data[2 * MiB:2 * MiB + len(got)]
 
 
 def test_thousand_slow_clients_memory(make_server: type[Server], tmp_path: Path,
