@@ -18,6 +18,7 @@ def test_seeded_modules_are_where_python_looks(tmp_path: Path,
     (site / "pkg").mkdir(parents=True)
     source = site / "pkg" / "mod.py"
     source.write_text("VALUE = 1\n")
+    monkeypatch.setattr(sys, "pycache_prefix", None)  # scripts/test runs with one
     compiled = Path(importlib.util.cache_from_source(str(source)))  # beside it, as pip does
     compiled.parent.mkdir()
     compiled.write_bytes(b"pyc")
