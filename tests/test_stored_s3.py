@@ -291,8 +291,9 @@ def test_an_export_that_fails_mid_write_leaves_no_object(
 
 def test_the_clean_up_removes_objects_no_row_names(b: Server, hosts: Hosts) -> None:
     orphan = uuid.uuid4().hex[:22]
-    run_async(lambda: hosts.store().put(orphan, b"left by nobody"))
-    assert head(hosts, orphan) is not None
+    # Stored (its ETag back). Not looked at again first: a clean-up may run at any moment
+    # and find it before the HEAD would (seen in a full run).
+    assert run_async(lambda: hosts.store().put(orphan, b"left by nobody"))
     assert wait_until(lambda: head(hosts, orphan) is None, 30)
 
 
