@@ -18,7 +18,14 @@ from exporter.access.principal import Principal
 from exporter.state import State, get_state
 from exporter.streaming import Client
 
-StateDep = Annotated[State, Depends(get_state)]
+
+async def _state(request: Request) -> State:
+    # A coroutine, as every dependency here: FastAPI runs a plain function in a worker
+    # thread, a hand-over and back for each request (a tenth of a file request's CPU).
+    return get_state(request)
+
+
+StateDep = Annotated[State, Depends(_state)]
 
 
 async def _principal(request: Request, st: StateDep) -> Principal:

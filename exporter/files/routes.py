@@ -48,13 +48,14 @@ class _SafeHeaders(APIRoute):
 router = APIRouter(route_class=_SafeHeaders)
 
 
-def file_path(request: Request, path: str) -> str:
+async def file_path(request: Request, path: str) -> str:
     """The path as the client's bytes spell it, as `os.fsdecode` names files.
 
     The server decodes the request path as UTF-8 with replacement, so `%FF` arrives as
     U+FFFD and a file whose name is not UTF-8 could never be asked for; the raw path
     keeps the bytes. It is decoded once, like the path the router matched. Checked
     before the request is authenticated, as it was before routes took dependencies.
+    A coroutine only so that FastAPI calls it in the loop, not in a worker thread.
     """
     if app_path(request.scope) != FILES_PATH + path:
         # The route's pattern stops at a newline (`$` matches before one): never a shortcut.
