@@ -9,6 +9,7 @@ in this process (a digest for as long as the key holds, none for MISS_TTL second
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.tables import file_digests
@@ -97,10 +99,16 @@ def _remember_miss(where: str, key: FileKey) -> None:
         _MISSED.popitem(last=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _where(url: URL) -> str:
+    # Made for each file request: rendering the URL each time cost 2 % of one.
+    return url.render_as_string(hide_password=True)
+
+
 class DigestStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._where = engine.url.render_as_string(hide_password=True)
+        self._where = _where(engine.url)
 
     async def get_many(self, keys: Iterable[FileKey]) -> dict[str, bytes]:
         """Digests still valid for these files, by path."""
