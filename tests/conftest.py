@@ -13,6 +13,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,7 +254,10 @@ os.environ["PYTEST_EXPORTER_TMP"] = str(TEST_TMP)
 os.environ.setdefault("EXPORTER_EXPORTS_DIR", str(RUN_TMP / "exports" / "default"))
 # What the run may leave in the checkout: the virtualenv (scripts/install makes it) and
 # the interpreter's bytecode caches.
-CHECKOUT_MAY_CHANGE = (".venv/", "__pycache__/")
+# Compiled modules may appear in the checkout only when the run has no cache of its own
+# for them (scripts/test sets PYTHONPYCACHEPREFIX): with one, a __pycache__ there comes
+# from a Python started without it (`support.bytecode_env`).
+CHECKOUT_MAY_CHANGE = (".venv/",) if sys.pycache_prefix else (".venv/", "__pycache__/")
 
 
 @pytest.hookimpl(tryfirst=True)

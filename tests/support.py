@@ -102,6 +102,14 @@ def asyncpg_dsn(url: str) -> str:
 T = TypeVar("T")
 
 
+def bytecode_env() -> dict[str, str]:
+    """For a Python started with an environment of its own: the run's bytecode cache
+    (scripts/test's PYTHONPYCACHEPREFIX), or no bytecode written at all. Without either it
+    writes __pycache__ folders into the checkout."""
+    prefix = os.environ.get("PYTHONPYCACHEPREFIX")
+    return {"PYTHONPYCACHEPREFIX": prefix} if prefix else {"PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def run_async(go: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """asyncio.run(go()), in a thread of its own when this one runs a loop already (the
     browser tests' Playwright keeps one running)."""

@@ -20,7 +20,7 @@ import pytest
 from exporter.config import Settings
 from exporter.db import OLDEST_SUPPORTED, check_server_version, create_engine, version_refusal
 from tests.conftest import EMBEDDED
-from tests.support import ROOT, fetch, free_port
+from tests.support import ROOT, bytecode_env, fetch, free_port
 
 
 @pytest.mark.parametrize(("number", "version"), [
@@ -88,7 +88,7 @@ def run_raised(oldest: int, code: str, env_url: str, timeout: float = 60
         [sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout,
         env={"PATH": "/usr/bin:/bin", "EXPORTER_DATABASE_URL": env_url,
-             "PYTHONUNBUFFERED": "1"},
+             "PYTHONUNBUFFERED": "1", **bytecode_env()},
     )
 
 
@@ -153,7 +153,8 @@ def test_a_missing_postgres_skips_with_the_reason_but_fails_in_ci(
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         # No plugins from entry points (Schemathesis, Hypothesis, Playwright): the test
         # chosen needs none, and importing them is most of the inner run's start-up.
-        env={"PATH": "/usr/bin:/bin", "CI": ci, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+        env={"PATH": "/usr/bin:/bin", "CI": ci, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+             **bytecode_env()},
     )
     assert "postgresql-99 is not installed" in done.stdout, done.stdout
     if ci:
