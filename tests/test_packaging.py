@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import exporter
-from tests.support import ROOT, FreshDatabase, fetch, forked, free_port, run_sql
+from tests.support import ROOT, FreshDatabase, bytecode_env, fetch, forked, free_port, run_sql
 
 # Built from a copy of the sources: building in place would leave build/ in the checkout.
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "var", "build", "dist", "*.egg-info",
@@ -30,7 +30,7 @@ NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "var", "build", "dist", "*
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("EXPORTER_", "PYTHON", "VIRTUAL_ENV"))}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+    return {**env, "PYTHONUNBUFFERED": "1", **bytecode_env(), **extra}
 
 
 class Installed:
