@@ -1,4 +1,4 @@
-"""Every dependency of every route is a coroutine function: FastAPI runs a plain function
+"""Every route and every dependency of it is a coroutine function: FastAPI runs a plain function
 in a worker thread, a hand-over there and back on each request for what is an attribute
 read or a string check (a tenth of the CPU of a file request answered with
 X-Accel-Redirect, when `get_state` and `file_path` were plain functions)."""
@@ -41,3 +41,5 @@ def test_no_dependency_runs_in_a_thread() -> None:
     plain = sorted(name for name, call in seen.items()
                    if not inspect.iscoroutinefunction(call))
     assert plain == []
+    # The routes themselves, for the same reason.
+    assert [r.path for r in routes if not inspect.iscoroutinefunction(r.endpoint)] == []
