@@ -429,6 +429,13 @@ def audited(database_url: str, where: str = "true", *args: Any, count: int = 1,
         time.sleep(0.05)
 
 
+def rows_of(server: Server) -> str:
+    """A LIKE pattern for the audit rows this server process wrote (`instance` is
+    host:pid:random): other servers sharing the database write rows of their own, and
+    their last batch may come after a test's mark."""
+    return f"%:{server.pid}:%"
+
+
 def last_audit_id(database_url: str, server_url: str | None = None) -> int:
     """The newest audit row's id: `audited("id > $1 AND target = ...", before)` then finds
     the new ones. Filter on the target too: an earlier test's download that just ended is

@@ -20,7 +20,7 @@ import httpx
 
 from exporter.embedded import EmbeddedPostgres
 from exporter.files.demo import LARGE_NAME
-from tests.support import ROOT, Server, fetch, forked, run_sql, wait_until
+from tests.support import ROOT, Server, fetch, forked, rows_of, run_sql, wait_until
 
 RANGE = 64 * 1024
 
@@ -58,7 +58,7 @@ def test_burst_of_200_downloads_leaves_200_closed_rows_written_in_batches(
         # This server's rows: an earlier test's server may still write its last batch.
         rows = fetch(database_url, "SELECT *, xmin::text AS tx FROM exporter.downloads"
                      " WHERE id > $1 AND status <> 'running' AND instance LIKE $2",
-                     before, f"%:{s.pid}:%")
+                     before, rows_of(s))
         return [dict(r) for r in rows]
 
     assert wait_until(lambda: len(closed()) == 200, 15)

@@ -35,6 +35,7 @@ from tests.support import (
     last_audit_id,
     peak_rss_bytes,
     reset_peak_rss,
+    rows_of,
     run_sql,
     wait_until,
 )
@@ -742,5 +743,6 @@ def test_chromium_link_and_fetch_decode_to_identity(server: Server, database_url
         finally:
             browser.close()
     # What crossed the wire, as the audit counts it: every one of the three compressed.
-    rows = audited(database_url, "id > $1 AND target = 'orders'", before, count=3)
+    rows = audited(database_url, "id > $1 AND target = 'orders' AND instance LIKE $2",
+                   before, rows_of(server), count=3)
     assert len(rows) == 3 and all(0 < r["bytes"] * 2 < len(identity) for r in rows), rows
