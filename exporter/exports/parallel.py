@@ -426,7 +426,7 @@ async def open_ranges(conn: AsyncConnection, main_driver: Any, engine: AsyncEngi
         "SELECT pg_export_snapshot(), ARRAY(SELECT pg_relation_size(CAST(r AS regclass))"
         " / current_setting('block_size')::bigint"
         " FROM unnest(CAST($1 AS text[])) WITH ORDINALITY AS u(r, o) ORDER BY o)",
-        ([f"{sql.quote_ident(h[0])}.{sql.quote_ident(h[1])}" for h in heaps],))).one()
+        ([sql.qualified(*h) for h in heaps],))).one()
     snapshot, sizes = str(row[0]), [int(p) for p in row[1]]
     pieces = [Piece(blocks, None if leaves is None else leaves[heap])
               for heap, blocks in split(sizes, extra + 1)]

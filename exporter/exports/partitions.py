@@ -39,7 +39,7 @@ async def leaves(conn: AsyncConnection, query: ExportQuery) -> list[Partition] |
         # (the table read with no condition), or the export is one COPY.
         ds = query.dataset
         every = await _plan_leaves(
-            conn, f"SELECT NULL FROM {sql.quote_ident(ds.schema)}.{sql.quote_ident(ds.name)}")
+            conn, f"SELECT NULL FROM {sql.qualified(ds.schema, ds.name)}")
         if every is None or not _in_order(read, every):
             return None
     return read
@@ -53,16 +53,12 @@ async def _readable_alone(conn: AsyncConnection, query: ExportQuery,
     partition this role may not read by itself, or row security on the table or on any
     of them, keeps one COPY."""
     ds = query.dataset
-    names = [_qualified(p) for p in [(ds.schema, ds.name), *read]]
+    names = [sql.qualified(*p) for p in [(ds.schema, ds.name), *read]]
     row = (await conn.exec_driver_sql(
         "SELECT bool_and(has_table_privilege(c.oid, 'SELECT') AND NOT c.relrowsecurity)"
         " FROM unnest(CAST($1 AS text[])) AS r JOIN pg_class c"
         " ON c.oid = CAST(r AS regclass)", (names,))).scalar_one()
     return bool(row)
-
-
-def _qualified(partition: Partition) -> str:
-    return f"{sql.quote_ident(partition[0])}.{sql.quote_ident(partition[1])}"
 
 
 def _in_order(part: list[Partition], whole: list[Partition]) -> bool:

@@ -27,6 +27,11 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def qualified(schema: str, name: str) -> str:
+    """A relation's name as SQL: `"schema"."name"`."""
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
 def quote_literal(value: str) -> str:
     if "\x00" in value:
         raise ValueError("PostgreSQL text cannot hold NUL bytes")
@@ -149,8 +154,8 @@ def select_sql(query: ExportQuery, blocks: Blocks | None = None,
                else [_output(query, quote_ident(c.name), c.name) for c in query.columns])
     # A partition has its parent's column names (its own column order does not matter:
     # they are named); ONLY, so that a sub-partitioned one is never read twice.
-    source = (f"{quote_ident(ds.schema)}.{quote_ident(ds.name)}" if partition is None
-              else f"ONLY {quote_ident(partition[0])}.{quote_ident(partition[1])}")
+    source = (qualified(ds.schema, ds.name) if partition is None
+              else f"ONLY {qualified(*partition)}")
     parts = ["SELECT " + ", ".join(columns), f"FROM {source}"]
     conditions = [_condition(f) for f in query.filters] + [_tree(t) for t in query.trees]
     if query.changed_since is not None:
@@ -542,7 +547,7 @@ async def _check_statement(conn: AsyncConnection, query: ExportQuery) -> None:
     reason = await _fails(conn, f"SELECT * FROM ({select_sql(query)}) AS s LIMIT 0", ())
     if reason is None:
         return
-    table = f"{quote_ident(query.dataset.schema)}.{quote_ident(query.dataset.name)}"
+    table = qualified(query.dataset.schema, query.dataset.name)
     parts = [("select", f"SELECT {_item(query, i)} FROM {table} LIMIT 0")
              for i in query.items if not i.plain]
     parts += [("order", f"SELECT 1 FROM {table} ORDER BY {field_sql(o.column.name, o.path)}"
