@@ -102,6 +102,16 @@ def test_features_do_not_import_the_root_command() -> None:
     assert done.stdout.strip() == "[]", done.stdout
 
 
+def test_the_command_imports_no_web_framework() -> None:
+    """Only `serve` needs FastAPI and uvicorn: importing them cost every other command
+    (`token create`, `psql`, `--version`) about 0.2 s of a core before it did anything."""
+    code = ("import sys, exporter.cli;"
+            " print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'uvicorn'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_the_installed_command_creates_a_token(database_url: str) -> None:
     """One real process through the entry point; the other tests run commands in-process."""
     name = f"installed-{os.urandom(3).hex()}"
