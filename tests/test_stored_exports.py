@@ -514,7 +514,10 @@ def test_a_narrowed_token_loses_its_stored_exports_copies_and_links(
     assert httpx.get(server.url + copy, headers=auth).status_code == 200
     run_sql(database_url, f"UPDATE exporter.tokens SET scopes = '{{files:nested/}}'"
             f" WHERE name = '{name}'")
-    # Each request asks the token's scopes as they are now.
+    # The server hears of the change within a second (token_cache.py, LISTEN/NOTIFY);
+    # from then on every request sees the token's scopes as they are now.
+    assert wait_until(lambda: httpx.get(server.url + f"/exports/{m['id']}",
+                                        headers=auth).status_code == 404, 1)
     for path in (f"/exports/{m['id']}", f"/exports/{m['id']}/file", copy):
         assert httpx.get(server.url + path, headers=auth).status_code == 404, path
     assert httpx.get(link).status_code == 404
@@ -529,7 +532,7 @@ def test_a_narrowed_token_loses_its_stored_exports_copies_and_links(
     # Given back its scope, it has them all again.
     run_sql(database_url, f"UPDATE exporter.tokens SET scopes = '{{datasets:orders}}'"
             f" WHERE name = '{name}'")
-    assert httpx.get(m["file_url"], headers=auth).status_code == 200
+    assert wait_until(lambda: httpx.get(m["file_url"], headers=auth).status_code == 200, 1)
     assert len(httpx.get(server.url + "/exports", headers=auth).json()["exports"]) == 2
 
 
