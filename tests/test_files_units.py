@@ -123,6 +123,32 @@ def test_bad_paths(tmp_path: Path, path: str, status: int) -> None:
     assert raised.value.status == status
 
 
+def test_a_root_that_is_a_link_is_followed_anew_on_each_request(tmp_path: Path) -> None:
+    """An operator switches the root's link to a new release: the next request reads the
+    new one. An absolute link inside names the root by its real path, and is followed."""
+    for release in ("v1", "v2"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "data.txt").write_text(release)
+        (tmp_path / release / "by-root.txt").symlink_to(tmp_path / release / "data.txt")
+    link = tmp_path / "current"
+    link.symlink_to("v1")
+    root = FilesRoot(link)
+
+    def read(path: str) -> bytes:
+        target = root.open(path)
+        try:
+            return os.pread(target.fd, 10, 0)
+        finally:
+            target.close()
+
+    assert read("data.txt") == read("by-root.txt") == b"v1"
+    (tmp_path / "next").symlink_to("v2")
+    (tmp_path / "next").replace(link)
+    root = FilesRoot(link)
+    assert read("data.txt") == read("by-root.txt") == b"v2"
+    assert root.real(root.resolve("data.txt")) == tmp_path / "v2" / "data.txt"
+
+
 def test_sizes() -> None:
     assert parse_size("1G") == 1 << 30
     assert parse_size("256MiB") == 256 << 20

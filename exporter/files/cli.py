@@ -80,7 +80,7 @@ def _walk(root: FilesRoot, start: Path) -> list[tuple[str, Path]]:
             except ApiError:
                 continue  # what the server would not serve needs no digest
             if target.is_file:
-                found.append((relative, target.real))
+                found.append((relative, root.real(target)))
     return found
 
 
@@ -96,7 +96,7 @@ async def compute_missing(settings: Settings, url: str, path: str) -> int:
     engine = create_engine(settings, url)
     store = DigestStore(engine)
     try:
-        files = _walk(root, start.real)
+        files = _walk(root, root.real(start))
         keys = {rel: FileKey.of(rel, real.stat()) for rel, real in files}
         known = await store.get_many(keys.values())
         todo = [(rel, real) for rel, real in files if rel not in known]

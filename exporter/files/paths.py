@@ -6,6 +6,7 @@ Why it works this way: docs/internals.md, section `files/paths.py`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from dataclasses import dataclass, field
@@ -86,7 +87,6 @@ class Target:
     real_relative: str
     stat: os.stat_result
     wants_folder: bool  # the request ended with a slash
-    real: Path
     fd: int = field(default=-1, repr=False)
 
     @property
@@ -127,10 +127,22 @@ class _Walk:
 
 class FilesRoot:
     def __init__(self, root: Path, *, serve_hidden: bool = False) -> None:
-        # The configured root may itself be a link (the operator's choice); below it, none
-        # is followed blindly.
-        self.root = Path(os.path.realpath(root))
+        # The configured root may itself be a link (the operator's choice, followed on each
+        # request: a link switched to a new release is served at once); below it, none is
+        # followed blindly.
+        self.configured = root
         self.serve_hidden = serve_hidden
+
+    @functools.cached_property
+    def root(self) -> Path:
+        """The root's real path. Only an absolute link below it and the commands need it:
+        resolving it (an lstat per component, in Python) was a tenth of a file request's
+        CPU, where opening the root follows the link in the kernel."""
+        return Path(os.path.realpath(self.configured))
+
+    def real(self, target: Target) -> Path:
+        """Where the target is on this machine (the commands name the files they read)."""
+        return self.root.joinpath(*target.real_relative.split("/"))
 
     def segments(self, path: str) -> tuple[list[str], bool]:
         """The path's names, and whether it ended with a slash; raises on anything odd."""
@@ -150,8 +162,7 @@ class FilesRoot:
             real_names, st, fd = self.walk(names)
         except Outside:
             raise not_found(path) from None
-        target = Target(relative, "/".join(real_names), st, wants_folder,
-                        self.root.joinpath(*real_names), fd)
+        target = Target(relative, "/".join(real_names), st, wants_folder, fd)
         if wants_folder and not target.is_dir:
             target.close()
             raise not_found(path)
@@ -161,7 +172,7 @@ class FilesRoot:
              ) -> tuple[list[str], os.stat_result, int]:
         """Walk `names` from the root: (the real names, the stat, an O_RDONLY descriptor,
         or -1 if not `open_for_reading`) of a regular file or folder; else Outside."""
-        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        root_fd = os.open(self.configured, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
         w = _Walk([root_fd], [])
         try:
             return self._walk(w, list(names), open_for_reading)
