@@ -86,7 +86,8 @@ def _build(root: FilesRoot, fd: int, real_relative: str) -> Index:
                     if item.is_symlink():
                         # The very walk a request gets: what is listed can be fetched, and
                         # links out of the root, FIFOs, sockets and devices are not there.
-                        names, st, _ = root.walk([*real_names, name], open_for_reading=False)
+                        names, st, _ = root.walk([*real_names, name], open_folder=False,
+                                                 open_file=False)
                         entries.append(Indexed(name, stat.S_ISDIR(st.st_mode),
                                                "/".join(names)))
                     elif item.is_dir(follow_symlinks=False):
@@ -158,7 +159,8 @@ def _page(root: FilesRoot, fd: int, real_relative: str, index: Index, allowed: A
                 if e.link is None:
                     st = os.stat(e.name, dir_fd=fd, follow_symlinks=False)
                 else:
-                    names, st, _ = root.walk([*real_names, e.name], open_for_reading=False)
+                    names, st, _ = root.walk([*real_names, e.name], open_folder=False,
+                                             open_file=False)
                     if not allowed("/".join(names), stat.S_ISDIR(st.st_mode)):
                         continue
             except (Outside, OSError):

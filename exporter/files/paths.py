@@ -80,7 +80,7 @@ class Target:
     ended (links resolved), and, while open, a descriptor of what is there.
 
     `fd` is O_RDONLY on the file or folder itself, owned by whoever holds the Target:
-    `close()` it, or `detach()` it to hand it on.
+    `close()` it, or `detach()` it to hand it on; -1 for a file opened without `open_file`.
     """
 
     relative: str
@@ -154,12 +154,14 @@ class FilesRoot:
         target.close()
         return target
 
-    def open(self, path: str) -> Target:
-        """The target at `path`, with `fd` open for reading it (file) or listing it (folder)."""
+    def open(self, path: str, *, open_file: bool = True) -> Target:
+        """The target at `path`, with `fd` open for reading it (file) or listing it (folder);
+        without `open_file`, a file is checked but not opened (`fd` -1: another program
+        reads it, as nginx does with X-Accel-Redirect)."""
         names, wants_folder = self.segments(path)
         relative = "/".join(names)
         try:
-            real_names, st, fd = self.walk(names)
+            real_names, st, fd = self.walk(names, open_file=open_file)
         except Outside:
             raise not_found(path) from None
         target = Target(relative, "/".join(real_names), st, wants_folder, fd)
@@ -168,27 +170,28 @@ class FilesRoot:
             raise not_found(path)
         return target
 
-    def walk(self, names: list[str], *, open_for_reading: bool = True
+    def walk(self, names: list[str], *, open_folder: bool = True, open_file: bool = True
              ) -> tuple[list[str], os.stat_result, int]:
-        """Walk `names` from the root: (the real names, the stat, an O_RDONLY descriptor,
-        or -1 if not `open_for_reading`) of a regular file or folder; else Outside."""
+        """Walk `names` from the root: (the real names, the stat, an O_RDONLY descriptor
+        of the folder or file, or -1 where `open_folder` or `open_file` says not to) of a
+        regular file or folder; else Outside."""
         root_fd = os.open(self.configured, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
         w = _Walk([root_fd], [])
         try:
-            return self._walk(w, list(names), open_for_reading)
+            return self._walk(w, list(names), open_folder, open_file)
         except OSError as error:
             raise Outside(str(error)) from None
         finally:
             w.close()
 
-    def _walk(self, w: _Walk, pending: list[str], open_for_reading: bool
+    def _walk(self, w: _Walk, pending: list[str], open_folder: bool, open_file: bool
               ) -> tuple[list[str], os.stat_result, int]:
         pending.reverse()  # a stack: the next name is at the end
         links = 0
         while True:
             if not pending:
                 # Only the root itself (no names) ends here.
-                return self._finish(w, ".", w.fds[-1], open_for_reading, names=[])
+                return self._finish(w, ".", w.fds[-1], open_folder, open_file, names=[])
             name = pending.pop()
             if name in ("", "."):
                 continue  # only link texts have these: `a//b`, `./b`
@@ -225,20 +228,20 @@ class FilesRoot:
                 continue
             if not pending:
                 try:
-                    return self._finish(w, name, fd, open_for_reading, names=[*w.names, name],
-                                        st=st)
+                    return self._finish(w, name, fd, open_folder, open_file,
+                                        names=[*w.names, name], st=st)
                 finally:
                     os.close(fd)
             os.close(fd)
             raise Outside("not a folder")  # a file, FIFO or device in the middle of a path
 
-    def _finish(self, w: _Walk, name: str, path_fd: int, open_for_reading: bool,
+    def _finish(self, w: _Walk, name: str, path_fd: int, open_folder: bool, open_file: bool,
                 names: list[str], st: os.stat_result | None = None
                 ) -> tuple[list[str], os.stat_result, int]:
         st = st or os.fstat(path_fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise Outside("not a regular file or folder")  # FIFOs, sockets, devices
-        if not open_for_reading:
+        if not (open_folder if stat.S_ISDIR(st.st_mode) else open_file):
             return names, st, -1
         if stat.S_ISDIR(st.st_mode):
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC, dir_fd=path_fd)

@@ -327,7 +327,7 @@ async def _hand_to_proxy(request: Request, files: Files, target: Target, disposi
     keeps Content-Type and Content-Disposition from this answer; the rest of the headers
     (CSP sandbox, nosniff, Repr-Digest) the location adds from `$upstream_http_*`.
     """
-    if not target.is_file or target.fd < 0:
+    if not target.is_file:
         raise not_found(target.relative)
     kind = content_type(target.name)
     headers = {
