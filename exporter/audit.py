@@ -334,8 +334,11 @@ def log_finished(d: Download, status: str, http_status: int | None) -> None:
               "target": d.target, "bytes": d.bytes, "status": status,
               "http_status": http_status,
               "duration": round(time.monotonic() - d.started, 3)}
-    log.info("download %(id)s %(status)s: %(principal)s %(kind)s %(target)s,"
-             " %(bytes)d bytes in %(duration).3f s", fields, extra={"download": fields})
+    # A download that ends before its row is written has no id yet: the line then names
+    # none (it said "download None").
+    line = ("download %(id)s %(status)s: " if d.id is not None else "download %(status)s: ") \
+        + "%(principal)s %(kind)s %(target)s, %(bytes)d bytes in %(duration).3f s"
+    log.info(line, fields, extra={"download": fields})
 
 
 async def close_abandoned(engine: AsyncEngine) -> int:

@@ -9,6 +9,7 @@ import base64
 import csv
 import hashlib
 import io
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from exporter.embedded import EmbeddedPostgres
 from exporter.files.demo import LARGE_NAME
@@ -256,3 +258,15 @@ def test_a_refused_audit_row_is_an_error_healthz_shows(
     assert httpx.get(f"{s.url}/files/fine.txt").content == b"audited\n"
     assert wait_until(lambda: fetch(database_url, "SELECT 1 FROM exporter.downloads"
                                     " WHERE target = 'fine.txt' AND status = 'complete'"), 15)
+
+
+def test_a_download_ended_before_its_row_is_written_is_logged_without_an_id(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from exporter.audit import Download, log_finished
+
+    caplog.set_level(logging.INFO, logger="exporter.audit")
+    log_finished(Download("file", "README.txt", None), "proxied", 200)
+    log_finished(Download("export", "orders", None, id=7, principal="demo"), "complete", 200)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "download proxied: anonymous file README.txt",
+        "download 7 complete: demo export orders"]
