@@ -336,9 +336,9 @@ def log_finished(d: Download, status: str, http_status: int | None) -> None:
               "duration": round(time.monotonic() - d.started, 3)}
     # A download that ends before its row is written has no id yet: the line then names
     # none (it said "download None").
-    line = ("download %(id)s %(status)s: " if d.id is not None else "download %(status)s: ") \
-        + "%(principal)s %(kind)s %(target)s, %(bytes)d bytes in %(duration).3f s"
-    log.info(line, fields, extra={"download": fields})
+    named = "download %(id)s" if d.id is not None else "download"
+    log.info(named + " %(status)s: %(principal)s %(kind)s %(target)s, %(bytes)d bytes in"
+             " %(duration).3f s", fields, extra={"download": fields})
 
 
 async def close_abandoned(engine: AsyncEngine) -> int:
