@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter import __version__
+from exporter.server.sendfile import BODY_TYPES, ZEROCOPY_SEND, body_bytes
 from exporter.tables import stored_exports
 
 if TYPE_CHECKING:
@@ -76,6 +77,10 @@ SENT = Counter(
     "exporter_sent_bytes", "Bytes of response bodies sent, by kind: file (/files/...),"
     " export (/datasets/...), stored (/exports/{id}/file), other (the API, the page)",
     ["kind"])
+SENDFILE = Counter(
+    "exporter_sendfile_bytes", "Of exporter_sent_bytes_total, the bytes of files the kernel"
+    " sent from the page cache (sendfile), which never passed through the process; none"
+    " on a connection that cannot take them (TLS)")
 REFUSED = Counter(
     "exporter_refused", "Requests refused with 429 or 503, by status and reason",
     ["status", "reason"])
@@ -231,10 +236,12 @@ class RequestMetrics:
         async def counted(message: Message) -> None:
             nonlocal status, sent
             kind = message["type"]
-            if kind == "http.response.body":
+            if kind in BODY_TYPES:
                 await send(message)
-                if (body := message.get("body")) and sent is not None:
-                    sent.inc(len(body))
+                if (size := body_bytes(message)) and sent is not None:
+                    sent.inc(size)
+                    if kind == ZEROCOPY_SEND:
+                        SENDFILE.inc(size)
                 return
             if kind == "http.response.start":
                 status = message["status"]

@@ -29,6 +29,7 @@ from exporter.access.admission import ExportWatch, held
 from exporter.db import driver_connection, libpq_url_of
 from exporter.errors import DATABASE_ERRORS, ApiError, unavailable
 from exporter.notices import Notices
+from exporter.server.sendfile import BODY_TYPES, body_bytes
 from exporter.streaming import ResponseCut, run_detached, unless_disconnected
 
 log = logging.getLogger(__name__)
@@ -574,13 +575,13 @@ class DownloadLimits:
 
         async def guarded(message: Message) -> None:
             nonlocal sent
-            if message["type"] != "http.response.body":
+            if message["type"] not in BODY_TYPES:
                 await send(message)
                 return
             rate = self.bytes_per_second()
             lease = held(scope)
             if rate > 0 and lease is not None:
-                sent += len(message.get("body", b""))
+                sent += body_bytes(message)
                 ahead = sent / rate - (loop.time() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)

@@ -7,6 +7,9 @@ each request head before handing them to the parser, answers 431 past
 is not complete within `EXPORTER_HEADER_TIMEOUT` seconds. It relies only on the
 protocol's asyncio callbacks, the parser callbacks `on_headers_complete` /
 `on_message_complete`, and `transport`, `cycle` and `logger` (uvicorn is pinned below 0.60).
+
+It also offers ASGI's zero-copy send on connections that can take it (server/sendfile.py),
+through the cycle's `send`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from uvicorn.server import ServerState
 from exporter import metrics
 from exporter.config import get_settings
 from exporter.errors import error_body
+from exporter.server import sendfile
 from exporter.server.protocol import tune_transport
 
 # After a refusal the client may still be sending (a 100 MB header, say): closing at once
@@ -53,10 +57,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self.max_connections = settings.max_connections
+        self._zero_copy = False  # whether this connection takes zero-copy sends
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         tune_transport(transport)
+        self._zero_copy = sendfile.supported(transport)
         self._admit()
         # A connection that never sends a byte is bounded too.
         self._arm_head_timer()
@@ -108,7 +114,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # uvicorn's 503 (its test, with a limit of 0, always true), outside the app.
             self.limit_concurrency = 0
             metrics.refused(503, "connections")
+        if self._zero_copy:
+            self.scope["extensions"] = {**self.scope.get("extensions", {}),
+                                        sendfile.ZEROCOPY_SEND: {}}
+        previous = self.cycle
         super().on_headers_complete()
+        if self._zero_copy and self.cycle is not None and self.cycle is not previous:
+            # The cycle's task looks `send` up when it starts, after this returns.
+            cycle = self.cycle
+            cycle.send = sendfile.sender(cycle, cycle.send)  # type: ignore[method-assign,assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
