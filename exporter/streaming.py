@@ -7,13 +7,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+)
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from starlette.types import Receive
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Send
 
 from exporter.audit import ABORTED, COMPLETE, FAILED, Download
+from exporter.server.sendfile import ZEROCOPY_SEND, ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +33,23 @@ T = TypeVar("T")
 # buffer they were read into (files/stream.py), which Starlette and uvicorn send as
 # they send bytes.
 Chunk = bytes | memoryview
-C = TypeVar("C", bytes, Chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpan:
+    """`count` bytes of an open file from `offset`, in a body: the server sends them from
+    the page cache into the socket (server/sendfile.py), and they are never read here."""
+
+    fd: int
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+Piece = Chunk | FileSpan
+C = TypeVar("C", bytes, Chunk, Piece)
 
 
 class ResponseCut(Exception):
@@ -143,3 +169,46 @@ async def audited(chunks: AsyncGenerator[C, None], download: Download,
             done = complete() if complete is not None else ran_out
             status = COMPLETE if done else ABORTED
         end(status, error)
+
+
+class BodyResponse(StreamingResponse):
+    """A streamed answer whose body may hold spans of an open file (`FileSpan`), sent
+    with the server's zero-copy send (offered only where the server has it: the files'
+    bodies ask `zero_copy`)."""
+
+    def __init__(self, content: AsyncIterable[Piece], status_code: int = 200,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(content, status_code, headers)  # type: ignore[arg-type]
+        self._pieces = content
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        body = self._pieces.__aiter__()
+        assert isinstance(body, AsyncGenerator)  # audited's: closed, or thrown into
+        try:
+            async for piece in body:
+                if not isinstance(piece, FileSpan):
+                    await send({"type": "http.response.body", "body": piece,
+                                "more_body": True})
+                    continue
+                try:
+                    await send({"type": ZEROCOPY_SEND, "file": piece.fd,
+                                "offset": piece.offset, "count": piece.count,
+                                "more_body": True})
+                except ClientGone:
+                    return  # the span is not counted: the download is aborted
+                except Exception as error:
+                    # Into the body, which records the download failed; the answer breaks.
+                    await body.athrow(error)
+                    raise
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # Ended now, also when a send was cancelled (the client left), rather than
+            # when the generator is collected. Its clean-up never waits (audited).
+            await body.aclose()
+
+
+def zero_copy(scope: Mapping[str, Any]) -> bool:
+    """Whether the server offers the zero-copy send on this request's connection."""
+    return ZEROCOPY_SEND in scope.get("extensions", {})

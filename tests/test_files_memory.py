@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench.slow_files import check, client_ranges, raise_open_files, slow_clients, trickle
@@ -101,8 +102,11 @@ def test_thousand_slow_clients_memory(make_server: type[Server], tmp_path: Path,
     assert peak < SLOW_RSS_BOUND
 
 
-def _rewrite_during_curl(make_server: type[Server], tmp_path: Path, change: str
+def _rewrite_during_curl(make_server: type[Server], tmp_path: Path, change: str,
+                         known: bool = False
                          ) -> tuple[subprocess.CompletedProcess[bytes], bytes, Path, Server]:
+    """`known`: the file's digest is computed first, by a whole download, so that the one
+    changed is sent with sendfile (server/sendfile.py) rather than read."""
     root = tmp_path / "root"
     root.mkdir()
     name = f"{change}.bin"
@@ -113,6 +117,8 @@ def _rewrite_during_curl(make_server: type[Server], tmp_path: Path, change: str
     write_large(path, (8 if change == "replace" else 96) * MiB, seed=8)
     original = path.read_bytes()
     s = make_server({"EXPORTER_FILES_ROOT": str(root)}).start()
+    if known:
+        assert httpx.get(f"{s.url}/files/{name}", timeout=60).content == original
     out = tmp_path / "out.bin"
     # 1 MB/s: the change lands at about a second in, long before the last byte.
     curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", str(out),
@@ -138,13 +144,13 @@ def _rewrite_during_curl(make_server: type[Server], tmp_path: Path, change: str
 
 
 def _audit_row(database_url: str, name: str) -> dict[str, object]:
-    def ended() -> list[object]:
-        return fetch(database_url, "SELECT * FROM exporter.downloads WHERE target = $1 "
-                     "AND status <> 'running' ORDER BY id DESC LIMIT 1", name)
+    """The last download of `name`, once it ended."""
+    def last() -> dict[str, object]:
+        return dict(fetch(database_url, "SELECT * FROM exporter.downloads WHERE target = $1 "
+                          "ORDER BY id DESC LIMIT 1", name)[0])
 
-    assert wait_until(lambda: len(ended()) == 1, 10)
-    return dict(fetch(database_url, "SELECT * FROM exporter.downloads WHERE target = $1 "
-                      "ORDER BY id DESC LIMIT 1", name)[0])
+    assert wait_until(lambda: last()["status"] != "running", 10)
+    return last()
 
 
 @pytest.mark.needs("curl")
@@ -171,6 +177,23 @@ def test_file_truncated_fails_the_curl_download(
     got = out.read_bytes()
     assert got == original[:len(got)] and len(got) < len(original)
     assert _audit_row(database_url, "truncate.bin")["status"] == "failed"
+
+
+@pytest.mark.needs("curl")
+@pytest.mark.parametrize("change", ["rewrite", "truncate"])
+def test_a_file_changed_while_sendfile_sends_it_fails_the_curl_download(
+        make_server: type[Server], tmp_path: Path, database_url: str, change: str) -> None:
+    # sendfile takes the bytes from the page cache as it sends them, as nginx's does: what
+    # leaves after the change may be new bytes, but the answer is cut, never complete.
+    result, original, out, _ = _rewrite_during_curl(make_server, tmp_path, change, known=True)
+    assert result.returncode == 18, result.stderr
+    got = out.read_bytes()
+    assert len(got) < len(original) and got[:256 * KiB] == original[:256 * KiB]
+    row = _audit_row(database_url, f"{change}.bin")
+    assert row["status"] == "failed"
+    # A truncation is seen by the check between spans or by sendfile finding the end early.
+    assert ("FileChanged" in str(row["error"])
+            or (change == "truncate" and "EOFError" in str(row["error"]))), row
 
 
 @pytest.mark.needs("curl")

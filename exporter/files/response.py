@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import aiofiles
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from exporter.access.principal import Principal
 from exporter.audit import PROXIED, Download
@@ -31,6 +31,7 @@ from exporter.files.source import LocalFile, OpenFile, StoreFile
 from exporter.files.store import StoreTarget, object_key, store_unavailable
 from exporter.http import content_disposition
 from exporter.objects import ObjectStore, StoreUnavailable
+from exporter.streaming import BodyResponse, zero_copy
 
 DISPOSITIONS = ("attachment", "inline")
 # The only types shown inline: none of them can run script in a browser (browsers show
@@ -291,8 +292,9 @@ async def respond_with_file(request: Request, files: Files, opened: OpenFile, *,
         await opened.close()
         raise
     level = level_of(coding, settings.gzip_level, settings.zstd_level) if coding else None
-    body = opened.body(files, layout, download, digests, sha256 is not None, coding, level)
-    return StreamingResponse(body, status_code=layout.status, headers=headers)
+    body = opened.body(files, layout, download, digests, sha256 is not None, coding, level,
+                       zero_copy(request.scope))
+    return BodyResponse(body, status_code=layout.status, headers=headers)
 
 
 async def _start_audit(request: Request, files: Files, target: Target,

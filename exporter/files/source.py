@@ -46,7 +46,9 @@ class OpenFile(Protocol):
         error (404, 503), not a broken download."""
 
     def body(self, files: Files, layout: Layout, download: Download, digests: DigestStore,
-             digest_known: bool, coding: Coding | None, level: int | None) -> Body: ...
+             digest_known: bool, coding: Coding | None, level: int | None,
+             zero_copy: bool) -> Body:
+        """`zero_copy`: the server sends spans of an open file itself (streaming.zero_copy)."""
 
     async def close(self) -> None:
         """Let go of it without a body (HEAD, 304, an error)."""
@@ -71,9 +73,11 @@ class LocalFile:
         pass  # the descriptor is open already
 
     def body(self, files: Files, layout: Layout, download: Download, digests: DigestStore,
-             digest_known: bool, coding: Coding | None, level: int | None) -> Body:
+             digest_known: bool, coding: Coding | None, level: int | None,
+             zero_copy: bool) -> Body:
         return FileBody(self.file, self.key, layout, files.read_budget, download, files.audit,
-                        digests, digest_known=digest_known, coding=coding, level=level)
+                        digests, digest_known=digest_known, coding=coding, level=level,
+                        zero_copy=zero_copy, paced=files.settings.max_bytes_per_second > 0)
 
     async def close(self) -> None:
         await self.file.close()
@@ -122,7 +126,8 @@ class StoreFile:
         self.first = (part.start, chunks)
 
     def body(self, files: Files, layout: Layout, download: Download, digests: DigestStore,
-             digest_known: bool, coding: Coding | None, level: int | None) -> Body:
+             digest_known: bool, coding: Coding | None, level: int | None,
+             zero_copy: bool) -> Body:
         first, self.first = self.first, None  # the body owns it now
         return ObjectBody(self.store, self.info, self.key, layout, files.read_budget,
                           download, files.audit, digests, digest_known=digest_known,

@@ -21,11 +21,14 @@ from exporter.compression import Coding, compressed
 from exporter.files.digests import DigestStore, FileKey
 from exporter.files.ranges import Layout
 from exporter.objects import ObjectChanged, ObjectInfo, ObjectStore
-from exporter.streaming import Chunk, audited, run_detached
+from exporter.streaming import Chunk, FileSpan, Piece, audited, run_detached
 
 log = logging.getLogger(__name__)
 
 _NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux only
+# The end of each part sent from spans (FileSpan) that is read instead (FileBody._part).
+_TAIL = 4096
+_SPAN = 8 * 1024 * 1024
 
 
 def _malloc_trim() -> None:
@@ -126,11 +129,11 @@ class Body:
         # not computed again: at 600 MB/s the hash took about 40% of the loop's core.
         self._hash = hashlib.sha256() if layout.whole_file and not digest_known else None
 
-    def __aiter__(self) -> AsyncIterator[Chunk]:
+    def __aiter__(self) -> AsyncIterator[Piece]:
         if self._coding is not None:
             # Complete when the compressed stream ran to its end (its trailer taken by
             # the socket: `drain`); its length is known only then.
-            return audited(compressed(self._chunks(), self._coding, self._level),
+            return audited(compressed(self._bytes(), self._coding, self._level),
                            self.download,
                            lambda status, error: run_detached(self._finish(status, error)),
                            drain=True)
@@ -140,7 +143,7 @@ class Body:
                        complete=lambda: self.download.bytes == self._layout.length,
                        drain=True)
 
-    async def _chunks(self) -> AsyncGenerator[Chunk, None]:
+    async def _chunks(self) -> AsyncGenerator[Piece, None]:
         """The layout's parts; a read only once the chunk before went into the socket
         (`audited` with `drain` asks for the next chunk only then)."""
         sizes = self._sizes
@@ -154,15 +157,22 @@ class Body:
                         self._part(part.range.start, part.range.length)) as chunks:
                     async for chunk in chunks:
                         if self._hash is not None:
+                            assert not isinstance(chunk, FileSpan)
                             self._hash.update(chunk)
                         yield chunk
         finally:
             sizes.ended()
 
-    def _part(self, offset: int, length: int) -> AsyncGenerator[Chunk, None]:
+    def _part(self, offset: int, length: int) -> AsyncGenerator[Piece, None]:
         """`length` bytes from `offset`, in chunks of the read budget's size, each counted
         in `self._sizes.held` until the next is asked for."""
         raise NotImplementedError
+
+    async def _bytes(self) -> AsyncGenerator[Chunk, None]:
+        """The body as bytes (a compressed one is: its spans are never asked for)."""
+        async for piece in self._chunks():
+            assert not isinstance(piece, FileSpan)
+            yield piece
 
     async def _finish(self, status: str, error: str | None) -> None:
         try:
@@ -191,15 +201,34 @@ class FileBody(Body):
     def __init__(self, file: Any, key: FileKey, layout: Layout, sizes: ReadBudget,
                  download: Download, audit: Audit, digests: DigestStore,
                  digest_known: bool = False, coding: Coding | None = None,
-                 level: int | None = None) -> None:
+                 level: int | None = None, zero_copy: bool = False,
+                 paced: bool = False) -> None:
         super().__init__(key, layout, sizes, download, audit, digests, digest_known, coding,
                          level)
         self._file = file  # an aiofiles binary file, owned (and closed) by this body
         self._fd: int = file.fileno()
         self._links: tuple[int, int] | None = None  # (st_nlink, st_ctime_ns) at the first read
         self._nowait = _NOWAIT != 0  # reads that never wait for the disk work here
+        # Spans the server sends itself (server/sendfile.py), where no byte must pass
+        # through here: not hashed, not compressed.
+        self._spans = zero_copy and self._hash is None and coding is None
+        # Each span costs a pass through the middleware and a worker thread's call: 8 MiB
+        # spans took half the CPU of 1 MiB ones (docs/benchmarks.md). A paced download
+        # (EXPORTER_MAX_BYTES_PER_SECOND, paced per message) keeps the chunks' size.
+        self._span = sizes.ceiling if paced else _SPAN
 
-    async def _part(self, offset: int, length: int) -> AsyncGenerator[Chunk, None]:
+    async def _part(self, offset: int, length: int) -> AsyncGenerator[Piece, None]:
+        if self._spans:
+            # The part's last bytes are read, checked and then sent: a file changed while
+            # its spans went out is seen before the answer could look complete.
+            tail = min(length, _TAIL)
+            async for span in self._spans_of(offset, length - tail):
+                yield span
+            offset, length = offset + length - tail, tail
+        async for chunk in self._read_part(offset, length):
+            yield chunk
+
+    async def _read_part(self, offset: int, length: int) -> AsyncGenerator[Chunk, None]:
         sizes = self._sizes
         held = 0  # this body's part of `sizes.held`
         remaining = length
@@ -227,6 +256,16 @@ class FileBody(Body):
                 held = 0
         finally:
             sizes.held -= held
+
+    async def _spans_of(self, offset: int, length: int) -> AsyncGenerator[FileSpan, None]:
+        """`length` bytes from `offset` in spans, the file looked at before each goes out."""
+        most = self._span
+        while length:
+            self._check(os.fstat(self._fd))
+            span = FileSpan(self._fd, offset, min(most, length))
+            yield span
+            offset += span.count
+            length -= span.count
 
     def _read_cached(self, offset: int, size: int) -> memoryview | None:
         """On the event loop: what `read_cached` finds, if the file is unchanged."""
