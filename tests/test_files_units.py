@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from exporter.errors import ApiError
 from exporter.files import conditions, ranges
 from exporter.files.demo import parse_size
-from exporter.files.paths import FilesRoot
+from exporter.files.paths import FilesRoot, NotCached
 from exporter.files.ranges import ByteRange
 
 SIZE = 1000
@@ -147,6 +148,46 @@ def test_a_root_that_is_a_link_is_followed_anew_on_each_request(tmp_path: Path) 
     root = FilesRoot(link)
     assert read("data.txt") == read("by-root.txt") == b"v2"
     assert root.real(root.resolve("data.txt")) == tmp_path / "v2" / "data.txt"
+
+
+def test_a_walk_on_the_event_loop_finds_what_the_threads_find_or_steps_aside(
+        tmp_path: Path) -> None:
+    """`cached=True` (files/visible.py, on the event loop): the same target as the walk in
+    a thread where the kernel's caches hold the path, NotCached where a step would wait
+    (a name looked up for the first time, a link's text), and the same refusals."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data.bin").write_bytes(b"0123456789")
+    (tmp_path / "sub" / "link.bin").symlink_to("data.bin")
+    root = FilesRoot(tmp_path)
+    for path in ("sub/data.bin", "sub", "sub/"):
+        plain = root.open(path)
+        plain.close()  # looked up once: now in the caches
+        cached = root.open(path, cached=True)
+        try:
+            assert (cached.relative, cached.real_relative, cached.is_dir) == (
+                plain.relative, plain.real_relative, plain.is_dir)
+            assert (cached.stat.st_ino, cached.stat.st_size) == (
+                plain.stat.st_ino, plain.stat.st_size)
+            if not cached.is_dir:
+                assert os.pread(cached.fd, 4, 2) == b"2345"
+        finally:
+            cached.close()
+    unopened = root.open("sub/data.bin", cached=True, open_file=False)
+    assert unopened.fd == -1 and unopened.stat.st_size == 10
+    with pytest.raises(NotCached):
+        root.open(f"sub/never-{os.urandom(4).hex()}.bin", cached=True)
+    with pytest.raises(NotCached):
+        root.open("sub/link.bin", cached=True)  # the thread's walk follows it
+    for path, status in (("../x", 404), (".env", 404), ("a\\b", 400), ("sub/data.bin/", 404)):
+        with pytest.raises(ApiError) as raised:
+            root.open(path, cached=True)
+        assert raised.value.status == status, path
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with contextlib.suppress(NotCached):
+            root.open("sub/link.bin", cached=True)
+        root.open("sub/data.bin", cached=True).close()
+    assert len(os.listdir("/proc/self/fd")) == before  # no descriptor left behind
 
 
 def test_sizes() -> None:

@@ -6,9 +6,12 @@ Why it works this way: docs/internals.md, section `files/paths.py`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,46 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # controlling terminal (a device).
 _STEP = _PATH | os.O_NOFOLLOW | _CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+
+
+_Opener = Callable[..., int]
+
+
+class NotCached(BlockingIOError):
+    """A walk that must not wait (`FilesRoot.open(..., cached=True)`) would have to: a
+    name the kernel's caches do not hold, a link to read, or no `openat2` here."""
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (5.6 and later)
+_RESOLVE_CACHED = 0x20  # Linux 5.12: fail with EAGAIN where the lookup would need I/O
+_libc = ctypes.CDLL(None, use_errno=True)
+_cached_opens = hasattr(_libc, "syscall") and os.uname().sysname == "Linux"
+
+
+def _open_cached(name: str | Path, flags: int, dir_fd: int | None = None) -> int:
+    """os.open that never waits for a disk or a network: the path is looked up in the
+    kernel's caches only (openat2's RESOLVE_CACHED); NotCached where that is not enough."""
+    global _cached_opens
+    if not _cached_opens:
+        raise NotCached("openat2 with RESOLVE_CACHED is not available")
+    how = _OpenHow(flags, 0, _RESOLVE_CACHED)
+    fd: int = _libc.syscall(_SYS_OPENAT2, ctypes.c_int(-100 if dir_fd is None else dir_fd),
+                            os.fsencode(name), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        return fd
+    code = ctypes.get_errno()
+    if code == errno.EAGAIN:
+        raise NotCached(f"{name!s} is not in the kernel's caches")
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+        # An older kernel (no openat2, or no RESOLVE_CACHED), or a sandbox that forbids it.
+        _cached_opens = False
+        raise NotCached("openat2 with RESOLVE_CACHED is not available")
+    raise OSError(code, os.strerror(code), str(name))
 
 
 def printable(name: str) -> str:
@@ -117,6 +160,7 @@ class _Walk:
 
     fds: list[int]
     names: list[str]
+    opener: _Opener  # os.open, or _open_cached for a walk that must not wait
 
     def close(self) -> None:
         for fd in self.fds:
@@ -154,14 +198,15 @@ class FilesRoot:
         target.close()
         return target
 
-    def open(self, path: str, *, open_file: bool = True) -> Target:
+    def open(self, path: str, *, open_file: bool = True, cached: bool = False) -> Target:
         """The target at `path`, with `fd` open for reading it (file) or listing it (folder);
         without `open_file`, a file is checked but not opened (`fd` -1: another program
-        reads it, as nginx does with X-Accel-Redirect)."""
+        reads it, as nginx does with X-Accel-Redirect). `cached`: only if that needs no
+        disk (NotCached else), so that the event loop may do it."""
         names, wants_folder = self.segments(path)
         relative = "/".join(names)
         try:
-            real_names, st, fd = self.walk(names, open_file=open_file)
+            real_names, st, fd = self.walk(names, open_file=open_file, cached=cached)
         except Outside:
             raise not_found(path) from None
         target = Target(relative, "/".join(real_names), st, wants_folder, fd)
@@ -170,15 +215,18 @@ class FilesRoot:
             raise not_found(path)
         return target
 
-    def walk(self, names: list[str], *, open_folder: bool = True, open_file: bool = True
-             ) -> tuple[list[str], os.stat_result, int]:
+    def walk(self, names: list[str], *, open_folder: bool = True, open_file: bool = True,
+             cached: bool = False) -> tuple[list[str], os.stat_result, int]:
         """Walk `names` from the root: (the real names, the stat, an O_RDONLY descriptor
         of the folder or file, or -1 where `open_folder` or `open_file` says not to) of a
-        regular file or folder; else Outside."""
-        root_fd = os.open(self.configured, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
-        w = _Walk([root_fd], [])
+        regular file or folder; else Outside. `cached`: NotCached where a step would wait."""
+        opener: _Opener = _open_cached if cached else os.open
+        root_fd = opener(self.configured, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        w = _Walk([root_fd], [], opener)
         try:
             return self._walk(w, list(names), open_folder, open_file)
+        except NotCached:
+            raise
         except OSError as error:
             raise Outside(str(error)) from None
         finally:
@@ -203,10 +251,12 @@ class FilesRoot:
                 continue
             if not self.is_visible(name) or len(os.fsencode(name)) > MAX_NAME_BYTES:
                 raise Outside("a hidden name")
-            fd = os.open(name, _STEP, dir_fd=w.fds[-1])
+            fd = w.opener(name, _STEP, dir_fd=w.fds[-1])
             st = os.fstat(fd)
             if stat.S_ISLNK(st.st_mode):
                 os.close(fd)
+                if w.opener is not os.open:
+                    raise NotCached("a link to read")  # its text may be on the disk
                 links += 1
                 if links > MAX_LINKS:
                     raise Outside("too many links")
@@ -244,11 +294,11 @@ class FilesRoot:
         if not (open_folder if stat.S_ISDIR(st.st_mode) else open_file):
             return names, st, -1
         if stat.S_ISDIR(st.st_mode):
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC, dir_fd=path_fd)
+            fd = w.opener(".", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC, dir_fd=path_fd)
         else:
             # Opened by name in the folder already held; if something else was swapped in
             # since the O_PATH step, it is a different inode and is turned away.
-            fd = os.open(name, _READ, dir_fd=w.fds[-1])
+            fd = w.opener(name, _READ, dir_fd=w.fds[-1])
         opened = os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
             os.close(fd)
