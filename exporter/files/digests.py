@@ -21,7 +21,6 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.tables import file_digests
@@ -100,15 +99,16 @@ def _remember_miss(where: str, key: FileKey) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _where(url: URL) -> str:
-    # Made for each file request: rendering the URL each time cost 2 % of one.
-    return url.render_as_string(hide_password=True)
+def _where(engine: AsyncEngine) -> str:
+    # Made for each file request: rendering the URL each time cost 2 % of one. Keyed by
+    # the engine (hashed by identity): a URL's hash renders the URL.
+    return engine.url.render_as_string(hide_password=True)
 
 
 class DigestStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._where = _where(engine.url)
+        self._where = _where(engine)
 
     async def get_many(self, keys: Iterable[FileKey]) -> dict[str, bytes]:
         """Digests still valid for these files, by path."""

