@@ -46,11 +46,12 @@ from bench.harness import (
     Service,
     curls_at_once,
     fmt_bytes,
+    free_port,
     interleaved,
     machine,
     results_table,
 )
-from bench.throughput import CPU, cpu_table, file_servers, new_token, with_cpu
+from bench.throughput import CPU, accel_proxy, cpu_table, file_servers, new_token, with_cpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +178,17 @@ def ranges_with_token(name: str, server: Service, plan: Plan, token: str | None,
     return Contender(name, command, run, server_pid=lambda: server.pid, reference=reference)
 
 
+BARE = "nginx -> a bare app (X-Accel-Redirect)"
+
+
+def bare_accel_app(plan: Plan) -> Service:
+    """bench/accel_app.py under uvicorn, one worker, as `exporter serve` runs."""
+    port = free_port()
+    return Service("accel-app", [sys.executable, "-m", "uvicorn", "bench.accel_app:app",
+                                 "--port", str(port), "--no-access-log", "--log-level",
+                                 "warning"], plan.logs / "accel-app.log", port=port)
+
+
 def cpu_per_gib(name: str, bytes_per_run: int) -> float | None:
     """The server's CPU seconds (its processes, from /proc) per GiB it served, over the
     runs of `name` so far; None if they were not measured."""
@@ -299,6 +311,10 @@ def main(argv: list[str] | None = None) -> None:
                                         token)]
         if two is not None:
             contenders.append(ranges_with_token("exporter --workers 2", two, plan, token))
+            # Not in --quick either: what any app behind nginx gets at best, here.
+            bare = stack.enter_context(bare_accel_app(plan)).start("/healthz")
+            contenders.append(ranges_with_token(
+                BARE, stack.enter_context(accel_proxy(plan, root, bare)), plan, None))
         timed = [with_cpu(c, accel) if "Accel" in c.name else with_cpu(c)
                  for c in contenders]
         results = interleaved(timed, plan.repetitions, log)
@@ -319,7 +335,10 @@ def main(argv: list[str] | None = None) -> None:
                    f" {VS_NGINX}x: {_goal(vs_nginx, VS_NGINX)})",
                    f"- through nginx with X-Accel-Redirect against nginx direct:"
                    f" {vs_accel:.2f}x (goal {VS_NGINX_ACCEL}x:"
-                   f" {_goal(vs_accel, VS_NGINX_ACCEL)})",
+                   f" {_goal(vs_accel, VS_NGINX_ACCEL)})" + (
+                       "" if BARE not in by_name else
+                       f"; an app that only answers the header (bench/accel_app.py):"
+                       f" {nginx_r.median_seconds / by_name[BARE].median_seconds:.2f}x"),
                    "- `--workers 2` against one worker: " + (
                        "not measured (--quick)" if workers is None else
                        f"{workers:.2f}x (goal {TWO_WORKERS}x where the clients are not the"
