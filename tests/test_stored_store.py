@@ -17,7 +17,13 @@ from exporter.config import Settings
 from exporter.errors import ApiError
 from exporter.state import State
 from exporter.stored.resume_copies import StoredResumeCopies
-from exporter.stored.storage import PARTIAL, LocalStorage, LocalWriter, StorageWriter
+from exporter.stored.storage import (
+    BATCH_BYTES,
+    PARTIAL,
+    LocalStorage,
+    LocalWriter,
+    StorageWriter,
+)
 from exporter.stored.store import (
     ASYNC,
     COPIES_EXCEEDED,
@@ -314,6 +320,42 @@ def test_owners() -> None:
                      token_id=ALICE_ID)
     assert owner_of(ALICE) == owner_of(link) == f"token {ALICE_ID}"
     assert owner_of(anonymous) == "anonymous 10.0.0.7"
+
+
+def test_a_local_writer_gathers_chunks_into_few_thread_calls_and_loses_none(
+        tmp_path: Path) -> None:
+    """The first chunk is written at once (a disk without room shows at once), the rest in
+    calls of BATCH_BYTES; the commit writes what is left and the digest covers it all."""
+    chunks = [os.urandom(65536 + i) for i in range(40)]
+    final, partial = tmp_path / "c", tmp_path / f"c{PARTIAL}"
+
+    async def go() -> bytes:
+        writer = LocalWriter(final, partial, os.open(partial, os.O_WRONLY | os.O_CREAT))
+        digest = hashlib.sha256()
+        await writer.write_hashed(chunks[0], digest)
+        assert partial.stat().st_size == len(chunks[0])
+        given = len(chunks[0])
+        for chunk in chunks[1:]:
+            await writer.write_hashed(chunk, digest)
+            given += len(chunk)
+            assert 0 <= given - partial.stat().st_size < BATCH_BYTES
+        assert partial.stat().st_size < given  # the last ones wait for the commit
+        await writer.commit()
+        return digest.digest()
+
+    digest = asyncio.run(go())
+    assert final.read_bytes() == b"".join(chunks) and not partial.exists()
+    assert digest == hashlib.sha256(b"".join(chunks)).digest()
+
+    async def dropped() -> None:
+        writer = LocalWriter(final, partial, os.open(partial, os.O_WRONLY | os.O_CREAT))
+        for chunk in chunks[:3]:
+            await writer.write_hashed(chunk, hashlib.sha256())
+        await writer.abort()
+
+    final.unlink()
+    asyncio.run(dropped())
+    assert not partial.exists() and not final.exists()
 
 
 class FullDisk(LocalStorage):

@@ -89,32 +89,55 @@ class Storage(Protocol):
         """Everything in the storage, partial writes included (for the clean-up)."""
 
 
+# Bytes gathered into one worker thread call of a local writer (after its first chunk).
+BATCH_BYTES = 1024 * 1024
+
+
 class LocalWriter:
     def __init__(self, final: Path, partial: Path, fd: int) -> None:
         self._final = final
         self._partial = partial
         self._fd: int | None = fd
+        # Chunks not written yet, and the digest they go into: each worker thread call
+        # costs the event loop more than the hash and the write of a 64 KiB chunk, so
+        # they are gathered to BATCH_BYTES a call (docs/internals.md, `stored/store.py`).
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._digest: Any = None
+        self._written = False  # the first chunk goes at once: a full disk shows early
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, chunks: list[bytes], digest: Any) -> None:
         assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        for chunk in chunks:
+            if digest is not None:
+                digest.update(chunk)  # releases the GIL on large buffers, as the write does
+            view = memoryview(chunk)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
 
     async def write(self, data: bytes) -> None:
-        if self._fd is None:
-            raise ValueError("the writer is closed")
-        await asyncio.to_thread(self._write_all, data)
-
-    def _hash_and_write(self, data: bytes, digest: Any) -> None:
-        digest.update(data)  # releases the GIL on large buffers, as the write does
-        self._write_all(data)
+        await self._add(data, None)
 
     async def write_hashed(self, data: bytes, digest: Any) -> None:
+        await self._add(data, digest)
+
+    async def _add(self, data: bytes, digest: Any) -> None:
         if self._fd is None:
             raise ValueError("the writer is closed")
-        await asyncio.to_thread(self._hash_and_write, data, digest)
+        if self._pending and digest is not self._digest:
+            await self._flush()
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self._digest = digest
+        if self._pending_bytes >= BATCH_BYTES or not self._written:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        chunks, digest = self._pending, self._digest
+        self._pending, self._pending_bytes, self._written = [], 0, True
+        if chunks:
+            await asyncio.to_thread(self._write_all, chunks, digest)
 
     def _commit(self) -> None:
         assert self._fd is not None
@@ -132,9 +155,11 @@ class LocalWriter:
             os.close(folder)
 
     async def commit(self) -> None:
+        await self._flush()
         await asyncio.to_thread(self._commit)
 
     def _abort(self) -> None:
+        self._pending, self._pending_bytes = [], 0
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
