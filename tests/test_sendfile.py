@@ -3,6 +3,7 @@ known, go from the page cache into the socket, and still answer every byte, ever
 and every ending as the bytes read by the server did.
 
 Met here: Range and multi-range, keep-alive (the next answer on the same connection),
+OpenTelemetry tracing (its middleware wraps `send`),
 HEAD, the digest's first computation (read, not sent by sendfile), metrics, the audit of a
 client that leaves mid-span, the server's own descriptors; a rate limit, a file that
 changes while it is sent, and the proxy are in test_hardening_limits, test_files_memory
@@ -11,6 +12,7 @@ and test_proxy.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -49,8 +51,16 @@ def admin(database_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(make_module_server: type[Server], root: Path) -> Iterator[Server]:
-    with make_module_server({"EXPORTER_FILES_ROOT": str(root)}) as s:
+def traces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("traces") / "spans.jsonl"
+
+
+@pytest.fixture(scope="module")
+def server(make_module_server: type[Server], root: Path, traces: Path) -> Iterator[Server]:
+    # Traced: OpenTelemetry's middleware wraps `send`, and meets the zero-copy messages.
+    with make_module_server({"EXPORTER_FILES_ROOT": str(root), "EXPORTER_TRACING": "console",
+                             "EXPORTER_TRACING_FILE": str(traces),
+                             "OTEL_BSP_SCHEDULE_DELAY": "50"}) as s:
         yield s
 
 
@@ -59,7 +69,7 @@ def sendfile_bytes(server: Server, admin: str) -> float:
 
 
 def test_ranges_and_known_files_go_out_with_sendfile_byte_for_byte(
-        server: Server, admin: str, data: bytes) -> None:
+        server: Server, admin: str, data: bytes, traces: Path) -> None:
     url = server.url + "/files/big.bin"
     before = sendfile_bytes(server, admin)
     # The first whole download computes the digest on the way: read, not sent by the kernel.
@@ -94,6 +104,13 @@ def test_ranges_and_known_files_go_out_with_sendfile_byte_for_byte(
         head = client.head(url, headers={"Range": "bytes=0-99"})
         assert head.status_code == 200 and head.content == b""
         assert head.headers["content-length"] == str(SIZE)
+
+    def statuses() -> list[object]:
+        lines = traces.read_text().splitlines() if traces.exists() else []
+        return [json.loads(line)["attributes"].get("http.status_code") for line in lines]
+
+    # One span per request, the ranges' with their status: none failed on the way.
+    assert wait_until(lambda: statuses().count(206) >= 3, 10), statuses()
 
 
 def _open_descriptors(pid: int) -> int:
