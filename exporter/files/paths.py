@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +47,10 @@ class _OpenHow(ctypes.Structure):
 
 _SYS_OPENAT2 = 437  # the same number on every Linux architecture (5.6 and later)
 _RESOLVE_CACHED = 0x20  # Linux 5.12: fail with EAGAIN where the lookup would need I/O
-_libc = ctypes.CDLL(None, use_errno=True)
-_cached_opens = hasattr(_libc, "syscall") and os.uname().sysname == "Linux"
+_syscall = getattr(ctypes.CDLL(None, use_errno=True), "syscall", None)
+if _syscall is not None:
+    _syscall.restype = ctypes.c_long
+_cached_opens = _syscall is not None and sys.platform == "linux"
 
 
 def _open_cached(name: str | Path, flags: int, dir_fd: int | None = None) -> int:
@@ -57,8 +60,12 @@ def _open_cached(name: str | Path, flags: int, dir_fd: int | None = None) -> int
     if not _cached_opens:
         raise NotCached("openat2 with RESOLVE_CACHED is not available")
     how = _OpenHow(flags, 0, _RESOLVE_CACHED)
-    fd: int = _libc.syscall(_SYS_OPENAT2, ctypes.c_int(-100 if dir_fd is None else dir_fd),
-                            os.fsencode(name), ctypes.byref(how), ctypes.sizeof(how))
+    # syscall(2) is variadic: every argument a full `long`, as the kernel reads them.
+    assert _syscall is not None
+    fd: int = _syscall(ctypes.c_long(_SYS_OPENAT2),
+                       ctypes.c_long(-100 if dir_fd is None else dir_fd),  # AT_FDCWD
+                       ctypes.c_char_p(os.fsencode(name)), ctypes.byref(how),
+                       ctypes.c_long(ctypes.sizeof(how)))
     if fd >= 0:
         return fd
     code = ctypes.get_errno()
