@@ -48,3 +48,49 @@ def test_a_partial_chunk_never_overtakes_a_queued_one() -> None:
 
     chunks = asyncio.run(go())
     assert b"".join(chunks) == b"a" + b"b" * CHUNK + b"c", [c[:4] for c in chunks]
+
+
+def test_a_cancellation_as_a_chunk_arrives_is_not_swallowed() -> None:
+    """The consumer is cancelled in the loop turn where the producer queues a chunk for
+    it. Python 3.11's asyncio.wait_for then returned the chunk and dropped the
+    cancellation, so a time limit around the reads (a resume copy's
+    EXPORTER_EXPORTS_RESUME_FINISH) never ended them: seen once in a full run, an endless
+    export read on for a minute past its 4 s. The chunk stays queued for the next read."""
+
+    async def go() -> tuple[bool, bytes | None]:
+        release = asyncio.Event()
+        consumer: asyncio.Task[bytes | None] | None = None
+
+        async def producer(prelude: Output, output: Output) -> int:
+            await output(b"a")
+            await release.wait()
+            await output(b"b" * CHUNK)  # queued without waiting (the queue has room)...
+            assert consumer is not None
+            consumer.cancel()  # ...and the consumer cancelled in the same turn
+            await asyncio.sleep(3600)
+            return 0
+
+        stream = CopyStream(producer, chunk_size=CHUNK, max_chunks=8, flush_interval=60)
+        stream.start()
+        assert await stream.next_chunk() == b"a"
+        consumer = asyncio.ensure_future(stream.next_chunk())
+        for _ in range(3):
+            await asyncio.sleep(0)  # the consumer waits on the empty queue
+        release.set()
+        try:
+            await consumer
+            cancelled = False
+        except asyncio.CancelledError:
+            cancelled = True
+        after = None
+        try:
+            async with asyncio.timeout(2):
+                after = await stream.next_chunk()
+        except TimeoutError:
+            pass  # the chunk was taken by the read that should have been cancelled
+        await stream.cancel()
+        return cancelled, after
+
+    cancelled, after = asyncio.run(go())
+    assert cancelled
+    assert after == b"b" * CHUNK

@@ -97,7 +97,11 @@ class CopyStream:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), self._flush_interval)
+                    # Not asyncio.wait_for: in Python 3.11 it swallows a cancellation that
+                    # comes as the queue hands over an item, and a resume copy's time
+                    # limit (an asyncio.timeout around this) then never ended its read.
+                    async with asyncio.timeout(self._flush_interval):
+                        item = await self._queue.get()
                 except TimeoutError:
                     # A chunk queued while the wait timed out holds older bytes than the
                     # pending ones: it goes first (the loop takes it), never after them.
