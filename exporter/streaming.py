@@ -23,7 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Send
 
 from exporter.audit import ABORTED, COMPLETE, FAILED, Download
-from exporter.server.sendfile import ZEROCOPY_SEND, ClientGone
+from exporter.server.sendfile import SENT, ZEROCOPY_SEND, ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,16 @@ T = TypeVar("T")
 Chunk = bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FileSpan:
     """`count` bytes of an open file from `offset`, in a body: the server sends them from
-    the page cache into the socket (server/sendfile.py), and they are never read here."""
+    the page cache into the socket (server/sendfile.py), and they are never read here.
+    `sent`: how many of them left, when the send ended early (BodyResponse says)."""
 
     fd: int
     offset: int
     count: int
+    sent: int = 0
 
     def __len__(self) -> int:
         return self.count
@@ -143,10 +145,14 @@ async def audited(chunks: AsyncGenerator[C, None], download: Download,
     status: str | None = None
     error: str | None = None
     ran_out = False
+    span: FileSpan | None = None  # one being sent, if its send ends early: what left counts
     try:
         async for chunk in chunks:
             size = len(chunk)
+            if isinstance(chunk, FileSpan):
+                span = chunk
             yield chunk
+            span = None
             if drain and size:
                 yield b""
             download.bytes += size
@@ -161,6 +167,8 @@ async def audited(chunks: AsyncGenerator[C, None], download: Download,
                   download.target, download.bytes, error)
         raise
     finally:
+        if span is not None:
+            download.bytes += span.sent
         # Its own clean-up first (it never awaits, so this runs in a cancelled task too).
         await chunks.aclose()
         if status is None:
@@ -192,16 +200,22 @@ class BodyResponse(StreamingResponse):
                     await send({"type": "http.response.body", "body": piece,
                                 "more_body": True})
                     continue
+                message: dict[str, Any] = {
+                    "type": ZEROCOPY_SEND, "file": piece.fd, "offset": piece.offset,
+                    "count": piece.count, "more_body": True}
                 try:
-                    await send({"type": ZEROCOPY_SEND, "file": piece.fd,
-                                "offset": piece.offset, "count": piece.count,
-                                "more_body": True})
-                except ClientGone:
-                    return  # the span is not counted: the download is aborted
-                except Exception as error:
-                    # Into the body, which records the download failed; the answer breaks.
-                    await body.athrow(error)
-                    raise
+                    await send(message)
+                except BaseException as error:
+                    # What of the span left, for the body's count (audited): the server
+                    # writes it into the message.
+                    piece.sent = int(message.get(SENT, 0))
+                    if isinstance(error, ClientGone):
+                        return  # the download is aborted
+                    if isinstance(error, Exception):
+                        # Into the body, which records the download failed; the answer
+                        # breaks.
+                        await body.athrow(error)
+                    raise  # cancelled (the client left): closed below
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             # Ended now, also when a send was cancelled (the client left), rather than

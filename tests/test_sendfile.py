@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -125,6 +126,7 @@ def test_a_client_that_leaves_mid_span_is_aborted_with_no_error_and_no_descripto
     descriptors = _open_descriptors(server.pid)
     log_before = len(server.log())
     since = time.time()
+    received = []
     for linger in (False, True):
         with socket.socket() as client:
             # A small window: the server's sendfile waits for room while the client is gone.
@@ -139,16 +141,23 @@ def test_a_client_that_leaves_mid_span_is_aborted_with_no_error_and_no_descripto
                 got += piece
             assert got.startswith(b"HTTP/1.1 206")
             assert data[:1000] in got
+            received.append(len(got) - got.index(b"\r\n\r\n") - 4)
             if linger:  # a reset rather than a close
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
-    def ended() -> list[str]:
-        rows = fetch(database_url, "SELECT status FROM exporter.downloads WHERE target ="
-                     " 'big.bin' AND range = 'bytes=0-20971519' AND started_at >="
+    def rows() -> list[asyncpg.Record]:
+        return fetch(database_url, "SELECT status, bytes FROM exporter.downloads WHERE"
+                     " target = 'big.bin' AND range = 'bytes=0-20971519' AND started_at >="
                      " to_timestamp($1) ORDER BY id", since)
-        return [r["status"] for r in rows]
+
+    def ended() -> list[str]:
+        return [r["status"] for r in rows()]
 
     assert wait_until(lambda: ended() == ["aborted", "aborted"], 10), ended()
+    # Counted: what went into the socket of the 8 MiB span under way, at least what the
+    # client read (it was 0, the span not being whole, before the count of what left).
+    for row, read in zip(rows(), received, strict=True):
+        assert read <= row["bytes"] < 20971520, (row["bytes"], read)
     # Every duplicate of a socket closed, and the sockets themselves.
     assert wait_until(lambda: _open_descriptors(server.pid) <= descriptors, 10), (
         _open_descriptors(server.pid), descriptors)

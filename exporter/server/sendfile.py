@@ -15,6 +15,8 @@ from typing import Any
 
 ZEROCOPY_SEND = "http.response.zerocopysend"
 BODY_TYPES = frozenset({"http.response.body", ZEROCOPY_SEND})
+# The key of a zero-copy message that this server sets to the bytes sent so far.
+SENT = "exporter.sent"
 
 # Bytes asked of one sendfile call: what the socket takes of it is sent, the rest waits
 # for room. Larger asks cost nothing: the kernel stops where the send buffer is full.
@@ -87,10 +89,11 @@ async def _send_file(cycle: _Cycle, message: dict[str, Any]) -> None:
     fd = file if isinstance(file, int) else file.fileno()
     offset = message.get("offset")
     await _copy(cycle, fd, offset if offset is not None else os.lseek(fd, 0, os.SEEK_CUR),
-                count)
+                count, message)
 
 
-async def _copy(cycle: _Cycle, fd: int, offset: int, count: int) -> None:
+async def _copy(cycle: _Cycle, fd: int, offset: int, count: int,
+                message: dict[str, Any]) -> None:
     """`count` bytes of `fd` from `offset` into the cycle's socket.
 
     On a duplicate of the socket's descriptor: uvloop closes its own when the connection
@@ -115,6 +118,9 @@ async def _copy(cycle: _Cycle, fd: int, offset: int, count: int) -> None:
                     raise ClientGone("the client's connection broke")
                 offset += sent
                 count -= sent
+                # How far it got, in the message itself (the sender's to read when the
+                # send fails or is cancelled: its audit counts what left).
+                message[SENT] = message.get(SENT, 0) + sent
                 if not count:
                     return
             if transport.is_closing():
