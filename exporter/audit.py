@@ -229,7 +229,8 @@ class Audit:
             # per interval); at shutdown, write at once.
             gather = max(self._interval, flushed + BUSY_GAP - loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), gather)
+                async with asyncio.timeout(gather):  # wait_for may swallow a cancellation
+                    await self._closing.wait()
             self._wake.clear()
             flushed = loop.time()
             try:

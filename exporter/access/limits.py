@@ -138,7 +138,10 @@ class Instance:
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
-                await asyncio.wait_for(self.renew(), self.lease / 3)
+                # Not asyncio.wait_for, which in Python 3.11 may swallow the cancellation
+                # that stops this loop (exports/copy.py): stop() would then wait forever.
+                async with asyncio.timeout(self.lease / 3):
+                    await self.renew()
             except Exception as error:
                 log.warning("could not renew this process's lease (its download slots"
                             " lapse after %g s): %s", self.lease, error)

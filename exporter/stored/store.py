@@ -482,13 +482,15 @@ class Writer:
     async def _beat_regularly(self) -> None:
         while True:
             try:
-                status, valid = await asyncio.wait_for(self._beat(),
-                                                       self._store.interval * 5)
+                # asyncio.timeout, not wait_for: in Python 3.11 that may swallow the
+                # cancellation that ends this loop (exports/copy.py).
+                async with asyncio.timeout(self._store.interval * 5):
+                    status, valid = await self._beat()
                 if status == RUNNING and self.room is not None:
                     # The others' bytes as they are now (several exports together may
                     # cross the quota): room made again, or stopped.
-                    await asyncio.wait_for(self._make_room(self.bytes),
-                                           self._store.interval * 5)
+                    async with asyncio.timeout(self._store.interval * 5):
+                        await self._make_room(self.bytes)
             except (TimeoutError, *DATABASE_ERRORS) as error:
                 log.warning("stored export %s: could not write its progress: %s", self.id, error)
             else:
@@ -503,7 +505,8 @@ class Writer:
                     return
             # Woken early when the writer ends: it then returns between two beats.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done_beating.wait(), self._store.interval)
+                async with asyncio.timeout(self._store.interval):
+                    await self._done_beating.wait()
             if self._done_beating.is_set():
                 return
 
