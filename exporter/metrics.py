@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter import __version__
+from exporter.server import sendfile
 from exporter.server.sendfile import BODY_TYPES, ZEROCOPY_SEND, body_bytes
 from exporter.tables import stored_exports
 
@@ -237,11 +238,17 @@ class RequestMetrics:
             nonlocal status, sent
             kind = message["type"]
             if kind in BODY_TYPES:
-                await send(message)
-                if (size := body_bytes(message)) and sent is not None:
-                    sent.inc(size)
-                    if kind == ZEROCOPY_SEND:
-                        SENDFILE.inc(size)
+                done = False
+                try:
+                    await send(message)
+                    done = True
+                finally:
+                    # A zero-copy send that broke off counts what of it left.
+                    size = body_bytes(message) if done else int(message.get(sendfile.SENT, 0))
+                    if size and sent is not None:
+                        sent.inc(size)
+                        if kind == ZEROCOPY_SEND:
+                            SENDFILE.inc(size)
                 return
             if kind == "http.response.start":
                 status = message["status"]

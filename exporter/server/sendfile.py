@@ -110,7 +110,7 @@ async def _copy(cycle: _Cycle, fd: int, offset: int, count: int,
         while count:
             # The status line and headers first: what uvloop still holds of them.
             if transport.get_write_buffer_size() == 0:
-                call = loop.run_in_executor(None, _sendfile, own, fd, offset, count)
+                call = loop.run_in_executor(None, _sendfile, own, fd, offset, count, message)
                 sent = await asyncio.shield(call)
                 if sent < 0:
                     cycle.disconnected = True  # what uvicorn sets when it sees the loss
@@ -118,9 +118,6 @@ async def _copy(cycle: _Cycle, fd: int, offset: int, count: int,
                     raise ClientGone("the client's connection broke")
                 offset += sent
                 count -= sent
-                # How far it got, in the message itself (the sender's to read when the
-                # send fails or is cancelled: its audit counts what left).
-                message[SENT] = message.get(SENT, 0) + sent
                 if not count:
                     return
             if transport.is_closing():
@@ -134,8 +131,11 @@ async def _copy(cycle: _Cycle, fd: int, offset: int, count: int,
             os.close(own)
 
 
-def _sendfile(out: int, fd: int, offset: int, count: int) -> int:
-    """One call's bytes sent (0: no room now), or -1 for a broken connection."""
+def _sendfile(out: int, fd: int, offset: int, count: int, message: dict[str, Any]) -> int:
+    """One call's bytes sent (0: no room now), or -1 for a broken connection. How far the
+    message got is written into it here, in the thread: for the sender to read when its
+    send fails or is cancelled (the client left while this call ran), so that its audit
+    counts what left."""
     try:
         sent = os.sendfile(out, fd, offset, min(count, _MOST_PER_CALL))
     except BlockingIOError:
@@ -145,6 +145,7 @@ def _sendfile(out: int, fd: int, offset: int, count: int) -> int:
     if sent == 0:
         # The file ends before the range does (truncated since it was opened).
         raise EOFError(f"the file ended {count} bytes early")
+    message[SENT] = message.get(SENT, 0) + sent
     return sent
 
 
