@@ -96,21 +96,35 @@ async def _copy(cycle: _Cycle, fd: int, offset: int, count: int,
                 message: dict[str, Any]) -> None:
     """`count` bytes of `fd` from `offset` into the cycle's socket.
 
-    On a duplicate of the socket's descriptor: uvloop closes its own when the connection
-    ends, and its number may then name another client's socket at once, while a call in
-    a worker thread still holds it. Each call runs in a worker thread, as a file read
+    On duplicates of the socket's descriptor and of the file's: uvloop closes its socket
+    when the connection ends, and the body its file when the client left, and either
+    number may then name another client's socket or another file at once, while a call
+    in a worker thread still holds it. Each call runs in a worker thread, as a file read
     does: sendfile reads what the page cache lacks from the disk, and the loop must not
     wait for that.
     """
     transport = cycle.transport
     loop = asyncio.get_running_loop()
     own = os.dup(transport.get_extra_info("socket").fileno())
+    try:
+        source = os.dup(fd)  # the body closes its file when the client left, at once
+    except OSError:
+        os.close(own)
+        raise
     call: asyncio.Future[int] | None = None
+
+    def close(done: asyncio.Future[int] | None = None) -> None:
+        os.close(own)
+        os.close(source)
+        if done is not None and not done.cancelled():
+            done.exception()  # nobody awaits it any more: not "never retrieved"
+
     try:
         while count:
             # The status line and headers first: what uvloop still holds of them.
             if transport.get_write_buffer_size() == 0:
-                call = loop.run_in_executor(None, _sendfile, own, fd, offset, count, message)
+                call = loop.run_in_executor(None, _sendfile, own, source, offset, count,
+                                            message)
                 sent = await asyncio.shield(call)
                 if sent < 0:
                     cycle.disconnected = True  # what uvicorn sets when it sees the loss
@@ -126,9 +140,9 @@ async def _copy(cycle: _Cycle, fd: int, offset: int, count: int,
     finally:
         if call is not None and not call.done():
             # Cancelled while the thread still sends: closed when it returned.
-            call.add_done_callback(lambda _: os.close(own))
+            call.add_done_callback(close)
         else:
-            os.close(own)
+            close()
 
 
 def _sendfile(out: int, fd: int, offset: int, count: int, message: dict[str, Any]) -> int:
