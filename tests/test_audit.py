@@ -105,8 +105,8 @@ def test_clean_shutdown_writes_the_queued_audit_rows(
     # Queued, not written yet (before batching each was written before its answer).
     assert _max_id(database_url) == before
     s.stop()  # SIGTERM, as a service manager or `docker stop` sends it
-    rows = fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1 ORDER BY id",
-                 before)
+    rows = fetch(database_url, "SELECT * FROM exporter.downloads WHERE id > $1"
+                 " AND instance LIKE $2 ORDER BY id", before, rows_of(s))
     assert len(rows) == 10
     assert {r["status"] for r in rows} == {"complete"}
     assert [r["kind"] for r in rows] == ["file", "export"] * 5
