@@ -32,6 +32,7 @@ from tests import tools
 from tests.debian_postgres import DebianPostgres, missing
 from tests.s3 import Seaweed
 from tests.support import ROOT, RUN_TMP, TEST_TMP, Server, free_port, run_sql
+from tests.test_access import new_token
 
 DEMO_ROWS = 20_000
 # The servers of the tests that are not about access serve everything to anyone;
@@ -415,6 +416,18 @@ async def _load_demo(url: str) -> None:
         await load(engine, "exports", DEMO_ROWS)
     finally:
         await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def admin(database_url: str) -> str:
+    """A token with the admin scope, made once per module that asks for it."""
+    return new_token(database_url, f"admin-{uuid.uuid4().hex[:12]}", "admin")
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a server writes its OpenTelemetry spans (EXPORTER_TRACING_FILE), one per line."""
+    return tmp_path_factory.mktemp("traces") / "spans.jsonl"
 
 
 @pytest.fixture(scope="session")

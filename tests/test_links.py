@@ -39,11 +39,6 @@ def closed(database_url: str, logs_dir: Path, files_root: Path) -> Iterator[Serv
         yield s
 
 
-@pytest.fixture(scope="module")
-def admin(database_url: str) -> str:
-    return new_token(database_url, unique("links-admin"), "admin")
-
-
 def test_reused_token_name_does_not_revive_old_links_with_the_cli(
     closed: Server, database_url: str, admin: str
 ) -> None:

@@ -28,7 +28,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Settings
 from tests.support import ROOT, Server, fetch, free_port, wait_until
-from tests.test_access import new_token
 
 MiB = 1024 * 1024
 LARGE = "/files/large.bin"  # 256 MiB (tests/conftest.py): more than the socket buffers
@@ -44,16 +43,6 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-@pytest.fixture(scope="module")
-def admin(database_url: str) -> str:
-    return new_token(database_url, f"metrics-{os.urandom(3).hex()}", "admin")
-
-
-@pytest.fixture(scope="module")
-def traces(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("traces") / "spans.jsonl"
 
 
 @pytest.fixture(scope="module")

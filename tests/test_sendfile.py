@@ -25,7 +25,6 @@ import httpx
 import pytest
 
 from tests.support import Server, fetch, wait_until
-from tests.test_access import new_token
 from tests.test_metrics import scrape, value
 
 MiB = 1024 * 1024
@@ -44,16 +43,6 @@ def root(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> Path:
     (root / "big.bin").write_bytes(data)
     (root / "other.bin").write_bytes(data[::-1])
     return root
-
-
-@pytest.fixture(scope="module")
-def admin(database_url: str) -> str:
-    return new_token(database_url, f"sendfile-{os.urandom(3).hex()}", "admin")
-
-
-@pytest.fixture(scope="module")
-def traces(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("traces") / "spans.jsonl"
 
 
 @pytest.fixture(scope="module")
