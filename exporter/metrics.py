@@ -44,8 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter import __version__
-from exporter.server import sendfile
-from exporter.server.sendfile import BODY_TYPES, ZEROCOPY_SEND, body_bytes
+from exporter.server.sendfile import BODY_TYPES, ZEROCOPY_SEND, body_bytes, sent_of
 from exporter.tables import stored_exports
 
 if TYPE_CHECKING:
@@ -244,7 +243,7 @@ class RequestMetrics:
                     done = True
                 finally:
                     # A zero-copy send that broke off counts what of it left.
-                    size = body_bytes(message) if done else int(message.get(sendfile.SENT, 0))
+                    size = body_bytes(message) if done else sent_of(message)
                     if size and sent is not None:
                         sent.inc(size)
                         if kind == ZEROCOPY_SEND:

@@ -23,7 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Send
 
 from exporter.audit import ABORTED, COMPLETE, FAILED, Download
-from exporter.server.sendfile import SENT, ZEROCOPY_SEND, ClientGone
+from exporter.server.sendfile import ZEROCOPY_SEND, ClientGone, sent_of
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,7 @@ class BodyResponse(StreamingResponse):
                 try:
                     await send(message)
                 except BaseException as error:
-                    # What of the span left, for the body's count (audited): the server
-                    # writes it into the message.
-                    piece.sent = int(message.get(SENT, 0))
+                    piece.sent = sent_of(message)  # for the body's count (audited)
                     if isinstance(error, ClientGone):
                         return  # the download is aborted
                     if isinstance(error, Exception):

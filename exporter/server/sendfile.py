@@ -34,6 +34,12 @@ def body_bytes(message: Mapping[str, Any]) -> int:
     return len(message.get("body", b""))
 
 
+def sent_of(message: Mapping[str, Any]) -> int:
+    """How much of a zero-copy message went out before its send failed or was cancelled
+    (this server writes it into the message as it goes)."""
+    return int(message.get(SENT, 0))
+
+
 def supported(transport: asyncio.BaseTransport) -> bool:
     """Whether file bytes can go into this connection's socket as they are: a plain
     stream socket (not TLS, whose bytes the process must encrypt)."""
