@@ -145,12 +145,15 @@ def _rewrite_during_curl(make_server: type[Server], tmp_path: Path, change: str,
 
 def _audit_row(database_url: str, name: str) -> dict[str, object]:
     """The last download of `name`, once it ended."""
-    def last() -> dict[str, object]:
-        return dict(fetch(database_url, "SELECT * FROM exporter.downloads WHERE target = $1 "
-                          "ORDER BY id DESC LIMIT 1", name)[0])
+    def last() -> dict[str, object] | None:
+        rows = fetch(database_url, "SELECT * FROM exporter.downloads WHERE target = $1 "
+                     "ORDER BY id DESC LIMIT 1", name)
+        return dict(rows[0]) if rows else None  # none yet: the audit writes in batches
 
-    assert wait_until(lambda: last()["status"] != "running", 10)
-    return last()
+    assert wait_until(lambda: (row := last()) is not None and row["status"] != "running", 10)
+    row = last()
+    assert row is not None
+    return row
 
 
 @pytest.mark.needs("curl")

@@ -8,10 +8,13 @@ Why it works this way: docs/internals.md, section `server/sendfile.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+import anyio
 
 ZEROCOPY_SEND = "http.response.zerocopysend"
 BODY_TYPES = frozenset({"http.response.body", ZEROCOPY_SEND})
@@ -143,6 +146,15 @@ async def _copy(cycle: _Cycle, fd: int, offset: int, count: int,
             if transport.is_closing():
                 raise ClientGone("the connection was closed")
             await _writable(loop, own)
+    except asyncio.CancelledError:
+        # The client left while a call ran: its bytes are in the message once it returned
+        # (the thread writes them), which takes no longer than the call; the sender reads
+        # them when this raises. Shielded from Starlette's cancel scope, which cancels
+        # every await until the response task ends.
+        if call is not None and not call.done():
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await call
+        raise
     finally:
         if call is not None and not call.done():
             # Cancelled while the thread still sends: closed when it returned.
