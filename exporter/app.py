@@ -277,12 +277,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = ApiError(500, f"internal error: {type(error).__name__}").body()
         return JSONResponse(body, status_code=500)
 
+    # The router tries each route in turn: files and exports, the requests that come in
+    # bursts, first (no other path starts like theirs).
+    app.include_router(file_routes.router)
+    app.include_router(export_routes.router)
     app.include_router(health.router)
     app.include_router(page.router)
-    app.include_router(export_routes.router)
     app.include_router(access_routes.router)
     app.include_router(downloads.router)
-    app.include_router(file_routes.router)
     app.include_router(stored_routes.router)
     if settings.metrics:
         app.include_router(web_routes.router)

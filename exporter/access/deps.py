@@ -28,8 +28,12 @@ async def _state(request: Request) -> State:
 StateDep = Annotated[State, Depends(_state)]
 
 
-async def _principal(request: Request, st: StateDep) -> Principal:
+async def principal_of(request: Request, st: State) -> Principal:
     return await authenticate(request, st.tokens, st.links, st.settings)
+
+
+async def _principal(request: Request, st: StateDep) -> Principal:
+    return await principal_of(request, st)
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]

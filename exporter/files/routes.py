@@ -3,22 +3,17 @@ answer made in response.py."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
-from urllib.parse import unquote_to_bytes
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
-from exporter.access.deps import ClientDep, PrincipalDep
 from exporter.errors import ApiError
 from exporter.files import openapi, response, service
-from exporter.files.deps import FilesDep
-from exporter.files.paths import bad_path
+from exporter.files.deps import FileRequestDep
 from exporter.files.response import SAFE_HEADERS
 from exporter.openapi import get_and_head
-from exporter.server.prefix import app_path, app_raw_path
 
 FILES_PATH = service.FILES_PATH
 
@@ -48,29 +43,10 @@ class _SafeHeaders(APIRoute):
 router = APIRouter(route_class=_SafeHeaders)
 
 
-async def file_path(request: Request, path: str) -> str:
-    """The path as the client's bytes spell it, as `os.fsdecode` names files.
-
-    The server decodes the request path as UTF-8 with replacement, so `%FF` arrives as
-    U+FFFD and a file whose name is not UTF-8 could never be asked for; the raw path
-    keeps the bytes. It is decoded once, like the path the router matched. Checked
-    before the request is authenticated, as it was before routes took dependencies.
-    A coroutine only so that FastAPI calls it in the loop, not in a worker thread.
-    """
-    if app_path(request.scope) != FILES_PATH + path:
-        # The route's pattern stops at a newline (`$` matches before one): never a shortcut.
-        raise bad_path("control characters")
-    raw = app_raw_path(request.scope)
-    if raw is None or not raw.startswith(FILES_PATH.encode()):
-        return path
-    return os.fsdecode(unquote_to_bytes(raw[len(FILES_PATH):]))
-
-
 @get_and_head(router, "/files/{path:path}", openapi_extra=openapi.FILES)
-async def files(request: Request, fs_path: Annotated[str, Depends(file_path)],
-                files: FilesDep, client: ClientDep, principal: PrincipalDep) -> Response:
+async def files(request: Request, asked: FileRequestDep) -> Response:
     query = request.query_params
-    found = await service.serve_path(files, client, principal, fs_path, request.method,
-                                     query.get("limit"), query.get("offset"),
+    found = await service.serve_path(asked.files, asked.client, asked.principal, asked.path,
+                                     request.method, query.get("limit"), query.get("offset"),
                                      str(request.base_url))
-    return await response.answer(request, files, principal, found)
+    return await response.answer(request, asked.files, asked.principal, found)
