@@ -2,9 +2,10 @@
 
 Writes are batched: `start` and `finish` only queue, and one flusher task per process
 writes what was queued `flush_interval` seconds after it came (and at least BUSY_GAP
-after the last batch) in one transaction (starts as one
-multi-row INSERT, ends of rows already written as one executemany UPDATE; a download
-that started and ended between two flushes is one INSERT). Each download used to cost
+after the last batch) in one transaction (starts as one INSERT, ends of rows already
+written as one UPDATE, each of arrays: one column per parameter, so that one prepared
+statement serves every batch size and the driver, not Python, encodes the values; a
+download that started and ended between two flushes is one INSERT). Each download used to cost
 two transactions of its own, with a pool check-out each, on the event loop's time.
 
 Ids come from the table's identity sequence at flush time, so they still grow with time
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter import metrics
-from exporter.tables import APP_SCHEMA, downloads
+from exporter.tables import APP_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +102,52 @@ class AuditUnavailable(ConnectionError):
     readable = True  # its words are the client's (errors.describe)
 
 
-def _start_values(d: Download) -> dict[str, Any]:
-    return {"kind": d.kind, "target": d.target, "format": d.format, "params": d.params,
-            "range": d.range, "client": d.client, "status": "running",
-            "principal": d.principal, "link_expires": d.link_expires,
-            "started_at": d.started_at, "http_status": None, "rows": None, "bytes": 0,
-            "error": None, "ended_at": None}
+# The row's columns as the flusher writes them (`instance` is the server's default), each
+# bound as one array for the batch, in the order of _start_row's and _end_row's tuples;
+# their types are the table's (tests/test_audit.py checks).
+_STARTS = (("id", "bigint"), ("kind", "text"), ("target", "text"), ("format", "text"),
+           ("params", "jsonb"), ("range", "text"), ("client", "text"), ("status", "text"),
+           ("principal", "text"), ("link_expires", "timestamptz"),
+           ("started_at", "timestamptz"), ("http_status", "integer"), ("rows", "bigint"),
+           ("bytes", "bigint"), ("error", "text"), ("ended_at", "timestamptz"))
+_ENDS = (("id", "bigint"), ("status", "text"), ("http_status", "integer"), ("rows", "bigint"),
+         ("bytes", "bigint"), ("error", "text"), ("ended_at", "timestamptz"))
 
 
-def _end_values(e: _End) -> dict[str, Any]:
-    return {"status": e.status, "http_status": e.http_status, "rows": e.rows,
-            "bytes": e.bytes, "error": e.error, "ended_at": e.ended_at}
+def _arrays(columns: tuple[tuple[str, str], ...]) -> str:
+    # jsonb travels as text: asyncpg's jsonb codec wants str, and the cast is per element.
+    return ", ".join(f"CAST(:{name} AS text[])::jsonb[]" if kind == "jsonb"
+                     else f"CAST(:{name} AS {kind}[])" for name, kind in columns)
+
+
+_INSERT = sa.text(
+    f"INSERT INTO {APP_SCHEMA}.downloads ({', '.join(name for name, _ in _STARTS)})"
+    f" SELECT * FROM unnest({_arrays(_STARTS)})")
+_UPDATE = sa.text(
+    f"UPDATE {APP_SCHEMA}.downloads d SET"
+    f" {', '.join(f'{name} = e.{name}' for name, _ in _ENDS[1:])}"
+    f" FROM unnest({_arrays(_ENDS)}) AS e({', '.join(name for name, _ in _ENDS)})"
+    " WHERE d.id = e.id")
+
+
+def _start_row(d: Download, new_id: int, end: _End | None) -> tuple[Any, ...]:
+    params = json.dumps(d.params)
+    if end is None:
+        return (new_id, d.kind, d.target, d.format, params, d.range, d.client, "running",
+                d.principal, d.link_expires, d.started_at, None, None, 0, None, None)
+    return (new_id, d.kind, d.target, d.format, params, d.range, d.client, end.status,
+            d.principal, d.link_expires, d.started_at, end.http_status, end.rows, end.bytes,
+            end.error, end.ended_at)
+
+
+def _end_row(d: Download, e: _End) -> tuple[Any, ...]:
+    return (d.id, e.status, e.http_status, e.rows, e.bytes, e.error, e.ended_at)
+
+
+def _columns(names: tuple[tuple[str, str], ...], rows: list[tuple[Any, ...]]
+             ) -> dict[str, list[Any]]:
+    return {name: list(values)
+            for (name, _), values in zip(names, zip(*rows, strict=True), strict=True)}
 
 
 class Audit:
@@ -293,15 +330,8 @@ class Audit:
 
     async def _write_batch(self, starts: list[Download],
                            ends: dict[int, tuple[Download, _End]]) -> None:
-        rows: list[dict[str, Any]] = []
-        for d in starts:
-            values = _start_values(d)
-            merged = ends.get(id(d))
-            if merged is not None:
-                values.update(_end_values(merged[1]))
-            rows.append(values)
         started = {id(d) for d in starts}
-        updates: list[dict[str, Any]] = []
+        updates: list[tuple[Any, ...]] = []
         for key, (d, end) in ends.items():
             if key in started:
                 continue
@@ -309,22 +339,17 @@ class Audit:
                 log.error("end of a download whose audit row was dropped: %s %s",
                           d.kind, d.target)
                 continue
-            updates.append({"b_" + k: v for k, v in _end_values(end).items()} | {"b_id": d.id})
+            updates.append(_end_row(d, end))
         async with self._engine.begin() as conn:
             ids: list[int] = []
-            if rows:
-                ids = sorted((await conn.execute(_NEXT_IDS, {"n": len(rows)})).scalars())
-                for values, new_id in zip(rows, ids, strict=True):
-                    values["id"] = new_id
-                await conn.execute(sa.insert(downloads), rows)
+            if starts:
+                ids = sorted((await conn.execute(_NEXT_IDS, {"n": len(starts)})).scalars())
+                rows = [_start_row(d, new_id, merged[1] if merged else None)
+                        for d, new_id in zip(starts, ids, strict=True)
+                        for merged in (ends.get(id(d)),)]
+                await conn.execute(_INSERT, _columns(_STARTS, rows))
             if updates:
-                c = downloads.c
-                await conn.execute(
-                    sa.update(downloads).where(c.id == sa.bindparam("b_id")).values(
-                        {k: sa.bindparam("b_" + k) for k in
-                         ("status", "http_status", "rows", "bytes", "error", "ended_at")}),
-                    updates,
-                )
+                await conn.execute(_UPDATE, _columns(_ENDS, updates))
         for d, new_id in zip(starts, ids, strict=True):
             d.id = new_id
 

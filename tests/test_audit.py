@@ -270,3 +270,22 @@ def test_a_download_ended_before_its_row_is_written_is_logged_without_an_id(
     assert [r.getMessage().split(",")[0] for r in caplog.records] == [
         "download proxied: anonymous file README.txt",
         "download 7 complete: demo export orders"]
+
+
+def test_the_flusher_writes_every_column_of_the_table_with_its_type() -> None:
+    """A batch is written as one array per column: those columns and their types are the
+    table's (a column added to tables.py and not to audit.py would be left to its default,
+    and a type that differs would fail the cast of every batch)."""
+    from sqlalchemy.dialects import postgresql
+
+    from exporter import audit
+    from exporter.tables import downloads
+
+    short = {"TIMESTAMP WITH TIME ZONE": "timestamptz"}
+    table = {}
+    for column in downloads.c:
+        spelled = column.type.compile(dialect=postgresql.dialect())
+        table[column.name] = short.get(spelled, spelled.lower())
+    del table["instance"]  # the server's default: the connection's instance
+    assert dict(audit._STARTS) == table
+    assert set(audit._ENDS) <= set(audit._STARTS) and audit._ENDS[0] == ("id", "bigint")
