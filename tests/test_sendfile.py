@@ -154,3 +154,36 @@ def test_a_client_that_leaves_mid_span_is_aborted_with_no_error_and_no_descripto
     assert "Traceback" not in log and "ERROR" not in log, log
     answer = httpx.get(server.url + "/files/big.bin", headers={"Range": "bytes=-3000000"})
     assert answer.status_code == 206 and answer.content == data[-3_000_000:]
+
+
+def test_a_file_sendfile_cannot_read_is_read_and_written_instead() -> None:
+    """Some file systems (FUSE ones, most of /proc) have no splice reads: sendfile says
+    EINVAL, and the send reads and writes instead, at the same offsets, into the socket."""
+    from exporter.server import sendfile
+
+    path = "/proc/self/cmdline"
+    fd = os.open(path, os.O_RDONLY)
+    out, client = socket.socketpair()
+    try:
+        with pytest.raises(OSError) as refused:
+            os.sendfile(out.fileno(), fd, 0, 16)
+        assert refused.value.errno in sendfile._NO_SENDFILE
+        whole = os.pread(fd, 1 << 16, 0)
+        assert len(whole) > 8
+        message: dict[str, object] = {}
+        first = sendfile._sendfile(out.fileno(), fd, 0, 5, message)
+        rest = sendfile._sendfile(out.fileno(), fd, 5, len(whole) - 5, message)
+        assert (first, rest) == (5, len(whole) - 5)
+        assert message[sendfile.SENT] == len(whole)
+        client.settimeout(5)
+        got = b""
+        while len(got) < len(whole):
+            got += client.recv(1 << 16)
+        assert got == whole
+        # Past the end: the file is shorter than the range (truncated), as with sendfile.
+        with pytest.raises(EOFError):
+            sendfile._sendfile(out.fileno(), fd, len(whole), 10, message)
+    finally:
+        os.close(fd)
+        out.close()
+        client.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,6 +25,11 @@ SENT = "exporter.sent"
 # Bytes asked of one sendfile call: what the socket takes of it is sent, the rest waits
 # for room. Larger asks cost nothing: the kernel stops where the send buffer is full.
 _MOST_PER_CALL = 16 * 1024 * 1024
+# What sendfile says of a file it cannot read from (a file system without the kernel's
+# splice reads: some FUSE ones; most of /proc): its bytes are read and written instead,
+# at most this many per call.
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+_READ_AT_MOST = 256 * 1024
 
 
 class ClientGone(ConnectionError):
@@ -169,7 +175,7 @@ def _sendfile(out: int, fd: int, offset: int, count: int, message: dict[str, Any
     send fails or is cancelled (the client left while this call ran), so that its audit
     counts what left."""
     try:
-        sent = os.sendfile(out, fd, offset, min(count, _MOST_PER_CALL))
+        sent = _send_some(out, fd, offset, min(count, _MOST_PER_CALL))
     except BlockingIOError:
         return 0
     except (BrokenPipeError, ConnectionResetError):
@@ -179,6 +185,17 @@ def _sendfile(out: int, fd: int, offset: int, count: int, message: dict[str, Any
         raise EOFError(f"the file ended {count} bytes early")
     message[SENT] = message.get(SENT, 0) + sent
     return sent
+
+
+def _send_some(out: int, fd: int, offset: int, count: int) -> int:
+    try:
+        return os.sendfile(out, fd, offset, count)
+    except OSError as error:
+        if error.errno not in _NO_SENDFILE:
+            raise
+    # What the socket does not take of the chunk read is read again by the next call.
+    chunk = os.pread(fd, min(count, _READ_AT_MOST), offset)
+    return os.write(out, chunk) if chunk else 0
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
