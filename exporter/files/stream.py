@@ -216,6 +216,8 @@ class FileBody(Body):
         # spans took half the CPU of 1 MiB ones (docs/benchmarks.md). A paced download
         # (EXPORTER_MAX_BYTES_PER_SECOND, paced per message) keeps the chunks' size.
         self._span = sizes.ceiling if paced else _SPAN
+        # The read in a worker thread, if one was started: _close waits for it.
+        self._reading: asyncio.Future[bytes] | None = None
 
     async def _part(self, offset: int, length: int) -> AsyncGenerator[Piece, None]:
         if self._spans:
@@ -238,8 +240,12 @@ class FileBody(Body):
                 sizes.held += held
                 chunk: Chunk | None = self._read_cached(offset, held)
                 if chunk is None:
-                    chunk = await asyncio.get_running_loop().run_in_executor(
+                    # Shielded: a download cancelled meanwhile leaves the read to end in
+                    # its thread, and the file is closed after it (_close), not under it:
+                    # its number may name another file or socket at once.
+                    self._reading = asyncio.get_running_loop().run_in_executor(
                         None, self._read, offset, held)
+                    chunk = await asyncio.shield(self._reading)
                 else:
                     # A read that did not wait must still let the loop run: uvicorn's
                     # `send` to a client that left returns at once, and without this
@@ -316,7 +322,12 @@ class FileBody(Body):
         return FileKey.of(self._key.path, st) == self._key
 
     async def _close(self) -> None:
-        await self._file.close()
+        try:
+            if self._reading is not None:
+                with contextlib.suppress(Exception):
+                    await self._reading
+        finally:
+            await self._file.close()
 
 
 class ObjectBody(Body):
