@@ -242,7 +242,8 @@ class Audit:
         if flusher is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(flusher), within)
+            async with asyncio.timeout(within):
+                await asyncio.shield(flusher)
         except TimeoutError:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -85,7 +85,8 @@ class Health:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                async with asyncio.timeout(2):
+                    await conn.close()
 
 
 # Seconds a store's answer stands for the probes that follow, and that it may take.

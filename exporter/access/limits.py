@@ -128,7 +128,8 @@ class Instance:
 
     async def start(self) -> None:
         try:
-            await asyncio.wait_for(self.renew(), self.lease / 3)
+            async with asyncio.timeout(self.lease / 3):
+                await self.renew()
         except Exception as error:
             # Serve anyway: /healthz says the database is down, the heartbeat retries.
             log.error("could not register this server process: %s", error)

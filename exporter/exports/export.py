@@ -477,7 +477,8 @@ class Export:
             # back, and a client's mistake costs no new backend.
             if not clean and not (self._refused and not copying):
                 raise RuntimeError("export did not finish")
-            await asyncio.wait_for(conn.rollback(), 5)
+            async with asyncio.timeout(5):
+                await conn.rollback()
             await conn.close()
         except BaseException:
             if copying:

@@ -384,7 +384,8 @@ async def _let_go(worker: _Worker, clean: bool) -> None:
     try:
         if not clean:
             raise RuntimeError("export did not finish")
-        await asyncio.wait_for(worker.conn.rollback(), 5)
+        async with asyncio.timeout(5):
+            await worker.conn.rollback()
         await worker.conn.close()
     except BaseException:
         worker.driver.terminate()

@@ -517,8 +517,8 @@ class Writer:
         if self._beating is not None:
             # As before, a clean-up that is itself cancelled goes on (fail never raises).
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._beating),
-                                       self._store.interval * 5 + 1)
+                async with asyncio.timeout(self._store.interval * 5 + 1):
+                    await asyncio.shield(self._beating)
             self._beating.cancel()
             with contextlib.suppress(BaseException):
                 await self._beating
