@@ -37,7 +37,7 @@ def test_no_dependency_runs_in_a_thread() -> None:
     routes = list(_api_routes(app.routes))
     assert len(routes) > 10
     seen = {name: call for route in routes for name, call in _calls(route.dependant)}
-    assert "_state" in seen and "file_path" in seen
+    assert "_state" in seen and "_file_request" in seen
     plain = sorted(name for name, call in seen.items()
                    if not inspect.iscoroutinefunction(call))
     assert plain == []
