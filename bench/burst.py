@@ -179,14 +179,15 @@ def ranges_with_token(name: str, server: Service, plan: Plan, token: str | None,
 
 
 BARE = "nginx -> a bare app (X-Accel-Redirect)"
+BARE_FASTAPI = "nginx -> a bare FastAPI app (X-Accel-Redirect)"
 
 
-def bare_accel_app(plan: Plan) -> Service:
-    """bench/accel_app.py under uvicorn, one worker, as `exporter serve` runs."""
+def bare_accel_app(plan: Plan, app: str = "app") -> Service:
+    """An app of bench/accel_app.py under uvicorn, one worker, as `exporter serve` runs."""
     port = free_port()
-    return Service("accel-app", [sys.executable, "-m", "uvicorn", "bench.accel_app:app",
-                                 "--port", str(port), "--no-access-log", "--log-level",
-                                 "warning"], plan.logs / "accel-app.log", port=port)
+    return Service(f"accel-{app}", [sys.executable, "-m", "uvicorn", f"bench.accel_app:{app}",
+                                     "--port", str(port), "--no-access-log", "--log-level",
+                                     "warning"], plan.logs / f"accel-{app}.log", port=port)
 
 
 def cpu_per_gib(name: str, bytes_per_run: int) -> float | None:
@@ -309,13 +310,18 @@ def main(argv: list[str] | None = None) -> None:
                       ranges_with_token("exporter", one, plan, token),
                       ranges_with_token("nginx -> exporter (X-Accel-Redirect)", proxied, plan,
                                         token)]
+        apps: dict[str, Service] = {}
         if two is not None:
             contenders.append(ranges_with_token("exporter --workers 2", two, plan, token))
-            # Not in --quick either: what any app behind nginx gets at best, here.
-            bare = stack.enter_context(bare_accel_app(plan)).start("/healthz")
-            contenders.append(ranges_with_token(
-                BARE, stack.enter_context(accel_proxy(plan, root, bare)), plan, None))
-        timed = [with_cpu(c, accel) if "Accel" in c.name else with_cpu(c)
+            # Not in --quick either: what any app behind nginx gets at best, here, and an
+            # app on the exporter's framework that does nothing else.
+            for name, app in ((BARE, "app"), (BARE_FASTAPI, "fastapi_app")):
+                apps[name] = stack.enter_context(bare_accel_app(plan, app)).start("/healthz")
+                contenders.append(ranges_with_token(
+                    name, stack.enter_context(accel_proxy(plan, root, apps[name])), plan,
+                    None))
+        # nginx's CPU with that of the app behind it.
+        timed = [with_cpu(c, apps.get(c.name, accel)) if "Accel" in c.name else with_cpu(c)
                  for c in contenders]
         results = interleaved(timed, plan.repetitions, log)
         by_name: dict[str, Result] = {r.contender.name: r for r in results}
@@ -338,7 +344,9 @@ def main(argv: list[str] | None = None) -> None:
                    f" {_goal(vs_accel, VS_NGINX_ACCEL)})" + (
                        "" if BARE not in by_name else
                        f"; an app that only answers the header (bench/accel_app.py):"
-                       f" {nginx_r.median_seconds / by_name[BARE].median_seconds:.2f}x"),
+                       f" {nginx_r.median_seconds / by_name[BARE].median_seconds:.2f}x,"
+                       f" the same on FastAPI:"
+                       f" {nginx_r.median_seconds / by_name[BARE_FASTAPI].median_seconds:.2f}x"),
                    "- `--workers 2` against one worker: " + (
                        "not measured (--quick)" if workers is None else
                        f"{workers:.2f}x (goal {TWO_WORKERS}x where the clients are not the"
