@@ -120,8 +120,9 @@ def _rewrite_during_curl(make_server: type[Server], tmp_path: Path, change: str,
     if known:
         assert httpx.get(f"{s.url}/files/{name}", timeout=60).content == original
     out = tmp_path / "out.bin"
-    # 1 MB/s: the change lands at about a second in, long before the last byte.
-    curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", str(out),
+    # 4 MB/s: the change lands a tenth of a second in, long before the last byte; what
+    # the socket buffers hold when the answer is cut (tens of MiB) then takes seconds.
+    curl = subprocess.Popen(["curl", "-sS", "--limit-rate", "4M", "-o", str(out),
                              f"{s.url}/files/{name}"], stderr=subprocess.PIPE)
     try:
         assert wait_until(lambda: out.exists() and out.stat().st_size > 256 * KiB, 20)
