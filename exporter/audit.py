@@ -5,8 +5,9 @@ writes what was queued `flush_interval` seconds after it came (and at least BUSY
 after the last batch) in one transaction (starts as one INSERT, ends of rows already
 written as one UPDATE, each of arrays: one column per parameter, so that one prepared
 statement serves every batch size and the driver, not Python, encodes the values; a
-download that started and ended between two flushes is one INSERT). Each download used to cost
-two transactions of its own, with a pool check-out each, on the event loop's time.
+download that started and ended between two flushes is one INSERT). Each download used
+to cost two transactions of its own, with a pool check-out each, on the event loop's
+time.
 
 Ids come from the table's identity sequence at flush time, so they still grow with time
 across processes (a download's row has a larger id than any row written before it
@@ -345,9 +346,10 @@ class Audit:
             ids: list[int] = []
             if starts:
                 ids = sorted((await conn.execute(_NEXT_IDS, {"n": len(starts)})).scalars())
-                rows = [_start_row(d, new_id, merged[1] if merged else None)
-                        for d, new_id in zip(starts, ids, strict=True)
-                        for merged in (ends.get(id(d)),)]
+                rows = []
+                for d, new_id in zip(starts, ids, strict=True):
+                    merged = ends.get(id(d))
+                    rows.append(_start_row(d, new_id, merged[1] if merged else None))
                 await conn.execute(_INSERT, _columns(_STARTS, rows))
             if updates:
                 await conn.execute(_UPDATE, _columns(_ENDS, updates))
