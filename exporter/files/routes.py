@@ -15,8 +15,6 @@ from exporter.files.deps import FileRequestDep
 from exporter.files.response import SAFE_HEADERS
 from exporter.openapi import get_and_head
 
-FILES_PATH = service.FILES_PATH
-
 
 class _SafeHeaders(APIRoute):
     """Every answer under /files/ carries SAFE_HEADERS, errors included: those of the
