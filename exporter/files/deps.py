@@ -37,8 +37,9 @@ class FileRequest:
     """A /files/ request as the service needs it: the path, who asks, and from where.
 
     One dependency, not one per part: FastAPI walks each dependency's own tree on every
-    request, and the four that GET /files/ took were a third of the app's CPU for an
-    answer handed to nginx (X-Accel-Redirect).
+    request, and the four that GET /files/ took were a third of the app's time under a
+    profiler for an answer handed to nginx (X-Accel-Redirect); one made the app's part
+    of that answer 0.30 ms -> 0.235 ms (docs/benchmarks.md).
     """
 
     path: str
